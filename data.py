@@ -1,0 +1,465 @@
+"""
+Data: the sentencepiece tokenizer, the built-in toy task with its gold reward, JSONL readers that
+validate every record, and collation into padded tensors.
+
+    python data.py                          # write the toy task to data/toy and train its tokenizer
+    python data.py --check FILE --kind preference   # validate a JSONL file, report the first bad record
+"""
+import argparse
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass
+
+import sentencepiece as spm
+import torch
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding), as in torch's cross_entropy
+
+
+class DataError(ValueError):
+    """A bad input record; the message names the file, line and field."""
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """A sentencepiece model with fixed special ids. Byte fallback means any text encodes, and
+    `decode(encode(text)) == text` exactly (no normalisation, whitespace kept)."""
+
+    pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
+
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto  # travels inside checkpoints, so a checkpoint samples alone
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self.sp.get_piece_size()
+
+    @classmethod
+    def load(cls, path: str) -> "Tokenizer":
+        with open(path, "rb") as f:
+            return cls(f.read())
+
+    @classmethod
+    def train(cls, text_file: str, vocab_size: int = 512) -> "Tokenizer":
+        """BPE over `text_file` (one document a line). The vocabulary is capped at `vocab_size` but
+        may come out smaller on a small corpus such as the toy task."""
+        proto = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            input=text_file, model_writer=proto, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, hard_vocab_limit=False, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, pad_id=cls.pad_id, unk_id=cls.unk_id,
+            bos_id=cls.bos_id, eos_id=cls.eos_id, num_threads=1, minloglevel=2,
+        )
+        return cls(proto.getvalue())
+
+    def save(self, path: str) -> None:
+        write_atomic(path, self.model_proto)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([i for i in ids if i not in (self.pad_id, self.bos_id, self.eos_id)])
+
+
+def write_atomic(path: str, data: bytes | str) -> None:
+    """Write to a temporary file then rename, so a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# The toy task: synthetic movie reviews and a gold sentiment reward.
+#
+# A review is 2-4 sentences, each one of three templates (brackets are optional words):
+#   T1  the NOUN was [not] [ADVERB] ADJECTIVE .
+#   T2  i VERB the NOUN .
+#   T3  i would [not] recommend it .
+# Each review draws a latent positivity q ~ U(0, 1); every sentiment slot is positive with
+# probability q, so a review leans one way but mixes, and a prefix of a few words says little
+# about how the rest will go. That spread is what the preference stages learn from.
+
+NOUNS = ["movie", "film", "plot", "acting", "story", "ending", "cast", "music", "script",
+         "dialogue", "director", "pacing"]
+POSITIVE = ["great", "wonderful", "brilliant", "superb", "moving", "delightful", "excellent",
+            "charming", "beautiful", "fun"]
+NEGATIVE = ["awful", "boring", "terrible", "dull", "bad", "weak", "painful", "bland", "messy",
+            "tedious"]
+NEUTRAL = ["long", "short", "slow", "loud", "quiet", "simple"]
+ADVERBS = ["very", "really", "quite", "so", "truly"]
+POSITIVE_VERBS = ["loved", "enjoyed", "liked", "admired"]
+NEGATIVE_VERBS = ["hated", "disliked", "loathed", "resented"]
+NEUTRAL_VERBS = ["watched", "saw", "noticed"]
+POLARITY = {**{w: 1 for w in POSITIVE + POSITIVE_VERBS + ["recommend"]},
+            **{w: -1 for w in NEGATIVE + NEGATIVE_VERBS}}
+
+_N, _ADJ, _ADV = "|".join(NOUNS), "|".join(POSITIVE + NEGATIVE + NEUTRAL), "|".join(ADVERBS)
+_VERB = "|".join(POSITIVE_VERBS + NEGATIVE_VERBS + NEUTRAL_VERBS)
+_SENTENCE = re.compile(
+    rf"the ({_N}) was( not)?( ({_ADV}))? ({_ADJ})"
+    rf"|i ({_VERB}) the ({_N})"
+    rf"|i would( not)? recommend it"
+)
+
+
+def _toy_sentence(rng: random.Random, q: float) -> str:
+    positive = rng.random() < q  # the sentiment this sentence expresses
+    kind = rng.choices(["T1", "T2", "T3"], weights=[6, 3, 1])[0]
+    if kind == "T1":
+        if rng.random() < 0.25:
+            adjective, negated = rng.choice(NEUTRAL), False
+        else:
+            negated = rng.random() < 0.2  # "not awful" is positive: negation flips polarity
+            adjective = rng.choice(POSITIVE if positive != negated else NEGATIVE)
+        adverb = f" {rng.choice(ADVERBS)}" if rng.random() < 0.3 else ""
+        return f"the {rng.choice(NOUNS)} was{' not' if negated else ''}{adverb} {adjective} ."
+    if kind == "T2":
+        verbs = rng.choice([POSITIVE_VERBS if positive else NEGATIVE_VERBS, NEUTRAL_VERBS]
+                           if rng.random() < 0.25 else [POSITIVE_VERBS if positive else NEGATIVE_VERBS])
+        return f"i {rng.choice(verbs)} the {rng.choice(NOUNS)} ."
+    return f"i would{'' if positive else ' not'} recommend it ."
+
+
+def toy_review(rng: random.Random) -> str:
+    q = rng.random()
+    return " ".join(_toy_sentence(rng, q) for _ in range(rng.randint(2, 4)))
+
+
+def split_prompt(review: str, rng: random.Random) -> tuple[str, str]:
+    """A prompt is the review's first 2-5 words; the completion is the rest."""
+    words = review.split(" ")
+    k = rng.randint(2, 5)
+    return " ".join(words[:k]), " ".join(words[k:])
+
+
+def gold_reward(completion: str, prompt: str = "") -> float:
+    """Sentiment of a completion in (0, 1): sigmoid of the net count of its sentiment words, where
+    a word after "not" in the same sentence counts with its sign flipped. The prompt only gives
+    context (the prompt "the plot was not" makes the completion "dull ." positive); its own words
+    do not count. Deterministic and monotone: one more positive word raises the reward, one more
+    negative word lowers it, other words leave it unchanged, and a balanced completion scores 0.5."""
+    negated = False
+    for word in prompt.split():
+        negated = (negated or word == "not") and word != "."
+    net = 0
+    for word in completion.split():
+        if word == ".":
+            negated = False
+        elif word == "not":
+            negated = True
+        else:
+            net += -POLARITY.get(word, 0) if negated else POLARITY.get(word, 0)
+    return 1.0 / (1.0 + math.exp(-net))
+
+
+def is_well_formed(review: str) -> bool:
+    """True if `review` is 1 or more template sentences, each ending in " ." (the toy grammar)."""
+    if not review.endswith(" ."):
+        return False
+    return all(_SENTENCE.fullmatch(s.strip()) for s in review[:-2].split(" ."))
+
+
+@dataclass
+class ToyConfig:
+    seed: int = 0
+    n_sft_train: int = 20000
+    n_sft_val: int = 500
+    n_prompts_train: int = 2000
+    n_prompts_val: int = 256
+    vocab_size: int = 512
+
+
+TOY_FILES = ["corpus.txt", "sft_train.jsonl", "sft_val.jsonl", "prompts_train.jsonl",
+             "prompts_val.jsonl", "tokenizer.model", "meta.json"]
+
+
+def prepare_toy_data(out_dir: str, cfg: ToyConfig = ToyConfig(), verbose: bool = True) -> None:
+    """Write the toy task into `out_dir`: corpus.txt (SFT train reviews, for the tokenizer),
+    sft_{train,val}.jsonl ({"prompt","completion"}), prompts_{train,val}.jsonl ({"prompt"}; train
+    for preference sampling and PPO, val for held-out evaluation) and tokenizer.model. Every split
+    comes from its own seeded stream, so the same seed gives the same files byte for byte. If the
+    folder already holds the files for this config, they are reused."""
+    meta = json.dumps(vars(cfg), sort_keys=True)
+    meta_path = os.path.join(out_dir, "meta.json")
+    if all(os.path.exists(os.path.join(out_dir, f)) for f in TOY_FILES):
+        with open(meta_path) as f:
+            if f.read() == meta:
+                if verbose:
+                    print(f"toy data: reusing {out_dir}")
+                return
+    os.makedirs(out_dir, exist_ok=True)
+
+    def reviews(split: int, n: int) -> list[tuple[str, str]]:
+        rng = random.Random(f"{cfg.seed}-{split}")
+        return [split_prompt(toy_review(rng), rng) for _ in range(n)]
+
+    def write_jsonl(name: str, records: list[dict]) -> None:
+        write_atomic(os.path.join(out_dir, name), "".join(json.dumps(r) + "\n" for r in records))
+
+    splits = [reviews(i, n) for i, n in enumerate(
+        [cfg.n_sft_train, cfg.n_sft_val, cfg.n_prompts_train, cfg.n_prompts_val])]
+    write_atomic(os.path.join(out_dir, "corpus.txt"), "".join(f"{p} {c}\n" for p, c in splits[0]))
+    write_jsonl("sft_train.jsonl", [{"prompt": p, "completion": c} for p, c in splits[0]])
+    write_jsonl("sft_val.jsonl", [{"prompt": p, "completion": c} for p, c in splits[1]])
+    write_jsonl("prompts_train.jsonl", [{"prompt": p} for p, _ in splits[2]])
+    write_jsonl("prompts_val.jsonl", [{"prompt": p} for p, _ in splits[3]])
+    Tokenizer.train(os.path.join(out_dir, "corpus.txt"), cfg.vocab_size).save(
+        os.path.join(out_dir, "tokenizer.model"))
+    write_atomic(meta_path, meta)  # last, so an interrupted write is redone next time
+    if verbose:
+        print(f"toy data: wrote {out_dir}")
+
+
+# -----------------------------------------------------------------------------
+# JSONL readers. Every record is checked; a bad one raises DataError naming file, line and field,
+# or, with skip_bad=True, is dropped and counted.
+
+
+@dataclass
+class Example:
+    """A prompt and its completion; a plain-text record has prompt ""."""
+    prompt: str
+    completion: str
+    where: str  # "file:line", for error messages
+
+
+@dataclass
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+    where: str
+
+
+def read_jsonl(path: str):
+    """Yield (where, record) for each non-blank line of a JSONL file. A line that is not a JSON
+    object yields a DataError in place of the record, so a caller may skip it and go on."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{i}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(record, dict):
+                record = DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def _text_field(record: dict, field: str, where: str) -> str:
+    if field not in record:
+        raise DataError(f"{where}: field '{field}': missing")
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{field}': expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field '{field}': empty")
+    return value
+
+
+def _last_assistant_message(record: dict, field: str, where: str) -> str:
+    """UltraFeedback-binarized keeps each response as a list of {role, content} messages."""
+    messages = record.get(field)
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field '{field}': expected a non-empty list of messages")
+    for j, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: field '{field}[{j}]': expected {{\"role\", \"content\"}} strings")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: field '{field}': last message is not from the assistant")
+    return _text_field(messages[-1], "content", f"{where}: field '{field}[-1]'")
+
+
+HH_SEPARATOR = "\n\nAssistant:"
+
+
+def _split_hh(record: dict, field: str, where: str) -> tuple[str, str]:
+    """Anthropic HH-RLHF: a whole transcript; the prompt ends at the last "\\n\\nAssistant:"."""
+    text = _text_field(record, field, where)
+    cut = text.rfind(HH_SEPARATOR)
+    if cut < 0:
+        raise DataError(f"{where}: field '{field}': no '\\n\\nAssistant:' turn")
+    cut += len(HH_SEPARATOR)
+    return text[:cut], text[cut:].strip()
+
+
+def _parse_pair(record: dict, fmt: str, where: str) -> Pair:
+    if fmt == "plain":
+        prompt = _text_field(record, "prompt", where)
+        chosen, rejected = (_text_field(record, f, where) for f in ("chosen", "rejected"))
+    elif fmt == "hh":
+        prompt, chosen = _split_hh(record, "chosen", where)
+        prompt_r, rejected = _split_hh(record, "rejected", where)
+        if prompt != prompt_r:
+            raise DataError(f"{where}: field 'rejected': its conversation differs from 'chosen' "
+                            "before the last assistant turn")
+        if not chosen or not rejected:
+            raise DataError(f"{where}: field '{'chosen' if not chosen else 'rejected'}': empty response")
+    elif fmt == "ultrafeedback":
+        prompt = _text_field(record, "prompt", where)
+        chosen, rejected = (_last_assistant_message(record, f, where) for f in ("chosen", "rejected"))
+    else:
+        raise ValueError(f"unknown preference format {fmt!r}")
+    if chosen == rejected:
+        raise DataError(f"{where}: field 'rejected': identical to 'chosen'")
+    return Pair(prompt, chosen, rejected, where)
+
+
+def _parse_example(record: dict, fmt: str, where: str) -> Example:
+    if fmt == "text":
+        return Example("", _text_field(record, "text", where), where)
+    return Example(_text_field(record, "prompt", where), _text_field(record, "completion", where), where)
+
+
+def _detect(kind: str, record: dict) -> str:
+    if kind == "sft":
+        return "text" if "text" in record and "completion" not in record else "prompt_completion"
+    if isinstance(record.get("chosen"), list):
+        return "ultrafeedback"
+    return "plain" if "prompt" in record else "hh"
+
+
+SFT_FORMATS = ["auto", "prompt_completion", "text"]
+PREFERENCE_FORMATS = ["auto", "plain", "hh", "ultrafeedback"]
+
+
+def _load(path: str, kind: str, fmt: str, skip_bad: bool, parse) -> list:
+    records, skipped, first_error = [], 0, None
+    for where, record in read_jsonl(path):
+        try:
+            if isinstance(record, DataError):
+                raise record
+            if fmt == "auto":
+                fmt = _detect(kind, record)  # the first record decides for the whole file
+            records.append(parse(record, fmt, where))
+        except DataError as e:
+            if not skip_bad:
+                raise
+            skipped, first_error = skipped + 1, first_error or str(e)
+    if skipped:
+        print(f"warning: skipped {skipped} bad records in {path} (first: {first_error})", file=sys.stderr)
+    if not records:
+        raise DataError(f"{path}: no valid records")
+    return records
+
+
+def load_sft(path: str, fmt: str = "auto", skip_bad: bool = False) -> list[Example]:
+    """SFT data: {"prompt", "completion"} (loss on the completion) or {"text"} (loss on all of it)."""
+    return _load(path, "sft", fmt, skip_bad, _parse_example)
+
+
+def load_preferences(path: str, fmt: str = "auto", skip_bad: bool = False) -> list[Pair]:
+    """Preference pairs: plain {"prompt","chosen","rejected"}, Anthropic HH-RLHF transcripts, or
+    UltraFeedback-binarized message lists; "auto" recognises the format from the first record."""
+    return _load(path, "preference", fmt, skip_bad, _parse_pair)
+
+
+def load_prompts(path: str) -> list[str]:
+    """Prompts, one {"prompt"} record a line (other fields are ignored)."""
+    return [e.prompt for e in _load(path, "prompts", "prompt", False,
+                                    lambda r, _, where: Example(_text_field(r, "prompt", where), "", where))]
+
+
+# -----------------------------------------------------------------------------
+# Tokenisation, truncation and collation.
+#
+# Truncation policy: a sequence is [bos] + prompt + response + [eos]. If max_prompt_length is set,
+# a longer prompt keeps its last max_prompt_length tokens (bos included), the ones nearest the
+# response. The response is then cut on the right to fit max_length (losing its eos). A prompt
+# that leaves no room for a single response token is an error, never a silent empty example.
+
+
+def encode_example(tok: Tokenizer, prompt: str, response: str, max_length: int,
+                   max_prompt_length: int | None, where: str) -> tuple[list[int], int]:
+    """Token ids of one sequence and the number of leading tokens that carry no loss."""
+    prompt_ids = [tok.bos_id] + (tok.encode(prompt) if prompt else [])
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids = [tok.bos_id] + prompt_ids[len(prompt_ids) - max_prompt_length + 1:]
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        raise DataError(f"{where}: field 'prompt': {len(prompt_ids)} tokens leave no room for a "
+                        f"response within max_length={max_length} (set --max_prompt_length)")
+    return prompt_ids + (tok.encode(response) + [tok.eos_id])[:room], len(prompt_ids)
+
+
+def collate(sequences: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to one length. Returns input_ids, attention_mask (1 = real token) and labels, a
+    copy of input_ids with IGNORE_INDEX on prompt and pad tokens; all (B, T)."""
+    T = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    labels = torch.full((len(sequences), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(sequences):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention_mask[i, :len(ids)] = 1
+        labels[i, n_prompt:len(ids)] = input_ids[i, n_prompt:len(ids)]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def tokenize_sft(examples: list[Example], tok: Tokenizer, max_length: int,
+                 max_prompt_length: int | None) -> dict[str, torch.Tensor]:
+    """Every example tokenised once, padded into one set of (N, T) tensors; batches are slices."""
+    return collate([encode_example(tok, e.prompt, e.completion, max_length, max_prompt_length, e.where)
+                    for e in examples], tok.pad_id)
+
+
+def take(tensors: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows `index` of padded tensors, trimmed to the longest real sequence among them."""
+    T = int(tensors["attention_mask"][index].sum(1).max())
+    return {k: v[index, :T] for k, v in tensors.items()}
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="data/toy", help="folder for the toy task files")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the toy review generator")
+    parser.add_argument("--vocab_size", type=int, default=512, help="tokenizer vocabulary cap")
+    parser.add_argument("--check", metavar="FILE", help="validate a JSONL file instead of writing the toy task")
+    parser.add_argument("--kind", choices=["sft", "preference"], default="sft", help="what --check expects")
+    parser.add_argument("--format", default="auto", choices=sorted(set(SFT_FORMATS + PREFERENCE_FORMATS)),
+                        help="record format for --check; auto recognises it from the first record")
+    parser.add_argument("--skip_bad", action="store_true", help="with --check, skip and count bad records")
+    args = parser.parse_args(argv)
+    if args.format not in (SFT_FORMATS if args.kind == "sft" else PREFERENCE_FORMATS):
+        parser.error(f"--format {args.format} is not a format of --kind {args.kind}")
+    if args.check:
+        load = load_sft if args.kind == "sft" else load_preferences
+        try:
+            records = load(args.check, args.format, args.skip_bad)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"ok: {len(records)} {args.kind} records in {args.check}")
+        return 0
+    cfg = ToyConfig(seed=args.seed, vocab_size=args.vocab_size)
+    prepare_toy_data(args.out_dir, cfg)
+    tok = Tokenizer.load(os.path.join(args.out_dir, "tokenizer.model"))
+    example = load_sft(os.path.join(args.out_dir, "sft_train.jsonl"))[0]
+    print(f"tokenizer: {tok.vocab_size} pieces")
+    print(f"prompt: {example.prompt!r}  completion: {example.completion!r}  "
+          f"gold_reward = {gold_reward(example.completion, example.prompt):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""
+A small GPT: pre-LayerNorm blocks, causal attention through scaled_dot_product_attention, tied
+input/output embeddings, GPT-2 initialisation. The forward pass is padding-aware (positions come
+from the attention mask and pad tokens are never attended to), so a sequence's logits do not
+depend on how it is padded or batched. `generate` samples with a preallocated KV cache.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 512
+    block_size: int = 128  # longest sequence, prompt and completion together
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear and LayerNorm layers
+
+
+# Named sizes. Parameter counts are for a 512-piece vocabulary (the toy task's tokenizer);
+# "gpt2" is GPT-2 small's shape, 124M parameters with GPT-2's own 50257-token vocabulary.
+PRESETS = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),     # 0.85M, CPU default
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),    # 10.8M, laptop GPU
+    "medium": dict(n_layer=8, n_head=8, n_embd=512, block_size=512),   # 25.4M, laptop GPU
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # 85.3M here
+}
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int):
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = self.v = None  # allocated at the first update, in the activations' dtype (autocast)
+        self.length = 0  # positions filled, the same for every sequence (prompts are left-padded)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new (B, nh, T, hs) keys and values; return all of them so far."""
+        if self.k is None:
+            self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+            self.v = torch.zeros(self.shape, device=v.device, dtype=v.dtype)
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask, kv_cache, layer):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, T_past + T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask, kv_cache, layer):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, T: int, device) -> torch.Tensor | None:
+    """Boolean (B, 1, T, past + T) mask, True where query t may attend key s: s is not after t and
+    s is a real token. A pad query also attends itself, so no softmax row is empty (NaN); its
+    output is garbage that no loss or sample ever reads. None when plain causal attention does."""
+    if attention_mask is None and past == 0:
+        return None  # lets SDPA take its is_causal fast path
+    S = past + T
+    query_pos = torch.arange(past, S, device=device)[:, None]
+    key_pos = torch.arange(S, device=device)[None, :]
+    allowed = key_pos <= query_pos  # (T, S)
+    if attention_mask is None:
+        return allowed[None, None]
+    allowed = (allowed[None] & attention_mask[:, None, :].bool()) | (key_pos == query_pos)  # (B, T, S)
+    return allowed[:, None]
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters; the position embedding is left out by default, as it does no matmul."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training (forward + backward) FLOPs per token: 6 per parameter plus attention's
+        12 * n_layer * n_embd * seq_len (PaLM paper, appendix B). A forward pass is a third."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+
+    def hidden_states(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None):
+        """Final-LayerNorm hidden states, (B, T, C). `attention_mask` (B, T_past + T) covers any
+        cached tokens too; 1 marks real tokens, 0 padding (on either side)."""
+        B, T = input_ids.size()
+        past = kv_cache.length if kv_cache is not None else 0
+        if attention_mask is None:
+            pos = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
+        else:  # a token's position is the number of real tokens before it, whatever the padding
+            pos = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        mask = attention_mask_4d(attention_mask, past, T, input_ids.device)
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, mask, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None):
+        """Next-token logits (B, T, vocab_size) at every position."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, kv_cache))
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True):
+        """Sample continuations of a batch of prompts (token id lists of any lengths).
+
+        Prompts are left-padded so that every sequence's next token goes in the same column.
+        temperature 0 means greedy; top_k keeps the k likeliest tokens, top_p the smallest set
+        whose probability reaches p (nucleus sampling). A sequence stops at its first eos.
+        Returns completion ids (B, max_new_tokens), pad after eos, and their mask (1 up to and
+        including eos). use_cache=False recomputes the whole sequence at every step, as a check."""
+        was_training = self.training
+        self.eval()
+        device = self.lm_head.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+        attention_mask = torch.zeros((B, P), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            input_ids[i, P - len(p):] = torch.tensor(p, device=device)
+            attention_mask[i, P - len(p):] = 1
+        cache = None
+        if use_cache:
+            cache = KVCache(self.config, B, P + max_new_tokens)
+        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        step_ids = input_ids  # the tokens not yet seen by the model
+        for t in range(max_new_tokens):
+            if use_cache:
+                h = self.hidden_states(step_ids, attention_mask, cache)
+            else:
+                h = self.hidden_states(input_ids, attention_mask)
+            logits = self.lm_head(h[:, -1]).float()  # (B, V)
+            next_id = sample_token(logits, temperature, top_k, top_p, generator)
+            out[:, t] = torch.where(done, pad_id, next_id)
+            mask[:, t] = (~done).long()
+            done |= next_id == eos_id
+            if done.all():
+                break
+            step_ids = next_id[:, None]
+            input_ids = torch.cat([input_ids, step_ids], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
+        self.train(was_training)
+        return out, mask
+
+
+def sample_token(logits, temperature: float, top_k: int | None, top_p: float | None,
+                 generator: torch.Generator | None):
+    """One token id per row of logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs > top_p  # tokens past the nucleus; the first is always kept
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+class ScalarHead(nn.Module):
+    """One number per position from hidden states (B, T, C) -> (B, T): the reward model's and the
+    critic's head. Weights drawn with std 1/sqrt(C + 1), as in OpenAI's lm-human-preferences,
+    so a new head's outputs start at about unit scale."""
+
+    def __init__(self, n_embd: int):
+        super().__init__()
+        self.proj = nn.Linear(n_embd, 1)
+        torch.nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(n_embd + 1))
+        torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden):
+        return self.proj(hidden).squeeze(-1)

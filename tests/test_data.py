@@ -1,0 +1,153 @@
+"""Tokenizer, toy task, gold reward, JSONL readers, truncation and collation.
+
+    python -m pytest -q tests/test_data.py
+"""
+import filecmp
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from data import (IGNORE_INDEX, DataError, Example, ToyConfig, Tokenizer, collate, encode_example,
+                  gold_reward, is_well_formed, load_preferences, load_sft, prepare_toy_data, take,
+                  tokenize_sft)
+
+
+@pytest.fixture(scope="module")
+def tok(toy_dir):
+    return Tokenizer.load(os.path.join(toy_dir, "tokenizer.model"))
+
+
+@pytest.mark.parametrize("text", [
+    "the movie was not very great .", "  leading and  double  spaces ", "héllo wörld ✓ 日本",
+    "\n\nHuman: hi\n\nAssistant: tabs\there", "",
+])
+def test_tokenizer_round_trip_is_exact(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_has_fixed_special_ids_and_each_toy_word_is_one_piece(tok):
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    assert [tok.sp.id_to_piece(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]
+    assert len(tok.encode("the dialogue was not truly delightful .")) == 7
+    assert tok.decode([tok.bos_id] + tok.encode("i saw the film .") + [tok.eos_id, tok.pad_id]) == "i saw the film ."
+
+
+def test_toy_data_is_identical_for_a_seed_and_differs_for_another(toy_dir, tmp_path):
+    again, other = str(tmp_path / "again"), str(tmp_path / "other")
+    prepare_toy_data(again, ToyConfig(seed=0), verbose=False)
+    prepare_toy_data(other, ToyConfig(seed=1), verbose=False)
+    names = ["corpus.txt", "sft_train.jsonl", "sft_val.jsonl", "prompts_train.jsonl", "prompts_val.jsonl"]
+    for name in names:
+        assert filecmp.cmp(os.path.join(toy_dir, name), os.path.join(again, name), shallow=False)
+        assert not filecmp.cmp(os.path.join(toy_dir, name), os.path.join(other, name), shallow=False)
+    # the model file records its training file's path, so compare the vocabularies
+    pieces = lambda d: [Tokenizer.load(os.path.join(d, "tokenizer.model")).sp.id_to_piece(i) for i in range(512)]
+    assert pieces(toy_dir) == pieces(again)
+
+
+def test_toy_splits_are_disjoint_and_well_formed(toy_dir):
+    train = load_sft(os.path.join(toy_dir, "sft_train.jsonl"))
+    val = load_sft(os.path.join(toy_dir, "sft_val.jsonl"))
+    assert len(train) == ToyConfig.n_sft_train and len(val) == ToyConfig.n_sft_val
+    assert all(is_well_formed(f"{e.prompt} {e.completion}") for e in train + val)
+    assert all(2 <= len(e.prompt.split()) <= 5 for e in train)
+    overlap = {(e.prompt, e.completion) for e in train} & {(e.prompt, e.completion) for e in val}
+    assert len(overlap) < len(val) // 10  # only short reviews can coincide by chance
+
+
+def test_toy_completions_spread_over_the_reward_range(toy_dir):
+    rewards = torch.tensor([gold_reward(e.completion, e.prompt)
+                            for e in load_sft(os.path.join(toy_dir, "sft_train.jsonl"))])
+    assert 0.4 < rewards.mean() < 0.6 and rewards.std() > 0.2
+    assert (rewards < 0.2).float().mean() > 0.1 and (rewards > 0.8).float().mean() > 0.1
+
+
+def test_gold_reward_by_hand():
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    assert gold_reward("the movie was great .") == pytest.approx(sig(1))
+    assert gold_reward("i loved the plot . the music was awful . i would recommend it .") == pytest.approx(sig(1))
+    assert gold_reward("the movie was not great . i would not recommend it .") == pytest.approx(sig(-2))
+    assert gold_reward("the plot was slow . i watched the film .") == 0.5
+    assert gold_reward("") == 0.5
+    # the prompt gives context but its words do not count
+    assert gold_reward("dull .", prompt="the plot was not") == pytest.approx(sig(1))
+    assert gold_reward("bad . the plot was dull .", prompt="i loved the film . the cast was not") == 0.5
+
+
+def test_gold_reward_is_bounded_and_monotone():
+    base = "the plot was slow ."
+    assert gold_reward(base + " the cast was great .") > gold_reward(base)
+    assert gold_reward(base + " the cast was awful .") < gold_reward(base)
+    assert gold_reward(base + " the cast was not awful .") > gold_reward(base)
+    extreme = " ".join(["the film was brilliant ."] * 60)
+    assert 0 < gold_reward(extreme.replace("brilliant", "awful")) < 0.01 and 0.99 < gold_reward(extreme) <= 1
+
+
+def test_well_formed_rejects_broken_grammar():
+    assert is_well_formed("the film was truly superb . i hated the cast .")
+    assert not is_well_formed("the film was trulyen .")
+    assert not is_well_formed("the film was superb")  # no final period
+    assert not is_well_formed("i loved the .")
+
+
+def _write(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def test_the_three_preference_formats_read_to_the_same_pairs(tmp_path):
+    plain = _write(tmp_path / "plain.jsonl", [{"prompt": "Human: hi?", "chosen": "hello!", "rejected": "go away"}])
+    hh = _write(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: hi?\n\nAssistant: hello!",
+                                         "rejected": "\n\nHuman: hi?\n\nAssistant: go away"}])
+    uf = _write(tmp_path / "uf.jsonl", [{"prompt": "hi?",
+                                         "chosen": [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "hello!"}],
+                                         "rejected": [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "go away"}]}])
+    for path, prompt in [(plain, "Human: hi?"), (hh, "\n\nHuman: hi?\n\nAssistant:"), (uf, "hi?")]:
+        (pair,) = load_preferences(path)
+        assert (pair.prompt, pair.chosen, pair.rejected) == (prompt, "hello!", "go away")
+        assert pair.where == f"{path}:1"
+
+
+def test_skip_bad_drops_and_counts_bad_records(tmp_path, capsys):
+    path = _write(tmp_path / "p.jsonl", ['{"prompt": "a", "chosen": "b", "rejected": "c"}', "{oops",
+                                         {"prompt": "a", "chosen": "b", "rejected": "b"},
+                                         {"prompt": "d", "chosen": "e", "rejected": "f"}])
+    with pytest.raises(DataError, match=r"p.jsonl:2: invalid JSON"):
+        load_preferences(path)
+    pairs = load_preferences(path, skip_bad=True)
+    assert [p.prompt for p in pairs] == ["a", "d"]
+    assert "skipped 2 bad records" in capsys.readouterr().err
+
+
+def test_truncation_keeps_the_end_of_the_prompt_and_the_start_of_the_response(tok):
+    prompt, response = "i loved the film . the plot was", "great . i would recommend it ."
+    p, r = tok.encode(prompt), tok.encode(response)
+    ids, n_prompt = encode_example(tok, prompt, response, max_length=64, max_prompt_length=None, where="x")
+    assert ids == [tok.bos_id] + p + r + [tok.eos_id] and n_prompt == len(p) + 1
+    ids, n_prompt = encode_example(tok, prompt, response, max_length=8, max_prompt_length=4, where="x")
+    assert ids == [tok.bos_id] + p[-3:] + r[:4] and n_prompt == 4
+    with pytest.raises(DataError, match="x: field 'prompt': 9 tokens leave no room"):
+        encode_example(tok, prompt, response, max_length=9, max_prompt_length=None, where="x")
+
+
+def test_collate_right_pads_and_masks_prompt_and_pad_labels():
+    batch = collate([([2, 10, 11, 12, 3], 2), ([2, 20, 3], 1)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[2, 10, 11, 12, 3], [2, 20, 3, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    I = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[I, I, 11, 12, 3], [I, 20, 3, I, I]]
+    trimmed = take(batch, torch.tensor([1]))
+    assert trimmed["input_ids"].tolist() == [[2, 20, 3]]
+
+
+def test_plain_text_records_are_labelled_everywhere_but_bos(tmp_path, tok):
+    path = _write(tmp_path / "t.jsonl", [{"text": "i saw the film ."}])
+    (example,) = load_sft(path)
+    assert example == Example("", "i saw the film .", f"{path}:1")
+    labels = tokenize_sft([example], tok, 64, None)["labels"][0].tolist()
+    assert labels == [IGNORE_INDEX] + tok.encode("i saw the film .") + [tok.eos_id]
