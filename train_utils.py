@@ -59,7 +59,7 @@ def parse_config(cls, argv=None, description: str | None = None):
         typ, optional = hints[f.name], False
         if get_origin(typ) is Union:  # Optional[X]
             typ, optional = next(a for a in get_args(typ) if a is not type(None)), True
-        kwargs = dict(default=f.default, help=docs.get(f.name, ""))
+        kwargs = dict(default=f.default, help=docs.get(f.name, "").replace("%", "%%"))
         if get_origin(typ) is Literal:
             kwargs.update(choices=get_args(typ), type=type(get_args(typ)[0]))
         elif typ is bool:

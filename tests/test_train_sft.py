@@ -1,0 +1,172 @@
+"""SFT training end to end: convergence on the toy task, DDP equals one process, resume equals an
+uninterrupted run, the NaN guard, and clear errors on bad input through the command line.
+
+    python -m pytest -q tests/test_train_sft.py          # add -m "not slow" to skip the runs
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_sft
+from train_utils import load_checkpoint, parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(toy_dir, out_dir, **overrides):
+    args = dict(data_dir=toy_dir, out_dir=out_dir, device="cpu", batch_size=16, max_iters=4,
+                eval_interval=100, eval_samples=0, print_samples=0, log_interval=1)
+    args.update(overrides)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_sft_learns_the_toy_task(toy_dir, tmp_path):
+    """150 steps of 64 sequences: held-out loss from 6.2 (uniform over 512 pieces) to below 1.30,
+    and at least 80% of sampled reviews parse in the toy grammar and end with eos."""
+    metrics = train_sft.train(parse_config(train_sft.Config, tiny_args(
+        toy_dir, str(tmp_path), batch_size=64, max_iters=150, eval_samples=64, log_interval=10)),
+        train_sft.setup_distributed("cpu"))
+    first = read_metrics(str(tmp_path))[0]
+    assert first["step"] == 0 and first["eval/loss"] > 6.0
+    assert metrics["eval/loss"] < 1.30
+    assert metrics["eval/well_formed"] >= 0.8
+    assert metrics["eval/gold_reward_std"] > 0.15  # completions spread over the reward range
+
+
+def test_resume_reproduces_the_uninterrupted_run(toy_dir, tmp_path):
+    """12 steps in one run equal 6 steps plus 6 resumed ones: every metric and every weight.
+    Dropout is on, so the RNG state has to come back too."""
+    common = dict(dropout=0.1, eval_interval=6, eval_samples=4, max_new_tokens=8, lr_decay_iters=12)
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    train_sft.main(tiny_args(toy_dir, whole, max_iters=12, **common))
+    train_sft.main(tiny_args(toy_dir, split, max_iters=6, **common))
+    train_sft.main(tiny_args(toy_dir, split, max_iters=12, resume=True, **common))
+    assert read_metrics(split) == read_metrics(whole)
+    a, b = load_checkpoint(os.path.join(whole, "ckpt.pt")), load_checkpoint(os.path.join(split, "ckpt.pt"))
+    assert a["step"] == b["step"] == 12
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(toy_dir, tmp_path, monkeypatch):
+    calls = {"train": 0}
+    real_loss = train_sft.sft_loss
+
+    def loss_that_blows_up_on_step_3(model, batch):
+        loss, metrics = real_loss(model, batch)
+        if model.training:
+            calls["train"] += 1
+            if calls["train"] == 3:
+                return loss * float("nan"), metrics
+        return loss, metrics
+
+    monkeypatch.setattr(train_sft, "sft_loss", loss_that_blows_up_on_step_3)
+    with pytest.raises(SystemExit, match="step 3: loss is nan"):
+        train_sft.main(tiny_args(toy_dir, str(tmp_path), max_iters=10, eval_interval=2))
+    assert load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))["step"] == 2
+    assert max(m["step"] for m in read_metrics(str(tmp_path))) == 2
+
+
+def test_an_existing_run_is_not_overwritten_by_accident(toy_dir, tmp_path):
+    train_sft.main(tiny_args(toy_dir, str(tmp_path), max_iters=1))
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train_sft.main(tiny_args(toy_dir, str(tmp_path), max_iters=1))
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(train_sft.Config, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in train_sft.Config.__dataclass_fields__:
+        assert f"--{name}" in text
+    assert "sequences per optimizer step, over all processes and micro-batches" in text
+
+
+def _run(*args, env=None):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one_process(toy_dir, tmp_path):
+    """torchrun with 2 gloo processes against 1 process with 2 micro-batches: same global batch,
+    same loss normalisation, so the same weights after 3 steps."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r = _run("train_sft.py", *tiny_args(toy_dir, one, max_iters=3, grad_accum=2))
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = _run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+             "train_sft.py", *tiny_args(toy_dir, two, max_iters=3), env=env)
+    assert r.returncode == 0, r.stderr
+    a, b = load_checkpoint(os.path.join(one, "ckpt.pt")), load_checkpoint(os.path.join(two, "ckpt.pt"))
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
+    for x, y in zip(read_metrics(one), read_metrics(two)):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5) if "loss" in x else x.keys() == y.keys()
+
+
+BAD_SFT = {
+    "invalid_json": ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n', r"bad.jsonl:2: invalid JSON"),
+    "missing_field": ('{"prompt": "a"}\n', r"bad.jsonl:1: field 'completion': missing"),
+    "empty_field": ('{"prompt": "a", "completion": "b"}\n{"prompt": "  ", "completion": "b"}\n', r"bad.jsonl:2: field 'prompt': empty"),
+    "wrong_type": ('{"prompt": "a", "completion": 7}\n', r"bad.jsonl:1: field 'completion': expected a string, got int"),
+    "no_room": ('{"prompt": "' + "the film was great . " * 5 + '", "completion": "b"}\n',
+                r"bad.jsonl:1: field 'prompt': 2\d tokens leave no room for a response within max_length=16"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SFT)
+def test_bad_sft_file_gives_one_clear_line_and_leaves_the_run_untouched(case, toy_dir, tmp_path):
+    text, message = BAD_SFT[case]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(text)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"an earlier run")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    r = _run("train_sft.py", f"--train_file={bad}", f"--val_file={bad}", f"--out_dir={out}",
+             f"--tokenizer={toy_dir}/tokenizer.model", "--max_length=16", "--overwrite")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+    assert __import__("re").search(message, r.stderr), r.stderr
+    assert (out / "ckpt.pt").read_bytes() == b"an earlier run"
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl"]
+
+
+PLAIN = '{"prompt": "p", "chosen": "a", "rejected": "b"}'
+HH = '{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: b"}'
+UF = '{"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}'
+BAD_PREFERENCES = {  # a good first record fixes the format, the second is bad
+    "identical": (PLAIN, '{"prompt": "p", "chosen": "same", "rejected": "same"}', "field 'rejected': identical to 'chosen'"),
+    "missing": (PLAIN, '{"prompt": "p", "chosen": "x"}', "field 'rejected': missing"),
+    "not_an_object": (PLAIN, '["p", "c", "r"]', "expected a JSON object, got list"),
+    "hh_no_turn": (HH, '{"chosen": "\\n\\nHuman: hi", "rejected": "\\n\\nHuman: hi"}',
+                   r"field 'chosen': no '\n\nAssistant:' turn"),
+    "hh_different_prompts": (HH, '{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", '
+                                 '"rejected": "\\n\\nHuman: yo\\n\\nAssistant: b"}', "field 'rejected': its conversation differs"),
+    "uf_bad_message": (UF, '{"prompt": "p", "chosen": [{"role": "assistant"}], "rejected": []}', "field 'chosen[0]': expected"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PREFERENCES)
+def test_bad_preference_file_gives_one_clear_line(case, tmp_path):
+    good, bad_record, message = BAD_PREFERENCES[case]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(f"{good}\n{bad_record}\n")
+    r = _run("data.py", "--check", str(path), "--kind", "preference")
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"error: {path}:2: {message}"), r.stderr
+    assert r.stderr.count("\n") == 1
+    r = _run("data.py", "--check", str(path), "--kind", "preference", "--skip_bad")
+    assert r.returncode == 0 and "ok: 1 preference records" in r.stdout
+    assert "skipped 1 bad records" in r.stderr
