@@ -454,10 +454,13 @@ def main(argv=None) -> int:
     cfg = ToyConfig(seed=args.seed, vocab_size=args.vocab_size)
     prepare_toy_data(args.out_dir, cfg)
     tok = Tokenizer.load(os.path.join(args.out_dir, "tokenizer.model"))
-    example = load_sft(os.path.join(args.out_dir, "sft_train.jsonl"))[0]
-    print(f"tokenizer: {tok.vocab_size} pieces")
-    print(f"prompt: {example.prompt!r}  completion: {example.completion!r}  "
-          f"gold_reward = {gold_reward(example.completion, example.prompt):.3f}")
+    examples = load_sft(os.path.join(args.out_dir, "sft_train.jsonl"))
+    rewards = torch.tensor([gold_reward(e.completion, e.prompt) for e in examples])
+    print(f"tokenizer: {tok.vocab_size} pieces; gold reward of the {len(examples)} training completions: "
+          f"mean {rewards.mean():.3f}, std {rewards.std():.3f}")
+    for e in examples[:3]:
+        print(f"prompt: {e.prompt!r}  completion: {e.completion!r}  "
+              f"gold_reward: {gold_reward(e.completion, e.prompt):.3f}")
     return 0
 
 

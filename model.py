@@ -251,3 +251,12 @@ class ScalarHead(nn.Module):
 
     def forward(self, hidden):
         return self.proj(hidden).squeeze(-1)
+
+
+if __name__ == "__main__":  # the preset table of the README
+    print("| preset | n_layer | n_head | n_embd | block_size | parameters (512-piece vocab) | training GFLOPs/token at block_size |")
+    print("|---|---|---|---|---|---|---|")
+    for name, preset in PRESETS.items():
+        m = GPT(GPTConfig(vocab_size=512, **preset))
+        print(f"| {name} | {preset['n_layer']} | {preset['n_head']} | {preset['n_embd']} | {preset['block_size']} "
+              f"| {m.num_params() / 1e6:.2f}M | {m.flops_per_token(preset['block_size']) / 1e9:.3f} |")

@@ -92,8 +92,8 @@ class Config:
     """longest sampled completion"""
     temperature: float = 1.0
     """sampling temperature; 0 is greedy"""
-    print_samples: int = 4
-    """samples printed at the end"""
+    print_samples: int = 3
+    """samples printed at each evaluation"""
     # system
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto: cuda, then mps, then cpu"""
@@ -180,9 +180,10 @@ def train_tokenizer_on(examples, vocab_size: int) -> Tokenizer:
 
 
 @torch.no_grad()
-def evaluate(model, raw_model, val, prompts, tok, cfg: Config, dist: Dist, ctx, toy: bool) -> dict:
+def evaluate(model, raw_model, val, prompts, tok, cfg: Config, dist: Dist, ctx, toy: bool):
     """Held-out loss over the whole validation set (sharded over ranks), and on rank 0, samples
-    for the held-out prompts: gold reward and well-formedness on the toy task."""
+    for the held-out prompts: gold reward and well-formedness on the toy task. Returns the
+    metrics and the samples' texts."""
     model.eval()
     sums = torch.zeros(2, device=dist.device)  # loss sum, label count
     indices = torch.arange(len(val["input_ids"]))[dist.rank::dist.world_size]
@@ -192,7 +193,7 @@ def evaluate(model, raw_model, val, prompts, tok, cfg: Config, dist: Dist, ctx, 
             loss_sum, _ = sft_loss(model, batch)
         sums += torch.stack([loss_sum.float(), torch.tensor(float(n_labels(batch["labels"])), device=dist.device)])
     sums = all_reduce_sum(sums, dist)
-    metrics = {"eval/loss": (sums[0] / sums[1]).item()}
+    metrics, texts = {"eval/loss": (sums[0] / sums[1]).item()}, []
     if dist.master and prompts:
         with ctx:
             texts, ended = sample_completions(raw_model, tok, prompts, cfg.max_new_tokens,
@@ -205,7 +206,7 @@ def evaluate(model, raw_model, val, prompts, tok, cfg: Config, dist: Dist, ctx, 
             metrics["eval/well_formed"] = statistics.fmean(
                 e and is_well_formed(f"{p} {t}") for p, t, e in zip(prompts, texts, ended))
     model.train()
-    return metrics
+    return metrics, texts
 
 
 def train(cfg: Config, dist: Dist) -> dict:
@@ -233,14 +234,19 @@ def train(cfg: Config, dist: Dist) -> dict:
               f"training sequences, {dist.world_size} process(es) on {dist.device}")
 
     def eval_and_save(step, metrics):
-        metrics.update(evaluate(model, raw_model, val_data, prompts, tok, cfg, dist, ctx, toy))
+        eval_metrics, texts = evaluate(model, raw_model, val_data, prompts, tok, cfg, dist, ctx, toy)
+        metrics.update(eval_metrics)
         run.log(step, metrics)
         run.save(step, raw_model, optimizer, tok)
+        if dist.master:
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            for p, t in list(zip(prompts, texts))[:cfg.print_samples]:
+                bar.write(f"  [{p}] {t}" + (f"   (gold reward {gold_reward(t, p):.2f})" if toy else ""))
         return metrics
 
+    bar = progress_bar(cfg.max_iters, step, dist, "sft")
     metrics = eval_and_save(0, {}) if step == 0 else {}
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    bar = progress_bar(cfg.max_iters, step, dist, "sft")
     while step < cfg.max_iters:
         # 2. this step's learning rate and global batch; this rank's micro-batches
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, decay_iters)
@@ -265,17 +271,11 @@ def train(cfg: Config, dist: Dist) -> dict:
             metrics = {"loss": stats["loss"], "grad_norm": stats["grad_norm"], "learning_rate": lr}
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             metrics = eval_and_save(step, metrics)
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         elif metrics:
             run.log(step, metrics)
     bar.close()
 
     if dist.master:
-        if prompts and cfg.print_samples:
-            texts, _ = sample_completions(raw_model, tok, prompts[:cfg.print_samples], cfg.max_new_tokens,
-                                          cfg.temperature, cfg.seed + 1)
-            for p, t in zip(prompts, texts):
-                print(f"  [{p}] {t}" + (f"   (gold reward {gold_reward(t, p):.2f})" if toy else ""))
         print(f"done in {time.time() - t0:.0f}s: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                               if k.startswith("eval/")))
     return metrics
