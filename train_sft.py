@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from data import (IGNORE_INDEX, DataError, Tokenizer, gold_reward, is_well_formed, load_prompts,
                   load_sft, prepare_toy_data, take, tokenize_sft)
-from train_utils import (Dist, NonFiniteLoss, Run, all_reduce_sum, autocast, build_gpt,
-                         cleanup_distributed, global_batch, load_checkpoint, load_gpt, lr_at,
+from train_utils import (Dist, NonFiniteLoss, Run, all_reduce_sum, autocast, barrier, build_gpt,
+                         cleanup_distributed, global_batch, load_gpt, lr_at,
                          make_optimizer, micro_batches, parse_config, progress_bar, seed_everything,
                          setup_distributed, train_step, wrap_model)
 
@@ -135,8 +135,10 @@ def sample_completions(model, tok: Tokenizer, prompts: list[str], max_new_tokens
     return texts, ended
 
 
-def load_data(cfg: Config, dist: Dist):
-    """Examples and tokenizer. Raises DataError on bad input, before anything is written."""
+def load_data(cfg: Config, dist: Dist, tok: Tokenizer | None):
+    """Tokenised examples, held-out prompts and the tokenizer: `tok` if a checkpoint fixes it,
+    else --tokenizer, else the toy task's or one trained on --train_file. Raises DataError on bad
+    input, before anything is written."""
     if cfg.train_file:
         examples = load_sft(cfg.train_file, cfg.format, cfg.skip_bad)
         if cfg.val_file:
@@ -148,20 +150,15 @@ def load_data(cfg: Config, dist: Dist):
     else:
         if dist.master:
             prepare_toy_data(cfg.data_dir)
-        if dist.ddp:
-            torch.distributed.barrier()
+        barrier(dist)
         examples = load_sft(os.path.join(cfg.data_dir, "sft_train.jsonl"))
         val = load_sft(os.path.join(cfg.data_dir, "sft_val.jsonl"))
         prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"))
-    if cfg.resume:
-        tok = Tokenizer(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["tokenizer"])
-    elif cfg.init_from:
-        tok = Tokenizer(load_checkpoint(cfg.init_from)["tokenizer"])
-    elif cfg.tokenizer:
+    if tok is None and cfg.tokenizer:
         tok = Tokenizer.load(cfg.tokenizer)
-    elif cfg.train_file:
+    elif tok is None and cfg.train_file:
         tok = train_tokenizer_on(examples, cfg.vocab_size)
-    else:
+    elif tok is None:
         tok = Tokenizer.load(os.path.join(cfg.data_dir, "tokenizer.model"))
     train = tokenize_sft(examples, tok, cfg.max_length, cfg.max_prompt_length)
     val = tokenize_sft(val, tok, cfg.max_length, cfg.max_prompt_length)
@@ -213,12 +210,13 @@ def train(cfg: Config, dist: Dist) -> dict:
     t0 = time.time()
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
-    train_data, val_data, prompts, tok = load_data(cfg, dist)
+    raw_model, tok = load_gpt(cfg.init_from)[:2] if cfg.init_from else (None, None)
+    if run.resumed:
+        tok = Tokenizer(run.resumed["tokenizer"])
+    train_data, val_data, prompts, tok = load_data(cfg, dist, tok)
 
     # 1. model and optimizer; the raw module is what gets saved
-    if cfg.init_from:
-        raw_model = load_gpt(cfg.init_from)[0]
-    else:
+    if raw_model is None:
         raw_model = build_gpt(cfg.preset, tok.vocab_size, cfg.dropout)
     if raw_model.config.block_size < cfg.max_length + cfg.max_new_tokens:
         raise SystemExit(f"error: max_length + max_new_tokens exceeds the model's block_size "

@@ -121,6 +121,11 @@ def cleanup_distributed(dist: Dist) -> None:
         torch_dist.destroy_process_group()
 
 
+def barrier(dist: Dist) -> None:
+    if dist.ddp:
+        torch_dist.barrier()
+
+
 def all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     if dist.ddp:
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
@@ -285,6 +290,7 @@ class Run:
                              "--overwrite to replace it, or choose another --out_dir")
         if cfg.resume and not os.path.exists(self.ckpt_path):
             raise SystemExit(f"error: --resume but {self.ckpt_path} does not exist")
+        self.resumed = load_checkpoint(self.ckpt_path) if cfg.resume else None
 
     def start(self, model: torch.nn.Module, optimizer) -> int:
         """Create or restore the run; returns the step to start from. Call after all input has
@@ -292,11 +298,13 @@ class Run:
         if not self.cfg.resume:
             if self.dist.master:
                 os.makedirs(self.dir, exist_ok=True)
+                if os.path.exists(self.ckpt_path):  # --overwrite: the old run must not be resumed
+                    os.remove(self.ckpt_path)
                 write_atomic(os.path.join(self.dir, "config.json"),
                              json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
                 write_atomic(self.metrics_path, "")
             return 0
-        ckpt = load_checkpoint(self.ckpt_path)
+        ckpt, self.resumed = self.resumed, None
         changed = {k: (v, getattr(self.cfg, k)) for k, v in ckpt["config"].items()
                    if k not in ("resume", "overwrite") and getattr(self.cfg, k, v) != v}
         if changed and self.dist.master:
