@@ -421,8 +421,9 @@ def tokenize_sft(examples: list[Example], tok: Tokenizer, max_length: int,
 
 
 def take(tensors: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Rows `index` of padded tensors, trimmed to the longest real sequence among them."""
-    T = int(tensors["attention_mask"][index].sum(1).max())
+    """Rows `index` of padded (N, T) tensors, trimmed to the longest real sequence among them
+    (every key ending in attention_mask counts, so chosen and rejected stay one length)."""
+    T = max(int(v[index].sum(1).max()) for k, v in tensors.items() if k.endswith("attention_mask"))
     return {k: v[index, :T] for k, v in tensors.items()}
 
 

@@ -16,22 +16,18 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from data import (IGNORE_INDEX, DataError, Tokenizer, gold_reward, is_well_formed, load_prompts,
-                  load_sft, prepare_toy_data, take, tokenize_sft)
-from train_utils import (Dist, NonFiniteLoss, Run, all_reduce_sum, autocast, barrier, build_gpt,
-                         cleanup_distributed, global_batch, load_gpt, lr_at,
-                         make_optimizer, micro_batches, parse_config, progress_bar, seed_everything,
-                         setup_distributed, train_step, wrap_model)
+from data import (IGNORE_INDEX, DataError, Tokenizer, gold_reward, load_prompts, load_sft,
+                  prepare_toy_data, take, tokenize_sft)
+from evaluate import sample_completions, sample_metrics
+from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, barrier, build_gpt,
+                         cleanup_distributed, fit, load_gpt, make_optimizer, parse_config,
+                         seed_everything, setup_distributed)
 
 
 @dataclass
-class Config:
+class Config(TrainConfig):
     out_dir: str = "out/sft"
     """folder for config.json, metrics.jsonl and ckpt.pt"""
-    resume: bool = False
-    """continue the run in out_dir from its checkpoint"""
-    overwrite: bool = False
-    """replace a run already in out_dir"""
     # data
     data_dir: str = "data/toy"
     """the toy task's folder, written on first use (ignored with --train_file)"""
@@ -58,51 +54,13 @@ class Config:
     """start from this checkpoint's weights instead of a fresh model"""
     dropout: float = 0.0
     """dropout probability"""
-    # optimisation
-    batch_size: int = 64
-    """sequences per optimizer step, over all processes and micro-batches"""
-    grad_accum: int = 1
-    """micro-batches per optimizer step on each process"""
-    max_iters: int = 1000
-    """optimizer steps"""
-    lr: float = 2e-3
-    """peak learning rate"""
-    min_lr: float = 2e-4
-    """learning rate at the end of the cosine decay"""
-    warmup_iters: int = 50
-    """steps of linear warmup"""
-    lr_decay_iters: Optional[int] = None
-    """step where the cosine decay ends; none: max_iters"""
-    weight_decay: float = 0.1
-    """AdamW weight decay, matrices only"""
-    beta1: float = 0.9
-    """AdamW beta1"""
-    beta2: float = 0.95
-    """AdamW beta2"""
-    grad_clip: float = 1.0
-    """clip the global gradient norm to this"""
-    # evaluation and logging
-    log_interval: int = 10
-    """steps between training-metric lines in metrics.jsonl"""
-    eval_interval: int = 250
-    """steps between held-out evaluations and checkpoints"""
+    # evaluation
     eval_samples: int = 128
     """held-out prompts sampled at each evaluation (toy task: gold reward, well-formedness)"""
     max_new_tokens: int = 40
     """longest sampled completion"""
     temperature: float = 1.0
     """sampling temperature; 0 is greedy"""
-    print_samples: int = 3
-    """samples printed at each evaluation"""
-    # system
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    """auto: cuda, then mps, then cpu"""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """bfloat16 runs under autocast"""
-    compile: bool = False
-    """torch.compile the model"""
-    seed: int = 1337
-    """seeds the initialisation, the data order and the samples"""
 
 
 def sft_loss(model, batch):
@@ -116,23 +74,6 @@ def sft_loss(model, batch):
 
 def n_labels(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def sample_completions(model, tok: Tokenizer, prompts: list[str], max_new_tokens: int,
-                       temperature: float, seed: int, batch_size: int = 64):
-    """Completion texts for `prompts` and whether each ended with eos. A private generator makes
-    samples repeatable and leaves the training RNG stream untouched."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    texts, ended = [], []
-    for i in range(0, len(prompts), batch_size):
-        ids = [[tok.bos_id] + tok.encode(p) for p in prompts[i:i + batch_size]]
-        out, mask = model.generate(ids, max_new_tokens, tok.eos_id, tok.pad_id,
-                                   temperature=temperature, generator=generator)
-        for row, m in zip(out.tolist(), mask.sum(1).tolist()):
-            texts.append(tok.decode(row[:m]))
-            ended.append(row[m - 1] == tok.eos_id)
-    return texts, ended
 
 
 def load_data(cfg: Config, dist: Dist, tok: Tokenizer | None):
@@ -177,33 +118,16 @@ def train_tokenizer_on(examples, vocab_size: int) -> Tokenizer:
 
 
 @torch.no_grad()
-def evaluate(model, raw_model, val, prompts, tok, cfg: Config, dist: Dist, ctx, toy: bool):
-    """Held-out loss over the whole validation set (sharded over ranks), and on rank 0, samples
-    for the held-out prompts: gold reward and well-formedness on the toy task. Returns the
-    metrics and the samples' texts."""
-    model.eval()
+def heldout_loss(model, val, cfg: Config, dist: Dist, ctx) -> float:
+    """Mean next-token loss over the whole validation set, sharded over ranks."""
     sums = torch.zeros(2, device=dist.device)  # loss sum, label count
-    indices = torch.arange(len(val["input_ids"]))[dist.rank::dist.world_size]
-    for idx in indices.split(cfg.batch_size):
+    for idx in torch.arange(len(val["input_ids"]))[dist.rank::dist.world_size].split(cfg.batch_size):
         batch = {k: v.to(dist.device) for k, v in take(val, idx).items()}
         with ctx:
             loss_sum, _ = sft_loss(model, batch)
         sums += torch.stack([loss_sum.float(), torch.tensor(float(n_labels(batch["labels"])), device=dist.device)])
     sums = all_reduce_sum(sums, dist)
-    metrics, texts = {"eval/loss": (sums[0] / sums[1]).item()}, []
-    if dist.master and prompts:
-        with ctx:
-            texts, ended = sample_completions(raw_model, tok, prompts, cfg.max_new_tokens,
-                                              cfg.temperature, cfg.seed)
-        metrics["eval/eos_rate"] = sum(ended) / len(ended)
-        if toy:
-            rewards = [gold_reward(t, p) for p, t in zip(prompts, texts)]
-            metrics["eval/gold_reward"] = statistics.fmean(rewards)
-            metrics["eval/gold_reward_std"] = statistics.pstdev(rewards)
-            metrics["eval/well_formed"] = statistics.fmean(
-                e and is_well_formed(f"{p} {t}") for p, t, e in zip(prompts, texts, ended))
-    model.train()
-    return metrics, texts
+    return (sums[0] / sums[1]).item()
 
 
 def train(cfg: Config, dist: Dist) -> dict:
@@ -214,8 +138,8 @@ def train(cfg: Config, dist: Dist) -> dict:
     if run.resumed:
         tok = Tokenizer(run.resumed["tokenizer"])
     train_data, val_data, prompts, tok = load_data(cfg, dist, tok)
+    toy = not cfg.train_file
 
-    # 1. model and optimizer; the raw module is what gets saved
     if raw_model is None:
         raw_model = build_gpt(cfg.preset, tok.vocab_size, cfg.dropout)
     if raw_model.config.block_size < cfg.max_length + cfg.max_new_tokens:
@@ -223,56 +147,29 @@ def train(cfg: Config, dist: Dist) -> dict:
                          f"{raw_model.config.block_size}")
     raw_model.to(dist.device)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
-    step = run.start(raw_model, optimizer)
-    model = wrap_model(raw_model, dist, cfg.compile)
-    ctx = autocast(dist.device, cfg.dtype)
-    toy = not cfg.train_file
     if dist.master:
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {len(train_data['input_ids'])} "
               f"training sequences, {dist.world_size} process(es) on {dist.device}")
 
-    def eval_and_save(step, metrics):
-        eval_metrics, texts = evaluate(model, raw_model, val_data, prompts, tok, cfg, dist, ctx, toy)
-        metrics.update(eval_metrics)
-        run.log(step, metrics)
-        run.save(step, raw_model, optimizer, tok)
-        if dist.master:
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            for p, t in list(zip(prompts, texts))[:cfg.print_samples]:
-                bar.write(f"  [{p}] {t}" + (f"   (gold reward {gold_reward(t, p):.2f})" if toy else ""))
-        return metrics
+    def evaluate(model, ctx):
+        """Held-out loss; on rank 0, samples for held-out prompts (gold reward on the toy task)."""
+        model.eval()
+        metrics, lines = {"eval/loss": heldout_loss(model, val_data, cfg, dist, ctx)}, []
+        if dist.master and prompts:
+            with ctx:
+                _, texts, ended = sample_completions(raw_model, tok, prompts, cfg.max_new_tokens,
+                                                     cfg.temperature, cfg.seed)
+            if toy:
+                metrics.update(sample_metrics(prompts, texts, ended))
+            else:
+                metrics["eval/eos_rate"] = statistics.fmean(ended)
+            lines = [f"[{p}] {t}" + (f"   (gold reward {gold_reward(t, p):.2f})" if toy else "")
+                     for p, t in list(zip(prompts, texts))[:cfg.print_samples]]
+        model.train()
+        return metrics, lines
 
-    bar = progress_bar(cfg.max_iters, step, dist, "sft")
-    metrics = eval_and_save(0, {}) if step == 0 else {}
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    while step < cfg.max_iters:
-        # 2. this step's learning rate and global batch; this rank's micro-batches
-        lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, decay_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        indices = global_batch(len(train_data["input_ids"]), cfg.batch_size, step, cfg.seed)
-        n_tokens = n_labels(train_data["labels"][indices])
-        batches = [{k: v.to(dist.device) for k, v in take(train_data, idx).items()}
-                   for idx in micro_batches(indices, dist, cfg.grad_accum)]
-        # 3. forward, backward, step (gradients are the mean over every labelled token of the global batch)
-        try:
-            stats = train_step(model, optimizer, batches, sft_loss, n_tokens, cfg.grad_clip, dist, ctx)
-        except NonFiniteLoss as e:
-            raise SystemExit(f"error: step {step + 1}: {e}; stopped, the last good checkpoint "
-                             f"{run.ckpt_path} is kept") from None
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
-        # 4. log, evaluate, checkpoint
-        metrics = {}
-        if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            metrics = {"loss": stats["loss"], "grad_norm": stats["grad_norm"], "learning_rate": lr}
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            metrics = eval_and_save(step, metrics)
-        elif metrics:
-            run.log(step, metrics)
-    bar.close()
-
+    metrics = fit(cfg, dist, run, raw_model, optimizer, tok, train_data, sft_loss,
+                  lambda data, idx: n_labels(data["labels"][idx]), evaluate, "sft")
     if dist.master:
         print(f"done in {time.time() - t0:.0f}s: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                               if k.startswith("eval/")))

@@ -16,13 +16,13 @@ import textwrap
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, Union, get_args, get_origin, get_type_hints
+from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import Tokenizer, write_atomic
+from data import Tokenizer, take, write_atomic
 from model import GPT, GPTConfig, PRESETS
 
 # -----------------------------------------------------------------------------
@@ -71,6 +71,54 @@ def parse_config(cls, argv=None, description: str | None = None):
             kwargs["type"] = lambda text, convert=convert: None if text.lower() == "none" else convert(text)
         parser.add_argument(f"--{f.name}", **kwargs)
     return cls(**vars(parser.parse_args(argv)))
+
+
+@dataclass
+class TrainConfig:
+    """The settings every training script shares; each script subclasses it, adds its own and
+    may change defaults."""
+    out_dir: str = "out/run"
+    """folder for config.json, metrics.jsonl and ckpt.pt"""
+    resume: bool = False
+    """continue the run in out_dir from its checkpoint"""
+    overwrite: bool = False
+    """replace a run already in out_dir"""
+    batch_size: int = 64
+    """sequences (or pairs) per optimizer step, over all processes and micro-batches"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step on each process"""
+    max_iters: int = 1000
+    """optimizer steps"""
+    lr: float = 2e-3
+    """peak learning rate"""
+    min_lr: float = 2e-4
+    """learning rate at the end of the cosine decay"""
+    warmup_iters: int = 50
+    """steps of linear warmup"""
+    lr_decay_iters: Optional[int] = None
+    """step where the cosine decay ends; none: max_iters"""
+    weight_decay: float = 0.1
+    """AdamW weight decay, matrices only"""
+    beta1: float = 0.9
+    """AdamW beta1"""
+    beta2: float = 0.95
+    """AdamW beta2"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this"""
+    log_interval: int = 10
+    """steps between training-metric lines in metrics.jsonl"""
+    eval_interval: int = 250
+    """steps between held-out evaluations and checkpoints"""
+    print_samples: int = 3
+    """samples printed at each evaluation"""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto: cuda, then mps, then cpu"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """bfloat16 runs under autocast"""
+    compile: bool = False
+    """torch.compile the model"""
+    seed: int = 1337
+    """seeds the initialisation, the data order and the samples"""
 
 
 # -----------------------------------------------------------------------------
@@ -346,3 +394,60 @@ class Run:
 def progress_bar(total: int, initial: int, dist: Dist, desc: str):
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, disable=not dist.master, desc=desc, dynamic_ncols=True)
+
+
+def fit(cfg: TrainConfig, dist: Dist, run: Run, raw_model, optimizer, tok: Tokenizer,
+        train_data: dict[str, torch.Tensor], loss_fn, n_terms, evaluate, desc: str) -> dict:
+    """The training loop every script shares.
+
+    loss_fn(model, batch) -> (loss_sum, {metric: sum}) as in train_step; n_terms(train_data,
+    indices) counts the loss terms of a global batch; evaluate(model, ctx) -> (metrics, lines)
+    runs the held-out evaluation and returns lines to print. Evaluates and checkpoints at step 0,
+    every eval_interval steps and at the end. Returns the last logged metrics."""
+    step = run.start(raw_model, optimizer)
+    model = wrap_model(raw_model, dist, cfg.compile)
+    ctx = autocast(dist.device, cfg.dtype)
+    n_examples = len(next(iter(train_data.values())))
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    bar = progress_bar(cfg.max_iters, step, dist, desc)
+
+    def eval_and_save(step, metrics):
+        eval_metrics, lines = evaluate(model, ctx)
+        metrics.update(eval_metrics)
+        run.log(step, metrics)
+        run.save(step, raw_model, optimizer, tok)
+        if dist.master:
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            for line in lines:
+                bar.write(f"  {line}")
+        return metrics
+
+    metrics = eval_and_save(0, {}) if step == 0 else {}
+    while step < cfg.max_iters:
+        # 1. this step's learning rate and global batch; this rank's micro-batches
+        lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, decay_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = global_batch(n_examples, cfg.batch_size, step, cfg.seed)
+        batches = [{k: v.to(dist.device) for k, v in take(train_data, idx).items()}
+                   for idx in micro_batches(indices, dist, cfg.grad_accum)]
+        # 2. forward, backward and step; the gradient is the mean over the global batch's loss terms
+        try:
+            stats = train_step(model, optimizer, batches, loss_fn, n_terms(train_data, indices),
+                               cfg.grad_clip, dist, ctx)
+        except NonFiniteLoss as e:
+            raise SystemExit(f"error: step {step + 1}: {e}; stopped, the last good checkpoint "
+                             f"{run.ckpt_path} is kept") from None
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
+        # 3. log, evaluate, checkpoint
+        metrics = {}
+        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            metrics = {**stats, "learning_rate": lr}
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            metrics = eval_and_save(step, metrics)
+        elif metrics:
+            run.log(step, metrics)
+    bar.close()
+    return metrics

@@ -89,7 +89,7 @@ def test_help_documents_every_flag(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name in train_sft.Config.__dataclass_fields__:
         assert f"--{name}" in text
-    assert "sequences per optimizer step, over all processes and micro-batches" in text
+    assert "sequences (or pairs) per optimizer step, over all processes and micro-batches" in text
 
 
 def _run(*args, env=None):

@@ -1,0 +1,94 @@
+"""
+Direct Preference Optimization as pure functions: per-sequence log-probs, the concatenated
+chosen/rejected forward pass, the DPO loss and its variants, and the metrics TRL logs.
+
+DPO (Rafailov et al. 2023, eq. 7) fits the policy to preference pairs directly:
+    L = -log sigmoid( beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ] )
+where y_w is the chosen and y_l the rejected response; beta * log(pi / pi_ref) is the implicit reward.
+"""
+import torch
+import torch.nn.functional as F
+
+from data import IGNORE_INDEX
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Log-probability of each sequence's labelled tokens.
+
+    logits (B, T, V) and labels (B, T), labels IGNORE_INDEX on prompt and pad tokens. The logits
+    at t score the token at t + 1, so both are shifted by one. Returns (B,): the sum over
+    labelled tokens, or with average=True their mean (length-normalised, as IPO uses)."""
+    labels = labels[:, 1:]
+    token_logps = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+                                   ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1), 0 where ignored
+    total = token_logps.sum(-1)
+    return total / (labels != IGNORE_INDEX).sum(-1).clamp(min=1) if average else total
+
+
+def concatenated_forward(model, batch: dict[str, torch.Tensor], average: bool = False):
+    """Chosen and rejected sequences through the model in one batch of 2B rows, split after.
+
+    batch holds chosen_/rejected_ input_ids, attention_mask and labels, all (B, T): pairs are
+    padded to one length so they stack. One forward pass instead of two halves the kernel
+    launches and, under DDP, keeps one autograd graph per step.
+    Returns (chosen_logps, rejected_logps), each (B,)."""
+    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
+    attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    logps = sequence_logps(model(input_ids, attention_mask), labels, average)  # (2B,)
+    B = batch["chosen_input_ids"].size(0)
+    return logps[:B], logps[B:]
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
+             beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             reference_free: bool = False):
+    """The DPO loss and its variants for a batch of pairs; every argument tensor is (B,).
+
+    h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)), the log-ratio margin.
+    loss_type:
+      sigmoid  DPO, -log sigmoid(beta h) (Rafailov et al. 2023, eq. 7). With label_smoothing
+               eps > 0, conservative DPO: labels flipped with probability eps (Mitchell 2023),
+               -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+      robust   rDPO (Chowdhury et al. 2024, "Provably Robust DPO"): unbiased under label-flip rate
+               eps, (-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps).
+      hinge    SLiC-HF's calibration loss (Zhao et al. 2023), margin 1/beta: max(0, 1 - beta h).
+      ipo      IPO's sampled loss (Azar et al. 2023): (h - 1 / (2 beta))^2, beta playing tau.
+    reference_free=True takes pi_ref as uniform (reference log-probs 0).
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,); the rewards are the implicit
+    rewards beta * (log pi - log pi_ref), detached."""
+    if reference_free:
+        reference_chosen_logps = torch.zeros_like(reference_chosen_logps)
+        reference_rejected_logps = torch.zeros_like(reference_rejected_logps)
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def dpo_metric_sums(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps):
+    """TRL's DPO metrics, as sums over the batch (divide by the number of pairs for means)."""
+    return {
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "logps/chosen": policy_chosen_logps.detach().sum(),
+        "logps/rejected": policy_rejected_logps.detach().sum(),
+    }

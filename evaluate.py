@@ -1,0 +1,90 @@
+"""
+The yardstick every method is measured with, so DPO and PPO are compared on the same terms:
+sample a completion for each held-out prompt, then report its mean gold reward, its KL from the
+reference policy, and how often it beats the reference's own sample by gold reward.
+"""
+import statistics
+
+import torch
+
+from data import Tokenizer, collate, gold_reward, is_well_formed
+
+
+def sample_completions(model, tok: Tokenizer, prompts: list[str], max_new_tokens: int,
+                       temperature: float = 1.0, seed: int = 0, top_k: int | None = None,
+                       top_p: float | None = None, batch_size: int = 64):
+    """Completion token ids and texts for `prompts`, and whether each ended with eos. A private
+    generator makes samples repeatable and leaves the training RNG stream untouched."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    ids, texts, ended = [], [], []
+    for i in range(0, len(prompts), batch_size):
+        prompt_ids = [[tok.bos_id] + tok.encode(p) for p in prompts[i:i + batch_size]]
+        out, mask = model.generate(prompt_ids, max_new_tokens, tok.eos_id, tok.pad_id,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        for row, n in zip(out.tolist(), mask.sum(1).tolist()):
+            ids.append(row[:n])
+            texts.append(tok.decode(row[:n]))
+            ended.append(n > 0 and row[n - 1] == tok.eos_id)
+    return ids, texts, ended
+
+
+@torch.no_grad()
+def sequence_kl(policy, reference, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """KL(pi || pi_ref) of each completion: the exact per-token KL over the vocabulary,
+    sum_v pi(v | x, y_<t) (log pi(v | x, y_<t) - log pi_ref(v | x, y_<t)), summed over the
+    completion's tokens. Returns (N,)."""
+    device = next(policy.parameters()).device
+    kls = []
+    for i in range(0, len(prompt_ids), batch_size):
+        batch = collate([(p + c, len(p)) for p, c in zip(prompt_ids[i:i + batch_size],
+                                                          completion_ids[i:i + batch_size])], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logp = policy(batch["input_ids"], batch["attention_mask"])[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
+        logq = reference(batch["input_ids"], batch["attention_mask"])[:, :-1].float().log_softmax(-1)
+        token_kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, T-1): the logits at t score token t+1
+        kls.append((token_kl * (batch["labels"][:, 1:] != -100)).sum(-1))
+    return torch.cat(kls).cpu()
+
+
+def sample_metrics(prompts: list[str], texts: list[str], ended: list[bool]) -> dict[str, float]:
+    """Toy-task statistics of samples: gold reward (mean, spread), eos rate, and the share that
+    end with eos and parse in the toy grammar together with their prompt."""
+    rewards = [gold_reward(t, p) for p, t in zip(prompts, texts)]
+    return {
+        "eval/gold_reward": statistics.fmean(rewards),
+        "eval/gold_reward_std": statistics.pstdev(rewards),
+        "eval/eos_rate": statistics.fmean(ended),
+        "eval/well_formed": statistics.fmean(e and is_well_formed(f"{p} {t}") for p, t, e in zip(prompts, texts, ended)),
+    }
+
+
+class PolicyEvaluator:
+    """eval/gold_reward, eval/kl and eval/win_rate of a policy on held-out prompts.
+
+    The reference is frozen, so its samples and their gold rewards are drawn once, here. Every
+    call samples the policy with the same seed, so successive evaluations differ only through
+    the policy. Win rate counts a tie as half a win."""
+
+    def __init__(self, reference, tok: Tokenizer, prompts: list[str], max_new_tokens: int,
+                 temperature: float = 1.0, seed: int = 0):
+        self.reference, self.tok, self.prompts = reference, tok, prompts
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+        self.prompt_ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+        _, texts, _ = sample_completions(reference, tok, prompts, max_new_tokens, temperature, seed + 1)
+        self.reference_rewards = [gold_reward(t, p) for p, t in zip(prompts, texts)]
+
+    def __call__(self, policy) -> tuple[dict[str, float], list[str]]:
+        """Metrics, and the policy's sample texts (to print a few)."""
+        was_training = policy.training
+        policy.eval()
+        ids, texts, ended = sample_completions(policy, self.tok, self.prompts, self.max_new_tokens,
+                                               self.temperature, self.seed)
+        rewards = [gold_reward(t, p) for p, t in zip(self.prompts, texts)]
+        kl = sequence_kl(policy, self.reference, self.prompt_ids, ids, self.tok.pad_id)
+        wins = [1.0 if r > q else 0.5 if r == q else 0.0 for r, q in zip(rewards, self.reference_rewards)]
+        policy.train(was_training)
+        metrics = sample_metrics(self.prompts, texts, ended)
+        metrics.update({"eval/kl": kl.mean().item(), "eval/win_rate": statistics.fmean(wins)})
+        return metrics, texts

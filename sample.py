@@ -1,0 +1,148 @@
+"""
+Sample from any checkpoint, or turn a policy's samples into labelled preference pairs.
+
+    python sample.py --ckpt out/sft/ckpt.pt --prompt "the movie was" --n 5
+    python sample.py --ckpt out/sft/ckpt.pt --pairs       # out/pairs/pairs_{train,val}.jsonl
+
+With --pairs, each toy prompt gets K completions (K=4, as in the DPO paper's IMDb setup), each
+scored by the gold reward, and each scored pair of distinct rewards becomes a preference pair:
+all K(K-1)/2 pairs or the best against each other, labelled by the higher gold reward or drawn
+from Bradley-Terry probabilities (label noise). Ties carry no preference and are dropped and
+counted. Training pairs come from prompts_train.jsonl, held-out pairs from prompts_val.jsonl.
+"""
+import itertools
+import json
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+from data import DataError, gold_reward, load_prompts, write_atomic
+from evaluate import sample_completions
+from train_utils import autocast, load_gpt, parse_config, pick_device
+
+
+@dataclass
+class Config:
+    ckpt: str = "out/sft/ckpt.pt"
+    """checkpoint to sample from (any stage's ckpt.pt)"""
+    prompt: str = ""
+    """a prompt to continue (without --pairs)"""
+    n: int = 4
+    """samples of --prompt"""
+    pairs: bool = False
+    """write preference pairs for the toy prompts instead of printing samples"""
+    data_dir: str = "data/toy"
+    """the toy task's folder (prompts_train.jsonl, prompts_val.jsonl)"""
+    out_dir: str = "out/pairs"
+    """where pairs_train.jsonl and pairs_val.jsonl go"""
+    k: int = 4
+    """completions per prompt"""
+    pairing: Literal["all", "best_vs_rest"] = "all"
+    """all: every pair of the K; best_vs_rest: the best completion against each other one"""
+    label: Literal["gold", "bradley_terry"] = "gold"
+    """gold: the higher gold reward is chosen; bradley_terry: chosen with P = sigmoid(bt_scale * (logit r_a - logit r_b))"""
+    bt_scale: float = 1.0
+    """Bradley-Terry sharpness; on the toy task logit r is the net sentiment-word count"""
+    n_train_prompts: Optional[int] = None
+    """use only the first N training prompts; none: all"""
+    n_val_prompts: Optional[int] = None
+    """use only the first N held-out prompts; none: all"""
+    max_new_tokens: int = 40
+    """longest completion"""
+    temperature: float = 1.0
+    """sampling temperature; 0 is greedy"""
+    top_k: Optional[int] = None
+    """sample from the k likeliest tokens only"""
+    top_p: Optional[float] = None
+    """nucleus sampling threshold"""
+    batch_size: int = 256
+    """prompts per generate call"""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto: cuda, then mps, then cpu"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """bfloat16 runs under autocast"""
+    seed: int = 0
+    """seeds the samples and the Bradley-Terry labels"""
+
+
+def _logit(r: float) -> float:
+    return math.log(r / (1 - r))
+
+
+def make_pairs(prompt: str, completions: list[str], scores: list[float], pairing: str, label: str,
+               bt_scale: float, rng: random.Random) -> tuple[list[dict], int]:
+    """Preference records for one prompt's scored completions, and the number of ties dropped."""
+    if pairing == "all":
+        candidates = list(itertools.combinations(range(len(completions)), 2))
+    else:
+        best = max(range(len(completions)), key=lambda i: scores[i])
+        candidates = [(best, j) for j in range(len(completions)) if j != best]
+    records, ties = [], 0
+    for a, b in candidates:
+        if scores[a] == scores[b] or completions[a] == completions[b]:
+            ties += 1
+            continue
+        if label == "gold":
+            a_wins = scores[a] > scores[b]
+        else:  # Bradley-Terry (1952) on the reward's logit
+            a_wins = rng.random() < 1 / (1 + math.exp(-bt_scale * (_logit(scores[a]) - _logit(scores[b]))))
+        w, l = (a, b) if a_wins else (b, a)
+        records.append({"prompt": prompt, "chosen": completions[w], "rejected": completions[l],
+                        "chosen_score": scores[w], "rejected_score": scores[l]})
+    return records, ties
+
+
+def write_pairs(cfg: Config, model, tok, split: str, prompts: list[str], rng: random.Random) -> None:
+    repeated = [p for p in prompts for _ in range(cfg.k)]
+    _, texts, _ = sample_completions(model, tok, repeated, cfg.max_new_tokens, cfg.temperature,
+                                     cfg.seed + (split == "val"), cfg.top_k, cfg.top_p, cfg.batch_size)
+    records, ties, scores_all = [], 0, []
+    for i, prompt in enumerate(prompts):
+        completions = texts[i * cfg.k:(i + 1) * cfg.k]
+        scores = [gold_reward(c, prompt) for c in completions]
+        scores_all += scores
+        new, dropped = make_pairs(prompt, completions, scores, cfg.pairing, cfg.label, cfg.bt_scale, rng)
+        records += new
+        ties += dropped
+    path = os.path.join(cfg.out_dir, f"pairs_{split}.jsonl")
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    agree = sum(r["chosen_score"] > r["rejected_score"] for r in records) / max(1, len(records))
+    print(f"{path}: {len(records)} pairs from {len(prompts)} prompts x {cfg.k} completions, "
+          f"{ties} ties dropped; completion gold reward mean {sum(scores_all) / len(scores_all):.3f}; "
+          f"labels agreeing with the gold reward {agree:.3f}")
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(Config, argv, __doc__)
+    device = pick_device(cfg.device)
+    model, tok, _ = load_gpt(cfg.ckpt)
+    model.to(device).eval()
+    with autocast(device, cfg.dtype):
+        if not cfg.pairs:
+            if not cfg.prompt:
+                raise SystemExit("error: give --prompt, or --pairs to write preference pairs")
+            _, texts, _ = sample_completions(model, tok, [cfg.prompt] * cfg.n, cfg.max_new_tokens,
+                                             cfg.temperature, cfg.seed, cfg.top_k, cfg.top_p)
+            for t in texts:
+                print(f"[{cfg.prompt}] {t}   (gold reward {gold_reward(t, cfg.prompt):.2f})")
+            return 0
+        try:
+            train = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"))[:cfg.n_train_prompts]
+            val = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"))[:cfg.n_val_prompts]
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        rng = random.Random(cfg.seed)
+        write_pairs(cfg, model, tok, "train", train, rng)
+        write_pairs(cfg, model, tok, "val", val, rng)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
