@@ -420,11 +420,22 @@ def tokenize_sft(examples: list[Example], tok: Tokenizer, max_length: int,
                     for e in examples], tok.pad_id)
 
 
+def tokenize_pairs(pairs: list[Pair], tok: Tokenizer, max_length: int,
+                   max_prompt_length: int | None) -> dict[str, torch.Tensor]:
+    """Every pair tokenised once: chosen_ and rejected_ input_ids, attention_mask and labels,
+    all (N, T) with one T, so a batch's chosen and rejected rows stack into one forward pass."""
+    sequences = [encode_example(tok, p.prompt, response, max_length, max_prompt_length, p.where)
+                 for p in pairs for response in (p.chosen, p.rejected)]
+    both = collate(sequences, tok.pad_id)  # rows alternate chosen, rejected
+    return {f"{side}_{k}": v[i::2] for i, side in enumerate(("chosen", "rejected")) for k, v in both.items()}
+
+
 def take(tensors: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
     """Rows `index` of padded (N, T) tensors, trimmed to the longest real sequence among them
-    (every key ending in attention_mask counts, so chosen and rejected stay one length)."""
+    (every key ending in attention_mask counts, so chosen and rejected stay one length), and
+    the same rows of per-example (N,) tensors."""
     T = max(int(v[index].sum(1).max()) for k, v in tensors.items() if k.endswith("attention_mask"))
-    return {k: v[index, :T] for k, v in tensors.items()}
+    return {k: v[index, :T] if v.dim() == 2 else v[index] for k, v in tensors.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -63,16 +63,18 @@ def sample_metrics(prompts: list[str], texts: list[str], ended: list[bool]) -> d
 class PolicyEvaluator:
     """eval/gold_reward, eval/kl and eval/win_rate of a policy on held-out prompts.
 
-    The reference is frozen, so its samples and their gold rewards are drawn once, here. Every
-    call samples the policy with the same seed, so successive evaluations differ only through
-    the policy. Win rate counts a tie as half a win."""
+    The reference is frozen, so its samples and their gold rewards are drawn once, here. The
+    policy is sampled with the same seed at every call, and the same seed as the reference
+    (common random numbers): evaluations differ only through the policy, and a policy equal
+    to the reference ties every prompt (win rate 0.5, KL 0). Win rate counts a tie as half. With offload=True the reference waits on
+    the CPU and visits the policy's device only for the KL."""
 
     def __init__(self, reference, tok: Tokenizer, prompts: list[str], max_new_tokens: int,
-                 temperature: float = 1.0, seed: int = 0):
-        self.reference, self.tok, self.prompts = reference, tok, prompts
+                 temperature: float = 1.0, seed: int = 0, offload: bool = False):
+        self.reference, self.tok, self.prompts, self.offload = reference, tok, prompts, offload
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
         self.prompt_ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
-        _, texts, _ = sample_completions(reference, tok, prompts, max_new_tokens, temperature, seed + 1)
+        _, texts, _ = sample_completions(reference, tok, prompts, max_new_tokens, temperature, seed)
         self.reference_rewards = [gold_reward(t, p) for p, t in zip(prompts, texts)]
 
     def __call__(self, policy) -> tuple[dict[str, float], list[str]]:
@@ -82,7 +84,10 @@ class PolicyEvaluator:
         ids, texts, ended = sample_completions(policy, self.tok, self.prompts, self.max_new_tokens,
                                                self.temperature, self.seed)
         rewards = [gold_reward(t, p) for p, t in zip(self.prompts, texts)]
+        self.reference.to(next(policy.parameters()).device)
         kl = sequence_kl(policy, self.reference, self.prompt_ids, ids, self.tok.pad_id)
+        if self.offload:
+            self.reference.cpu()
         wins = [1.0 if r > q else 0.5 if r == q else 0.0 for r, q in zip(rewards, self.reference_rewards)]
         policy.train(was_training)
         metrics = sample_metrics(self.prompts, texts, ended)

@@ -75,15 +75,19 @@ def _logit(r: float) -> float:
 
 
 def make_pairs(prompt: str, completions: list[str], scores: list[float], pairing: str, label: str,
-               bt_scale: float, rng: random.Random) -> tuple[list[dict], int]:
-    """Preference records for one prompt's scored completions, and the number of ties dropped."""
+               bt_scale: float, rng: random.Random) -> tuple[list[dict], int, int]:
+    """Preference records for one prompt's scored completions, the number of ties dropped and
+    the number of pairs dropped because a completion is empty (eos at once: no response text)."""
     if pairing == "all":
         candidates = list(itertools.combinations(range(len(completions)), 2))
     else:
         best = max(range(len(completions)), key=lambda i: scores[i])
         candidates = [(best, j) for j in range(len(completions)) if j != best]
-    records, ties = [], 0
+    records, ties, empty = [], 0, 0
     for a, b in candidates:
+        if not completions[a].strip() or not completions[b].strip():
+            empty += 1
+            continue
         if scores[a] == scores[b] or completions[a] == completions[b]:
             ties += 1
             continue
@@ -94,26 +98,26 @@ def make_pairs(prompt: str, completions: list[str], scores: list[float], pairing
         w, l = (a, b) if a_wins else (b, a)
         records.append({"prompt": prompt, "chosen": completions[w], "rejected": completions[l],
                         "chosen_score": scores[w], "rejected_score": scores[l]})
-    return records, ties
+    return records, ties, empty
 
 
 def write_pairs(cfg: Config, model, tok, split: str, prompts: list[str], rng: random.Random) -> None:
     repeated = [p for p in prompts for _ in range(cfg.k)]
     _, texts, _ = sample_completions(model, tok, repeated, cfg.max_new_tokens, cfg.temperature,
                                      cfg.seed + (split == "val"), cfg.top_k, cfg.top_p, cfg.batch_size)
-    records, ties, scores_all = [], 0, []
+    records, ties, empty, scores_all = [], 0, 0, []
     for i, prompt in enumerate(prompts):
         completions = texts[i * cfg.k:(i + 1) * cfg.k]
         scores = [gold_reward(c, prompt) for c in completions]
         scores_all += scores
-        new, dropped = make_pairs(prompt, completions, scores, cfg.pairing, cfg.label, cfg.bt_scale, rng)
-        records += new
-        ties += dropped
+        new, new_ties, new_empty = make_pairs(prompt, completions, scores, cfg.pairing, cfg.label,
+                                              cfg.bt_scale, rng)
+        records, ties, empty = records + new, ties + new_ties, empty + new_empty
     path = os.path.join(cfg.out_dir, f"pairs_{split}.jsonl")
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
     agree = sum(r["chosen_score"] > r["rejected_score"] for r in records) / max(1, len(records))
     print(f"{path}: {len(records)} pairs from {len(prompts)} prompts x {cfg.k} completions, "
-          f"{ties} ties dropped; completion gold reward mean {sum(scores_all) / len(scores_all):.3f}; "
+          f"{ties} ties and {empty} with an empty completion dropped; completion gold reward mean {sum(scores_all) / len(scores_all):.3f}; "
           f"labels agreeing with the gold reward {agree:.3f}")
 
 
