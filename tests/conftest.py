@@ -16,3 +16,19 @@ def toy_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("toy"))
     prepare_toy_data(path, ToyConfig(), verbose=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def sft_pairs(toy_dir, tmp_path_factory):
+    """A short SFT run (150 steps) and preference pairs sampled from it: 500 training prompts
+    and 128 held-out prompts, K=4. Returns (sft checkpoint path, pairs folder)."""
+    import sample
+    import train_sft
+    root = tmp_path_factory.mktemp("pipeline")
+    sft_dir, pairs_dir = str(root / "sft"), str(root / "pairs")
+    assert train_sft.main([f"--data_dir={toy_dir}", f"--out_dir={sft_dir}", "--device=cpu", "--max_iters=150",
+                           "--eval_interval=150", "--eval_samples=0", "--print_samples=0"]) == 0
+    ckpt = os.path.join(sft_dir, "ckpt.pt")
+    assert sample.main([f"--ckpt={ckpt}", "--pairs", f"--data_dir={toy_dir}", f"--out_dir={pairs_dir}",
+                        "--n_train_prompts=500", "--n_val_prompts=128", "--device=cpu"]) == 0
+    return ckpt, pairs_dir

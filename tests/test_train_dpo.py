@@ -1,0 +1,100 @@
+"""DPO end to end on toy pairs: it learns, 2 DDP processes equal 1, a precomputed reference
+equals a live one, and bad preference files stop train_dpo.py with one clear line.
+
+    python -m pytest -q tests/test_train_dpo.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_dpo
+from train_utils import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dpo_args(sft_pairs, toy_dir, out_dir, **overrides):
+    ckpt, pairs = sft_pairs
+    args = dict(sft_ckpt=ckpt, train_file=f"{pairs}/pairs_train.jsonl", val_file=f"{pairs}/pairs_val.jsonl",
+                eval_prompts=f"{toy_dir}/prompts_val.jsonl", out_dir=out_dir, device="cpu", batch_size=16,
+                max_iters=3, eval_interval=100, gold_eval=False, print_samples=0, log_interval=1)
+    args.update(overrides)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_short_dpo_run_learns_the_preferences_and_raises_gold_reward(sft_pairs, toy_dir, tmp_path):
+    """120 steps of 32 pairs at beta 0.1: held-out reward accuracy above 0.6, and the mean gold
+    reward of samples for 128 held-out prompts above the SFT model's (step 0 of the same run),
+    by at least 0.05."""
+    assert train_dpo.main(dpo_args(sft_pairs, toy_dir, str(tmp_path), batch_size=32, max_iters=120,
+                                   eval_interval=120, gold_eval=True, eval_samples=128)) == 0
+    start, end = read_metrics(str(tmp_path))[0], read_metrics(str(tmp_path))[-1]
+    assert start["eval/kl"] == 0 and start["eval/win_rate"] == 0.5  # policy = reference at step 0
+    assert start["eval/loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert end["eval/rewards/accuracies"] > 0.6
+    assert end["eval/gold_reward"] > start["eval/gold_reward"] + 0.05
+    assert end["eval/win_rate"] > 0.5 and end["eval/kl"] > 0
+
+
+def _final_weights(out_dir):
+    return load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model"]
+
+
+def test_precomputed_reference_trains_the_same_policy_as_a_live_one(sft_pairs, toy_dir, tmp_path):
+    live, pre = str(tmp_path / "live"), str(tmp_path / "pre")
+    assert train_dpo.main(dpo_args(sft_pairs, toy_dir, live)) == 0
+    assert train_dpo.main(dpo_args(sft_pairs, toy_dir, pre, precompute_ref=True)) == 0
+    assert os.path.exists(os.path.join(pre, "reference_logps.pt"))
+    for a, b in zip(read_metrics(live), read_metrics(pre)):
+        assert a.keys() == b.keys()
+        for k in a:  # accuracies are a step function of margins that start at ~1e-7: float noise flips them
+            if not k.endswith("accuracies"):
+                assert a[k] == pytest.approx(b[k], abs=1e-5), k
+    for name, tensor in _final_weights(live).items():
+        torch.testing.assert_close(_final_weights(pre)[name], tensor, rtol=0, atol=1e-6)
+
+
+def _run(*args, env=None):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one_process(sft_pairs, toy_dir, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r = _run("train_dpo.py", *dpo_args(sft_pairs, toy_dir, one, grad_accum=2))
+    assert r.returncode == 0, r.stderr
+    r = _run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", "train_dpo.py",
+             *dpo_args(sft_pairs, toy_dir, two), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    for name, tensor in _final_weights(one).items():
+        torch.testing.assert_close(_final_weights(two)[name], tensor, rtol=0, atol=1e-5, msg=name)
+    for a, b in zip(read_metrics(one), read_metrics(two)):
+        for k in a:
+            if not k.endswith("accuracies"):  # see the precomputed-reference test
+                assert a[k] == pytest.approx(b[k], abs=1e-5), k
+
+
+@pytest.mark.parametrize("record, message", [
+    ('{"prompt": "the movie", "chosen": "was great .", "rejected": "was great ."}', "field 'rejected': identical to 'chosen'"),
+    ('{"prompt": "the movie", "chosen": "was great ."', "invalid JSON"),
+    ('{"prompt": "the movie", "chosen": "was great .", "rejected": ["was bad ."]}', "field 'rejected': expected a string, got list"),
+])
+def test_bad_preference_file_stops_train_dpo_with_one_clear_line(record, message, sft_pairs, toy_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "the movie", "chosen": "was great .", "rejected": "was bad ."}\n' + record + "\n")
+    out = tmp_path / "out"
+    r = _run("train_dpo.py", *dpo_args(sft_pairs, toy_dir, str(out), train_file=str(bad)))
+    assert r.returncode == 2
+    assert r.stderr == f"error: {bad}:2: {message}" + r.stderr[len(f"error: {bad}:2: {message}"):]
+    assert r.stderr.count("\n") == 1
+    assert not out.exists()
