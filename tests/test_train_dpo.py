@@ -98,3 +98,18 @@ def test_bad_preference_file_stops_train_dpo_with_one_clear_line(record, message
     assert r.stderr == f"error: {bad}:2: {message}" + r.stderr[len(f"error: {bad}:2: {message}"):]
     assert r.stderr.count("\n") == 1
     assert not out.exists()
+
+
+def test_resumed_dpo_run_equals_the_uninterrupted_one(sft_pairs, toy_dir, tmp_path):
+    """With a precomputed reference too: the cache in the run dir is reused on resume."""
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    common = dict(precompute_ref=True, eval_interval=2, lr_decay_iters=4)
+    assert train_dpo.main(dpo_args(sft_pairs, toy_dir, whole, max_iters=4, **common)) == 0
+    assert train_dpo.main(dpo_args(sft_pairs, toy_dir, split, max_iters=2, **common)) == 0
+    cache = os.path.join(split, "reference_logps.pt")
+    made = os.path.getmtime(cache)
+    assert train_dpo.main(dpo_args(sft_pairs, toy_dir, split, max_iters=4, resume=True, **common)) == 0
+    assert os.path.getmtime(cache) == made
+    assert read_metrics(split) == read_metrics(whole)
+    for name, tensor in _final_weights(whole).items():
+        assert torch.equal(_final_weights(split)[name], tensor), name
