@@ -311,6 +311,15 @@ def load_gpt(path: str) -> tuple[GPT, Tokenizer, dict]:
     return model, Tokenizer(ckpt["tokenizer"]), ckpt
 
 
+def load_reward_model(path: str):
+    """A reward model (RewardModel) and its tokenizer from train_rm.py's ckpt.pt."""
+    from reward_model import RewardModel
+    ckpt = load_checkpoint(path)
+    model = RewardModel(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model, Tokenizer(ckpt["tokenizer"])
+
+
 def _gather_rng(dist: Dist) -> list[torch.Tensor]:
     state = torch.get_rng_state()
     if not dist.ddp:

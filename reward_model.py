@@ -1,0 +1,74 @@
+"""
+The reward model of RLHF: a GPT backbone with a scalar head, trained on preference pairs with the
+Bradley-Terry loss (Ouyang et al. 2022, eq. 1; Stiennon et al. 2020). PPO's critic is the same
+architecture read at every position instead of the last.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, ScalarHead
+
+
+class RewardModel(nn.Module):
+    """GPT backbone + scalar head. `forward` scores a sequence at its last real token, so the
+    score does not depend on padding or batching; `values` gives a scalar at every position
+    (the critic's use)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.backbone = GPT(config)
+        self.head = ScalarHead(config.n_embd)
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.backbone.config
+
+    @classmethod
+    def from_gpt(cls, gpt: GPT) -> "RewardModel":
+        """A reward model (or critic) whose backbone starts from a trained GPT, e.g. the SFT policy."""
+        model = cls(gpt.config)
+        model.backbone.load_state_dict(gpt.state_dict())
+        return model
+
+    def values(self, input_ids, attention_mask=None):
+        """(B, T) scalars, one per position."""
+        return self.head(self.backbone.hidden_states(input_ids, attention_mask))
+
+    def forward(self, input_ids, attention_mask):
+        """(B,) score of each sequence, read at its last real token (left or right padding)."""
+        values = self.values(input_ids, attention_mask)  # (B, T)
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        last = (attention_mask.bool() * positions).argmax(1)  # index of the last 1 in each row
+        return values.gather(1, last[:, None]).squeeze(1)
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       margin: float = 0.0, center_coef: float = 0.0) -> torch.Tensor:
+    """Per-pair loss, (B,) from (B,) scores: -log sigmoid(r_chosen - r_rejected - margin), the
+    negative log-likelihood of the preference under Bradley-Terry, with an optional margin the
+    difference must clear (Llama 2's margin loss, Touvron et al. 2023). The loss sees only
+    differences, so scores can drift; center_coef * (r_chosen + r_rejected)^2 pulls their mean
+    to zero (the centering auxiliary loss of Eisenstein et al. 2023)."""
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - margin)
+    if center_coef:
+        losses = losses + center_coef * (chosen_rewards + rejected_rewards) ** 2
+    return losses
+
+
+def rm_metric_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """accuracy, margin and mean_reward, as sums over the batch (divide by the number of pairs)."""
+    return {
+        "accuracy": (chosen_rewards > rejected_rewards).float().sum(),
+        "margin": (chosen_rewards - rejected_rewards).detach().sum(),
+        "mean_reward": ((chosen_rewards + rejected_rewards) / 2).detach().sum(),
+    }
+
+
+def pair_scores(model: RewardModel, batch: dict[str, torch.Tensor]):
+    """Scores of chosen and rejected in one forward pass of 2B rows; each (B,)."""
+    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    scores = model(input_ids, attention_mask)
+    B = batch["chosen_input_ids"].size(0)
+    return scores[:B], scores[B:]
