@@ -99,6 +99,18 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists to (B, P) ids and mask, padded on the left so that every prompt ends in
+    the last column and the next token of every row goes in the same column."""
+    P = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), P), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((len(prompts), P), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        input_ids[i, P - len(p):] = torch.tensor(p, device=device)
+        attention_mask[i, P - len(p):] = 1
+    return input_ids, attention_mask
+
+
 def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, T: int, device) -> torch.Tensor | None:
     """Boolean (B, 1, T, past + T) mask, True where query t may attend key s: s is not after t and
     s is a real token. A pad query also attends itself, so no softmax row is empty (NaN); its
@@ -189,12 +201,8 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         device = self.lm_head.weight.device
-        B, P = len(prompts), max(len(p) for p in prompts)
-        input_ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-        attention_mask = torch.zeros((B, P), dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            input_ids[i, P - len(p):] = torch.tensor(p, device=device)
-            attention_mask[i, P - len(p):] = 1
+        input_ids, attention_mask = left_pad(prompts, pad_id, device)
+        B, P = input_ids.shape
         cache = None
         if use_cache:
             cache = KVCache(self.config, B, P + max_new_tokens)

@@ -361,7 +361,7 @@ class Run:
                              json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
                 write_atomic(self.metrics_path, "")
             return 0
-        ckpt, self.resumed = self.resumed, None
+        ckpt = self.resumed  # kept: a script may restore more from it (PPO's critic)
         changed = {k: (v, getattr(self.cfg, k)) for k, v in ckpt["config"].items()
                    if k not in ("resume", "overwrite") and getattr(self.cfg, k, v) != v}
         if changed and self.dist.master:

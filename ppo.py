@@ -1,0 +1,153 @@
+"""
+PPO for RLHF as pure functions and small classes: rollout, per-token rewards with a KL penalty,
+KL controllers, GAE, whitening, and the clipped policy and value losses. train_ppo.py puts them
+in order. The details follow Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
+Preferences"), Ouyang et al. 2022 (InstructGPT) and Huang et al. 2022 ("The N Implementation
+Details of RLHF with PPO"), and the names of the logged statistics follow TRL.
+
+Layout: a rollout row is a left-padded prompt of P columns followed by a response of R columns
+(right-padded after eos). The logits and values at column P - 1 + t belong to response token t.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from model import left_pad
+
+
+class PolicyAndCritic(nn.Module):
+    """Both trained models behind one forward, so DDP wraps, syncs and steps them together."""
+
+    def __init__(self, policy, critic):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, input_ids, attention_mask):
+        return self.policy(input_ids, attention_mask), self.critic.values(input_ids, attention_mask)
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor       # (B, P + R) prompt then response
+    attention_mask: torch.Tensor  # (B, P + R)
+    response_mask: torch.Tensor   # (B, R), 1 up to and including eos
+    n_prompt: int                 # P
+
+
+@torch.no_grad()
+def rollout(policy, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+            temperature: float, generator: torch.Generator) -> Rollout:
+    """Sample one response per prompt with the KV-cache generate; generation stops each row at
+    its eos, and what follows is padding outside the response mask."""
+    query, query_mask = left_pad(prompts, pad_id, next(policy.parameters()).device)
+    responses, response_mask = policy.generate(prompts, max_new_tokens, eos_id, pad_id,
+                                               temperature=temperature, generator=generator)
+    return Rollout(torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1),
+                   response_mask, query.size(1))
+
+
+def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, n_prompt: int, temperature: float):
+    """Log-probabilities (B, R) of the response tokens and the entropy (B, R) of each step's
+    distribution, from full-sequence logits (B, P + R, V). Logits are divided by the sampling
+    temperature, so they score the distribution the tokens were drawn from."""
+    logits = logits[:, n_prompt - 1:-1].float() / temperature  # (B, R, V): column P-1+t predicts token t
+    logp = logits.log_softmax(-1)
+    token_logp = logp.gather(-1, input_ids[:, n_prompt:, None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return token_logp, entropy
+
+
+def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef: float, estimator: str = "k1"):
+    """Reward at every response token: -kl_coef * KL_t, plus the sequence's score on its last
+    token (Ziegler et al. 2019, eq. 2; InstructGPT, eq. 2). KL_t estimates KL(pi || pi_ref) from
+    the sampled token: k1 = log pi - log pi_ref (unbiased), or k3 = (r - 1) - log r with
+    r = pi_ref / pi (unbiased and never negative; Schulman 2020, "Approximating KL divergence").
+    Returns rewards and KL_t, each (B, R), zero outside the response."""
+    log_ratio = logprobs - ref_logprobs
+    kl = log_ratio if estimator == "k1" else torch.expm1(-log_ratio) + log_ratio
+    kl = kl * response_mask
+    rewards = -kl_coef * kl
+    last = response_mask.sum(1).long() - 1  # every response has at least one token
+    rewards[torch.arange(len(rewards)), last] += scores
+    return rewards, kl
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, section 2.2: move kl_coef so the policy's KL tracks a target, by a
+    proportional error clipped to +-20%, scaled by the samples seen over a horizon."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_steps / self.horizon
+
+
+def gae(rewards, values, response_mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over left-aligned,
+    variable-length responses; each (B, R). Past a response's last token the episode has ended:
+    the next value there is 0 and no advantage flows back. Returns (advantages, returns), with
+    returns = advantages + values the critic's targets."""
+    B, R = rewards.shape
+    mask = response_mask.float()
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros(B, device=rewards.device)
+    zeros = torch.zeros(B, device=rewards.device)
+    for t in reversed(range(R)):
+        next_mask, next_value = (mask[:, t + 1], values[:, t + 1]) if t + 1 < R else (zeros, zeros)
+        delta = rewards[:, t] + gamma * next_value * next_mask - values[:, t]  # TD error
+        next_advantage = delta + gamma * lam * next_mask * next_advantage
+        advantages[:, t] = next_advantage
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def masked_whiten(x, mask, all_reduce=None, shift_mean: bool = True):
+    """(x - mean) / std over the masked entries, where mean and the unbiased variance are taken
+    over every process's entries (all_reduce sums a tensor across ranks), so whitening does not
+    depend on how the batch is split. shift_mean=False keeps the mean (used for rewards)."""
+    mask = mask.float()
+    sums = torch.stack([(x * mask).sum(), mask.sum()])
+    sums = all_reduce(sums) if all_reduce else sums
+    mean = sums[0] / sums[1]
+    sq = ((x - mean) ** 2 * mask).sum()
+    sq = all_reduce(sq) if all_reduce else sq
+    var = sq / (sums[1] - 1)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, response_mask,
+               cliprange: float, cliprange_value: float) -> dict[str, torch.Tensor]:
+    """Clipped surrogate policy loss (Schulman et al. 2017, eq. 7) and clipped value loss, per
+    token, and the statistics TRL logs; every entry is a sum over the masked tokens (divide by
+    their number for means). All inputs (B, R)."""
+    mask = response_mask.float()
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
+    pg_losses = torch.max(pg_unclipped, pg_clipped)
+    values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    vf_unclipped, vf_clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
+    vf_losses = 0.5 * torch.max(vf_unclipped, vf_clipped)
+    return {
+        "policy_loss": (pg_losses * mask).sum(),
+        "value_loss": (vf_losses * mask).sum(),
+        "approxkl": (0.5 * log_ratio.detach() ** 2 * mask).sum(),
+        "clipfrac": ((pg_clipped > pg_unclipped).float().detach() * mask).sum(),
+        "vf_clipfrac": ((vf_clipped > vf_unclipped).float().detach() * mask).sum(),
+        "ratio": (ratio.detach() * mask).sum(),
+    }

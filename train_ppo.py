@@ -1,0 +1,287 @@
+"""
+PPO against a reward model, with a per-token KL penalty to the SFT reference: the second half of
+RLHF (Ziegler et al. 2019; InstructGPT, Ouyang et al. 2022). With --reward gold the policy is
+optimised on the toy task's gold reward itself (PPO-GT, the DPO paper's upper reference).
+
+    python train_ppo.py                                # against out/rm, tiny model, CPU
+    python train_ppo.py --reward gold --out_dir out/ppo_gt
+    python train_ppo.py --adaptive_kl --kl_target 4    # Ziegler et al.'s adaptive KL coefficient
+    torchrun --nproc_per_node 2 train_ppo.py           # the same run on 2 processes
+
+An iteration: 1. sample a response for each of batch_size prompts; 2. score them; 3. log-probs
+of policy and reference, values of the critic; 4. per-token rewards with the KL penalty;
+5. GAE advantages, whitened over the whole batch; 6. ppo_epochs passes of clipped policy and
+value updates over num_minibatches minibatches; 7. adapt kl_coef; 8. log, evaluate, checkpoint.
+"""
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from data import DataError, gold_reward, load_prompts
+from evaluate import PolicyEvaluator
+from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, masked_whiten,
+                 per_token_rewards, ppo_losses, response_logprobs, rollout)
+from reward_model import RewardModel
+from train_utils import (Dist, NonFiniteLoss, Run, TrainConfig, all_reduce_sum, autocast, cleanup_distributed,
+                         global_batch, load_gpt, load_reward_model, lr_at, make_optimizer, parse_config,
+                         progress_bar, seed_everything, setup_distributed, train_step, wrap_model)
+
+
+@dataclass
+class Config(TrainConfig):
+    out_dir: str = "out/ppo"
+    """folder for config.json, metrics.jsonl and ckpt.pt (policy, critic, optimizer, kl_coef)"""
+    sft_ckpt: str = "out/sft/ckpt.pt"
+    """SFT checkpoint: the initial policy and the frozen reference"""
+    reward: Literal["model", "gold"] = "model"
+    """score responses with the reward model, or with the toy gold reward (PPO-GT)"""
+    reward_ckpt: str = "out/rm/ckpt.pt"
+    """reward model checkpoint (train_rm.py)"""
+    critic_init: Literal["auto", "reward", "sft"] = "auto"
+    """critic backbone and head from the reward model, or SFT backbone with a new head; auto: reward model if --reward model"""
+    prompts: str = "data/toy/prompts_train.jsonl"
+    """training prompts, one {"prompt"} a line"""
+    max_new_tokens: int = 40
+    """longest response"""
+    temperature: float = 1.0
+    """sampling temperature of rollouts (log-probs are computed at the same temperature)"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of a response that never emits eos"""
+    gen_chunk: int = 32
+    """prompts per generate call; chunks are spread over processes, and each chunk has its own seed"""
+    # PPO
+    ppo_epochs: int = 4
+    """passes over each rollout batch"""
+    num_minibatches: int = 2
+    """minibatches per pass; each is one optimizer step"""
+    cliprange: float = 0.2
+    """policy ratio clip (Schulman et al. 2017)"""
+    cliprange_value: float = 0.2
+    """value clip around the rollout's values"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    gamma: float = 1.0
+    """discount"""
+    lam: float = 0.95
+    """GAE lambda"""
+    kl_coef: float = 0.05
+    """KL penalty coefficient (initial value with --adaptive_kl)"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token KL estimate in the reward"""
+    adaptive_kl: bool = False
+    """adapt kl_coef towards --kl_target (Ziegler et al. 2019)"""
+    kl_target: float = 6.0
+    """target sequence KL for --adaptive_kl"""
+    kl_horizon: int = 10000
+    """horizon of the adaptive controller, in samples"""
+    # evaluation
+    gold_eval: bool = True
+    """sample held-out toy prompts at each evaluation: gold reward, KL to the reference, win rate"""
+    eval_prompts: str = "data/toy/prompts_val.jsonl"
+    """held-out prompts for --gold_eval"""
+    eval_samples: int = 256
+    """held-out prompts sampled at each evaluation"""
+    # optimisation defaults for the toy task
+    batch_size: int = 64
+    """prompts per PPO iteration (rollout batch), over all processes"""
+    max_iters: int = 100
+    """PPO iterations"""
+    lr: float = 1e-4
+    """peak learning rate of policy and critic"""
+    min_lr: float = 1e-5
+    """learning rate at the end of the cosine decay"""
+    warmup_iters: int = 5
+    """iterations of linear warmup"""
+    weight_decay: float = 0.0
+    """AdamW weight decay, matrices only"""
+    log_interval: int = 1
+    """iterations between training-metric lines in metrics.jsonl"""
+    eval_interval: int = 20
+    """iterations between held-out evaluations and checkpoints"""
+
+
+def minibatch_rows(n_chunks: int, chunk: int, positions: torch.Tensor) -> torch.Tensor:
+    """Row indices of this rank's part of a minibatch: the same positions within each of its
+    chunks. Every rank uses the same positions, so the global minibatch is the same rows
+    whatever the number of processes."""
+    return (torch.arange(n_chunks)[:, None] * chunk + positions[None, :]).flatten()
+
+
+def train(cfg: Config, dist: Dist) -> dict:
+    t0 = time.time()
+    seed_everything(cfg.seed, dist)
+    run = Run(cfg, dist)
+    policy, tok, _ = load_gpt(cfg.sft_ckpt)
+    prompts = load_prompts(cfg.prompts)
+    eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval else []
+    n_chunks = cfg.batch_size // cfg.gen_chunk
+    if cfg.batch_size % (cfg.gen_chunk * dist.world_size) or (cfg.gen_chunk // cfg.num_minibatches) % cfg.grad_accum:
+        raise SystemExit("error: batch_size must be a multiple of gen_chunk x world size, and "
+                         "gen_chunk / num_minibatches a multiple of grad_accum")
+    if cfg.temperature <= 0:
+        raise SystemExit("error: PPO samples from the policy; --temperature must be > 0")
+
+    # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic
+    policy.to(dist.device)
+    reference = load_gpt(cfg.sft_ckpt)[0].to(dist.device).eval().requires_grad_(False)
+    reward_model = None
+    if cfg.reward == "model":
+        reward_model = load_reward_model(cfg.reward_ckpt)[0].to(dist.device).eval().requires_grad_(False)
+    if cfg.critic_init == "reward" or (cfg.critic_init == "auto" and cfg.reward == "model"):
+        critic = load_reward_model(cfg.reward_ckpt)[0]
+    else:
+        critic = RewardModel.from_gpt(load_gpt(cfg.sft_ckpt)[0])
+    critic.to(dist.device)
+    both = PolicyAndCritic(policy, critic)
+    optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else FixedKLController(cfg.kl_coef))
+    step = run.start(policy, optimizer)
+    if run.resumed:
+        critic.load_state_dict(run.resumed["critic"])
+        kl_ctl.value = run.resumed["kl_coef"]
+    model = wrap_model(both, dist, cfg.compile)
+    ctx = autocast(dist.device, cfg.dtype)
+    evaluator = None
+    if dist.master and eval_prompts:
+        with ctx:
+            evaluator = PolicyEvaluator(reference, tok, eval_prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed)
+    if dist.master:
+        print(f"policy and critic: 2 x {policy.num_params() / 1e6:.2f}M parameters, {len(prompts)} prompts, "
+              f"reward: {cfg.reward}, {dist.world_size} process(es) on {dist.device}")
+    all_reduce = lambda t: all_reduce_sum(t, dist)
+
+    def evaluate_and_save(step, metrics):
+        if evaluator is not None:
+            with ctx:
+                eval_metrics, texts = evaluator(policy)
+            metrics.update(eval_metrics)
+        run.log(step, metrics)
+        run.save(step, policy, optimizer, tok, {"critic": critic.state_dict(), "kl_coef": kl_ctl.value})
+        if dist.master:
+            bar.write(f"iteration {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            for p, t in list(zip(eval_prompts, texts if evaluator else []))[:cfg.print_samples]:
+                bar.write(f"  [{p}] {t}   (gold reward {gold_reward(t, p):.2f})")
+        return metrics
+
+    bar = progress_bar(cfg.max_iters, step, dist, "ppo")
+    metrics = evaluate_and_save(0, {}) if step == 0 else {}
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    while step < cfg.max_iters:
+        lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, decay_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # 1. rollout: this rank's chunks of the global prompt batch, each chunk with its own seed
+        policy.eval()  # dropout off in rollouts and updates alike
+        indices = global_batch(len(prompts), cfg.batch_size, step, cfg.seed)
+        my_chunks = list(range(dist.rank, n_chunks, dist.world_size))
+        my_prompts, chunk_rollouts = [], []
+        for c in my_chunks:
+            chunk = [[tok.bos_id] + tok.encode(prompts[i]) for i in indices[c * cfg.gen_chunk:(c + 1) * cfg.gen_chunk]]
+            generator = torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + c)
+            with ctx:
+                chunk_rollouts.append(rollout(policy, chunk, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
+                                              cfg.temperature, generator))
+            my_prompts += [prompts[i] for i in indices[c * cfg.gen_chunk:(c + 1) * cfg.gen_chunk]]
+        P = max(r.n_prompt for r in chunk_rollouts)  # left-pad every chunk's prompts to one width
+        input_ids = torch.cat([torch.nn.functional.pad(r.input_ids, (P - r.n_prompt, 0), value=tok.pad_id)
+                               for r in chunk_rollouts])
+        attention_mask = torch.cat([torch.nn.functional.pad(r.attention_mask, (P - r.n_prompt, 0), value=0)
+                                    for r in chunk_rollouts])
+        response_mask = torch.cat([r.response_mask for r in chunk_rollouts]).float()
+        responses = input_ids[:, P:]
+
+        # 2-3. scores; log-probs of policy and reference; values of the critic
+        with torch.no_grad(), ctx:
+            logprobs, entropy = response_logprobs(policy(input_ids, attention_mask), input_ids, P, cfg.temperature)
+            ref_logprobs, _ = response_logprobs(reference(input_ids, attention_mask), input_ids, P, cfg.temperature)
+            values = critic.values(input_ids, attention_mask)[:, P - 1:-1].float()
+            ended = (responses == tok.eos_id).any(1)
+            if reward_model is not None:
+                scores = reward_model(input_ids, attention_mask).float()
+            else:
+                texts = [tok.decode(row[:int(n)]) for row, n in zip(responses.tolist(), response_mask.sum(1).tolist())]
+                scores = torch.tensor([gold_reward(t, p) for t, p in zip(texts, my_prompts)], device=dist.device)
+            scores = scores - cfg.missing_eos_penalty * (~ended).float()
+
+        # 4-5. per-token rewards with the KL penalty; advantages by GAE, whitened over all ranks
+        rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_ctl.value, cfg.kl_estimator)
+        advantages, returns = gae(rewards, values * response_mask, response_mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, response_mask, all_reduce)
+        data = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+                "old_logprobs": logprobs, "old_values": values, "advantages": advantages, "returns": returns}
+
+        # 6. PPO epochs over minibatches: the same positions of every chunk form a minibatch
+        def loss_fn(model, batch):
+            logits, new_values = model(batch["input_ids"], batch["attention_mask"])
+            new_logprobs, _ = response_logprobs(logits, batch["input_ids"], P, cfg.temperature)
+            sums = ppo_losses(new_logprobs, batch["old_logprobs"], batch["advantages"],
+                              new_values[:, P - 1:-1].float(), batch["old_values"], batch["returns"],
+                              batch["response_mask"], cfg.cliprange, cfg.cliprange_value)
+            return sums["policy_loss"] + cfg.vf_coef * sums["value_loss"], sums
+
+        per_minibatch = cfg.gen_chunk // cfg.num_minibatches
+        update_stats = []
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(cfg.gen_chunk, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch))
+            for m in range(cfg.num_minibatches):
+                rows = minibatch_rows(len(my_chunks), cfg.gen_chunk, order[m * per_minibatch:(m + 1) * per_minibatch])
+                n_tokens = int(all_reduce(response_mask[rows].sum()).item())
+                batches = [{k: v[r] for k, v in data.items()} for r in rows.chunk(cfg.grad_accum)]
+                try:
+                    update_stats.append(train_step(model, optimizer, batches, loss_fn, n_tokens, cfg.grad_clip, dist, ctx))
+                except NonFiniteLoss as e:
+                    raise SystemExit(f"error: iteration {step + 1}: {e}; stopped, the last good checkpoint "
+                                     f"{run.ckpt_path} is kept") from None
+
+        # 7. adapt the KL coefficient to the batch's mean sequence KL (over all ranks)
+        seq_stats = all_reduce(torch.stack([scores.sum(), kl.sum(), (entropy * response_mask).sum(),
+                                            torch.tensor(float(len(scores)), device=dist.device)]))
+        mean_score, mean_kl, mean_entropy = (seq_stats[:3] / seq_stats[3]).tolist()
+        kl_coef_used = kl_ctl.value
+        kl_ctl.update(mean_kl, cfg.batch_size)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(score=f"{mean_score:.3f}", kl=f"{mean_kl:.2f}", refresh=False)
+
+        # 8. log (TRL's names), evaluate, checkpoint
+        mean = lambda key: sum(s[key] for s in update_stats) / len(update_stats)
+        metrics = {}
+        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            metrics = {
+                "objective/scores": mean_score, "objective/kl": mean_kl,
+                "objective/rlhf_reward": mean_score - kl_coef_used * mean_kl, "objective/entropy": mean_entropy,
+                "policy/approxkl_avg": mean("approxkl"), "policy/clipfrac_avg": mean("clipfrac"),
+                "loss/policy_avg": mean("policy_loss"), "loss/value_avg": mean("value_loss"),
+                "val/clipfrac_avg": mean("vf_clipfrac"), "val/ratio": mean("ratio"),
+                "kl_coef": kl_coef_used, "grad_norm": mean("grad_norm"), "learning_rate": lr,
+            }
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            metrics = evaluate_and_save(step, metrics)
+        elif metrics:
+            run.log(step, metrics)
+    bar.close()
+    if dist.master:
+        print(f"done in {time.time() - t0:.0f}s: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("eval/", "objective/"))))
+    return metrics
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(Config, argv, __doc__)
+    dist = setup_distributed(cfg.device)
+    try:
+        train(cfg, dist)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup_distributed(dist)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
