@@ -170,7 +170,10 @@ def train(cfg: Config, dist: Dist) -> dict:
     bar = progress_bar(cfg.max_iters, step, dist, "ppo")
     metrics = evaluate_and_save(0, {}) if step == 0 else {}
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    seconds = {"rollout": 0.0, "update": 0.0}  # wall time of steps 1-5 and of step 6, reported at the end
+    first_step = step
     while step < cfg.max_iters:
+        t_rollout = time.time()
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, decay_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -215,6 +218,8 @@ def train(cfg: Config, dist: Dist) -> dict:
                 "old_logprobs": logprobs, "old_values": values, "advantages": advantages, "returns": returns}
 
         # 6. PPO epochs over minibatches: the same positions of every chunk form a minibatch
+        t_update = time.time()
+        seconds["rollout"] += t_update - t_rollout
         def loss_fn(model, batch):
             logits, new_values = model(batch["input_ids"], batch["attention_mask"])
             new_logprobs, _ = response_logprobs(logits, batch["input_ids"], P, cfg.temperature)
@@ -236,6 +241,8 @@ def train(cfg: Config, dist: Dist) -> dict:
                 except NonFiniteLoss as e:
                     raise SystemExit(f"error: iteration {step + 1}: {e}; stopped, the last good checkpoint "
                                      f"{run.ckpt_path} is kept") from None
+
+        seconds["update"] += time.time() - t_update
 
         # 7. adapt the KL coefficient to the batch's mean sequence KL (over all ranks)
         seq_stats = all_reduce(torch.stack([scores.sum(), kl.sum(), (entropy * response_mask).sum(),
@@ -265,8 +272,10 @@ def train(cfg: Config, dist: Dist) -> dict:
             run.log(step, metrics)
     bar.close()
     if dist.master:
-        print(f"done in {time.time() - t0:.0f}s: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("eval/", "objective/"))))
+        n = max(1, step - first_step)
+        print(f"done in {time.time() - t0:.0f}s; per iteration: rollout and scoring {seconds['rollout'] / n:.3f}s, "
+              f"PPO update {seconds['update'] / n:.3f}s: " + ", ".join(
+                  f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("eval/", "objective/"))))
     return metrics
 
 
