@@ -19,8 +19,6 @@ import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import torch
-
 from data import DataError, gold_reward, load_prompts, write_atomic
 from evaluate import sample_completions
 from train_utils import autocast, load_gpt, parse_config, pick_device

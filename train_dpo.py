@@ -16,38 +16,22 @@ import hashlib
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
-from data import DataError, gold_reward, load_preferences, load_prompts, take, tokenize_pairs
+from data import gold_reward, load_prompts, take
 from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums
 from evaluate import PolicyEvaluator
-from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, cleanup_distributed, fit,
-                         load_gpt, make_optimizer, parse_config, seed_everything, setup_distributed)
+from train_utils import (Dist, PairsConfig, Run, all_reduce_sum, autocast, fit, load_gpt, load_pairs,
+                         make_optimizer, run_script, seed_everything)
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(PairsConfig):
     out_dir: str = "out/dpo"
     """folder for config.json, metrics.jsonl, ckpt.pt (and reference_logps.pt)"""
-    sft_ckpt: str = "out/sft/ckpt.pt"
-    """SFT checkpoint: the initial policy and the frozen reference"""
-    # data
-    train_file: str = "out/pairs/pairs_train.jsonl"
-    """preference pairs (plain, HH-RLHF or UltraFeedback-binarized JSONL)"""
-    val_file: str = "out/pairs/pairs_val.jsonl"
-    """held-out preference pairs"""
-    format: Literal["auto", "plain", "hh", "ultrafeedback"] = "auto"
-    """record format; auto recognises it from the first record"""
-    skip_bad: bool = False
-    """skip invalid records (and report how many) instead of stopping at the first"""
-    max_length: int = 64
-    """longest sequence in tokens, prompt and response together; longer ones are truncated"""
-    max_prompt_length: Optional[int] = None
-    """longest prompt; a longer one keeps its last tokens. none: prompts are not truncated"""
     # DPO
     beta: float = 0.1
     """KL strength: the implicit reward is beta * log(pi / pi_ref)"""
@@ -122,15 +106,11 @@ def cached_reference_logps(cfg: Config, reference, datasets: dict, average: bool
 
 
 def train(cfg: Config, dist: Dist) -> dict:
-    t0 = time.time()
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
     # 1. data, validated before anything is written
     policy, tok, _ = load_gpt(cfg.sft_ckpt)
-    train_data = tokenize_pairs(load_preferences(cfg.train_file, cfg.format, cfg.skip_bad), tok,
-                                cfg.max_length, cfg.max_prompt_length)
-    val_data = tokenize_pairs(load_preferences(cfg.val_file, cfg.format, cfg.skip_bad), tok,
-                              cfg.max_length, cfg.max_prompt_length)
+    train_data, _, val_data = load_pairs(cfg, tok)
     prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval else []
 
     # 2. policy and frozen reference, both from the SFT checkpoint
@@ -190,25 +170,12 @@ def train(cfg: Config, dist: Dist) -> dict:
         model.train()
         return metrics, lines
 
-    metrics = fit(cfg, dist, run, policy, optimizer, tok, train_data, loss_fn,
-                  lambda data, idx: len(idx), evaluate, "dpo")
-    if dist.master:
-        print(f"done in {time.time() - t0:.0f}s: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval/")))
-    return metrics
+    return fit(cfg, dist, run, policy, optimizer, tok, train_data, loss_fn, lambda data, idx: len(idx),
+               evaluate, "dpo")
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(Config, argv, __doc__)
-    dist = setup_distributed(cfg.device)
-    try:
-        train(cfg, dist)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup_distributed(dist)
-    return 0
+    return run_script(Config, train, argv, __doc__)
 
 
 if __name__ == "__main__":

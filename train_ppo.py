@@ -20,14 +20,14 @@ from typing import Literal
 
 import torch
 
-from data import DataError, gold_reward, load_prompts
+from data import gold_reward, load_prompts
 from evaluate import PolicyEvaluator
 from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, masked_whiten,
                  per_token_rewards, ppo_losses, response_logprobs, rollout)
 from reward_model import RewardModel
-from train_utils import (Dist, NonFiniteLoss, Run, TrainConfig, all_reduce_sum, autocast, cleanup_distributed,
-                         global_batch, load_gpt, load_reward_model, lr_at, make_optimizer, parse_config,
-                         progress_bar, seed_everything, setup_distributed, train_step, wrap_model)
+from train_utils import (Dist, NonFiniteLoss, Run, TrainConfig, all_reduce_sum, autocast, global_batch,
+                         load_gpt, load_reward_model, lr_at, make_optimizer, progress_bar, run_script,
+                         seed_everything, train_step, wrap_model)
 
 
 @dataclass
@@ -111,7 +111,6 @@ def minibatch_rows(n_chunks: int, chunk: int, positions: torch.Tensor) -> torch.
 
 
 def train(cfg: Config, dist: Dist) -> dict:
-    t0 = time.time()
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
     policy, tok, _ = load_gpt(cfg.sft_ckpt)
@@ -273,23 +272,13 @@ def train(cfg: Config, dist: Dist) -> dict:
     bar.close()
     if dist.master:
         n = max(1, step - first_step)
-        print(f"done in {time.time() - t0:.0f}s; per iteration: rollout and scoring {seconds['rollout'] / n:.3f}s, "
-              f"PPO update {seconds['update'] / n:.3f}s: " + ", ".join(
-                  f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("eval/", "objective/"))))
+        print(f"per iteration: rollout and scoring {seconds['rollout'] / n:.3f}s, "
+              f"PPO update {seconds['update'] / n:.3f}s")
     return metrics
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(Config, argv, __doc__)
-    dist = setup_distributed(cfg.device)
-    try:
-        train(cfg, dist)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup_distributed(dist)
-    return 0
+    return run_script(Config, train, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -10,37 +10,20 @@ InstructGPT (Ouyang et al. 2022) trained its reward model for a single epoch, si
 fast; the defaults here make about two passes over the toy pairs.
 """
 import sys
-import time
 from dataclasses import dataclass
-from typing import Literal, Optional
 
 import torch
 
-from data import DataError, gold_reward, load_preferences, take, tokenize_pairs
+from data import gold_reward, take
 from reward_model import RewardModel, bradley_terry_loss, pair_scores, rm_metric_sums
-from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, cleanup_distributed, fit, load_gpt,
-                         make_optimizer, parse_config, seed_everything, setup_distributed)
+from train_utils import (Dist, PairsConfig, Run, all_reduce_sum, fit, load_gpt, load_pairs, make_optimizer,
+                         run_script, seed_everything)
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(PairsConfig):
     out_dir: str = "out/rm"
     """folder for config.json, metrics.jsonl and ckpt.pt"""
-    sft_ckpt: str = "out/sft/ckpt.pt"
-    """SFT checkpoint: the backbone the reward model starts from"""
-    # data
-    train_file: str = "out/pairs/pairs_train.jsonl"
-    """preference pairs (plain, HH-RLHF or UltraFeedback-binarized JSONL)"""
-    val_file: str = "out/pairs/pairs_val.jsonl"
-    """held-out preference pairs"""
-    format: Literal["auto", "plain", "hh", "ultrafeedback"] = "auto"
-    """record format; auto recognises it from the first record"""
-    skip_bad: bool = False
-    """skip invalid records (and report how many) instead of stopping at the first"""
-    max_length: int = 64
-    """longest sequence in tokens, prompt and response together; longer ones are truncated"""
-    max_prompt_length: Optional[int] = None
-    """longest prompt; a longer one keeps its last tokens. none: prompts are not truncated"""
     # loss
     margin: float = 0.0
     """the score difference the chosen response must clear"""
@@ -73,15 +56,11 @@ def gold_order(pairs) -> torch.Tensor:
 
 
 def train(cfg: Config, dist: Dist) -> dict:
-    t0 = time.time()
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
     # 1. data, validated before anything is written
     sft, tok, _ = load_gpt(cfg.sft_ckpt)
-    train_data = tokenize_pairs(load_preferences(cfg.train_file, cfg.format, cfg.skip_bad), tok,
-                                cfg.max_length, cfg.max_prompt_length)
-    val_pairs = load_preferences(cfg.val_file, cfg.format, cfg.skip_bad)
-    val_data = tokenize_pairs(val_pairs, tok, cfg.max_length, cfg.max_prompt_length)
+    train_data, val_pairs, val_data = load_pairs(cfg, tok)
     if cfg.gold_eval:
         val_data["gold_order"] = gold_order(val_pairs)
 
@@ -124,25 +103,12 @@ def train(cfg: Config, dist: Dist) -> dict:
         model.train()
         return result, []
 
-    metrics = fit(cfg, dist, run, model, optimizer, tok, train_data, loss_fn, lambda data, idx: len(idx),
-                  evaluate, "rm")
-    if dist.master:
-        print(f"done in {time.time() - t0:.0f}s: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval/")))
-    return metrics
+    return fit(cfg, dist, run, model, optimizer, tok, train_data, loss_fn, lambda data, idx: len(idx),
+               evaluate, "rm")
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(Config, argv, __doc__)
-    dist = setup_distributed(cfg.device)
-    try:
-        train(cfg, dist)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup_distributed(dist)
-    return 0
+    return run_script(Config, train, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -9,19 +9,17 @@ the pipeline and the reference model of every later one.
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-from data import (IGNORE_INDEX, DataError, Tokenizer, gold_reward, load_prompts, load_sft,
+from data import (IGNORE_INDEX, Tokenizer, gold_reward, load_prompts, load_sft,
                   prepare_toy_data, take, tokenize_sft)
 from evaluate import sample_completions, sample_metrics
 from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, barrier, build_gpt,
-                         cleanup_distributed, fit, load_gpt, make_optimizer, parse_config,
-                         seed_everything, setup_distributed)
+                         fit, load_gpt, make_optimizer, run_script, seed_everything)
 
 
 @dataclass
@@ -131,7 +129,6 @@ def heldout_loss(model, val, cfg: Config, dist: Dist, ctx) -> float:
 
 
 def train(cfg: Config, dist: Dist) -> dict:
-    t0 = time.time()
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
     raw_model, tok = load_gpt(cfg.init_from)[:2] if cfg.init_from else (None, None)
@@ -168,25 +165,12 @@ def train(cfg: Config, dist: Dist) -> dict:
         model.train()
         return metrics, lines
 
-    metrics = fit(cfg, dist, run, raw_model, optimizer, tok, train_data, sft_loss,
-                  lambda data, idx: n_labels(data["labels"][idx]), evaluate, "sft")
-    if dist.master:
-        print(f"done in {time.time() - t0:.0f}s: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                              if k.startswith("eval/")))
-    return metrics
+    return fit(cfg, dist, run, raw_model, optimizer, tok, train_data, sft_loss,
+               lambda data, idx: n_labels(data["labels"][idx]), evaluate, "sft")
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(Config, argv, __doc__)
-    dist = setup_distributed(cfg.device)
-    try:
-        train(cfg, dist)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup_distributed(dist)
-    return 0
+    return run_script(Config, train, argv, __doc__)
 
 
 if __name__ == "__main__":

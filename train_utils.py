@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import textwrap
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import Tokenizer, take, write_atomic
+from data import DataError, Tokenizer, load_preferences, take, tokenize_pairs, write_atomic
 from model import GPT, GPTConfig, PRESETS
 
 # -----------------------------------------------------------------------------
@@ -49,11 +50,14 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the script docstring's layout (its usage examples) and shows every default."""
+
+
 def parse_config(cls, argv=None, description: str | None = None):
     """Build `cls` from command-line flags. Supports int, float, str, bool (`--flag` alone means
     true), Literal choices, and Optional[...] (the word none gives None)."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     hints, docs = get_type_hints(cls), _field_docs(cls)
     for f in dataclasses.fields(cls):
         typ, optional = hints[f.name], False
@@ -119,6 +123,34 @@ class TrainConfig:
     """torch.compile the model"""
     seed: int = 1337
     """seeds the initialisation, the data order and the samples"""
+
+
+@dataclass
+class PairsConfig(TrainConfig):
+    """TrainConfig plus the preference data that DPO and the reward model read."""
+    sft_ckpt: str = "out/sft/ckpt.pt"
+    """SFT checkpoint to start from (its tokenizer reads the pairs)"""
+    train_file: str = "out/pairs/pairs_train.jsonl"
+    """preference pairs (plain, HH-RLHF or UltraFeedback-binarized JSONL)"""
+    val_file: str = "out/pairs/pairs_val.jsonl"
+    """held-out preference pairs"""
+    format: Literal["auto", "plain", "hh", "ultrafeedback"] = "auto"
+    """record format; auto recognises it from the first record"""
+    skip_bad: bool = False
+    """skip invalid records (and report how many) instead of stopping at the first"""
+    max_length: int = 64
+    """longest sequence in tokens, prompt and response together; longer ones are truncated"""
+    max_prompt_length: Optional[int] = None
+    """longest prompt; a longer one keeps its last tokens. none: prompts are not truncated"""
+
+
+def load_pairs(cfg: PairsConfig, tok: Tokenizer):
+    """Tokenised training pairs, held-out pairs (as read) and held-out tensors. Bad input raises
+    DataError, before anything is written."""
+    train = tokenize_pairs(load_preferences(cfg.train_file, cfg.format, cfg.skip_bad), tok,
+                           cfg.max_length, cfg.max_prompt_length)
+    val_pairs = load_preferences(cfg.val_file, cfg.format, cfg.skip_bad)
+    return train, val_pairs, tokenize_pairs(val_pairs, tok, cfg.max_length, cfg.max_prompt_length)
 
 
 # -----------------------------------------------------------------------------
@@ -398,6 +430,26 @@ class Run:
         tmp = f"{self.ckpt_path}.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt_path)
+
+
+def run_script(config_cls, train, argv, description: str) -> int:
+    """Every train script's main: flags to config, torchrun setup, train(cfg, dist) -> metrics,
+    a summary line, teardown. Bad input exits with status 2 and one line naming file, line and
+    field."""
+    t0 = time.time()
+    cfg = parse_config(config_cls, argv, description)
+    dist = setup_distributed(cfg.device)
+    try:
+        metrics = train(cfg, dist)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup_distributed(dist)
+    if dist.master:
+        print(f"done in {time.time() - t0:.0f}s: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("eval/", "objective/"))))
+    return 0
 
 
 def progress_bar(total: int, initial: int, dist: Dist, desc: str):

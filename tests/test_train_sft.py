@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train_sft
-from train_utils import load_checkpoint, parse_config
+from train_utils import load_checkpoint, parse_config, setup_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,7 @@ def test_sft_learns_the_toy_task(toy_dir, tmp_path):
     and at least 80% of sampled reviews parse in the toy grammar and end with eos."""
     metrics = train_sft.train(parse_config(train_sft.Config, tiny_args(
         toy_dir, str(tmp_path), batch_size=64, max_iters=150, eval_samples=64, log_interval=10)),
-        train_sft.setup_distributed("cpu"))
+        setup_distributed("cpu"))
     first = read_metrics(str(tmp_path))[0]
     assert first["step"] == 0 and first["eval/loss"] > 6.0
     assert metrics["eval/loss"] < 1.30
