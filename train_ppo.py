@@ -177,7 +177,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         # 1. rollout: this rank's chunks of the global prompt batch, each chunk with its own seed
-        policy.eval()  # dropout off in rollouts and updates alike
+        both.eval()  # dropout off in policy and critic, in rollouts and updates alike
         indices = global_batch(len(prompts), cfg.batch_size, step, cfg.seed)
         my_chunks = list(range(dist.rank, n_chunks, dist.world_size))
         my_prompts, chunk_rollouts = [], []

@@ -139,6 +139,17 @@ def test_k3_kl_estimate_is_never_negative_and_matches_its_formula():
     assert (kl >= 0).all()
 
 
+def test_adaptive_kl_controller_follows_ziegler_et_al():
+    from ppo import AdaptiveKLController
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl.update(9.0, n_steps=64)  # error 9/6 - 1 = 0.5, clipped to 0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
+    ctl.update(3.0, n_steps=100)  # error -0.5, clipped to -0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000) * (1 - 0.2 * 100 / 10000))
+    ctl.update(6.6, n_steps=1000)  # error 0.1, inside the clip
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000) * (1 - 0.2 * 100 / 10000) * (1 + 0.1 * 1000 / 10000))
+
+
 # --- end to end, on the session's SFT checkpoint and pairs -------------------------------------
 
 def read_metrics(out_dir):
