@@ -3,6 +3,7 @@ The yardstick every method is measured with, so DPO and PPO are compared on the 
 sample a completion for each held-out prompt, then report its mean gold reward, its KL from the
 reference policy, and how often it beats the reference's own sample by gold reward.
 """
+import math
 import statistics
 
 import torch
@@ -93,3 +94,36 @@ class PolicyEvaluator:
         metrics = sample_metrics(self.prompts, texts, ended)
         metrics.update({"eval/kl": kl.mean().item(), "eval/win_rate": statistics.fmean(wins)})
         return metrics, texts
+
+
+def optimal_frontier(rewards: torch.Tensor, betas: list[float]) -> list[tuple[float, float, float]]:
+    """The ceiling: gold reward and KL of pi*_beta(y|x) = pi_ref(y|x) exp(r(x,y)/beta) / Z(x), the
+    optimal policy of the KL-regularised objective (DPO paper, eq. 4), for each beta.
+
+    rewards (M, K): gold rewards of K samples from pi_ref for each of M prompts. Self-normalised
+    importance weights w_i = softmax(r_i / beta) over a prompt's samples turn reference samples
+    into pi* samples: E_pi*[r] = sum_i w_i r_i and KL(pi* || pi_ref) = sum_i w_i log(K w_i).
+    Both are averaged over prompts. The KL estimate cannot exceed log K, so the ceiling is
+    trustworthy only well below that. Returns (beta, gold reward, KL) per beta."""
+    rewards = rewards.double()
+    K = rewards.size(1)
+    out = []
+    for beta in betas:
+        w = (rewards / beta).softmax(dim=1)  # (M, K)
+        gold = (w * rewards).sum(1).mean().item()
+        kl = (w * (w * K).clamp(min=1e-300).log()).sum(1).mean().item()
+        out.append((beta, gold, kl))
+    return out
+
+
+def best_of_n(gold: torch.Tensor, scores: torch.Tensor, ns: list[int]) -> list[tuple[int, float, float]]:
+    """Best-of-N sampling: of the first n samples of each prompt, keep the one the reward model
+    scores highest. gold, scores (M, K) with K >= max(ns). Returns (n, mean gold reward of the
+    kept samples, KL bound) per n, where log n - (n - 1) / n bounds KL(best-of-n || pi_ref)
+    (Stiennon et al. 2020; Beirami et al. 2024)."""
+    out = []
+    for n in ns:
+        best = scores[:, :n].argmax(1)
+        kept = gold[:, :n].gather(1, best[:, None]).squeeze(1)
+        out.append((n, kept.mean().item(), math.log(n) - (n - 1) / n))
+    return out

@@ -1,0 +1,149 @@
+"""
+Plots: training curves from metrics.jsonl files, and the reward-KL frontier of a study.
+
+    python plot.py curves out/dpo/metrics.jsonl out/ppo/metrics.jsonl --keys loss eval/gold_reward --out curves.png
+    python plot.py frontier out/study/results.json --out frontier.png
+
+matplotlib is imported here only, and only when drawing, so everything else runs without it.
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def _pyplot():
+    """matplotlib.pyplot, or None with a one-line hint when it is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("plot: matplotlib is not installed (pip install matplotlib); tables are written, figures are not",
+              file=sys.stderr)
+        return None
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def smoothed(values: list[float], alpha: float) -> list[float]:
+    """Exponential moving average, debiased as in Adam, so the first points are not pulled to 0."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = alpha * avg + (1 - alpha) * v
+        out.append(avg / (1 - alpha ** i))
+    return out
+
+
+def draw_curves(ax, series: list[tuple[str, list[dict]]], key: str, smooth: float) -> None:
+    for label, rows in series:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, smoothed(list(values), smooth) if smooth else values, label=label)
+    ax.set_title(key)
+    ax.set_xlabel("step")
+
+
+def curves(paths: list[str], keys: list[str], out: str, smooth: float = 0.0) -> None:
+    plt = _pyplot()
+    if plt is None:
+        return
+    series = [(os.path.basename(os.path.dirname(os.path.abspath(p))), read_metrics(p)) for p in paths]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        draw_curves(ax, series, key, smooth)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+METHOD_STYLE = {"DPO": "tab:blue", "PPO": "tab:orange", "PPO-GT": "tab:green", "preferred-FT": "tab:purple",
+                "best-of-N": "tab:brown", "SFT": "black", "optimal": "gray"}
+
+
+def frontier(results_json: str, out: str) -> None:
+    """Gold reward against KL(pi || pi_ref): every run's path along training, the final points,
+    best-of-N, and the optimal frontier (seed 0's runs when there are several seeds)."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    with open(results_json) as f:
+        rows = [r for r in json.load(f) if r["seed"] == 0]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    optimal = sorted((r["kl"], r["gold_reward"]) for r in rows if r["method"] == "optimal")
+    if optimal:
+        ax.plot(*zip(*optimal), color="gray", linestyle="--", label="optimal pi* (importance-weighted)")
+    bon = [(r["kl"], r["gold_reward"]) for r in rows if r["method"] == "best-of-N"]
+    if bon:
+        ax.plot(*zip(*bon), color=METHOD_STYLE["best-of-N"], marker="s", markersize=4, label="best-of-N (KL bound)")
+    for r in rows:
+        if r["method"] in ("optimal", "best-of-N"):
+            continue
+        color = METHOD_STYLE.get(r["method"], "black")
+        if r["path"]:
+            ax.plot(*zip(*r["path"]), color=color, alpha=0.6, marker=".", markersize=4)
+        ax.scatter([r["kl"]], [r["gold_reward"]], color=color, zorder=3, s=30)
+        ax.annotate(f"{r['method']} {r['setting']}" if r["method"] != "SFT" else "SFT",
+                    (r["kl"], r["gold_reward"]), fontsize=7, xytext=(3, -8), textcoords="offset points")
+    ax.set_xlabel("KL(pi || pi_SFT), nats per completion")
+    ax.set_ylabel("mean gold reward (held-out prompts)")
+    ax.set_title("Reward-KL frontier: paths along training, final points")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def study_figures(out_dir: str) -> None:
+    """frontier.png and curves.png of a compare.py study (seed 0)."""
+    frontier(os.path.join(out_dir, "results.json"), os.path.join(out_dir, "frontier.png"))
+    plt = _pyplot()
+    if plt is None:
+        return
+    root = os.path.join(out_dir, "seed0")
+    runs = {name: read_metrics(os.path.join(root, name, "metrics.jsonl")) for name in sorted(os.listdir(root))
+            if os.path.exists(os.path.join(root, name, "metrics.jsonl"))}
+    panels = [("DPO", "dpo", ["loss", "rewards/accuracies"]), ("reward model", "rm", ["loss", "accuracy"]),
+              ("PPO", "ppo", ["objective/scores", "objective/kl", "kl_coef"])]
+    fig, axes = plt.subplots(len(panels), 3, figsize=(13, 3.2 * len(panels)), squeeze=False)
+    for row_axes, (title, prefix, keys) in zip(axes, panels):  # one row per method
+        series = [(name, rows) for name, rows in runs.items() if name.startswith(prefix)]
+        for ax, key in zip(row_axes, keys):
+            draw_curves(ax, series, key, smooth=0.8)
+            ax.set_title(f"{title}: {key}", fontsize=9)
+            ax.legend(fontsize=6)
+        for ax in row_axes[len(keys):]:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("curves", help="metrics against step, one panel per key")
+    c.add_argument("metrics", nargs="+", help="metrics.jsonl files, one line each in every panel")
+    c.add_argument("--keys", nargs="+", default=["loss"], help="metric names, e.g. loss eval/gold_reward")
+    c.add_argument("--smooth", type=float, default=0.0, help="exponential smoothing factor in [0, 1)")
+    c.add_argument("--out", default="curves.png", help="image file to write")
+    f = sub.add_parser("frontier", help="gold reward against KL from a compare.py results.json")
+    f.add_argument("results", help="results.json written by compare.py")
+    f.add_argument("--out", default="frontier.png", help="image file to write")
+    args = parser.parse_args(argv)
+    if args.command == "curves":
+        curves(args.metrics, args.keys, args.out, args.smooth)
+    else:
+        frontier(args.results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
