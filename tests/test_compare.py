@@ -1,0 +1,90 @@
+"""The study: the importance-weighted optimal frontier against exact enumeration, best-of-N,
+plot.py without matplotlib, and a tiny end-to-end compare.py run with every output.
+
+    python -m pytest -q tests/test_compare.py
+"""
+import builtins
+import csv
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import compare
+import plot
+from evaluate import best_of_n, optimal_frontier
+
+
+def test_importance_weighted_frontier_matches_the_exact_optimal_policy():
+    """A discrete reference over 6 responses: pi*(y) = p(y) exp(r(y)/beta) / Z enumerated
+    exactly, against the estimate from 200000 reference samples."""
+    p = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.07, 0.03], dtype=torch.float64)
+    r = torch.tensor([0.1, 0.3, 0.5, 0.6, 0.8, 0.95], dtype=torch.float64)
+    draws = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    betas = [1.0, 0.3, 0.1, 0.05]
+    estimates = optimal_frontier(r[draws][None], betas)
+    for beta, (b, gold, kl) in zip(betas, estimates):
+        pi = p * torch.exp(r / beta)
+        pi /= pi.sum()
+        exact_gold, exact_kl = (pi * r).sum().item(), (pi * (pi / p).log()).sum().item()
+        assert b == beta
+        assert gold == pytest.approx(exact_gold, abs=0.005)
+        assert kl == pytest.approx(exact_kl, rel=0.03, abs=0.002)
+
+
+def test_frontier_at_large_beta_is_the_reference_and_kl_is_capped_by_log_k():
+    rewards = torch.rand(3, 50, generator=torch.Generator().manual_seed(0))
+    (_, gold, kl), (_, _, kl_sharp) = optimal_frontier(rewards, [1e6, 1e-6])
+    assert gold == pytest.approx(rewards.double().mean().item(), abs=1e-6) and kl == pytest.approx(0, abs=1e-9)
+    assert kl_sharp == pytest.approx(math.log(50), abs=1e-6)  # all weight on one of 50 samples
+
+
+def test_best_of_n_keeps_the_sample_the_reward_model_ranks_first():
+    gold = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
+    scores = torch.tensor([[0.0, -1.0, 2.0, 3.0]])  # the reward model disagrees with gold on sample 1
+    rows = best_of_n(gold, scores, [1, 2, 4])
+    assert [g for _, g, _ in rows] == pytest.approx([0.1, 0.1, 0.7])
+    assert [kl for *_, kl in rows] == pytest.approx([0.0, math.log(2) - 0.5, math.log(4) - 0.75])
+
+
+def test_plot_without_matplotlib_prints_one_line(monkeypatch, capsys, tmp_path):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    plot.frontier("unused.json", str(tmp_path / "f.png"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install matplotlib" in err
+    assert not (tmp_path / "f.png").exists()
+
+
+@pytest.mark.slow
+def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
+    out = str(tmp_path / "study")
+    args = ["--tiny", f"--out_dir={out}", f"--data_dir={toy_dir}", "--device=cpu", "--eval_samples=32",
+            "--bon_max=4", "--ceiling_prompts=8", "--ceiling_samples=32"]
+    assert compare.main(args) == 0
+    for name in ["results.md", "results.csv", "results.json", "frontier.png", "curves.png"]:
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    with open(os.path.join(out, "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    methods = {r["method"] for r in rows}
+    assert methods == {"SFT", "DPO", "PPO", "PPO-GT", "preferred-FT", "best-of-N", "optimal"}
+    for r in rows:
+        assert math.isfinite(float(r["gold_reward"])) and math.isfinite(float(r["kl"])), r
+    runs = ["sft", "dpo_beta0.1", "dpo_beta1.0", "rm", "ppo_kl2.0", "ppo_gt", "pft"]
+    for run in runs:
+        assert os.path.getsize(os.path.join(out, "seed0", run, "metrics.jsonl")) > 0, run
+    with open(os.path.join(out, "results.json")) as f:
+        assert all(len(r["path"]) >= 2 for r in json.load(f) if r["method"] in ("DPO", "PPO", "PPO-GT"))
+    capsys.readouterr()
+    assert compare.main(args) == 0  # a second run reuses every finished stage
+    log = capsys.readouterr().out
+    assert log.count("reused") == len(runs) + 1  # + the pairs
+    assert "running" not in log
