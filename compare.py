@@ -35,7 +35,7 @@ import train_rm
 import train_sft
 from data import gold_reward, load_preferences, load_prompts, prepare_toy_data, write_atomic
 from evaluate import PolicyEvaluator, best_of_n, optimal_frontier, sample_completions
-from train_utils import autocast, load_checkpoint, load_gpt, load_reward_model, parse_config, pick_device
+from train_utils import autocast, load_gpt, load_reward_model, parse_config, pick_device
 
 
 @dataclass
@@ -92,23 +92,29 @@ class Study:
         self.times_path = os.path.join(cfg.out_dir, "stage_times.json")
         self.times = json.load(open(self.times_path)) if os.path.exists(self.times_path) else {}
 
-    def stage(self, name: str, out_dir: str, run) -> None:
-        """Run a stage unless its output is finished; an unfinished training run is resumed.
-        run(resume) does the work; a stage's wall time is kept for the results table."""
-        ckpt = os.path.join(out_dir, "ckpt.pt")
-        done_marker = os.path.join(out_dir, "done")
-        if os.path.exists(done_marker):
+    def stage(self, name: str, out_dir: str, args: list[str], run) -> None:
+        """Run a stage unless out_dir holds its finished output for the same arguments; an
+        unfinished training run with the same arguments is resumed, anything else redone.
+        run(args) does the work; the stage's wall time is kept for the results table."""
+        marker, ckpt = os.path.join(out_dir, "done.json"), os.path.join(out_dir, "ckpt.pt")
+        previous = json.load(open(marker)) if os.path.exists(marker) else None
+        if previous == args:
             print(f"[{time.time() - self.t0:6.0f}s] {name}: reused {out_dir}")
             return
-        resume = os.path.exists(ckpt)
-        t = time.time()
-        print(f"[{time.time() - self.t0:6.0f}s] {name}: {'resuming' if resume else 'running'} -> {out_dir}", flush=True)
-        if run(resume) not in (0, None):
-            raise SystemExit(f"error: stage {name} failed")
-        self.times[out_dir] = self.times.get(out_dir, 0.0) + time.time() - t
-        write_atomic(self.times_path, json.dumps(self.times, indent=1))
+        config_path = os.path.join(out_dir, "stage_args.json")
+        same = os.path.exists(config_path) and json.load(open(config_path)) == args
+        resume = same and previous is None and os.path.exists(ckpt)
         os.makedirs(out_dir, exist_ok=True)
-        write_atomic(done_marker, "")
+        if os.path.exists(marker):
+            os.remove(marker)
+        write_atomic(config_path, json.dumps(args))
+        print(f"[{time.time() - self.t0:6.0f}s] {name}: {'resuming' if resume else 'running'} -> {out_dir}", flush=True)
+        t = time.time()
+        if run(args + (["--resume"] if resume else ["--overwrite"] if os.path.exists(ckpt) else [])) not in (0, None):
+            raise SystemExit(f"error: stage {name} failed")
+        self.times[out_dir] = (self.times.get(out_dir, 0.0) if resume else 0.0) + time.time() - t
+        write_atomic(self.times_path, json.dumps(self.times, indent=1))
+        write_atomic(marker, json.dumps(args))
         print(f"[{time.time() - self.t0:6.0f}s] {name}: done in {time.time() - t:.0f}s", flush=True)
 
 
@@ -116,6 +122,12 @@ def last_eval(out_dir: str) -> dict:
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return [r for r in rows if "eval/kl" in r][-1]
+
+
+def tokens(out_dir: str) -> int:
+    """Real tokens the run trained on (the last "tokens" it logged)."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [r["tokens"] for r in map(json.loads, f) if "tokens" in r][-1]
 
 
 def path(out_dir: str) -> list[tuple[float, float]]:
@@ -133,35 +145,32 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     d = lambda name: os.path.join(root, name)
     sft_ckpt, rm_ckpt, pairs = os.path.join(d("sft"), "ckpt.pt"), os.path.join(d("rm"), "ckpt.pt"), d("pairs")
 
-    def trainer(main, out_dir, **kwargs):
-        return lambda resume: main(flags(out_dir=out_dir, resume=resume, overwrite=not resume, **common, **kwargs))
+    def train(name, main, out_dir, **kwargs):
+        study.stage(name, out_dir, flags(out_dir=out_dir, **common, **kwargs), main)
 
     # 1. SFT, and preference pairs from it (K=4 per prompt, labelled by the gold reward)
-    study.stage("sft", d("sft"), trainer(train_sft.main, d("sft"), data_dir=cfg.data_dir, **S["sft"]))
-    study.stage("pairs", pairs, lambda _: sample.main(flags(ckpt=sft_ckpt, pairs=True, data_dir=cfg.data_dir,
-                                                          out_dir=pairs, device=cfg.device, seed=seed, **S["pairs"])))
+    train("sft", train_sft.main, d("sft"), data_dir=cfg.data_dir, **S["sft"])
+    study.stage("pairs", pairs, flags(ckpt=sft_ckpt, pairs=True, data_dir=cfg.data_dir, out_dir=pairs,
+                                      device=cfg.device, seed=seed, **S["pairs"]), sample.main)
     pair_files = dict(sft_ckpt=sft_ckpt, train_file=f"{pairs}/pairs_train.jsonl", val_file=f"{pairs}/pairs_val.jsonl")
 
     # 2. DPO over beta
     for beta in S["betas"]:
-        study.stage(f"dpo beta={beta}", d(f"dpo_beta{beta}"),
-                    trainer(train_dpo.main, d(f"dpo_beta{beta}"), beta=beta, **pair_files, **evaluation, **S["dpo"]))
+        train(f"dpo beta={beta}", train_dpo.main, d(f"dpo_beta{beta}"), beta=beta, **pair_files, **evaluation, **S["dpo"])
     # 3. reward model, then PPO over KL targets, and PPO on the gold reward
-    study.stage("reward model", d("rm"), trainer(train_rm.main, d("rm"), **pair_files, **S["rm"]))
+    train("reward model", train_rm.main, d("rm"), **pair_files, **S["rm"])
     ppo_common = dict(sft_ckpt=sft_ckpt, prompts=os.path.join(cfg.data_dir, "prompts_train.jsonl"), **evaluation, **S["ppo"])
     for target in S["kl_targets"]:
-        study.stage(f"ppo kl_target={target}", d(f"ppo_kl{target}"),
-                    trainer(train_ppo.main, d(f"ppo_kl{target}"), reward_ckpt=rm_ckpt, adaptive_kl=True,
-                            kl_target=target, kl_coef=0.05, kl_horizon=500, **ppo_common))
-    study.stage("ppo-gt", d("ppo_gt"), trainer(train_ppo.main, d("ppo_gt"), reward="gold", **ppo_common))
+        train(f"ppo kl_target={target}", train_ppo.main, d(f"ppo_kl{target}"), reward_ckpt=rm_ckpt, adaptive_kl=True,
+              kl_target=target, kl_coef=0.05, kl_horizon=500, **ppo_common)
+    train("ppo-gt", train_ppo.main, d("ppo_gt"), reward="gold", **ppo_common)
 
     # 4. preferred-FT: SFT continued on the chosen responses
     chosen_file = os.path.join(root, "chosen.jsonl")
     if not os.path.exists(chosen_file):
         chosen = {(p.prompt, p.chosen) for p in load_preferences(pair_files["train_file"])}
         write_atomic(chosen_file, "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in sorted(chosen)))
-    study.stage("preferred-ft", d("pft"), trainer(train_sft.main, d("pft"), init_from=sft_ckpt, train_file=chosen_file,
-                                                   eval_samples=0, **S["pft"]))
+    train("preferred-ft", train_sft.main, d("pft"), init_from=sft_ckpt, train_file=chosen_file, eval_samples=0, **S["pft"])
 
     # 5. the shared evaluation of the runs without one of their own, and the ceiling
     reference, tok, _ = load_gpt(sft_ckpt)
@@ -175,21 +184,23 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
         ceiling = ceiling_study(cfg, reference, tok, prompts[:cfg.ceiling_prompts], seed)
 
     n, wall = len(prompts), lambda name: study.times.get(d(name), 0.0)
-    rows = [row("SFT", "-", last_eval_of_sft(evaluator), wall("sft"), [], n)]
+    rows = [row("SFT", "-", last_eval_of_sft(evaluator), wall("sft"), tokens(d("sft")), [], n)]
     for beta in S["betas"]:
         name = f"dpo_beta{beta}"
-        rows.append(row("DPO", f"beta={beta}", last_eval(d(name)), wall(name), path(d(name)), n))
-    for target in S["kl_targets"]:  # PPO's wall time includes its reward model's
+        rows.append(row("DPO", f"beta={beta}", last_eval(d(name)), wall(name), tokens(d(name)), path(d(name)), n))
+    for target in S["kl_targets"]:  # PPO's wall time and tokens include its reward model's
         name = f"ppo_kl{target}"
-        rows.append(row("PPO", f"kl_target={target}", last_eval(d(name)), wall(name) + wall("rm"), path(d(name)), n))
-    rows.append(row("PPO-GT", "kl_coef=0.05", last_eval(d("ppo_gt")), wall("ppo_gt"), path(d("ppo_gt")), n))
-    rows.append(row("preferred-FT", f"{S['pft']['max_iters']} steps", pft_metrics, wall("pft"), [], n))
+        rows.append(row("PPO", f"kl_target={target}", last_eval(d(name)), wall(name) + wall("rm"),
+                        tokens(d(name)) + tokens(d("rm")), path(d(name)), n))
+    rows.append(row("PPO-GT", "kl_coef=0.05", last_eval(d("ppo_gt")), wall("ppo_gt"), tokens(d("ppo_gt")),
+                    path(d("ppo_gt")), n))
+    rows.append(row("preferred-FT", f"{S['pft']['max_iters']} steps", pft_metrics, wall("pft"), tokens(d("pft")), [], n))
     for n, gold, kl, win in bon:
         rows.append({"method": "best-of-N", "setting": f"N={n}", "gold_reward": gold, "ci95": None, "kl": kl,
-                     "win_rate": win, "wall_s": None, "path": []})
+                     "win_rate": win, "wall_s": None, "tokens": None, "path": []})
     for beta, gold, kl in ceiling:
         rows.append({"method": "optimal", "setting": f"beta={beta:g}", "gold_reward": gold, "ci95": None, "kl": kl,
-                     "win_rate": None, "wall_s": None, "path": []})
+                     "win_rate": None, "wall_s": None, "tokens": None, "path": []})
     for r in rows:
         r["seed"] = seed
         r["stage_dir"] = root
@@ -203,11 +214,11 @@ def last_eval_of_sft(evaluator: PolicyEvaluator) -> dict:
             "eval/kl": 0.0, "eval/win_rate": 0.5}
 
 
-def row(method, setting, m, wall, run_path, n_prompts) -> dict:
+def row(method, setting, m, wall, run_tokens, run_path, n_prompts) -> dict:
     """A result row; ci95 is the normal 95% interval of the mean gold reward over the prompts."""
     return {"method": method, "setting": setting, "gold_reward": m["eval/gold_reward"],
             "ci95": 1.96 * m["eval/gold_reward_std"] / math.sqrt(n_prompts), "kl": m["eval/kl"],
-            "win_rate": m["eval/win_rate"], "wall_s": wall, "path": run_path}
+            "win_rate": m["eval/win_rate"], "wall_s": wall, "tokens": run_tokens, "path": run_path}
 
 
 @torch.no_grad()
@@ -257,7 +268,7 @@ def summarise(rows: list[dict], seeds: int) -> list[dict]:
         spread = statistics.stdev(r["gold_reward"] for r in rs) if len(rs) > 1 else None
         out.append({"method": method, "setting": setting, "gold_reward": mean("gold_reward"), "ci95": mean("ci95"),
                     "seed_std": spread, "kl": mean("kl"), "win_rate": mean("win_rate"), "wall_s": mean("wall_s"),
-                    "seeds": len(rs)})
+                    "tokens": mean("tokens"), "seeds": len(rs)})
     return out
 
 
@@ -266,7 +277,7 @@ def fmt(x, digits=3):
 
 
 def write_results(cfg: Config, summary: list[dict], rows: list[dict]) -> None:
-    fields = ["method", "setting", "gold_reward", "ci95", "seed_std", "kl", "win_rate", "wall_s", "seeds"]
+    fields = ["method", "setting", "gold_reward", "ci95", "seed_std", "kl", "win_rate", "wall_s", "tokens", "seeds"]
     with open(os.path.join(cfg.out_dir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -275,12 +286,14 @@ def write_results(cfg: Config, summary: list[dict], rows: list[dict]) -> None:
              f"{time.strftime('%Y-%m-%d')})", "",
              f"Gold reward and KL(pi || pi_SFT) on {cfg.eval_samples} held-out prompts; ci95 is the 95% interval of the "
              "mean gold reward over prompts; seed_std the spread across seeds. Best-of-N's KL is the bound "
-             "log N - (N-1)/N; the optimal rows are the ceiling pi* = pi_ref exp(r/beta) / Z.", "",
-             "| method | setting | gold reward | ci95 | seed std | KL | win rate vs SFT | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "log N - (N-1)/N; the optimal rows are the ceiling pi* = pi_ref exp(r/beta) / Z. Tokens are the real "
+             "tokens of the training batches (DPO: chosen and rejected; PPO: rollouts once per epoch, plus its "
+             "reward model's); wall time and tokens of PPO include its reward model.", "",
+             "| method | setting | gold reward | ci95 | seed std | KL | win rate vs SFT | wall s | tokens trained on |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         lines.append(f"| {r['method']} | {r['setting']} | {fmt(r['gold_reward'])} | {fmt(r['ci95'])} | {fmt(r['seed_std'])} "
-                     f"| {fmt(r['kl'], 2)} | {fmt(r['win_rate'])} | {fmt(r['wall_s'], 0)} |")
+                     f"| {fmt(r['kl'], 2)} | {fmt(r['win_rate'])} | {fmt(r['wall_s'], 0)} | {fmt(r['tokens'], 0)} |")
     write_atomic(os.path.join(cfg.out_dir, "results.md"), "\n".join(lines) + "\n")
     write_atomic(os.path.join(cfg.out_dir, "results.json"), json.dumps(rows, indent=1))
 

@@ -139,9 +139,10 @@ def train(cfg: Config, dist: Dist) -> dict:
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     step = run.start(policy, optimizer)
+    tokens = 0  # real tokens of the rollouts, once per PPO epoch that trains on them
     if run.resumed:
         critic.load_state_dict(run.resumed["critic"])
-        kl_ctl.value = run.resumed["kl_coef"]
+        kl_ctl.value, tokens = run.resumed["kl_coef"], run.resumed["tokens"]
     model = wrap_model(both, dist, cfg.compile)
     ctx = autocast(dist.device, cfg.dtype)
     evaluator = None
@@ -159,7 +160,7 @@ def train(cfg: Config, dist: Dist) -> dict:
                 eval_metrics, texts = evaluator(policy)
             metrics.update(eval_metrics)
         run.log(step, metrics)
-        run.save(step, policy, optimizer, tok, {"critic": critic.state_dict(), "kl_coef": kl_ctl.value})
+        run.save(step, policy, optimizer, tok, {"critic": critic.state_dict(), "kl_coef": kl_ctl.value, "tokens": tokens})
         if dist.master:
             bar.write(f"iteration {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             for p, t in list(zip(eval_prompts, texts if evaluator else []))[:cfg.print_samples]:
@@ -249,6 +250,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         mean_score, mean_kl, mean_entropy = (seq_stats[:3] / seq_stats[3]).tolist()
         kl_coef_used = kl_ctl.value
         kl_ctl.update(mean_kl, cfg.batch_size)
+        tokens += int(all_reduce(attention_mask.sum()).item()) * cfg.ppo_epochs
         step += 1
         bar.update(1)
         bar.set_postfix(score=f"{mean_score:.3f}", kl=f"{mean_kl:.2f}", refresh=False)
@@ -263,7 +265,7 @@ def train(cfg: Config, dist: Dist) -> dict:
                 "policy/approxkl_avg": mean("approxkl"), "policy/clipfrac_avg": mean("clipfrac"),
                 "loss/policy_avg": mean("policy_loss"), "loss/value_avg": mean("value_loss"),
                 "val/clipfrac_avg": mean("vf_clipfrac"), "val/ratio": mean("ratio"),
-                "kl_coef": kl_coef_used, "grad_norm": mean("grad_norm"), "learning_rate": lr,
+                "kl_coef": kl_coef_used, "grad_norm": mean("grad_norm"), "learning_rate": lr, "tokens": tokens,
             }
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             metrics = evaluate_and_save(step, metrics)

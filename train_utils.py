@@ -470,6 +470,10 @@ def fit(cfg: TrainConfig, dist: Dist, run: Run, raw_model, optimizer, tok: Token
     ctx = autocast(dist.device, cfg.dtype)
     n_examples = len(next(iter(train_data.values())))
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    mask_keys = [k for k in train_data if k.endswith("attention_mask")]
+    tokens_in = lambda idx: int(sum(train_data[k][idx].sum() for k in mask_keys))
+    # real tokens trained on so far; the data order is a function of the step, so a resumed run recounts
+    tokens = sum(tokens_in(global_batch(n_examples, cfg.batch_size, s, cfg.seed)) for s in range(step))
     bar = progress_bar(cfg.max_iters, step, dist, desc)
 
     def eval_and_save(step, metrics):
@@ -500,12 +504,13 @@ def fit(cfg: TrainConfig, dist: Dist, run: Run, raw_model, optimizer, tok: Token
             raise SystemExit(f"error: step {step + 1}: {e}; stopped, the last good checkpoint "
                              f"{run.ckpt_path} is kept") from None
         step += 1
+        tokens += tokens_in(indices)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
         # 3. log, evaluate, checkpoint
         metrics = {}
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            metrics = {**stats, "learning_rate": lr}
+            metrics = {**stats, "learning_rate": lr, "tokens": tokens}
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             metrics = eval_and_save(step, metrics)
         elif metrics:
