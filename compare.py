@@ -166,10 +166,9 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     train("ppo-gt", train_ppo.main, d("ppo_gt"), reward="gold", **ppo_common)
 
     # 4. preferred-FT: SFT continued on the chosen responses
-    chosen_file = os.path.join(root, "chosen.jsonl")
-    if not os.path.exists(chosen_file):
-        chosen = {(p.prompt, p.chosen) for p in load_preferences(pair_files["train_file"])}
-        write_atomic(chosen_file, "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in sorted(chosen)))
+    chosen_file = os.path.join(root, "chosen.jsonl")  # rewritten from the current pairs every time
+    chosen = {(p.prompt, p.chosen) for p in load_preferences(pair_files["train_file"])}
+    write_atomic(chosen_file, "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in sorted(chosen)))
     train("preferred-ft", train_sft.main, d("pft"), init_from=sft_ckpt, train_file=chosen_file, eval_samples=0, **S["pft"])
 
     # 5. the shared evaluation of the runs without one of their own, and the ceiling
@@ -195,8 +194,8 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     rows.append(row("PPO-GT", "kl_coef=0.05", last_eval(d("ppo_gt")), wall("ppo_gt"), tokens(d("ppo_gt")),
                     path(d("ppo_gt")), n))
     rows.append(row("preferred-FT", f"{S['pft']['max_iters']} steps", pft_metrics, wall("pft"), tokens(d("pft")), [], n))
-    for n, gold, kl, win in bon:
-        rows.append({"method": "best-of-N", "setting": f"N={n}", "gold_reward": gold, "ci95": None, "kl": kl,
+    for N, gold, kl, win in bon:
+        rows.append({"method": "best-of-N", "setting": f"N={N}", "gold_reward": gold, "ci95": None, "kl": kl,
                      "win_rate": win, "wall_s": None, "tokens": None, "path": []})
     for beta, gold, kl in ceiling:
         rows.append({"method": "optimal", "setting": f"beta={beta:g}", "gold_reward": gold, "ci95": None, "kl": kl,
@@ -257,7 +256,7 @@ def ceiling_study(cfg, reference, tok, prompts, seed):
     return optimal_frontier(rewards, betas)
 
 
-def summarise(rows: list[dict], seeds: int) -> list[dict]:
+def summarise(rows: list[dict]) -> list[dict]:
     """Mean over seeds per method and setting; the spread is the standard deviation across seeds."""
     groups = {}
     for r in rows:
@@ -308,7 +307,7 @@ def main(argv=None) -> int:
     rows = []
     for seed in range(cfg.seeds):
         rows += run_seed(cfg, study, seed, prompts, device)
-    summary = summarise(rows, cfg.seeds)
+    summary = summarise(rows)
     write_results(cfg, summary, rows)
     print(open(os.path.join(cfg.out_dir, "results.md")).read())
     import plot  # imports matplotlib only when drawing; without it, one line says how to get it

@@ -88,3 +88,14 @@ def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
     log = capsys.readouterr().out
     assert log.count("reused") == len(runs) + 1  # + the pairs
     assert "running" not in log
+
+
+def test_summary_averages_over_seeds_and_reports_their_spread():
+    rows = [{"method": "DPO", "setting": "beta=0.1", "gold_reward": g, "ci95": 0.02, "kl": k, "win_rate": 0.9,
+             "wall_s": 10.0, "tokens": 100} for g, k in [(0.8, 5.0), (0.9, 7.0)]]
+    rows.append({"method": "best-of-N", "setting": "N=4", "gold_reward": 0.7, "ci95": None, "kl": 0.64,
+                 "win_rate": 0.8, "wall_s": None, "tokens": None})
+    dpo, bon = compare.summarise(rows)
+    assert dpo["gold_reward"] == pytest.approx(0.85) and dpo["kl"] == pytest.approx(6.0) and dpo["seeds"] == 2
+    assert dpo["seed_std"] == pytest.approx(math.sqrt(0.005))  # sample standard deviation of 0.8 and 0.9
+    assert bon["seed_std"] is None and bon["ci95"] is None and bon["seeds"] == 1
