@@ -54,21 +54,11 @@ class Config(PairsConfig):
     """longest sampled completion"""
     temperature: float = 1.0
     """sampling temperature of the evaluation samples"""
-    # optimisation defaults for the toy task
-    batch_size: int = 64
-    """pairs per optimizer step, over all processes and micro-batches"""
-    max_iters: int = 300
-    """optimizer steps"""
+    # learning rate for the toy task
     lr: float = 1e-4
     """peak learning rate"""
     min_lr: float = 1e-5
     """learning rate at the end of the cosine decay"""
-    warmup_iters: int = 30
-    """steps of linear warmup"""
-    weight_decay: float = 0.0
-    """AdamW weight decay, matrices only"""
-    eval_interval: int = 50
-    """steps between held-out evaluations and checkpoints"""
 
 
 def reference_logps(reference, data: dict[str, torch.Tensor], average: bool, dist: Dist, ctx,

@@ -31,21 +31,11 @@ class Config(PairsConfig):
     """weight of the (r_chosen + r_rejected)^2 term that keeps scores centred at 0"""
     gold_eval: bool = True
     """also report how often the model orders held-out pairs as the toy gold reward does"""
-    # optimisation defaults for the toy task
-    batch_size: int = 64
-    """pairs per optimizer step, over all processes and micro-batches"""
-    max_iters: int = 300
-    """optimizer steps"""
+    # learning rate for the toy task
     lr: float = 3e-4
     """peak learning rate"""
     min_lr: float = 3e-5
     """learning rate at the end of the cosine decay"""
-    warmup_iters: int = 30
-    """steps of linear warmup"""
-    weight_decay: float = 0.0
-    """AdamW weight decay, matrices only"""
-    eval_interval: int = 50
-    """steps between held-out evaluations and checkpoints"""
 
 
 def gold_order(pairs) -> torch.Tensor:

@@ -142,6 +142,17 @@ class PairsConfig(TrainConfig):
     """longest sequence in tokens, prompt and response together; longer ones are truncated"""
     max_prompt_length: Optional[int] = None
     """longest prompt; a longer one keeps its last tokens. none: prompts are not truncated"""
+    # optimisation defaults for the toy task's pairs
+    batch_size: int = 64
+    """pairs per optimizer step, over all processes and micro-batches"""
+    max_iters: int = 300
+    """optimizer steps (about two passes over the toy task's 9.5k training pairs)"""
+    warmup_iters: int = 30
+    """steps of linear warmup"""
+    weight_decay: float = 0.0
+    """AdamW weight decay, matrices only"""
+    eval_interval: int = 50
+    """steps between held-out evaluations and checkpoints"""
 
 
 def load_pairs(cfg: PairsConfig, tok: Tokenizer):
