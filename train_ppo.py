@@ -183,12 +183,12 @@ def train(cfg: Config, dist: Dist) -> dict:
         my_chunks = list(range(dist.rank, n_chunks, dist.world_size))
         my_prompts, chunk_rollouts = [], []
         for c in my_chunks:
-            chunk = [[tok.bos_id] + tok.encode(prompts[i]) for i in indices[c * cfg.gen_chunk:(c + 1) * cfg.gen_chunk]]
+            chunk_prompts = [prompts[i] for i in indices[c * cfg.gen_chunk:(c + 1) * cfg.gen_chunk]]
             generator = torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + c)
             with ctx:
-                chunk_rollouts.append(rollout(policy, chunk, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
-                                              cfg.temperature, generator))
-            my_prompts += [prompts[i] for i in indices[c * cfg.gen_chunk:(c + 1) * cfg.gen_chunk]]
+                chunk_rollouts.append(rollout(policy, [[tok.bos_id] + tok.encode(p) for p in chunk_prompts],
+                                              cfg.max_new_tokens, tok.eos_id, tok.pad_id, cfg.temperature, generator))
+            my_prompts += chunk_prompts
         P = max(r.n_prompt for r in chunk_rollouts)  # left-pad every chunk's prompts to one width
         input_ids = torch.cat([torch.nn.functional.pad(r.input_ids, (P - r.n_prompt, 0), value=tok.pad_id)
                                for r in chunk_rollouts])
