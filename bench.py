@@ -1,0 +1,208 @@
+"""
+Benchmark every stage's hot path against this machine's own limit: tokens per second, model-FLOPs
+utilisation (MFU) and peak memory of an SFT step, a DPO step (live and precomputed reference), a
+reward-model step, a PPO update, and rollout generation with and without the KV cache.
+
+    python bench.py                                   # tiny and small presets on this machine
+    python bench.py --presets tiny --steps 3 --json out/bench.json
+
+MFU = model FLOPs per second / a matrix-multiply peak that this script measures itself, on the
+same device and dtype, in the same run (a large square matmul, median of repeats); never a
+datasheet number. Model FLOPs come from GPT.flops_per_token (6 per parameter per token plus
+attention, forward and backward), a reference or frozen forward counting a third of that.
+Warm-up steps are excluded and medians reported. Data are random tokens: speed does not depend
+on them.
+"""
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from dpo import concatenated_forward, dpo_loss
+from model import GPT, GPTConfig, PRESETS
+from ppo import PolicyAndCritic
+from reward_model import RewardModel, bradley_terry_loss, pair_scores
+from train_sft import sft_loss
+from train_utils import Dist, autocast, make_optimizer, parse_config, pick_device, train_step
+
+
+@dataclass
+class Config:
+    presets: str = "tiny,small"
+    """comma-separated model presets to measure"""
+    seq_len: str = "64,256"
+    """sequence length for each preset, in the same order"""
+    batch_size: int = 8
+    """sequences (pairs for DPO and RM) per step"""
+    steps: int = 5
+    """measured steps per benchmark (the median is reported)"""
+    warmup: int = 2
+    """steps run first and not measured"""
+    gen_batch: int = 16
+    """prompts per generation benchmark"""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto: cuda, then mps, then cpu"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """bfloat16 runs under autocast"""
+    json: str = "out/bench.json"
+    """where the table goes as JSON"""
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, steps: int, warmup: int) -> float:
+    """Median seconds of fn() over `steps` runs after `warmup` unmeasured ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak(device, dtype: str, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an n x n matmul in the benchmark's dtype: the limit MFU is measured against."""
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=torch_dtype)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype)
+    seconds = timed(lambda: a @ b, device, repeats, 2)
+    return 2 * n ** 3 / seconds
+
+
+def peak_memory_mb(device) -> float:
+    """Peak allocated GPU memory, or on CPU the process's peak resident set (it only grows)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def random_batch(B: int, T: int, V: int, device, prefix: str = "") -> dict:
+    ids = torch.randint(4, V, (B, T), device=device)
+    labels = ids.clone()
+    labels[:, : T // 4] = -100  # a prompt quarter carries no loss
+    return {f"{prefix}input_ids": ids, f"{prefix}attention_mask": torch.ones_like(ids), f"{prefix}labels": labels}
+
+
+def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[dict]:
+    torch.manual_seed(0)
+    V = 512
+    dist = Dist(False, 0, 0, 1, device)
+    ctx = autocast(device, cfg.dtype)
+    B = cfg.batch_size
+    policy = GPT(GPTConfig(vocab_size=V, **{**PRESETS[preset], "block_size": max(PRESETS[preset]["block_size"], T + 128)})).to(device)
+    reference = GPT(policy.config).to(device).eval().requires_grad_(False)
+    flops_tok = policy.flops_per_token(T)  # forward + backward
+    opt = make_optimizer(policy, 1e-4, 0.0, (0.9, 0.95), device)
+    rows = []
+
+    def add(name, seconds, tokens, flops, model_seconds=None):
+        row = {"preset": preset, "seq_len": T, "benchmark": name, "ms": 1000 * seconds,
+               "tokens_per_s": tokens / seconds, "mfu": flops / seconds / peak, "peak_mem_mb": peak_memory_mb(device)}
+        if model_seconds is not None:  # share of the step spent outside the model's forward and backward
+            row["overhead"] = max(0.0, 1 - model_seconds / seconds)
+        rows.append(row)
+        print(f"  {preset:6s} T={T:4d} {name:28s} {row['ms']:9.1f} ms  {row['tokens_per_s']:10.0f} tok/s  MFU {row['mfu']:.1%}", flush=True)
+
+    # SFT: one optimizer step; and the bare forward + backward, to see the overhead around it
+    sft = random_batch(B, T, V, device)
+    def fwd_bwd():
+        with ctx:
+            loss, _ = sft_loss(policy, sft)
+        loss.backward()
+        policy.zero_grad(set_to_none=True)
+    model_s = timed(fwd_bwd, device, cfg.steps, cfg.warmup)
+    step_s = timed(lambda: train_step(policy, opt, [sft], sft_loss, B * T, 1.0, dist, ctx), device, cfg.steps, cfg.warmup)
+    add("sft step", step_s, B * T, flops_tok * B * T, model_s)
+
+    # DPO: chosen and rejected in one forward; the reference live, or its log-probs precomputed
+    pairs = {**random_batch(B, T, V, device, "chosen_"), **random_batch(B, T, V, device, "rejected_")}
+    with torch.no_grad():
+        ref_c, ref_r = concatenated_forward(reference, pairs)
+    def dpo_step(live):
+        def loss_fn(model, batch):
+            pc, pr = concatenated_forward(model, batch)
+            if live:
+                with torch.no_grad():
+                    rc, rr = concatenated_forward(reference, batch)
+            else:
+                rc, rr = ref_c, ref_r
+            return dpo_loss(pc, pr, rc, rr)[0].sum(), {}
+        return lambda: train_step(policy, opt, [pairs], loss_fn, B, 1.0, dist, ctx)
+    n = 2 * B * T
+    add("dpo step, live reference", timed(dpo_step(True), device, cfg.steps, cfg.warmup), n, flops_tok * n * 4 / 3)
+    add("dpo step, precomputed ref", timed(dpo_step(False), device, cfg.steps, cfg.warmup), n, flops_tok * n)
+
+    # reward model: Bradley-Terry on pairs
+    rm = RewardModel(policy.config).to(device)
+    rm_opt = make_optimizer(rm, 1e-4, 0.0, (0.9, 0.95), device)
+    def rm_loss(model, batch):
+        c, r = pair_scores(model, batch)
+        return bradley_terry_loss(c, r).sum(), {}
+    add("reward model step", timed(lambda: train_step(rm, rm_opt, [pairs], rm_loss, B, 1.0, dist, ctx),
+                                   device, cfg.steps, cfg.warmup), n, flops_tok * n)
+
+    # PPO update: one minibatch through policy and critic together
+    both = PolicyAndCritic(policy, RewardModel(policy.config).to(device))
+    both_opt = make_optimizer(both, 1e-4, 0.0, (0.9, 0.95), device)
+    def ppo_loss(model, batch):
+        logits, values = model(batch["input_ids"], batch["attention_mask"])
+        return logits.float().logsumexp(-1).mean() + values.float().pow(2).mean(), {}
+    add("ppo update (policy+critic)", timed(lambda: train_step(both, both_opt, [sft], ppo_loss, 1, 1.0, dist, ctx),
+                                            device, cfg.steps, cfg.warmup), B * T, 2 * flops_tok * B * T)
+
+    # generation: tokens per second with and without the KV cache
+    prompts = [torch.randint(4, V, (16,)).tolist() for _ in range(cfg.gen_batch)]
+    for new in (32, 128):
+        for cache in (True, False):
+            def gen():
+                with ctx:
+                    policy.generate(prompts, new, eos_id=-1, pad_id=0, temperature=1.0, use_cache=cache,
+                                    generator=torch.Generator(device).manual_seed(0))
+            seconds = timed(gen, device, max(1, cfg.steps // 2), 1)
+            add(f"generate {new} tokens, {'KV cache' if cache else 'no cache'}", seconds, cfg.gen_batch * new,
+                policy.flops_per_token(16 + new) / 3 * cfg.gen_batch * new)
+    return rows
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(Config, argv, __doc__)
+    device = pick_device(cfg.device)
+    presets, lengths = cfg.presets.split(","), [int(x) for x in cfg.seq_len.split(",")]
+    if len(presets) != len(lengths):
+        raise SystemExit("error: --presets and --seq_len need the same number of entries")
+    peak = matmul_peak(device, cfg.dtype)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"matmul peak on {name}, {cfg.dtype}: {peak / 1e9:.1f} GFLOP/s")
+    rows = []
+    for preset, T in zip(presets, lengths):
+        rows += bench_preset(cfg, preset, T, device, peak)
+    lines = [f"Device: {name}, {cfg.dtype}; matmul peak {peak / 1e9:.1f} GFLOP/s (measured by this run); "
+             f"batch {cfg.batch_size}; medians of {cfg.steps} steps after {cfg.warmup} warm-up steps.", "",
+             "| preset | T | benchmark | ms | tokens/s | MFU | outside model | peak mem MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        overhead = f"{r['overhead']:.0%}" if "overhead" in r else "-"
+        lines.append(f"| {r['preset']} | {r['seq_len']} | {r['benchmark']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} "
+                     f"| {r['mfu']:.1%} | {overhead} | {r['peak_mem_mb']:.0f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    os.makedirs(os.path.dirname(cfg.json) or ".", exist_ok=True)
+    with open(cfg.json, "w") as f:
+        json.dump({"device": name, "dtype": cfg.dtype, "matmul_peak_flops": peak, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
