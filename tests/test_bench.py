@@ -25,3 +25,31 @@ def test_bench_smoke_table_is_complete_and_finite(tmp_path, capsys):
     assert 0 <= result["rows"][0]["overhead"] < 1
     table = capsys.readouterr().out
     assert table.count("| tiny | 16 |") == len(BENCHMARKS)
+
+
+def test_dtype_handling_of_the_gpu_path_on_cpu(toy_dir, tmp_path):
+    """float32 means no autocast at all; bfloat16 autocasts matmuls but keeps float32 master
+    weights and checkpoints, trains with a finite loss, and generation fills a bfloat16 KV cache."""
+    import torch
+
+    import train_sft
+    from model import GPT, GPTConfig, KVCache
+    from train_utils import autocast, load_checkpoint
+
+    with autocast(torch.device("cpu"), "float32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast(torch.device("cpu"), "bfloat16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    out = str(tmp_path / "bf16")
+    assert train_sft.main([f"--data_dir={toy_dir}", f"--out_dir={out}", "--device=cpu", "--dtype=bfloat16",
+                           "--max_iters=3", "--batch_size=8", "--eval_interval=3", "--eval_samples=4",
+                           "--print_samples=0", "--log_interval=1"]) == 0
+    ckpt = load_checkpoint(f"{out}/ckpt.pt")
+    assert all(t.dtype == torch.float32 for t in ckpt["model"].values())
+    with open(f"{out}/metrics.jsonl") as f:
+        assert all(math.isfinite(json.loads(line).get("loss", 0.0)) for line in f)
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    cache = KVCache(model.config, 1, 8)
+    with torch.no_grad(), autocast(torch.device("cpu"), "bfloat16"):
+        model(torch.tensor([[2, 5, 6]]), kv_cache=cache)
+    assert cache.k.dtype == torch.bfloat16
