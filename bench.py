@@ -117,21 +117,24 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
         print(f"  {preset:6s} T={T:4d} {name:28s} {row['ms']:9.1f} ms  {row['tokens_per_s']:10.0f} tok/s  MFU {row['mfu']:.1%}", flush=True)
 
     # SFT: one optimizer step; and the bare forward + backward, to see the overhead around it
+    def model_only(model, loss_fn, batch):
+        """Seconds of the bare forward and backward, to compare with the whole step."""
+        def fwd_bwd():
+            with ctx:
+                loss, _ = loss_fn(model, batch)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        return timed(fwd_bwd, device, cfg.steps, cfg.warmup)
+
     sft = random_batch(B, T, V, device)
-    def fwd_bwd():
-        with ctx:
-            loss, _ = sft_loss(policy, sft)
-        loss.backward()
-        policy.zero_grad(set_to_none=True)
-    model_s = timed(fwd_bwd, device, cfg.steps, cfg.warmup)
     step_s = timed(lambda: train_step(policy, opt, [sft], sft_loss, B * T, 1.0, dist, ctx), device, cfg.steps, cfg.warmup)
-    add("sft step", step_s, B * T, flops_tok * B * T, model_s)
+    add("sft step", step_s, B * T, flops_tok * B * T, model_only(policy, sft_loss, sft))
 
     # DPO: chosen and rejected in one forward; the reference live, or its log-probs precomputed
     pairs = {**random_batch(B, T, V, device, "chosen_"), **random_batch(B, T, V, device, "rejected_")}
     with torch.no_grad():
         ref_c, ref_r = concatenated_forward(reference, pairs)
-    def dpo_step(live):
+    def dpo_loss_fn(live):
         def loss_fn(model, batch):
             pc, pr = concatenated_forward(model, batch)
             if live:
@@ -140,10 +143,13 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
             else:
                 rc, rr = ref_c, ref_r
             return dpo_loss(pc, pr, rc, rr)[0].sum(), {}
-        return lambda: train_step(policy, opt, [pairs], loss_fn, B, 1.0, dist, ctx)
+        return loss_fn
     n = 2 * B * T
-    add("dpo step, live reference", timed(dpo_step(True), device, cfg.steps, cfg.warmup), n, flops_tok * n * 4 / 3)
-    add("dpo step, precomputed ref", timed(dpo_step(False), device, cfg.steps, cfg.warmup), n, flops_tok * n)
+    for live in (True, False):
+        seconds = timed(lambda: train_step(policy, opt, [pairs], dpo_loss_fn(live), B, 1.0, dist, ctx),
+                        device, cfg.steps, cfg.warmup)
+        add(f"dpo step, {'live reference' if live else 'precomputed ref'}", seconds, n,
+            flops_tok * n * (4 / 3 if live else 1), model_only(policy, dpo_loss_fn(live), pairs))
 
     # reward model: Bradley-Terry on pairs
     rm = RewardModel(policy.config).to(device)
@@ -161,7 +167,8 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
         logits, values = model(batch["input_ids"], batch["attention_mask"])
         return logits.float().logsumexp(-1).mean() + values.float().pow(2).mean(), {}
     add("ppo update (policy+critic)", timed(lambda: train_step(both, both_opt, [sft], ppo_loss, 1, 1.0, dist, ctx),
-                                            device, cfg.steps, cfg.warmup), B * T, 2 * flops_tok * B * T)
+                                            device, cfg.steps, cfg.warmup), B * T, 2 * flops_tok * B * T,
+        model_only(both, ppo_loss, sft))
 
     # generation: tokens per second with and without the KV cache
     prompts = [torch.randint(4, V, (16,)).tolist() for _ in range(cfg.gen_batch)]
