@@ -64,9 +64,6 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
-
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if i not in (self.pad_id, self.bos_id, self.eos_id)])
 
