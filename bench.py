@@ -20,14 +20,21 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 
-from dpo import concatenated_forward, dpo_loss
+import train_dpo
+import train_ppo
+import train_rm
+from dpo import concatenated_forward
 from model import GPT, GPTConfig, PRESETS
 from ppo import PolicyAndCritic
-from reward_model import RewardModel, bradley_terry_loss, pair_scores
+from reward_model import RewardModel
+from train_dpo import dpo_batch_loss
+from train_ppo import ppo_batch_loss
+from train_rm import rm_batch_loss
 from train_sft import sft_loss
 from train_utils import Dist, autocast, make_optimizer, parse_config, pick_device, train_step
 
@@ -114,7 +121,7 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
         if model_seconds is not None:  # share of the step spent outside the model's forward and backward
             row["overhead"] = max(0.0, 1 - model_seconds / seconds)
         rows.append(row)
-        print(f"  {preset:6s} T={T:4d} {name:28s} {row['ms']:9.1f} ms  {row['tokens_per_s']:10.0f} tok/s  MFU {row['mfu']:.1%}", flush=True)
+        print(f"  {preset:6s} T={T:4d} {name:34s} {row['ms']:9.1f} ms  {row['tokens_per_s']:10.0f} tok/s  MFU {row['mfu']:.1%}", flush=True)
 
     # SFT: one optimizer step; and the bare forward + backward, to see the overhead around it
     def model_only(model, loss_fn, batch):
@@ -127,48 +134,43 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
         return timed(fwd_bwd, device, cfg.steps, cfg.warmup)
 
     sft = random_batch(B, T, V, device)
-    step_s = timed(lambda: train_step(policy, opt, [sft], sft_loss, B * T, 1.0, dist, ctx), device, cfg.steps, cfg.warmup)
+    step_s = timed(lambda: train_step(policy, opt, [sft], sft_loss, B * T, 1.0, dist, ctx, 1), device, cfg.steps, cfg.warmup)
     add("sft step", step_s, B * T, flops_tok * B * T, model_only(policy, sft_loss, sft))
 
-    # DPO: chosen and rejected in one forward; the reference live, or its log-probs precomputed
+    # DPO: train_dpo.py's loss, chosen and rejected in one forward; the reference live, or its
+    # log-probs precomputed
     pairs = {**random_batch(B, T, V, device, "chosen_"), **random_batch(B, T, V, device, "rejected_")}
     with torch.no_grad():
-        ref_c, ref_r = concatenated_forward(reference, pairs)
-    def dpo_loss_fn(live):
-        def loss_fn(model, batch):
-            pc, pr = concatenated_forward(model, batch)
-            if live:
-                with torch.no_grad():
-                    rc, rr = concatenated_forward(reference, batch)
-            else:
-                rc, rr = ref_c, ref_r
-            return dpo_loss(pc, pr, rc, rr)[0].sum(), {}
-        return loss_fn
+        pairs["reference_chosen_logps"], pairs["reference_rejected_logps"] = concatenated_forward(reference, pairs)
     n = 2 * B * T
     for live in (True, False):
-        seconds = timed(lambda: train_step(policy, opt, [pairs], dpo_loss_fn(live), B, 1.0, dist, ctx),
+        loss_fn = partial(dpo_batch_loss, reference=reference, cfg=train_dpo.Config(precompute_ref=not live))
+        seconds = timed(lambda: train_step(policy, opt, [pairs], loss_fn, B, 1.0, dist, ctx, 1),
                         device, cfg.steps, cfg.warmup)
         add(f"dpo step, {'live reference' if live else 'precomputed ref'}", seconds, n,
-            flops_tok * n * (4 / 3 if live else 1), model_only(policy, dpo_loss_fn(live), pairs))
+            flops_tok * n * (4 / 3 if live else 1), model_only(policy, loss_fn, pairs))
 
-    # reward model: Bradley-Terry on pairs
+    # reward model: train_rm.py's Bradley-Terry loss on pairs
     rm = RewardModel(policy.config).to(device)
     rm_opt = make_optimizer(rm, 1e-4, 0.0, (0.9, 0.95), device)
-    def rm_loss(model, batch):
-        c, r = pair_scores(model, batch)
-        return bradley_terry_loss(c, r).sum(), {}
-    add("reward model step", timed(lambda: train_step(rm, rm_opt, [pairs], rm_loss, B, 1.0, dist, ctx),
+    rm_loss = partial(rm_batch_loss, cfg=train_rm.Config())
+    add("reward model step", timed(lambda: train_step(rm, rm_opt, [pairs], rm_loss, B, 1.0, dist, ctx, 1),
                                    device, cfg.steps, cfg.warmup), n, flops_tok * n)
 
-    # PPO update: one minibatch through policy and critic together
+    # PPO: one minibatch step of train_ppo.py's clipped policy and value losses (ppo_losses), through
+    # policy and critic together; the response is the last three quarters of each row
     both = PolicyAndCritic(policy, RewardModel(policy.config).to(device))
     both_opt = make_optimizer(both, 1e-4, 0.0, (0.9, 0.95), device)
-    def ppo_loss(model, batch):
-        logits, values = model(batch["input_ids"], batch["attention_mask"])
-        return logits.float().logsumexp(-1).mean() + values.float().pow(2).mean(), {}
-    add("ppo update (policy+critic)", timed(lambda: train_step(both, both_opt, [sft], ppo_loss, 1, 1.0, dist, ctx),
-                                            device, cfg.steps, cfg.warmup), B * T, 2 * flops_tok * B * T,
-        model_only(both, ppo_loss, sft))
+    P = T // 4
+    g = torch.Generator(device).manual_seed(0)
+    rollout = {"input_ids": sft["input_ids"], "attention_mask": sft["attention_mask"],
+               "response_mask": torch.ones(B, T - P, device=device),
+               **{k: torch.randn(B, T - P, generator=g, device=device)
+                  for k in ("old_logprobs", "old_values", "advantages", "returns")}}
+    ppo_loss = partial(ppo_batch_loss, n_prompt=P, cfg=train_ppo.Config())
+    add("ppo minibatch step (policy+critic)", timed(lambda: train_step(both, both_opt, [rollout], ppo_loss, B * (T - P), 1.0,
+                                                                       dist, ctx, 1), device, cfg.steps, cfg.warmup),
+        B * T, 2 * flops_tok * B * T, model_only(both, ppo_loss, rollout))
 
     # generation: tokens per second with and without the KV cache
     prompts = [torch.randint(4, V, (16,)).tolist() for _ in range(cfg.gen_batch)]

@@ -8,7 +8,7 @@ responses). Every method is evaluated on the same held-out prompts by evaluate.P
 along its run, so each run draws a path in the reward-KL plane, and against the ceiling: the
 optimal KL-regularised policy, estimated by importance weights over reference samples.
 
-    python compare.py                     # the reduced study, about 12 minutes on a 2-core CPU
+    python compare.py                     # the reduced study, about 10 minutes on a 2-core CPU
     python compare.py --full              # the full sweep
     python compare.py --seeds 3           # repeat with 3 training seeds, report mean and spread
 
@@ -33,9 +33,10 @@ import train_dpo
 import train_ppo
 import train_rm
 import train_sft
-from data import gold_reward, load_preferences, load_prompts, prepare_toy_data, write_atomic
+from data import collate, gold_reward, load_preferences, load_prompts, prepare_toy_data, write_atomic
 from evaluate import PolicyEvaluator, best_of_n, optimal_frontier, sample_completions
-from train_utils import autocast, load_gpt, load_reward_model, parse_config, pick_device
+from reward_model import load_reward_model
+from train_utils import autocast, load_gpt, parse_config, pick_device
 
 
 @dataclass
@@ -229,11 +230,8 @@ def best_of_n_study(cfg, reference, reward_model, tok, prompts, reference_reward
     gold = torch.tensor([gold_reward(t, p) for t, p in zip(texts, repeated)]).view(len(prompts), K)
     scores = []
     for i in range(0, len(repeated), 256):
-        seqs = [[tok.bos_id] + tok.encode(p) + c for p, c in zip(repeated[i:i + 256], ids[i:i + 256])]
-        T = max(len(s) for s in seqs)
-        x = torch.tensor([s + [tok.pad_id] * (T - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs], device=device)
-        scores.append(reward_model(x, mask).float().cpu())
+        batch = collate([(tok.encode_prompt(p) + c, 0) for p, c in zip(repeated[i:i + 256], ids[i:i + 256])], tok.pad_id)
+        scores.append(reward_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
     scores = torch.cat(scores).view(len(prompts), K)
     ns = [2 ** i for i in range(int(math.log2(K)) + 1)]
     out = []

@@ -14,6 +14,7 @@ import random
 import re
 import sys
 from dataclasses import dataclass
+from typing import Literal, Optional
 
 import sentencepiece as spm
 import torch
@@ -64,8 +65,20 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """A prompt as the model sees it: bos, then the prompt's tokens."""
+        return [self.bos_id] + self.encode(prompt)
+
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if i not in (self.pad_id, self.bos_id, self.eos_id)])
+
+
+def load_checkpoint(path: str) -> dict:
+    """A ckpt.pt as a dict of tensors and plain values. A checkpoint is data, never code:
+    weights_only=True refuses anything else."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def write_atomic(path: str, data: bytes | str) -> None:
@@ -240,15 +253,21 @@ class Pair:
 
 
 def read_jsonl(path: str):
-    """Yield (where, record) for each non-blank line of a JSONL file. A line that is not a JSON
-    object yields a DataError in place of the record, so a caller may skip it and go on."""
+    """Yield (where, record) for each non-blank line of a JSONL file. A line that is not UTF-8
+    or not a JSON object yields a DataError in place of the record, so a caller may skip it and
+    go on. A UTF-8 byte-order mark (as some Windows tools write) is accepted."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            where = f"{path}:{i}"
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield where, DataError(f"{where}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{i}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -368,9 +387,9 @@ def load_preferences(path: str, fmt: str = "auto", skip_bad: bool = False) -> li
     return _load(path, "preference", fmt, skip_bad, _parse_pair)
 
 
-def load_prompts(path: str) -> list[str]:
+def load_prompts(path: str, skip_bad: bool = False) -> list[str]:
     """Prompts, one {"prompt"} record a line (other fields are ignored)."""
-    return [e.prompt for e in _load(path, "prompts", "prompt", False,
+    return [e.prompt for e in _load(path, "prompts", "prompt", skip_bad,
                                     lambda r, _, where: Example(_text_field(r, "prompt", where), "", where))]
 
 
@@ -386,7 +405,7 @@ def load_prompts(path: str) -> list[str]:
 def encode_example(tok: Tokenizer, prompt: str, response: str, max_length: int,
                    max_prompt_length: int | None, where: str) -> tuple[list[int], int]:
     """Token ids of one sequence and the number of leading tokens that carry no loss."""
-    prompt_ids = [tok.bos_id] + (tok.encode(prompt) if prompt else [])
+    prompt_ids = tok.encode_prompt(prompt)
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
         prompt_ids = [tok.bos_id] + prompt_ids[len(prompt_ids) - max_prompt_length + 1:]
     room = max_length - len(prompt_ids)
@@ -427,12 +446,55 @@ def tokenize_pairs(pairs: list[Pair], tok: Tokenizer, max_length: int,
     return {f"{side}_{k}": v[i::2] for i, side in enumerate(("chosen", "rejected")) for k, v in both.items()}
 
 
-def take(tensors: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+def take(tensors: dict[str, torch.Tensor], index: torch.Tensor, device=None) -> dict[str, torch.Tensor]:
     """Rows `index` of padded (N, T) tensors, trimmed to the longest real sequence among them
     (every key ending in attention_mask counts, so chosen and rejected stay one length), and
-    the same rows of per-example (N,) tensors."""
+    the same rows of per-example (N,) tensors; moved to `device` if one is given."""
     T = max(int(v[index].sum(1).max()) for k, v in tensors.items() if k.endswith("attention_mask"))
-    return {k: v[index, :T] if v.dim() == 2 else v[index] for k, v in tensors.items()}
+    return {k: (v[index, :T] if v.dim() == 2 else v[index]).to(device) for k, v in tensors.items()}
+
+
+def real_tokens(tensors: dict[str, torch.Tensor], index: torch.Tensor) -> int:
+    """Real (unpadded) tokens in rows `index`, over every attention mask (chosen and rejected)."""
+    return int(sum(v[index].sum() for k, v in tensors.items() if k.endswith("attention_mask")))
+
+
+def concatenate_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of B pairs as 2B rows, chosen first: input_ids, attention_mask and labels, each
+    (2B, T). DPO and the reward model run chosen and rejected through one forward pass."""
+    return tuple(torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+                 for k in ("input_ids", "attention_mask", "labels"))
+
+
+# -----------------------------------------------------------------------------
+# Preference pairs as DPO and the reward model read them: their settings (a dataclass the two
+# scripts' configs inherit) and the loader.
+
+
+@dataclass
+class PairsConfig:
+    """The preference-data settings of train_dpo.py and train_rm.py."""
+    train_file: str = "out/pairs/pairs_train.jsonl"
+    """preference pairs (plain, HH-RLHF or UltraFeedback-binarized JSONL)"""
+    val_file: str = "out/pairs/pairs_val.jsonl"
+    """held-out preference pairs"""
+    format: Literal["auto", "plain", "hh", "ultrafeedback"] = "auto"
+    """record format; auto recognises it from the first record"""
+    skip_bad: bool = False
+    """skip invalid records (and report how many) instead of stopping at the first"""
+    max_length: int = 64
+    """longest sequence in tokens, prompt and response together; longer ones are truncated"""
+    max_prompt_length: Optional[int] = None
+    """longest prompt; a longer one keeps its last tokens. none: prompts are not truncated"""
+
+
+def load_pairs(cfg: PairsConfig, tok: Tokenizer):
+    """Tokenised training pairs, held-out pairs (as read) and held-out tensors. Bad input raises
+    DataError, before anything is written."""
+    train = tokenize_pairs(load_preferences(cfg.train_file, cfg.format, cfg.skip_bad), tok,
+                           cfg.max_length, cfg.max_prompt_length)
+    val_pairs = load_preferences(cfg.val_file, cfg.format, cfg.skip_bad)
+    return train, val_pairs, tokenize_pairs(val_pairs, tok, cfg.max_length, cfg.max_prompt_length)
 
 
 # -----------------------------------------------------------------------------
@@ -444,17 +506,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the toy review generator")
     parser.add_argument("--vocab_size", type=int, default=512, help="tokenizer vocabulary cap")
     parser.add_argument("--check", metavar="FILE", help="validate a JSONL file instead of writing the toy task")
-    parser.add_argument("--kind", choices=["sft", "preference"], default="sft", help="what --check expects")
+    parser.add_argument("--kind", choices=["sft", "preference", "prompts"], default="sft", help="what --check expects")
     parser.add_argument("--format", default="auto", choices=sorted(set(SFT_FORMATS + PREFERENCE_FORMATS)),
                         help="record format for --check; auto recognises it from the first record")
     parser.add_argument("--skip_bad", action="store_true", help="with --check, skip and count bad records")
     args = parser.parse_args(argv)
-    if args.format not in (SFT_FORMATS if args.kind == "sft" else PREFERENCE_FORMATS):
+    formats = {"sft": SFT_FORMATS, "preference": PREFERENCE_FORMATS, "prompts": ["auto"]}[args.kind]
+    if args.format not in formats:
         parser.error(f"--format {args.format} is not a format of --kind {args.kind}")
     if args.check:
-        load = load_sft if args.kind == "sft" else load_preferences
         try:
-            records = load(args.check, args.format, args.skip_bad)
+            if args.kind == "prompts":
+                records = load_prompts(args.check, args.skip_bad)
+            else:
+                records = (load_sft if args.kind == "sft" else load_preferences)(args.check, args.format, args.skip_bad)
         except DataError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

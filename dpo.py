@@ -9,7 +9,7 @@ where y_w is the chosen and y_l the rejected response; beta * log(pi / pi_ref) i
 import torch
 import torch.nn.functional as F
 
-from data import IGNORE_INDEX
+from data import IGNORE_INDEX, concatenate_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -34,9 +34,7 @@ def concatenated_forward(model, batch: dict[str, torch.Tensor], average: bool = 
     padded to one length so they stack. One forward pass instead of two halves the kernel
     launches and, under DDP, keeps one autograd graph per step.
     Returns (chosen_logps, rejected_logps), each (B,)."""
-    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
-    attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    input_ids, attention_mask, labels = concatenate_pairs(batch)  # (2B, T)
     logps = sequence_logps(model(input_ids, attention_mask), labels, average)  # (2B,)
     B = batch["chosen_input_ids"].size(0)
     return logps[:B], logps[B:]
@@ -67,13 +65,13 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
     h = chosen_logratios - rejected_logratios
     eps = label_smoothing
-    if loss_type == "sigmoid":
+    if loss_type == "sigmoid":  # DPO, Rafailov et al. 2023 eq. 7; eps > 0: conservative DPO (Mitchell 2023)
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-    elif loss_type == "robust":
+    elif loss_type == "robust":  # rDPO, Chowdhury et al. 2024: the unbiased loss under flip rate eps
         losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-    elif loss_type == "hinge":
+    elif loss_type == "hinge":  # SLiC-HF calibration loss, Zhao et al. 2023, margin 1 / beta
         losses = torch.relu(1 - beta * h)
-    elif loss_type == "ipo":
+    elif loss_type == "ipo":  # IPO's empirical loss, Azar et al. 2023: regress h onto 1 / (2 tau), tau = beta
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")

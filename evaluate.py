@@ -20,7 +20,7 @@ def sample_completions(model, tok: Tokenizer, prompts: list[str], max_new_tokens
     generator = torch.Generator(device).manual_seed(seed)
     ids, texts, ended = [], [], []
     for i in range(0, len(prompts), batch_size):
-        prompt_ids = [[tok.bos_id] + tok.encode(p) for p in prompts[i:i + batch_size]]
+        prompt_ids = [tok.encode_prompt(p) for p in prompts[i:i + batch_size]]
         out, mask = model.generate(prompt_ids, max_new_tokens, tok.eos_id, tok.pad_id,
                                    temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         for row, n in zip(out.tolist(), mask.sum(1).tolist()):
@@ -74,7 +74,7 @@ class PolicyEvaluator:
                  temperature: float = 1.0, seed: int = 0, offload: bool = False):
         self.reference, self.tok, self.prompts, self.offload = reference, tok, prompts, offload
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
-        self.prompt_ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+        self.prompt_ids = [tok.encode_prompt(p) for p in prompts]
         _, texts, _ = sample_completions(reference, tok, prompts, max_new_tokens, temperature, seed)
         self.reference_rewards = [gold_reward(t, p) for p, t in zip(prompts, texts)]
 

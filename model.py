@@ -145,6 +145,11 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    @classmethod
+    def from_preset(cls, preset: str, vocab_size: int, dropout: float = 0.0) -> "GPT":
+        """A new model of a named size (PRESETS) for a tokenizer's vocabulary."""
+        return cls(GPTConfig(vocab_size=vocab_size, dropout=dropout, **PRESETS[preset]))
+
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)

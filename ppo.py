@@ -2,7 +2,7 @@
 PPO for RLHF as pure functions and small classes: rollout, per-token rewards with a KL penalty,
 KL controllers, GAE, whitening, and the clipped policy and value losses. train_ppo.py puts them
 in order. The details follow Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
-Preferences"), Ouyang et al. 2022 (InstructGPT) and Huang et al. 2022 ("The N Implementation
+Preferences"), Ouyang et al. 2022 (InstructGPT) and Huang et al. 2023 ("The N Implementation
 Details of RLHF with PPO"), and the names of the logged statistics follow TRL.
 
 Layout: a rollout row is a left-padded prompt of P columns followed by a response of R columns
@@ -65,9 +65,9 @@ def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef: fl
     r = pi_ref / pi (unbiased and never negative; Schulman 2020, "Approximating KL divergence").
     Returns rewards and KL_t, each (B, R), zero outside the response."""
     log_ratio = logprobs - ref_logprobs
-    kl = log_ratio if estimator == "k1" else torch.expm1(-log_ratio) + log_ratio
+    kl = log_ratio if estimator == "k1" else torch.expm1(-log_ratio) + log_ratio  # k3 = (r - 1) - log r
     kl = kl * response_mask
-    rewards = -kl_coef * kl
+    rewards = -kl_coef * kl  # R(x, y) = r(x, y) - beta log(pi / pi_ref): Ziegler et al. 2019, eq. 2
     last = response_mask.sum(1).long() - 1  # every response has at least one token
     rewards[torch.arange(len(rewards)), last] += scores
     return rewards, kl
@@ -105,17 +105,17 @@ def gae(rewards, values, response_mask, gamma: float, lam: float):
     zeros = torch.zeros(B, device=rewards.device)
     for t in reversed(range(R)):
         next_mask, next_value = (mask[:, t + 1], values[:, t + 1]) if t + 1 < R else (zeros, zeros)
-        delta = rewards[:, t] + gamma * next_value * next_mask - values[:, t]  # TD error
-        next_advantage = delta + gamma * lam * next_mask * next_advantage
+        delta = rewards[:, t] + gamma * next_value * next_mask - values[:, t]  # TD residual delta_t
+        next_advantage = delta + gamma * lam * next_mask * next_advantage  # A_t = delta_t + gamma lam A_{t+1}: eq. 16 as a recursion
         advantages[:, t] = next_advantage
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
 
 
-def masked_whiten(x, mask, all_reduce=None, shift_mean: bool = True):
+def masked_whiten(x, mask, all_reduce=None):
     """(x - mean) / std over the masked entries, where mean and the unbiased variance are taken
     over every process's entries (all_reduce sums a tensor across ranks), so whitening does not
-    depend on how the batch is split. shift_mean=False keeps the mean (used for rewards)."""
+    depend on how the batch is split. Zero outside the mask."""
     mask = mask.float()
     sums = torch.stack([(x * mask).sum(), mask.sum()])
     sums = all_reduce(sums) if all_reduce else sums
@@ -123,10 +123,7 @@ def masked_whiten(x, mask, all_reduce=None, shift_mean: bool = True):
     sq = ((x - mean) ** 2 * mask).sum()
     sq = all_reduce(sq) if all_reduce else sq
     var = sq / (sums[1] - 1)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, response_mask,
@@ -137,9 +134,12 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
     mask = response_mask.float()
     log_ratio = logprobs - old_logprobs
     ratio = log_ratio.exp()
+    # L^CLIP (Schulman et al. 2017, eq. 7) as a loss: max of the negated terms = min of the objectives
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
     pg_losses = torch.max(pg_unclipped, pg_clipped)
+    # value clipping around the rollout's values (OpenAI baselines' ppo2; "The 37 Implementation
+    # Details of PPO", Huang et al. 2022, detail 9)
     values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     vf_unclipped, vf_clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
     vf_losses = 0.5 * torch.max(vf_unclipped, vf_clipped)

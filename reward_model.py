@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import Tokenizer, concatenate_pairs, load_checkpoint
 from model import GPT, GPTConfig, ScalarHead
 
 
@@ -67,8 +68,15 @@ def rm_metric_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor)
 
 def pair_scores(model: RewardModel, batch: dict[str, torch.Tensor]):
     """Scores of chosen and rejected in one forward pass of 2B rows; each (B,)."""
-    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-    attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    scores = model(input_ids, attention_mask)
+    input_ids, attention_mask, _ = concatenate_pairs(batch)  # (2B, T)
+    scores = model(input_ids, attention_mask)  # (2B,)
     B = batch["chosen_input_ids"].size(0)
     return scores[:B], scores[B:]
+
+
+def load_reward_model(path: str) -> tuple[RewardModel, Tokenizer]:
+    """A reward model and its tokenizer from train_rm.py's ckpt.pt."""
+    ckpt = load_checkpoint(path)
+    model = RewardModel(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model, Tokenizer(ckpt["tokenizer"])

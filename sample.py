@@ -121,24 +121,25 @@ def write_pairs(cfg: Config, model, tok, split: str, prompts: list[str], rng: ra
 
 def main(argv=None) -> int:
     cfg = parse_config(Config, argv, __doc__)
+    if not cfg.pairs and not cfg.prompt:
+        raise SystemExit("error: give --prompt, or --pairs to write preference pairs")
     device = pick_device(cfg.device)
-    model, tok, _ = load_gpt(cfg.ckpt)
+    try:
+        model, tok, _ = load_gpt(cfg.ckpt)
+        if cfg.pairs:
+            train = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"))[:cfg.n_train_prompts]
+            val = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"))[:cfg.n_val_prompts]
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model.to(device).eval()
     with autocast(device, cfg.dtype):
         if not cfg.pairs:
-            if not cfg.prompt:
-                raise SystemExit("error: give --prompt, or --pairs to write preference pairs")
             _, texts, _ = sample_completions(model, tok, [cfg.prompt] * cfg.n, cfg.max_new_tokens,
                                              cfg.temperature, cfg.seed, cfg.top_k, cfg.top_p)
             for t in texts:
                 print(f"[{cfg.prompt}] {t}   (gold reward {gold_reward(t, cfg.prompt):.2f})")
             return 0
-        try:
-            train = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"))[:cfg.n_train_prompts]
-            val = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"))[:cfg.n_val_prompts]
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
         os.makedirs(cfg.out_dir, exist_ok=True)
         rng = random.Random(cfg.seed)
         write_pairs(cfg, model, tok, "train", train, rng)

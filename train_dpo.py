@@ -17,21 +17,25 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 
-from data import gold_reward, load_prompts, take
+from data import PairsConfig, gold_reward, load_pairs, load_prompts, real_tokens, take
 from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums
 from evaluate import PolicyEvaluator
-from train_utils import (Dist, PairsConfig, Run, all_reduce_sum, autocast, fit, load_gpt, load_pairs,
-                         make_optimizer, run_script, seed_everything)
+from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, global_batch, heldout_sums, load_gpt,
+                         make_optimizer, micro_batches, progress_bar, run_script, seed_everything, set_lr,
+                         shard_indices, train_step, wrap_model)
 
 
 @dataclass
-class Config(PairsConfig):
+class Config(PairsConfig, TrainConfig):
     out_dir: str = "out/dpo"
     """folder for config.json, metrics.jsonl, ckpt.pt (and reference_logps.pt)"""
+    sft_ckpt: str = "out/sft/ckpt.pt"
+    """SFT checkpoint: the initial policy and the frozen reference (its tokenizer reads the pairs)"""
     # DPO
     beta: float = 0.1
     """KL strength: the implicit reward is beta * log(pi / pi_ref)"""
@@ -54,11 +58,21 @@ class Config(PairsConfig):
     """longest sampled completion"""
     temperature: float = 1.0
     """sampling temperature of the evaluation samples"""
-    # learning rate for the toy task
+    # optimisation defaults for the toy task's pairs
+    batch_size: int = 64
+    """pairs per optimizer step, over all processes and micro-batches"""
+    max_iters: int = 300
+    """optimizer steps (about two passes over the toy task's 9.5k training pairs)"""
     lr: float = 1e-4
     """peak learning rate"""
     min_lr: float = 1e-5
     """learning rate at the end of the cosine decay"""
+    warmup_iters: int = 30
+    """steps of linear warmup"""
+    weight_decay: float = 0.0
+    """AdamW weight decay, matrices only"""
+    eval_interval: int = 50
+    """steps between held-out evaluations and checkpoints"""
 
 
 def reference_logps(reference, data: dict[str, torch.Tensor], average: bool, dist: Dist, ctx,
@@ -66,10 +80,9 @@ def reference_logps(reference, data: dict[str, torch.Tensor], average: bool, dis
     """(N, 2) chosen and rejected log-probs of every pair under the reference, in one pass
     sharded over ranks and summed back together."""
     out = torch.zeros(len(data["chosen_input_ids"]), 2, device=dist.device)
-    for idx in torch.arange(len(out))[dist.rank::dist.world_size].split(batch_size):
-        batch = {k: v.to(dist.device) for k, v in take(data, idx).items()}
+    for idx in shard_indices(len(out), dist, batch_size):
         with torch.no_grad(), ctx:
-            out[idx.to(dist.device)] = torch.stack(concatenated_forward(reference, batch, average), dim=1)
+            out[idx.to(dist.device)] = torch.stack(concatenated_forward(reference, take(data, idx, dist.device), average), dim=1)
     return all_reduce_sum(out, dist).cpu()
 
 
@@ -95,73 +108,107 @@ def cached_reference_logps(cfg: Config, reference, datasets: dict, average: bool
     return logps
 
 
+def dpo_batch_loss(model, batch, reference, cfg: Config):
+    """The summed DPO loss (Rafailov et al. 2023, eq. 7, or a variant) of a batch of pairs and
+    TRL's metrics, as sums. The reference's log-probs come from the batch when precomputed,
+    else from a forward pass of the frozen reference."""
+    average = cfg.loss_type == "ipo"  # IPO compares length-normalised log-probs, as TRL does
+    policy_chosen, policy_rejected = concatenated_forward(model, batch, average)
+    if cfg.precompute_ref:
+        ref_chosen, ref_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+    else:
+        with torch.no_grad():
+            ref_chosen, ref_rejected = concatenated_forward(reference, batch, average)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type,
+        cfg.label_smoothing, cfg.reference_free)
+    return losses.sum(), dpo_metric_sums(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+
+
+def evaluate(model, policy, loss_fn, val_data, evaluator, prompts, cfg: Config, dist: Dist, ctx):
+    """Held-out DPO metrics on every rank's shard of the pairs; on rank 0, gold reward, KL and
+    win rate of samples for held-out prompts. Returns the metrics and a few samples to print."""
+    model.eval()
+    sums = heldout_sums(model, val_data, loss_fn, dist, ctx, cfg.batch_size)
+    metrics, samples = {f"eval/{k}": v / len(val_data["chosen_input_ids"]) for k, v in sums.items()}, []
+    if evaluator is not None:
+        with ctx:
+            sample_metrics, texts = evaluator(policy)
+        metrics.update(sample_metrics)
+        samples = [f"[{p}] {t}   (gold reward {gold_reward(t, p):.2f})" for p, t in list(zip(prompts, texts))[:cfg.print_samples]]
+    model.train()
+    return metrics, samples
+
+
 def train(cfg: Config, dist: Dist) -> dict:
+    # 1. data, validated before anything is written
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
-    # 1. data, validated before anything is written
     policy, tok, _ = load_gpt(cfg.sft_ckpt)
     train_data, _, val_data = load_pairs(cfg, tok)
     prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval else []
 
-    # 2. policy and frozen reference, both from the SFT checkpoint
+    # 2. policy and frozen reference, both from the SFT checkpoint; the reference's log-probs of
+    # every pair computed once if asked
     policy.to(dist.device)
     reference = load_gpt(cfg.sft_ckpt)[0].to(dist.device).eval().requires_grad_(False)
-    average = cfg.loss_type == "ipo"  # IPO compares length-normalised log-probs, as TRL does
+    ctx = autocast(dist.device, cfg.dtype)
     if cfg.precompute_ref:
-        logps = cached_reference_logps(cfg, reference, {"train": train_data, "val": val_data}, average,
-                                       dist, autocast(dist.device, cfg.dtype))
+        logps = cached_reference_logps(cfg, reference, {"train": train_data, "val": val_data},
+                                       cfg.loss_type == "ipo", dist, ctx)
         for data, name in ((train_data, "train"), (val_data, "val")):
             data["reference_chosen_logps"], data["reference_rejected_logps"] = logps[name].unbind(1)
     evaluator = None
     if dist.master and prompts:
-        with autocast(dist.device, cfg.dtype):
+        with ctx:
             evaluator = PolicyEvaluator(reference, tok, prompts, cfg.max_new_tokens, cfg.temperature,
                                         cfg.seed, offload=cfg.precompute_ref)
     if cfg.precompute_ref:
         reference.cpu()  # off the accelerator: training never runs it again, evaluation borrows it
+    loss_fn = partial(dpo_batch_loss, reference=reference, cfg=cfg)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
+    start = step = run.start(policy, optimizer)
+    tokens = run.resumed["tokens"] if run.resumed else 0  # real tokens trained on so far
+    model = wrap_model(policy, dist, cfg.compile)
+    n_pairs = len(train_data["chosen_input_ids"])
     if dist.master:
-        print(f"policy: {policy.num_params() / 1e6:.2f}M parameters, {len(train_data['chosen_input_ids'])} "
-              f"training pairs, {len(val_data['chosen_input_ids'])} held-out, {dist.world_size} "
-              f"process(es) on {dist.device}, reference {'precomputed' if cfg.precompute_ref else 'live'}")
+        print(f"policy: {policy.num_params() / 1e6:.2f}M parameters, {n_pairs} training pairs, "
+              f"{len(val_data['chosen_input_ids'])} held-out, {dist.world_size} process(es) on {dist.device}, "
+              f"reference {'precomputed' if cfg.precompute_ref else 'live'}")
 
-    # 3. the DPO loss of a batch of pairs (Rafailov et al. 2023, eq. 7, or a variant)
-    def loss_fn(model, batch):
-        policy_chosen, policy_rejected = concatenated_forward(model, batch, average)
-        if cfg.precompute_ref:
-            ref_chosen, ref_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-        else:
-            with torch.no_grad():
-                ref_chosen, ref_rejected = concatenated_forward(reference, batch, average)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type,
-            cfg.label_smoothing, cfg.reference_free)
-        return losses.sum(), dpo_metric_sums(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
-
-    # 4. held-out DPO metrics on every rank's shard of the pairs; samples on rank 0
-    @torch.no_grad()
-    def evaluate(model, ctx):
-        model.eval()
-        sums, names = None, None
-        for idx in torch.arange(len(val_data["chosen_input_ids"]))[dist.rank::dist.world_size].split(cfg.batch_size):
-            batch = {k: v.to(dist.device) for k, v in take(val_data, idx).items()}
-            with ctx:
-                loss_sum, metric_sums = loss_fn(model, batch)
-            values = torch.stack([loss_sum.float(), *(v.float() for v in metric_sums.values())])
-            sums, names = (values if sums is None else sums + values), ["loss", *metric_sums]
-        sums = all_reduce_sum(sums, dist) / len(val_data["chosen_input_ids"])
-        metrics, lines = {f"eval/{k}": v for k, v in zip(names, sums.tolist())}, []
-        if evaluator is not None:
-            with ctx:
-                sample_metrics, texts = evaluator(policy)
-            metrics.update(sample_metrics)
-            lines = [f"[{p}] {t}   (gold reward {gold_reward(t, p):.2f})"
-                     for p, t in list(zip(prompts, texts))[:cfg.print_samples]]
-        model.train()
-        return metrics, lines
-
-    return fit(cfg, dist, run, policy, optimizer, tok, train_data, loss_fn, lambda data, idx: len(idx),
-               evaluate, "dpo")
+    # 3. the loop: evaluate and checkpoint, then one optimizer step on a batch of pairs
+    bar = progress_bar(cfg.max_iters, step, dist, "dpo")
+    metrics = {}
+    while True:
+        # 3a. evaluate and checkpoint at step 0, every eval_interval steps and at the end (a resumed
+        # run was evaluated at its checkpoint already)
+        evaluating = (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (run.resumed and step == start)
+        if evaluating:
+            eval_metrics, samples = evaluate(model, policy, loss_fn, val_data, evaluator, prompts, cfg, dist, ctx)
+            metrics.update(eval_metrics)
+            run.print(step, metrics, samples)
+        if metrics:
+            run.log(step, metrics)
+        if evaluating:
+            run.save(step, policy, optimizer, tok, {"tokens": tokens})
+        if step == cfg.max_iters:
+            break
+        # 3b. this step's learning rate and global batch of pairs; this rank's micro-batches
+        lr = set_lr(optimizer, step, cfg)
+        indices = global_batch(n_pairs, cfg.batch_size, step, cfg.seed)
+        batches = [take(train_data, idx, dist.device) for idx in micro_batches(indices, dist, cfg.grad_accum)]
+        # 3c. chosen and rejected through the policy (and the reference) in one forward, the DPO
+        # loss averaged over the global batch's pairs, backward, one optimizer step
+        step += 1
+        stats = train_step(model, optimizer, batches, loss_fn, len(indices), cfg.grad_clip, dist, ctx, step)
+        tokens += real_tokens(train_data, indices)
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
+        # 3d. training metrics every log_interval steps
+        logging = step % cfg.log_interval == 0 or step == cfg.max_iters
+        metrics = {**stats, "learning_rate": lr, "tokens": tokens} if logging else {}
+    bar.close()
+    return metrics
 
 
 def main(argv=None) -> int:

@@ -16,18 +16,19 @@ value updates over num_minibatches minibatches; 7. adapt kl_coef; 8. log, evalua
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from data import gold_reward, load_prompts
 from evaluate import PolicyEvaluator
 from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, masked_whiten,
                  per_token_rewards, ppo_losses, response_logprobs, rollout)
-from reward_model import RewardModel
-from train_utils import (Dist, NonFiniteLoss, Run, TrainConfig, all_reduce_sum, autocast, global_batch,
-                         load_gpt, load_reward_model, lr_at, make_optimizer, progress_bar, run_script,
-                         seed_everything, train_step, wrap_model)
+from reward_model import RewardModel, load_reward_model
+from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, global_batch, load_gpt, make_optimizer,
+                         progress_bar, run_script, seed_everything, set_lr, train_step, wrap_model)
 
 
 @dataclass
@@ -103,11 +104,99 @@ class Config(TrainConfig):
     """iterations between held-out evaluations and checkpoints"""
 
 
+@torch.no_grad()
+def collect_rollouts(policy, reward_model, tok, prompts: list[str], step: int, cfg: Config, dist: Dist, ctx):
+    """Steps 1-2: a response for each of this rank's prompts of the iteration's global batch,
+    and its score. The global batch is cut into chunks of gen_chunk prompts, spread over ranks;
+    each chunk is sampled with its own seed, so the samples do not depend on the world size.
+
+    Returns the rollout as a dict of this rank's rows (input_ids, attention_mask (B, P + R),
+    response_mask (B, R), scores (B,)) and P, the prompt width."""
+    indices = global_batch(len(prompts), cfg.batch_size, step, cfg.seed)
+    my_prompts, chunks = [], []
+    for c in range(dist.rank, cfg.batch_size // cfg.gen_chunk, dist.world_size):
+        chunk_prompts = [prompts[i] for i in indices[c * cfg.gen_chunk:(c + 1) * cfg.gen_chunk]]
+        generator = torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + c)
+        with ctx:
+            chunks.append(rollout(policy, [tok.encode_prompt(p) for p in chunk_prompts], cfg.max_new_tokens,
+                                  tok.eos_id, tok.pad_id, cfg.temperature, generator))
+        my_prompts += chunk_prompts
+    P = max(r.n_prompt for r in chunks)  # left-pad every chunk's prompts to one width
+    input_ids = torch.cat([F.pad(r.input_ids, (P - r.n_prompt, 0), value=tok.pad_id) for r in chunks])
+    attention_mask = torch.cat([F.pad(r.attention_mask, (P - r.n_prompt, 0), value=0) for r in chunks])
+    response_mask = torch.cat([r.response_mask for r in chunks]).float()
+    responses = input_ids[:, P:]
+    # 2. score: the reward model at the last real token, or the toy task's gold reward of the text;
+    # a response that never ends (no eos) loses missing_eos_penalty
+    if reward_model is not None:
+        with ctx:
+            scores = reward_model(input_ids, attention_mask).float()
+    else:
+        texts = [tok.decode(row[:int(n)]) for row, n in zip(responses.tolist(), response_mask.sum(1).tolist())]
+        scores = torch.tensor([gold_reward(t, p) for t, p in zip(texts, my_prompts)], device=dist.device)
+    ended = (responses == tok.eos_id).any(1)
+    scores = scores - cfg.missing_eos_penalty * (~ended).float()
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+            "scores": scores}, P
+
+
+@torch.no_grad()
+def score_tokens(policy, reference, critic, batch, P: int, cfg: Config, ctx):
+    """Step 3: log-probs of the responses under the policy that sampled them and under the
+    reference, the policy's entropy, and the critic's values, each (B, R)."""
+    with ctx:
+        logprobs, entropy = response_logprobs(policy(batch["input_ids"], batch["attention_mask"]),
+                                              batch["input_ids"], P, cfg.temperature)
+        ref_logprobs, _ = response_logprobs(reference(batch["input_ids"], batch["attention_mask"]),
+                                            batch["input_ids"], P, cfg.temperature)
+        values = critic.values(batch["input_ids"], batch["attention_mask"])[:, P - 1:-1].float()
+    return logprobs, ref_logprobs, entropy, values
+
+
+def ppo_batch_loss(model, batch, n_prompt: int, cfg: Config):
+    """Step 6's loss of a minibatch: the clipped policy loss plus vf_coef times the clipped
+    value loss, summed over response tokens, and the statistics TRL logs."""
+    logits, new_values = model(batch["input_ids"], batch["attention_mask"])  # policy and critic in one call
+    new_logprobs, _ = response_logprobs(logits, batch["input_ids"], n_prompt, cfg.temperature)
+    sums = ppo_losses(new_logprobs, batch["old_logprobs"], batch["advantages"], new_values[:, n_prompt - 1:-1].float(),
+                      batch["old_values"], batch["returns"], batch["response_mask"], cfg.cliprange, cfg.cliprange_value)
+    return sums["policy_loss"] + cfg.vf_coef * sums["value_loss"], sums
+
+
 def minibatch_rows(n_chunks: int, chunk: int, positions: torch.Tensor) -> torch.Tensor:
     """Row indices of this rank's part of a minibatch: the same positions within each of its
     chunks. Every rank uses the same positions, so the global minibatch is the same rows
     whatever the number of processes."""
     return (torch.arange(n_chunks)[:, None] * chunk + positions[None, :]).flatten()
+
+
+def ppo_update(model, optimizer, data: dict, P: int, step: int, cfg: Config, dist: Dist, ctx) -> dict[str, float]:
+    """Step 6: ppo_epochs passes over the rollout, each in num_minibatches minibatches, one
+    optimizer step per minibatch; the loss is the mean over the minibatch's response tokens on
+    all ranks. Returns the statistics averaged over the minibatches."""
+    loss_fn = partial(ppo_batch_loss, n_prompt=P, cfg=cfg)
+    n_chunks = len(data["input_ids"]) // cfg.gen_chunk  # this rank's chunks
+    per_minibatch = cfg.gen_chunk // cfg.num_minibatches
+    stats = []
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(cfg.gen_chunk, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch))
+        for m in range(cfg.num_minibatches):
+            rows = minibatch_rows(n_chunks, cfg.gen_chunk, order[m * per_minibatch:(m + 1) * per_minibatch])
+            n_tokens = int(all_reduce_sum(data["response_mask"][rows].sum(), dist).item())
+            batches = [{k: v[r] for k, v in data.items()} for r in rows.chunk(cfg.grad_accum)]
+            stats.append(train_step(model, optimizer, batches, loss_fn, n_tokens, cfg.grad_clip, dist, ctx, step + 1))
+    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+
+def evaluate(evaluator, policy, eval_prompts: list[str], cfg: Config, ctx):
+    """Gold reward, KL and win rate of the policy's samples for held-out prompts (rank 0 only;
+    nothing elsewhere), and a few samples to print."""
+    if evaluator is None:
+        return {}, []
+    with ctx:
+        metrics, texts = evaluator(policy)
+    return metrics, [f"[{p}] {t}   (gold reward {gold_reward(t, p):.2f})"
+                     for p, t in list(zip(eval_prompts, texts))[:cfg.print_samples]]
 
 
 def train(cfg: Config, dist: Dist) -> dict:
@@ -116,7 +205,6 @@ def train(cfg: Config, dist: Dist) -> dict:
     policy, tok, _ = load_gpt(cfg.sft_ckpt)
     prompts = load_prompts(cfg.prompts)
     eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval else []
-    n_chunks = cfg.batch_size // cfg.gen_chunk
     if cfg.batch_size % (cfg.gen_chunk * dist.world_size) or (cfg.gen_chunk // cfg.num_minibatches) % cfg.grad_accum:
         raise SystemExit("error: batch_size must be a multiple of gen_chunk x world size, and "
                          "gen_chunk / num_minibatches a multiple of grad_accum")
@@ -138,7 +226,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
-    step = run.start(policy, optimizer)
+    start = step = run.start(policy, optimizer)
     tokens = 0  # real tokens of the rollouts, once per PPO epoch that trains on them
     if run.resumed:
         critic.load_state_dict(run.resumed["critic"])
@@ -152,128 +240,67 @@ def train(cfg: Config, dist: Dist) -> dict:
     if dist.master:
         print(f"policy and critic: 2 x {policy.num_params() / 1e6:.2f}M parameters, {len(prompts)} prompts, "
               f"reward: {cfg.reward}, {dist.world_size} process(es) on {dist.device}")
-    all_reduce = lambda t: all_reduce_sum(t, dist)
-
-    def evaluate_and_save(step, metrics):
-        if evaluator is not None:
-            with ctx:
-                eval_metrics, texts = evaluator(policy)
-            metrics.update(eval_metrics)
-        run.log(step, metrics)
-        run.save(step, policy, optimizer, tok, {"critic": critic.state_dict(), "kl_coef": kl_ctl.value, "tokens": tokens})
-        if dist.master:
-            bar.write(f"iteration {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            for p, t in list(zip(eval_prompts, texts if evaluator else []))[:cfg.print_samples]:
-                bar.write(f"  [{p}] {t}   (gold reward {gold_reward(t, p):.2f})")
-        return metrics
 
     bar = progress_bar(cfg.max_iters, step, dist, "ppo")
-    metrics = evaluate_and_save(0, {}) if step == 0 else {}
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
     seconds = {"rollout": 0.0, "update": 0.0}  # wall time of steps 1-5 and of step 6, reported at the end
-    first_step = step
-    while step < cfg.max_iters:
+    metrics = {}
+    both.eval()  # dropout off in policy and critic, in rollouts and updates alike
+    while True:
+        # 8. evaluate and checkpoint at iteration 0, every eval_interval iterations and at the end
+        # (a resumed run was evaluated at its checkpoint already)
+        evaluating = (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (run.resumed and step == start)
+        if evaluating:
+            eval_metrics, samples = evaluate(evaluator, policy, eval_prompts, cfg, ctx)
+            metrics.update(eval_metrics)
+            run.print(step, metrics, samples)
+        if metrics:
+            run.log(step, metrics)
+        if evaluating:
+            run.save(step, policy, optimizer, tok, {"critic": critic.state_dict(), "kl_coef": kl_ctl.value, "tokens": tokens})
+        if step == cfg.max_iters:
+            break
         t_rollout = time.time()
-        lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, decay_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # 1. rollout: this rank's chunks of the global prompt batch, each chunk with its own seed
-        both.eval()  # dropout off in policy and critic, in rollouts and updates alike
-        indices = global_batch(len(prompts), cfg.batch_size, step, cfg.seed)
-        my_chunks = list(range(dist.rank, n_chunks, dist.world_size))
-        my_prompts, chunk_rollouts = [], []
-        for c in my_chunks:
-            chunk_prompts = [prompts[i] for i in indices[c * cfg.gen_chunk:(c + 1) * cfg.gen_chunk]]
-            generator = torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + c)
-            with ctx:
-                chunk_rollouts.append(rollout(policy, [[tok.bos_id] + tok.encode(p) for p in chunk_prompts],
-                                              cfg.max_new_tokens, tok.eos_id, tok.pad_id, cfg.temperature, generator))
-            my_prompts += chunk_prompts
-        P = max(r.n_prompt for r in chunk_rollouts)  # left-pad every chunk's prompts to one width
-        input_ids = torch.cat([torch.nn.functional.pad(r.input_ids, (P - r.n_prompt, 0), value=tok.pad_id)
-                               for r in chunk_rollouts])
-        attention_mask = torch.cat([torch.nn.functional.pad(r.attention_mask, (P - r.n_prompt, 0), value=0)
-                                    for r in chunk_rollouts])
-        response_mask = torch.cat([r.response_mask for r in chunk_rollouts]).float()
-        responses = input_ids[:, P:]
-
-        # 2-3. scores; log-probs of policy and reference; values of the critic
-        with torch.no_grad(), ctx:
-            logprobs, entropy = response_logprobs(policy(input_ids, attention_mask), input_ids, P, cfg.temperature)
-            ref_logprobs, _ = response_logprobs(reference(input_ids, attention_mask), input_ids, P, cfg.temperature)
-            values = critic.values(input_ids, attention_mask)[:, P - 1:-1].float()
-            ended = (responses == tok.eos_id).any(1)
-            if reward_model is not None:
-                scores = reward_model(input_ids, attention_mask).float()
-            else:
-                texts = [tok.decode(row[:int(n)]) for row, n in zip(responses.tolist(), response_mask.sum(1).tolist())]
-                scores = torch.tensor([gold_reward(t, p) for t, p in zip(texts, my_prompts)], device=dist.device)
-            scores = scores - cfg.missing_eos_penalty * (~ended).float()
-
-        # 4-5. per-token rewards with the KL penalty; advantages by GAE, whitened over all ranks
-        rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_ctl.value, cfg.kl_estimator)
-        advantages, returns = gae(rewards, values * response_mask, response_mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, response_mask, all_reduce)
-        data = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-                "old_logprobs": logprobs, "old_values": values, "advantages": advantages, "returns": returns}
-
-        # 6. PPO epochs over minibatches: the same positions of every chunk form a minibatch
+        lr = set_lr(optimizer, step, cfg)
+        # 1-2. sample a response for each prompt of this rank's chunks and score it
+        data, P = collect_rollouts(policy, reward_model, tok, prompts, step, cfg, dist, ctx)
+        # 3. log-probs of policy and reference, values of the critic
+        logprobs, ref_logprobs, entropy, values = score_tokens(policy, reference, critic, data, P, cfg, ctx)
+        # 4. per-token rewards: the score at the last token, minus kl_coef x KL at every token
+        mask = data["response_mask"]
+        rewards, kl = per_token_rewards(data["scores"], logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
+        # 5. advantages by GAE, whitened over every rank's tokens; returns are the critic's targets
+        advantages, returns = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask, lambda t: all_reduce_sum(t, dist))
+        data.update(old_logprobs=logprobs, old_values=values, advantages=advantages, returns=returns)
         t_update = time.time()
+        # 6. PPO epochs over minibatches: the clipped policy and value losses
+        update = ppo_update(model, optimizer, data, P, step, cfg, dist, ctx)
         seconds["rollout"] += t_update - t_rollout
-        def loss_fn(model, batch):
-            logits, new_values = model(batch["input_ids"], batch["attention_mask"])
-            new_logprobs, _ = response_logprobs(logits, batch["input_ids"], P, cfg.temperature)
-            sums = ppo_losses(new_logprobs, batch["old_logprobs"], batch["advantages"],
-                              new_values[:, P - 1:-1].float(), batch["old_values"], batch["returns"],
-                              batch["response_mask"], cfg.cliprange, cfg.cliprange_value)
-            return sums["policy_loss"] + cfg.vf_coef * sums["value_loss"], sums
-
-        per_minibatch = cfg.gen_chunk // cfg.num_minibatches
-        update_stats = []
-        for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(cfg.gen_chunk, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch))
-            for m in range(cfg.num_minibatches):
-                rows = minibatch_rows(len(my_chunks), cfg.gen_chunk, order[m * per_minibatch:(m + 1) * per_minibatch])
-                n_tokens = int(all_reduce(response_mask[rows].sum()).item())
-                batches = [{k: v[r] for k, v in data.items()} for r in rows.chunk(cfg.grad_accum)]
-                try:
-                    update_stats.append(train_step(model, optimizer, batches, loss_fn, n_tokens, cfg.grad_clip, dist, ctx))
-                except NonFiniteLoss as e:
-                    raise SystemExit(f"error: iteration {step + 1}: {e}; stopped, the last good checkpoint "
-                                     f"{run.ckpt_path} is kept") from None
-
         seconds["update"] += time.time() - t_update
-
         # 7. adapt the KL coefficient to the batch's mean sequence KL (over all ranks)
-        seq_stats = all_reduce(torch.stack([scores.sum(), kl.sum(), (entropy * response_mask).sum(),
-                                            torch.tensor(float(len(scores)), device=dist.device)]))
+        seq_stats = all_reduce_sum(torch.stack([data["scores"].sum(), kl.sum(), (entropy * mask).sum(),
+                                                torch.tensor(float(len(mask)), device=dist.device)]), dist)
         mean_score, mean_kl, mean_entropy = (seq_stats[:3] / seq_stats[3]).tolist()
         kl_coef_used = kl_ctl.value
         kl_ctl.update(mean_kl, cfg.batch_size)
-        tokens += int(all_reduce(attention_mask.sum()).item()) * cfg.ppo_epochs
+        tokens += int(all_reduce_sum(data["attention_mask"].sum(), dist).item()) * cfg.ppo_epochs
         step += 1
         bar.update(1)
         bar.set_postfix(score=f"{mean_score:.3f}", kl=f"{mean_kl:.2f}", refresh=False)
-
-        # 8. log (TRL's names), evaluate, checkpoint
-        mean = lambda key: sum(s[key] for s in update_stats) / len(update_stats)
+        # 8. training metrics (TRL's names) every log_interval iterations
         metrics = {}
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
             metrics = {
                 "objective/scores": mean_score, "objective/kl": mean_kl,
                 "objective/rlhf_reward": mean_score - kl_coef_used * mean_kl, "objective/entropy": mean_entropy,
-                "policy/approxkl_avg": mean("approxkl"), "policy/clipfrac_avg": mean("clipfrac"),
-                "loss/policy_avg": mean("policy_loss"), "loss/value_avg": mean("value_loss"),
-                "val/clipfrac_avg": mean("vf_clipfrac"), "val/ratio": mean("ratio"),
-                "kl_coef": kl_coef_used, "grad_norm": mean("grad_norm"), "learning_rate": lr, "tokens": tokens,
+                "policy/approxkl_avg": update["approxkl"], "policy/clipfrac_avg": update["clipfrac"],
+                "loss/policy_avg": update["policy_loss"], "loss/value_avg": update["value_loss"],
+                "val/clipfrac_avg": update["vf_clipfrac"], "val/ratio": update["ratio"],
+                "kl_coef": kl_coef_used, "grad_norm": update["grad_norm"], "learning_rate": lr, "tokens": tokens,
             }
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            metrics = evaluate_and_save(step, metrics)
-        elif metrics:
-            run.log(step, metrics)
     bar.close()
     if dist.master:
-        n = max(1, step - first_step)
+        n = max(1, step - start)
         print(f"per iteration: rollout and scoring {seconds['rollout'] / n:.3f}s, "
               f"PPO update {seconds['update'] / n:.3f}s")
     return metrics

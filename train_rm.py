@@ -11,19 +11,22 @@ fast; the defaults here make about two passes over the toy pairs.
 """
 import sys
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from data import gold_reward, take
+from data import PairsConfig, gold_reward, load_pairs, real_tokens, take
 from reward_model import RewardModel, bradley_terry_loss, pair_scores, rm_metric_sums
-from train_utils import (Dist, PairsConfig, Run, all_reduce_sum, fit, load_gpt, load_pairs, make_optimizer,
-                         run_script, seed_everything)
+from train_utils import (Dist, Run, TrainConfig, autocast, global_batch, heldout_sums, load_gpt, make_optimizer,
+                         micro_batches, progress_bar, run_script, seed_everything, set_lr, train_step, wrap_model)
 
 
 @dataclass
-class Config(PairsConfig):
+class Config(PairsConfig, TrainConfig):
     out_dir: str = "out/rm"
     """folder for config.json, metrics.jsonl and ckpt.pt"""
+    sft_ckpt: str = "out/sft/ckpt.pt"
+    """SFT checkpoint whose backbone the reward model starts from (its tokenizer reads the pairs)"""
     # loss
     margin: float = 0.0
     """the score difference the chosen response must clear"""
@@ -31,11 +34,21 @@ class Config(PairsConfig):
     """weight of the (r_chosen + r_rejected)^2 term that keeps scores centred at 0"""
     gold_eval: bool = True
     """also report how often the model orders held-out pairs as the toy gold reward does"""
-    # learning rate for the toy task
+    # optimisation defaults for the toy task's pairs
+    batch_size: int = 64
+    """pairs per optimizer step, over all processes and micro-batches"""
+    max_iters: int = 300
+    """optimizer steps (about two passes over the toy task's 9.5k training pairs)"""
     lr: float = 3e-4
     """peak learning rate"""
     min_lr: float = 3e-5
     """learning rate at the end of the cosine decay"""
+    warmup_iters: int = 30
+    """steps of linear warmup"""
+    weight_decay: float = 0.0
+    """AdamW weight decay, matrices only"""
+    eval_interval: int = 50
+    """steps between held-out evaluations and checkpoints"""
 
 
 def gold_order(pairs) -> torch.Tensor:
@@ -45,56 +58,86 @@ def gold_order(pairs) -> torch.Tensor:
                          for p in pairs])
 
 
+def rm_batch_loss(model, batch, cfg: Config):
+    """The summed Bradley-Terry loss of a batch of pairs, chosen and rejected in one forward
+    pass, and the metrics as sums. Held-out batches carry the gold order: the metrics then
+    count the pairs ordered as the gold reward orders them."""
+    chosen, rejected = pair_scores(model, batch)
+    chosen, rejected = chosen.float(), rejected.float()
+    metrics = rm_metric_sums(chosen, rejected)
+    if "gold_order" in batch:
+        order = batch["gold_order"]
+        metrics["gold_agreements"] = ((chosen - rejected).sign() == order)[order != 0].float().sum()
+        metrics["gold_pairs"] = (order != 0).float().sum()
+    return bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef).sum(), metrics
+
+
+def evaluate(model, loss_fn, val_data, cfg: Config, dist: Dist, ctx) -> dict:
+    """Held-out loss, accuracy, margin and mean reward on every rank's shard of the pairs, and
+    agreement with the gold reward's order."""
+    model.eval()
+    sums = heldout_sums(model, val_data, loss_fn, dist, ctx, cfg.batch_size)
+    n = len(val_data["chosen_input_ids"])
+    metrics = {f"eval/{k}": sums[k] / n for k in ("loss", "accuracy", "margin", "mean_reward")}
+    if cfg.gold_eval:
+        metrics["eval/gold_agreement"] = sums["gold_agreements"] / max(sums["gold_pairs"], 1)
+    model.train()
+    return metrics
+
+
 def train(cfg: Config, dist: Dist) -> dict:
+    # 1. data, validated before anything is written
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
-    # 1. data, validated before anything is written
     sft, tok, _ = load_gpt(cfg.sft_ckpt)
     train_data, val_pairs, val_data = load_pairs(cfg, tok)
     if cfg.gold_eval:
         val_data["gold_order"] = gold_order(val_pairs)
 
     # 2. the reward model: SFT backbone, new scalar head
-    model = RewardModel.from_gpt(sft).to(dist.device)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
+    raw_model = RewardModel.from_gpt(sft).to(dist.device)
+    loss_fn = partial(rm_batch_loss, cfg=cfg)
+    optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
+    start = step = run.start(raw_model, optimizer)
+    tokens = run.resumed["tokens"] if run.resumed else 0  # real tokens trained on so far
+    model = wrap_model(raw_model, dist, cfg.compile)
+    ctx = autocast(dist.device, cfg.dtype)
+    n_pairs = len(train_data["chosen_input_ids"])
     if dist.master:
-        print(f"reward model: {model.backbone.num_params() / 1e6:.2f}M parameters, "
-              f"{len(train_data['chosen_input_ids'])} training pairs, {len(val_pairs)} held-out, "
-              f"{dist.world_size} process(es) on {dist.device}")
+        print(f"reward model: {raw_model.backbone.num_params() / 1e6:.2f}M parameters, {n_pairs} training pairs, "
+              f"{len(val_pairs)} held-out, {dist.world_size} process(es) on {dist.device}")
 
-    # 3. the Bradley-Terry loss of a batch of pairs, chosen and rejected in one forward pass
-    def loss_fn(model, batch):
-        chosen, rejected = pair_scores(model, batch)
-        losses = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef)
-        return losses.sum(), rm_metric_sums(chosen, rejected)
-
-    # 4. held-out metrics, sharded over ranks, and agreement with the gold reward's order
-    @torch.no_grad()
-    def evaluate(model, ctx):
-        model.eval()
-        sums = torch.zeros(6, device=dist.device)  # loss, accuracy, margin, mean_reward, gold agreements, gold pairs
-        for idx in torch.arange(len(val_pairs))[dist.rank::dist.world_size].split(cfg.batch_size):
-            batch = {k: v.to(dist.device) for k, v in take(val_data, idx).items()}
-            with ctx:
-                chosen, rejected = pair_scores(model, batch)
-            losses = bradley_terry_loss(chosen.float(), rejected.float(), cfg.margin, cfg.center_coef)
-            metrics = rm_metric_sums(chosen.float(), rejected.float())
-            agree = torch.zeros(2, device=dist.device)
-            if cfg.gold_eval:
-                order = batch["gold_order"]
-                agree = torch.stack([((chosen - rejected).sign() == order)[order != 0].float().sum(),
-                                     (order != 0).float().sum()])
-            sums += torch.cat([torch.stack([losses.sum(), *metrics.values()]), agree])
-        sums = all_reduce_sum(sums, dist)
-        names = ["eval/loss", "eval/accuracy", "eval/margin", "eval/mean_reward"]
-        result = dict(zip(names, (sums[:4] / len(val_pairs)).tolist()))
-        if cfg.gold_eval:
-            result["eval/gold_agreement"] = (sums[4] / sums[5].clamp(min=1)).item()
-        model.train()
-        return result, []
-
-    return fit(cfg, dist, run, model, optimizer, tok, train_data, loss_fn, lambda data, idx: len(idx),
-               evaluate, "rm")
+    # 3. the loop: evaluate and checkpoint, then one optimizer step on a batch of pairs
+    bar = progress_bar(cfg.max_iters, step, dist, "rm")
+    metrics = {}
+    while True:
+        # 3a. evaluate and checkpoint at step 0, every eval_interval steps and at the end (a resumed
+        # run was evaluated at its checkpoint already)
+        evaluating = (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (run.resumed and step == start)
+        if evaluating:
+            metrics.update(evaluate(model, loss_fn, val_data, cfg, dist, ctx))
+            run.print(step, metrics)
+        if metrics:
+            run.log(step, metrics)
+        if evaluating:
+            run.save(step, raw_model, optimizer, tok, {"tokens": tokens})
+        if step == cfg.max_iters:
+            break
+        # 3b. this step's learning rate and global batch of pairs; this rank's micro-batches
+        lr = set_lr(optimizer, step, cfg)
+        indices = global_batch(n_pairs, cfg.batch_size, step, cfg.seed)
+        batches = [take(train_data, idx, dist.device) for idx in micro_batches(indices, dist, cfg.grad_accum)]
+        # 3c. the Bradley-Terry loss averaged over the global batch's pairs, backward, one optimizer step
+        step += 1
+        stats = train_step(model, optimizer, batches, loss_fn, len(indices), cfg.grad_clip, dist, ctx, step)
+        tokens += real_tokens(train_data, indices)
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
+        # 3d. training metrics every log_interval steps
+        logging = step % cfg.log_interval == 0 or step == cfg.max_iters
+        metrics = {**stats, "learning_rate": lr, "tokens": tokens} if logging else {}
+    bar.close()
+    return metrics
 
 
 def main(argv=None) -> int:

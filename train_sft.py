@@ -15,11 +15,13 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from data import (IGNORE_INDEX, Tokenizer, gold_reward, load_prompts, load_sft,
-                  prepare_toy_data, take, tokenize_sft)
+from data import (IGNORE_INDEX, Tokenizer, gold_reward, load_prompts, load_sft, prepare_toy_data,
+                  real_tokens, take, tokenize_sft)
 from evaluate import sample_completions, sample_metrics
-from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, barrier, build_gpt,
-                         fit, load_gpt, make_optimizer, run_script, seed_everything)
+from model import GPT
+from train_utils import (Dist, Run, TrainConfig, autocast, barrier, global_batch, heldout_sums, load_gpt,
+                         make_optimizer, micro_batches, progress_bar, run_script, seed_everything, set_lr,
+                         train_step, wrap_model)
 
 
 @dataclass
@@ -71,6 +73,7 @@ def sft_loss(model, batch):
 
 
 def n_labels(labels: torch.Tensor) -> int:
+    """Tokens that carry loss: the labelled positions after the first (the shift)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
@@ -115,58 +118,80 @@ def train_tokenizer_on(examples, vocab_size: int) -> Tokenizer:
         os.remove(f.name)
 
 
-@torch.no_grad()
-def heldout_loss(model, val, cfg: Config, dist: Dist, ctx) -> float:
-    """Mean next-token loss over the whole validation set, sharded over ranks."""
-    sums = torch.zeros(2, device=dist.device)  # loss sum, label count
-    for idx in torch.arange(len(val["input_ids"]))[dist.rank::dist.world_size].split(cfg.batch_size):
-        batch = {k: v.to(dist.device) for k, v in take(val, idx).items()}
+def evaluate(model, raw_model, val_data, prompts, tok, cfg: Config, dist: Dist, ctx):
+    """Held-out loss on every rank's shard; on rank 0, samples for held-out prompts, scored by
+    the gold reward on the toy task. Returns the metrics and a few samples to print."""
+    model.eval()
+    sums = heldout_sums(model, val_data, sft_loss, dist, ctx, cfg.batch_size)
+    metrics, samples = {"eval/loss": sums["loss"] / n_labels(val_data["labels"])}, []
+    if dist.master and prompts:
         with ctx:
-            loss_sum, _ = sft_loss(model, batch)
-        sums += torch.stack([loss_sum.float(), torch.tensor(float(n_labels(batch["labels"])), device=dist.device)])
-    sums = all_reduce_sum(sums, dist)
-    return (sums[0] / sums[1]).item()
+            _, texts, ended = sample_completions(raw_model, tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed)
+        toy = not cfg.train_file
+        metrics.update(sample_metrics(prompts, texts, ended) if toy else {"eval/eos_rate": statistics.fmean(ended)})
+        samples = [f"[{p}] {t}" + (f"   (gold reward {gold_reward(t, p):.2f})" if toy else "")
+                   for p, t in list(zip(prompts, texts))[:cfg.print_samples]]
+    model.train()
+    return metrics, samples
 
 
 def train(cfg: Config, dist: Dist) -> dict:
+    # 1. data (validated before anything is written), model, optimizer, run folder
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
     raw_model, tok = load_gpt(cfg.init_from)[:2] if cfg.init_from else (None, None)
     if run.resumed:
         tok = Tokenizer(run.resumed["tokenizer"])
     train_data, val_data, prompts, tok = load_data(cfg, dist, tok)
-    toy = not cfg.train_file
-
     if raw_model is None:
-        raw_model = build_gpt(cfg.preset, tok.vocab_size, cfg.dropout)
+        raw_model = GPT.from_preset(cfg.preset, tok.vocab_size, cfg.dropout)
     if raw_model.config.block_size < cfg.max_length + cfg.max_new_tokens:
         raise SystemExit(f"error: max_length + max_new_tokens exceeds the model's block_size "
                          f"{raw_model.config.block_size}")
     raw_model.to(dist.device)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
+    start = step = run.start(raw_model, optimizer)
+    tokens = run.resumed["tokens"] if run.resumed else 0  # real tokens trained on so far
+    model = wrap_model(raw_model, dist, cfg.compile)
+    ctx = autocast(dist.device, cfg.dtype)
+    n_examples = len(train_data["input_ids"])
     if dist.master:
-        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {len(train_data['input_ids'])} "
-              f"training sequences, {dist.world_size} process(es) on {dist.device}")
+        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {n_examples} training sequences, "
+              f"{dist.world_size} process(es) on {dist.device}")
 
-    def evaluate(model, ctx):
-        """Held-out loss; on rank 0, samples for held-out prompts (gold reward on the toy task)."""
-        model.eval()
-        metrics, lines = {"eval/loss": heldout_loss(model, val_data, cfg, dist, ctx)}, []
-        if dist.master and prompts:
-            with ctx:
-                _, texts, ended = sample_completions(raw_model, tok, prompts, cfg.max_new_tokens,
-                                                     cfg.temperature, cfg.seed)
-            if toy:
-                metrics.update(sample_metrics(prompts, texts, ended))
-            else:
-                metrics["eval/eos_rate"] = statistics.fmean(ended)
-            lines = [f"[{p}] {t}" + (f"   (gold reward {gold_reward(t, p):.2f})" if toy else "")
-                     for p, t in list(zip(prompts, texts))[:cfg.print_samples]]
-        model.train()
-        return metrics, lines
-
-    return fit(cfg, dist, run, raw_model, optimizer, tok, train_data, sft_loss,
-               lambda data, idx: n_labels(data["labels"][idx]), evaluate, "sft")
+    # 2. the loop: evaluate and checkpoint, then one optimizer step
+    bar = progress_bar(cfg.max_iters, step, dist, "sft")
+    metrics = {}
+    while True:
+        # 2a. evaluate and checkpoint at step 0, every eval_interval steps and at the end (a resumed
+        # run was evaluated at its checkpoint already)
+        evaluating = (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (run.resumed and step == start)
+        if evaluating:
+            eval_metrics, samples = evaluate(model, raw_model, val_data, prompts, tok, cfg, dist, ctx)
+            metrics.update(eval_metrics)
+            run.print(step, metrics, samples)
+        if metrics:
+            run.log(step, metrics)
+        if evaluating:
+            run.save(step, raw_model, optimizer, tok, {"tokens": tokens})
+        if step == cfg.max_iters:
+            break
+        # 2b. this step's learning rate and global batch; this rank's micro-batches
+        lr = set_lr(optimizer, step, cfg)
+        indices = global_batch(n_examples, cfg.batch_size, step, cfg.seed)
+        batches = [take(train_data, idx, dist.device) for idx in micro_batches(indices, dist, cfg.grad_accum)]
+        # 2c. forward and backward, one optimizer step: the loss is the mean over the global batch's tokens
+        step += 1
+        stats = train_step(model, optimizer, batches, sft_loss, n_labels(train_data["labels"][indices]),
+                           cfg.grad_clip, dist, ctx, step)
+        tokens += real_tokens(train_data, indices)
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
+        # 2d. training metrics every log_interval steps
+        logging = step % cfg.log_interval == 0 or step == cfg.max_iters
+        metrics = {**stats, "learning_rate": lr, "tokens": tokens} if logging else {}
+    bar.close()
+    return metrics
 
 
 def main(argv=None) -> int:

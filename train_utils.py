@@ -1,12 +1,15 @@
 """
-What every training script shares: config dataclass to command line, torchrun/DDP setup, device
-and dtype, seeding, the optimizer and its schedule, the data order, one optimizer step with
-gradient accumulation, checkpoints, resume and metrics logging. Nothing here is specific to an
-algorithm: each train_X.py supplies its loss.
+Plumbing that every training script shares, each piece with one obvious meaning: config
+dataclass to command line, torchrun/DDP setup, device and dtype, seeding, the optimizer and its
+schedule, the data order, one optimizer step with gradient accumulation, the run folder
+(config, metrics, checkpoint, resume) and the script's main. No training loop and no algorithm
+lives here: each train_X.py shows its own loop, and its loss lives in dpo.py, ppo.py,
+reward_model.py or the script itself.
 """
 import argparse
 import ast
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -23,8 +26,8 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DataError, Tokenizer, load_preferences, take, tokenize_pairs, write_atomic
-from model import GPT, GPTConfig, PRESETS
+from data import DataError, Tokenizer, load_checkpoint, take, write_atomic
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # Config: a dataclass whose fields carry a docstring each (the line below the field, as in
@@ -125,45 +128,6 @@ class TrainConfig:
     """seeds the initialisation, the data order and the samples"""
 
 
-@dataclass
-class PairsConfig(TrainConfig):
-    """TrainConfig plus the preference data that DPO and the reward model read."""
-    sft_ckpt: str = "out/sft/ckpt.pt"
-    """SFT checkpoint to start from (its tokenizer reads the pairs)"""
-    train_file: str = "out/pairs/pairs_train.jsonl"
-    """preference pairs (plain, HH-RLHF or UltraFeedback-binarized JSONL)"""
-    val_file: str = "out/pairs/pairs_val.jsonl"
-    """held-out preference pairs"""
-    format: Literal["auto", "plain", "hh", "ultrafeedback"] = "auto"
-    """record format; auto recognises it from the first record"""
-    skip_bad: bool = False
-    """skip invalid records (and report how many) instead of stopping at the first"""
-    max_length: int = 64
-    """longest sequence in tokens, prompt and response together; longer ones are truncated"""
-    max_prompt_length: Optional[int] = None
-    """longest prompt; a longer one keeps its last tokens. none: prompts are not truncated"""
-    # optimisation defaults for the toy task's pairs
-    batch_size: int = 64
-    """pairs per optimizer step, over all processes and micro-batches"""
-    max_iters: int = 300
-    """optimizer steps (about two passes over the toy task's 9.5k training pairs)"""
-    warmup_iters: int = 30
-    """steps of linear warmup"""
-    weight_decay: float = 0.0
-    """AdamW weight decay, matrices only"""
-    eval_interval: int = 50
-    """steps between held-out evaluations and checkpoints"""
-
-
-def load_pairs(cfg: PairsConfig, tok: Tokenizer):
-    """Tokenised training pairs, held-out pairs (as read) and held-out tensors. Bad input raises
-    DataError, before anything is written."""
-    train = tokenize_pairs(load_preferences(cfg.train_file, cfg.format, cfg.skip_bad), tok,
-                           cfg.max_length, cfg.max_prompt_length)
-    val_pairs = load_preferences(cfg.val_file, cfg.format, cfg.skip_bad)
-    return train, val_pairs, tokenize_pairs(val_pairs, tok, cfg.max_length, cfg.max_prompt_length)
-
-
 # -----------------------------------------------------------------------------
 # Distributed setup, device, dtype, seeds
 
@@ -207,9 +171,17 @@ def setup_distributed(device_name: str) -> Dist:
     return Dist(True, rank, local_rank, world_size, device)
 
 
-def cleanup_distributed(dist: Dist) -> None:
-    if dist.ddp:
-        torch_dist.destroy_process_group()
+def cleanup_distributed(dist: Dist, finished: bool) -> None:
+    """Tear the process group down. A finished run first frees what still holds the group (a
+    DDP wrapper left in a reference cycle would otherwise be destroyed during interpreter
+    shutdown, with gloo's threads still running) and waits for every rank, so no rank closes
+    its connections while another is still writing."""
+    if not dist.ddp:
+        return
+    if finished:
+        gc.collect()
+        torch_dist.barrier()
+    torch_dist.destroy_process_group()
 
 
 def barrier(dist: Dist) -> None:
@@ -259,6 +231,14 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: i
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
+def set_lr(optimizer, step: int, cfg: TrainConfig) -> float:
+    """Set and return the learning rate of optimizer step `step` under cfg's schedule."""
+    lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 @lru_cache(maxsize=2)
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -282,43 +262,64 @@ def micro_batches(indices: torch.Tensor, dist: Dist, grad_accum: int) -> list[to
     return list(indices.chunk(dist.world_size * grad_accum))[dist.rank::dist.world_size]
 
 
+def shard_indices(n: int, dist: Dist, batch_size: int) -> list[torch.Tensor]:
+    """This rank's share of a held-out set of n examples (every world_size-th row), in batches."""
+    return list(torch.arange(n)[dist.rank::dist.world_size].split(batch_size))
+
+
 # -----------------------------------------------------------------------------
 # One optimizer step
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A NaN or infinite loss; run_script reports it and exits, leaving the last checkpoint."""
+
+
+def _sums(loss_sum: torch.Tensor, metric_sums: dict) -> torch.Tensor:
+    return torch.stack([loss_sum.detach().float(), *(v.detach().float() for v in metric_sums.values())])
 
 
 def train_step(model, optimizer, batches: list, loss_fn, n_global: int, grad_clip: float,
-               dist: Dist, ctx) -> dict[str, float]:
-    """Forward and backward over this rank's micro-batches, then one optimizer step.
+               dist: Dist, ctx, step: int) -> dict[str, float]:
+    """Forward and backward over this rank's micro-batches, then optimizer step number `step`.
 
     loss_fn(model, batch) -> (loss_sum, {name: sum}) returns sums over the batch's loss terms
     (tokens for SFT, pairs for DPO), not means. Dividing by n_global, the number of terms in the
     whole global batch, makes the gradient the global mean, whatever the world size and number
     of micro-batches (DDP averages gradients over ranks, hence the factor world_size). Gradients
     are all-reduced once, on the last micro-batch: the others run under no_sync, entered before
-    their forward pass. Returns the global means of the loss and metrics, and grad_norm; a
-    non-finite loss raises NonFiniteLoss before the weights are touched."""
-    sums = None
+    their forward pass. Returns the global means of the loss and metrics, and grad_norm (before
+    clipping); a non-finite loss raises NonFiniteLoss before the weights are touched."""
+    sums = 0
     for i, batch in enumerate(batches):
         sync = not dist.ddp or i == len(batches) - 1
         with nullcontext() if sync else model.no_sync():
             with ctx:
                 loss_sum, metric_sums = loss_fn(model, batch)
             (loss_sum * (dist.world_size / n_global)).backward()
-        values = torch.stack([loss_sum.detach().float(), *(v.detach().float() for v in metric_sums.values())])
-        sums = values if sums is None else sums + values
+        sums = sums + _sums(loss_sum, metric_sums)
     sums = all_reduce_sum(sums, dist) / n_global
     stats = dict(zip(["loss", *metric_sums], sums.tolist()))
     if not math.isfinite(stats["loss"]):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"loss is {stats['loss']}")
+        raise NonFiniteLoss(f"step {step}: loss is {stats['loss']}")
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return stats
+
+
+@torch.no_grad()
+def heldout_sums(model, data: dict[str, torch.Tensor], loss_fn, dist: Dist, ctx,
+                 batch_size: int) -> dict[str, float]:
+    """loss_fn (as in train_step) summed over a whole held-out set, sharded over ranks and
+    all-reduced: {"loss": sum, name: sum, ...}. The caller divides by what it averages over."""
+    sums = 0
+    for idx in shard_indices(len(next(iter(data.values()))), dist, batch_size):
+        with ctx:
+            loss_sum, metric_sums = loss_fn(model, take(data, idx, dist.device))
+        sums = sums + _sums(loss_sum, metric_sums)
+    return dict(zip(["loss", *metric_sums], all_reduce_sum(sums, dist).tolist()))
 
 
 # -----------------------------------------------------------------------------
@@ -334,33 +335,12 @@ def wrap_model(model: torch.nn.Module, dist: Dist, compile: bool) -> torch.nn.Mo
     return model
 
 
-def build_gpt(preset: str, vocab_size: int, dropout: float) -> GPT:
-    return GPT(GPTConfig(vocab_size=vocab_size, dropout=dropout, **PRESETS[preset]))
-
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint is data, never code: weights_only=True refuses anything but tensors and
-    plain containers."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {path}: no such checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def load_gpt(path: str) -> tuple[GPT, Tokenizer, dict]:
     """The model, its tokenizer and the whole checkpoint, from a ckpt.pt of any stage."""
     ckpt = load_checkpoint(path)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model, Tokenizer(ckpt["tokenizer"]), ckpt
-
-
-def load_reward_model(path: str):
-    """A reward model (RewardModel) and its tokenizer from train_rm.py's ckpt.pt."""
-    from reward_model import RewardModel
-    ckpt = load_checkpoint(path)
-    model = RewardModel(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model, Tokenizer(ckpt["tokenizer"])
 
 
 def _gather_rng(dist: Dist) -> list[torch.Tensor]:
@@ -424,9 +404,18 @@ class Run:
         return step
 
     def log(self, step: int, metrics: dict) -> None:
+        """One line of metrics.jsonl."""
         if self.dist.master:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def print(self, step: int, metrics: dict, samples: list[str] = ()) -> None:
+        """An evaluation's metrics and a few samples on the console, above the progress bar."""
+        if self.dist.master:
+            from tqdm import tqdm
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            for line in samples:
+                tqdm.write(f"  {line}")
 
     def save(self, step: int, model: GPT, optimizer, tokenizer: Tokenizer, extra: dict | None = None) -> None:
         """Atomic (temporary file, then rename): an interrupted save leaves the last good one."""
@@ -446,17 +435,22 @@ class Run:
 def run_script(config_cls, train, argv, description: str) -> int:
     """Every train script's main: flags to config, torchrun setup, train(cfg, dist) -> metrics,
     a summary line, teardown. Bad input exits with status 2 and one line naming file, line and
-    field."""
+    field; a non-finite loss exits with status 1 and names the step."""
     t0 = time.time()
     cfg = parse_config(config_cls, argv, description)
     dist = setup_distributed(cfg.device)
+    metrics = None
     try:
         metrics = train(cfg, dist)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        if dist.master:
+            print(f"error: {e}; stopped, the last good checkpoint in {cfg.out_dir} is kept", file=sys.stderr)
+        return 1
     finally:
-        cleanup_distributed(dist)
+        cleanup_distributed(dist, finished=metrics is not None)
     if dist.master:
         print(f"done in {time.time() - t0:.0f}s: " + ", ".join(
             f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("eval/", "objective/"))))
@@ -466,65 +460,3 @@ def run_script(config_cls, train, argv, description: str) -> int:
 def progress_bar(total: int, initial: int, dist: Dist, desc: str):
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, disable=not dist.master, desc=desc, dynamic_ncols=True)
-
-
-def fit(cfg: TrainConfig, dist: Dist, run: Run, raw_model, optimizer, tok: Tokenizer,
-        train_data: dict[str, torch.Tensor], loss_fn, n_terms, evaluate, desc: str) -> dict:
-    """The training loop every script shares.
-
-    loss_fn(model, batch) -> (loss_sum, {metric: sum}) as in train_step; n_terms(train_data,
-    indices) counts the loss terms of a global batch; evaluate(model, ctx) -> (metrics, lines)
-    runs the held-out evaluation and returns lines to print. Evaluates and checkpoints at step 0,
-    every eval_interval steps and at the end. Returns the last logged metrics."""
-    step = run.start(raw_model, optimizer)
-    model = wrap_model(raw_model, dist, cfg.compile)
-    ctx = autocast(dist.device, cfg.dtype)
-    n_examples = len(next(iter(train_data.values())))
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    mask_keys = [k for k in train_data if k.endswith("attention_mask")]
-    tokens_in = lambda idx: int(sum(train_data[k][idx].sum() for k in mask_keys))
-    # real tokens trained on so far; the data order is a function of the step, so a resumed run recounts
-    tokens = sum(tokens_in(global_batch(n_examples, cfg.batch_size, s, cfg.seed)) for s in range(step))
-    bar = progress_bar(cfg.max_iters, step, dist, desc)
-
-    def eval_and_save(step, metrics):
-        eval_metrics, lines = evaluate(model, ctx)
-        metrics.update(eval_metrics)
-        run.log(step, metrics)
-        run.save(step, raw_model, optimizer, tok)
-        if dist.master:
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            for line in lines:
-                bar.write(f"  {line}")
-        return metrics
-
-    metrics = eval_and_save(0, {}) if step == 0 else {}
-    while step < cfg.max_iters:
-        # 1. this step's learning rate and global batch; this rank's micro-batches
-        lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, decay_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        indices = global_batch(n_examples, cfg.batch_size, step, cfg.seed)
-        batches = [{k: v.to(dist.device) for k, v in take(train_data, idx).items()}
-                   for idx in micro_batches(indices, dist, cfg.grad_accum)]
-        # 2. forward, backward and step; the gradient is the mean over the global batch's loss terms
-        try:
-            stats = train_step(model, optimizer, batches, loss_fn, n_terms(train_data, indices),
-                               cfg.grad_clip, dist, ctx)
-        except NonFiniteLoss as e:
-            raise SystemExit(f"error: step {step + 1}: {e}; stopped, the last good checkpoint "
-                             f"{run.ckpt_path} is kept") from None
-        step += 1
-        tokens += tokens_in(indices)
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
-        # 3. log, evaluate, checkpoint
-        metrics = {}
-        if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            metrics = {**stats, "learning_rate": lr, "tokens": tokens}
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            metrics = eval_and_save(step, metrics)
-        elif metrics:
-            run.log(step, metrics)
-    bar.close()
-    return metrics

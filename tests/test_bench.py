@@ -8,7 +8,7 @@ import math
 import bench
 
 BENCHMARKS = ["sft step", "dpo step, live reference", "dpo step, precomputed ref", "reward model step",
-              "ppo update (policy+critic)", "generate 32 tokens, KV cache", "generate 32 tokens, no cache",
+              "ppo minibatch step (policy+critic)", "generate 32 tokens, KV cache", "generate 32 tokens, no cache",
               "generate 128 tokens, KV cache", "generate 128 tokens, no cache"]
 
 
@@ -23,7 +23,7 @@ def test_bench_smoke_table_is_complete_and_finite(tmp_path, capsys):
         for key in ("ms", "tokens_per_s", "mfu", "peak_mem_mb"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["benchmark"], key)
     with_overhead = [r["benchmark"] for r in result["rows"] if "overhead" in r]
-    assert with_overhead == ["sft step", "dpo step, live reference", "dpo step, precomputed ref", "ppo update (policy+critic)"]
+    assert with_overhead == ["sft step", "dpo step, live reference", "dpo step, precomputed ref", "ppo minibatch step (policy+critic)"]
     assert all(0 <= r["overhead"] < 1 for r in result["rows"] if "overhead" in r)
     table = capsys.readouterr().out
     assert table.count("| tiny | 16 |") == len(BENCHMARKS)
@@ -36,7 +36,8 @@ def test_dtype_handling_of_the_gpu_path_on_cpu(toy_dir, tmp_path):
 
     import train_sft
     from model import GPT, GPTConfig, KVCache
-    from train_utils import autocast, load_checkpoint
+    from data import load_checkpoint
+    from train_utils import autocast
 
     with autocast(torch.device("cpu"), "float32"):
         assert not torch.is_autocast_enabled("cpu")

@@ -25,7 +25,7 @@ def test_importance_weighted_frontier_matches_the_exact_optimal_policy():
     draws = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
     betas = [1.0, 0.3, 0.1, 0.05]
     estimates = optimal_frontier(r[draws][None], betas)
-    for beta, (b, gold, kl) in zip(betas, estimates):
+    for beta, (b, gold, kl) in zip(betas, estimates, strict=True):
         pi = p * torch.exp(r / beta)
         pi /= pi.sum()
         exact_gold, exact_kl = (pi * r).sum().item(), (pi * (pi / p).log()).sum().item()

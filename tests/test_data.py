@@ -151,3 +151,32 @@ def test_plain_text_records_are_labelled_everywhere_but_bos(tmp_path, tok):
     assert example == Example("", "i saw the film .", f"{path}:1")
     labels = tokenize_sft([example], tok, 64, None)["labels"][0].tolist()
     assert labels == [IGNORE_INDEX] + tok.encode("i saw the film .") + [tok.eos_id]
+
+
+RECORD_OF_KIND = {"sft": {"prompt": "the movie", "completion": "was great ."},
+                  "preference": {"prompt": "the movie", "chosen": "was great .", "rejected": "was dull ."},
+                  "prompts": {"prompt": "the movie"}}
+BOM = b"\xef\xbb\xbf"
+
+
+def bom_then_bad_byte(path, record: dict, bad_line: bool = True) -> str:
+    """A JSONL file saved with a UTF-8 byte-order mark; with bad_line, line 2 holds the byte 0xff
+    (not UTF-8) at its 15th byte."""
+    line = json.dumps(record).encode()
+    second = line[:14] + b"\xff" + line[14:] if bad_line else line
+    path.write_bytes(BOM + line + b"\n" + second + b"\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", RECORD_OF_KIND)
+def test_check_accepts_a_byte_order_mark_and_names_the_line_of_a_bad_byte(kind, tmp_path):
+    import subprocess
+    import sys
+    run = lambda path: subprocess.run([sys.executable, "data.py", "--check", path, "--kind", kind], capture_output=True,
+                                      text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    good = run(bom_then_bad_byte(tmp_path / "good.jsonl", RECORD_OF_KIND[kind], bad_line=False))
+    assert good.returncode == 0 and f"ok: 2 {kind} records" in good.stdout, good.stderr
+    path = bom_then_bad_byte(tmp_path / "bad.jsonl", RECORD_OF_KIND[kind])
+    bad = run(path)
+    assert bad.returncode == 2
+    assert bad.stderr == f"error: {path}:2: invalid UTF-8 (byte 0xff at byte 15)\n"

@@ -3,10 +3,10 @@ penalty, and short end-to-end runs of train_rm.py and train_ppo.py on the toy ta
 
     python -m pytest -q tests/test_rlhf.py
 """
+import copy
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,9 +19,10 @@ import torch.multiprocessing as mp
 import train_ppo
 import train_rm
 from model import GPT, GPTConfig
-from ppo import gae, masked_whiten, per_token_rewards, ppo_losses, response_logprobs, rollout
+from ppo import (AdaptiveKLController, FixedKLController, gae, masked_whiten, per_token_rewards, ppo_losses,
+                 response_logprobs, rollout)
 from reward_model import RewardModel, bradley_terry_loss
-from train_utils import load_checkpoint
+from data import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,12 +57,10 @@ def test_masked_whitening_matches_numpy():
     expected = (kept - kept.mean()) / np.sqrt(kept.var(ddof=1) + 1e-8)
     assert got[mask.bool()].numpy() == pytest.approx(expected, abs=1e-5)
     assert (got[~mask.bool()] == 0).all()
-    unshifted = masked_whiten(x, mask, shift_mean=False)[mask.bool()].numpy()
-    assert unshifted == pytest.approx(expected + kept.mean(), abs=1e-5)
 
 
-def _whiten_on_rank(rank, port, out):
-    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _whiten_on_rank(rank, store, out):
+    torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     x, _, mask, _ = ragged(seed=1)
     rows = slice(0, 2) if rank == 0 else slice(2, 5)  # uneven split of the batch
     def all_reduce(t):
@@ -72,11 +71,8 @@ def _whiten_on_rank(rank, port, out):
 
 
 def test_masked_whitening_over_two_processes_equals_one(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "w")
-    mp.spawn(_whiten_on_rank, args=(port, out), nprocs=2)
+    mp.spawn(_whiten_on_rank, args=(str(tmp_path / "store"), out), nprocs=2)
     x, _, mask, _ = ragged(seed=1)
     two = torch.cat([torch.load(f"{out}.0"), torch.load(f"{out}.1")])
     torch.testing.assert_close(two, masked_whiten(x, mask), rtol=0, atol=1e-6)
@@ -108,27 +104,80 @@ def test_reward_model_score_does_not_depend_on_padding_or_batch():
         torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
 
 
-def test_first_ppo_minibatch_has_ratio_one_and_no_kl_penalty_when_policy_is_the_reference():
+# Five response tokens and a masked sixth, cliprange 0.2 and cliprange_value 0.3. Per token:
+#   ratio  advantage  -A*ratio  -A*clip(ratio)  policy loss      value old  new   return  value loss (x2)
+#   1.5    +1         -1.5      -1.2            -1.2 (clipped)   0.0      0.5   1.0     (0.3-1)^2 = 0.49 (clipped)
+#   0.5    +1         -0.5      -0.8            -0.5             0.0      0.5   0.0     (0.5-0)^2 = 0.25
+#   0.5    -2          1.0       1.6             1.6 (clipped)   1.0      0.9   2.0     (0.9-2)^2 = 1.21
+#   1.1    +1         -1.1      -1.1            -1.1             0.0     -1.0  -2.0     (-0.3+2)^2 = 2.89 (clipped)
+#   0.9    -1          0.9       0.9             0.9             0.0      0.1   0.1     0
+RATIOS = [1.5, 0.5, 0.5, 1.1, 0.9, 3.0]
+PPO_INPUTS = dict(advantages=[1.0, 1.0, -2.0, 1.0, -1.0, 5.0], old_values=[0.0, 0.0, 1.0, 0.0, 0.0, 0.0],
+                  values=[0.5, 0.5, 0.9, -1.0, 0.1, 5.0], returns=[1.0, 0.0, 2.0, -2.0, 0.1, -5.0])
+
+
+def test_ppo_losses_match_hand_computed_values_on_both_sides_of_the_clip_range():
+    t = lambda xs: torch.tensor([xs])
+    old_logprobs = t([-1.0] * 6)
+    stats = ppo_losses(old_logprobs + torch.log(t(RATIOS)), old_logprobs, t(PPO_INPUTS["advantages"]),
+                       t(PPO_INPUTS["values"]), t(PPO_INPUTS["old_values"]), t(PPO_INPUTS["returns"]),
+                       t([1, 1, 1, 1, 1, 0]), cliprange=0.2, cliprange_value=0.3)
+    got = {k: v.item() for k, v in stats.items()}
+    assert got["policy_loss"] == pytest.approx(-1.2 - 0.5 + 1.6 - 1.1 + 0.9, abs=1e-5)  # -0.3
+    assert got["value_loss"] == pytest.approx(0.5 * (0.49 + 0.25 + 1.21 + 2.89 + 0.0), abs=1e-5)  # 2.42
+    assert got["clipfrac"] == 2 and got["vf_clipfrac"] == 2  # tokens where the clipped term was the one taken
+    assert got["ratio"] == pytest.approx(1.5 + 0.5 + 0.5 + 1.1 + 0.9, abs=1e-5)
+    # approx KL = 0.5 (log ratio)^2 (Schulman's k2), summed over the tokens
+    assert got["approxkl"] == pytest.approx(0.5 * sum(math.log(r) ** 2 for r in RATIOS[:5]), abs=1e-5)
+
+
+def test_ppo_policy_gradient_is_zero_where_the_clip_is_active():
+    """A token whose ratio is clipped on its advantage's side passes no gradient (eq. 7's flat part)."""
+    log_ratio = torch.log(torch.tensor([[1.5, 0.5, 0.5, 1.1]])).requires_grad_(True)
+    advantages = torch.tensor([[1.0, 1.0, -2.0, 1.0]])
+    zeros = torch.zeros(1, 4)
+    ppo_losses(log_ratio, zeros, advantages, zeros, zeros, zeros, torch.ones(1, 4), 0.2, 0.2)["policy_loss"].backward()
+    # d(-A r)/d(log r) = -A r where unclipped; 0 where clipped
+    assert log_ratio.grad.tolist() == [pytest.approx([0.0, -0.5, 0.0, -1.1])]
+
+
+def test_response_logprobs_and_entropy_match_a_per_token_loop_at_temperature():
+    g = torch.Generator().manual_seed(0)
+    B, P, R, V, temperature = 2, 3, 4, 7, 0.7
+    logits = torch.randn(B, P + R, V, generator=g)
+    input_ids = torch.randint(0, V, (B, P + R), generator=g)
+    logprobs, entropy = response_logprobs(logits, input_ids, P, temperature)
+    for b in range(B):
+        for t in range(R):
+            dist = (logits[b, P - 1 + t].double() / temperature).log_softmax(-1)  # column P-1+t predicts token t
+            assert logprobs[b, t].item() == pytest.approx(dist[input_ids[b, P + t]].item(), abs=1e-5)
+            assert entropy[b, t].item() == pytest.approx(-(dist.exp() * dist).sum().item(), abs=1e-5)
+    assert (entropy > 0).all()
+
+
+def test_per_token_rewards_put_the_score_on_the_last_response_token_and_charge_kl_everywhere():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -9.0, -9.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])  # lengths 3 and 1
+    rewards, kl = per_token_rewards(torch.tensor([2.0, -1.0]), logprobs, ref_logprobs, mask, kl_coef=0.1)
+    assert kl.tolist() == [pytest.approx([0.5, -1.0, 0.0]), pytest.approx([-0.5, 0.0, 0.0])]  # log pi - log pi_ref
+    assert rewards.tolist() == [pytest.approx([-0.05, 0.1, 2.0]), pytest.approx([-1.0 + 0.05, 0.0, 0.0])]
+
+
+def test_policy_equal_to_the_reference_pays_no_kl_penalty():
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=64, block_size=48, n_layer=2, n_head=2, n_embd=32)).eval()
-    prompts = [[2, 5, 6], [2, 7], [2, 9, 10, 11]]
-    r = rollout(policy, prompts, 12, eos_id=3, pad_id=0, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(policy)
+    r = rollout(policy, [[2, 5, 6], [2, 7], [2, 9, 10, 11]], 12, eos_id=3, pad_id=0, temperature=1.0,
+                generator=torch.Generator().manual_seed(0))
     mask = r.response_mask.float()
     with torch.no_grad():
-        old, _ = response_logprobs(policy(r.input_ids, r.attention_mask), r.input_ids, r.n_prompt, 1.0)
-        ref, _ = response_logprobs(policy(r.input_ids, r.attention_mask), r.input_ids, r.n_prompt, 1.0)
-    scores = torch.tensor([0.3, -1.0, 2.0])
-    rewards, kl = per_token_rewards(scores, old, ref, mask, kl_coef=0.1)
-    assert (kl == 0).all()
-    last = mask.sum(1).long() - 1
-    assert rewards[torch.arange(3), last].tolist() == pytest.approx(scores.tolist())
-    assert rewards.sum().item() == pytest.approx(scores.sum().item())
-    new, _ = response_logprobs(policy(r.input_ids, r.attention_mask), r.input_ids, r.n_prompt, 1.0)
-    values = torch.randn(3, 12)
-    stats = ppo_losses(new, old, torch.randn(3, 12), values, values, torch.randn(3, 12), mask, 0.2, 0.2)
-    n = mask.sum()
-    assert stats["ratio"].item() == pytest.approx(n.item(), abs=1e-5)  # mean ratio 1
-    assert stats["approxkl"].item() == 0 and stats["clipfrac"].item() == 0 and stats["vf_clipfrac"].item() == 0
+        logprobs, _ = response_logprobs(policy(r.input_ids, r.attention_mask), r.input_ids, r.n_prompt, 1.0)
+        ref, _ = response_logprobs(reference(r.input_ids[[2, 0, 1]], r.attention_mask[[2, 0, 1]]),
+                                   r.input_ids[[2, 0, 1]], r.n_prompt, 1.0)  # another batch order
+    for estimator in ("k1", "k3"):
+        _, kl = per_token_rewards(torch.zeros(3), logprobs, ref[[1, 2, 0]], mask, 0.1, estimator)
+        assert kl.abs().max().item() < 1e-5
 
 
 def test_k3_kl_estimate_is_never_negative_and_matches_its_formula():
@@ -139,8 +188,13 @@ def test_k3_kl_estimate_is_never_negative_and_matches_its_formula():
     assert (kl >= 0).all()
 
 
+def test_fixed_kl_controller_never_moves():
+    ctl = FixedKLController(0.05)
+    ctl.update(100.0, n_steps=64)
+    assert ctl.value == 0.05
+
+
 def test_adaptive_kl_controller_follows_ziegler_et_al():
-    from ppo import AdaptiveKLController
     ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     ctl.update(9.0, n_steps=64)  # error 9/6 - 1 = 0.5, clipped to 0.2
     assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
@@ -218,7 +272,7 @@ def test_two_ddp_processes_equal_one_process(sft_pairs, toy_dir, reward_ckpt, tm
     args = lambda out: ppo_args(sft_pairs, toy_dir, out, reward_ckpt=f"{reward_ckpt}/ckpt.pt")
     r = subprocess.run([sys.executable, "train_ppo.py", *args(one)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "train_ppo.py", *args(two)], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
@@ -227,9 +281,12 @@ def test_two_ddp_processes_equal_one_process(sft_pairs, toy_dir, reward_ckpt, tm
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
     for name, tensor in a["critic"].items():
         torch.testing.assert_close(b["critic"][name], tensor, rtol=0, atol=1e-5, msg=name)
-    for x, y in zip(read_metrics(one), read_metrics(two)):
+    for x, y in zip(read_metrics(one), read_metrics(two), strict=True):
+        assert x.keys() == y.keys()
         for k in x:
-            assert x[k] == pytest.approx(y[k], abs=1e-4), k
+            # a clip fraction counts tokens on one side of a threshold, so float rounding that moves
+            # one token across it changes the fraction by 1/(tokens in the minibatch): allow a few
+            assert x[k] == pytest.approx(y[k], abs=0.01 if k.endswith("clipfrac_avg") else 1e-4), k
 
 
 def test_resumed_ppo_run_equals_the_uninterrupted_one(sft_pairs, toy_dir, reward_ckpt, tmp_path):
@@ -244,3 +301,16 @@ def test_resumed_ppo_run_equals_the_uninterrupted_one(sft_pairs, toy_dir, reward
     for part in ("model", "critic"):
         for name, tensor in a[part].items():
             assert torch.equal(b[part][name], tensor), name
+
+
+def test_prompt_file_with_a_byte_order_mark_and_a_bad_byte_stops_on_that_line(sft_pairs, toy_dir, tmp_path):
+    """Line 1 starts with a UTF-8 byte-order mark (accepted); line 2 holds a byte that is not UTF-8."""
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_bytes(b'\xef\xbb\xbf{"prompt": "the movie"}\n{"prompt": "the \xff plot"}\n')
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "train_ppo.py", *ppo_args(sft_pairs, toy_dir, str(out), reward="gold",
+                                                                  prompts=str(bad))],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr == f"error: {bad}:2: invalid UTF-8 (byte 0xff at byte 17)\n"
+    assert not out.exists()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train_dpo
-from train_utils import load_checkpoint
+from data import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +55,7 @@ def test_precomputed_reference_trains_the_same_policy_as_a_live_one(sft_pairs, t
     assert train_dpo.main(dpo_args(sft_pairs, toy_dir, live)) == 0
     assert train_dpo.main(dpo_args(sft_pairs, toy_dir, pre, precompute_ref=True)) == 0
     assert os.path.exists(os.path.join(pre, "reference_logps.pt"))
-    for a, b in zip(read_metrics(live), read_metrics(pre)):
+    for a, b in zip(read_metrics(live), read_metrics(pre), strict=True):
         assert a.keys() == b.keys()
         for k in a:  # accuracies are a step function of margins that start at ~1e-7: float noise flips them
             if not k.endswith("accuracies"):
@@ -73,12 +73,13 @@ def test_two_ddp_processes_equal_one_process(sft_pairs, toy_dir, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     r = _run("train_dpo.py", *dpo_args(sft_pairs, toy_dir, one, grad_accum=2))
     assert r.returncode == 0, r.stderr
-    r = _run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", "train_dpo.py",
+    r = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_dpo.py",
              *dpo_args(sft_pairs, toy_dir, two), env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     for name, tensor in _final_weights(one).items():
         torch.testing.assert_close(_final_weights(two)[name], tensor, rtol=0, atol=1e-5, msg=name)
-    for a, b in zip(read_metrics(one), read_metrics(two)):
+    for a, b in zip(read_metrics(one), read_metrics(two), strict=True):
+        assert a.keys() == b.keys()
         for k in a:
             if not k.endswith("accuracies"):  # see the precomputed-reference test
                 assert a[k] == pytest.approx(b[k], abs=1e-5), k
@@ -113,3 +114,16 @@ def test_resumed_dpo_run_equals_the_uninterrupted_one(sft_pairs, toy_dir, tmp_pa
     assert read_metrics(split) == read_metrics(whole)
     for name, tensor in _final_weights(whole).items():
         assert torch.equal(_final_weights(split)[name], tensor), name
+
+
+@pytest.mark.parametrize("script", ["train_dpo.py", "train_rm.py"])
+def test_preference_file_with_a_byte_order_mark_and_a_bad_byte_stops_on_that_line(script, sft_pairs, toy_dir, tmp_path):
+    """Line 1 starts with a UTF-8 byte-order mark (accepted); line 2 holds a byte that is not UTF-8."""
+    bad = tmp_path / "bad.jsonl"
+    line = b'{"prompt": "the movie", "chosen": "was great .", "rejected": "was bad ."}'
+    bad.write_bytes(b"\xef\xbb\xbf" + line + b"\n" + line[:14] + b"\xff" + line[14:] + b"\n")
+    out = tmp_path / "out"
+    r = _run(script, *dpo_args(sft_pairs, toy_dir, str(out), train_file=str(bad)))
+    assert r.returncode == 2
+    assert r.stderr == f"error: {bad}:2: invalid UTF-8 (byte 0xff at byte 15)\n"
+    assert not out.exists()

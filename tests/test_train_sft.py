@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import train_sft
-from train_utils import load_checkpoint, parse_config, setup_distributed
+from data import load_checkpoint
+from train_utils import parse_config, setup_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +59,7 @@ def test_resume_reproduces_the_uninterrupted_run(toy_dir, tmp_path):
         assert torch.equal(tensor, b["model"][name]), name
 
 
-def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(toy_dir, tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(toy_dir, tmp_path, monkeypatch, capsys):
     calls = {"train": 0}
     real_loss = train_sft.sft_loss
 
@@ -71,8 +72,9 @@ def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(toy
         return loss, metrics
 
     monkeypatch.setattr(train_sft, "sft_loss", loss_that_blows_up_on_step_3)
-    with pytest.raises(SystemExit, match="step 3: loss is nan"):
-        train_sft.main(tiny_args(toy_dir, str(tmp_path), max_iters=10, eval_interval=2))
+    assert train_sft.main(tiny_args(toy_dir, str(tmp_path), max_iters=10, eval_interval=2)) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: step 3: loss is nan; stopped, the last good checkpoint in {tmp_path} is kept")
     assert load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))["step"] == 2
     assert max(m["step"] for m in read_metrics(str(tmp_path))) == 2
 
@@ -104,14 +106,16 @@ def test_two_ddp_processes_equal_one_process(toy_dir, tmp_path):
     r = _run("train_sft.py", *tiny_args(toy_dir, one, max_iters=3, grad_accum=2))
     assert r.returncode == 0, r.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = _run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    r = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
              "train_sft.py", *tiny_args(toy_dir, two, max_iters=3), env=env)
     assert r.returncode == 0, r.stderr
     a, b = load_checkpoint(os.path.join(one, "ckpt.pt")), load_checkpoint(os.path.join(two, "ckpt.pt"))
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
-    for x, y in zip(read_metrics(one), read_metrics(two)):
-        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5) if "loss" in x else x.keys() == y.keys()
+    for x, y in zip(read_metrics(one), read_metrics(two), strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], abs=1e-5), k
 
 
 BAD_SFT = {
@@ -141,6 +145,19 @@ def test_bad_sft_file_gives_one_clear_line_and_leaves_the_run_untouched(case, to
     assert (out / "ckpt.pt").read_bytes() == b"an earlier run"
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl"]
+
+
+def test_sft_file_with_a_byte_order_mark_and_a_bad_byte_stops_on_that_line(toy_dir, tmp_path):
+    """Line 1 starts with a UTF-8 byte-order mark (accepted); line 2 holds a byte that is not UTF-8."""
+    bad = tmp_path / "bad.jsonl"
+    line = b'{"prompt": "the movie", "completion": "was great ."}'
+    bad.write_bytes(b"\xef\xbb\xbf" + line + b"\n" + line[:14] + b"\xff" + line[14:] + b"\n")
+    out = tmp_path / "out"
+    r = _run("train_sft.py", f"--train_file={bad}", f"--val_file={bad}", f"--out_dir={out}",
+             f"--tokenizer={toy_dir}/tokenizer.model")
+    assert r.returncode == 2
+    assert r.stderr == f"error: {bad}:2: invalid UTF-8 (byte 0xff at byte 15)\n"
+    assert not out.exists()
 
 
 PLAIN = '{"prompt": "p", "chosen": "a", "rejected": "b"}'

@@ -1,0 +1,116 @@
+"""The shared plumbing against hand-computed values: the learning-rate schedule, which parameters
+the optimizer decays, one optimizer step (loss normalisation, accumulation, gradient clipping,
+the NaN guard), the data order and held-out sharding.
+
+    python -m pytest -q tests/test_train_utils.py
+"""
+import math
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from train_utils import (Dist, NonFiniteLoss, TrainConfig, global_batch, lr_at, make_optimizer, micro_batches,
+                         set_lr, shard_indices, train_step)
+
+CPU = Dist(False, 0, 0, 1, torch.device("cpu"))
+
+
+def test_lr_schedule_at_its_corners():
+    """Warmup 10 steps to lr 1.0, cosine down to 0.1 at step 110."""
+    at = lambda step: lr_at(step, lr=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110)
+    assert at(0) == pytest.approx(0.1)  # the first step already moves: lr * 1 / warmup
+    assert at(4) == pytest.approx(0.5)
+    assert at(9) == pytest.approx(1.0)  # warmup ends at the peak
+    assert at(10) == pytest.approx(1.0)  # the decay starts at the peak
+    assert at(60) == pytest.approx(0.55)  # halfway: min + (lr - min) / 2
+    assert at(35) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))  # a quarter of the way: 0.868
+    assert at(110) == pytest.approx(0.1)
+    assert at(500) == pytest.approx(0.1)  # past the decay: min_lr, not a rising cosine
+
+
+def test_set_lr_sets_every_group_and_defaults_the_decay_to_max_iters():
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    opt = make_optimizer(model, 1.0, 0.1, (0.9, 0.95), torch.device("cpu"))
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert set_lr(opt, 60, cfg) == pytest.approx(0.55)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.55)] * 2
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=8, bias=True))
+    decayed, plain = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu")).param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    # by name, not by shape: linear and embedding weights decay; biases and LayerNorm gains do not
+    assert sorted(names[id(p)] for p in decayed["params"]) == sorted(
+        n for n, _ in model.named_parameters() if n.endswith("weight") and ".ln_" not in n and "ln_f" not in n)
+    assert sorted(names[id(p)] for p in plain["params"]) == sorted(
+        n for n, _ in model.named_parameters() if n.endswith("bias") or ".ln_" in n or "ln_f" in n)
+
+
+def linear_loss(model, batch):
+    """sum_i w . x_i: the gradient is the sum of the batch's x, known by hand."""
+    return (batch["x"] @ model.weight.squeeze(0)).sum(), {"count": torch.tensor(float(len(batch["x"])))}
+
+
+def one_step(batches, n_global, grad_clip):
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    stats = train_step(model, opt, batches, linear_loss, n_global, grad_clip, CPU, nullcontext(), step=1)
+    return model.weight.detach().squeeze(0).tolist(), stats
+
+
+def test_the_gradient_is_the_mean_over_the_global_batch_and_accumulates():
+    x = torch.tensor([[3.0, 4.0], [1.0, 0.0], [-1.0, 2.0]])
+    # mean gradient (1, 2), so SGD at lr 1 from zero lands on (-1, -2); norm sqrt(5) is under the clip
+    whole, stats = one_step([{"x": x}], 3, grad_clip=10.0)
+    split, split_stats = one_step([{"x": x[:1]}, {"x": x[1:]}], 3, grad_clip=10.0)
+    assert whole == pytest.approx([-1.0, -2.0]) and split == pytest.approx([-1.0, -2.0])
+    assert stats["grad_norm"] == pytest.approx(math.sqrt(5))
+    assert stats["loss"] == pytest.approx(0.0) and stats["count"] == pytest.approx(1.0)  # sums / n_global
+    assert split_stats == pytest.approx(stats)
+
+
+def test_gradient_clipping_rescales_to_the_clip_norm_and_reports_the_norm_before():
+    x = torch.tensor([[3.0, 4.0]])  # gradient (3, 4), norm 5
+    weights, stats = one_step([{"x": x}], 1, grad_clip=1.0)
+    assert weights == pytest.approx([-0.6, -0.8])
+    assert stats["grad_norm"] == pytest.approx(5.0)
+    unclipped, _ = one_step([{"x": x}], 1, grad_clip=10.0)
+    assert unclipped == pytest.approx([-3.0, -4.0])
+
+
+def test_a_nan_loss_raises_before_the_weights_move():
+    model = torch.nn.Linear(2, 1, bias=False)
+    before = model.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with pytest.raises(NonFiniteLoss, match="step 7: loss is nan"):
+        train_step(model, opt, [{"x": torch.tensor([[float("nan"), 1.0]])}], linear_loss, 1, 1.0, CPU,
+                   nullcontext(), step=7)
+    assert torch.equal(model.weight, before) and model.weight.grad is None
+
+
+def test_data_order_is_a_fresh_permutation_each_epoch_and_a_function_of_the_step():
+    n, bs = 10, 3  # 3 steps an epoch, the remainder (one example) dropped
+    epoch0 = torch.cat([global_batch(n, bs, s, seed=5) for s in range(3)])
+    epoch1 = torch.cat([global_batch(n, bs, s, seed=5) for s in range(3, 6)])
+    assert len(set(epoch0.tolist())) == 9 and len(set(epoch1.tolist())) == 9
+    assert not torch.equal(epoch0, epoch1)
+    assert torch.equal(global_batch(n, bs, 4, seed=5), epoch1[3:6])  # the same batch whenever it is asked for
+    with pytest.raises(SystemExit, match="exceeds"):
+        global_batch(2, 3, 0, seed=5)
+
+
+def test_micro_batches_and_held_out_shards_cover_every_row_once():
+    ranks = [Dist(True, r, r, 2, torch.device("cpu")) for r in range(2)]
+    indices = torch.arange(12)
+    parts = [micro_batches(indices, d, grad_accum=3) for d in ranks]
+    assert all(len(p) == 3 and all(len(m) == 2 for m in p) for p in parts)
+    assert sorted(torch.cat([m for p in parts for m in p]).tolist()) == list(range(12))
+    shards = [shard_indices(7, d, batch_size=2) for d in ranks]
+    assert [t.tolist() for t in shards[0]] == [[0, 2], [4, 6]] and [t.tolist() for t in shards[1]] == [[1, 3], [5]]
+    with pytest.raises(SystemExit, match="not divisible"):
+        micro_batches(torch.arange(10), ranks[0], grad_accum=3)
