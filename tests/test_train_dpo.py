@@ -123,7 +123,9 @@ def test_preference_file_with_a_byte_order_mark_and_a_bad_byte_stops_on_that_lin
     line = b'{"prompt": "the movie", "chosen": "was great .", "rejected": "was bad ."}'
     bad.write_bytes(b"\xef\xbb\xbf" + line + b"\n" + line[:14] + b"\xff" + line[14:] + b"\n")
     out = tmp_path / "out"
-    r = _run(script, *dpo_args(sft_pairs, toy_dir, str(out), train_file=str(bad)))
+    ckpt, pairs = sft_pairs
+    r = _run(script, f"--sft_ckpt={ckpt}", f"--train_file={bad}", f"--val_file={pairs}/pairs_val.jsonl",
+             f"--out_dir={out}", "--device=cpu")
     assert r.returncode == 2
     assert r.stderr == f"error: {bad}:2: invalid UTF-8 (byte 0xff at byte 15)\n"
     assert not out.exists()
