@@ -188,6 +188,21 @@ def ppo_update(model, optimizer, data: dict, P: int, step: int, cfg: Config, dis
     return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
 
+def frozen_models_and_critic(cfg: Config, device):
+    """The reference (a frozen copy of the SFT policy), the frozen reward model (None with
+    --reward gold), and the critic: the reward model's backbone and head, or the SFT backbone
+    with a new head."""
+    reference = load_gpt(cfg.sft_ckpt)[0].to(device).eval().requires_grad_(False)
+    reward_model = None
+    if cfg.reward == "model":
+        reward_model = load_reward_model(cfg.reward_ckpt)[0].to(device).eval().requires_grad_(False)
+    if cfg.critic_init == "reward" or (cfg.critic_init == "auto" and cfg.reward == "model"):
+        critic = load_reward_model(cfg.reward_ckpt)[0]
+    else:
+        critic = RewardModel.from_gpt(load_gpt(cfg.sft_ckpt)[0])
+    return reference, reward_model, critic.to(device)
+
+
 def evaluate(evaluator, policy, eval_prompts: list[str], cfg: Config, ctx):
     """Gold reward, KL and win rate of the policy's samples for held-out prompts (rank 0 only;
     nothing elsewhere), and a few samples to print."""
@@ -213,15 +228,7 @@ def train(cfg: Config, dist: Dist) -> dict:
 
     # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic
     policy.to(dist.device)
-    reference = load_gpt(cfg.sft_ckpt)[0].to(dist.device).eval().requires_grad_(False)
-    reward_model = None
-    if cfg.reward == "model":
-        reward_model = load_reward_model(cfg.reward_ckpt)[0].to(dist.device).eval().requires_grad_(False)
-    if cfg.critic_init == "reward" or (cfg.critic_init == "auto" and cfg.reward == "model"):
-        critic = load_reward_model(cfg.reward_ckpt)[0]
-    else:
-        critic = RewardModel.from_gpt(load_gpt(cfg.sft_ckpt)[0])
-    critic.to(dist.device)
+    reference, reward_model, critic = frozen_models_and_critic(cfg, dist.device)
     both = PolicyAndCritic(policy, critic)
     optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl

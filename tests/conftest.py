@@ -1,5 +1,7 @@
-"""Shared fixtures. Run the suite from the repository root: python -m pytest -q"""
+"""Shared fixtures and helpers. Run the suite from the repository root: python -m pytest -q"""
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -8,6 +10,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data import ToyConfig, prepare_toy_data  # noqa: E402
+
+
+def read_metrics(out_dir):
+    """A run's metrics.jsonl as a list of dicts."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_python(*args, env=None):
+    """python ARGS from the repository root, as a user would type it; OMP_NUM_THREADS=1 under torchrun."""
+    if args[:2] == ("-m", "torch.distributed.run"):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="session")

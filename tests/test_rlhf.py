@@ -4,11 +4,8 @@ penalty, and short end-to-end runs of train_rm.py and train_ppo.py on the toy ta
     python -m pytest -q tests/test_rlhf.py
 """
 import copy
-import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,13 +15,12 @@ import torch.multiprocessing as mp
 
 import train_ppo
 import train_rm
+from conftest import read_metrics, run_python
+from data import load_checkpoint
 from model import GPT, GPTConfig
 from ppo import (AdaptiveKLController, FixedKLController, gae, masked_whiten, per_token_rewards, ppo_losses,
                  response_logprobs, rollout)
 from reward_model import RewardModel, bradley_terry_loss
-from data import load_checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def ragged(B=5, R=9, seed=0):
@@ -206,10 +202,6 @@ def test_adaptive_kl_controller_follows_ziegler_et_al():
 
 # --- end to end, on the session's SFT checkpoint and pairs -------------------------------------
 
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
 
 @pytest.fixture(scope="module")
 def reward_ckpt(sft_pairs, tmp_path_factory):
@@ -270,11 +262,9 @@ def _final(out_dir):
 def test_two_ddp_processes_equal_one_process(sft_pairs, toy_dir, reward_ckpt, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     args = lambda out: ppo_args(sft_pairs, toy_dir, out, reward_ckpt=f"{reward_ckpt}/ckpt.pt")
-    r = subprocess.run([sys.executable, "train_ppo.py", *args(one)], cwd=ROOT, capture_output=True, text=True)
+    r = run_python("train_ppo.py", *args(one))
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train_ppo.py", *args(two)], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ppo.py", *args(two))
     assert r.returncode == 0, r.stderr
     a, b = _final(one), _final(two)
     for name, tensor in a["model"].items():
@@ -308,9 +298,7 @@ def test_prompt_file_with_a_byte_order_mark_and_a_bad_byte_stops_on_that_line(sf
     bad = tmp_path / "prompts.jsonl"
     bad.write_bytes(b'\xef\xbb\xbf{"prompt": "the movie"}\n{"prompt": "the \xff plot"}\n')
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "train_ppo.py", *ppo_args(sft_pairs, toy_dir, str(out), reward="gold",
-                                                                  prompts=str(bad))],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_python("train_ppo.py", *ppo_args(sft_pairs, toy_dir, str(out), reward="gold", prompts=str(bad)))
     assert r.returncode == 2
     assert r.stderr == f"error: {bad}:2: invalid UTF-8 (byte 0xff at byte 17)\n"
     assert not out.exists()

@@ -3,18 +3,14 @@ equals a live one, and bad preference files stop train_dpo.py with one clear lin
 
     python -m pytest -q tests/test_train_dpo.py
 """
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train_dpo
+from conftest import read_metrics, run_python
 from data import load_checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def dpo_args(sft_pairs, toy_dir, out_dir, **overrides):
@@ -25,10 +21,6 @@ def dpo_args(sft_pairs, toy_dir, out_dir, **overrides):
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
 
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.slow
@@ -64,17 +56,14 @@ def test_precomputed_reference_trains_the_same_policy_as_a_live_one(sft_pairs, t
         torch.testing.assert_close(_final_weights(pre)[name], tensor, rtol=0, atol=1e-6)
 
 
-def _run(*args, env=None):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-
 
 @pytest.mark.slow
 def test_two_ddp_processes_equal_one_process(sft_pairs, toy_dir, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    r = _run("train_dpo.py", *dpo_args(sft_pairs, toy_dir, one, grad_accum=2))
+    r = run_python("train_dpo.py", *dpo_args(sft_pairs, toy_dir, one, grad_accum=2))
     assert r.returncode == 0, r.stderr
-    r = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_dpo.py",
-             *dpo_args(sft_pairs, toy_dir, two), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_dpo.py",
+                   *dpo_args(sft_pairs, toy_dir, two))
     assert r.returncode == 0, r.stderr
     for name, tensor in _final_weights(one).items():
         torch.testing.assert_close(_final_weights(two)[name], tensor, rtol=0, atol=1e-5, msg=name)
@@ -94,7 +83,7 @@ def test_bad_preference_file_stops_train_dpo_with_one_clear_line(record, message
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "the movie", "chosen": "was great .", "rejected": "was bad ."}\n' + record + "\n")
     out = tmp_path / "out"
-    r = _run("train_dpo.py", *dpo_args(sft_pairs, toy_dir, str(out), train_file=str(bad)))
+    r = run_python("train_dpo.py", *dpo_args(sft_pairs, toy_dir, str(out), train_file=str(bad)))
     assert r.returncode == 2
     assert r.stderr == f"error: {bad}:2: {message}" + r.stderr[len(f"error: {bad}:2: {message}"):]
     assert r.stderr.count("\n") == 1
@@ -124,7 +113,7 @@ def test_preference_file_with_a_byte_order_mark_and_a_bad_byte_stops_on_that_lin
     bad.write_bytes(b"\xef\xbb\xbf" + line + b"\n" + line[:14] + b"\xff" + line[14:] + b"\n")
     out = tmp_path / "out"
     ckpt, pairs = sft_pairs
-    r = _run(script, f"--sft_ckpt={ckpt}", f"--train_file={bad}", f"--val_file={pairs}/pairs_val.jsonl",
+    r = run_python(script, f"--sft_ckpt={ckpt}", f"--train_file={bad}", f"--val_file={pairs}/pairs_val.jsonl",
              f"--out_dir={out}", "--device=cpu")
     assert r.returncode == 2
     assert r.stderr == f"error: {bad}:2: invalid UTF-8 (byte 0xff at byte 15)\n"

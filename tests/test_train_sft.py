@@ -3,19 +3,15 @@ uninterrupted run, the NaN guard, and clear errors on bad input through the comm
 
     python -m pytest -q tests/test_train_sft.py          # add -m "not slow" to skip the runs
 """
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train_sft
+from conftest import read_metrics, run_python
 from data import load_checkpoint
 from train_utils import parse_config, setup_distributed
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_args(toy_dir, out_dir, **overrides):
@@ -24,10 +20,6 @@ def tiny_args(toy_dir, out_dir, **overrides):
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
 
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.slow
@@ -44,7 +36,7 @@ def test_sft_learns_the_toy_task(toy_dir, tmp_path):
     assert metrics["eval/gold_reward_std"] > 0.15  # completions spread over the reward range
 
 
-def test_resume_reproduces_the_uninterrupted_run(toy_dir, tmp_path):
+def test_resume_reproduces_the_uninterruptedrun_python(toy_dir, tmp_path):
     """12 steps in one run equal 6 steps plus 6 resumed ones: every metric and every weight.
     Dropout is on, so the RNG state has to come back too."""
     common = dict(dropout=0.1, eval_interval=6, eval_samples=4, max_new_tokens=8, lr_decay_iters=12)
@@ -94,20 +86,16 @@ def test_help_documents_every_flag(capsys):
     assert "sequences (or pairs) per optimizer step, over all processes and micro-batches" in text
 
 
-def _run(*args, env=None):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-
 
 @pytest.mark.slow
 def test_two_ddp_processes_equal_one_process(toy_dir, tmp_path):
     """torchrun with 2 gloo processes against 1 process with 2 micro-batches: same global batch,
     same loss normalisation, so the same weights after 3 steps."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    r = _run("train_sft.py", *tiny_args(toy_dir, one, max_iters=3, grad_accum=2))
+    r = run_python("train_sft.py", *tiny_args(toy_dir, one, max_iters=3, grad_accum=2))
     assert r.returncode == 0, r.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             "train_sft.py", *tiny_args(toy_dir, two, max_iters=3), env=env)
+    r = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_sft.py",
+                   *tiny_args(toy_dir, two, max_iters=3))
     assert r.returncode == 0, r.stderr
     a, b = load_checkpoint(os.path.join(one, "ckpt.pt")), load_checkpoint(os.path.join(two, "ckpt.pt"))
     for name, tensor in a["model"].items():
@@ -137,7 +125,7 @@ def test_bad_sft_file_gives_one_clear_line_and_leaves_the_run_untouched(case, to
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"an earlier run")
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    r = _run("train_sft.py", f"--train_file={bad}", f"--val_file={bad}", f"--out_dir={out}",
+    r = run_python("train_sft.py", f"--train_file={bad}", f"--val_file={bad}", f"--out_dir={out}",
              f"--tokenizer={toy_dir}/tokenizer.model", "--max_length=16", "--overwrite")
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
@@ -153,7 +141,7 @@ def test_sft_file_with_a_byte_order_mark_and_a_bad_byte_stops_on_that_line(toy_d
     line = b'{"prompt": "the movie", "completion": "was great ."}'
     bad.write_bytes(b"\xef\xbb\xbf" + line + b"\n" + line[:14] + b"\xff" + line[14:] + b"\n")
     out = tmp_path / "out"
-    r = _run("train_sft.py", f"--train_file={bad}", f"--val_file={bad}", f"--out_dir={out}",
+    r = run_python("train_sft.py", f"--train_file={bad}", f"--val_file={bad}", f"--out_dir={out}",
              f"--tokenizer={toy_dir}/tokenizer.model")
     assert r.returncode == 2
     assert r.stderr == f"error: {bad}:2: invalid UTF-8 (byte 0xff at byte 15)\n"
@@ -180,10 +168,10 @@ def test_bad_preference_file_gives_one_clear_line(case, tmp_path):
     good, bad_record, message = BAD_PREFERENCES[case]
     path = tmp_path / "pairs.jsonl"
     path.write_text(f"{good}\n{bad_record}\n")
-    r = _run("data.py", "--check", str(path), "--kind", "preference")
+    r = run_python("data.py", "--check", str(path), "--kind", "preference")
     assert r.returncode == 2
     assert r.stderr.startswith(f"error: {path}:2: {message}"), r.stderr
     assert r.stderr.count("\n") == 1
-    r = _run("data.py", "--check", str(path), "--kind", "preference", "--skip_bad")
+    r = run_python("data.py", "--check", str(path), "--kind", "preference", "--skip_bad")
     assert r.returncode == 0 and "ok: 1 preference records" in r.stdout
     assert "skipped 1 bad records" in r.stderr
