@@ -1,5 +1,5 @@
 """
-Data: the sentencepiece tokenizer, the built-in toy task with its gold reward, JSONL readers that
+Data: the tokenizer, the built-in toy task with its gold reward, JSONL readers that
 validate every record, and collation into padded tensors.
 
     python data.py                          # write the toy task to data/toy and train its tokenizer
@@ -31,20 +31,40 @@ class DataError(ValueError):
 
 
 class Tokenizer:
-    """A sentencepiece model with fixed special ids. Byte fallback means any text encodes, and
-    `decode(encode(text)) == text` exactly (no normalisation, whitespace kept)."""
+    """Text to token ids and back, with the special ids a model was trained with. Two backends:
+    a sentencepiece model (the toy task's, and Llama-2, TinyLlama, Mistral's `tokenizer.model`)
+    or a Hugging Face `tokenizer.json` (GPT-2, SmolLM2, Qwen2) read by the `tokenizers` library.
+    The toy tokenizer has byte fallback, so any text encodes and `decode(encode(text)) == text`
+    exactly (no normalisation, whitespace kept)."""
 
-    pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
+    TOY_IDS = dict(pad_id=0, unk_id=1, bos_id=2, eos_id=3)  # the toy tokenizer's special pieces
 
-    def __init__(self, model_proto: bytes):
-        self.model_proto = model_proto  # travels inside checkpoints, so a checkpoint samples alone
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
-        self.vocab_size = self.sp.get_piece_size()
+    def __init__(self, kind: str, data: bytes | str, bos_id: int | None, eos_id: int, pad_id: int,
+                 add_bos: bool = True):
+        self.kind, self.data = kind, data  # data travels inside checkpoints, so a checkpoint samples alone
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.add_bos = add_bos and bos_id is not None  # whether a prompt starts with bos
+        if kind == "sentencepiece":
+            self.sp = spm.SentencePieceProcessor(model_proto=data)
+            self.vocab_size = self.sp.get_piece_size()
+            self.unk_id = self.sp.unk_id()
+        else:
+            from tokenizers import Tokenizer as HFTokenizer  # only for Hugging Face folders
+            self.hf = HFTokenizer.from_str(data)
+            self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+            self.unk_id = None
+        self.special_ids = {i for i in (bos_id, eos_id, pad_id) if i is not None}
+
+    @classmethod
+    def toy(cls, model_proto: bytes) -> "Tokenizer":
+        ids = cls.TOY_IDS
+        return cls("sentencepiece", model_proto, ids["bos_id"], ids["eos_id"], ids["pad_id"])
 
     @classmethod
     def load(cls, path: str) -> "Tokenizer":
+        """The toy task's tokenizer.model."""
         with open(path, "rb") as f:
-            return cls(f.read())
+            return cls.toy(f.read())
 
     @classmethod
     def train(cls, text_file: str, vocab_size: int = 512) -> "Tokenizer":
@@ -54,23 +74,39 @@ class Tokenizer:
         spm.SentencePieceTrainer.train(
             input=text_file, model_writer=proto, vocab_size=vocab_size, model_type="bpe",
             byte_fallback=True, hard_vocab_limit=False, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, pad_id=cls.pad_id, unk_id=cls.unk_id,
-            bos_id=cls.bos_id, eos_id=cls.eos_id, num_threads=1, minloglevel=2,
+            remove_extra_whitespaces=False, num_threads=1, minloglevel=2, **cls.TOY_IDS,
         )
-        return cls(proto.getvalue())
+        return cls.toy(proto.getvalue())
+
+    def state(self) -> dict:
+        """Everything needed to rebuild this tokenizer, as plain values for a checkpoint."""
+        return dict(kind=self.kind, data=self.data, bos_id=self.bos_id, eos_id=self.eos_id,
+                    pad_id=self.pad_id, add_bos=self.add_bos)
+
+    @classmethod
+    def from_state(cls, state: dict | bytes) -> "Tokenizer":
+        """The tokenizer of a checkpoint; bytes are the toy tokenizer of checkpoints written
+        before Hugging Face folders were supported."""
+        return cls.toy(state) if isinstance(state, bytes) else cls(**state)
 
     def save(self, path: str) -> None:
-        write_atomic(path, self.model_proto)
+        write_atomic(path, self.data)
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        """Token ids of `text`, no special tokens added."""
+        if self.kind == "sentencepiece":
+            return self.sp.encode(text)
+        return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """A prompt as the model sees it: bos, then the prompt's tokens."""
-        return [self.bos_id] + self.encode(prompt)
+        """A prompt as the model sees it: bos (where the model uses one), then the prompt's tokens."""
+        return [self.bos_id] * self.add_bos + self.encode(prompt)
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode([i for i in ids if i not in (self.pad_id, self.bos_id, self.eos_id)])
+        ids = [i for i in ids if i not in self.special_ids]
+        if self.kind == "sentencepiece":
+            return self.sp.decode(ids)
+        return self.hf.decode(ids, skip_special_tokens=False)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -396,10 +432,11 @@ def load_prompts(path: str, skip_bad: bool = False) -> list[str]:
 # -----------------------------------------------------------------------------
 # Tokenisation, truncation and collation.
 #
-# Truncation policy: a sequence is [bos] + prompt + response + [eos]. If max_prompt_length is set,
-# a longer prompt keeps its last max_prompt_length tokens (bos included), the ones nearest the
-# response. The response is then cut on the right to fit max_length (losing its eos). A prompt
-# that leaves no room for a single response token is an error, never a silent empty example.
+# Truncation policy: a sequence is [bos] + prompt + response + [eos] (bos where the tokenizer uses
+# one). If max_prompt_length is set, a longer prompt keeps its last max_prompt_length tokens (bos
+# included), the ones nearest the response. The response is then cut on the right to fit
+# max_length (losing its eos). A prompt that leaves no room for a single response token is an
+# error, never a silent empty example.
 
 
 def encode_example(tok: Tokenizer, prompt: str, response: str, max_length: int,
@@ -407,7 +444,8 @@ def encode_example(tok: Tokenizer, prompt: str, response: str, max_length: int,
     """Token ids of one sequence and the number of leading tokens that carry no loss."""
     prompt_ids = tok.encode_prompt(prompt)
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        prompt_ids = [tok.bos_id] + prompt_ids[len(prompt_ids) - max_prompt_length + 1:]
+        head = [tok.bos_id] * tok.add_bos
+        prompt_ids = head + prompt_ids[len(prompt_ids) - max_prompt_length + len(head):]
     room = max_length - len(prompt_ids)
     if room < 1:
         raise DataError(f"{where}: field 'prompt': {len(prompt_ids)} tokens leave no room for a "

@@ -1,8 +1,11 @@
 """
-A small GPT: pre-LayerNorm blocks, causal attention through scaled_dot_product_attention, tied
-input/output embeddings, GPT-2 initialisation. The forward pass is padding-aware (positions come
-from the attention mask and pad tokens are never attended to), so a sequence's logits do not
-depend on how it is padded or batched. `generate` samples with a preallocated KV cache.
+One decoder-only transformer, configured to be any of the families this project loads: the toy
+GPT (pre-LayerNorm blocks, learned positions, GELU, tied embeddings, GPT-2 initialisation),
+GPT-2 itself, and the Llama family (Llama, Mistral, Qwen2, SmolLM, TinyLlama: RMSNorm, rotary
+positions, SwiGLU, grouped-query attention). Attention goes through
+scaled_dot_product_attention. The forward pass is padding-aware (positions come from the
+attention mask and pad tokens are never attended to), so a sequence's logits do not depend on
+how it is padded or batched. `generate` samples with a preallocated KV cache.
 """
 import math
 from dataclasses import dataclass
@@ -20,7 +23,25 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
-    bias: bool = False  # biases in Linear and LayerNorm layers
+    bias: bool = False  # biases in every Linear and LayerNorm layer (GPT-2)
+    n_kv_head: int | None = None  # key/value heads for grouped-query attention; None: n_head
+    head_dim: int | None = None  # None: n_embd // n_head
+    intermediate_size: int | None = None  # MLP width; None: 4 * n_embd
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # "gelu", "gelu_tanh" (GPT-2's approximation) or "swiglu" (Llama)
+    pos: str = "learned"  # "learned" (a position embedding table) or "rope" (rotary)
+    rope_theta: float = 10000.0  # rotary base frequency
+    qkv_bias: bool = False  # biases on the query, key and value projections alone (Qwen2)
+    tie_embeddings: bool = True  # the output head shares the token embedding's weights
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.intermediate_size = self.intermediate_size or 4 * self.n_embd
+        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        assert self.norm in ("layernorm", "rmsnorm") and self.pos in ("learned", "rope")
+        assert self.mlp in ("gelu", "gelu_tanh", "swiglu")
 
 
 # Named sizes. Parameter counts are for a 512-piece vocabulary (the toy task's tokenizer);
@@ -34,15 +55,16 @@ PRESETS = {
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions."""
+    """Keys and values of every layer, preallocated for `max_len` positions; n_kv_head heads, so
+    grouped-query attention caches n_head / n_kv_head times less."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int):
-        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = self.v = None  # allocated at the first update, in the activations' dtype (autocast)
         self.length = 0  # positions filled, the same for every sequence (prompts are left-padded)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store the new (B, nh, T, hs) keys and values; return all of them so far."""
+        """Store the new (B, n_kv, T, hs) keys and values; return all of them so far."""
         if self.k is None:
             self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
             self.v = torch.zeros(self.shape, device=v.device, dtype=v.dtype)
@@ -52,50 +74,107 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): rescale, no mean subtraction, no bias.
+    Normalised in float32 and cast back before the weight, as the Llama reference code does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)  # Ba et al. 2016
+
+
+def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding (Su et al. 2021, RoFormer eq. 34) angles pos * theta^(-2i/d) for positions
+    (B, T), as cos and sin of shape (B, 1, T, head_dim), in float32 then cast to `dtype`."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
+    angles = pos[..., None].float() * inv_freq  # (B, T, hs/2)
+    # Hugging Face's half layout: frequency i rotates dims i and i + hs/2 (not 2i and 2i+1, as in
+    # the paper), so checkpoints converted for transformers load with no permutation of q and k
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, hs)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, nh, T, hs) queries or keys by their positions' angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        q_size, kv_size = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        self.split_sizes = (q_size, kv_size, kv_size)
+        # query, key and value projections in one matmul; loaders concatenate separate q/k/v weights
+        self.c_attn = nn.Linear(config.n_embd, q_size + 2 * kv_size, bias=config.bias or config.qkv_bias)
+        self.c_proj = nn.Linear(q_size, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_mask, kv_cache, layer):
+    def forward(self, x, attn_mask, rope, kv_cache, layer):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = self.c_attn(x).split(self.split_sizes, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, n_kv, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, T_past + T, hs)
+            k, v = kv_cache.update(layer, k, v)  # (B, n_kv, T_past + T, hs)
+        # grouped-query attention (Ainslie et al. 2023): query head h reads key/value head
+        # h // (n_head / n_kv_head)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        width = config.intermediate_size
+        # SwiGLU (Shazeer 2020, eq. 6) has two input projections, gate and up: one matmul here
+        n_in = 2 * width if self.kind == "swiglu" else width
+        self.c_fc = nn.Linear(config.n_embd, n_in, bias=config.bias)
+        self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:  # GELU (Hendrycks & Gimpel 2016); GPT-2 uses its tanh approximation
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
+    """Pre-norm residual block (GPT-2, Radford et al. 2019): x + attn(norm(x)), then x + mlp(norm(x))."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask, kv_cache, layer):
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
+    def forward(self, x, attn_mask, rope, kv_cache, layer):
+        x = x + self.attn(self.ln_1(x), attn_mask, rope, kv_cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -131,19 +210,27 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
+        modules = dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+            ln_f=make_norm(config),
+        )
+        if config.pos == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+        self.tie_weights()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def tie_weights(self):
+        """Share the token embedding with the output head (Press & Wolf 2017), where configured;
+        again after loading weights by assignment, which replaces the parameters."""
+        if self.config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
 
     @classmethod
     def from_preset(cls, preset: str, vocab_size: int, dropout: float = 0.0) -> "GPT":
@@ -159,18 +246,23 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters; the position embedding is left out by default, as it does no matmul."""
+        """Parameters (a tied embedding once); by default without the tables that do no matmul:
+        the position embedding, and the token embedding when the head does not share it."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and self.config.pos == "learned":
+            n -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
+        return n
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training (forward + backward) FLOPs per token: 6 per parameter plus attention's
-        12 * n_layer * n_embd * seq_len (PaLM paper, appendix B). A forward pass is a third."""
+        12 * n_layer * (n_head * head_dim) * seq_len (PaLM paper, appendix B). A forward pass is a third."""
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
     def hidden_states(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None):
-        """Final-LayerNorm hidden states, (B, T, C). `attention_mask` (B, T_past + T) covers any
+        """Final-norm hidden states, (B, T, C). `attention_mask` (B, T_past + T) covers any
         cached tokens too; 1 marks real tokens, 0 padding (on either side)."""
         B, T = input_ids.size()
         past = kv_cache.length if kv_cache is not None else 0
@@ -181,9 +273,15 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
         mask = attention_mask_4d(attention_mask, past, T, input_ids.device)
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
+        x = self.transformer.wte(input_ids)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, mask, kv_cache, layer)
+            x = block(x, mask, rope, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += T
         return self.transformer.ln_f(x)

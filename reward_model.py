@@ -79,4 +79,4 @@ def load_reward_model(path: str) -> tuple[RewardModel, Tokenizer]:
     ckpt = load_checkpoint(path)
     model = RewardModel(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
-    return model, Tokenizer(ckpt["tokenizer"])
+    return model, Tokenizer.from_state(ckpt["tokenizer"])

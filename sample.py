@@ -27,7 +27,7 @@ from train_utils import autocast, load_gpt, parse_config, pick_device
 @dataclass
 class Config:
     ckpt: str = "out/sft/ckpt.pt"
-    """checkpoint to sample from (any stage's ckpt.pt)"""
+    """checkpoint to sample from: any stage's ckpt.pt, or a Hugging Face model folder (kept in its dtype)"""
     prompt: str = ""
     """a prompt to continue (without --pairs)"""
     n: int = 4
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         raise SystemExit("error: give --prompt, or --pairs to write preference pairs")
     device = pick_device(cfg.device)
     try:
-        model, tok, _ = load_gpt(cfg.ckpt)
+        model, tok, _ = load_gpt(cfg.ckpt, dtype=None)
         if cfg.pairs:
             train = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"))[:cfg.n_train_prompts]
             val = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"))[:cfg.n_val_prompts]

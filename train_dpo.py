@@ -35,7 +35,7 @@ class Config(PairsConfig, TrainConfig):
     out_dir: str = "out/dpo"
     """folder for config.json, metrics.jsonl, ckpt.pt (and reference_logps.pt)"""
     sft_ckpt: str = "out/sft/ckpt.pt"
-    """SFT checkpoint: the initial policy and the frozen reference (its tokenizer reads the pairs)"""
+    """SFT checkpoint (ckpt.pt or Hugging Face folder): the initial policy and the frozen reference (its tokenizer reads the pairs)"""
     # DPO
     beta: float = 0.1
     """KL strength: the implicit reward is beta * log(pi / pi_ref)"""

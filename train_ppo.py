@@ -36,7 +36,7 @@ class Config(TrainConfig):
     out_dir: str = "out/ppo"
     """folder for config.json, metrics.jsonl and ckpt.pt (policy, critic, optimizer, kl_coef)"""
     sft_ckpt: str = "out/sft/ckpt.pt"
-    """SFT checkpoint: the initial policy and the frozen reference"""
+    """SFT checkpoint (ckpt.pt or Hugging Face folder): the initial policy and the frozen reference"""
     reward: Literal["model", "gold"] = "model"
     """score responses with the reward model, or with the toy gold reward (PPO-GT)"""
     reward_ckpt: str = "out/rm/ckpt.pt"

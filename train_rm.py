@@ -26,7 +26,7 @@ class Config(PairsConfig, TrainConfig):
     out_dir: str = "out/rm"
     """folder for config.json, metrics.jsonl and ckpt.pt"""
     sft_ckpt: str = "out/sft/ckpt.pt"
-    """SFT checkpoint whose backbone the reward model starts from (its tokenizer reads the pairs)"""
+    """SFT checkpoint (ckpt.pt or Hugging Face folder) whose backbone the reward model starts from (its tokenizer reads the pairs)"""
     # loss
     margin: float = 0.0
     """the score difference the chosen response must clear"""

@@ -51,7 +51,7 @@ class Config(TrainConfig):
     preset: Literal["tiny", "small", "medium", "gpt2"] = "tiny"
     """model size (see model.PRESETS)"""
     init_from: str = ""
-    """start from this checkpoint's weights instead of a fresh model"""
+    """start from this checkpoint instead of a fresh model: a ckpt.pt, or a Hugging Face model folder (its tokenizer too)"""
     dropout: float = 0.0
     """dropout probability"""
     # evaluation
@@ -141,7 +141,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     run = Run(cfg, dist)
     raw_model, tok = load_gpt(cfg.init_from)[:2] if cfg.init_from else (None, None)
     if run.resumed:
-        tok = Tokenizer(run.resumed["tokenizer"])
+        tok = Tokenizer.from_state(run.resumed["tokenizer"])
     train_data, val_data, prompts, tok = load_data(cfg, dist, tok)
     if raw_model is None:
         raw_model = GPT.from_preset(cfg.preset, tok.vocab_size, cfg.dropout)

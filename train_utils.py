@@ -27,6 +27,7 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError, Tokenizer, load_checkpoint, take, write_atomic
+from hf import load_folder
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -335,12 +336,19 @@ def wrap_model(model: torch.nn.Module, dist: Dist, compile: bool) -> torch.nn.Mo
     return model
 
 
-def load_gpt(path: str) -> tuple[GPT, Tokenizer, dict]:
-    """The model, its tokenizer and the whole checkpoint, from a ckpt.pt of any stage."""
+def load_gpt(path: str, dtype: torch.dtype | None = torch.float32) -> tuple[GPT, Tokenizer, dict]:
+    """The model, its tokenizer and the whole checkpoint (empty for a folder), from a ckpt.pt of
+    any stage or a Hugging Face model folder. Weights come in float32 by default, the master
+    weights training needs (autocast does the bfloat16 compute); dtype=None keeps the stored one."""
+    if os.path.isdir(path):
+        model, tok = load_folder(path, dtype)
+        return model, tok, {}
     ckpt = load_checkpoint(path)
+    if "head.proj.weight" in ckpt["model"]:
+        raise DataError(f"{path}: a reward model's checkpoint, not a language model's")
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
-    return model, Tokenizer(ckpt["tokenizer"]), ckpt
+    return model.to(dtype), Tokenizer.from_state(ckpt["tokenizer"]), ckpt
 
 
 def _gather_rng(dist: Dist) -> list[torch.Tensor]:
@@ -425,7 +433,7 @@ class Run:
         state = {
             "model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
             "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
-            "config": dataclasses.asdict(self.cfg), "tokenizer": tokenizer.model_proto, **(extra or {}),
+            "config": dataclasses.asdict(self.cfg), "tokenizer": tokenizer.state(), **(extra or {}),
         }
         tmp = f"{self.ckpt_path}.tmp"
         torch.save(state, tmp)

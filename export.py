@@ -1,0 +1,57 @@
+"""
+Write a checkpoint as a Hugging Face model folder, so a trained model is evaluated or served with
+the tools people already use:
+
+    python export.py --ckpt out/dpo/ckpt.pt --out_dir out/dpo_hf
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer     # elsewhere, with transformers
+    model = AutoModelForCausalLM.from_pretrained("out/dpo_hf")
+    tokenizer = AutoTokenizer.from_pretrained("out/dpo_hf")
+
+The folder holds config.json, model.safetensors, generation_config.json and the tokenizer's files.
+A model with learned positions (the toy GPT, GPT-2) is written as gpt2, a rotary one as llama (or
+qwen2 when it has query/key/value biases). transformers' LlamaTokenizer reads a sentencepiece
+tokenizer.model with one difference from sentencepiece itself: it adds no extra word-boundary
+piece before text that already starts with a space.
+"""
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from data import DataError
+from hf import save_folder
+from train_utils import load_gpt, parse_config
+
+
+@dataclass
+class Config:
+    ckpt: str = "out/dpo/ckpt.pt"
+    """a policy to export: any stage's ckpt.pt except a reward model's, or a Hugging Face folder"""
+    out_dir: str = "out/dpo_hf"
+    """the folder to write"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """the weights' dtype in the folder"""
+    overwrite: bool = False
+    """write into an out_dir that already holds files"""
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(Config, argv, __doc__)
+    if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir) and not cfg.overwrite:
+        print(f"error: {cfg.out_dir} already holds files; give --overwrite to replace them", file=sys.stderr)
+        return 2
+    try:
+        model, tok, _ = load_gpt(cfg.ckpt, dtype=getattr(torch, cfg.dtype))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    save_folder(model, tok, cfg.out_dir)
+    print(f"wrote {cfg.out_dir}: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters, {cfg.dtype}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""
+Hugging Face model folders in and out: config.json, safetensors weights (one file or a sharded
+index) and the tokenizer, read into this project's GPT and Tokenizer and written back, so that a
+downloaded SmolLM2, Qwen2.5, TinyLlama, Mistral or GPT-2 folder trains here and a trained model
+loads in transformers. Nothing here downloads: fetch a folder yourself (README, "Real models").
+
+Weights map one to one onto model.py's modules, except that the separate query, key and value
+projections are concatenated into one `c_attn` matrix, the gate and up projections of SwiGLU into
+one `c_fc`, and GPT-2's Conv1D weights (stored input-major) are transposed.
+"""
+import json
+import os
+
+import torch
+
+from data import DataError, Tokenizer, write_atomic
+from model import GPT, GPTConfig
+
+SUPPORTED = ("llama", "mistral", "qwen2", "gpt2")  # config.json model_type values this file reads
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+
+
+def _read_json(path: str, required: bool = True) -> dict:
+    if not os.path.isfile(path):
+        if required:
+            raise DataError(f"{path}: no such file (a Hugging Face model folder has a config.json)")
+        return {}
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from None
+
+
+# -----------------------------------------------------------------------------
+# config.json -> GPTConfig
+
+
+def config_from_hf(hf: dict, where: str) -> GPTConfig:
+    """The GPTConfig of a transformers config.json (model_type llama, mistral, qwen2 or gpt2)."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED:
+        raise DataError(f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
+
+    def field(name, default=KeyError):
+        if name in hf and hf[name] is not None:
+            return hf[name]
+        if default is KeyError:
+            raise DataError(f"{where}: missing field {name!r}")
+        return default
+
+    def unsupported(what):
+        raise DataError(f"{where}: {what} is not supported")
+
+    if model_type == "gpt2":
+        mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
+            field("activation_function", "gelu_new")) or unsupported(f"activation_function {hf['activation_function']!r}")
+        if not field("scale_attn_weights", True) or field("scale_attn_by_inverse_layer_idx", False):
+            unsupported("attention scaling other than 1/sqrt(head_dim)")
+        return GPTConfig(
+            vocab_size=field("vocab_size"), block_size=field("n_positions"), n_layer=field("n_layer"),
+            n_head=field("n_head"), n_embd=field("n_embd"), bias=True, intermediate_size=field("n_inner", None),
+            norm="layernorm", norm_eps=field("layer_norm_epsilon", 1e-5), mlp=mlp, pos="learned",
+            tie_embeddings=field("tie_word_embeddings", True))
+
+    if field("hidden_act", "silu") != "silu":
+        unsupported(f"hidden_act {hf['hidden_act']!r}")
+    if model_type == "llama" and (field("attention_bias", False) or field("mlp_bias", False)):
+        unsupported("attention_bias or mlp_bias in a llama config")
+    # rotary settings: transformers 5 writes rope_parameters, older versions rope_theta and rope_scaling
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        unsupported(f"rope scaling {rope_type!r}")
+    block_size = field("max_position_embeddings")
+    window = hf.get("sliding_window") if model_type == "mistral" or hf.get("use_sliding_window") else None
+    if window:  # sliding-window attention is not implemented: within the window it is plain causal attention
+        block_size = min(block_size, window)
+    return GPTConfig(
+        vocab_size=field("vocab_size"), block_size=block_size, n_layer=field("num_hidden_layers"),
+        n_head=field("num_attention_heads"), n_embd=field("hidden_size"),
+        n_kv_head=field("num_key_value_heads", None), head_dim=field("head_dim", None),
+        intermediate_size=field("intermediate_size"), norm="rmsnorm", norm_eps=field("rms_norm_eps", 1e-6),
+        mlp="swiglu", pos="rope", rope_theta=float(rope.get("rope_theta", field("rope_theta", 10000.0))),
+        qkv_bias=model_type == "qwen2", tie_embeddings=field("tie_word_embeddings", False))
+
+
+def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
+    """A config.json for `c`: gpt2 for learned positions (the toy model included: its missing
+    biases are written as zeros), qwen2 for rotary models with q/k/v biases, llama otherwise."""
+    ids = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    common = dict(vocab_size=c.vocab_size, tie_word_embeddings=c.tie_embeddings,
+                  dtype=str(dtype).removeprefix("torch."), **ids)
+    if c.pos == "learned":
+        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=c.block_size,
+                    n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=c.intermediate_size,
+                    activation_function={"gelu": "gelu", "gelu_tanh": "gelu_new"}[c.mlp],
+                    layer_norm_epsilon=c.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    model_type = "qwen2" if c.qkv_bias else "llama"
+    return dict(model_type=model_type, architectures=["Qwen2ForCausalLM" if c.qkv_bias else "LlamaForCausalLM"],
+                max_position_embeddings=c.block_size, num_hidden_layers=c.n_layer,
+                num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
+                hidden_size=c.n_embd, intermediate_size=c.intermediate_size, hidden_act="silu",
+                rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, attention_bias=False, **common)
+
+
+# -----------------------------------------------------------------------------
+# Weight names: one table, read in both directions
+
+
+def weight_table(c: GPTConfig, model_type: str) -> list[tuple[str, list[str], str]]:
+    """(this project's name, the Hugging Face names it is made of, how): how is "copy", "cat"
+    (concatenated along the output dimension) or "T" (GPT-2's Conv1D, stored transposed)."""
+    rows = []
+    if model_type == "gpt2":
+        rows += [("transformer.wte.weight", ["transformer.wte.weight"], "copy"),
+                 ("transformer.wpe.weight", ["transformer.wpe.weight"], "copy"),
+                 ("transformer.ln_f.weight", ["transformer.ln_f.weight"], "copy"),
+                 ("transformer.ln_f.bias", ["transformer.ln_f.bias"], "copy")]
+        for i in range(c.n_layer):
+            p = f"transformer.h.{i}."
+            for name in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_attn.bias",
+                         "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"):
+                rows.append((p + name, [p + name], "copy"))
+            for name in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"):
+                rows.append((p + name, [p + name], "T"))
+        if not c.tie_embeddings:
+            rows.append(("lm_head.weight", ["lm_head.weight"], "copy"))
+        return rows
+    rows += [("transformer.wte.weight", ["model.embed_tokens.weight"], "copy"),
+             ("transformer.ln_f.weight", ["model.norm.weight"], "copy")]
+    for i in range(c.n_layer):
+        p, hf = f"transformer.h.{i}.", f"model.layers.{i}."
+        rows += [(p + "ln_1.weight", [hf + "input_layernorm.weight"], "copy"),
+                 (p + "ln_2.weight", [hf + "post_attention_layernorm.weight"], "copy"),
+                 (p + "attn.c_attn.weight", [hf + f"self_attn.{x}_proj.weight" for x in "qkv"], "cat"),
+                 (p + "attn.c_proj.weight", [hf + "self_attn.o_proj.weight"], "copy"),
+                 (p + "mlp.c_fc.weight", [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"], "cat"),
+                 (p + "mlp.c_proj.weight", [hf + "mlp.down_proj.weight"], "copy")]
+        if c.qkv_bias:
+            rows.append((p + "attn.c_attn.bias", [hf + f"self_attn.{x}_proj.bias" for x in "qkv"], "cat"))
+    if not c.tie_embeddings:
+        rows.append(("lm_head.weight", ["lm_head.weight"], "copy"))
+    return rows
+
+
+def _hf_name(name: str, model_type: str) -> str:
+    """GPT-2 checkpoints come with and without the "transformer." prefix; use one spelling."""
+    if model_type == "gpt2" and not name.startswith(("transformer.", "lm_head.")):
+        return "transformer." + name
+    return name
+
+
+def _ignored(name: str, model_type: str, c: GPTConfig) -> bool:
+    """Stored tensors that are not weights: GPT-2's causal-mask buffers, Llama's rotary inv_freq,
+    and a tied model's copy of the output head."""
+    return (name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))
+            or (name == "lm_head.weight" and c.tie_embeddings))
+
+
+class _SafetensorsFiles:
+    """The tensors of a folder's model.safetensors or model.safetensors.index.json shards, opened
+    lazily so a tensor is read from disk only when it is used."""
+
+    def __init__(self, folder: str, model_type: str):
+        from safetensors import safe_open
+        index_path = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index_path):
+            weight_map = _read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise DataError(f"{index_path}: missing field 'weight_map'")
+        elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+            weight_map = None
+        else:
+            raise DataError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                            "(.bin and .pth weights are not read: they can run code when loaded)")
+        self.handles, self.where = {}, {}
+        for file in sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]:
+            path = os.path.join(folder, file)
+            if not os.path.isfile(path):
+                raise DataError(f"{index_path}: shard {file} is missing")
+            try:
+                handle = safe_open(path, framework="pt")
+                for name in handle.keys():
+                    self.where[_hf_name(name, model_type)] = (path, name)
+            except Exception as e:  # safetensors raises its own error type for a bad header
+                raise DataError(f"{path}: not a readable safetensors file ({e})") from None
+            self.handles[path] = handle
+
+    def get(self, name: str) -> torch.Tensor:
+        path, stored = self.where[name]
+        try:
+            return self.handles[path].get_tensor(stored)
+        except Exception as e:
+            raise DataError(f"{path}: tensor {stored} cannot be read, the file may be truncated ({e})") from None
+
+    def shape(self, name: str) -> list[int]:
+        path, stored = self.where[name]
+        return self.handles[path].get_slice(stored).get_shape()
+
+
+def load_folder(folder: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer of a Hugging Face folder, in the checkpoint's dtype unless `dtype`
+    is given. The model is built on the meta device and the loaded tensors are assigned to it,
+    so a billion-parameter model never exists twice in memory."""
+    hf = _read_json(os.path.join(folder, "config.json"))
+    where = os.path.join(folder, "config.json")
+    config = config_from_hf(hf, where)
+    model_type = hf["model_type"]
+    files = _SafetensorsFiles(folder, model_type)
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = dict(model.state_dict())
+    table = weight_table(config, model_type)
+    wanted = {n for _, names, _ in table for n in names}
+    missing = sorted(n for n in wanted if n not in files.where)
+    unexpected = sorted(n for n in files.where if n not in wanted and not _ignored(n, model_type, config))
+    if missing or unexpected:
+        raise DataError(f"{folder}: weights do not match config.json: missing {missing[:8] or 'none'}"
+                        f"{' ...' if len(missing) > 8 else ''}; unexpected {unexpected[:8] or 'none'}"
+                        f"{' ...' if len(unexpected) > 8 else ''}")
+    state = {}
+    for ours, names, how in table:
+        parts = [files.get(n) for n in names]
+        tensor = parts[0].t() if how == "T" else torch.cat(parts) if how == "cat" else parts[0]
+        if tuple(tensor.shape) != tuple(expected[ours].shape):
+            shapes = " + ".join(str(list(p.shape)) for p in parts)
+            raise DataError(f"{folder}: tensor {' + '.join(names)} has shape {shapes}, "
+                            f"config.json implies {list(expected[ours].shape)} for {ours}")
+        state[ours] = tensor.contiguous().to(dtype or tensor.dtype)
+        del parts
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    model.load_state_dict(state, assign=True)
+    model.tie_weights()
+    tok = load_tokenizer(folder, hf)
+    if tok.vocab_size > config.vocab_size:
+        raise DataError(f"{folder}: the tokenizer has {tok.vocab_size} tokens, more than the "
+                        f"embedding's {config.vocab_size} rows")
+    return model, tok
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or a dict with "content"."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def load_tokenizer(folder: str, hf_config: dict) -> Tokenizer:
+    """The folder's tokenizer.json (read by `tokenizers`, as transformers reads it) or, when it has
+    none, its sentencepiece tokenizer.model. Special ids come from tokenizer_config.json, then
+    generation_config.json, then config.json. A model with no pad token pads with eos: padding is
+    always masked, so its id never reaches attention or a loss."""
+    tok_config = _read_json(os.path.join(folder, "tokenizer_config.json"), required=False)
+    gen_config = _read_json(os.path.join(folder, "generation_config.json"), required=False)
+    json_path, sp_path = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer.model")
+    if os.path.isfile(json_path):
+        with open(json_path, encoding="utf-8") as f:
+            kind, data = "tokenizers", f.read()
+        from tokenizers import Tokenizer as HFTokenizer
+        try:
+            backend = HFTokenizer.from_str(data)
+        except Exception as e:
+            raise DataError(f"{json_path}: not a readable tokenizer.json ({e})") from None
+        token_to_id = backend.token_to_id
+    elif os.path.isfile(sp_path):
+        with open(sp_path, "rb") as f:
+            kind, data = "sentencepiece", f.read()
+        import sentencepiece as spm
+        try:
+            backend = spm.SentencePieceProcessor(model_proto=data)
+        except Exception as e:
+            raise DataError(f"{sp_path}: not a readable sentencepiece model ({e})") from None
+        pieces = {backend.id_to_piece(i): i for i in range(backend.get_piece_size())}
+        token_to_id = pieces.get
+    else:
+        raise DataError(f"{folder}: no tokenizer.json or tokenizer.model")
+
+    def special(name):
+        text = _token_text(tok_config.get(f"{name}_token"))
+        if text is not None and token_to_id(text) is not None:
+            return token_to_id(text)
+        for source in (gen_config, hf_config):
+            value = source.get(f"{name}_token_id")
+            if value is not None:
+                return value[0] if isinstance(value, list) else value
+        return None
+
+    bos, eos, pad = special("bos"), special("eos"), special("pad")
+    if eos is None:
+        raise DataError(f"{folder}: no eos token in tokenizer_config.json, generation_config.json or config.json")
+    if kind == "tokenizers":  # transformers adds bos as the tokenizer.json's post-processor says
+        add_bos = bos is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos]
+    else:  # LlamaTokenizer's default
+        add_bos = tok_config.get("add_bos_token", True)
+    return Tokenizer(kind, data, bos, eos, eos if pad is None else pad, add_bos)
+
+
+def tokenizer_files(tok: Tokenizer) -> dict[str, bytes | str]:
+    """The files that give `tok` back to transformers' AutoTokenizer."""
+    def piece(i):
+        if i is None:
+            return None
+        return tok.sp.id_to_piece(i) if tok.kind == "sentencepiece" else tok.hf.id_to_token(i)
+    config = dict(bos_token=piece(tok.bos_id), eos_token=piece(tok.eos_id), pad_token=piece(tok.pad_id),
+                  add_bos_token=tok.add_bos, add_eos_token=False)
+    if tok.kind == "sentencepiece":
+        return {"tokenizer.model": tok.data,
+                "tokenizer_config.json": json.dumps(dict(tokenizer_class="LlamaTokenizer", **config), indent=2)}
+    return {"tokenizer.json": tok.data,
+            "tokenizer_config.json": json.dumps(dict(tokenizer_class="PreTrainedTokenizerFast", **config), indent=2)}
+
+
+# -----------------------------------------------------------------------------
+# Export
+
+
+def save_folder(model: GPT, tok: Tokenizer, out_dir: str) -> None:
+    """Write `model` and `tok` as a Hugging Face folder: config.json, model.safetensors, the
+    tokenizer files and generation_config.json. Biases the model does not have (the toy GPT
+    written as gpt2) are written as zeros, which computes the same function."""
+    from safetensors.torch import save_file
+    c = model.config
+    dtype = next(model.parameters()).dtype
+    hf_config = config_to_hf(c, dtype, tok)
+    model_type = hf_config["model_type"]
+    ours = model.state_dict()
+    tensors = {}
+    for name, hf_names, how in weight_table(c, model_type):
+        w = ours.get(name)
+        if w is None:  # a bias the toy model leaves out: LayerNorm's is zero, as are Linear's
+            w = torch.zeros(_zero_bias_size(model, name), dtype=dtype)
+        if how == "T":
+            tensors[hf_names[0]] = w.t().contiguous()
+        elif how == "cat":
+            sizes = [tensor_rows(c, n) for n in hf_names]
+            for n, part in zip(hf_names, w.split(sizes), strict=True):
+                tensors[n] = part.contiguous()
+        else:
+            tensors[hf_names[0]] = w.contiguous()
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f"model.safetensors.tmp{os.getpid()}")
+    save_file({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+    write_atomic(os.path.join(out_dir, "config.json"), json.dumps(hf_config, indent=2) + "\n")
+    generation = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    write_atomic(os.path.join(out_dir, "generation_config.json"), json.dumps(generation, indent=2) + "\n")
+    for file, content in tokenizer_files(tok).items():
+        write_atomic(os.path.join(out_dir, file), content)
+
+
+def tensor_rows(c: GPTConfig, hf_name: str) -> int:
+    """Output rows of one of the projections that model.py concatenates."""
+    if "q_proj" in hf_name:
+        return c.n_head * c.head_dim
+    if "k_proj" in hf_name or "v_proj" in hf_name:
+        return c.n_kv_head * c.head_dim
+    return c.intermediate_size  # gate_proj, up_proj
+
+
+def _zero_bias_size(model: GPT, name: str) -> int:
+    module = model.get_submodule(name.removesuffix(".bias"))
+    return module.weight.shape[0]

@@ -1,0 +1,309 @@
+"""Hugging Face folders against transformers, the reference: each family's logits and greedy
+generation, tokenizers, sharded weights, export round trips, and one-line errors for bad folders."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from conftest import run_python
+from data import DataError
+from hf import load_folder, save_folder
+
+V = 400  # model vocabulary; the test tokenizers have fewer tokens
+STRINGS = ["Hello world", "Café naïve résumé, déjà vu", "日本語のテキストです", "emoji 😀 and 🎉", "  leading spaces",
+           "a   b    c", "", " ", "tab\tand\nnewline", "digits 12345"]
+CORPUS = ["Hello world, this is a test of the tokenizer.", "Café naïve résumé — déjà vu.", "日本語のテキストです。中文也可以。",
+          "emoji 😀 🎉 fine", "  leading spaces   and   repeats", "digits 12345 and 3.14", "The capital of France is Paris."]
+
+FAMILIES = {  # tiny random configurations of each supported family
+    "llama_gqa_untied": lambda: transformers.LlamaConfig(
+        num_key_value_heads=2, tie_word_embeddings=False, **_LLAMA_SIZE),
+    "llama_tied_rope_theta": lambda: transformers.LlamaConfig(  # SmolLM's shape of config
+        num_key_value_heads=4, tie_word_embeddings=True, rope_theta=50000.0, **_LLAMA_SIZE),
+    "mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, sliding_window=64, **_LLAMA_SIZE),
+    "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **_LLAMA_SIZE),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                            initializer_range=0.1, bos_token_id=0, eos_token_id=0),
+}
+_LLAMA_SIZE = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=64, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+
+
+def train_bpe_tokenizer_json(folder, corpus_file, bos_template: bool):
+    """A byte-level BPE tokenizer.json (GPT-2, SmolLM2 and Qwen2's kind); with bos_template its
+    post-processor puts <s> before a text, as Llama-3-style tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([corpus_file], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<s>"],
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos_template:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    config = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token="<|endoftext|>",
+                  bos_token="<s>" if bos_template else "<|endoftext|>")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def train_sentencepiece_model(folder, corpus_file):
+    """A tokenizer.model trained with Llama-2's settings: BPE, byte fallback, digits split."""
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(
+        input=corpus_file, model_prefix=os.path.join(folder, "tokenizer"), vocab_size=V, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    os.remove(os.path.join(folder, "tokenizer.vocab"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                       add_bos_token=True), f)
+
+
+def write_model(folder, hf_config, seed=0, **save_kwargs):
+    """A random transformers model saved with save_pretrained; every 1-d weight (norms, biases) is
+    moved away from its initial value so that a loader that drops one gives different logits."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(folder, **save_kwargs)
+    return model
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(CORPUS * 40) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, corpus_file):
+    """name -> (folder, the transformers model saved in it), one per family; Llama-family folders
+    get the sentencepiece tokenizer, the others a tokenizer.json."""
+    out = {}
+    for name, make_config in FAMILIES.items():
+        folder = str(tmp_path_factory.mktemp(name))
+        model = write_model(folder, make_config())
+        if name.startswith(("llama", "mistral")):
+            train_sentencepiece_model(folder, corpus_file)
+        else:
+            train_bpe_tokenizer_json(folder, corpus_file, bos_template=False)
+        out[name] = (folder, model)
+    return out
+
+
+def padded_batch(pad_side: str):
+    """Two sequences of 10 and 6 tokens, padded on one side: ids, mask and the positions of the
+    real tokens (what transformers' generate passes; a plain forward would number pads too)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 250, (2, 10), generator=g)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    if pad_side == "left":
+        mask[1, :4] = 0
+    else:
+        mask[1, 6:] = 0
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pad_side", ["right", "left"])
+def test_logits_equal_transformers(folders, family, pad_side):
+    folder, reference = folders[family]
+    model, _ = load_folder(folder)
+    ids, mask, positions = padded_batch(pad_side)
+    with torch.no_grad():
+        ours = model.eval()(ids, mask)
+        theirs = reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    assert theirs[real].abs().max() > 0.5  # the logits are not all near zero, so 1e-4 is a real bound
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_generation_equals_transformers(folders, family, use_cache):
+    folder, reference = folders[family]
+    model, tok = load_folder(folder)
+    prompts = [[5, 17, 42, 99, 7, 300], [8, 21, 33]]
+    ours, _ = model.generate(prompts, 16, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=0, use_cache=use_cache)
+    ids = torch.tensor([prompts[0], [tok.pad_id] * 3 + prompts[1]])
+    mask = torch.tensor([[1] * 6, [0] * 3 + [1] * 3])
+    theirs = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[:, 6:]
+    theirs = torch.nn.functional.pad(theirs, (0, 16 - theirs.size(1)), value=tok.pad_id)
+    assert torch.equal(ours, theirs)
+
+
+def test_sharded_index_loads_the_same_weights(folders, tmp_path):
+    folder, _ = folders["llama_gqa_untied"]
+    sharded = str(tmp_path / "sharded")
+    write_model(sharded, FAMILIES["llama_gqa_untied"](), max_shard_size="40KB")
+    for file in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(os.path.join(folder, file), sharded)
+    with open(os.path.join(sharded, "model.safetensors.index.json")) as f:
+        assert len(set(json.load(f)["weight_map"].values())) >= 2
+    whole, _ = load_folder(folder)
+    split, _ = load_folder(sharded)
+    for (name, a), b in zip(whole.state_dict().items(), split.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_load_keeps_the_stored_dtype_unless_asked(folders, tmp_path):
+    folder, reference = folders["qwen2"]
+    bf16 = str(tmp_path / "bf16")
+    reference.to(torch.bfloat16).save_pretrained(bf16)
+    reference.float()
+    shutil.copy(os.path.join(folder, "tokenizer.json"), bf16)
+    assert {p.dtype for p in load_folder(bf16)[0].parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_folder(bf16, torch.float32)[0].parameters()} == {torch.float32}
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers
+
+
+@pytest.mark.parametrize("bos_template", [False, True])
+def test_tokenizer_json_ids_equal_transformers(corpus_file, tmp_path, bos_template):
+    """transformers 5 picks the tokenizer class from config.json's model_type, and its Qwen2Tokenizer
+    swaps in Qwen2's own pre-tokenizer (which real Qwen2 folders ship anyway), so this generic
+    byte-level tokenizer sits in gpt2 and llama folders."""
+    train_bpe_tokenizer_json(str(tmp_path), corpus_file, bos_template)
+    write_model(str(tmp_path), FAMILIES["llama_gqa_untied" if bos_template else "gpt2"]())
+    _, tok = load_folder(str(tmp_path))
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for s in STRINGS:
+        assert tok.encode(s) == reference(s, add_special_tokens=False).input_ids, s
+        assert tok.encode_prompt(s) == reference(s).input_ids, s
+        assert tok.decode(tok.encode(s)) == s
+
+
+def test_sentencepiece_ids_equal_transformers(folders):
+    """transformers 5 turns a tokenizer.model into a Metaspace tokenizer that puts no word-boundary
+    piece before a text that already starts with a space; sentencepiece, which the model was
+    trained with, does. Those strings are compared with sentencepiece's pieces instead."""
+    folder, _ = folders["llama_gqa_untied"]
+    _, tok = load_folder(folder)
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    for s in STRINGS:
+        if s.startswith(" "):
+            assert "".join(tok.sp.id_to_piece(i) for i in tok.encode(s)).startswith("\u2581" * (len(s) - len(s.lstrip()) + 1))
+        else:
+            assert tok.encode(s) == reference(s, add_special_tokens=False).input_ids, s
+            assert tok.encode_prompt(s) == reference(s).input_ids, s
+        assert tok.decode(tok.encode(s)) == s
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)  # no pad token: eos pads
+
+
+# -----------------------------------------------------------------------------
+# Export
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_round_trip_gives_transformers_the_same_logits(folders, family, tmp_path):
+    folder, reference = folders[family]
+    model, tok = load_folder(folder)
+    save_folder(model, tok, str(tmp_path))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids, mask, positions = padded_batch("right")
+    with torch.no_grad():
+        a = reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        b = exported(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf_tok("Hello world").input_ids == tok.encode_prompt("Hello world")
+
+
+def test_toy_checkpoint_exports_to_transformers_with_the_same_logits(toy_dir, tmp_path):
+    sft_dir, hf_dir = str(tmp_path / "sft"), str(tmp_path / "sft_hf")
+    r = run_python("train_sft.py", f"--data_dir={toy_dir}", f"--out_dir={sft_dir}", "--device=cpu", "--max_iters=2",
+                   "--eval_interval=2", "--eval_samples=0", "--print_samples=0")
+    assert r.returncode == 0, r.stderr
+    r = run_python("export.py", f"--ckpt={sft_dir}/ckpt.pt", f"--out_dir={hf_dir}")
+    assert r.returncode == 0, r.stderr
+    from train_utils import load_gpt
+    model, tok, _ = load_gpt(f"{sft_dir}/ckpt.pt")
+    text = "the plot was great . i loved the cast ."
+    ids = torch.tensor([tok.encode_prompt(text)])
+    exported = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids), exported(input_ids=ids).logits, atol=1e-4, rtol=0)
+    assert transformers.AutoTokenizer.from_pretrained(hf_dir)(text).input_ids == tok.encode_prompt(text)
+    r = run_python("export.py", f"--ckpt={sft_dir}/ckpt.pt", f"--out_dir={hf_dir}")
+    assert r.returncode == 2 and "--overwrite" in r.stderr  # an existing export is not replaced by accident
+
+
+# -----------------------------------------------------------------------------
+# Scripts on a folder, and bad folders
+
+
+def test_sample_and_sft_run_from_a_folder(folders, toy_dir, tmp_path):
+    folder, _ = folders["qwen2"]
+    r = run_python("sample.py", f"--ckpt={folder}", "--prompt=Hello", "--n=2", "--max_new_tokens=5", "--device=cpu")
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 2, r.stderr
+    r = run_python("train_sft.py", f"--init_from={folder}", f"--data_dir={toy_dir}", f"--out_dir={tmp_path}/sft",
+                   "--device=cpu", "--max_iters=2", "--eval_interval=2", "--eval_samples=0", "--print_samples=0",
+                   "--max_length=48", "--max_new_tokens=8")
+    assert r.returncode == 0, r.stderr
+    from train_utils import load_gpt
+    model, tok, _ = load_gpt(f"{tmp_path}/sft/ckpt.pt")
+    assert model.config.pos == "rope" and tok.kind == "tokenizers"
+
+
+def _edit_config(folder, **changes):
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, **changes}, f)
+
+
+def _edit_weights(folder, edit):
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _truncate(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+
+
+BAD_FOLDERS = {  # case -> (how to spoil a good llama folder, what the one line must say)
+    "no config.json": (lambda d: os.remove(f"{d}/config.json"), "config.json: no such file"),
+    "unsupported model_type": (lambda d: _edit_config(d, model_type="bert"),
+                               "model_type 'bert' is not supported (supported: llama, mistral, qwen2, gpt2)"),
+    "missing tensor": (lambda d: _edit_weights(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+                       "missing ['model.layers.1.mlp.up_proj.weight']"),
+    "unexpected tensor": (lambda d: _edit_weights(d, lambda t: t.update({"model.extra.weight": torch.zeros(2)})),
+                          "unexpected ['model.extra.weight']"),
+    "wrong shape": (lambda d: _edit_config(d, intermediate_size=40),
+                    "model.layers.0.mlp.gate_proj.weight + model.layers.0.mlp.up_proj.weight has shape [48, 32] + [48, 32]"),
+    "truncated safetensors": (lambda d: _truncate(f"{d}/model.safetensors"), "model.safetensors"),
+    "tokenizer larger than the embedding": (lambda d: _edit_weights(d, lambda t: t.update(
+        {k: v[:200] for k, v in t.items() if k in ("model.embed_tokens.weight", "lm_head.weight")}))
+        or _edit_config(d, vocab_size=200), "the tokenizer has"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FOLDERS)
+def test_bad_folder_gives_one_line_through_the_command_line(folders, tmp_path, case):
+    spoil, message = BAD_FOLDERS[case]
+    folder = str(tmp_path / "model")
+    shutil.copytree(folders["llama_gqa_untied"][0], folder)
+    spoil(folder)
+    with pytest.raises(DataError):
+        load_folder(folder)
+    r = run_python("sample.py", f"--ckpt={folder}", "--prompt=Hello", "--device=cpu")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert message in lines[0] and "Traceback" not in r.stderr
