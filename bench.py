@@ -1,10 +1,13 @@
 """
 Benchmark every stage's hot path against this machine's own limit: tokens per second, model-FLOPs
 utilisation (MFU) and peak memory of an SFT step, a DPO step (live and precomputed reference), a
-reward-model step, a PPO update, and rollout generation with and without the KV cache.
+reward-model step, a PPO update, and rollout generation with and without the KV cache; and, for
+the shapes of real small models (random weights, nothing downloaded), parameters, memory, and
+speed beside transformers.
 
     python bench.py                                   # tiny and small presets on this machine
     python bench.py --presets tiny --steps 3 --json out/bench.json
+    python bench.py --presets none --real_shapes --vs_transformers   # real shapes; needs transformers
 
 MFU = model FLOPs per second / a matrix-multiply peak that this script measures itself, on the
 same device and dtype, in the same run (a large square matmul, median of repeats); never a
@@ -29,6 +32,7 @@ import train_dpo
 import train_ppo
 import train_rm
 from dpo import concatenated_forward
+from hf import config_from_hf, load_folder
 from model import GPT, GPTConfig, PRESETS
 from ppo import PolicyAndCritic
 from reward_model import RewardModel
@@ -42,7 +46,7 @@ from train_utils import Dist, autocast, make_optimizer, parse_config, pick_devic
 @dataclass
 class Config:
     presets: str = "tiny,small"
-    """comma-separated model presets to measure"""
+    """comma-separated model presets to measure (none: no preset)"""
     seq_len: str = "64,256"
     """sequence length for each preset, in the same order"""
     batch_size: int = 8
@@ -59,6 +63,29 @@ class Config:
     """bfloat16 runs under autocast"""
     json: str = "out/bench.json"
     """where the table goes as JSON"""
+    real_shapes: bool = False
+    """print parameters and bf16 memory (inference, full fine-tuning) of REAL_SHAPES"""
+    vs_transformers: bool = False
+    """time a forward+backward step and KV-cache generation at SmolLM2-135M's shape, this project's
+    model against transformers' with the same weights (imports transformers)"""
+    real_batch: int = 4
+    """sequences per step for --vs_transformers"""
+    real_seq_len: int = 256
+    """sequence length for --vs_transformers"""
+
+
+# config.json values of published models, for random weights at their real shapes
+REAL_SHAPES = {
+    "SmolLM2-135M": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "Qwen2.5-0.5B": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "TinyLlama-1.1B": dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                           num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                           max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
 
 
 def sync(device):
@@ -186,10 +213,77 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
     return rows
 
 
+def real_shape_table() -> list[str]:
+    """Parameters and bf16 memory of each REAL_SHAPES model, computed (a model on the meta device
+    allocates nothing). Activations are left out: they depend on batch and length."""
+    lines = ["| model | parameters | bf16 weights (inference) | KV cache per 1k tokens | full fine-tuning, bf16 + AdamW | "
+             "the same, float32 master weights |", "|---|---|---|---|---|---|"]
+    for name, shape in REAL_SHAPES.items():
+        with torch.device("meta"):
+            model = GPT(config_from_hf(shape, name))
+        n, c = model.num_params(non_embedding=False), model.config
+        kv_per_token = 2 * c.n_layer * c.n_kv_head * c.head_dim * 2  # keys and values, bf16
+        lines.append(f"| {name} | {n / 1e6:.1f}M | {2 * n / 2**30:.2f} GiB | {kv_per_token * 1024 / 2**20:.0f} MiB "
+                     f"| {12 * n / 2**30:.2f} GiB | {16 * n / 2**30:.2f} GiB |")
+    return lines
+
+
+def bench_vs_transformers(cfg: Config, device, peak: float) -> list[dict]:
+    """SmolLM2-135M's shape: a forward+backward step and 32 tokens of greedy KV-cache generation,
+    this project's model against transformers' LlamaForCausalLM holding the same weights."""
+    import tempfile
+
+    import transformers
+    shape = {k: v for k, v in REAL_SHAPES["SmolLM2-135M"].items() if k != "model_type"}
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, bos_token_id=0, eos_token_id=0))
+    with tempfile.TemporaryDirectory() as folder:
+        theirs.save_pretrained(folder)
+        with open(os.path.join(folder, "tokenizer.json"), "w") as f:  # a stand-in: the loader wants one
+            f.write('{"version": "1.0", "added_tokens": [{"id": 0, "content": "<|endoftext|>", "special": true, '
+                    '"single_word": false, "lstrip": false, "rstrip": false, "normalized": false}], '
+                    '"model": {"type": "WordLevel", "vocab": {"<|endoftext|>": 0}, "unk_token": "<|endoftext|>"}}')
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            f.write('{"eos_token": "<|endoftext|>"}')
+        ours, _ = load_folder(folder)
+    ours, theirs = ours.to(device), theirs.to(device)
+    ctx = autocast(device, cfg.dtype)
+    B, T = cfg.real_batch, cfg.real_seq_len
+    ids = torch.randint(1, shape["vocab_size"], (B, T), device=device)
+    mask = torch.ones_like(ids)
+    prompts = ids[:, :16].tolist()
+    rows = []
+    for who, model in (("this project", ours), ("transformers", theirs)):
+        def step():
+            with ctx:
+                logits = model(ids, mask) if model is ours else model(input_ids=ids, attention_mask=mask).logits
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        def generate():
+            with ctx, torch.no_grad():
+                if model is ours:
+                    model.generate(prompts, 32, eos_id=-1, pad_id=0, temperature=0)
+                else:
+                    model.generate(input_ids=ids[:, :16], attention_mask=mask[:, :16], max_new_tokens=32,
+                                   min_new_tokens=32, do_sample=False, pad_token_id=0)
+        flops = ours.flops_per_token(T)
+        for name, fn, tokens, work in (("forward+backward", step, B * T, flops * B * T),
+                                       ("generate 32 tokens, KV cache", generate, B * 32, ours.flops_per_token(48) / 3 * B * 32)):
+            seconds = timed(fn, device, cfg.steps, cfg.warmup)
+            rows.append({"preset": f"SmolLM2-135M shape, {who}", "seq_len": T if name == "forward+backward" else 48,
+                         "benchmark": f"{name}, batch {B}", "ms": 1000 * seconds, "tokens_per_s": tokens / seconds,
+                         "mfu": work / seconds / peak, "peak_mem_mb": peak_memory_mb(device)})
+            print(f"  {who:13s} {name:30s} {1000 * seconds:9.1f} ms", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     cfg = parse_config(Config, argv, __doc__)
     device = pick_device(cfg.device)
-    presets, lengths = cfg.presets.split(","), [int(x) for x in cfg.seq_len.split(",")]
+    presets = [] if cfg.presets == "none" else cfg.presets.split(",")
+    lengths = [int(x) for x in cfg.seq_len.split(",")][:len(presets)]
     if len(presets) != len(lengths):
         raise SystemExit("error: --presets and --seq_len need the same number of entries")
     peak = matmul_peak(device, cfg.dtype)
@@ -198,6 +292,8 @@ def main(argv=None) -> int:
     rows = []
     for preset, T in zip(presets, lengths):
         rows += bench_preset(cfg, preset, T, device, peak)
+    if cfg.vs_transformers:
+        rows += bench_vs_transformers(cfg, device, peak)
     lines = [f"Device: {name}, {cfg.dtype}; matmul peak {peak / 1e9:.1f} GFLOP/s (measured by this run); "
              f"batch {cfg.batch_size}; medians of {cfg.steps} steps after {cfg.warmup} warm-up steps.", "",
              "| preset | T | benchmark | ms | tokens/s | MFU | outside model | peak mem MB |", "|---|---|---|---|---|---|---|---|"]
@@ -205,6 +301,10 @@ def main(argv=None) -> int:
         overhead = f"{r['overhead']:.0%}" if "overhead" in r else "-"
         lines.append(f"| {r['preset']} | {r['seq_len']} | {r['benchmark']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} "
                      f"| {r['mfu']:.1%} | {overhead} | {r['peak_mem_mb']:.0f} |")
+    if cfg.real_shapes:
+        lines += ["", "Real shapes (computed; bf16 is 2 bytes a parameter; full fine-tuning with AdamW is bf16 weights and "
+                  "gradients plus two float32 moments, 12 bytes a parameter, and 16 with float32 master weights as "
+                  "this project's trainers keep them; activations not included):", "", *real_shape_table()]
     table = "\n".join(lines)
     print("\n" + table)
     os.makedirs(os.path.dirname(cfg.json) or ".", exist_ok=True)
