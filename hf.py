@@ -194,19 +194,19 @@ class _SafetensorsFiles:
         except Exception as e:
             raise DataError(f"{path}: tensor {stored} cannot be read, the file may be truncated ({e})") from None
 
-    def shape(self, name: str) -> list[int]:
-        path, stored = self.where[name]
-        return self.handles[path].get_slice(stored).get_shape()
-
 
 def load_folder(folder: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
     """The model and tokenizer of a Hugging Face folder, in the checkpoint's dtype unless `dtype`
     is given. The model is built on the meta device and the loaded tensors are assigned to it,
     so a billion-parameter model never exists twice in memory."""
-    hf = _read_json(os.path.join(folder, "config.json"))
-    where = os.path.join(folder, "config.json")
-    config = config_from_hf(hf, where)
+    config_path = os.path.join(folder, "config.json")
+    hf = _read_json(config_path)
+    config = config_from_hf(hf, config_path)
     model_type = hf["model_type"]
+    tok = load_tokenizer(folder, hf)
+    if tok.vocab_size > config.vocab_size:
+        raise DataError(f"{folder}: the tokenizer has {tok.vocab_size} tokens, more than the "
+                        f"embedding's {config.vocab_size} rows")
     files = _SafetensorsFiles(folder, model_type)
     with torch.device("meta"):
         model = GPT(config)
@@ -228,15 +228,10 @@ def load_folder(folder: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tok
             raise DataError(f"{folder}: tensor {' + '.join(names)} has shape {shapes}, "
                             f"config.json implies {list(expected[ours].shape)} for {ours}")
         state[ours] = tensor.contiguous().to(dtype or tensor.dtype)
-        del parts
     if config.tie_embeddings:
         state["lm_head.weight"] = state["transformer.wte.weight"]
     model.load_state_dict(state, assign=True)
     model.tie_weights()
-    tok = load_tokenizer(folder, hf)
-    if tok.vocab_size > config.vocab_size:
-        raise DataError(f"{folder}: the tokenizer has {tok.vocab_size} tokens, more than the "
-                        f"embedding's {config.vocab_size} rows")
     return model, tok
 
 
