@@ -1,6 +1,7 @@
 """Hugging Face folders against transformers, the reference: each family's logits and greedy
 generation, tokenizers, sharded weights, export round trips, and one-line errors for bad folders."""
 import json
+import math
 import os
 import shutil
 
@@ -9,7 +10,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from conftest import run_python
+from conftest import read_metrics, run_python
 from data import DataError
 from hf import load_folder, save_folder
 
@@ -244,7 +245,7 @@ def test_toy_checkpoint_exports_to_transformers_with_the_same_logits(toy_dir, tm
 # Scripts on a folder, and bad folders
 
 
-def test_sample_and_sft_run_from_a_folder(folders, toy_dir, tmp_path):
+def test_sample_sft_and_dpo_run_from_a_folder(folders, toy_dir, sft_pairs, tmp_path):
     folder, _ = folders["qwen2"]
     r = run_python("sample.py", f"--ckpt={folder}", "--prompt=Hello", "--n=2", "--max_new_tokens=5", "--device=cpu")
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 2, r.stderr
@@ -255,6 +256,13 @@ def test_sample_and_sft_run_from_a_folder(folders, toy_dir, tmp_path):
     from train_utils import load_gpt
     model, tok, _ = load_gpt(f"{tmp_path}/sft/ckpt.pt")
     assert model.config.pos == "rope" and tok.kind == "tokenizers"
+    _, pairs = sft_pairs
+    r = run_python("train_dpo.py", f"--sft_ckpt={folder}", f"--train_file={pairs}/pairs_train.jsonl",
+                   f"--val_file={pairs}/pairs_val.jsonl", f"--out_dir={tmp_path}/dpo", "--device=cpu", "--max_iters=2",
+                   "--eval_interval=100", "--gold_eval=false", "--print_samples=0", "--log_interval=1", "--batch_size=8")
+    assert r.returncode == 0, r.stderr
+    first = read_metrics(f"{tmp_path}/dpo")[1]  # the policy starts as the reference: DPO's loss is log 2
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margins"] == 0
 
 
 def _edit_config(folder, **changes):
