@@ -210,15 +210,15 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        modules = dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos == "learned":  # registered in this order, so a seed gives the toy GPT its old initial weights
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(dict(
+            **modules,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=make_norm(config),
-        )
-        if config.pos == "learned":
-            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        self.transformer = nn.ModuleDict(modules)
+        ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self.apply(self._init_weights)
