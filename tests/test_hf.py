@@ -1,5 +1,6 @@
 """Hugging Face folders against transformers, the reference: each family's logits and greedy
 generation, tokenizers, sharded weights, export round trips, and one-line errors for bad folders."""
+import copy
 import json
 import math
 import os
@@ -160,8 +161,7 @@ def test_sharded_index_loads_the_same_weights(folders, tmp_path):
 def test_load_keeps_the_stored_dtype_unless_asked(folders, tmp_path):
     folder, reference = folders["qwen2"]
     bf16 = str(tmp_path / "bf16")
-    reference.to(torch.bfloat16).save_pretrained(bf16)
-    reference.float()
+    copy.deepcopy(reference).to(torch.bfloat16).save_pretrained(bf16)  # the shared model stays float32
     shutil.copy(os.path.join(folder, "tokenizer.json"), bf16)
     assert {p.dtype for p in load_folder(bf16)[0].parameters()} == {torch.bfloat16}
     assert {p.dtype for p in load_folder(bf16, torch.float32)[0].parameters()} == {torch.float32}
