@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -220,6 +221,7 @@ class GPT(nn.Module):
             ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.grad_checkpoint = False  # recompute each block's activations in the backward pass
         self.tie_weights()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -280,8 +282,15 @@ class GPT(nn.Module):
         else:
             rope = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         x = self.transformer.drop(x)
+        # gradient checkpointing (Chen et al. 2016) keeps only each block's input for the backward
+        # pass and runs the block again there: memory of one block's activations, a third more compute.
+        # The recomputation replays the same dropout masks (the RNG state is saved with the input).
+        recompute = self.grad_checkpoint and torch.is_grad_enabled() and kv_cache is None
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, mask, rope, kv_cache, layer)
+            if recompute:
+                x = checkpoint(block, x, mask, rope, None, layer, use_reentrant=False)
+            else:
+                x = block(x, mask, rope, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += T
         return self.transformer.ln_f(x)
