@@ -35,8 +35,7 @@ import train_rm
 import train_sft
 from data import collate, gold_reward, load_preferences, load_prompts, prepare_toy_data, write_atomic
 from evaluate import PolicyEvaluator, best_of_n, optimal_frontier, sample_completions
-from reward_model import load_reward_model
-from train_utils import autocast, load_gpt, parse_config, pick_device
+from train_utils import autocast, load_gpt, load_reward_model, parse_config, pick_device
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import Tokenizer, concatenate_pairs, load_checkpoint
+from data import concatenate_pairs
 from model import GPT, GPTConfig, ScalarHead
 
 
@@ -72,11 +72,3 @@ def pair_scores(model: RewardModel, batch: dict[str, torch.Tensor]):
     scores = model(input_ids, attention_mask)  # (2B,)
     B = batch["chosen_input_ids"].size(0)
     return scores[:B], scores[B:]
-
-
-def load_reward_model(path: str) -> tuple[RewardModel, Tokenizer]:
-    """A reward model and its tokenizer from train_rm.py's ckpt.pt."""
-    ckpt = load_checkpoint(path)
-    model = RewardModel(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model, Tokenizer.from_state(ckpt["tokenizer"])

@@ -25,9 +25,10 @@ import torch
 from data import PairsConfig, gold_reward, load_pairs, load_prompts, real_tokens, take
 from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums
 from evaluate import PolicyEvaluator
-from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, global_batch, heldout_sums, load_gpt,
-                         make_optimizer, micro_batches, progress_bar, run_script, seed_everything, set_lr,
-                         shard_indices, train_step, wrap_model)
+from lora import AdaptersOff
+from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, frozen_dtype, global_batch, heldout_sums,
+                         load_gpt, lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable,
+                         progress_bar, run_script, seed_everything, set_lr, shard_indices, train_step, wrap_model)
 
 
 @dataclass
@@ -148,10 +149,14 @@ def train(cfg: Config, dist: Dist) -> dict:
     train_data, _, val_data = load_pairs(cfg, tok)
     prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval else []
 
-    # 2. policy and frozen reference, both from the SFT checkpoint; the reference's log-probs of
-    # every pair computed once if asked
-    policy.to(dist.device)
-    reference = load_gpt(cfg.sft_ckpt)[0].to(dist.device).eval().requires_grad_(False)
+    # 2. policy and frozen reference, both from the SFT checkpoint: under LoRA the reference is the
+    # policy with its adapters off, else a frozen copy; its log-probs of every pair computed once if asked
+    prepare_trainable(policy, cfg).to(dist.device)
+    if cfg.lora_rank:
+        reference = AdaptersOff(policy)
+    else:
+        reference = load_gpt(cfg.sft_ckpt, frozen_dtype(cfg))[0].to(dist.device).eval().requires_grad_(False)
+    offload = cfg.precompute_ref and not cfg.lora_rank  # a separate reference can wait on the CPU
     ctx = autocast(dist.device, cfg.dtype)
     if cfg.precompute_ref:
         logps = cached_reference_logps(cfg, reference, {"train": train_data, "val": val_data},
@@ -162,8 +167,8 @@ def train(cfg: Config, dist: Dist) -> dict:
     if dist.master and prompts:
         with ctx:
             evaluator = PolicyEvaluator(reference, tok, prompts, cfg.max_new_tokens, cfg.temperature,
-                                        cfg.seed, offload=cfg.precompute_ref)
-    if cfg.precompute_ref:
+                                        cfg.seed, offload=offload)
+    if offload:
         reference.cpu()  # off the accelerator: training never runs it again, evaluation borrows it
     loss_fn = partial(dpo_batch_loss, reference=reference, cfg=cfg)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
@@ -172,9 +177,10 @@ def train(cfg: Config, dist: Dist) -> dict:
     model = wrap_model(policy, dist, cfg.compile)
     n_pairs = len(train_data["chosen_input_ids"])
     if dist.master:
-        print(f"policy: {policy.num_params() / 1e6:.2f}M parameters, {n_pairs} training pairs, "
+        print(f"policy: {policy.num_params() / 1e6:.2f}M parameters ({n_trainable(policy) / 1e6:.2f}M training), "
+              f"{n_pairs} training pairs, "
               f"{len(val_data['chosen_input_ids'])} held-out, {dist.world_size} process(es) on {dist.device}, "
-              f"reference {'precomputed' if cfg.precompute_ref else 'live'}")
+              f"reference {'precomputed' if cfg.precompute_ref else 'live'}{', adapters off' if cfg.lora_rank else ''}")
 
     # 3. the loop: evaluate and checkpoint, then one optimizer step on a batch of pairs
     bar = progress_bar(cfg.max_iters, step, dist, "dpo")
@@ -190,7 +196,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         if metrics:
             run.log(step, metrics)
         if evaluating:
-            run.save(step, policy, optimizer, tok, {"tokens": tokens})
+            run.save(step, policy, optimizer, tok, {"tokens": tokens, **lora_record(cfg, cfg.sft_ckpt)})
         if step == cfg.max_iters:
             break
         # 3b. this step's learning rate and global batch of pairs; this rank's micro-batches

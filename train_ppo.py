@@ -26,9 +26,11 @@ from data import gold_reward, load_prompts
 from evaluate import PolicyEvaluator
 from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, masked_whiten,
                  per_token_rewards, ppo_losses, response_logprobs, rollout)
-from reward_model import RewardModel, load_reward_model
-from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, global_batch, load_gpt, make_optimizer,
-                         progress_bar, run_script, seed_everything, set_lr, train_step, wrap_model)
+from reward_model import RewardModel
+from lora import AdaptersOff
+from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, frozen_dtype, global_batch, load_gpt,
+                         load_reward_model, load_trainable, lora_record, make_optimizer, n_trainable, prepare_trainable,
+                         progress_bar, run_script, seed_everything, set_lr, train_step, trainable_state, wrap_model)
 
 
 @dataclass
@@ -188,18 +190,22 @@ def ppo_update(model, optimizer, data: dict, P: int, step: int, cfg: Config, dis
     return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
 
-def frozen_models_and_critic(cfg: Config, device):
-    """The reference (a frozen copy of the SFT policy), the frozen reward model (None with
-    --reward gold), and the critic: the reward model's backbone and head, or the SFT backbone
-    with a new head."""
-    reference = load_gpt(cfg.sft_ckpt)[0].to(device).eval().requires_grad_(False)
+def frozen_models_and_critic(cfg: Config, policy, device):
+    """The reference (the policy with its LoRA adapters off, or a frozen copy of the SFT policy),
+    the frozen reward model (None with --reward gold), and the critic: the reward model's
+    backbone and head, or the SFT backbone with a new head (under LoRA, adapters on the backbone)."""
+    if cfg.lora_rank:
+        reference = AdaptersOff(policy)
+    else:
+        reference = load_gpt(cfg.sft_ckpt, frozen_dtype(cfg))[0].to(device).eval().requires_grad_(False)
     reward_model = None
     if cfg.reward == "model":
-        reward_model = load_reward_model(cfg.reward_ckpt)[0].to(device).eval().requires_grad_(False)
+        reward_model = load_reward_model(cfg.reward_ckpt)[0].to(device, frozen_dtype(cfg)).eval().requires_grad_(False)
     if cfg.critic_init == "reward" or (cfg.critic_init == "auto" and cfg.reward == "model"):
         critic = load_reward_model(cfg.reward_ckpt)[0]
     else:
         critic = RewardModel.from_gpt(load_gpt(cfg.sft_ckpt)[0])
+    prepare_trainable(critic.backbone, cfg)
     return reference, reward_model, critic.to(device)
 
 
@@ -227,8 +233,8 @@ def train(cfg: Config, dist: Dist) -> dict:
         raise SystemExit("error: PPO samples from the policy; --temperature must be > 0")
 
     # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic
-    policy.to(dist.device)
-    reference, reward_model, critic = frozen_models_and_critic(cfg, dist.device)
+    prepare_trainable(policy, cfg).to(dist.device)
+    reference, reward_model, critic = frozen_models_and_critic(cfg, policy, dist.device)
     both = PolicyAndCritic(policy, critic)
     optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
@@ -236,7 +242,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     start = step = run.start(policy, optimizer)
     tokens = 0  # real tokens of the rollouts, once per PPO epoch that trains on them
     if run.resumed:
-        critic.load_state_dict(run.resumed["critic"])
+        load_trainable(critic, run.resumed["critic"], run.ckpt_path)
         kl_ctl.value, tokens = run.resumed["kl_coef"], run.resumed["tokens"]
     model = wrap_model(both, dist, cfg.compile)
     ctx = autocast(dist.device, cfg.dtype)
@@ -245,7 +251,8 @@ def train(cfg: Config, dist: Dist) -> dict:
         with ctx:
             evaluator = PolicyEvaluator(reference, tok, eval_prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed)
     if dist.master:
-        print(f"policy and critic: 2 x {policy.num_params() / 1e6:.2f}M parameters, {len(prompts)} prompts, "
+        print(f"policy and critic: 2 x {policy.num_params() / 1e6:.2f}M parameters ({n_trainable(both) / 1e6:.2f}M "
+              f"training), {len(prompts)} prompts, "
               f"reward: {cfg.reward}, {dist.world_size} process(es) on {dist.device}")
 
     bar = progress_bar(cfg.max_iters, step, dist, "ppo")
@@ -263,7 +270,8 @@ def train(cfg: Config, dist: Dist) -> dict:
         if metrics:
             run.log(step, metrics)
         if evaluating:
-            run.save(step, policy, optimizer, tok, {"critic": critic.state_dict(), "kl_coef": kl_ctl.value, "tokens": tokens})
+            run.save(step, policy, optimizer, tok, {"critic": trainable_state(critic), "kl_coef": kl_ctl.value,
+                                                    "tokens": tokens, **lora_record(cfg, cfg.sft_ckpt)})
         if step == cfg.max_iters:
             break
         t_rollout = time.time()

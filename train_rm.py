@@ -17,8 +17,9 @@ import torch
 
 from data import PairsConfig, gold_reward, load_pairs, real_tokens, take
 from reward_model import RewardModel, bradley_terry_loss, pair_scores, rm_metric_sums
-from train_utils import (Dist, Run, TrainConfig, autocast, global_batch, heldout_sums, load_gpt, make_optimizer,
-                         micro_batches, progress_bar, run_script, seed_everything, set_lr, train_step, wrap_model)
+from train_utils import (Dist, Run, TrainConfig, autocast, global_batch, heldout_sums, load_gpt, lora_record,
+                         make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar, run_script,
+                         seed_everything, set_lr, train_step, wrap_model)
 
 
 @dataclass
@@ -95,7 +96,9 @@ def train(cfg: Config, dist: Dist) -> dict:
         val_data["gold_order"] = gold_order(val_pairs)
 
     # 2. the reward model: SFT backbone, new scalar head
-    raw_model = RewardModel.from_gpt(sft).to(dist.device)
+    raw_model = RewardModel.from_gpt(sft)
+    prepare_trainable(raw_model.backbone, cfg)  # the head always trains
+    raw_model.to(dist.device)
     loss_fn = partial(rm_batch_loss, cfg=cfg)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     start = step = run.start(raw_model, optimizer)
@@ -104,7 +107,8 @@ def train(cfg: Config, dist: Dist) -> dict:
     ctx = autocast(dist.device, cfg.dtype)
     n_pairs = len(train_data["chosen_input_ids"])
     if dist.master:
-        print(f"reward model: {raw_model.backbone.num_params() / 1e6:.2f}M parameters, {n_pairs} training pairs, "
+        print(f"reward model: {raw_model.backbone.num_params() / 1e6:.2f}M parameters "
+              f"({n_trainable(raw_model) / 1e6:.2f}M training), {n_pairs} training pairs, "
               f"{len(val_pairs)} held-out, {dist.world_size} process(es) on {dist.device}")
 
     # 3. the loop: evaluate and checkpoint, then one optimizer step on a batch of pairs
@@ -120,7 +124,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         if metrics:
             run.log(step, metrics)
         if evaluating:
-            run.save(step, raw_model, optimizer, tok, {"tokens": tokens})
+            run.save(step, raw_model, optimizer, tok, {"tokens": tokens, **lora_record(cfg, cfg.sft_ckpt)})
         if step == cfg.max_iters:
             break
         # 3b. this step's learning rate and global batch of pairs; this rank's micro-batches

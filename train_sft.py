@@ -20,8 +20,8 @@ from data import (IGNORE_INDEX, Tokenizer, gold_reward, load_prompts, load_sft, 
 from evaluate import sample_completions, sample_metrics
 from model import GPT
 from train_utils import (Dist, Run, TrainConfig, autocast, barrier, global_batch, heldout_sums, load_gpt,
-                         make_optimizer, micro_batches, progress_bar, run_script, seed_everything, set_lr,
-                         train_step, wrap_model)
+                         lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar, run_script,
+                         seed_everything, set_lr, train_step, wrap_model)
 
 
 @dataclass
@@ -144,7 +144,10 @@ def train(cfg: Config, dist: Dist) -> dict:
         tok = Tokenizer.from_state(run.resumed["tokenizer"])
     train_data, val_data, prompts, tok = load_data(cfg, dist, tok)
     if raw_model is None:
+        if cfg.lora_rank:
+            raise SystemExit("error: --lora_rank adapts a trained model; give it with --init_from")
         raw_model = GPT.from_preset(cfg.preset, tok.vocab_size, cfg.dropout)
+    prepare_trainable(raw_model, cfg)
     if raw_model.config.block_size < cfg.max_length + cfg.max_new_tokens:
         raise SystemExit(f"error: max_length + max_new_tokens exceeds the model's block_size "
                          f"{raw_model.config.block_size}")
@@ -156,7 +159,8 @@ def train(cfg: Config, dist: Dist) -> dict:
     ctx = autocast(dist.device, cfg.dtype)
     n_examples = len(train_data["input_ids"])
     if dist.master:
-        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {n_examples} training sequences, "
+        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({n_trainable(raw_model) / 1e6:.2f}M training), "
+              f"{n_examples} training sequences, "
               f"{dist.world_size} process(es) on {dist.device}")
 
     # 2. the loop: evaluate and checkpoint, then one optimizer step
@@ -173,7 +177,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         if metrics:
             run.log(step, metrics)
         if evaluating:
-            run.save(step, raw_model, optimizer, tok, {"tokens": tokens})
+            run.save(step, raw_model, optimizer, tok, {"tokens": tokens, **lora_record(cfg, cfg.init_from)})
         if step == cfg.max_iters:
             break
         # 2b. this step's learning rate and global batch; this rank's micro-batches

@@ -28,7 +28,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError, Tokenizer, load_checkpoint, take, write_atomic
 from hf import load_folder
+from lora import TARGETS, attach_lora, merge_lora
 from model import GPT, GPTConfig
+from reward_model import RewardModel
 
 # -----------------------------------------------------------------------------
 # Config: a dataclass whose fields carry a docstring each (the line below the field, as in
@@ -127,6 +129,19 @@ class TrainConfig:
     """torch.compile the model"""
     seed: int = 1337
     """seeds the initialisation, the data order and the samples"""
+    # memory
+    grad_checkpoint: bool = False
+    """recompute each block's activations in the backward pass instead of keeping them"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank instead of every weight (0: full fine-tuning); the checkpoint holds the adapters"""
+    lora_alpha: float = 16.0
+    """LoRA scale: an adapter adds (lora_alpha / lora_rank) B A x"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input"""
+    lora_targets: str = ",".join(TARGETS)
+    """comma-separated projections that get adapters (Llama's names)"""
+    frozen_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the weights that do not train (reference, reward model, LoRA's base); bfloat16 needs --dtype bfloat16"""
 
 
 # -----------------------------------------------------------------------------
@@ -339,16 +354,98 @@ def wrap_model(model: torch.nn.Module, dist: Dist, compile: bool) -> torch.nn.Mo
 def load_gpt(path: str, dtype: torch.dtype | None = torch.float32) -> tuple[GPT, Tokenizer, dict]:
     """The model, its tokenizer and the whole checkpoint (empty for a folder), from a ckpt.pt of
     any stage or a Hugging Face model folder. Weights come in float32 by default, the master
-    weights training needs (autocast does the bfloat16 compute); dtype=None keeps the stored one."""
+    weights training needs (autocast does the bfloat16 compute); dtype=None keeps the stored one.
+    A LoRA run's checkpoint holds adapters only: they are put on its base model and merged."""
     if os.path.isdir(path):
         model, tok = load_folder(path, dtype)
         return model, tok, {}
     ckpt = load_checkpoint(path)
     if "head.proj.weight" in ckpt["model"]:
         raise DataError(f"{path}: a reward model's checkpoint, not a language model's")
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    if "lora" in ckpt:
+        model = _attach_recorded(_lora_base(path, ckpt), ckpt)
+        load_trainable(model, ckpt["model"], path)
+        merge_lora(model)
+    else:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
     return model.to(dtype), Tokenizer.from_state(ckpt["tokenizer"]), ckpt
+
+
+def load_reward_model(path: str) -> tuple[RewardModel, Tokenizer]:
+    """A reward model and its tokenizer from train_rm.py's ckpt.pt (LoRA adapters merged)."""
+    ckpt = load_checkpoint(path)
+    if "lora" in ckpt:
+        model = RewardModel.from_gpt(_lora_base(path, ckpt))
+        _attach_recorded(model.backbone, ckpt)  # the head trains and is in the checkpoint
+        load_trainable(model, ckpt["model"], path)
+        merge_lora(model)
+    else:
+        model = RewardModel(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    return model, Tokenizer.from_state(ckpt["tokenizer"])
+
+
+def _lora_base(path: str, ckpt: dict) -> GPT:
+    base = ckpt["lora"]["base"]
+    if not os.path.exists(base):
+        raise DataError(f"{path}: holds LoRA adapters of the base model {base}, which no longer exists")
+    return load_gpt(base)[0]
+
+
+def _attach_recorded(model: GPT, ckpt: dict) -> GPT:
+    """`model` with fresh adapters of the shape a LoRA checkpoint records."""
+    lora = ckpt["lora"]
+    return attach_lora(model, lora["rank"], lora["alpha"], lora["targets"], lora["dropout"])
+
+
+def prepare_trainable(model: GPT, cfg: TrainConfig) -> GPT:
+    """Apply the memory settings to a model about to train, in place: gradient checkpointing,
+    and with lora_rank LoRA adapters on a frozen base held in frozen_dtype."""
+    model.grad_checkpoint = cfg.grad_checkpoint
+    if cfg.lora_rank:
+        attach_lora(model, cfg.lora_rank, cfg.lora_alpha, lora_targets(cfg), cfg.lora_dropout)
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(frozen_dtype(cfg))
+    return model
+
+
+def lora_targets(cfg: TrainConfig) -> list[str]:
+    return [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+
+
+def frozen_dtype(cfg: TrainConfig) -> torch.dtype:
+    if cfg.frozen_dtype == "bfloat16" and cfg.dtype != "bfloat16":
+        raise SystemExit("error: --frozen_dtype bfloat16 needs --dtype bfloat16 (autocast mixes the two)")
+    return getattr(torch, cfg.frozen_dtype)
+
+
+def lora_record(cfg: TrainConfig, base: str) -> dict:
+    """What a LoRA checkpoint records to rebuild its model: the base and the adapters' shape."""
+    return {"lora": dict(base=os.path.abspath(base), rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                         targets=lora_targets(cfg), dropout=cfg.lora_dropout)} if cfg.lora_rank else {}
+
+
+def n_trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a model: every weight, or only those that train when some are
+    frozen (LoRA's adapters, and a reward model's head), since the rest is the base model."""
+    if all(p.requires_grad for p in model.parameters()):
+        return model.state_dict()
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, state: dict, where: str) -> None:
+    """Load trainable_state's output; every parameter that trains must be in it."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    if unexpected or set(missing) - frozen:
+        raise DataError(f"{where}: the checkpoint does not fit the model (missing {sorted(set(missing) - frozen)[:3]}, "
+                        f"unexpected {unexpected[:3]}); were the LoRA settings changed?")
 
 
 def _gather_rng(dist: Dist) -> list[torch.Tensor]:
@@ -397,7 +494,7 @@ class Run:
                    if k not in ("resume", "overwrite") and getattr(self.cfg, k, v) != v}
         if changed and self.dist.master:
             print(f"warning: resuming with changed settings (was, now): {changed}", file=sys.stderr)
-        model.load_state_dict(ckpt["model"])
+        load_trainable(model, ckpt["model"], self.ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         if len(ckpt["rng"]) == self.dist.world_size:
             torch.set_rng_state(ckpt["rng"][self.dist.rank])
@@ -431,7 +528,7 @@ class Run:
         if not self.dist.master:
             return
         state = {
-            "model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "model": trainable_state(model), "model_config": dataclasses.asdict(model.config),
             "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
             "config": dataclasses.asdict(self.cfg), "tokenizer": tokenizer.state(), **(extra or {}),
         }
