@@ -3,6 +3,7 @@ Data: the tokenizer, the built-in toy task with its gold reward, JSONL readers t
 validate every record, and collation into padded tensors.
 
     python data.py                          # write the toy task to data/toy and train its tokenizer
+    python data.py --chat                   # the toy task as conversations, in data/toy_chat
     python data.py --check FILE --kind preference   # validate a JSONL file, report the first bad record
 """
 import argparse
@@ -18,6 +19,8 @@ from typing import Literal, Optional
 
 import sentencepiece as spm
 import torch
+
+from chat import ROLES, ZEPHYR_TEMPLATE, ChatError, encode_conversation, encode_prompt_response, render
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding), as in torch's cross_entropy
 
@@ -38,16 +41,23 @@ class Tokenizer:
     exactly (no normalisation, whitespace kept)."""
 
     TOY_IDS = dict(pad_id=0, unk_id=1, bos_id=2, eos_id=3)  # the toy tokenizer's special pieces
+    CHAT_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "\n"]  # one piece each in the chat toy's tokenizer
 
     def __init__(self, kind: str, data: bytes | str, bos_id: int | None, eos_id: int, pad_id: int,
-                 add_bos: bool = True):
+                 add_bos: bool = True, chat_template: str | None = None):
         self.kind, self.data = kind, data  # data travels inside checkpoints, so a checkpoint samples alone
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.add_bos = add_bos and bos_id is not None  # whether a prompt starts with bos
+        self.chat_template = chat_template  # Jinja source; when set, every prompt is a user turn of a conversation
         if kind == "sentencepiece":
             self.sp = spm.SentencePieceProcessor(model_proto=data)
             self.vocab_size = self.sp.get_piece_size()
             self.unk_id = self.sp.unk_id()
+            # control pieces (<s>, </s>, ...) written in a template's text are those tokens, as in transformers
+            controls = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                        if self.sp.is_control(i) or self.sp.is_unknown(i)}
+            self._controls = controls
+            self._control_re = re.compile("|".join(re.escape(p) for p in sorted(controls, key=len, reverse=True)))
         else:
             from tokenizers import Tokenizer as HFTokenizer  # only for Hugging Face folders
             self.hf = HFTokenizer.from_str(data)
@@ -67,21 +77,41 @@ class Tokenizer:
             return cls.toy(f.read())
 
     @classmethod
-    def train(cls, text_file: str, vocab_size: int = 512) -> "Tokenizer":
+    def train(cls, text_file: str, vocab_size: int = 512, chat: bool = False) -> "Tokenizer":
         """BPE over `text_file` (one document a line). The vocabulary is capped at `vocab_size` but
-        may come out smaller on a small corpus such as the toy task."""
+        may come out smaller on a small corpus such as the toy task. With chat=True the Zephyr
+        template's markers and the newline are pieces of their own, and a text gets no leading
+        word-boundary piece (a template's text is cut at its special tokens)."""
         proto = io.BytesIO()
+        extra = dict(user_defined_symbols=cls.CHAT_MARKERS, add_dummy_prefix=False) if chat else {}
         spm.SentencePieceTrainer.train(
             input=text_file, model_writer=proto, vocab_size=vocab_size, model_type="bpe",
             byte_fallback=True, hard_vocab_limit=False, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, num_threads=1, minloglevel=2, **cls.TOY_IDS,
+            remove_extra_whitespaces=False, num_threads=1, minloglevel=2, **cls.TOY_IDS, **extra,
         )
         return cls.toy(proto.getvalue())
 
     def state(self) -> dict:
         """Everything needed to rebuild this tokenizer, as plain values for a checkpoint."""
         return dict(kind=self.kind, data=self.data, bos_id=self.bos_id, eos_id=self.eos_id,
-                    pad_id=self.pad_id, add_bos=self.add_bos)
+                    pad_id=self.pad_id, add_bos=self.add_bos, chat_template=self.chat_template)
+
+    def with_chat_template(self, choice: str, chat_data: bool) -> "Tokenizer":
+        """This tokenizer with the chat template a run asked for (--chat_template): auto keeps the
+        model's own, or takes Zephyr's for conversation records when the model has none; zephyr is
+        the built-in one; none renders no conversation; anything else is a Jinja file to read."""
+        if choice == "auto":
+            template = self.chat_template or (ZEPHYR_TEMPLATE if chat_data else None)
+        elif choice in ("zephyr", "none"):
+            template = ZEPHYR_TEMPLATE if choice == "zephyr" else None
+        else:
+            if not os.path.isfile(choice):
+                raise DataError(f"--chat_template {choice}: not auto, zephyr, none or a Jinja file")
+            with open(choice) as f:
+                template = f.read()
+        if chat_data and template is None:
+            raise DataError("the data holds conversations but --chat_template none renders none")
+        return Tokenizer(**{**self.state(), "chat_template": template})
 
     @classmethod
     def from_state(cls, state: dict | bytes) -> "Tokenizer":
@@ -99,8 +129,49 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """A prompt as the model sees it: bos (where the model uses one), then the prompt's tokens."""
+        """A prompt as the model sees it: bos (where the model uses one), then the prompt's tokens;
+        with a chat template, the prompt as a user turn followed by the generation prompt."""
+        if self.chat_template:
+            return self.encode_with_offsets(render(self.chat_template, [{"role": "user", "content": prompt}],
+                                                   self.special_tokens(), add_generation_prompt=True))[0]
         return [self.bos_id] * self.add_bos + self.encode(prompt)
+
+    def token_text(self, i: int | None) -> str:
+        if i is None:
+            return ""
+        return self.sp.id_to_piece(i) if self.kind == "sentencepiece" else self.hf.id_to_token(i)
+
+    def special_tokens(self) -> dict[str, str]:
+        """The special tokens' text, as a chat template reads them."""
+        return {"bos_token": self.token_text(self.bos_id), "eos_token": self.token_text(self.eos_id),
+                "pad_token": self.token_text(self.pad_id), "unk_token": self.token_text(self.unk_id)}
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids of a rendered conversation, special tokens written in it included, and the
+        character where each token starts (tokens are labelled by where they start)."""
+        if self.kind != "sentencepiece":
+            encoding = self.hf.encode(text, add_special_tokens=False)
+            return encoding.ids, [start for start, _ in encoding.offsets]
+        ids, starts, done = [], [], 0
+        for match in [*self._control_re.finditer(text), None]:
+            end = match.start() if match else len(text)
+            if end > done:
+                piece_ids, piece_starts = self._sp_offsets(text[done:end])
+                ids += piece_ids
+                starts += [done + s for s in piece_starts]
+            if match:
+                ids.append(self._controls[match.group()])
+                starts.append(match.start())
+                done = match.end()
+        return ids, starts
+
+    def _sp_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        try:
+            proto = self.sp.encode(text, return_type="proto")
+        except TypeError:  # sentencepiece before 0.2.3
+            proto = self.sp.encode(text, out_type="immutable_proto")
+        char_of_byte = [i for i, ch in enumerate(text) for _ in ch.encode()] + [len(text)]
+        return [p.id for p in proto.pieces], [char_of_byte[p.begin] for p in proto.pieces]
 
     def decode(self, ids: list[int]) -> str:
         ids = [i for i in ids if i not in self.special_ids]
@@ -224,6 +295,7 @@ class ToyConfig:
     n_prompts_train: int = 2000
     n_prompts_val: int = 256
     vocab_size: int = 512
+    chat: bool = False  # the SFT files as conversations, and a tokenizer with the Zephyr markers
 
 
 TOY_FILES = ["corpus.txt", "sft_train.jsonl", "sft_val.jsonl", "prompts_train.jsonl",
@@ -232,7 +304,8 @@ TOY_FILES = ["corpus.txt", "sft_train.jsonl", "sft_val.jsonl", "prompts_train.js
 
 def prepare_toy_data(out_dir: str, cfg: ToyConfig = ToyConfig(), verbose: bool = True) -> None:
     """Write the toy task into `out_dir`: corpus.txt (SFT train reviews, for the tokenizer),
-    sft_{train,val}.jsonl ({"prompt","completion"}), prompts_{train,val}.jsonl ({"prompt"}; train
+    sft_{train,val}.jsonl ({"prompt","completion"}; with cfg.chat {"messages"}: the user turn is the
+    review's first words, the assistant's reply the rest), prompts_{train,val}.jsonl ({"prompt"}; train
     for preference sampling and PPO, val for held-out evaluation) and tokenizer.model. Every split
     comes from its own seeded stream, so the same seed gives the same files byte for byte. If the
     folder already holds the files for this config, they are reused."""
@@ -256,11 +329,16 @@ def prepare_toy_data(out_dir: str, cfg: ToyConfig = ToyConfig(), verbose: bool =
     splits = [reviews(i, n) for i, n in enumerate(
         [cfg.n_sft_train, cfg.n_sft_val, cfg.n_prompts_train, cfg.n_prompts_val])]
     write_atomic(os.path.join(out_dir, "corpus.txt"), "".join(f"{p} {c}\n" for p, c in splits[0]))
-    write_jsonl("sft_train.jsonl", [{"prompt": p, "completion": c} for p, c in splits[0]])
-    write_jsonl("sft_val.jsonl", [{"prompt": p, "completion": c} for p, c in splits[1]])
+    def sft_record(prompt: str, completion: str) -> dict:
+        if cfg.chat:
+            return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+        return {"prompt": prompt, "completion": completion}
+
+    write_jsonl("sft_train.jsonl", [sft_record(p, c) for p, c in splits[0]])
+    write_jsonl("sft_val.jsonl", [sft_record(p, c) for p, c in splits[1]])
     write_jsonl("prompts_train.jsonl", [{"prompt": p} for p, _ in splits[2]])
     write_jsonl("prompts_val.jsonl", [{"prompt": p} for p, _ in splits[3]])
-    Tokenizer.train(os.path.join(out_dir, "corpus.txt"), cfg.vocab_size).save(
+    Tokenizer.train(os.path.join(out_dir, "corpus.txt"), cfg.vocab_size, cfg.chat).save(
         os.path.join(out_dir, "tokenizer.model"))
     write_atomic(meta_path, meta)  # last, so an interrupted write is redone next time
     if verbose:
@@ -274,10 +352,11 @@ def prepare_toy_data(out_dir: str, cfg: ToyConfig = ToyConfig(), verbose: bool =
 
 @dataclass
 class Example:
-    """A prompt and its completion; a plain-text record has prompt ""."""
+    """A prompt and its completion (a plain-text record has prompt ""), or a conversation."""
     prompt: str
     completion: str
     where: str  # "file:line", for error messages
+    messages: Optional[list[dict]] = None  # a conversation: loss on every assistant turn
 
 
 @dataclass
@@ -286,6 +365,7 @@ class Pair:
     chosen: str
     rejected: str
     where: str
+    prompt_messages: Optional[list[dict]] = None  # the conversation before the responses, if the record has one
 
 
 def read_jsonl(path: str):
@@ -325,18 +405,43 @@ def _text_field(record: dict, field: str, where: str) -> str:
     return value
 
 
-def _last_assistant_message(record: dict, field: str, where: str) -> str:
-    """UltraFeedback-binarized keeps each response as a list of {role, content} messages."""
+def _messages(record: dict, field: str, where: str) -> list[dict]:
+    """A conversation: a non-empty list of {"role", "content"} with a known role each."""
     messages = record.get(field)
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field '{field}': expected a non-empty list of messages")
     for j, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
-            raise DataError(f"{where}: field '{field}[{j}]': expected {{\"role\", \"content\"}} strings")
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            missing = [k for k in ("role", "content") if not isinstance(m, dict) or k not in m]
+            raise DataError(f"{where}: field '{field}[{j}]': expected {{\"role\", \"content\"}} strings"
+                            + (f" ('{missing[0]}' missing)" if missing else ""))
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: field '{field}[{j}].role': unknown role {m['role']!r} (expected {', '.join(ROLES)})")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _ends_with_assistant(messages: list[dict], field: str, where: str) -> str:
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: field '{field}': last message is not from the assistant")
     return _text_field(messages[-1], "content", f"{where}: field '{field}[-1]'")
+
+
+def _ultrafeedback(record: dict, where: str) -> tuple[list[dict], str, str]:
+    """UltraFeedback-binarized: chosen and rejected are whole conversations ending in the two
+    responses (or the responses alone, after a "prompt" string or conversation)."""
+    chosen, rejected = (_messages(record, f, where) for f in ("chosen", "rejected"))
+    responses = [_ends_with_assistant(m, f, where) for m, f in ((chosen, "chosen"), (rejected, "rejected"))]
+    if chosen[:-1] != rejected[:-1]:
+        raise DataError(f"{where}: field 'rejected': its conversation differs from 'chosen' before the last assistant turn")
+    if len(chosen) > 1:
+        prompt_messages = chosen[:-1]
+    elif isinstance(record.get("prompt"), list):
+        prompt_messages = _messages(record, "prompt", where)
+    else:
+        prompt_messages = [{"role": "user", "content": _text_field(record, "prompt", where)}]
+    if prompt_messages[-1]["role"] != "user":
+        raise DataError(f"{where}: field 'prompt': the conversation before the responses does not end with a user turn")
+    return prompt_messages, *responses
 
 
 HH_SEPARATOR = "\n\nAssistant:"
@@ -365,8 +470,10 @@ def _parse_pair(record: dict, fmt: str, where: str) -> Pair:
         if not chosen or not rejected:
             raise DataError(f"{where}: field '{'chosen' if not chosen else 'rejected'}': empty response")
     elif fmt == "ultrafeedback":
-        prompt = _text_field(record, "prompt", where)
-        chosen, rejected = (_last_assistant_message(record, f, where) for f in ("chosen", "rejected"))
+        prompt_messages, chosen, rejected = _ultrafeedback(record, where)
+        if chosen == rejected:
+            raise DataError(f"{where}: field 'rejected': identical to 'chosen'")
+        return Pair(prompt_messages[-1]["content"], chosen, rejected, where, prompt_messages)
     else:
         raise ValueError(f"unknown preference format {fmt!r}")
     if chosen == rejected:
@@ -377,18 +484,25 @@ def _parse_pair(record: dict, fmt: str, where: str) -> Pair:
 def _parse_example(record: dict, fmt: str, where: str) -> Example:
     if fmt == "text":
         return Example("", _text_field(record, "text", where), where)
+    if fmt == "messages":
+        messages = _messages(record, "messages", where)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: field 'messages': no assistant turn (nothing to learn from)")
+        return Example("", "", where, messages)
     return Example(_text_field(record, "prompt", where), _text_field(record, "completion", where), where)
 
 
 def _detect(kind: str, record: dict) -> str:
     if kind == "sft":
+        if "messages" in record:
+            return "messages"
         return "text" if "text" in record and "completion" not in record else "prompt_completion"
     if isinstance(record.get("chosen"), list):
         return "ultrafeedback"
     return "plain" if "prompt" in record else "hh"
 
 
-SFT_FORMATS = ["auto", "prompt_completion", "text"]
+SFT_FORMATS = ["auto", "prompt_completion", "text", "messages"]
 PREFERENCE_FORMATS = ["auto", "plain", "hh", "ultrafeedback"]
 
 
@@ -413,7 +527,8 @@ def _load(path: str, kind: str, fmt: str, skip_bad: bool, parse) -> list:
 
 
 def load_sft(path: str, fmt: str = "auto", skip_bad: bool = False) -> list[Example]:
-    """SFT data: {"prompt", "completion"} (loss on the completion) or {"text"} (loss on all of it)."""
+    """SFT data: {"prompt", "completion"} (loss on the completion), {"text"} (loss on all of it) or
+    {"messages": [{"role", "content"}, ...]} (UltraChat's layout; loss on every assistant turn)."""
     return _load(path, "sft", fmt, skip_bad, _parse_example)
 
 
@@ -436,12 +551,20 @@ def load_prompts(path: str, skip_bad: bool = False) -> list[str]:
 # one). If max_prompt_length is set, a longer prompt keeps its last max_prompt_length tokens (bos
 # included), the ones nearest the response. The response is then cut on the right to fit
 # max_length (losing its eos). A prompt that leaves no room for a single response token is an
-# error, never a silent empty example.
+# error, never a silent empty example. With a chat template the sequence is the rendered
+# conversation and truncation keeps whole turns (chat.encode_conversation, encode_prompt_response).
 
 
 def encode_example(tok: Tokenizer, prompt: str, response: str, max_length: int,
-                   max_prompt_length: int | None, where: str) -> tuple[list[int], int]:
+                   max_prompt_length: int | None, where: str,
+                   prompt_messages: list[dict] | None = None) -> tuple[list[int], int]:
     """Token ids of one sequence and the number of leading tokens that carry no loss."""
+    if tok.chat_template:
+        try:
+            return encode_prompt_response(tok, prompt_messages or [{"role": "user", "content": prompt}], response,
+                                          max_length, max_prompt_length)
+        except ChatError as e:
+            raise DataError(f"{where}: field 'prompt': {e}") from None
     prompt_ids = tok.encode_prompt(prompt)
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
         head = [tok.bos_id] * tok.add_bos
@@ -453,32 +576,47 @@ def encode_example(tok: Tokenizer, prompt: str, response: str, max_length: int,
     return prompt_ids + (tok.encode(response) + [tok.eos_id])[:room], len(prompt_ids)
 
 
-def collate(sequences: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to one length. Returns input_ids, attention_mask (1 = real token) and labels, a
-    copy of input_ids with IGNORE_INDEX on prompt and pad tokens; all (B, T)."""
+def collate(sequences: list[tuple[list[int], int | list[bool]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to one length. Each sequence comes with the number of leading tokens that carry
+    no loss, or a per-token list of which tokens carry loss (a conversation's assistant turns).
+    Returns input_ids, attention_mask (1 = real token) and labels, a copy of input_ids with
+    IGNORE_INDEX where no loss is taken (prompt, other turns, padding); all (B, T)."""
     T = max(len(ids) for ids, _ in sequences)
     input_ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
     labels = torch.full((len(sequences), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(sequences):
+    for i, (ids, loss_on) in enumerate(sequences):
         input_ids[i, :len(ids)] = torch.tensor(ids)
         attention_mask[i, :len(ids)] = 1
-        labels[i, n_prompt:len(ids)] = input_ids[i, n_prompt:len(ids)]
+        if isinstance(loss_on, int):
+            labels[i, loss_on:len(ids)] = input_ids[i, loss_on:len(ids)]
+        else:
+            labels[i, :len(ids)] = torch.where(torch.tensor(loss_on, dtype=torch.bool), input_ids[i, :len(ids)], IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def encode_sft(tok: Tokenizer, e: Example, max_length: int, max_prompt_length: int | None):
+    if e.messages is None:
+        return encode_example(tok, e.prompt, e.completion, max_length, max_prompt_length, e.where)
+    if not tok.chat_template:
+        raise DataError(f"{e.where}: field 'messages': a conversation needs a chat template (--chat_template)")
+    try:
+        return encode_conversation(tok, e.messages, max_length)
+    except ChatError as err:
+        raise DataError(f"{e.where}: field 'messages': {err}") from None
 
 
 def tokenize_sft(examples: list[Example], tok: Tokenizer, max_length: int,
                  max_prompt_length: int | None) -> dict[str, torch.Tensor]:
     """Every example tokenised once, padded into one set of (N, T) tensors; batches are slices."""
-    return collate([encode_example(tok, e.prompt, e.completion, max_length, max_prompt_length, e.where)
-                    for e in examples], tok.pad_id)
+    return collate([encode_sft(tok, e, max_length, max_prompt_length) for e in examples], tok.pad_id)
 
 
 def tokenize_pairs(pairs: list[Pair], tok: Tokenizer, max_length: int,
                    max_prompt_length: int | None) -> dict[str, torch.Tensor]:
     """Every pair tokenised once: chosen_ and rejected_ input_ids, attention_mask and labels,
     all (N, T) with one T, so a batch's chosen and rejected rows stack into one forward pass."""
-    sequences = [encode_example(tok, p.prompt, response, max_length, max_prompt_length, p.where)
+    sequences = [encode_example(tok, p.prompt, response, max_length, max_prompt_length, p.where, p.prompt_messages)
                  for p in pairs for response in (p.chosen, p.rejected)]
     both = collate(sequences, tok.pad_id)  # rows alternate chosen, rejected
     return {f"{side}_{k}": v[i::2] for i, side in enumerate(("chosen", "rejected")) for k, v in both.items()}
@@ -526,13 +664,15 @@ class PairsConfig:
     """longest prompt; a longer one keeps its last tokens. none: prompts are not truncated"""
 
 
-def load_pairs(cfg: PairsConfig, tok: Tokenizer):
-    """Tokenised training pairs, held-out pairs (as read) and held-out tensors. Bad input raises
+def load_pairs(cfg: PairsConfig, tok: Tokenizer, chat_template: str):
+    """Tokenised training pairs, held-out pairs (as read), held-out tensors, and the tokenizer with
+    the chat template they were rendered with (chat_template: --chat_template). Bad input raises
     DataError, before anything is written."""
-    train = tokenize_pairs(load_preferences(cfg.train_file, cfg.format, cfg.skip_bad), tok,
-                           cfg.max_length, cfg.max_prompt_length)
+    train_pairs = load_preferences(cfg.train_file, cfg.format, cfg.skip_bad)
     val_pairs = load_preferences(cfg.val_file, cfg.format, cfg.skip_bad)
-    return train, val_pairs, tokenize_pairs(val_pairs, tok, cfg.max_length, cfg.max_prompt_length)
+    tok = tok.with_chat_template(chat_template, any(p.prompt_messages for p in train_pairs + val_pairs))
+    train = tokenize_pairs(train_pairs, tok, cfg.max_length, cfg.max_prompt_length)
+    return train, val_pairs, tokenize_pairs(val_pairs, tok, cfg.max_length, cfg.max_prompt_length), tok
 
 
 # -----------------------------------------------------------------------------
@@ -540,7 +680,9 @@ def load_pairs(cfg: PairsConfig, tok: Tokenizer):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", default="data/toy", help="folder for the toy task files")
+    parser.add_argument("--out_dir", default=None, help="folder for the toy task files (default data/toy, or data/toy_chat with --chat)")
+    parser.add_argument("--chat", action="store_true", help="write the SFT data as conversations (user: the review's "
+                        "first words; assistant: the rest) with a tokenizer that knows the Zephyr template's markers")
     parser.add_argument("--seed", type=int, default=0, help="seed of the toy review generator")
     parser.add_argument("--vocab_size", type=int, default=512, help="tokenizer vocabulary cap")
     parser.add_argument("--check", metavar="FILE", help="validate a JSONL file instead of writing the toy task")
@@ -563,10 +705,16 @@ def main(argv=None) -> int:
             return 2
         print(f"ok: {len(records)} {args.kind} records in {args.check}")
         return 0
-    cfg = ToyConfig(seed=args.seed, vocab_size=args.vocab_size)
-    prepare_toy_data(args.out_dir, cfg)
-    tok = Tokenizer.load(os.path.join(args.out_dir, "tokenizer.model"))
-    examples = load_sft(os.path.join(args.out_dir, "sft_train.jsonl"))
+    out_dir = args.out_dir or ("data/toy_chat" if args.chat else "data/toy")
+    cfg = ToyConfig(seed=args.seed, vocab_size=args.vocab_size, chat=args.chat)
+    prepare_toy_data(out_dir, cfg)
+    tok = Tokenizer.load(os.path.join(out_dir, "tokenizer.model"))
+    examples = load_sft(os.path.join(out_dir, "sft_train.jsonl"))
+    if args.chat:
+        tok = tok.with_chat_template("zephyr", chat_data=True)
+        print(f"the first conversation as the model reads it: "
+              f"{render(tok.chat_template, examples[0].messages, tok.special_tokens())!r}")
+        examples = [Example(e.messages[0]["content"], e.messages[1]["content"], e.where) for e in examples]
     rewards = torch.tensor([gold_reward(e.completion, e.prompt) for e in examples])
     print(f"tokenizer: {tok.vocab_size} pieces; gold reward of the {len(examples)} training completions: "
           f"mean {rewards.mean():.3f}, std {rewards.std():.3f}")

@@ -146,7 +146,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
     policy, tok, _ = load_gpt(cfg.sft_ckpt)
-    train_data, _, val_data = load_pairs(cfg, tok)
+    train_data, _, val_data, tok = load_pairs(cfg, tok, cfg.chat_template)
     prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval else []
 
     # 2. policy and frozen reference, both from the SFT checkpoint: under LoRA the reference is the

@@ -224,6 +224,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
     policy, tok, _ = load_gpt(cfg.sft_ckpt)
+    tok = tok.with_chat_template(cfg.chat_template, chat_data=False)  # prompts are user turns under a template
     prompts = load_prompts(cfg.prompts)
     eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval else []
     if cfg.batch_size % (cfg.gen_chunk * dist.world_size) or (cfg.gen_chunk // cfg.num_minibatches) % cfg.grad_accum:

@@ -91,7 +91,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
     sft, tok, _ = load_gpt(cfg.sft_ckpt)
-    train_data, val_pairs, val_data = load_pairs(cfg, tok)
+    train_data, val_pairs, val_data, tok = load_pairs(cfg, tok, cfg.chat_template)
     if cfg.gold_eval:
         val_data["gold_order"] = gold_order(val_pairs)
 

@@ -15,7 +15,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from data import (IGNORE_INDEX, Tokenizer, gold_reward, load_prompts, load_sft, prepare_toy_data,
+from data import (IGNORE_INDEX, Tokenizer, ToyConfig, gold_reward, load_prompts, load_sft, prepare_toy_data,
                   real_tokens, take, tokenize_sft)
 from evaluate import sample_completions, sample_metrics
 from model import GPT
@@ -29,13 +29,15 @@ class Config(TrainConfig):
     out_dir: str = "out/sft"
     """folder for config.json, metrics.jsonl and ckpt.pt"""
     # data
-    data_dir: str = "data/toy"
-    """the toy task's folder, written on first use (ignored with --train_file)"""
+    data_dir: Optional[str] = None
+    """the toy task's folder, written on first use (ignored with --train_file); none: data/toy, or data/toy_chat with --chat"""
+    chat: bool = False
+    """the toy task as conversations (python data.py --chat): a user turn, the assistant's reply, the Zephyr template"""
     train_file: str = ""
-    """your own SFT JSONL, {"prompt","completion"} or {"text"} records; empty: the toy task"""
+    """your own SFT JSONL, {"prompt","completion"}, {"text"} or {"messages"} records; empty: the toy task"""
     val_file: str = ""
     """held-out JSONL; empty with --train_file: the last 5% of the training records"""
-    format: Literal["auto", "prompt_completion", "text"] = "auto"
+    format: Literal["auto", "prompt_completion", "text", "messages"] = "auto"
     """record format; auto recognises it from the first record"""
     skip_bad: bool = False
     """skip invalid records (and report how many) instead of stopping at the first"""
@@ -77,6 +79,10 @@ def n_labels(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def toy_dir(cfg: Config) -> str:
+    return cfg.data_dir or ("data/toy_chat" if cfg.chat else "data/toy")
+
+
 def load_data(cfg: Config, dist: Dist, tok: Tokenizer | None):
     """Tokenised examples, held-out prompts and the tokenizer: `tok` if a checkpoint fixes it,
     else --tokenizer, else the toy task's or one trained on --train_file. Raises DataError on bad
@@ -90,18 +96,20 @@ def load_data(cfg: Config, dist: Dist, tok: Tokenizer | None):
             examples, val = examples[:-n_val], examples[-n_val:]
         prompts = [e.prompt for e in val if e.prompt]
     else:
+        data_dir = toy_dir(cfg)
         if dist.master:
-            prepare_toy_data(cfg.data_dir)
+            prepare_toy_data(data_dir, ToyConfig(chat=cfg.chat))
         barrier(dist)
-        examples = load_sft(os.path.join(cfg.data_dir, "sft_train.jsonl"))
-        val = load_sft(os.path.join(cfg.data_dir, "sft_val.jsonl"))
-        prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"))
+        examples = load_sft(os.path.join(data_dir, "sft_train.jsonl"))
+        val = load_sft(os.path.join(data_dir, "sft_val.jsonl"))
+        prompts = load_prompts(os.path.join(data_dir, "prompts_val.jsonl"))
     if tok is None and cfg.tokenizer:
         tok = Tokenizer.load(cfg.tokenizer)
     elif tok is None and cfg.train_file:
         tok = train_tokenizer_on(examples, cfg.vocab_size)
     elif tok is None:
-        tok = Tokenizer.load(os.path.join(cfg.data_dir, "tokenizer.model"))
+        tok = Tokenizer.load(os.path.join(toy_dir(cfg), "tokenizer.model"))
+    tok = tok.with_chat_template(cfg.chat_template, any(e.messages for e in examples + val))
     train = tokenize_sft(examples, tok, cfg.max_length, cfg.max_prompt_length)
     val = tokenize_sft(val, tok, cfg.max_length, cfg.max_prompt_length)
     return train, val, prompts[:cfg.eval_samples], tok

@@ -142,6 +142,9 @@ class TrainConfig:
     """comma-separated projections that get adapters (Llama's names)"""
     frozen_dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the weights that do not train (reference, reward model, LoRA's base); bfloat16 needs --dtype bfloat16"""
+    # chat
+    chat_template: str = "auto"
+    """auto: the model's own template, or Zephyr's for conversation data when it has none; zephyr; none; or a Jinja file"""
 
 
 # -----------------------------------------------------------------------------
