@@ -26,8 +26,8 @@ ROLES = ("system", "user", "assistant")
 ZEPHYR_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
 
@@ -68,10 +68,10 @@ def render(template: str, messages: list[dict], special_tokens: dict[str, str], 
 
 
 def assistant_spans(template: str, messages: list[dict], special_tokens: dict[str, str]):
-    """The rendered conversation, the (start, end) character span of each assistant turn (what the
-    template writes for it after the generation prompt), and the end of every turn's text."""
+    """The rendered conversation and the (start, end) character span of each assistant turn (what
+    the template writes for it after the generation prompt)."""
     text = render(template, messages, special_tokens)
-    spans, turn_ends = [], []
+    spans = []
     for i, message in enumerate(messages):
         done = render(template, messages[:i + 1], special_tokens)
         if message["role"] == "assistant":
@@ -82,27 +82,24 @@ def assistant_spans(template: str, messages: list[dict], special_tokens: dict[st
         if not text.startswith(done):
             raise ChatError(f"the chat template renders turn {i} differently when later turns follow it, "
                             "so prompts and responses cannot be cut apart")
-        turn_ends.append(len(done))
-    return text, spans, turn_ends
+    return text, spans
 
 
 def encode_conversation(tok, messages: list[dict], max_length: int) -> tuple[list[int], list[bool]]:
     """Token ids of a whole conversation and, per token, whether it carries loss: the tokens that
     start inside an assistant turn, every turn of a multi-turn conversation.
 
-    Truncation keeps whole turns: a conversation longer than max_length ends at the last turn
-    boundary that fits, provided an assistant token remains before it; otherwise it is cut inside
-    its first assistant turn. One whose first assistant turn starts past max_length is refused."""
-    text, spans, turn_ends = assistant_spans(tok.chat_template, messages, tok.special_tokens())
+    Truncation keeps whole turns: a conversation longer than max_length ends with the last
+    assistant turn that fits whole; if even the first does not, it is cut inside that turn. One
+    whose first assistant turn starts past max_length is refused."""
+    text, spans = assistant_spans(tok.chat_template, messages, tok.special_tokens())
     ids, starts = tok.encode_with_offsets(text)
     labelled = [any(a <= s < b for a, b in spans) for s in starts]
     if len(ids) > max_length:
-        first_label = labelled.index(True) if any(labelled) else len(ids)
-        if first_label >= max_length:
+        if not any(labelled[:max_length]):
             raise ChatError(f"the first assistant turn starts after {max_length} tokens (max_length)")
-        boundaries = [sum(s < end for s in starts) for end in turn_ends]  # token index where each turn ends
-        fitting = [b for b in boundaries if first_label < b <= max_length]
-        cut = fitting[-1] if fitting else max_length
+        turn_ends = [sum(s < end for s in starts) for _, end in spans]  # token index after each assistant turn
+        cut = max([end for end in turn_ends if end <= max_length], default=max_length)
         ids, labelled = ids[:cut], labelled[:cut]
     return ids, labelled
 

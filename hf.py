@@ -291,17 +291,31 @@ def load_tokenizer(folder: str, hf_config: dict) -> Tokenizer:
         add_bos = bos is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos]
     else:  # LlamaTokenizer's default
         add_bos = tok_config.get("add_bos_token", True)
-    return Tokenizer(kind, data, bos, eos, eos if pad is None else pad, add_bos)
+    return Tokenizer(kind, data, bos, eos, eos if pad is None else pad, add_bos, chat_template(folder, tok_config))
+
+
+def chat_template(folder: str, tok_config: dict) -> str | None:
+    """The folder's chat template: chat_template.jinja (as transformers 4.43+ writes it), else the
+    "chat_template" of tokenizer_config.json (a string, or a list of named ones: "default")."""
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    template = tok_config.get("chat_template")
+    if isinstance(template, list):
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+    if template is not None and not isinstance(template, str):
+        raise DataError(f"{folder}/tokenizer_config.json: field 'chat_template': expected a Jinja string")
+    return template
 
 
 def tokenizer_files(tok: Tokenizer) -> dict[str, bytes | str]:
-    """The files that give `tok` back to transformers' AutoTokenizer."""
-    def piece(i):
-        if i is None:
-            return None
-        return tok.sp.id_to_piece(i) if tok.kind == "sentencepiece" else tok.hf.id_to_token(i)
-    config = dict(bos_token=piece(tok.bos_id), eos_token=piece(tok.eos_id), pad_token=piece(tok.pad_id),
-                  add_bos_token=tok.add_bos, add_eos_token=False)
+    """The files that give `tok` back to transformers' AutoTokenizer, its chat template included."""
+    special = tok.special_tokens()
+    config = dict(bos_token=special["bos_token"] or None, eos_token=special["eos_token"],
+                  pad_token=special["pad_token"], add_bos_token=tok.add_bos, add_eos_token=False)
+    if tok.chat_template:
+        config["chat_template"] = tok.chat_template
     if tok.kind == "sentencepiece":
         return {"tokenizer.model": tok.data,
                 "tokenizer_config.json": json.dumps(dict(tokenizer_class="LlamaTokenizer", **config), indent=2)}

@@ -1,0 +1,235 @@
+"""Chat templates against transformers' apply_chat_template (text and token ids), labels on the
+assistant's tokens only, prompt + response = the whole conversation, whole-turn truncation,
+templates read from and written to folders, and one-line errors for bad chat records.
+
+    python -m pytest -q tests/test_chat.py
+"""
+import json
+import os
+
+import pytest
+import transformers
+
+import chat
+from conftest import run_python
+from data import DataError, Example, Pair, Tokenizer, encode_sft, load_preferences, load_sft, tokenize_pairs
+from hf import load_tokenizer, tokenizer_files
+
+# HuggingFaceH4/zephyr-7b-beta's template as its tokenizer_config.json publishes it: the reference
+# for the built-in one
+ZEPHYR_PUBLISHED = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+# SmolLM2-Instruct's ChatML template, with its default system message
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Llama-2-chat's way of refusing a conversation: raise_exception from inside the template
+STRICT = ("{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+          "{{ bos_token + message['content'] + eos_token }}{% endfor %}")
+
+CONVERSATIONS = {
+    "one_turn": [{"role": "user", "content": "Hello, how are you?"}, {"role": "assistant", "content": "I am fine."}],
+    "system": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The capital of France?"},
+               {"role": "assistant", "content": "Paris."}],
+    "multi_turn": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"},
+                   {"role": "assistant", "content": "Hello! How are you?"}, {"role": "user", "content": "I am fine."},
+                   {"role": "assistant", "content": "The capital of France is Paris. Café, déjà vu 😀"}],
+}
+EOS = {"zephyr": "</s>", "chatml": "<|im_end|>"}
+TEMPLATES = {"zephyr": chat.ZEPHYR_TEMPLATE, "chatml": CHATML}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """template name -> a tokenizer folder (byte-level BPE tokenizer.json) whose tokenizer_config
+    carries the reference template: the published Zephyr one, or ChatML."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    root = tmp_path_factory.mktemp("chat")
+    corpus = root / "corpus.txt"
+    corpus.write_text(" ".join(m["content"] for c in CONVERSATIONS.values() for m in c) * 30 + "\nsystem user assistant\n")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    out = {}
+    for name, template in (("zephyr", ZEPHYR_PUBLISHED), ("chatml", CHATML)):
+        folder = root / name
+        folder.mkdir()
+        tok.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps(dict(
+            tokenizer_class="PreTrainedTokenizerFast", bos_token="<s>", eos_token=EOS[name], chat_template=template)))
+        out[name] = str(folder)
+    return out
+
+
+def ours(folder: str, name: str) -> Tokenizer:
+    """The folder's tokenizer with our template of that name (the built-in Zephyr, or ChatML)."""
+    return Tokenizer(**{**load_tokenizer(folder, {}).state(), "chat_template": TEMPLATES[name]})
+
+
+def reference_ids(hf_tok, messages, **kwargs) -> list[int]:
+    return list(hf_tok.apply_chat_template(messages, tokenize=True, **kwargs)["input_ids"])
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_rendering_and_token_ids_equal_apply_chat_template(folders, name, conversation):
+    messages = CONVERSATIONS[conversation]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folders[name])
+    tok = ours(folders[name], name)
+    for prefix in (messages, messages[:-1]):  # the whole conversation, and the prompt before the last reply
+        for generation_prompt in (False, True):
+            text = chat.render(tok.chat_template, prefix, tok.special_tokens(), generation_prompt)
+            assert text == hf_tok.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
+            assert tok.encode_with_offsets(text)[0] == reference_ids(hf_tok, prefix, add_generation_prompt=generation_prompt)
+
+
+def test_the_folders_own_template_is_read_and_rendered_as_transformers_renders_it(folders):
+    tok = load_tokenizer(folders["zephyr"], {})
+    assert tok.chat_template == ZEPHYR_PUBLISHED
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folders["zephyr"])
+    messages = CONVERSATIONS["multi_turn"]
+    assert chat.render(tok.chat_template, messages, tok.special_tokens()) == hf_tok.apply_chat_template(messages, tokenize=False)
+    assert tok.encode_prompt("Hello world") == reference_ids(hf_tok, [{"role": "user", "content": "Hello world"}],
+                                                             add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_labels_cover_exactly_the_assistant_turns(folders, name, conversation):
+    messages = CONVERSATIONS[conversation]
+    tok = ours(folders[name], name)
+    ids, labelled = encode_sft(tok, Example("", "", "x:1", messages), max_length=1000, max_prompt_length=None)
+    runs, current = [], []
+    for i, on in zip(ids, labelled):
+        if on:
+            current.append(i)
+        elif current:
+            runs, current = runs + [current], []
+    runs += [current] if current else []
+    # every assistant turn, as the template writes it after the generation prompt: content, end marker, newline
+    assert [tok.hf.decode(r, skip_special_tokens=False) for r in runs] == [
+        m["content"] + EOS[name] + "\n" for m in messages if m["role"] == "assistant"]
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_prompt_plus_response_is_the_whole_conversation_up_to_eos(folders, name):
+    messages = CONVERSATIONS["multi_turn"]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folders[name])
+    tok = ours(folders[name], name)
+    pair = Pair("", messages[-1]["content"], "No.", "x:1", messages[:-1])
+    data = tokenize_pairs([pair], tok, max_length=1000, max_prompt_length=None)
+    whole = reference_ids(hf_tok, messages)
+    prompt = reference_ids(hf_tok, messages[:-1], add_generation_prompt=True)
+    n = int(data["chosen_attention_mask"].sum())
+    chosen = data["chosen_input_ids"][0, :n].tolist()
+    assert chosen == whole[:whole.index(tok.eos_id, len(prompt)) + 1]  # what follows eos is never generated
+    assert (data["chosen_labels"][0, :n] == -100).sum() == len(prompt)  # the generation prompt ends the prompt
+    if name == "zephyr":
+        assert hf_tok.decode(prompt).endswith("<|assistant|>\n")
+
+
+def test_truncation_keeps_whole_turns(folders):
+    tok = ours(folders["zephyr"], "zephyr")
+    messages = CONVERSATIONS["multi_turn"]
+    special = tok.special_tokens()
+    full, _ = encode_sft(tok, Example("", "", "x:1", messages), 1000, None)
+    first_three = tok.encode_with_offsets(chat.render(tok.chat_template, messages[:3], special))[0]
+    # a conversation too long for max_length ends with the last assistant turn that fits whole
+    ids, labelled = encode_sft(tok, Example("", "", "x:1", messages), len(full) - 1, None)
+    assert ids == first_three and any(labelled)
+    # a prompt too long for max_prompt_length loses its oldest turns, the system message kept
+    pair = Pair("", "Paris.", "Rome.", "x:1", messages[:4])
+    kept = [messages[0], messages[3]]
+    kept_prompt = tok.encode_with_offsets(chat.render(tok.chat_template, kept, special, add_generation_prompt=True))[0]
+    data = tokenize_pairs([pair], tok, max_length=1000, max_prompt_length=len(kept_prompt))
+    n = int(data["chosen_attention_mask"].sum())
+    assert data["chosen_input_ids"][0, :n].tolist() == tok.encode_with_offsets(chat.render(
+        tok.chat_template, kept + [{"role": "assistant", "content": "Paris."}], special))[0][:-1]  # the newline after eos goes
+    with pytest.raises(DataError, match="x:1: field 'prompt': the prompt's last user turn alone"):
+        tokenize_pairs([pair], tok, max_length=1000, max_prompt_length=len(kept_prompt) - 1)
+
+
+def test_export_writes_the_template_and_transformers_renders_it(folders, tmp_path):
+    tok = ours(folders["chatml"], "chatml")
+    for name, content in tokenizer_files(tok).items():
+        (tmp_path / name).write_text(content) if isinstance(content, str) else (tmp_path / name).write_bytes(content)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = CONVERSATIONS["system"]
+    assert hf_tok.apply_chat_template(messages, tokenize=False) == chat.render(CHATML, messages, tok.special_tokens())
+    assert load_tokenizer(str(tmp_path), {}).chat_template == CHATML
+
+
+def test_the_chat_toy_task_is_conversations_whose_reply_is_labelled(tmp_path):
+    from data import ToyConfig, prepare_toy_data
+    prepare_toy_data(str(tmp_path), ToyConfig(n_sft_train=200, n_sft_val=20, n_prompts_train=10, n_prompts_val=10, chat=True),
+                     verbose=False)
+    example = load_sft(str(tmp_path / "sft_train.jsonl"))[0]
+    assert [m["role"] for m in example.messages] == ["user", "assistant"]
+    tok = Tokenizer.load(str(tmp_path / "tokenizer.model")).with_chat_template("auto", chat_data=True)
+    ids, labelled = encode_sft(tok, example, 200, None)
+    reply = [i for i, on in zip(ids, labelled) if on]
+    assert tok.decode(reply) == example.messages[1]["content"] + "\n"  # eos is special: decode drops it
+    assert reply[-2] == tok.eos_id
+    prompt = ids[:labelled.index(True)]
+    assert prompt == tok.encode_prompt(example.messages[0]["content"])  # what sampling feeds the model
+    assert [tok.token_text(i) for i in prompt] == ["<|user|>", "\n", *[tok.token_text(i) for i in tok.encode(
+        example.messages[0]["content"])], "</s>", "\n", "<|assistant|>", "\n"]
+
+
+BAD_SFT = {
+    "missing_role": ('{"messages": [{"content": "hi"}]}', "x.jsonl:1: field 'messages[0]': expected {\"role\", \"content\"} strings ('role' missing)"),
+    "unknown_role": ('{"messages": [{"role": "bot", "content": "hi"}]}', "field 'messages[0].role': unknown role 'bot'"),
+    "no_assistant": ('{"messages": [{"role": "user", "content": "hi"}]}', "field 'messages': no assistant turn"),
+    "not_a_list": ('{"messages": "hi"}', "field 'messages': expected a non-empty list of messages"),
+}
+BAD_PAIRS = {
+    "not_ending_with_assistant": ('{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, '
+                                  '{"role": "user", "content": "b"}], "rejected": [{"role": "user", "content": "q"}, '
+                                  '{"role": "assistant", "content": "c"}]}', "field 'chosen': last message is not from the assistant"),
+    "different_prompts": ('{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
+                          '"rejected": [{"role": "user", "content": "r"}, {"role": "assistant", "content": "c"}]}',
+                          "field 'rejected': its conversation differs from 'chosen'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SFT)
+def test_bad_chat_sft_records_name_file_line_and_field(case, tmp_path):
+    record, message = BAD_SFT[case]
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n' + record + "\n")
+    with pytest.raises(DataError) as e:
+        load_sft(str(path))
+    assert str(e.value).startswith(f"{path}:2: field") and message.split("x.jsonl:1: ")[-1] in str(e.value)
+
+
+@pytest.mark.parametrize("case", BAD_PAIRS)
+def test_bad_chat_preference_records_name_file_line_and_field(case, tmp_path):
+    record, message = BAD_PAIRS[case]
+    path = tmp_path / "x.jsonl"
+    path.write_text(record + "\n")
+    with pytest.raises(DataError, match=f"{path}:1: {message}"):
+        load_preferences(str(path))
+
+
+def test_a_template_that_refuses_a_conversation_stops_train_sft_with_one_line(tmp_path, toy_dir):
+    (tmp_path / "strict.jinja").write_text(STRICT)
+    data = tmp_path / "chat.jsonl"
+    good = {"messages": [{"role": "user", "content": "the movie"}, {"role": "assistant", "content": "was great ."}]}
+    bad = {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "was great ."}]}
+    data.write_text("\n".join(json.dumps(r) for r in [good] * 30 + [bad]) + "\n")
+    out = tmp_path / "run"
+    result = run_python("train_sft.py", f"--train_file={data}", f"--tokenizer={toy_dir}/tokenizer.model",
+                        f"--chat_template={tmp_path / 'strict.jinja'}", f"--out_dir={out}", "--device=cpu", "--max_iters=1")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {data}:31: field 'messages': the chat template refused the conversation: "
+                                     "Conversation roles must alternate user/assistant/user/assistant/...")
+    assert not os.path.exists(out)
