@@ -8,6 +8,7 @@ speed beside transformers.
     python bench.py                                   # tiny and small presets on this machine
     python bench.py --presets tiny --steps 3 --json out/bench.json
     python bench.py --presets none --real_shapes --vs_transformers   # real shapes; needs transformers
+    python bench.py --presets none --memory           # peak memory of SFT and DPO steps at SmolLM2-135M's shape
 
 MFU = model FLOPs per second / a matrix-multiply peak that this script measures itself, on the
 same device and dtype, in the same run (a large square matmul, median of repeats); never a
@@ -33,6 +34,7 @@ import train_ppo
 import train_rm
 from dpo import concatenated_forward
 from hf import config_from_hf, load_folder
+from lora import TARGETS, AdaptersOff, attach_lora
 from model import GPT, GPTConfig, PRESETS
 from ppo import PolicyAndCritic
 from reward_model import RewardModel
@@ -72,6 +74,17 @@ class Config:
     """sequences per step for --vs_transformers"""
     real_seq_len: int = 256
     """sequence length for --vs_transformers"""
+    memory: bool = False
+    """peak memory of an SFT and a DPO step at --memory_shape: full fine-tuning or LoRA, gradient
+    checkpointing or not, the reference as a copy or as the adapters switched off (each in a fresh process)"""
+    memory_shape: str = "SmolLM2-135M"
+    """the REAL_SHAPES model measured by --memory; the others are computed from its measurement"""
+    memory_batch: int = 4
+    """sequences per SFT step for --memory (a DPO step takes half as many pairs: the same rows)"""
+    memory_seq_len: int = 512
+    """sequence length for --memory"""
+    memory_case: str = ""
+    """(internal) one --memory configuration as JSON, measured in this process"""
 
 
 # config.json values of published models, for random weights at their real shapes
@@ -279,9 +292,96 @@ def bench_vs_transformers(cfg: Config, device, peak: float) -> list[dict]:
     return rows
 
 
+# (stage, LoRA, gradient checkpointing, reference) of the --memory table
+MEMORY_CASES = [(stage, lora, ckpt, ref) for stage, lora, ref in [
+    ("SFT", False, "-"), ("SFT", True, "-"), ("DPO", False, "copy"), ("DPO", True, "copy"), ("DPO", True, "adapters off")]
+    for ckpt in (False, True)]
+LORA_RANK = 16  # the alignment-handbook's Zephyr LoRA recipe: r 16, alpha 16, every linear projection
+
+
+def memory_case(case: dict, device) -> dict:
+    """Peak memory of two optimizer steps (the second holds the AdamW moments) of one
+    configuration, on random weights of a real shape: GPU memory allocated, or on the CPU the
+    process's peak resident set less what it held before the model was built."""
+    before = peak_memory_mb(device)
+    torch.manual_seed(0)
+    shape = REAL_SHAPES[case["shape"]]
+    with device:
+        policy = GPT(config_from_hf({**shape, "max_position_embeddings": case["T"]}, case["shape"]))
+    reference = None
+    if case["stage"] == "DPO" and case["reference"] == "copy":
+        reference = GPT(policy.config).to(device).requires_grad_(False)
+        reference.load_state_dict(policy.state_dict())
+    if case["lora"]:
+        attach_lora(policy, LORA_RANK, LORA_RANK, list(TARGETS))
+    if reference is None and case["stage"] == "DPO":
+        reference = AdaptersOff(policy)
+    policy.grad_checkpoint = case["grad_checkpoint"]
+    optimizer = make_optimizer(policy, 1e-5, 0.0, (0.9, 0.95), device)
+    B, T, V = case["B"], case["T"], shape["vocab_size"]
+    dist = Dist(False, 0, 0, 1, device)
+    if case["stage"] == "SFT":
+        batch, loss_fn, n = random_batch(B, T, V, device), sft_loss, B * T
+    else:
+        batch = {**random_batch(B // 2, T, V, device, "chosen_"), **random_batch(B // 2, T, V, device, "rejected_")}
+        dpo_cfg = train_dpo.Config()
+        loss_fn, n = partial(dpo_batch_loss, reference=reference, cfg=dpo_cfg), B // 2
+    ctx = autocast(device, case["dtype"])
+    for step in range(2):
+        train_step(policy, optimizer, [batch], loss_fn, n, 1.0, dist, ctx, step)
+    return {**case, "peak_mb": peak_memory_mb(device) - (before if device.type == "cpu" else 0),
+            "params": policy.num_params(non_embedding=False)}
+
+
+def memory_table(cfg: Config, device, name: str) -> list[str]:
+    """Each MEMORY_CASES configuration at --memory_shape, measured in a process of its own; the
+    other REAL_SHAPES computed from it: weights, gradients and AdamW state from parameter counts
+    (float32: 4 bytes a weight, 4 a gradient, 8 of moments), activations scaled from this
+    measurement by n_layer x hidden size."""
+    import subprocess
+    rows = []
+    for stage, lora, ckpt, ref in MEMORY_CASES:
+        case = dict(shape=cfg.memory_shape, stage=stage, lora=lora, grad_checkpoint=ckpt, reference=ref,
+                    B=cfg.memory_batch, T=cfg.memory_seq_len, dtype=cfg.dtype)
+        out = subprocess.run([sys.executable, __file__, f"--device={device.type}", f"--memory_case={json.dumps(case)}"],
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  {stage} lora={lora} grad_checkpoint={ckpt} reference={ref}: {rows[-1]['peak_mb']:.0f} MB", flush=True)
+
+    def static_mb(shape: str, lora: bool, reference: str) -> float:
+        with torch.device("meta"):
+            model = GPT(config_from_hf(REAL_SHAPES[shape], shape))
+            n = model.num_params(non_embedding=False)
+            trained = sum(p.numel() for p in attach_lora(model, LORA_RANK, LORA_RANK, list(TARGETS)).parameters()
+                          if p.requires_grad) if lora else n
+        return (4 * n + 12 * trained + (4 * n if reference == "copy" else 0)) / 2 ** 20
+
+    def activation_scale(shape: str) -> float:
+        a, b = REAL_SHAPES[shape], REAL_SHAPES[cfg.memory_shape]
+        return a["num_hidden_layers"] * a["hidden_size"] / (b["num_hidden_layers"] * b["hidden_size"])
+
+    shapes = [cfg.memory_shape] + [s for s in REAL_SHAPES if s != cfg.memory_shape]
+    lines = [f"Peak memory of an optimizer step, batch {cfg.memory_batch} x {cfg.memory_seq_len} tokens "
+             f"({cfg.memory_batch // 2} pairs for DPO), float32 weights, {cfg.dtype} compute, LoRA rank {LORA_RANK} on every "
+             f"projection. {cfg.memory_shape}: measured on {name}; the others computed from it.", "",
+             "| stage | method | grad checkpoint | reference | " + " | ".join(shapes) + " |",
+             "|---|---|---|---|" + "---|" * len(shapes)]
+    for r in rows:
+        activations = r["peak_mb"] - static_mb(cfg.memory_shape, r["lora"], r["reference"])
+        cells = [f"{r['peak_mb'] / 1024:.2f} GiB"] + [
+            f"{(static_mb(s, r['lora'], r['reference']) + activations * activation_scale(s)) / 1024:.2f} GiB (computed)"
+            for s in shapes[1:]]
+        lines.append(f"| {r['stage']} | {'LoRA' if r['lora'] else 'full'} | {'yes' if r['grad_checkpoint'] else 'no'} "
+                     f"| {r['reference']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv=None) -> int:
     cfg = parse_config(Config, argv, __doc__)
     device = pick_device(cfg.device)
+    if cfg.memory_case:
+        print(json.dumps(memory_case(json.loads(cfg.memory_case), device)))
+        return 0
     presets = [] if cfg.presets == "none" else cfg.presets.split(",")
     lengths = [int(x) for x in cfg.seq_len.split(",")][:len(presets)]
     if len(presets) != len(lengths):
@@ -301,6 +401,8 @@ def main(argv=None) -> int:
         overhead = f"{r['overhead']:.0%}" if "overhead" in r else "-"
         lines.append(f"| {r['preset']} | {r['seq_len']} | {r['benchmark']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} "
                      f"| {r['mfu']:.1%} | {overhead} | {r['peak_mem_mb']:.0f} |")
+    if cfg.memory:
+        lines += ["", *memory_table(cfg, device, name)]
     if cfg.real_shapes:
         lines += ["", "Real shapes (computed; bf16 is 2 bytes a parameter; full fine-tuning with AdamW is bf16 weights and "
                   "gradients plus two float32 moments, 12 bytes a parameter, and 16 with float32 master weights as "
