@@ -44,11 +44,10 @@ class LoRALinear(nn.Linear):
         if not self.enabled:
             return y
         h = self.lora_dropout(x)
-        pieces, done = [], 0
         for (start, end), A, B in zip(self.slices, self.lora_A, self.lora_B):
-            pieces += [y[..., done:start], y[..., start:end] + F.linear(F.linear(h, A), B) * self.scaling]
-            done = end
-        return torch.cat(pieces + [y[..., done:]], dim=-1)
+            # in place: the linear's backward does not need its output, and no copy of y is made
+            y[..., start:end] += F.linear(F.linear(h, A), B) * self.scaling
+        return y
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear whose weight includes the adapters: W[s] + scaling * B_s A_s."""

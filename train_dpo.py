@@ -5,6 +5,7 @@ DPO: fine-tune the SFT policy directly on preference pairs against a frozen copy
     python train_dpo.py                                # DPO on them, tiny model, CPU
     python train_dpo.py --precompute_ref               # reference log-probs once, then no reference forward
     torchrun --nproc_per_node 2 train_dpo.py           # the same run on 2 processes
+    python train_dpo.py --lora_rank 8 --lr 2e-3        # LoRA adapters; the reference is them switched off
     python train_dpo.py --train_file hh_train.jsonl --val_file hh_test.jsonl --gold_eval false
 
 Settings of the papers, for real data (the defaults here suit the tiny toy model, which wants a

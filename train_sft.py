@@ -4,6 +4,8 @@ the pipeline and the reference model of every later one.
 
     python train_sft.py                                  # the toy task, tiny model, CPU
     torchrun --nproc_per_node 2 train_sft.py             # the same run on 2 processes
+    python train_sft.py --chat                           # the toy task as conversations (Zephyr template)
+    python train_sft.py --init_from SmolLM2-135M --train_file ultrachat.jsonl --lora_rank 16 --grad_checkpoint
     python train_sft.py --train_file my.jsonl --preset small --device cuda --dtype bfloat16
 """
 import os
@@ -94,7 +96,9 @@ def load_data(cfg: Config, dist: Dist, tok: Tokenizer | None):
         else:
             n_val = max(1, len(examples) // 20)
             examples, val = examples[:-n_val], examples[-n_val:]
-        prompts = [e.prompt for e in val if e.prompt]
+        # sampled at evaluation: the prompts, or each conversation's opening user turn
+        prompts = [e.messages[0]["content"] if e.messages else e.prompt for e in val
+                   if e.prompt or (e.messages and e.messages[0]["role"] == "user")]
     else:
         data_dir = toy_dir(cfg)
         if dist.master:

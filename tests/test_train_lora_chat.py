@@ -22,7 +22,7 @@ from data import ToyConfig, load_checkpoint, prepare_toy_data
 from hf import load_folder
 from lora import attach_lora
 from test_train_dpo import dpo_args
-from train_utils import load_gpt, load_trainable
+from train_utils import load_gpt, load_trainable, prepare_trainable
 
 LORA = dict(lora_rank=4, lora_alpha=8, lr=5e-3)
 
@@ -68,6 +68,20 @@ def test_resumed_lora_run_equals_the_uninterrupted_one(sft_pairs, toy_dir, tmp_p
     assert train_dpo.main(dpo_args(sft_pairs, toy_dir, split, max_iters=2, **common)) == 0
     assert train_dpo.main(dpo_args(sft_pairs, toy_dir, split, max_iters=4, resume=True, **common)) == 0
     assert read_metrics(split) == read_metrics(whole)
+
+
+def test_frozen_weights_in_bfloat16_train_under_autocast_and_need_it(sft_pairs, toy_dir, tmp_path):
+    cfg = train_dpo.Config(lora_rank=4, dtype="bfloat16", frozen_dtype="bfloat16")
+    model = prepare_trainable(load_gpt(sft_pairs[0])[0], cfg)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # adapters: master weights
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}  # the frozen base
+    for lora in ({}, LORA):
+        out = str(tmp_path / f"run{len(lora)}")
+        assert train_dpo.main(dpo_args(sft_pairs, toy_dir, out, max_iters=2, dtype="bfloat16", frozen_dtype="bfloat16",
+                                       **lora)) == 0
+        assert all(math.isfinite(m.get("loss", 0.0)) for m in read_metrics(out))
+    r = run_python("train_dpo.py", *dpo_args(sft_pairs, toy_dir, str(tmp_path / "bad"), frozen_dtype="bfloat16"))
+    assert r.returncode != 0 and "--frozen_dtype bfloat16 needs --dtype bfloat16" in r.stderr
 
 
 @pytest.mark.slow
