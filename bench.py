@@ -343,8 +343,11 @@ def memory_table(cfg: Config, device, name: str) -> list[str]:
     for stage, lora, ckpt, ref in MEMORY_CASES:
         case = dict(shape=cfg.memory_shape, stage=stage, lora=lora, grad_checkpoint=ckpt, reference=ref,
                     B=cfg.memory_batch, T=cfg.memory_seq_len, dtype=cfg.dtype)
+        # glibc keeps freed blocks below its mmap threshold resident; from 64 KiB up they are mapped
+        # and given back when freed, so the peak resident set follows the live tensors
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         out = subprocess.run([sys.executable, __file__, f"--device={device.type}", f"--memory_case={json.dumps(case)}"],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, env=env)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"  {stage} lora={lora} grad_checkpoint={ckpt} reference={ref}: {rows[-1]['peak_mb']:.0f} MB", flush=True)
 
@@ -364,15 +367,16 @@ def memory_table(cfg: Config, device, name: str) -> list[str]:
     lines = [f"Peak memory of an optimizer step, batch {cfg.memory_batch} x {cfg.memory_seq_len} tokens "
              f"({cfg.memory_batch // 2} pairs for DPO), float32 weights, {cfg.dtype} compute, LoRA rank {LORA_RANK} on every "
              f"projection. {cfg.memory_shape}: measured on {name}; the others computed from it.", "",
-             "| stage | method | grad checkpoint | reference | " + " | ".join(shapes) + " |",
-             "|---|---|---|---|" + "---|" * len(shapes)]
+             "| stage | method | grad checkpoint | reference | " + " | ".join(shapes) + " | smallest laptop GPU for the largest |",
+             "|---|---|---|---|" + "---|" * (len(shapes) + 1)]
     for r in rows:
         activations = r["peak_mb"] - static_mb(cfg.memory_shape, r["lora"], r["reference"])
-        cells = [f"{r['peak_mb'] / 1024:.2f} GiB"] + [
-            f"{(static_mb(s, r['lora'], r['reference']) + activations * activation_scale(s)) / 1024:.2f} GiB (computed)"
-            for s in shapes[1:]]
+        gib = [r["peak_mb"] / 1024] + [(static_mb(s, r["lora"], r["reference"]) + activations * activation_scale(s)) / 1024
+                                       for s in shapes[1:]]
+        fits = next((f"{size} GB" for size in (8, 12, 16, 24) if gib[-1] * 2 ** 30 <= size * 1e9), "none of 8-24 GB")
         lines.append(f"| {r['stage']} | {'LoRA' if r['lora'] else 'full'} | {'yes' if r['grad_checkpoint'] else 'no'} "
-                     f"| {r['reference']} | " + " | ".join(cells) + " |")
+                     f"| {r['reference']} | {gib[0]:.2f} GiB | " + " | ".join(f"{g:.2f} GiB (computed)" for g in gib[1:])
+                     + f" | {fits} |")
     return lines
 
 
