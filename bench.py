@@ -81,7 +81,7 @@ class Config:
     """the REAL_SHAPES model measured by --memory; the others are computed from its measurement"""
     memory_batch: int = 4
     """sequences per SFT step for --memory (a DPO step takes half as many pairs: the same rows)"""
-    memory_seq_len: int = 512
+    memory_seq_len: int = 256
     """sequence length for --memory"""
     memory_case: str = ""
     """(internal) one --memory configuration as JSON, measured in this process"""
@@ -399,8 +399,10 @@ def main(argv=None) -> int:
     if cfg.vs_transformers:
         rows += bench_vs_transformers(cfg, device, peak)
     lines = [f"Device: {name}, {cfg.dtype}; matmul peak {peak / 1e9:.1f} GFLOP/s (measured by this run); "
-             f"batch {cfg.batch_size}; medians of {cfg.steps} steps after {cfg.warmup} warm-up steps.", "",
-             "| preset | T | benchmark | ms | tokens/s | MFU | outside model | peak mem MB |", "|---|---|---|---|---|---|---|---|"]
+             f"batch {cfg.batch_size}; medians of {cfg.steps} steps after {cfg.warmup} warm-up steps."]
+    if rows:
+        lines += ["", "| preset | T | benchmark | ms | tokens/s | MFU | outside model | peak mem MB |",
+                  "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         overhead = f"{r['overhead']:.0%}" if "overhead" in r else "-"
         lines.append(f"| {r['preset']} | {r['seq_len']} | {r['benchmark']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} "
