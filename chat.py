@@ -121,8 +121,10 @@ def encode_prompt_response(tok, prompt_messages: list[dict], response: str, max_
     while True:
         messages = head + turns
         prompt_text = render(tok.chat_template, messages, special, add_generation_prompt=True)
-        ids, starts = tok.encode_with_offsets(render(tok.chat_template, messages + [
-            {"role": "assistant", "content": response}], special))
+        text = render(tok.chat_template, messages + [{"role": "assistant", "content": response}], special)
+        if not text.startswith(prompt_text):
+            raise ChatError("the chat template's generation prompt is not how it begins the assistant's turn")
+        ids, starts = tok.encode_with_offsets(text)
         n_prompt = sum(s < len(prompt_text) for s in starts)
         if n_prompt <= limit:
             break

@@ -233,3 +233,13 @@ def test_a_template_that_refuses_a_conversation_stops_train_sft_with_one_line(tm
     assert result.stderr.strip() == (f"error: {data}:31: field 'messages': the chat template refused the conversation: "
                                      "Conversation roles must alternate user/assistant/user/assistant/...")
     assert not os.path.exists(out)
+
+
+def test_a_template_whose_generation_prompt_does_not_begin_the_reply_is_refused(folders):
+    odd = ("{% for m in messages %}{{ ('<|bot|>' if m['role'] == 'assistant' else '<|user|>') + m['content'] }}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    tok = Tokenizer(**{**load_tokenizer(folders["zephyr"], {}).state(), "chat_template": odd})
+    with pytest.raises(DataError, match="x:1: field 'prompt': the chat template's generation prompt is not how it begins"):
+        tokenize_pairs([Pair("Hello", "Hi.", "No.", "x:1")], tok, 100, None)
+    with pytest.raises(DataError, match="x:1: field 'messages': the chat template's generation prompt is not how it begins"):
+        encode_sft(tok, Example("", "", "x:1", CONVERSATIONS["one_turn"]), 100, None)
