@@ -130,7 +130,6 @@ def dpo_batch_loss(model, batch, reference, cfg: Config):
 def evaluate(model, policy, loss_fn, val_data, evaluator, prompts, cfg: Config, dist: Dist, ctx):
     """Held-out DPO metrics on every rank's shard of the pairs; on rank 0, gold reward, KL and
     win rate of samples for held-out prompts. Returns the metrics and a few samples to print."""
-    model.eval()
     sums = heldout_sums(model, val_data, loss_fn, dist, ctx, cfg.batch_size)
     metrics, samples = {f"eval/{k}": v / len(val_data["chosen_input_ids"]) for k, v in sums.items()}, []
     if evaluator is not None:
@@ -138,12 +137,21 @@ def evaluate(model, policy, loss_fn, val_data, evaluator, prompts, cfg: Config, 
             sample_metrics, texts = evaluator(policy)
         metrics.update(sample_metrics)
         samples = [f"[{p}] {t}   (gold reward {gold_reward(t, p):.2f})" for p, t in list(zip(prompts, texts))[:cfg.print_samples]]
-    model.train()
     return metrics, samples
+
+
+def check_settings(cfg: Config) -> None:
+    """Refuse loss settings that cannot work, before anything is read or written."""
+    if cfg.label_smoothing and cfg.loss_type in ("hinge", "ipo"):
+        raise SystemExit(f"error: --label_smoothing applies to the sigmoid and robust losses; {cfg.loss_type} ignores it")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise SystemExit(f"error: --label_smoothing {cfg.label_smoothing} is not a label-flip rate in [0, 0.5) "
+                         "(at 0.5 the labels carry no preference; robust divides by 1 - 2 x it)")
 
 
 def train(cfg: Config, dist: Dist) -> dict:
     # 1. data, validated before anything is written
+    check_settings(cfg)
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
     policy, tok, _ = load_gpt(cfg.sft_ckpt)
@@ -176,6 +184,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     start = step = run.start(policy, optimizer)
     tokens = run.resumed["tokens"] if run.resumed else 0  # real tokens trained on so far
     model = wrap_model(policy, dist, cfg.compile)
+    model.eval()  # dropout off in the policy as in the frozen reference (TRL's default): step 0 is exactly ln 2
     n_pairs = len(train_data["chosen_input_ids"])
     if dist.master:
         print(f"policy: {policy.num_params() / 1e6:.2f}M parameters ({n_trainable(policy) / 1e6:.2f}M training), "

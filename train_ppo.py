@@ -227,9 +227,10 @@ def train(cfg: Config, dist: Dist) -> dict:
     tok = tok.with_chat_template(cfg.chat_template, chat_data=False)  # prompts are user turns under a template
     prompts = load_prompts(cfg.prompts)
     eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval else []
-    if cfg.batch_size % (cfg.gen_chunk * dist.world_size) or (cfg.gen_chunk // cfg.num_minibatches) % cfg.grad_accum:
-        raise SystemExit("error: batch_size must be a multiple of gen_chunk x world size, and "
-                         "gen_chunk / num_minibatches a multiple of grad_accum")
+    if (cfg.batch_size % (cfg.gen_chunk * dist.world_size) or cfg.gen_chunk % cfg.num_minibatches
+            or (cfg.gen_chunk // cfg.num_minibatches) % cfg.grad_accum):
+        raise SystemExit("error: batch_size must be a multiple of gen_chunk x world size, gen_chunk a multiple of "
+                         "num_minibatches (else rows would be skipped), and gen_chunk / num_minibatches of grad_accum")
     if cfg.temperature <= 0:
         raise SystemExit("error: PPO samples from the policy; --temperature must be > 0")
 

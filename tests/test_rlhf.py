@@ -254,6 +254,14 @@ def test_first_iteration_logs_ratio_one_and_zero_kl(sft_pairs, toy_dir, reward_c
     assert log["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # the policy was the reference when it sampled
 
 
+def test_minibatches_that_would_skip_rollout_rows_are_refused(sft_pairs, toy_dir, tmp_path):
+    """gen_chunk 30 in 4 minibatches of 7 rows would never train on 2 of every 30 rollouts."""
+    with pytest.raises(SystemExit, match="gen_chunk a multiple of num_minibatches"):
+        train_ppo.main(ppo_args(sft_pairs, toy_dir, str(tmp_path / "out"), reward="gold", batch_size=30, gen_chunk=30,
+                                num_minibatches=4))
+    assert not (tmp_path / "out").exists()
+
+
 def _final(out_dir):
     return load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
 

@@ -3,7 +3,9 @@ equals a live one, and bad preference files stop train_dpo.py with one clear lin
 
     python -m pytest -q tests/test_train_dpo.py
 """
+import math
 import os
+import re
 
 import pytest
 import torch
@@ -118,3 +120,27 @@ def test_preference_file_with_a_byte_order_mark_and_a_bad_byte_stops_on_that_lin
     assert r.returncode == 2
     assert r.stderr == f"error: {bad}:2: invalid UTF-8 (byte 0xff at byte 15)\n"
     assert not out.exists()
+
+
+def test_first_step_is_ln2_even_when_the_sft_model_has_dropout(sft_pairs, toy_dir, tmp_path):
+    """Dropout is off in the DPO policy as in the reference, so policy = reference at step 0."""
+    import train_sft
+    sft = str(tmp_path / "sft")
+    assert train_sft.main([f"--data_dir={toy_dir}", f"--out_dir={sft}", "--device=cpu", "--max_iters=2", "--dropout=0.3",
+                           "--eval_interval=2", "--eval_samples=0", "--print_samples=0"]) == 0
+    out = str(tmp_path / "dpo")
+    assert train_dpo.main(dpo_args(sft_pairs, toy_dir, out, sft_ckpt=f"{sft}/ckpt.pt", max_iters=1)) == 0
+    first = read_metrics(out)[1]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margins"] == 0.0
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(loss_type="robust", label_smoothing=0.5), "--label_smoothing 0.5 is not a label-flip rate in [0, 0.5)"),
+    (dict(loss_type="sigmoid", label_smoothing=-0.1), "--label_smoothing -0.1 is not a label-flip rate"),
+    (dict(loss_type="hinge", label_smoothing=0.1), "--label_smoothing applies to the sigmoid and robust losses; hinge ignores it"),
+    (dict(loss_type="ipo", label_smoothing=0.1), "ipo ignores it"),
+])
+def test_loss_settings_that_cannot_work_are_refused_before_anything_is_written(settings, message, sft_pairs, toy_dir, tmp_path):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train_dpo.main(dpo_args(sft_pairs, toy_dir, str(tmp_path / "out"), **settings))
+    assert not (tmp_path / "out").exists()
