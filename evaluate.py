@@ -32,18 +32,20 @@ def sample_completions(model, tok: Tokenizer, prompts: list[str], max_new_tokens
 
 @torch.no_grad()
 def sequence_kl(policy, reference, prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                pad_id: int, batch_size: int = 64) -> torch.Tensor:
+                pad_id: int, batch_size: int = 64, temperature: float = 1.0) -> torch.Tensor:
     """KL(pi || pi_ref) of each completion: the exact per-token KL over the vocabulary,
     sum_v pi(v | x, y_<t) (log pi(v | x, y_<t) - log pi_ref(v | x, y_<t)), summed over the
-    completion's tokens. Returns (N,)."""
+    completion's tokens, between the two distributions as sampled at `temperature` (logits
+    divided by it). Returns (N,)."""
     device = next(policy.parameters()).device
     kls = []
     for i in range(0, len(prompt_ids), batch_size):
         batch = collate([(p + c, len(p)) for p, c in zip(prompt_ids[i:i + batch_size],
                                                           completion_ids[i:i + batch_size])], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logp = policy(batch["input_ids"], batch["attention_mask"])[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
-        logq = reference(batch["input_ids"], batch["attention_mask"])[:, :-1].float().log_softmax(-1)
+        logits = policy(batch["input_ids"], batch["attention_mask"])[:, :-1].float()  # (B, T-1, V)
+        logp = (logits / temperature).log_softmax(-1)
+        logq = (reference(batch["input_ids"], batch["attention_mask"])[:, :-1].float() / temperature).log_softmax(-1)
         token_kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, T-1): the logits at t score token t+1
         kls.append((token_kl * (batch["labels"][:, 1:] != -100)).sum(-1))
     return torch.cat(kls).cpu()
@@ -72,6 +74,8 @@ class PolicyEvaluator:
 
     def __init__(self, reference, tok: Tokenizer, prompts: list[str], max_new_tokens: int,
                  temperature: float = 1.0, seed: int = 0, offload: bool = False):
+        if temperature <= 0:
+            raise SystemExit("error: the evaluation samples at a temperature > 0 (its KL is that of the sampled distributions)")
         self.reference, self.tok, self.prompts, self.offload = reference, tok, prompts, offload
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
         self.prompt_ids = [tok.encode_prompt(p) for p in prompts]
@@ -86,7 +90,7 @@ class PolicyEvaluator:
                                                self.temperature, self.seed)
         rewards = [gold_reward(t, p) for p, t in zip(self.prompts, texts)]
         self.reference.to(next(policy.parameters()).device)
-        kl = sequence_kl(policy, self.reference, self.prompt_ids, ids, self.tok.pad_id)
+        kl = sequence_kl(policy, self.reference, self.prompt_ids, ids, self.tok.pad_id, temperature=self.temperature)
         if self.offload:
             self.reference.cpu()
         wins = [1.0 if r > q else 0.5 if r == q else 0.0 for r, q in zip(rewards, self.reference_rewards)]

@@ -87,6 +87,8 @@ class Config(TrainConfig):
     """held-out prompts for --gold_eval"""
     eval_samples: int = 256
     """held-out prompts sampled at each evaluation"""
+    eval_temperature: float = 1.0
+    """temperature of the evaluation samples and their KL, the same for every method whatever --temperature trains at"""
     # optimisation defaults for the toy task
     batch_size: int = 64
     """prompts per PPO iteration (rollout batch), over all processes"""
@@ -251,7 +253,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     evaluator = None
     if dist.master and eval_prompts:
         with ctx:
-            evaluator = PolicyEvaluator(reference, tok, eval_prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed)
+            evaluator = PolicyEvaluator(reference, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, cfg.seed)
     if dist.master:
         print(f"policy and critic: 2 x {policy.num_params() / 1e6:.2f}M parameters ({n_trainable(both) / 1e6:.2f}M "
               f"training), {len(prompts)} prompts, "

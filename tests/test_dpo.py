@@ -156,10 +156,13 @@ def test_shared_kl_is_zero_for_the_reference_and_matches_a_float64_loop(model, p
     assert torch.equal(sequence_kl(model, model, prompts, completions, tok.pad_id), torch.zeros(2))
     torch.manual_seed(1)
     other = GPT(model.config).eval()
-    got = sequence_kl(model, other, prompts, completions, tok.pad_id)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        seq = torch.tensor([p + c])
-        with torch.no_grad():
-            logp, logq = model(seq)[0].double().log_softmax(-1), other(seq)[0].double().log_softmax(-1)
-        expected = sum((logp[t].exp() * (logp[t] - logq[t])).sum().item() for t in range(len(p) - 1, len(p) + len(c) - 1))
-        assert got[i].item() == pytest.approx(expected, rel=1e-4)
+    for temperature in (1.0, 0.7):  # the KL of the distributions sampled at that temperature
+        got = sequence_kl(model, other, prompts, completions, tok.pad_id, temperature=temperature)
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            seq = torch.tensor([p + c])
+            with torch.no_grad():
+                logp = (model(seq)[0].double() / temperature).log_softmax(-1)
+                logq = (other(seq)[0].double() / temperature).log_softmax(-1)
+            expected = sum((logp[t].exp() * (logp[t] - logq[t])).sum().item()
+                           for t in range(len(p) - 1, len(p) + len(c) - 1))
+            assert got[i].item() == pytest.approx(expected, rel=1e-4)

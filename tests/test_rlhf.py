@@ -254,6 +254,17 @@ def test_first_iteration_logs_ratio_one_and_zero_kl(sft_pairs, toy_dir, reward_c
     assert log["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # the policy was the reference when it sampled
 
 
+def test_the_evaluation_does_not_depend_on_the_training_temperature(sft_pairs, toy_dir, tmp_path):
+    """Every method is evaluated at --eval_temperature; PPO's rollouts at 0.7 do not change it."""
+    evals = []
+    for temperature in (1.0, 0.7):
+        out = str(tmp_path / str(temperature))
+        assert train_ppo.main(ppo_args(sft_pairs, toy_dir, out, reward="gold", max_iters=0, temperature=temperature,
+                                       gold_eval=True, eval_samples=32)) == 0
+        evals.append(read_metrics(out)[0])
+    assert evals[0] == evals[1]
+
+
 def test_minibatches_that_would_skip_rollout_rows_are_refused(sft_pairs, toy_dir, tmp_path):
     """gen_chunk 30 in 4 minibatches of 7 rows would never train on 2 of every 30 rollouts."""
     with pytest.raises(SystemExit, match="gen_chunk a multiple of num_minibatches"):
