@@ -64,8 +64,7 @@ def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef: fl
     the sampled token: k1 = log pi - log pi_ref (unbiased), or k3 = (r - 1) - log r with
     r = pi_ref / pi (unbiased and never negative; Schulman 2020, "Approximating KL divergence").
     Returns rewards and KL_t, each (B, R), zero outside the response."""
-    log_ratio = logprobs - ref_logprobs
-    kl = log_ratio if estimator == "k1" else torch.expm1(-log_ratio) + log_ratio  # k3 = (r - 1) - log r
+    kl = logprobs - ref_logprobs if estimator == "k1" else k3_kl(logprobs, ref_logprobs)
     kl = kl * response_mask
     rewards = -kl_coef * kl  # R(x, y) = r(x, y) - beta log(pi / pi_ref): Ziegler et al. 2019, eq. 2
     last = response_mask.sum(1).long() - 1  # every response has at least one token
@@ -126,11 +125,39 @@ def masked_whiten(x, mask, all_reduce=None):
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
+def group_advantages(rewards: torch.Tensor, k: int, estimator: str) -> torch.Tensor:
+    """Critic-free advantages of (B,) sequence rewards, B = groups of k samples of one prompt, each
+    group's rows consecutive. Returns (B,), one advantage for every token of the sequence.
+
+    rloo  r_i - mean_{j != i} r_j: REINFORCE with the leave-one-out baseline (Kool et al. 2019;
+          Ahmadian et al. 2024, eq. 6), unbiased because the baseline does not see r_i.
+    grpo  (r_i - mean(r)) / std(r) over the group (Shao et al. 2024, DeepSeekMath, eq. 3's
+          outcome-supervision advantage), with std the unbiased spread plus 1e-4 as TRL adds, so a
+          group whose rewards are all equal gets zero advantage."""
+    r = rewards.view(-1, k)  # (groups, k)
+    if estimator == "rloo":
+        advantages = r - (r.sum(1, keepdim=True) - r) / (k - 1)
+    elif estimator == "grpo":
+        advantages = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
+    else:
+        raise ValueError(f"unknown group estimator {estimator!r}")
+    return advantages.flatten()
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate from the sampled token, k3 = r - log r - 1 with
+    r = pi_ref / pi (Schulman 2020; GRPO's KL term, DeepSeekMath eq. 4): unbiased, never negative,
+    and differentiable in pi, so GRPO puts it in the loss rather than in the reward."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
 def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, response_mask,
                cliprange: float, cliprange_value: float) -> dict[str, torch.Tensor]:
     """Clipped surrogate policy loss (Schulman et al. 2017, eq. 7) and clipped value loss, per
     token, and the statistics TRL logs; every entry is a sum over the masked tokens (divide by
-    their number for means). All inputs (B, R)."""
+    their number for means). All inputs (B, R); values None (RLOO, GRPO: no critic) leaves the
+    value terms out."""
     mask = response_mask.float()
     log_ratio = logprobs - old_logprobs
     ratio = log_ratio.exp()
@@ -138,16 +165,18 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
     pg_losses = torch.max(pg_unclipped, pg_clipped)
+    sums = {
+        "policy_loss": (pg_losses * mask).sum(),
+        "approxkl": (0.5 * log_ratio.detach() ** 2 * mask).sum(),
+        "clipfrac": ((pg_clipped > pg_unclipped).float().detach() * mask).sum(),
+        "ratio": (ratio.detach() * mask).sum(),
+    }
+    if values is None:
+        return sums
     # value clipping around the rollout's values (OpenAI baselines' ppo2; "The 37 Implementation
     # Details of PPO", Huang et al. 2022, detail 9)
     values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     vf_unclipped, vf_clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
     vf_losses = 0.5 * torch.max(vf_unclipped, vf_clipped)
-    return {
-        "policy_loss": (pg_losses * mask).sum(),
-        "value_loss": (vf_losses * mask).sum(),
-        "approxkl": (0.5 * log_ratio.detach() ** 2 * mask).sum(),
-        "clipfrac": ((pg_clipped > pg_unclipped).float().detach() * mask).sum(),
-        "vf_clipfrac": ((vf_clipped > vf_unclipped).float().detach() * mask).sum(),
-        "ratio": (ratio.detach() * mask).sum(),
-    }
+    return {**sums, "value_loss": (vf_losses * mask).sum(),
+            "vf_clipfrac": ((vf_clipped > vf_unclipped).float().detach() * mask).sum()}

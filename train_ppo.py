@@ -7,11 +7,15 @@ optimised on the toy task's gold reward itself (PPO-GT, the DPO paper's upper re
     python train_ppo.py --reward gold --out_dir out/ppo_gt
     python train_ppo.py --adaptive_kl --kl_target 4    # Ziegler et al.'s adaptive KL coefficient
     torchrun --nproc_per_node 2 train_ppo.py           # the same run on 2 processes
+    python train_ppo.py --advantage rloo --samples_per_prompt 4   # RLOO (Ahmadian et al. 2024), no critic
+    python train_ppo.py --advantage grpo --samples_per_prompt 4   # GRPO (Shao et al. 2024), no critic
 
-An iteration: 1. sample a response for each of batch_size prompts; 2. score them; 3. log-probs
-of policy and reference, values of the critic; 4. per-token rewards with the KL penalty;
-5. GAE advantages, whitened over the whole batch; 6. ppo_epochs passes of clipped policy and
-value updates over num_minibatches minibatches; 7. adapt kl_coef; 8. log, evaluate, checkpoint.
+An iteration: 1. sample samples_per_prompt responses for each of the batch's prompts; 2. score
+them; 3. log-probs of policy and reference, values of the critic; 4. per-token rewards with the
+KL penalty; 5. advantages: GAE, whitened over the whole batch, or RLOO's and GRPO's from each
+prompt's group of responses; 6. ppo_epochs passes of clipped policy (and value) updates over
+num_minibatches minibatches; 7. adapt kl_coef; 8. log, evaluate, checkpoint. RLOO and GRPO
+share every step but 5 and the loss, so they live here rather than in a script of their own.
 """
 import sys
 import time
@@ -24,8 +28,8 @@ import torch.nn.functional as F
 
 from data import gold_reward, load_prompts
 from evaluate import PolicyEvaluator
-from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, masked_whiten,
-                 per_token_rewards, ppo_losses, response_logprobs, rollout)
+from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, group_advantages, k3_kl,
+                 masked_whiten, per_token_rewards, ppo_losses, response_logprobs, rollout)
 from reward_model import RewardModel
 from lora import AdaptersOff
 from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, frozen_dtype, global_batch, load_gpt,
@@ -54,7 +58,11 @@ class Config(TrainConfig):
     missing_eos_penalty: float = 1.0
     """subtracted from the score of a response that never emits eos"""
     gen_chunk: int = 32
-    """prompts per generate call; chunks are spread over processes, and each chunk has its own seed"""
+    """responses per generate call; chunks are spread over processes, and each chunk has its own seed"""
+    advantage: Literal["gae", "rloo", "grpo"] = "gae"
+    """gae: PPO with a critic; rloo: leave-one-out baseline, KL in the reward; grpo: group-normalised, k3 KL in the loss (no critic for either)"""
+    samples_per_prompt: int = 1
+    """responses sampled for each prompt (k); rloo and grpo compare a prompt's k responses, so they need k >= 2"""
     # PPO
     ppo_epochs: int = 4
     """passes over each rollout batch"""
@@ -71,7 +79,7 @@ class Config(TrainConfig):
     lam: float = 0.95
     """GAE lambda"""
     kl_coef: float = 0.05
-    """KL penalty coefficient (initial value with --adaptive_kl)"""
+    """KL penalty coefficient (initial value with --adaptive_kl); GRPO's beta, the weight of the KL term in its loss"""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """per-token KL estimate in the reward"""
     adaptive_kl: bool = False
@@ -91,7 +99,7 @@ class Config(TrainConfig):
     """temperature of the evaluation samples and their KL, the same for every method whatever --temperature trains at"""
     # optimisation defaults for the toy task
     batch_size: int = 64
-    """prompts per PPO iteration (rollout batch), over all processes"""
+    """responses per PPO iteration (rollout batch: batch_size / samples_per_prompt prompts), over all processes"""
     max_iters: int = 100
     """PPO iterations"""
     lr: float = 1e-4
@@ -110,16 +118,19 @@ class Config(TrainConfig):
 
 @torch.no_grad()
 def collect_rollouts(policy, reward_model, tok, prompts: list[str], step: int, cfg: Config, dist: Dist, ctx):
-    """Steps 1-2: a response for each of this rank's prompts of the iteration's global batch,
-    and its score. The global batch is cut into chunks of gen_chunk prompts, spread over ranks;
-    each chunk is sampled with its own seed, so the samples do not depend on the world size.
+    """Steps 1-2: samples_per_prompt responses for each of this rank's prompts of the iteration's
+    global batch, and their scores. The global batch is cut into chunks of gen_chunk responses
+    (a prompt's k responses consecutive, in one chunk), spread over ranks; each chunk is sampled
+    with its own seed, so the samples do not depend on the world size.
 
     Returns the rollout as a dict of this rank's rows (input_ids, attention_mask (B, P + R),
     response_mask (B, R), scores (B,)) and P, the prompt width."""
-    indices = global_batch(len(prompts), cfg.batch_size, step, cfg.seed)
+    k = cfg.samples_per_prompt
+    indices = global_batch(len(prompts), cfg.batch_size // k, step, cfg.seed)
+    per_chunk = cfg.gen_chunk // k  # prompts per chunk
     my_prompts, chunks = [], []
     for c in range(dist.rank, cfg.batch_size // cfg.gen_chunk, dist.world_size):
-        chunk_prompts = [prompts[i] for i in indices[c * cfg.gen_chunk:(c + 1) * cfg.gen_chunk]]
+        chunk_prompts = [prompts[i] for i in indices[c * per_chunk:(c + 1) * per_chunk] for _ in range(k)]
         generator = torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + c)
         with ctx:
             chunks.append(rollout(policy, [tok.encode_prompt(p) for p in chunk_prompts], cfg.max_new_tokens,
@@ -147,24 +158,35 @@ def collect_rollouts(policy, reward_model, tok, prompts: list[str], step: int, c
 @torch.no_grad()
 def score_tokens(policy, reference, critic, batch, P: int, cfg: Config, ctx):
     """Step 3: log-probs of the responses under the policy that sampled them and under the
-    reference, the policy's entropy, and the critic's values, each (B, R)."""
+    reference, the policy's entropy, and the critic's values (None without a critic), each (B, R)."""
     with ctx:
         logprobs, entropy = response_logprobs(policy(batch["input_ids"], batch["attention_mask"]),
                                               batch["input_ids"], P, cfg.temperature)
         ref_logprobs, _ = response_logprobs(reference(batch["input_ids"], batch["attention_mask"]),
                                             batch["input_ids"], P, cfg.temperature)
-        values = critic.values(batch["input_ids"], batch["attention_mask"])[:, P - 1:-1].float()
+        values = critic.values(batch["input_ids"], batch["attention_mask"])[:, P - 1:-1].float() if critic else None
     return logprobs, ref_logprobs, entropy, values
 
 
 def ppo_batch_loss(model, batch, n_prompt: int, cfg: Config):
-    """Step 6's loss of a minibatch: the clipped policy loss plus vf_coef times the clipped
-    value loss, summed over response tokens, and the statistics TRL logs."""
-    logits, new_values = model(batch["input_ids"], batch["attention_mask"])  # policy and critic in one call
+    """Step 6's loss of a minibatch, summed over response tokens, and the statistics TRL logs:
+    the clipped policy loss, plus vf_coef times the clipped value loss (gae), or plus kl_coef
+    times the k3 KL to the reference (grpo: DeepSeekMath eq. 3's beta term); rloo has the KL in
+    its reward and nothing more."""
+    if cfg.advantage == "gae":
+        logits, new_values = model(batch["input_ids"], batch["attention_mask"])  # policy and critic in one call
+        new_values = new_values[:, n_prompt - 1:-1].float()
+    else:
+        logits, new_values = model(batch["input_ids"], batch["attention_mask"]), None
     new_logprobs, _ = response_logprobs(logits, batch["input_ids"], n_prompt, cfg.temperature)
-    sums = ppo_losses(new_logprobs, batch["old_logprobs"], batch["advantages"], new_values[:, n_prompt - 1:-1].float(),
-                      batch["old_values"], batch["returns"], batch["response_mask"], cfg.cliprange, cfg.cliprange_value)
-    return sums["policy_loss"] + cfg.vf_coef * sums["value_loss"], sums
+    sums = ppo_losses(new_logprobs, batch["old_logprobs"], batch["advantages"], new_values, batch.get("old_values"),
+                      batch.get("returns"), batch["response_mask"], cfg.cliprange, cfg.cliprange_value)
+    if cfg.advantage == "gae":
+        return sums["policy_loss"] + cfg.vf_coef * sums["value_loss"], sums
+    if cfg.advantage == "grpo":
+        sums["kl_loss"] = (k3_kl(new_logprobs, batch["ref_logprobs"]) * batch["response_mask"]).sum()
+        return sums["policy_loss"] + cfg.kl_coef * sums["kl_loss"], sums
+    return sums["policy_loss"], sums
 
 
 def minibatch_rows(n_chunks: int, chunk: int, positions: torch.Tensor) -> torch.Tensor:
@@ -194,8 +216,9 @@ def ppo_update(model, optimizer, data: dict, P: int, step: int, cfg: Config, dis
 
 def frozen_models_and_critic(cfg: Config, policy, device):
     """The reference (the policy with its LoRA adapters off, or a frozen copy of the SFT policy),
-    the frozen reward model (None with --reward gold), and the critic: the reward model's
-    backbone and head, or the SFT backbone with a new head (under LoRA, adapters on the backbone)."""
+    the frozen reward model (None with --reward gold), and the critic (None for rloo and grpo):
+    the reward model's backbone and head, or the SFT backbone with a new head (under LoRA,
+    adapters on the backbone)."""
     if cfg.lora_rank:
         reference = AdaptersOff(policy)
     else:
@@ -203,6 +226,8 @@ def frozen_models_and_critic(cfg: Config, policy, device):
     reward_model = None
     if cfg.reward == "model":
         reward_model = load_reward_model(cfg.reward_ckpt)[0].to(device, frozen_dtype(cfg)).eval().requires_grad_(False)
+    if cfg.advantage != "gae":
+        return reference, reward_model, None
     if cfg.critic_init == "reward" or (cfg.critic_init == "auto" and cfg.reward == "model"):
         critic = load_reward_model(cfg.reward_ckpt)[0]
     else:
@@ -235,34 +260,39 @@ def train(cfg: Config, dist: Dist) -> dict:
                          "num_minibatches (else rows would be skipped), and gen_chunk / num_minibatches of grad_accum")
     if cfg.temperature <= 0:
         raise SystemExit("error: PPO samples from the policy; --temperature must be > 0")
+    if cfg.gen_chunk % cfg.samples_per_prompt or (cfg.advantage != "gae" and cfg.samples_per_prompt < 2):
+        raise SystemExit("error: gen_chunk must be a multiple of samples_per_prompt, which rloo and grpo need at 2 or more")
+    if cfg.advantage == "grpo" and cfg.adaptive_kl:
+        raise SystemExit("error: GRPO weighs its KL term by a fixed kl_coef; --adaptive_kl is for gae and rloo")
 
-    # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic
+    # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic (gae)
     prepare_trainable(policy, cfg).to(dist.device)
     reference, reward_model, critic = frozen_models_and_critic(cfg, policy, dist.device)
-    both = PolicyAndCritic(policy, critic)
-    optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
+    trained = PolicyAndCritic(policy, critic) if critic else policy
+    optimizer = make_optimizer(trained, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     start = step = run.start(policy, optimizer)
     tokens = 0  # real tokens of the rollouts, once per PPO epoch that trains on them
     if run.resumed:
-        load_trainable(critic, run.resumed["critic"], run.ckpt_path)
+        if critic:
+            load_trainable(critic, run.resumed["critic"], run.ckpt_path)
         kl_ctl.value, tokens = run.resumed["kl_coef"], run.resumed["tokens"]
-    model = wrap_model(both, dist, cfg.compile)
+    model = wrap_model(trained, dist, cfg.compile)
     ctx = autocast(dist.device, cfg.dtype)
     evaluator = None
     if dist.master and eval_prompts:
         with ctx:
             evaluator = PolicyEvaluator(reference, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, cfg.seed)
     if dist.master:
-        print(f"policy and critic: 2 x {policy.num_params() / 1e6:.2f}M parameters ({n_trainable(both) / 1e6:.2f}M "
-              f"training), {len(prompts)} prompts, "
+        print(f"{'policy and critic: 2 x ' if critic else 'policy: '}{policy.num_params() / 1e6:.2f}M parameters "
+              f"({n_trainable(trained) / 1e6:.2f}M training), {len(prompts)} prompts, advantage: {cfg.advantage}, "
               f"reward: {cfg.reward}, {dist.world_size} process(es) on {dist.device}")
 
     bar = progress_bar(cfg.max_iters, step, dist, "ppo")
     seconds = {"rollout": 0.0, "update": 0.0}  # wall time of steps 1-5 and of step 6, reported at the end
     metrics = {}
-    both.eval()  # dropout off in policy and critic, in rollouts and updates alike
+    trained.eval()  # dropout off in policy and critic, in rollouts and updates alike
     while True:
         # 8. evaluate and checkpoint at iteration 0, every eval_interval iterations and at the end
         # (a resumed run was evaluated at its checkpoint already)
@@ -274,8 +304,9 @@ def train(cfg: Config, dist: Dist) -> dict:
         if metrics:
             run.log(step, metrics)
         if evaluating:
-            run.save(step, policy, optimizer, tok, {"critic": trainable_state(critic), "kl_coef": kl_ctl.value,
-                                                    "tokens": tokens, **lora_record(cfg, cfg.sft_ckpt)})
+            critic_state = {"critic": trainable_state(critic)} if critic else {}
+            run.save(step, policy, optimizer, tok, {**critic_state, "kl_coef": kl_ctl.value, "tokens": tokens,
+                                                    **lora_record(cfg, cfg.sft_ckpt)})
         if step == cfg.max_iters:
             break
         t_rollout = time.time()
@@ -287,10 +318,19 @@ def train(cfg: Config, dist: Dist) -> dict:
         # 4. per-token rewards: the score at the last token, minus kl_coef x KL at every token
         mask = data["response_mask"]
         rewards, kl = per_token_rewards(data["scores"], logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
-        # 5. advantages by GAE, whitened over every rank's tokens; returns are the critic's targets
-        advantages, returns = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask, lambda t: all_reduce_sum(t, dist))
-        data.update(old_logprobs=logprobs, old_values=values, advantages=advantages, returns=returns)
+        data.update(old_logprobs=logprobs, ref_logprobs=ref_logprobs)
+        if cfg.advantage == "gae":
+            # 5. advantages by GAE, whitened over every rank's tokens; returns are the critic's targets
+            advantages, returns = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
+            advantages = masked_whiten(advantages, mask, lambda t: all_reduce_sum(t, dist))
+            data.update(old_values=values, returns=returns)
+        else:
+            # 5. one advantage per response from its group of samples_per_prompt: RLOO's sequence
+            # reward is the score less kl_coef x its KL (the per-token rewards summed), GRPO's the
+            # score alone (its KL is in the loss)
+            sequence_rewards = rewards.sum(1) if cfg.advantage == "rloo" else data["scores"]
+            advantages = group_advantages(sequence_rewards, cfg.samples_per_prompt, cfg.advantage)[:, None] * mask
+        data.update(advantages=advantages)
         t_update = time.time()
         # 6. PPO epochs over minibatches: the clipped policy and value losses
         update = ppo_update(model, optimizer, data, P, step, cfg, dist, ctx)
@@ -313,10 +353,13 @@ def train(cfg: Config, dist: Dist) -> dict:
                 "objective/scores": mean_score, "objective/kl": mean_kl,
                 "objective/rlhf_reward": mean_score - kl_coef_used * mean_kl, "objective/entropy": mean_entropy,
                 "policy/approxkl_avg": update["approxkl"], "policy/clipfrac_avg": update["clipfrac"],
-                "loss/policy_avg": update["policy_loss"], "loss/value_avg": update["value_loss"],
-                "val/clipfrac_avg": update["vf_clipfrac"], "val/ratio": update["ratio"],
+                "loss/policy_avg": update["policy_loss"], "val/ratio": update["ratio"],
                 "kl_coef": kl_coef_used, "grad_norm": update["grad_norm"], "learning_rate": lr, "tokens": tokens,
             }
+            if critic:
+                metrics.update({"loss/value_avg": update["value_loss"], "val/clipfrac_avg": update["vf_clipfrac"]})
+            if cfg.advantage == "grpo":
+                metrics["loss/kl_avg"] = update["kl_loss"]
     bar.close()
     if dist.master:
         n = max(1, step - start)
