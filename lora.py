@@ -105,10 +105,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
-
-
 @contextmanager
 def adapters_off(model: nn.Module):
     """The frozen base model inside: every adapter off and dropout off; both restored after."""

@@ -30,8 +30,8 @@ from data import gold_reward, load_prompts
 from evaluate import PolicyEvaluator
 from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, group_advantages, k3_kl,
                  masked_whiten, per_token_rewards, ppo_losses, response_logprobs, rollout)
-from reward_model import RewardModel
 from lora import AdaptersOff
+from reward_model import RewardModel
 from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, frozen_dtype, global_batch, load_gpt,
                          load_reward_model, load_trainable, lora_record, make_optimizer, n_trainable, prepare_trainable,
                          progress_bar, run_script, seed_everything, set_lr, train_step, trainable_state, wrap_model)
@@ -318,7 +318,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         # 4. per-token rewards: the score at the last token, minus kl_coef x KL at every token
         mask = data["response_mask"]
         rewards, kl = per_token_rewards(data["scores"], logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
-        data.update(old_logprobs=logprobs, ref_logprobs=ref_logprobs)
+        data.update(old_logprobs=logprobs)
         if cfg.advantage == "gae":
             # 5. advantages by GAE, whitened over every rank's tokens; returns are the critic's targets
             advantages, returns = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
@@ -330,6 +330,8 @@ def train(cfg: Config, dist: Dist) -> dict:
             # score alone (its KL is in the loss)
             sequence_rewards = rewards.sum(1) if cfg.advantage == "rloo" else data["scores"]
             advantages = group_advantages(sequence_rewards, cfg.samples_per_prompt, cfg.advantage)[:, None] * mask
+            if cfg.advantage == "grpo":
+                data.update(ref_logprobs=ref_logprobs)
         data.update(advantages=advantages)
         t_update = time.time()
         # 6. PPO epochs over minibatches: the clipped policy and value losses

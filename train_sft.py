@@ -22,8 +22,8 @@ from data import (IGNORE_INDEX, Tokenizer, ToyConfig, gold_reward, load_prompts,
 from evaluate import sample_completions, sample_metrics
 from model import GPT
 from train_utils import (Dist, Run, TrainConfig, autocast, barrier, global_batch, heldout_sums, load_gpt,
-                         lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar, run_script,
-                         seed_everything, set_lr, train_step, wrap_model)
+                         lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar,
+                         run_script, seed_everything, set_lr, train_step, wrap_model)
 
 
 @dataclass

@@ -155,6 +155,13 @@ def test_truncation_keeps_whole_turns(folders):
         tok.chat_template, kept + [{"role": "assistant", "content": "Paris."}], special))[0][:-1]  # the newline after eos goes
     with pytest.raises(DataError, match="x:1: field 'prompt': the prompt's last user turn alone"):
         tokenize_pairs([pair], tok, max_length=1000, max_prompt_length=len(kept_prompt) - 1)
+    # turns go one exchange at a time, oldest first: with three user turns the limit that fits the
+    # last two keeps both
+    three = messages[:4] + [{"role": "assistant", "content": "Good."}, {"role": "user", "content": "Bye."}]
+    last_two = [three[0]] + three[3:]
+    limit = len(tok.encode_with_offsets(chat.render(tok.chat_template, last_two, special, add_generation_prompt=True))[0])
+    data = tokenize_pairs([Pair("", "Paris.", "Rome.", "x:1", three)], tok, max_length=1000, max_prompt_length=limit)
+    assert (data["chosen_labels"][0] == -100).sum() - (data["chosen_attention_mask"][0] == 0).sum() == limit
 
 
 def test_export_writes_the_template_and_transformers_renders_it(folders, tmp_path):
@@ -185,7 +192,7 @@ def test_the_chat_toy_task_is_conversations_whose_reply_is_labelled(tmp_path):
 
 
 BAD_SFT = {
-    "missing_role": ('{"messages": [{"content": "hi"}]}', "x.jsonl:1: field 'messages[0]': expected {\"role\", \"content\"} strings ('role' missing)"),
+    "missing_role": ('{"messages": [{"content": "hi"}]}', "field 'messages[0]': expected {\"role\", \"content\"} strings ('role' missing)"),
     "unknown_role": ('{"messages": [{"role": "bot", "content": "hi"}]}', "field 'messages[0].role': unknown role 'bot'"),
     "no_assistant": ('{"messages": [{"role": "user", "content": "hi"}]}', "field 'messages': no assistant turn"),
     "not_a_list": ('{"messages": "hi"}', "field 'messages': expected a non-empty list of messages"),
@@ -207,7 +214,7 @@ def test_bad_chat_sft_records_name_file_line_and_field(case, tmp_path):
     path.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n' + record + "\n")
     with pytest.raises(DataError) as e:
         load_sft(str(path))
-    assert str(e.value).startswith(f"{path}:2: field") and message.split("x.jsonl:1: ")[-1] in str(e.value)
+    assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value)
 
 
 @pytest.mark.parametrize("case", BAD_PAIRS)
