@@ -145,6 +145,10 @@ def test_truncation_keeps_whole_turns(folders):
     # a conversation too long for max_length ends with the last assistant turn that fits whole
     ids, labelled = encode_sft(tok, Example("", "", "x:1", messages), len(full) - 1, None)
     assert ids == first_three and any(labelled)
+    longer = messages + [{"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "Bye."}]
+    full_longer, _ = encode_sft(tok, Example("", "", "x:1", longer), 1000, None)
+    ids, _ = encode_sft(tok, Example("", "", "x:1", longer), len(full_longer) - 1, None)
+    assert ids == full  # two of three assistant turns fit whole: both are kept
     # a prompt too long for max_prompt_length loses its oldest turns, the system message kept
     pair = Pair("", "Paris.", "Rome.", "x:1", messages[:4])
     kept = [messages[0], messages[3]]
@@ -250,3 +254,34 @@ def test_a_template_whose_generation_prompt_does_not_begin_the_reply_is_refused(
         tokenize_pairs([Pair("Hello", "Hi.", "No.", "x:1")], tok, 100, None)
     with pytest.raises(DataError, match="x:1: field 'messages': the chat template's generation prompt is not how it begins"):
         encode_sft(tok, Example("", "", "x:1", CONVERSATIONS["one_turn"]), 100, None)
+
+
+def test_chat_template_choice_keeps_the_models_own_overrides_it_or_reads_a_file(folders, tmp_path):
+    tok = load_tokenizer(folders["chatml"], {})
+    assert tok.with_chat_template("auto", chat_data=True).chat_template == CHATML  # the model's own wins
+    assert tok.with_chat_template("zephyr", chat_data=True).chat_template == chat.ZEPHYR_TEMPLATE
+    assert tok.with_chat_template("none", chat_data=False).chat_template is None
+    (tmp_path / "t.jinja").write_text(STRICT)
+    assert tok.with_chat_template(str(tmp_path / "t.jinja"), chat_data=True).chat_template == STRICT
+    plain = Tokenizer(**{**tok.state(), "chat_template": None})
+    assert plain.with_chat_template("auto", chat_data=True).chat_template == chat.ZEPHYR_TEMPLATE
+    assert plain.with_chat_template("auto", chat_data=False).chat_template is None
+    with pytest.raises(DataError, match="the data holds conversations but --chat_template none"):
+        tok.with_chat_template("none", chat_data=True)
+
+
+def test_a_template_saved_by_transformers_as_chat_template_jinja_is_read(folders, tmp_path):
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folders["chatml"])
+    hf_tok.save_pretrained(str(tmp_path))
+    assert (tmp_path / "chat_template.jinja").exists()
+    assert "chat_template" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert load_tokenizer(str(tmp_path), {}).chat_template == CHATML
+
+
+def test_an_ultrafeedback_conversation_keeps_every_turn_before_the_responses(tmp_path):
+    turns = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]
+    path = tmp_path / "uf.jsonl"
+    path.write_text(json.dumps({"prompt": "q2", "chosen": turns + [{"role": "assistant", "content": "good"}],
+                                "rejected": turns + [{"role": "assistant", "content": "bad"}]}) + "\n")
+    (pair,) = load_preferences(str(path))
+    assert pair.prompt_messages == turns and (pair.chosen, pair.rejected) == ("good", "bad")

@@ -18,11 +18,11 @@ import train_ppo
 import train_rm
 import train_sft
 from conftest import read_metrics, run_python
-from data import ToyConfig, load_checkpoint, prepare_toy_data
+from data import DataError, ToyConfig, load_checkpoint, prepare_toy_data
 from hf import load_folder
 from lora import attach_lora
 from test_train_dpo import dpo_args
-from train_utils import load_gpt, load_trainable, prepare_trainable
+from train_utils import load_gpt, load_trainable, prepare_trainable, trainable_state
 
 LORA = dict(lora_rank=4, lora_alpha=8, lr=5e-3)
 
@@ -71,8 +71,9 @@ def test_resumed_lora_run_equals_the_uninterrupted_one(sft_pairs, toy_dir, tmp_p
 
 
 def test_frozen_weights_in_bfloat16_train_under_autocast_and_need_it(sft_pairs, toy_dir, tmp_path):
-    cfg = train_dpo.Config(lora_rank=4, dtype="bfloat16", frozen_dtype="bfloat16")
+    cfg = train_dpo.Config(lora_rank=4, dtype="bfloat16", frozen_dtype="bfloat16", grad_checkpoint=True)
     model = prepare_trainable(load_gpt(sft_pairs[0])[0], cfg)
+    assert model.grad_checkpoint
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # adapters: master weights
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}  # the frozen base
     for lora in ({}, LORA):
@@ -161,3 +162,13 @@ def test_chat_sft_then_rm_then_ppo_raises_the_gold_reward(chat_pipeline, tmp_pat
                            "--device=cpu", "--max_iters=8", "--eval_interval=8", "--eval_samples=64", "--print_samples=0",
                            f"--lr={1e-3 if lora else 1e-4}", *[f"--{k}={v}" for k, v in extra.items()]]) == 0
     _gold_raised(ppo, 0.04)
+
+
+def test_a_checkpoint_missing_a_trained_weight_is_refused_by_name(sft_pairs):
+    model = attach_lora(load_gpt(sft_pairs[0])[0], 4, 8, ["q_proj", "v_proj"])
+    state = trainable_state(model)
+    assert state and all("lora_" in k for k in state)
+    load_trainable(model, state, "ok")  # every trained weight present: loads
+    missing = sorted(state)[0]
+    with pytest.raises(DataError, match=f"x: the checkpoint does not fit the model \\(missing \\['{missing}'\\]"):
+        load_trainable(model, {k: v for k, v in state.items() if k != missing}, "x")
