@@ -8,7 +8,8 @@ With --pairs, each toy prompt gets K completions (K=4, as in the DPO paper's IMD
 scored by the gold reward, and each scored pair of distinct rewards becomes a preference pair:
 all K(K-1)/2 pairs or the best against each other, labelled by the higher gold reward or drawn
 from Bradley-Terry probabilities (label noise). Ties carry no preference and are dropped and
-counted. Training pairs come from prompts_train.jsonl, held-out pairs from prompts_val.jsonl.
+counted, and so are pairs with a completion cut at max_new_tokens before its eos: a pair's
+response is trained with an eos appended, an ending that was never sampled. Training pairs come from prompts_train.jsonl, held-out pairs from prompts_val.jsonl.
 """
 import itertools
 import json
@@ -72,19 +73,23 @@ def _logit(r: float) -> float:
     return math.log(r / (1 - r))
 
 
-def make_pairs(prompt: str, completions: list[str], scores: list[float], pairing: str, label: str,
-               bt_scale: float, rng: random.Random) -> tuple[list[dict], int, int]:
-    """Preference records for one prompt's scored completions, the number of ties dropped and
-    the number of pairs dropped because a completion is empty (eos at once: no response text)."""
+def make_pairs(prompt: str, completions: list[str], scores: list[float], ended: list[bool], pairing: str,
+               label: str, bt_scale: float, rng: random.Random) -> tuple[list[dict], int, int, int]:
+    """Preference records for one prompt's scored completions, and the numbers of pairs dropped
+    as ties, because a completion is empty (eos at once: no response text), and because a
+    completion did not end (cut at max_new_tokens)."""
     if pairing == "all":
         candidates = list(itertools.combinations(range(len(completions)), 2))
     else:
         best = max(range(len(completions)), key=lambda i: scores[i])
         candidates = [(best, j) for j in range(len(completions)) if j != best]
-    records, ties, empty = [], 0, 0
+    records, ties, empty, cut = [], 0, 0, 0
     for a, b in candidates:
         if not completions[a].strip() or not completions[b].strip():
             empty += 1
+            continue
+        if not (ended[a] and ended[b]):
+            cut += 1
             continue
         if scores[a] == scores[b] or completions[a] == completions[b]:
             ties += 1
@@ -96,26 +101,27 @@ def make_pairs(prompt: str, completions: list[str], scores: list[float], pairing
         w, l = (a, b) if a_wins else (b, a)
         records.append({"prompt": prompt, "chosen": completions[w], "rejected": completions[l],
                         "chosen_score": scores[w], "rejected_score": scores[l]})
-    return records, ties, empty
+    return records, ties, empty, cut
 
 
 def write_pairs(cfg: Config, model, tok, split: str, prompts: list[str], rng: random.Random) -> None:
     repeated = [p for p in prompts for _ in range(cfg.k)]
-    _, texts, _ = sample_completions(model, tok, repeated, cfg.max_new_tokens, cfg.temperature,
-                                     cfg.seed + (split == "val"), cfg.top_k, cfg.top_p, cfg.batch_size)
-    records, ties, empty, scores_all = [], 0, 0, []
+    _, texts, ended = sample_completions(model, tok, repeated, cfg.max_new_tokens, cfg.temperature,
+                                         cfg.seed + (split == "val"), cfg.top_k, cfg.top_p, cfg.batch_size)
+    records, dropped, scores_all = [], [0, 0, 0], []
     for i, prompt in enumerate(prompts):
-        completions = texts[i * cfg.k:(i + 1) * cfg.k]
-        scores = [gold_reward(c, prompt) for c in completions]
+        group = slice(i * cfg.k, (i + 1) * cfg.k)
+        scores = [gold_reward(c, prompt) for c in texts[group]]
         scores_all += scores
-        new, new_ties, new_empty = make_pairs(prompt, completions, scores, cfg.pairing, cfg.label,
-                                              cfg.bt_scale, rng)
-        records, ties, empty = records + new, ties + new_ties, empty + new_empty
+        new, *counts = make_pairs(prompt, texts[group], scores, ended[group], cfg.pairing, cfg.label, cfg.bt_scale, rng)
+        records += new
+        dropped = [d + c for d, c in zip(dropped, counts)]
     path = os.path.join(cfg.out_dir, f"pairs_{split}.jsonl")
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
     agree = sum(r["chosen_score"] > r["rejected_score"] for r in records) / max(1, len(records))
     print(f"{path}: {len(records)} pairs from {len(prompts)} prompts x {cfg.k} completions, "
-          f"{ties} ties and {empty} with an empty completion dropped; completion gold reward mean {sum(scores_all) / len(scores_all):.3f}; "
+          f"{dropped[0]} ties, {dropped[1]} with an empty completion and {dropped[2]} with a completion cut at "
+          f"max_new_tokens dropped; completion gold reward mean {sum(scores_all) / len(scores_all):.3f}; "
           f"labels agreeing with the gold reward {agree:.3f}")
 
 
