@@ -55,8 +55,12 @@ class Config(TrainConfig):
     """longest response"""
     temperature: float = 1.0
     """sampling temperature of rollouts (log-probs are computed at the same temperature)"""
+    reward_norm: bool = True
+    """score = (raw - mean) / std with the mean and std of the SFT policy's raw scores, for the reward model and the gold reward alike"""
+    reward_norm_batches: int = 4
+    """rollout batches of the SFT policy that give reward_norm its mean and std"""
     missing_eos_penalty: float = 1.0
-    """subtracted from the score of a response that never emits eos"""
+    """subtracted from the (normalised) score of a response that never emits eos"""
     gen_chunk: int = 32
     """responses per generate call; chunks are spread over processes, and each chunk has its own seed"""
     advantage: Literal["gae", "rloo", "grpo"] = "gae"
@@ -124,7 +128,8 @@ def collect_rollouts(policy, reward_model, tok, prompts: list[str], step: int, c
     with its own seed, so the samples do not depend on the world size.
 
     Returns the rollout as a dict of this rank's rows (input_ids, attention_mask (B, P + R),
-    response_mask (B, R), scores (B,)) and P, the prompt width."""
+    response_mask (B, R), the raw scores (B,) and whether each response ended with eos (B,)),
+    and P, the prompt width."""
     k = cfg.samples_per_prompt
     indices = global_batch(len(prompts), cfg.batch_size // k, step, cfg.seed)
     per_chunk = cfg.gen_chunk // k  # prompts per chunk
@@ -141,18 +146,31 @@ def collect_rollouts(policy, reward_model, tok, prompts: list[str], step: int, c
     attention_mask = torch.cat([F.pad(r.attention_mask, (P - r.n_prompt, 0), value=0) for r in chunks])
     response_mask = torch.cat([r.response_mask for r in chunks]).float()
     responses = input_ids[:, P:]
-    # 2. score: the reward model at the last real token, or the toy task's gold reward of the text;
-    # a response that never ends (no eos) loses missing_eos_penalty
+    # 2. score: the reward model at the last real token, or the toy task's gold reward of the text
     if reward_model is not None:
         with ctx:
             scores = reward_model(input_ids, attention_mask).float()
     else:
         texts = [tok.decode(row[:int(n)]) for row, n in zip(responses.tolist(), response_mask.sum(1).tolist())]
         scores = torch.tensor([gold_reward(t, p) for t, p in zip(texts, my_prompts)], device=dist.device)
-    ended = (responses == tok.eos_id).any(1)
-    scores = scores - cfg.missing_eos_penalty * (~ended).float()
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-            "scores": scores}, P
+            "scores": scores, "ended": (responses == tok.eos_id).any(1)}, P
+
+
+def reward_statistics(policy, reward_model, tok, prompts: list[str], cfg: Config, dist: Dist, ctx) -> tuple[float, float]:
+    """Mean and standard deviation of the raw scores of the first reward_norm_batches rollout
+    batches, sampled before any update, so from the SFT policy (the reward normalisation of
+    lm-human-preferences, Ziegler et al. 2019; detail 3 of Huang et al. 2024, "The N
+    implementation details of RLHF with PPO"). After it a score of 1 is one standard deviation
+    of the SFT policy's rewards, so one kl_coef means the same pressure for any reward scale."""
+    if not cfg.reward_norm:
+        return 0.0, 1.0
+    raw = torch.cat([collect_rollouts(policy, reward_model, tok, prompts, step, cfg, dist, ctx)[0]["scores"]
+                     for step in range(cfg.reward_norm_batches)]).double()
+    n, total, squares = all_reduce_sum(torch.stack([torch.tensor(float(len(raw)), device=raw.device, dtype=raw.dtype),
+                                                    raw.sum(), (raw ** 2).sum()]), dist).tolist()
+    mean = total / n
+    return mean, max(squares / n - mean ** 2, 0.0) ** 0.5 or 1.0
 
 
 @torch.no_grad()
@@ -269,6 +287,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     prepare_trainable(policy, cfg).to(dist.device)
     reference, reward_model, critic = frozen_models_and_critic(cfg, policy, dist.device)
     trained = PolicyAndCritic(policy, critic) if critic else policy
+    trained.eval()  # dropout off in policy and critic, in rollouts and updates alike
     optimizer = make_optimizer(trained, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
@@ -280,6 +299,8 @@ def train(cfg: Config, dist: Dist) -> dict:
         kl_ctl.value, tokens = run.resumed["kl_coef"], run.resumed["tokens"]
     model = wrap_model(trained, dist, cfg.compile)
     ctx = autocast(dist.device, cfg.dtype)
+    reward_mean, reward_std = (run.resumed["reward_norm"] if run.resumed
+                               else reward_statistics(policy, reward_model, tok, prompts, cfg, dist, ctx))
     evaluator = None
     if dist.master and eval_prompts:
         with ctx:
@@ -291,8 +312,7 @@ def train(cfg: Config, dist: Dist) -> dict:
 
     bar = progress_bar(cfg.max_iters, step, dist, "ppo")
     seconds = {"rollout": 0.0, "update": 0.0}  # wall time of steps 1-5 and of step 6, reported at the end
-    metrics = {}
-    trained.eval()  # dropout off in policy and critic, in rollouts and updates alike
+    metrics = {} if run.resumed else {"reward_norm/mean": reward_mean, "reward_norm/std": reward_std}
     while True:
         # 8. evaluate and checkpoint at iteration 0, every eval_interval iterations and at the end
         # (a resumed run was evaluated at its checkpoint already)
@@ -306,13 +326,17 @@ def train(cfg: Config, dist: Dist) -> dict:
         if evaluating:
             critic_state = {"critic": trainable_state(critic)} if critic else {}
             run.save(step, policy, optimizer, tok, {**critic_state, "kl_coef": kl_ctl.value, "tokens": tokens,
+                                                    "reward_norm": [reward_mean, reward_std],
                                                     **lora_record(cfg, cfg.sft_ckpt)})
         if step == cfg.max_iters:
             break
         t_rollout = time.time()
         lr = set_lr(optimizer, step, cfg)
-        # 1-2. sample a response for each prompt of this rank's chunks and score it
+        # 1-2. sample a response for each prompt of this rank's chunks and score it; the score is
+        # normalised by the SFT policy's statistics, and a response that never ends (no eos) loses
+        # missing_eos_penalty
         data, P = collect_rollouts(policy, reward_model, tok, prompts, step, cfg, dist, ctx)
+        data["scores"] = (data["scores"] - reward_mean) / reward_std - cfg.missing_eos_penalty * (~data.pop("ended")).float()
         # 3. log-probs of policy and reference, values of the critic
         logprobs, ref_logprobs, entropy, values = score_tokens(policy, reference, critic, data, P, cfg, ctx)
         # 4. per-token rewards: the score at the last token, minus kl_coef x KL at every token

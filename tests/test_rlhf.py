@@ -304,8 +304,8 @@ def test_the_evaluation_does_not_depend_on_the_training_temperature(sft_pairs, t
         out = str(tmp_path / str(temperature))
         assert train_ppo.main(ppo_args(sft_pairs, toy_dir, out, reward="gold", max_iters=0, temperature=temperature,
                                        gold_eval=True, eval_samples=32)) == 0
-        evals.append(read_metrics(out)[0])
-    assert evals[0] == evals[1]
+        evals.append({k: v for k, v in read_metrics(out)[0].items() if k.startswith("eval/")})
+    assert evals[0] == evals[1] and len(evals[0]) == 6
 
 
 def test_minibatches_that_would_skip_rollout_rows_are_refused(sft_pairs, toy_dir, tmp_path):
@@ -397,3 +397,33 @@ def test_a_prompts_responses_are_one_group_in_consecutive_rows(sft_pairs, toy_di
     prompts = data["input_ids"][:, :P].view(4, 4, P)  # 4 groups of 4 rows
     assert (prompts == prompts[:, :1]).all()  # the same prompt within a group
     assert len({tuple(g[0].tolist()) for g in prompts}) == 4  # a different one in each
+
+
+@pytest.mark.parametrize("reward", ["gold", "model"])
+def test_reward_normalisation_centres_the_sft_policys_scores(reward, sft_pairs, toy_dir, reward_ckpt, tmp_path):
+    """With one normalising batch, the first iteration scores the very samples that set the mean
+    and std: their normalised mean is 0, and the unnormalised run's mean score is the mean."""
+    runs = {}
+    for norm in (True, False):
+        out = str(tmp_path / str(norm))
+        assert train_ppo.main(ppo_args(sft_pairs, toy_dir, out, reward=reward, reward_ckpt=f"{reward_ckpt}/ckpt.pt", max_iters=1,
+                                       reward_norm=norm, reward_norm_batches=1, missing_eos_penalty=0.0)) == 0
+        runs[norm] = read_metrics(out)
+    normalised, raw = runs[True], runs[False]
+    assert abs(normalised[1]["objective/scores"]) < 1e-5
+    assert raw[0]["reward_norm/mean"] == 0 and raw[0]["reward_norm/std"] == 1
+    assert normalised[0]["reward_norm/mean"] == pytest.approx(raw[1]["objective/scores"], abs=1e-5)
+    assert normalised[0]["reward_norm/std"] > 0.1
+
+
+def test_reward_statistics_are_the_mean_and_std_of_the_sft_samples_in_float64(sft_pairs, toy_dir):
+    from data import load_prompts
+    from train_utils import Dist, load_gpt
+    policy, tok, _ = load_gpt(sft_pairs[0])
+    cfg = train_ppo.Config(reward="gold", batch_size=16, gen_chunk=8, reward_norm_batches=3)
+    prompts, dist, ctx = load_prompts(f"{toy_dir}/prompts_train.jsonl"), Dist(False, 0, 0, 1, torch.device("cpu")), \
+        torch.autocast("cpu", enabled=False)
+    raw = np.concatenate([train_ppo.collect_rollouts(policy.eval(), None, tok, prompts, step, cfg, dist, ctx)[0]["scores"]
+                          .double().numpy() for step in range(3)])
+    mean, std = train_ppo.reward_statistics(policy, None, tok, prompts, cfg, dist, ctx)
+    assert len(raw) == 48 and mean == pytest.approx(raw.mean(), abs=1e-9) and std == pytest.approx(raw.std(), abs=1e-9)
