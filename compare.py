@@ -2,19 +2,22 @@
 The study: DPO against RLHF on the toy task, end to end, in the protocol of the DPO paper's
 controlled-sentiment experiment (Rafailov et al. 2023, section 6, figure 2 left): SFT once, K=4
 samples per training prompt labelled by the gold reward, then DPO over a sweep of beta, a reward
-model then PPO over a sweep of KL targets, PPO on the gold reward (PPO-GT), and two cheap
+model, then three RL estimators, PPO (with a critic), RLOO and GRPO (critic-free), each on the
+reward model and on the gold reward itself (-GT, the DPO paper's upper reference), and two cheap
 baselines, best-of-N from SFT ranked by the reward model and preferred-FT (SFT on the chosen
 responses). Every method is evaluated on the same held-out prompts by evaluate.PolicyEvaluator
-along its run, so each run draws a path in the reward-KL plane, and against the ceiling: the
-optimal KL-regularised policy, estimated by importance weights over reference samples.
+along its run, so each run draws a path in the reward-KL plane; the methods are compared at
+matched KL (1, 2, 4, 8 nats, read off the paths) over training seeds, and against the ceiling:
+the optimal KL-regularised policy, estimated by importance weights.
 
-    python compare.py                     # the reduced study, about 10 minutes on a 2-core CPU
-    python compare.py --full              # the full sweep
-    python compare.py --seeds 3           # repeat with 3 training seeds, report mean and spread
+    python compare.py                     # the reduced study, one seed
+    python compare.py --full              # the full sweep, 3 seeds
+    python compare.py --seeds 3           # the reduced study with 3 training seeds
 
-Writes to out_dir: results.md and results.csv (a row per method and setting), frontier.png,
-curves.png, and one folder per stage with its config.json, metrics.jsonl and ckpt.pt. A stage
-whose folder holds a finished run is reused, so an interrupted study resumes where it stopped.
+Writes to out_dir: results.md, results.csv and results.json (a row per method, setting and
+seed, and the KL-matched table), frontier.png, kl_traces.png, curves.png, and one folder per
+stage with its config.json, metrics.jsonl and ckpt.pt. A stage whose folder holds a finished run
+with the same arguments is reused, so an interrupted study resumes where it stopped.
 """
 import csv
 import json
@@ -34,7 +37,7 @@ import train_ppo
 import train_rm
 import train_sft
 from data import collate, gold_reward, load_preferences, load_prompts, prepare_toy_data, write_atomic
-from evaluate import PolicyEvaluator, best_of_n, optimal_frontier, sample_completions
+from evaluate import PolicyEvaluator, best_of_n, completion_logprobs, optimal_frontier, sample_completions
 from train_utils import autocast, load_gpt, load_reward_model, parse_config, pick_device
 
 
@@ -43,19 +46,19 @@ class Config:
     out_dir: str = "out/study"
     """folder for the results and one subfolder per stage"""
     full: bool = False
-    """the full sweep: DPO beta in {0.05, 0.1, 1, 5}, PPO KL targets {1, 2, 4, 8}, longer PPO runs"""
-    seeds: int = 1
-    """training seeds; the toy data and the held-out prompts stay the same"""
+    """the full sweep: DPO beta in {0.05, 0.1, 1, 5}, KL targets {1, 2, 4, 8} for PPO and RLOO on both rewards"""
+    seeds: int = 0
+    """training seeds; the toy data and the held-out prompts stay the same; 0: 1, or 3 with --full"""
     data_dir: str = "data/toy"
     """the toy task's folder, written on first use"""
     eval_samples: int = 256
     """held-out prompts in every evaluation"""
     bon_max: int = 16
     """best-of-N is traced for N = 1, 2, 4, ... up to this"""
-    ceiling_prompts: int = 64
-    """held-out prompts used to estimate the optimal frontier"""
-    ceiling_samples: int = 256
-    """reference samples per prompt for the optimal frontier (its KL estimate tops out at log of this)"""
+    ceiling_prompts: int = 256
+    """held-out prompts used to estimate the optimal frontier (the first of the evaluation's)"""
+    ceiling_samples: int = 128
+    """samples per prompt for the optimal frontier: half from the reference, half from the gold-reward policy furthest from it"""
     tiny: bool = False
     """a smoke-test size: every stage a few steps (for the tests; the numbers mean nothing)"""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -65,21 +68,61 @@ class Config:
 
 
 def sweeps(cfg: Config) -> dict:
-    """Every method's settings and run lengths. The tuning budget is the same for both sides:
-    one learning rate per method, picked by hand for a stable default run, and the sweep over
-    its KL knob (beta for DPO, the KL target for PPO)."""
+    """Every method's settings and run lengths. The tuning budget is the same for every method:
+    one learning rate, picked by hand for a stable default run, and a sweep over its KL knob
+    (beta for DPO, the adaptive controller's target for PPO and RLOO, the fixed KL weight for
+    GRPO, which has no controller). The reduced study is a subset of the full one."""
     if cfg.tiny:
-        return dict(betas=[0.1, 1.0], kl_targets=[2.0], sft=dict(max_iters=20, eval_interval=20),
-                    dpo=dict(max_iters=4, eval_interval=2), rm=dict(max_iters=4, eval_interval=4),
-                    ppo=dict(max_iters=2, eval_interval=1, batch_size=32, gen_chunk=16),
-                    pft=dict(max_iters=4, eval_interval=4), pairs=dict(n_train_prompts=64, n_val_prompts=32))
+        return dict(betas=[0.1, 1.0], kl_targets={"model": [2.0], "gold": [2.0]},
+                    grpo_coefs={"model": [0.05], "gold": [0.05]}, sft=dict(max_iters=20, eval_interval=20),
+                    dpo=dict(max_iters=4, eval_interval=2, batch_size=4), rm=dict(max_iters=4, eval_interval=4, batch_size=4),
+                    rl=dict(max_iters=2, eval_interval=1, batch_size=32, gen_chunk=16, reward_norm_batches=1),
+                    pft=dict(max_iters=4, eval_interval=4, batch_size=4), pairs=dict(n_train_prompts=64, n_val_prompts=32))
     return dict(
-        betas=[0.05, 0.1, 1.0, 5.0] if cfg.full else [0.05, 0.5],
-        kl_targets=[1.0, 2.0, 4.0, 8.0] if cfg.full else [2.0, 6.0],
+        betas=[0.05, 0.1, 1.0, 5.0] if cfg.full else [0.05, 1.0],
+        kl_targets={"model": [1.0, 2.0, 4.0, 8.0], "gold": [1.0, 2.0, 4.0, 8.0]} if cfg.full
+        else {"model": [2.0, 8.0], "gold": [8.0]},
+        grpo_coefs={"model": [0.02, 0.1], "gold": [0.02, 0.1]} if cfg.full else {"model": [0.02], "gold": [0.02]},
         sft=dict(), dpo=dict(), rm=dict(), pairs=dict(),
-        ppo=dict(max_iters=100, eval_interval=20) if cfg.full else dict(max_iters=60, eval_interval=20),
+        rl=dict(max_iters=60, eval_interval=10),
         pft=dict(max_iters=300, eval_interval=100, lr=1e-4, min_lr=1e-5, warmup_iters=30),
     )
+
+
+KL_HORIZON = 256
+"""the adaptive controller's horizon in samples: 4 batches of 64, so kl_coef moves by at most 5% an iteration"""
+
+
+def starting_kl_coef(target: float) -> float:
+    """The adaptive controller's first kl_coef: 0.5 / target. On normalised scores the optimal
+    policy's KL grows roughly as 1 / beta over this range (the ceiling's points), so starting
+    near the right beta lets a slow controller correct the rest without first driving kl_coef
+    down while the policy has not yet moved, the overshoot Ziegler et al.'s controller shows
+    when it starts from one small coefficient for every target."""
+    return 0.5 / target
+
+
+RL_METHODS = {"gae": "PPO", "rloo": "RLOO", "grpo": "GRPO"}
+
+
+def rl_runs(S: dict) -> list[tuple[str, str, str, dict]]:
+    """(method, setting, run folder, train_ppo flags) of every RL run: PPO, RLOO and GRPO on the
+    reward model and on the gold reward (method name -GT)."""
+    runs = []
+    for advantage, name in RL_METHODS.items():
+        group = {} if advantage == "gae" else dict(samples_per_prompt=4)  # 16 prompts x 4 responses a batch
+        for reward, suffix in (("model", ""), ("gold", "-GT")):
+            method, folder = name + suffix, (name + suffix).lower().replace("-", "_")
+            if advantage == "grpo":
+                for coef in S["grpo_coefs"][reward]:
+                    runs.append((method, f"kl_coef={coef}", f"{folder}_c{coef}",
+                                 dict(advantage=advantage, reward=reward, kl_coef=coef, **group)))
+                continue
+            for target in S["kl_targets"][reward]:
+                runs.append((method, f"kl_target={target}", f"{folder}_kl{target}",
+                             dict(advantage=advantage, reward=reward, adaptive_kl=True, kl_target=target,
+                                  kl_coef=starting_kl_coef(target), kl_horizon=KL_HORIZON, **group)))
+    return runs
 
 
 def flags(**kwargs) -> list[str]:
@@ -157,13 +200,12 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     # 2. DPO over beta
     for beta in S["betas"]:
         train(f"dpo beta={beta}", train_dpo.main, d(f"dpo_beta{beta}"), beta=beta, **pair_files, **evaluation, **S["dpo"])
-    # 3. reward model, then PPO over KL targets, and PPO on the gold reward
+    # 3. the reward model, then PPO, RLOO and GRPO on it and on the gold reward
     train("reward model", train_rm.main, d("rm"), **pair_files, **S["rm"])
-    ppo_common = dict(sft_ckpt=sft_ckpt, prompts=os.path.join(cfg.data_dir, "prompts_train.jsonl"), **evaluation, **S["ppo"])
-    for target in S["kl_targets"]:
-        train(f"ppo kl_target={target}", train_ppo.main, d(f"ppo_kl{target}"), reward_ckpt=rm_ckpt, adaptive_kl=True,
-              kl_target=target, kl_coef=0.05, kl_horizon=500, **ppo_common)
-    train("ppo-gt", train_ppo.main, d("ppo_gt"), reward="gold", **ppo_common)
+    rl_common = dict(sft_ckpt=sft_ckpt, prompts=os.path.join(cfg.data_dir, "prompts_train.jsonl"), **evaluation, **S["rl"])
+    for method, setting, folder, kwargs in rl_runs(S):
+        reward_ckpt = dict(reward_ckpt=rm_ckpt) if kwargs["reward"] == "model" else {}
+        train(f"{method} {setting}", train_ppo.main, d(folder), **kwargs, **reward_ckpt, **rl_common)
 
     # 4. preferred-FT: SFT continued on the chosen responses
     chosen_file = os.path.join(root, "chosen.jsonl")  # rewritten from the current pairs every time
@@ -171,7 +213,10 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     write_atomic(chosen_file, "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in sorted(chosen)))
     train("preferred-ft", train_sft.main, d("pft"), init_from=sft_ckpt, train_file=chosen_file, eval_samples=0, **S["pft"])
 
-    # 5. the shared evaluation of the runs without one of their own, and the ceiling
+    # 5. the shared evaluation of the runs without one of their own, and the ceiling, with the
+    # gold-reward run that ended furthest from the reference as its proposal
+    gold_runs = [folder for _, _, folder, kwargs in rl_runs(S) if kwargs["reward"] == "gold"]
+    proposal = max(gold_runs, key=lambda folder: last_eval(d(folder))["eval/kl"])
     reference, tok, _ = load_gpt(sft_ckpt)
     reference.to(device).eval()
     with autocast(device, cfg.dtype):
@@ -180,26 +225,26 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
         pft_metrics, _ = evaluator(pft_policy)
         bon = best_of_n_study(cfg, reference, load_reward_model(rm_ckpt)[0].to(device).eval(), tok, prompts,
                               evaluator.reference_rewards, seed, device)
-        ceiling = ceiling_study(cfg, reference, tok, prompts[:cfg.ceiling_prompts], seed)
+        ceiling = ceiling_study(cfg, reference, load_gpt(os.path.join(d(proposal), "ckpt.pt"))[0].to(device).eval(),
+                                tok, prompts[:cfg.ceiling_prompts], seed)
 
     n, wall = len(prompts), lambda name: study.times.get(d(name), 0.0)
     rows = [row("SFT", "-", last_eval_of_sft(evaluator), wall("sft"), tokens(d("sft")), [], n)]
     for beta in S["betas"]:
         name = f"dpo_beta{beta}"
         rows.append(row("DPO", f"beta={beta}", last_eval(d(name)), wall(name), tokens(d(name)), path(d(name)), n))
-    for target in S["kl_targets"]:  # PPO's wall time and tokens include its reward model's
-        name = f"ppo_kl{target}"
-        rows.append(row("PPO", f"kl_target={target}", last_eval(d(name)), wall(name) + wall("rm"),
-                        tokens(d(name)) + tokens(d("rm")), path(d(name)), n))
-    rows.append(row("PPO-GT", "kl_coef=0.05", last_eval(d("ppo_gt")), wall("ppo_gt"), tokens(d("ppo_gt")),
-                    path(d("ppo_gt")), n))
+    for method, setting, folder, kwargs in rl_runs(S):  # wall time and tokens on the reward model include its training
+        rm_cost = kwargs["reward"] == "model"
+        rows.append(row(method, setting, last_eval(d(folder)), wall(folder) + rm_cost * wall("rm"),
+                        tokens(d(folder)) + rm_cost * tokens(d("rm")), path(d(folder)), n))
     rows.append(row("preferred-FT", f"{S['pft']['max_iters']} steps", pft_metrics, wall("pft"), tokens(d("pft")), [], n))
     for N, gold, kl, win in bon:
         rows.append({"method": "best-of-N", "setting": f"N={N}", "gold_reward": gold, "ci95": None, "kl": kl,
                      "win_rate": win, "wall_s": None, "tokens": None, "path": []})
-    for beta, gold, kl in ceiling:
+    for beta, gold, kl, reached in ceiling:
         rows.append({"method": "optimal", "setting": f"beta={beta:g}", "gold_reward": gold, "ci95": None, "kl": kl,
-                     "win_rate": None, "wall_s": None, "tokens": None, "path": []})
+                     "win_rate": None, "wall_s": None, "tokens": None, "path": [], "reached": reached,
+                     "proposal": proposal})
     for r in rows:
         r["seed"] = seed
         r["stage_dir"] = root
@@ -243,14 +288,96 @@ def best_of_n_study(cfg, reference, reward_model, tok, prompts, reference_reward
 
 
 @torch.no_grad()
-def ceiling_study(cfg, reference, tok, prompts, seed):
-    """The optimal frontier from ceiling_samples reference samples of each of the prompts."""
-    K = cfg.ceiling_samples
-    repeated = [p for p in prompts for _ in range(K)]
-    _, texts, _ = sample_completions(reference, tok, repeated, 40, 1.0, seed=11 + seed, batch_size=256)
-    rewards = torch.tensor([gold_reward(t, p) for t, p in zip(texts, repeated)]).view(len(prompts), K)
-    betas = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 3.0]  # in gold-reward units, not DPO's beta
-    return optimal_frontier(rewards, betas)
+def ceiling_study(cfg, reference, proposal, tok, prompts, seed):
+    """The optimal frontier from ceiling_samples samples of each of the prompts, half from the
+    reference and half from the proposal policy. The proposal is the gold-reward RL policy that
+    ended furthest from the reference: it samples where pi* puts its mass at small beta, which
+    reference samples alone reach too rarely (their KL estimate cannot pass log of their
+    number). Every sample is weighted against the mixture q = (pi_ref + proposal) / 2."""
+    half = cfg.ceiling_samples // 2
+    repeated = [p for p in prompts for _ in range(half)]
+    prompt_ids = [tok.encode_prompt(p) for p in repeated] * 2
+    ids, rewards = [], []
+    for model, offset in ((reference, 11), (proposal, 13)):
+        model_ids, texts, _ = sample_completions(model, tok, repeated, 40, 1.0, seed=offset + seed, batch_size=256)
+        ids += model_ids
+        rewards.append(torch.tensor([gold_reward(t, p) for t, p in zip(texts, repeated)]).view(len(prompts), half))
+    logp_ref = completion_logprobs(reference, prompt_ids, ids, tok.pad_id, batch_size=256).double()
+    logp_proposal = completion_logprobs(proposal, prompt_ids, ids, tok.pad_id, batch_size=256).double()
+    log_ratio = logp_ref - (torch.logaddexp(logp_ref, logp_proposal) - math.log(2))  # log pi_ref / q
+    log_ratio = torch.cat(log_ratio.view(2, len(prompts), half).unbind(0), dim=1)  # (M, 2 half), as the rewards
+    betas = [1.0, 0.3, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.003, 0.002, 0.001]  # in gold-reward units, not DPO's beta
+    return optimal_frontier(torch.cat(rewards, dim=1), betas, log_ratio)
+
+
+KL_POINTS = [1.0, 2.0, 4.0, 8.0]
+"""the KLs (nats per completion) at which methods are compared"""
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+"""Student's t 97.5% quantiles by degrees of freedom, for a 95% interval over a few seeds"""
+
+
+def gold_at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
+    """The gold reward where a path of (KL, gold reward) points first reaches `kl`, interpolated
+    linearly between the two points around it; None if it never does."""
+    for (k0, g0), (k1, g1) in zip(points, points[1:]):
+        if min(k0, k1) <= kl <= max(k0, k1) and k0 != k1:
+            return g0 + (g1 - g0) * (kl - k0) / (k1 - k0)
+    return None
+
+
+def curve_at_kl(points: list[dict], kl: float) -> tuple[float | None, bool]:
+    """The gold reward of a curve of result rows (best-of-N's or the ceiling's points, in KL
+    order) at `kl`, and whether a point it is read between is beyond the estimator's reach."""
+    curve = sorted((r["kl"], r["gold_reward"], r.get("reached", True)) for r in points)
+    for (k0, g0, reached0), (k1, g1, reached1) in zip(curve, curve[1:]):
+        if k0 <= kl <= k1 and k0 != k1:
+            return g0 + (g1 - g0) * (kl - k0) / (k1 - k0), not (reached0 and reached1)
+    return None, False
+
+
+def interval(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% t-interval (None for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def kl_matched(rows: list[dict], n_seeds: int) -> list[dict]:
+    """Each method's gold reward at KL_POINTS, over seeds. A run's path starts at the reference
+    (KL 0) and is read where it first reaches the KL; a method's value for a seed is its best
+    setting's there (the sweep over its KL knob, as the DPO paper's frontier takes it). Best-of-N
+    is read off its curve of N against the KL bound, the optimal policy off the ceiling's
+    points, marked where they are beyond the estimator's reach. A method that reaches a KL on
+    fewer seeds is averaged over those and says so; on none, the value is None."""
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] not in ("SFT", "preferred-FT")))
+    table = []
+    for method in methods:
+        out = {"method": method}
+        for kl in KL_POINTS:
+            values, beyond = [], False
+            for seed in range(n_seeds):
+                runs = [r for r in rows if r["method"] == method and r["seed"] == seed]
+                if method in ("best-of-N", "optimal"):  # one curve through the settings' points
+                    value, out_of_reach = curve_at_kl(runs, kl)
+                    beyond |= out_of_reach
+                else:
+                    value = max((v for r in runs if (v := gold_at_kl(r["path"], kl)) is not None), default=None)
+                if value is not None:
+                    values.append(value)
+            mean, half = interval(values) if values else (None, None)
+            out[kl] = {"gold_reward": mean, "ci95": half, "seeds": len(values), "of": n_seeds, "beyond_reach": beyond}
+        table.append(out)
+    return table
+
+
+def kl_cell(c: dict) -> str:
+    if c["gold_reward"] is None:
+        return "not reached"
+    text = fmt(c["gold_reward"]) + (f" ± {fmt(c['ci95'])}" if c["ci95"] is not None else "")
+    if c["seeds"] < c["of"]:
+        text += f" ({c['seeds']}/{c['of']} seeds)"
+    return text + (" †" if c["beyond_reach"] else "")
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -272,26 +399,37 @@ def fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def write_results(cfg: Config, summary: list[dict], rows: list[dict]) -> None:
+def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: list[dict], seconds: float) -> None:
     fields = ["method", "setting", "gold_reward", "ci95", "seed_std", "kl", "win_rate", "wall_s", "tokens", "seeds"]
     with open(os.path.join(cfg.out_dir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows({k: r[k] for k in fields} for r in summary)
+    proposals = sorted({r["proposal"] for r in rows if r["method"] == "optimal"})
     lines = [f"# DPO vs RLHF on the toy task ({'full' if cfg.full else 'reduced'} study, {cfg.seeds} seed(s), "
-             f"{time.strftime('%Y-%m-%d')})", "",
-             f"Gold reward and KL(pi || pi_SFT) on {cfg.eval_samples} held-out prompts; ci95 is the 95% interval of the "
-             "mean gold reward over prompts; seed_std the spread across seeds. Best-of-N's KL is the bound "
-             "log N - (N-1)/N; the optimal rows are the ceiling pi* = pi_ref exp(r/beta) / Z. Tokens are the real "
-             "tokens of the training batches (DPO: chosen and rejected; PPO: rollouts once per epoch, plus its "
-             "reward model's); wall time and tokens of PPO include its reward model.", "",
-             "| method | setting | gold reward | ci95 | seed std | KL | win rate vs SFT | wall s | tokens trained on |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min)", "",
+             "## Gold reward at matched KL", "",
+             f"Mean gold reward on {cfg.eval_samples} held-out prompts where each method's evaluated path first "
+             f"reaches KL(pi || pi_SFT) = 1, 2, 4 and 8 nats (its best setting there), ± the 95% t-interval over "
+             f"{cfg.seeds} seed(s). Best-of-N is read at its KL bound log N - (N-1)/N; † marks a ceiling read "
+             "beyond its estimator's reach (fewer than 16 effective samples for the median prompt).", "",
+             "| method | " + " | ".join(f"KL {kl:g}" for kl in KL_POINTS) + " |", "|---|" + "---|" * len(KL_POINTS)]
+    for m in matched:
+        lines.append(f"| {m['method']} | " + " | ".join(kl_cell(m[kl]) for kl in KL_POINTS) + " |")
+    lines += ["", "## Every run at its end", "",
+              f"ci95 is the 95% interval of the mean gold reward over prompts; seed std the spread across seeds. "
+              "The optimal rows are the ceiling pi* = pi_ref exp(r/beta) / Z (beta in gold-reward units), from "
+              f"reference samples and those of the proposal {', '.join(proposals)}. Tokens are the real tokens of the "
+              "training batches (DPO: chosen and rejected; RL: rollouts once per epoch); wall time and tokens of "
+              "a run on the reward model include the reward model's.", "",
+              "| method | setting | gold reward | ci95 | seed std | KL | win rate vs SFT | wall s | tokens trained on |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         lines.append(f"| {r['method']} | {r['setting']} | {fmt(r['gold_reward'])} | {fmt(r['ci95'])} | {fmt(r['seed_std'])} "
                      f"| {fmt(r['kl'], 2)} | {fmt(r['win_rate'])} | {fmt(r['wall_s'], 0)} | {fmt(r['tokens'], 0)} |")
     write_atomic(os.path.join(cfg.out_dir, "results.md"), "\n".join(lines) + "\n")
     write_atomic(os.path.join(cfg.out_dir, "results.json"), json.dumps(rows, indent=1))
+    write_atomic(os.path.join(cfg.out_dir, "kl_matched.json"), json.dumps(matched, indent=1))
 
 
 def main(argv=None) -> int:
@@ -300,12 +438,12 @@ def main(argv=None) -> int:
     device = pick_device(cfg.device)
     prepare_toy_data(cfg.data_dir)
     prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"))[:cfg.eval_samples]
+    cfg.seeds = cfg.seeds or (3 if cfg.full else 1)
     study = Study(cfg)
     rows = []
     for seed in range(cfg.seeds):
         rows += run_seed(cfg, study, seed, prompts, device)
-    summary = summarise(rows)
-    write_results(cfg, summary, rows)
+    write_results(cfg, summarise(rows), kl_matched(rows, cfg.seeds), rows, time.time() - study.t0)
     print(open(os.path.join(cfg.out_dir, "results.md")).read())
     import plot  # imports matplotlib only when drawing; without it, one line says how to get it
     plot.study_figures(cfg.out_dir)

@@ -30,6 +30,17 @@ def sample_completions(model, tok: Tokenizer, prompts: list[str], max_new_tokens
     return ids, texts, ended
 
 
+def completion_batches(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+                       batch_size: int):
+    """Prompt + completion sequences, collated batch_size at a time onto the model's device,
+    with labels on the completion tokens only."""
+    device = next(model.parameters()).device
+    for i in range(0, len(prompt_ids), batch_size):
+        batch = collate([(p + c, len(p)) for p, c in zip(prompt_ids[i:i + batch_size],
+                                                          completion_ids[i:i + batch_size])], pad_id)
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def sequence_kl(policy, reference, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                 pad_id: int, batch_size: int = 64, temperature: float = 1.0) -> torch.Tensor:
@@ -37,12 +48,8 @@ def sequence_kl(policy, reference, prompt_ids: list[list[int]], completion_ids: 
     sum_v pi(v | x, y_<t) (log pi(v | x, y_<t) - log pi_ref(v | x, y_<t)), summed over the
     completion's tokens, between the two distributions as sampled at `temperature` (logits
     divided by it). Returns (N,)."""
-    device = next(policy.parameters()).device
     kls = []
-    for i in range(0, len(prompt_ids), batch_size):
-        batch = collate([(p + c, len(p)) for p, c in zip(prompt_ids[i:i + batch_size],
-                                                          completion_ids[i:i + batch_size])], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for batch in completion_batches(policy, prompt_ids, completion_ids, pad_id, batch_size):
         logits = policy(batch["input_ids"], batch["attention_mask"])[:, :-1].float()  # (B, T-1, V)
         logp = (logits / temperature).log_softmax(-1)
         logq = (reference(batch["input_ids"], batch["attention_mask"])[:, :-1].float() / temperature).log_softmax(-1)
@@ -100,24 +107,46 @@ class PolicyEvaluator:
         return metrics, texts
 
 
-def optimal_frontier(rewards: torch.Tensor, betas: list[float]) -> list[tuple[float, float, float]]:
+def optimal_frontier(rewards: torch.Tensor, betas: list[float], log_ratio: torch.Tensor | None = None,
+                     min_ess: float = 16.0) -> list[tuple[float, float, float, bool]]:
     """The ceiling: gold reward and KL of pi*_beta(y|x) = pi_ref(y|x) exp(r(x,y)/beta) / Z(x), the
     optimal policy of the KL-regularised objective (DPO paper, eq. 4), for each beta.
 
-    rewards (M, K): gold rewards of K samples from pi_ref for each of M prompts. Self-normalised
-    importance weights w_i = softmax(r_i / beta) over a prompt's samples turn reference samples
-    into pi* samples: E_pi*[r] = sum_i w_i r_i and KL(pi* || pi_ref) = sum_i w_i log(K w_i).
-    Both are averaged over prompts. The KL estimate cannot exceed log K, so the ceiling is
-    trustworthy only well below that. Returns (beta, gold reward, KL) per beta."""
+    rewards (M, K): gold rewards of K samples for each of M prompts, drawn from pi_ref or from a
+    proposal q; log_ratio (M, K): log pi_ref(y|x) - log q(y|x) of each sample (None: q = pi_ref).
+    Self-normalised importance weights w_i = softmax(r_i / beta + log_ratio_i) over a prompt's
+    samples turn them into pi* samples: E_pi*[r] = sum_i w_i r_i, and with Z estimated by
+    Z = mean_i exp(r_i / beta + log_ratio_i), KL(pi* || pi_ref) = sum_i w_i r_i / beta - log Z
+    (for q = pi_ref this is sum_i w_i log(K w_i), which cannot exceed log K). Both are averaged
+    over prompts. The estimate holds while the weights are spread over many samples, so a point
+    is marked reached when the median prompt's effective sample size 1 / sum_i w_i^2 is at
+    least min_ess. Returns (beta, gold reward, KL, reached) per beta."""
     rewards = rewards.double()
+    log_ratio = torch.zeros_like(rewards) if log_ratio is None else log_ratio.double()
     K = rewards.size(1)
     out = []
     for beta in betas:
-        w = (rewards / beta).softmax(dim=1)  # (M, K)
+        logits = rewards / beta + log_ratio  # (M, K): log of pi*(y) Z / q(y)
+        w = logits.softmax(dim=1)
+        log_z = logits.logsumexp(dim=1) - math.log(K)
         gold = (w * rewards).sum(1).mean().item()
-        kl = (w * (w * K).clamp(min=1e-300).log()).sum(1).mean().item()
-        out.append((beta, gold, kl))
+        kl = ((w * rewards).sum(1) / beta - log_z).mean().item()
+        ess = 1.0 / (w ** 2).sum(1)
+        out.append((beta, gold, kl, ess.median().item() >= min_ess))
     return out
+
+
+@torch.no_grad()
+def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+                        batch_size: int = 64) -> torch.Tensor:
+    """log pi(y | x) of each completion at temperature 1, summed over its tokens. Returns (N,)."""
+    out = []
+    for batch in completion_batches(model, prompt_ids, completion_ids, pad_id, batch_size):
+        logp = model(batch["input_ids"], batch["attention_mask"])[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
+        labels = batch["labels"][:, 1:]
+        token_logp = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T-1)
+        out.append((token_logp * (labels != -100)).sum(-1))
+    return torch.cat(out).cpu()
 
 
 def best_of_n(gold: torch.Tensor, scores: torch.Tensor, ns: list[int]) -> list[tuple[int, float, float]]:

@@ -63,22 +63,26 @@ def curves(paths: list[str], keys: list[str], out: str, smooth: float = 0.0) -> 
     plt.close(fig)
 
 
-METHOD_STYLE = {"DPO": "tab:blue", "PPO": "tab:orange", "PPO-GT": "tab:green", "preferred-FT": "tab:purple",
+METHOD_STYLE = {"DPO": "tab:blue", "PPO": "tab:orange", "PPO-GT": "tab:green", "RLOO": "tab:red",
+                "RLOO-GT": "tab:pink", "GRPO": "tab:olive", "GRPO-GT": "tab:cyan", "preferred-FT": "tab:purple",
                 "best-of-N": "tab:brown", "SFT": "black", "optimal": "gray"}
 
 
 def frontier(results_json: str, out: str) -> None:
     """Gold reward against KL(pi || pi_ref): every run's path along training, the final points,
-    best-of-N, and the optimal frontier (seed 0's runs when there are several seeds)."""
+    best-of-N, and the optimal frontier, hollow where beyond its estimator's reach (seed 0's
+    runs when there are several seeds)."""
     plt = _pyplot()
     if plt is None:
         return
     with open(results_json) as f:
         rows = [r for r in json.load(f) if r["seed"] == 0]
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    optimal = sorted((r["kl"], r["gold_reward"]) for r in rows if r["method"] == "optimal")
+    optimal = sorted((r["kl"], r["gold_reward"], r["reached"]) for r in rows if r["method"] == "optimal")
     if optimal:
-        ax.plot(*zip(*optimal), color="gray", linestyle="--", label="optimal pi* (importance-weighted)")
+        kl, gold, reached = zip(*optimal)
+        ax.plot(kl, gold, color="gray", linestyle="--", label="optimal pi* (importance-weighted; hollow: beyond reach)")
+        ax.scatter(kl, gold, s=16, color="gray", facecolors=["gray" if r else "none" for r in reached], zorder=3)
     bon = [(r["kl"], r["gold_reward"]) for r in rows if r["method"] == "best-of-N"]
     if bon:
         ax.plot(*zip(*bon), color=METHOD_STYLE["best-of-N"], marker="s", markersize=4, label="best-of-N (KL bound)")
@@ -101,17 +105,54 @@ def frontier(results_json: str, out: str) -> None:
     plt.close(fig)
 
 
+def kl_traces(out_dir: str, out: str) -> None:
+    """The adaptive controller at work: every seed's objective/kl (the rollouts' KL, which the
+    controller reads) and kl_coef against the iteration, one panel per KL target, the target
+    as a dashed line."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    traces = {}  # target -> [(label, rows)]
+    for seed_dir in sorted(d for d in os.listdir(out_dir) if d.startswith("seed")):
+        for name in sorted(os.listdir(os.path.join(out_dir, seed_dir))):
+            config = os.path.join(out_dir, seed_dir, name, "config.json")
+            if os.path.exists(config) and json.load(open(config)).get("adaptive_kl"):
+                target = json.load(open(config))["kl_target"]
+                rows = read_metrics(os.path.join(out_dir, seed_dir, name, "metrics.jsonl"))
+                traces.setdefault(target, []).append((f"{seed_dir}/{name}", rows))
+    if not traces:
+        return
+    fig, axes = plt.subplots(2, len(traces), figsize=(4 * len(traces), 6), squeeze=False)
+    for col, target in enumerate(sorted(traces)):
+        for label, rows in traces[target]:
+            steps = [r["step"] for r in rows if "objective/kl" in r]
+            axes[0][col].plot(steps, [r["objective/kl"] for r in rows if "objective/kl" in r], label=label, lw=1)
+            axes[1][col].plot(steps, [r["kl_coef"] for r in rows if "kl_coef" in r], label=label, lw=1)
+        axes[0][col].axhline(target, color="black", linestyle="--", lw=1)
+        axes[0][col].axhspan(0.75 * target, 1.25 * target, color="gray", alpha=0.15)
+        axes[0][col].set_title(f"KL target {target:g}: objective/kl", fontsize=9)
+        axes[1][col].set_title("kl_coef", fontsize=9)
+        axes[1][col].set_yscale("log")
+        axes[1][col].set_xlabel("iteration")
+        axes[0][col].legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def study_figures(out_dir: str) -> None:
-    """frontier.png and curves.png of a compare.py study (seed 0)."""
+    """frontier.png, kl_traces.png and curves.png of a compare.py study (curves: seed 0)."""
     frontier(os.path.join(out_dir, "results.json"), os.path.join(out_dir, "frontier.png"))
+    kl_traces(out_dir, os.path.join(out_dir, "kl_traces.png"))
     plt = _pyplot()
     if plt is None:
         return
     root = os.path.join(out_dir, "seed0")
     runs = {name: read_metrics(os.path.join(root, name, "metrics.jsonl")) for name in sorted(os.listdir(root))
             if os.path.exists(os.path.join(root, name, "metrics.jsonl"))}
-    panels = [("DPO", "dpo", ["loss", "rewards/accuracies"]), ("reward model", "rm", ["loss", "accuracy"]),
-              ("PPO", "ppo", ["objective/scores", "objective/kl", "kl_coef"])]
+    panels = [("DPO", ("dpo",), ["loss", "rewards/accuracies"]), ("reward model", ("rm",), ["loss", "accuracy"]),
+              ("PPO", ("ppo",), ["objective/scores", "objective/kl", "kl_coef"]),
+              ("RLOO and GRPO", ("rloo", "grpo"), ["objective/scores", "objective/kl", "kl_coef"])]
     fig, axes = plt.subplots(len(panels), 3, figsize=(13, 3.2 * len(panels)), squeeze=False)
     for row_axes, (title, prefix, keys) in zip(axes, panels):  # one row per method
         series = [(name, rows) for name, rows in runs.items() if name.startswith(prefix)]

@@ -25,20 +25,51 @@ def test_importance_weighted_frontier_matches_the_exact_optimal_policy():
     draws = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
     betas = [1.0, 0.3, 0.1, 0.05]
     estimates = optimal_frontier(r[draws][None], betas)
-    for beta, (b, gold, kl) in zip(betas, estimates, strict=True):
+    for beta, (b, gold, kl, reached) in zip(betas, estimates, strict=True):
         pi = p * torch.exp(r / beta)
         pi /= pi.sum()
         exact_gold, exact_kl = (pi * r).sum().item(), (pi * (pi / p).log()).sum().item()
-        assert b == beta
+        assert b == beta and reached
         assert gold == pytest.approx(exact_gold, abs=0.005)
         assert kl == pytest.approx(exact_kl, rel=0.03, abs=0.002)
 
 
 def test_frontier_at_large_beta_is_the_reference_and_kl_is_capped_by_log_k():
     rewards = torch.rand(3, 50, generator=torch.Generator().manual_seed(0))
-    (_, gold, kl), (_, _, kl_sharp) = optimal_frontier(rewards, [1e6, 1e-6])
+    (_, gold, kl, reached), (_, _, kl_sharp, reached_sharp) = optimal_frontier(rewards, [1e6, 1e-6])
     assert gold == pytest.approx(rewards.double().mean().item(), abs=1e-6) and kl == pytest.approx(0, abs=1e-9)
     assert kl_sharp == pytest.approx(math.log(50), abs=1e-6)  # all weight on one of 50 samples
+    assert reached and not reached_sharp  # effective sample size 50, then 1
+
+
+def test_a_proposal_near_the_optimum_extends_the_frontier_where_reference_samples_fall_short():
+    """60 responses whose reward rises as the reference makes them rarer, so pi* at small beta
+    puts its mass where the reference rarely samples. Half the samples from a tilted proposal
+    g ~ p exp(r / 0.02), weighted by p / (p/2 + g/2), recover the exact gold reward and KL up to
+    KL 8.6; the reference's samples alone fall short there, and those points are marked."""
+    n, M, K = 60, 8, 2000
+    p = torch.exp(-0.12 * torch.arange(n, dtype=torch.float64))
+    p /= p.sum()
+    r = torch.arange(n, dtype=torch.float64) / (n - 1)
+    g = p * torch.exp(r / 0.02)
+    g /= g.sum()
+    generator = torch.Generator().manual_seed(0)
+    draw = lambda dist, k: torch.multinomial(dist, M * k, replacement=True, generator=generator).view(M, k)
+    from_reference, mixed = draw(p, K), torch.cat([draw(p, K // 2), draw(g, K // 2)], dim=1)
+    log_q = torch.logaddexp(p.log(), g.log()) - math.log(2)
+    betas = [1.0, 0.3, 0.1, 0.05, 0.02, 0.01]
+    reference_only = optimal_frontier(r[from_reference], betas)
+    with_proposal = optimal_frontier(r[mixed], betas, log_ratio=(p.log() - log_q)[mixed])
+    for beta, ref_point, mix_point in zip(betas, reference_only, with_proposal, strict=True):
+        pi = p * torch.exp(r / beta)
+        pi /= pi.sum()
+        exact_gold, exact_kl = (pi * r).sum().item(), (pi * (pi / p).log()).sum().item()
+        _, gold, kl, reached = mix_point
+        assert reached and gold == pytest.approx(exact_gold, abs=0.006) and kl == pytest.approx(exact_kl, rel=0.02)
+        _, gold, kl, reached = ref_point
+        if beta <= 0.05:
+            assert not reached and kl < exact_kl - 0.5  # beyond the reference samples' reach, and marked
+    assert with_proposal[-1][2] > 8.5
 
 
 def test_best_of_n_keeps_the_sample_the_reward_model_ranks_first():
@@ -70,19 +101,24 @@ def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
     args = ["--tiny", f"--out_dir={out}", f"--data_dir={toy_dir}", "--device=cpu", "--eval_samples=32",
             "--bon_max=4", "--ceiling_prompts=8", "--ceiling_samples=32"]
     assert compare.main(args) == 0
-    for name in ["results.md", "results.csv", "results.json", "frontier.png", "curves.png"]:
+    for name in ["results.md", "results.csv", "results.json", "kl_matched.json", "frontier.png", "kl_traces.png",
+                 "curves.png"]:
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "results.csv")) as f:
         rows = list(csv.DictReader(f))
     methods = {r["method"] for r in rows}
-    assert methods == {"SFT", "DPO", "PPO", "PPO-GT", "preferred-FT", "best-of-N", "optimal"}
+    assert methods == {"SFT", "DPO", "PPO", "PPO-GT", "RLOO", "RLOO-GT", "GRPO", "GRPO-GT", "preferred-FT", "best-of-N",
+                       "optimal"}
     for r in rows:
         assert math.isfinite(float(r["gold_reward"])) and math.isfinite(float(r["kl"])), r
-    runs = ["sft", "dpo_beta0.1", "dpo_beta1.0", "rm", "ppo_kl2.0", "ppo_gt", "pft"]
+    runs = ["sft", "dpo_beta0.1", "dpo_beta1.0", "rm", "ppo_kl2.0", "ppo_gt_kl2.0", "rloo_kl2.0", "rloo_gt_kl2.0",
+            "grpo_c0.05", "grpo_gt_c0.05", "pft"]
     for run in runs:
         assert os.path.getsize(os.path.join(out, "seed0", run, "metrics.jsonl")) > 0, run
     with open(os.path.join(out, "results.json")) as f:
-        assert all(len(r["path"]) >= 2 for r in json.load(f) if r["method"] in ("DPO", "PPO", "PPO-GT"))
+        assert all(len(r["path"]) >= 2 for r in json.load(f) if r["method"] in ("DPO", "PPO", "RLOO-GT", "GRPO"))
+    with open(os.path.join(out, "seed0", "grpo_c0.05", "config.json")) as f:
+        assert json.load(f)["advantage"] == "grpo"
     capsys.readouterr()
     assert compare.main(args) == 0  # a second run reuses every finished stage
     log = capsys.readouterr().out
@@ -99,3 +135,32 @@ def test_summary_averages_over_seeds_and_reports_their_spread():
     assert dpo["gold_reward"] == pytest.approx(0.85) and dpo["kl"] == pytest.approx(6.0) and dpo["seeds"] == 2
     assert dpo["seed_std"] == pytest.approx(math.sqrt(0.005))  # sample standard deviation of 0.8 and 0.9
     assert bon["seed_std"] is None and bon["ci95"] is None and bon["seeds"] == 1
+
+
+def test_gold_at_kl_interpolates_where_the_path_first_reaches_it():
+    path = [(0.0, 0.5), (2.0, 0.7), (6.0, 0.9), (3.0, 0.95)]  # overshoots to 6, comes back to 3
+    assert compare.gold_at_kl(path, 1.0) == pytest.approx(0.6)
+    assert compare.gold_at_kl(path, 4.0) == pytest.approx(0.8)  # on the way out, not on the way back
+    assert compare.gold_at_kl(path, 8.0) is None
+
+
+def run_row(method, seed, path, setting="s"):
+    return {"method": method, "setting": setting, "seed": seed, "path": path, "kl": path[-1][0],
+            "gold_reward": path[-1][1]}
+
+
+def test_kl_matched_table_takes_the_best_setting_per_seed_and_a_t_interval_over_seeds():
+    rows = [run_row("DPO", 0, [(0.0, 0.5), (2.0, 0.7)], "a"), run_row("DPO", 0, [(0.0, 0.5), (1.0, 0.8), (9.0, 0.9)], "b"),
+            run_row("DPO", 1, [(0.0, 0.5), (2.0, 0.6), (4.0, 0.9)], "a"), run_row("DPO", 2, [(0.0, 0.5), (2.0, 0.7)], "a")]
+    rows += [{"method": "optimal", "setting": f"beta={b}", "seed": 0, "kl": k, "gold_reward": g, "reached": ok, "path": []}
+             for b, k, g, ok in [(1, 0.5, 0.6, True), (0.1, 3.0, 0.8, True), (0.01, 6.0, 0.95, False)]]
+    dpo, optimal = compare.kl_matched(rows, n_seeds=3)
+    at1 = [0.8, 0.55, 0.6]  # seed 0: setting b (0.8) beats a (0.6)
+    assert dpo[1.0]["gold_reward"] == pytest.approx(sum(at1) / 3)
+    sd = math.sqrt(sum((v - sum(at1) / 3) ** 2 for v in at1) / 2)
+    assert dpo[1.0]["ci95"] == pytest.approx(4.303 * sd / math.sqrt(3))  # t with 2 degrees of freedom
+    assert dpo[4.0]["seeds"] == 2 and dpo[4.0]["gold_reward"] == pytest.approx((0.8375 + 0.9) / 2)  # seed 2 never gets there
+    assert dpo[8.0]["seeds"] == 1 and dpo[8.0]["gold_reward"] == pytest.approx(0.8875) and dpo[8.0]["ci95"] is None
+    assert optimal[2.0]["gold_reward"] == pytest.approx(0.72) and not optimal[2.0]["beyond_reach"]
+    assert optimal[4.0]["beyond_reach"] and optimal[8.0]["gold_reward"] is None
+    assert "(2/3 seeds)" in compare.kl_cell(dpo[4.0]) and "†" in compare.kl_cell(optimal[4.0])

@@ -11,7 +11,7 @@ import torch
 
 from data import Pair, Tokenizer, tokenize_pairs
 from dpo import concatenated_forward, dpo_loss, sequence_logps
-from evaluate import sequence_kl
+from evaluate import completion_logprobs, sequence_kl
 from model import GPT, GPTConfig
 from train_dpo import reference_logps
 from train_utils import Dist
@@ -54,6 +54,18 @@ def test_reference_free_compares_against_a_uniform_reference():
 def test_unknown_loss_type_is_refused():
     with pytest.raises(ValueError, match="unknown loss_type"):
         dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, loss_type="kto")
+
+
+def test_completion_logprobs_match_a_float64_loop_over_each_sequence_alone(model, pair_batch):
+    """The ceiling's importance weights need log pi(y|x) of whole completions, batched with padding."""
+    _, tok = pair_batch
+    prompts = [[2] + tok.encode("the movie"), [2] + tok.encode("i loved the film . the plot")]
+    completions = [tok.encode("was great .") + [3], tok.encode("was not bad . i") + [3]]
+    got = completion_logprobs(model, prompts, completions, tok.pad_id)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        with torch.no_grad():
+            logp = model(torch.tensor([p + c]))[0].double().log_softmax(-1)
+        assert got[i].item() == pytest.approx(sum(logp[len(p) - 1 + t, c[t]].item() for t in range(len(c))), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
