@@ -82,7 +82,7 @@ def sweeps(cfg: Config) -> dict:
         betas=[0.05, 0.1, 1.0, 5.0] if cfg.full else [0.05, 1.0],
         kl_targets={"model": [1.0, 2.0, 4.0, 8.0], "gold": [1.0, 2.0, 4.0, 8.0]} if cfg.full
         else {"model": [2.0, 8.0], "gold": [8.0]},
-        grpo_coefs={"model": [0.02, 0.1], "gold": [0.02, 0.1]} if cfg.full else {"model": [0.02], "gold": [0.02]},
+        grpo_coefs={"model": [0.02, 0.05, 0.1], "gold": [0.02, 0.05, 0.1]} if cfg.full else {"model": [0.05], "gold": [0.05]},
         sft=dict(), dpo=dict(), rm=dict(), pairs=dict(),
         rl=dict(max_iters=60, eval_interval=10),
         pft=dict(max_iters=300, eval_interval=100, lr=1e-4, min_lr=1e-5, warmup_iters=30),
@@ -320,7 +320,7 @@ def gold_at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
     """The gold reward where a path of (KL, gold reward) points first reaches `kl`, interpolated
     linearly between the two points around it; None if it never does."""
     for (k0, g0), (k1, g1) in zip(points, points[1:]):
-        if min(k0, k1) <= kl <= max(k0, k1) and k0 != k1:
+        if k0 < kl <= k1:  # a path starts at KL 0, so it first reaches any KL on the way up
             return g0 + (g1 - g0) * (kl - k0) / (k1 - k0)
     return None
 
