@@ -86,19 +86,22 @@ def frontier(results_json: str, out: str) -> None:
     bon = [(r["kl"], r["gold_reward"]) for r in rows if r["method"] == "best-of-N"]
     if bon:
         ax.plot(*zip(*bon), color=METHOD_STYLE["best-of-N"], marker="s", markersize=4, label="best-of-N (KL bound)")
+    labelled = set()
     for r in rows:
         if r["method"] in ("optimal", "best-of-N"):
             continue
         color = METHOD_STYLE.get(r["method"], "black")
         if r["path"]:
             ax.plot(*zip(*r["path"]), color=color, alpha=0.6, marker=".", markersize=4)
-        ax.scatter([r["kl"]], [r["gold_reward"]], color=color, zorder=3, s=30)
+        ax.scatter([r["kl"]], [r["gold_reward"]], color=color, zorder=3, s=30,
+                   label=r["method"] if r["method"] not in labelled else None)
+        labelled.add(r["method"])
         ax.annotate(f"{r['method']} {r['setting']}" if r["method"] != "SFT" else "SFT",
                     (r["kl"], r["gold_reward"]), fontsize=7, xytext=(3, -8), textcoords="offset points")
     ax.set_xlabel("KL(pi || pi_SFT), nats per completion")
     ax.set_ylabel("mean gold reward (held-out prompts)")
     ax.set_title("Reward-KL frontier: paths along training, final points")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
