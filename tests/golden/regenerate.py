@@ -7,7 +7,8 @@ results, and say what moved:
 
 A sampled curve's tolerance is 4 standard deviations across 5 training seeds (the golden run's
 and 4 more), at the step where they spread most (and at least 5% of its largest value), so a
-CPU that flips a sampled token stays inside it; a fixed curve's is a relative 1e-3. Takes about 5 minutes on a 2-core CPU.
+CPU that flips a sampled token stays inside it; a fixed curve's is a relative 1e-3. Runs the pipeline 5 times (14 minutes on a
+2-core CPU that was running other jobs too).
 """
 import argparse
 import json
