@@ -316,23 +316,30 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 """Student's t 97.5% quantiles by degrees of freedom, for a 95% interval over a few seeds"""
 
 
-def gold_at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
-    """The gold reward where a path of (KL, gold reward) points first reaches `kl`, interpolated
-    linearly between the two points around it; None if it never does."""
-    for (k0, g0), (k1, g1) in zip(points, points[1:]):
+def crossing(points: list[tuple[float, float]], kl: float) -> tuple[int, float] | None:
+    """Where a sequence of (KL, gold reward) points first reaches `kl`: the index of the segment
+    and the gold reward interpolated linearly along it; None if it never does."""
+    for i, ((k0, g0), (k1, g1)) in enumerate(zip(points, points[1:])):
         if k0 < kl <= k1:  # a path starts at KL 0, so it first reaches any KL on the way up
-            return g0 + (g1 - g0) * (kl - k0) / (k1 - k0)
+            return i, g0 + (g1 - g0) * (kl - k0) / (k1 - k0)
     return None
+
+
+def gold_at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
+    """The gold reward where a run's path first reaches `kl`, or None."""
+    found = crossing(points, kl)
+    return None if found is None else found[1]
 
 
 def curve_at_kl(points: list[dict], kl: float) -> tuple[float | None, bool]:
     """The gold reward of a curve of result rows (best-of-N's or the ceiling's points, in KL
     order) at `kl`, and whether a point it is read between is beyond the estimator's reach."""
     curve = sorted((r["kl"], r["gold_reward"], r.get("reached", True)) for r in points)
-    for (k0, g0, reached0), (k1, g1, reached1) in zip(curve, curve[1:]):
-        if k0 <= kl <= k1 and k0 != k1:
-            return g0 + (g1 - g0) * (kl - k0) / (k1 - k0), not (reached0 and reached1)
-    return None, False
+    found = crossing([(k, g) for k, g, _ in curve], kl)
+    if found is None:
+        return None, False
+    i, value = found
+    return value, not (curve[i][2] and curve[i + 1][2])
 
 
 def interval(values: list[float]) -> tuple[float, float | None]:
@@ -399,7 +406,8 @@ def fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: list[dict], seconds: float) -> None:
+def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: list[dict], seconds: float,
+                  stage_seconds: float) -> None:
     fields = ["method", "setting", "gold_reward", "ci95", "seed_std", "kl", "win_rate", "wall_s", "tokens", "seeds"]
     with open(os.path.join(cfg.out_dir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -407,7 +415,8 @@ def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: l
         w.writerows({k: r[k] for k in fields} for r in summary)
     proposals = sorted({r["proposal"] for r in rows if r["method"] == "optimal"})
     lines = [f"# DPO vs RLHF on the toy task ({'full' if cfg.full else 'reduced'} study, {cfg.seeds} seed(s), "
-             f"{time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min)", "",
+             f"{time.strftime('%Y-%m-%d')}; training stages {stage_seconds / 60:.0f} min in all, this run "
+             f"{seconds / 60:.0f} min)", "",
              "## Gold reward at matched KL", "",
              f"Mean gold reward on {cfg.eval_samples} held-out prompts where each method's evaluated path first "
              f"reaches KL(pi || pi_SFT) = 1, 2, 4 and 8 nats (its best setting there), ± the 95% t-interval over "
@@ -443,7 +452,8 @@ def main(argv=None) -> int:
     rows = []
     for seed in range(cfg.seeds):
         rows += run_seed(cfg, study, seed, prompts, device)
-    write_results(cfg, summarise(rows), kl_matched(rows, cfg.seeds), rows, time.time() - study.t0)
+    write_results(cfg, summarise(rows), kl_matched(rows, cfg.seeds), rows, time.time() - study.t0,
+                  sum(study.times.values()))  # stages reused from an earlier run count with the time they took then
     print(open(os.path.join(cfg.out_dir, "results.md")).read())
     import plot  # imports matplotlib only when drawing; without it, one line says how to get it
     plot.study_figures(cfg.out_dir)

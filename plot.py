@@ -118,11 +118,14 @@ def kl_traces(out_dir: str, out: str) -> None:
     traces = {}  # target -> [(label, rows)]
     for seed_dir in sorted(d for d in os.listdir(out_dir) if d.startswith("seed")):
         for name in sorted(os.listdir(os.path.join(out_dir, seed_dir))):
-            config = os.path.join(out_dir, seed_dir, name, "config.json")
-            if os.path.exists(config) and json.load(open(config)).get("adaptive_kl"):
-                target = json.load(open(config))["kl_target"]
-                rows = read_metrics(os.path.join(out_dir, seed_dir, name, "metrics.jsonl"))
-                traces.setdefault(target, []).append((f"{seed_dir}/{name}", rows))
+            run = os.path.join(out_dir, seed_dir, name)
+            if not os.path.exists(os.path.join(run, "config.json")):
+                continue
+            with open(os.path.join(run, "config.json")) as f:
+                config = json.load(f)
+            if config.get("adaptive_kl"):
+                rows = read_metrics(os.path.join(run, "metrics.jsonl"))
+                traces.setdefault(config["kl_target"], []).append((f"{seed_dir}/{name}", rows))
     if not traces:
         return
     fig, axes = plt.subplots(2, len(traces), figsize=(4 * len(traces), 6), squeeze=False)

@@ -9,7 +9,8 @@ scored by the gold reward, and each scored pair of distinct rewards becomes a pr
 all K(K-1)/2 pairs or the best against each other, labelled by the higher gold reward or drawn
 from Bradley-Terry probabilities (label noise). Ties carry no preference and are dropped and
 counted, and so are pairs with a completion cut at max_new_tokens before its eos: a pair's
-response is trained with an eos appended, an ending that was never sampled. Training pairs come from prompts_train.jsonl, held-out pairs from prompts_val.jsonl.
+response is trained with an eos appended, an ending that was never sampled. Training pairs
+come from prompts_train.jsonl, held-out pairs from prompts_val.jsonl.
 """
 import itertools
 import json

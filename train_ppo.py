@@ -336,7 +336,8 @@ def train(cfg: Config, dist: Dist) -> dict:
         # normalised by the SFT policy's statistics, and a response that never ends (no eos) loses
         # missing_eos_penalty
         data, P = collect_rollouts(policy, reward_model, tok, prompts, step, cfg, dist, ctx)
-        data["scores"] = (data["scores"] - reward_mean) / reward_std - cfg.missing_eos_penalty * (~data.pop("ended")).float()
+        missing_eos = (~data.pop("ended")).float()
+        data["scores"] = (data["scores"] - reward_mean) / reward_std - cfg.missing_eos_penalty * missing_eos
         # 3. log-probs of policy and reference, values of the critic
         logprobs, ref_logprobs, entropy, values = score_tokens(policy, reference, critic, data, P, cfg, ctx)
         # 4. per-token rewards: the score at the last token, minus kl_coef x KL at every token

@@ -24,6 +24,7 @@ CURVES = os.path.join(GOLDEN_DIR, "curves.json")
 SAMPLED_EVAL = {"eval/gold_reward", "eval/gold_reward_std", "eval/eos_rate", "eval/well_formed", "eval/kl",
                 "eval/win_rate"}
 RL_STAGES = ["ppo", "rloo", "grpo"]
+STAGES = ["sft", "dpo", "rm", *RL_STAGES]
 RL_FLAGS = {"ppo": [], "rloo": ["--advantage=rloo", "--samples_per_prompt=4"],
             "grpo": ["--advantage=grpo", "--samples_per_prompt=4"]}
 
@@ -74,7 +75,12 @@ def run_rest(root: str, data: str, sft_ckpt: str, seed: int = 1337, stages=("dpo
 def run(root: str) -> dict[str, dict[str, list[list[float]]]]:
     """The whole golden pipeline in root; returns {stage: {key: [[step, value], ...]}}."""
     run_rest(root, os.path.join(root, "toy"), run_sft(root))
-    return {stage: read_curves(os.path.join(root, stage)) for stage in ["sft", "dpo", "rm", *RL_STAGES]}
+    return read_stages(root)
+
+
+def read_stages(root: str, stages=STAGES) -> dict[str, dict[str, list[list[float]]]]:
+    """{stage: {key: [[step, value], ...]}} of the runs in root."""
+    return {stage: read_curves(os.path.join(root, stage)) for stage in stages}
 
 
 RTOL_FIXED, ATOL_FIXED = 1e-3, 1e-5

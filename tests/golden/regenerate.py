@@ -7,8 +7,8 @@ results, and say what moved:
 
 A sampled curve's tolerance is 4 standard deviations across 5 training seeds (the golden run's
 and 4 more), at the step where they spread most (and at least 5% of its largest value), so a
-CPU that flips a sampled token stays inside it; a fixed curve's is a relative 1e-3. Runs the pipeline 5 times (14 minutes on a
-2-core CPU that was running other jobs too).
+CPU that flips a sampled token stays inside it; a fixed curve's is a relative 1e-3. Runs the
+pipeline 5 times (14 minutes on a 2-core CPU that was running other jobs too).
 """
 import argparse
 import json
@@ -54,14 +54,14 @@ def main(argv=None) -> int:
             for split, path in pipeline.PAIRS.items():
                 shutil.copy(os.path.join(root, "pairs", f"pairs_{split}.jsonl"), path)
         pipeline.run_rest(root, f"{root}/toy", sft_ckpt)
-        curves = {stage: pipeline.read_curves(os.path.join(root, stage)) for stage in ["sft", "dpo", "rm", *pipeline.RL_STAGES]}
-        runs = [curves]
+        curves = pipeline.read_stages(root)
+        varied = ["dpo", *pipeline.RL_STAGES]  # the stages with sampled curves (SFT's borrow DPO's tolerance)
+        runs = [{stage: curves[stage] for stage in varied}]
         for s in range(1, EXTRA_SEEDS + 1):  # what a flipped sampled token can do: other seeds
             seed_root = os.path.join(root, f"seed{s}")
-            pipeline.run_rest(seed_root, f"{root}/toy", sft_ckpt, seed=1337 + s, stages=("dpo", *pipeline.RL_STAGES))
-            runs.append({stage: pipeline.read_curves(os.path.join(seed_root, stage))
-                         for stage in ["dpo", *pipeline.RL_STAGES]})
-        spread = tolerances([{stage: r[stage] for stage in ["dpo", *pipeline.RL_STAGES]} for r in runs])
+            pipeline.run_rest(seed_root, f"{root}/toy", sft_ckpt, seed=1337 + s, stages=varied)
+            runs.append(pipeline.read_stages(seed_root, varied))
+        spread = tolerances(runs)
         golden = {stage: {key: {"kind": pipeline.kind(stage, key), "points": points,
                                 "tolerance": spread.get((stage if stage != "sft" else "dpo", key))
                                 if pipeline.kind(stage, key) == "sampled" else None}
