@@ -37,7 +37,8 @@ import train_ppo
 import train_rm
 import train_sft
 from data import collate, gold_reward, load_preferences, load_prompts, prepare_toy_data, write_atomic
-from evaluate import PolicyEvaluator, best_of_n, completion_logprobs, optimal_frontier, sample_completions
+from evaluate import (PolicyEvaluator, best_of_n, completion_logprobs, mixture_log_ratio, optimal_frontier,
+                      sample_completions)
 from train_utils import autocast, load_gpt, load_reward_model, parse_config, pick_device
 
 
@@ -58,7 +59,7 @@ class Config:
     ceiling_prompts: int = 256
     """held-out prompts used to estimate the optimal frontier (the first of the evaluation's)"""
     ceiling_samples: int = 128
-    """samples per prompt for the optimal frontier: half from the reference, half from the gold-reward policy furthest from it"""
+    """samples per prompt for the optimal frontier, in equal numbers from the reference and each gold-reward RL policy"""
     tiny: bool = False
     """a smoke-test size: every stage a few steps (for the tests; the numbers mean nothing)"""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -81,10 +82,13 @@ def sweeps(cfg: Config) -> dict:
     return dict(
         betas=[0.05, 0.1, 1.0, 5.0] if cfg.full else [0.05, 1.0],
         kl_targets={"model": [1.0, 2.0, 4.0, 8.0], "gold": [1.0, 2.0, 4.0, 8.0]} if cfg.full
-        else {"model": [2.0, 8.0], "gold": [8.0]},
+        else {"model": [2.0, 8.0], "gold": [2.0, 8.0]},
         grpo_coefs={"model": [0.02, 0.05, 0.1], "gold": [0.02, 0.05, 0.1]} if cfg.full else {"model": [0.05], "gold": [0.05]},
-        sft=dict(), dpo=dict(), rm=dict(), pairs=dict(),
-        rl=dict(max_iters=60, eval_interval=10),
+        # evaluations every 2 RL iterations and 10 DPO steps over the first half, where paths cross
+        # KL 1-8 fastest (an adaptive run for KL 8 goes from 1.2 to 10 in 10 iterations), so that
+        # the KL-matched table interpolates over short segments
+        sft=dict(), rm=dict(), pairs=dict(), dpo=dict(early_eval_interval=10, early_eval_until=150),
+        rl=dict(max_iters=60, eval_interval=10, early_eval_interval=2, early_eval_until=30),
         pft=dict(max_iters=300, eval_interval=100, lr=1e-4, min_lr=1e-5, warmup_iters=30),
     )
 
@@ -214,9 +218,8 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     train("preferred-ft", train_sft.main, d("pft"), init_from=sft_ckpt, train_file=chosen_file, eval_samples=0, **S["pft"])
 
     # 5. the shared evaluation of the runs without one of their own, and the ceiling, with the
-    # gold-reward run that ended furthest from the reference as its proposal
-    gold_runs = [folder for _, _, folder, kwargs in rl_runs(S) if kwargs["reward"] == "gold"]
-    proposal = max(gold_runs, key=lambda folder: last_eval(d(folder))["eval/kl"])
+    # gold-reward runs as its proposals
+    proposals = [folder for _, _, folder, kwargs in rl_runs(S) if kwargs["reward"] == "gold"]
     reference, tok, _ = load_gpt(sft_ckpt)
     reference.to(device).eval()
     with autocast(device, cfg.dtype):
@@ -225,8 +228,8 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
         pft_metrics, _ = evaluator(pft_policy)
         bon = best_of_n_study(cfg, reference, load_reward_model(rm_ckpt)[0].to(device).eval(), tok, prompts,
                               evaluator.reference_rewards, seed, device)
-        ceiling = ceiling_study(cfg, reference, load_gpt(os.path.join(d(proposal), "ckpt.pt"))[0].to(device).eval(),
-                                tok, prompts[:cfg.ceiling_prompts], seed)
+        ceiling = ceiling_study(cfg, reference, [load_gpt(os.path.join(d(f), "ckpt.pt"))[0].to(device).eval()
+                                                 for f in proposals], tok, prompts[:cfg.ceiling_prompts], seed)
 
     n, wall = len(prompts), lambda name: study.times.get(d(name), 0.0)
     rows = [row("SFT", "-", last_eval_of_sft(evaluator), wall("sft"), tokens(d("sft")), [], n)]
@@ -244,7 +247,7 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     for beta, gold, kl, reached in ceiling:
         rows.append({"method": "optimal", "setting": f"beta={beta:g}", "gold_reward": gold, "ci95": None, "kl": kl,
                      "win_rate": None, "wall_s": None, "tokens": None, "path": [], "reached": reached,
-                     "proposal": proposal})
+                     "proposals": proposals})
     for r in rows:
         r["seed"] = seed
         r["stage_dir"] = root
@@ -288,26 +291,26 @@ def best_of_n_study(cfg, reference, reward_model, tok, prompts, reference_reward
 
 
 @torch.no_grad()
-def ceiling_study(cfg, reference, proposal, tok, prompts, seed):
-    """The optimal frontier from ceiling_samples samples of each of the prompts, half from the
-    reference and half from the proposal policy. The proposal is the gold-reward RL policy that
-    ended furthest from the reference: it samples where pi* puts its mass at small beta, which
-    reference samples alone reach too rarely (their KL estimate cannot pass log of their
-    number). Every sample is weighted against the mixture q = (pi_ref + proposal) / 2."""
-    half = cfg.ceiling_samples // 2
-    repeated = [p for p in prompts for _ in range(half)]
-    prompt_ids = [tok.encode_prompt(p) for p in repeated] * 2
+def ceiling_study(cfg, reference, proposals, tok, prompts, seed):
+    """The optimal frontier from ceiling_samples samples of each of the prompts, in equal numbers
+    from the reference and from each proposal. The proposals are the gold-reward RL policies,
+    which end at different KLs: each samples where pi* puts its mass at some beta, which reference
+    samples alone reach too rarely past small KL (their KL estimate cannot pass log of their
+    number). Every sample is weighted against the equal mixture q of all these policies."""
+    policies = [reference] + proposals
+    per_policy = cfg.ceiling_samples // len(policies)
+    repeated = [p for p in prompts for _ in range(per_policy)]
+    prompt_ids = [tok.encode_prompt(p) for p in repeated] * len(policies)
     ids, rewards = [], []
-    for model, offset in ((reference, 11), (proposal, 13)):
-        model_ids, texts, _ = sample_completions(model, tok, repeated, 40, 1.0, seed=offset + seed, batch_size=256)
+    for i, model in enumerate(policies):
+        model_ids, texts, _ = sample_completions(model, tok, repeated, 40, 1.0, seed=11 + 2 * i + seed, batch_size=256)
         ids += model_ids
-        rewards.append(torch.tensor([gold_reward(t, p) for t, p in zip(texts, repeated)]).view(len(prompts), half))
-    logp_ref = completion_logprobs(reference, prompt_ids, ids, tok.pad_id, batch_size=256).double()
-    logp_proposal = completion_logprobs(proposal, prompt_ids, ids, tok.pad_id, batch_size=256).double()
-    log_ratio = logp_ref - (torch.logaddexp(logp_ref, logp_proposal) - math.log(2))  # log pi_ref / q
-    log_ratio = torch.cat(log_ratio.view(2, len(prompts), half).unbind(0), dim=1)  # (M, 2 half), as the rewards
+        rewards.append(torch.tensor([gold_reward(t, p) for t, p in zip(texts, repeated)]).view(len(prompts), per_policy))
+    logp = torch.stack([completion_logprobs(model, prompt_ids, ids, tok.pad_id, batch_size=256).double()
+                        for model in policies])  # (C, C * M * per_policy)
+    log_ratio = mixture_log_ratio(logp[0], logp).view(len(policies), len(prompts), per_policy)
     betas = [1.0, 0.3, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.003, 0.002, 0.001]  # in gold-reward units, not DPO's beta
-    return optimal_frontier(torch.cat(rewards, dim=1), betas, log_ratio)
+    return optimal_frontier(torch.cat(rewards, dim=1), betas, torch.cat(log_ratio.unbind(0), dim=1))  # (M, C per_policy)
 
 
 KL_POINTS = [1.0, 2.0, 4.0, 8.0]
@@ -413,7 +416,7 @@ def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: l
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows({k: r[k] for k in fields} for r in summary)
-    proposals = sorted({r["proposal"] for r in rows if r["method"] == "optimal"})
+    proposals = next(r["proposals"] for r in rows if r["method"] == "optimal")
     lines = [f"# DPO vs RLHF on the toy task ({'full' if cfg.full else 'reduced'} study, {cfg.seeds} seed(s), "
              f"{time.strftime('%Y-%m-%d')}; training stages {stage_seconds / 60:.0f} min in all, this run "
              f"{seconds / 60:.0f} min)", "",
@@ -428,7 +431,8 @@ def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: l
     lines += ["", "## Every run at its end", "",
               f"ci95 is the 95% interval of the mean gold reward over prompts; seed std the spread across seeds. "
               "The optimal rows are the ceiling pi* = pi_ref exp(r/beta) / Z (beta in gold-reward units), from "
-              f"reference samples and those of the proposal {', '.join(proposals)}. Tokens are the real tokens of the "
+              f"equal numbers of samples of the reference and of each gold-reward run ({', '.join(proposals)}), weighted against "
+              "their mixture. Tokens are the real tokens of the "
               "training batches (DPO: chosen and rejected; RL: rollouts once per epoch); wall time and tokens of "
               "a run on the reward model include the reward model's.", "",
               "| method | setting | gold reward | ci95 | seed std | KL | win rate vs SFT | wall s | tokens trained on |",

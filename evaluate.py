@@ -136,6 +136,15 @@ def optimal_frontier(rewards: torch.Tensor, betas: list[float], log_ratio: torch
     return out
 
 
+def mixture_log_ratio(logp_ref: torch.Tensor, logp_policies: torch.Tensor) -> torch.Tensor:
+    """log pi_ref(y) - log q(y) for q the equal mixture of C policies, the weight of a sample in
+    deterministic-mixture importance sampling (Owen & Zhou 2000): equal numbers of samples drawn
+    from each policy and every sample weighted against the mixture, not against the policy that
+    drew it, so a sample any one policy makes likely keeps a bounded weight.
+    logp_ref (N,), logp_policies (C, N): log-probabilities of the same N samples."""
+    return logp_ref - (logp_policies.logsumexp(0) - math.log(logp_policies.size(0)))
+
+
 @torch.no_grad()
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
                         batch_size: int = 64) -> torch.Tensor:

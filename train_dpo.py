@@ -196,9 +196,9 @@ def train(cfg: Config, dist: Dist) -> dict:
     bar = progress_bar(cfg.max_iters, step, dist, "dpo")
     metrics = {}
     while True:
-        # 3a. evaluate and checkpoint at step 0, every eval_interval steps and at the end (a resumed
-        # run was evaluated at its checkpoint already)
-        evaluating = (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (run.resumed and step == start)
+        # 3a. evaluate and checkpoint at step 0, every eval_interval steps (early_eval_interval
+        # before early_eval_until) and at the end (a resumed run was evaluated at its checkpoint already)
+        evaluating = run.evaluates(step, start)
         if evaluating:
             eval_metrics, samples = evaluate(model, policy, loss_fn, val_data, evaluator, prompts, cfg, dist, ctx)
             metrics.update(eval_metrics)

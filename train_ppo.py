@@ -314,9 +314,9 @@ def train(cfg: Config, dist: Dist) -> dict:
     seconds = {"rollout": 0.0, "update": 0.0}  # wall time of steps 1-5 and of step 6, reported at the end
     metrics = {} if run.resumed else {"reward_norm/mean": reward_mean, "reward_norm/std": reward_std}
     while True:
-        # 8. evaluate and checkpoint at iteration 0, every eval_interval iterations and at the end
-        # (a resumed run was evaluated at its checkpoint already)
-        evaluating = (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (run.resumed and step == start)
+        # 8. evaluate and checkpoint at iteration 0, every eval_interval iterations (early_eval_interval
+        # before early_eval_until) and at the end (a resumed run was evaluated at its checkpoint already)
+        evaluating = run.evaluates(step, start)
         if evaluating:
             eval_metrics, samples = evaluate(evaluator, policy, eval_prompts, cfg, ctx)
             metrics.update(eval_metrics)

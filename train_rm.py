@@ -115,9 +115,9 @@ def train(cfg: Config, dist: Dist) -> dict:
     bar = progress_bar(cfg.max_iters, step, dist, "rm")
     metrics = {}
     while True:
-        # 3a. evaluate and checkpoint at step 0, every eval_interval steps and at the end (a resumed
-        # run was evaluated at its checkpoint already)
-        evaluating = (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (run.resumed and step == start)
+        # 3a. evaluate and checkpoint at step 0, every eval_interval steps (early_eval_interval
+        # before early_eval_until) and at the end (a resumed run was evaluated at its checkpoint already)
+        evaluating = run.evaluates(step, start)
         if evaluating:
             metrics.update(evaluate(model, loss_fn, val_data, cfg, dist, ctx))
             run.print(step, metrics)

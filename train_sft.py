@@ -179,9 +179,9 @@ def train(cfg: Config, dist: Dist) -> dict:
     bar = progress_bar(cfg.max_iters, step, dist, "sft")
     metrics = {}
     while True:
-        # 2a. evaluate and checkpoint at step 0, every eval_interval steps and at the end (a resumed
-        # run was evaluated at its checkpoint already)
-        evaluating = (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (run.resumed and step == start)
+        # 2a. evaluate and checkpoint at step 0, every eval_interval steps (early_eval_interval
+        # before early_eval_until) and at the end (a resumed run was evaluated at its checkpoint already)
+        evaluating = run.evaluates(step, start)
         if evaluating:
             eval_metrics, samples = evaluate(model, raw_model, val_data, prompts, tok, cfg, dist, ctx)
             metrics.update(eval_metrics)

@@ -119,6 +119,10 @@ class TrainConfig:
     """steps between training-metric lines in metrics.jsonl"""
     eval_interval: int = 250
     """steps between held-out evaluations and checkpoints"""
+    early_eval_interval: int = 0
+    """steps between evaluations before early_eval_until, where a run moves fastest (0: eval_interval throughout)"""
+    early_eval_until: int = 0
+    """the step from which evaluations are eval_interval apart"""
     print_samples: int = 3
     """samples printed at each evaluation"""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -479,6 +483,15 @@ class Run:
         if cfg.resume and not os.path.exists(self.ckpt_path):
             raise SystemExit(f"error: --resume but {self.ckpt_path} does not exist")
         self.resumed = load_checkpoint(self.ckpt_path) if cfg.resume else None
+
+    def evaluates(self, step: int, start: int) -> bool:
+        """Whether to evaluate and checkpoint at this step: at step 0, every early_eval_interval
+        steps before early_eval_until, every eval_interval steps after, and at the end; not at the
+        step a resumed run starts from, which was evaluated before its checkpoint."""
+        cfg = self.cfg
+        early = cfg.early_eval_interval > 0 and step < cfg.early_eval_until
+        interval = cfg.early_eval_interval if early else cfg.eval_interval
+        return (step % interval == 0 or step == cfg.max_iters) and not (self.resumed and step == start)
 
     def start(self, model: torch.nn.Module, optimizer) -> int:
         """Create or restore the run; returns the step to start from. Call after all input has

@@ -14,7 +14,7 @@ import torch
 
 import compare
 import plot
-from evaluate import best_of_n, optimal_frontier
+from evaluate import best_of_n, mixture_log_ratio, optimal_frontier
 
 
 def test_importance_weighted_frontier_matches_the_exact_optimal_policy():
@@ -56,10 +56,11 @@ def test_a_proposal_near_the_optimum_extends_the_frontier_where_reference_sample
     generator = torch.Generator().manual_seed(0)
     draw = lambda dist, k: torch.multinomial(dist, M * k, replacement=True, generator=generator).view(M, k)
     from_reference, mixed = draw(p, K), torch.cat([draw(p, K // 2), draw(g, K // 2)], dim=1)
-    log_q = torch.logaddexp(p.log(), g.log()) - math.log(2)
+    log_ratio = mixture_log_ratio(p.log(), torch.stack([p.log(), g.log()]))  # log p / (p/2 + g/2), (n,)
+    assert torch.allclose(log_ratio, p.log() - (torch.logaddexp(p.log(), g.log()) - math.log(2)))
     betas = [1.0, 0.3, 0.1, 0.05, 0.02, 0.01]
     reference_only = optimal_frontier(r[from_reference], betas)
-    with_proposal = optimal_frontier(r[mixed], betas, log_ratio=(p.log() - log_q)[mixed])
+    with_proposal = optimal_frontier(r[mixed], betas, log_ratio=log_ratio[mixed])
     for beta, ref_point, mix_point in zip(betas, reference_only, with_proposal, strict=True):
         pi = p * torch.exp(r / beta)
         pi /= pi.sum()
@@ -70,6 +71,36 @@ def test_a_proposal_near_the_optimum_extends_the_frontier_where_reference_sample
         if beta <= 0.05:
             assert not reached and kl < exact_kl - 0.5  # beyond the reference samples' reach, and marked
     assert with_proposal[-1][2] > 8.5
+
+
+def test_a_ladder_of_proposals_covers_the_kls_between_the_reference_and_one_far_proposal():
+    """The same 60 responses with 120 samples a prompt, as the study draws. Split between the
+    reference and one proposal tilted for KL 8.6, the weights at beta = 0.1 (KL 3.5) fall on a
+    few samples: the estimate is low and marked. Split in equal numbers between the reference
+    and proposals tilted for KL 3.5, 7.2 and 8.6, weighted against their mixture, every point
+    matches exact enumeration and is reached."""
+    n, M, K = 60, 64, 120
+    p = torch.exp(-0.12 * torch.arange(n, dtype=torch.float64))
+    p /= p.sum()
+    r = torch.arange(n, dtype=torch.float64) / (n - 1)
+    tilted = lambda beta: (p * torch.exp(r / beta)) / (p * torch.exp(r / beta)).sum()
+    generator = torch.Generator().manual_seed(0)
+    betas = [1.0, 0.3, 0.1, 0.05, 0.03, 0.02, 0.01]
+
+    def frontier(policies):
+        per_policy = K // len(policies)
+        draws = torch.cat([torch.multinomial(q, M * per_policy, replacement=True, generator=generator).view(M, per_policy)
+                           for q in policies], dim=1)  # (M, K), as the rewards in ceiling_study
+        log_ratio = mixture_log_ratio(p.log(), torch.stack([q.log() for q in policies]))
+        return optimal_frontier(r[draws], betas, log_ratio=log_ratio[draws])
+
+    far, ladder = frontier([p, tilted(0.01)]), frontier([p, tilted(0.1), tilted(0.03), tilted(0.01)])
+    for beta, (_, gold, kl, reached) in zip(betas, ladder, strict=True):
+        pi = tilted(beta)
+        exact_gold, exact_kl = (pi * r).sum().item(), (pi * (pi / p).log()).sum().item()
+        assert reached and gold == pytest.approx(exact_gold, abs=0.008) and kl == pytest.approx(exact_kl, rel=0.02, abs=0.03)
+    _, gold, _, reached = far[2]
+    assert not reached and gold < (tilted(0.1) * r).sum().item() - 0.01
 
 
 def test_best_of_n_keeps_the_sample_the_reward_model_ranks_first():

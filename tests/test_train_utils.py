@@ -1,6 +1,6 @@
 """The shared plumbing against hand-computed values: the learning-rate schedule, which parameters
 the optimizer decays, one optimizer step (loss normalisation, accumulation, gradient clipping,
-the NaN guard), the data order and held-out sharding.
+the NaN guard), the data order, held-out sharding and the evaluation schedule.
 
     python -m pytest -q tests/test_train_utils.py
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from train_utils import (Dist, NonFiniteLoss, TrainConfig, global_batch, lr_at, make_optimizer, micro_batches,
+from train_utils import (Dist, NonFiniteLoss, Run, TrainConfig, global_batch, lr_at, make_optimizer, micro_batches,
                          set_lr, shard_indices, train_step)
 
 CPU = Dist(False, 0, 0, 1, torch.device("cpu"))
@@ -114,3 +114,11 @@ def test_micro_batches_and_held_out_shards_cover_every_row_once():
     assert [t.tolist() for t in shards[0]] == [[0, 2], [4, 6]] and [t.tolist() for t in shards[1]] == [[1, 3], [5]]
     with pytest.raises(SystemExit, match="not divisible"):
         micro_batches(torch.arange(10), ranks[0], grad_accum=3)
+
+
+def test_evaluation_schedule_is_dense_early_then_every_eval_interval_and_at_the_end(tmp_path):
+    cfg = TrainConfig(out_dir=str(tmp_path), max_iters=65, eval_interval=10, early_eval_interval=2, early_eval_until=30)
+    run = Run(cfg, CPU)
+    assert [s for s in range(66) if run.evaluates(s, 0)] == list(range(0, 30, 2)) + [30, 40, 50, 60, 65]
+    cfg.early_eval_interval = 0  # off: early_eval_until alone changes nothing
+    assert [s for s in range(66) if run.evaluates(s, 0)] == [0, 10, 20, 30, 40, 50, 60, 65]
