@@ -365,7 +365,7 @@ def kl_matched(rows: list[dict], n_seeds: int) -> list[dict]:
     for method in methods:
         out = {"method": method}
         for kl in KL_POINTS:
-            values, beyond = [], False
+            per_seed, beyond = [], False
             for seed in range(n_seeds):
                 runs = [r for r in rows if r["method"] == method and r["seed"] == seed]
                 if method in ("best-of-N", "optimal"):  # one curve through the settings' points
@@ -373,12 +373,30 @@ def kl_matched(rows: list[dict], n_seeds: int) -> list[dict]:
                     beyond |= out_of_reach
                 else:
                     value = max((v for r in runs if (v := gold_at_kl(r["path"], kl)) is not None), default=None)
-                if value is not None:
-                    values.append(value)
+                per_seed.append(value)
+            values = [v for v in per_seed if v is not None]
             mean, half = interval(values) if values else (None, None)
-            out[kl] = {"gold_reward": mean, "ci95": half, "seeds": len(values), "of": n_seeds, "beyond_reach": beyond}
+            out[kl] = {"gold_reward": mean, "ci95": half, "seeds": len(values), "of": n_seeds, "beyond_reach": beyond,
+                       "per_seed": per_seed}
         table.append(out)
     return table
+
+
+def seeds_beating(matched: list[dict], baseline: str) -> list[dict]:
+    """For each other method and KL point, (wins, n): on how many of the n seeds where both reach
+    the KL the method's gold reward exceeds the baseline's. A claim holds on every seed when
+    wins == n == the number of seeds."""
+    base = next(m for m in matched if m["method"] == baseline)
+    out = []
+    for m in matched:
+        if m is base:
+            continue
+        row = {"method": m["method"]}
+        for kl in KL_POINTS:
+            pairs = [(a, b) for a, b in zip(m[kl]["per_seed"], base[kl]["per_seed"]) if a is not None and b is not None]
+            row[kl] = (sum(a > b for a, b in pairs), len(pairs))
+        out.append(row)
+    return out
 
 
 def kl_cell(c: dict) -> str:
@@ -428,6 +446,12 @@ def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: l
              "| method | " + " | ".join(f"KL {kl:g}" for kl in KL_POINTS) + " |", "|---|" + "---|" * len(KL_POINTS)]
     for m in matched:
         lines.append(f"| {m['method']} | " + " | ".join(kl_cell(m[kl]) for kl in KL_POINTS) + " |")
+    lines += ["", "## Seeds on which each method beats DPO at matched KL", "",
+              "wins/n: of the n seeds on which both it and DPO reach the KL, on how many its gold reward there is "
+              f"higher; {cfg.seeds}/{cfg.seeds} is a claim that holds on every seed.", "",
+              "| method | " + " | ".join(f"KL {kl:g}" for kl in KL_POINTS) + " |", "|---|" + "---|" * len(KL_POINTS)]
+    for m in seeds_beating(matched, "DPO"):
+        lines.append(f"| {m['method']} | " + " | ".join(f"{w}/{n}" if n else "-" for w, n in (m[kl] for kl in KL_POINTS)) + " |")
     lines += ["", "## Every run at its end", "",
               f"ci95 is the 95% interval of the mean gold reward over prompts; seed std the spread across seeds. "
               "The optimal rows are the ceiling pi* = pi_ref exp(r/beta) / Z (beta in gold-reward units), from "

@@ -195,3 +195,14 @@ def test_kl_matched_table_takes_the_best_setting_per_seed_and_a_t_interval_over_
     assert optimal[2.0]["gold_reward"] == pytest.approx(0.72) and not optimal[2.0]["beyond_reach"]
     assert optimal[4.0]["beyond_reach"] and optimal[8.0]["gold_reward"] is None
     assert "(2/3 seeds)" in compare.kl_cell(dpo[4.0]) and "†" in compare.kl_cell(optimal[4.0])
+
+
+def test_seeds_beating_counts_wins_only_on_seeds_where_both_methods_reach_the_kl():
+    rows = [run_row("DPO", 0, [(0.0, 0.5), (4.0, 0.9)]), run_row("DPO", 1, [(0.0, 0.5), (4.0, 0.7)]),
+            run_row("DPO", 2, [(0.0, 0.5), (1.5, 0.6)]),
+            run_row("PPO", 0, [(0.0, 0.5), (4.0, 0.8)]), run_row("PPO", 1, [(0.0, 0.5), (4.0, 0.8)]),
+            run_row("PPO", 2, [(0.0, 0.5), (4.0, 0.99)])]
+    (ppo,) = compare.seeds_beating(compare.kl_matched(rows, n_seeds=3), "DPO")
+    assert ppo[1.0] == (2, 3)  # at KL 1: PPO 0.575 < 0.6, 0.575 > 0.55, 0.6225 > 0.567
+    assert ppo[2.0] == (1, 2)  # DPO's seed 2 stops at 1.5: PPO loses seed 0 (0.65 < 0.7), wins seed 1 (0.65 > 0.6)
+    assert ppo[8.0] == (0, 0)
