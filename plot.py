@@ -69,15 +69,18 @@ METHOD_STYLE = {"DPO": "tab:blue", "PPO": "tab:orange", "PPO-GT": "tab:green", "
 
 
 def frontier(results_json: str, out: str) -> None:
-    """Gold reward against KL(pi || pi_ref): every run's path along training, the final points,
-    best-of-N, and the optimal frontier, hollow where beyond its estimator's reach (seed 0's
-    runs when there are several seeds)."""
+    """Left: gold reward against KL(pi || pi_ref), every run's path along training, the final
+    points, best-of-N, and the optimal frontier, hollow where beyond its estimator's reach (seed
+    0's runs when there are several seeds). Right: each method at matched KL (kl_matched.json
+    beside results.json), the mean over seeds with its 95% interval."""
     plt = _pyplot()
     if plt is None:
         return
     with open(results_json) as f:
         rows = [r for r in json.load(f) if r["seed"] == 0]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    with open(os.path.join(os.path.dirname(results_json), "kl_matched.json")) as f:
+        matched = json.load(f)
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     optimal = sorted((r["kl"], r["gold_reward"], r["reached"]) for r in rows if r["method"] == "optimal")
     if optimal:
         kl, gold, reached = zip(*optimal)
@@ -96,13 +99,32 @@ def frontier(results_json: str, out: str) -> None:
         ax.scatter([r["kl"]], [r["gold_reward"]], color=color, zorder=3, s=30,
                    label=r["method"] if r["method"] not in labelled else None)
         labelled.add(r["method"])
-        ax.annotate(f"{r['method']} {r['setting']}" if r["method"] != "SFT" else "SFT",
+        ax.annotate(r["setting"].split("=")[-1] if r["method"] != "SFT" else "SFT",  # the knob's value
                     (r["kl"], r["gold_reward"]), fontsize=7, xytext=(3, -8), textcoords="offset points")
     ax.set_xlabel("KL(pi || pi_SFT), nats per completion")
     ax.set_ylabel("mean gold reward (held-out prompts)")
-    ax.set_title("Reward-KL frontier: paths along training, final points")
+    ax.set_title("Paths along training and final points (seed 0; labels: beta, KL target or weight)", fontsize=10)
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     ax.grid(alpha=0.3)
+    for i, m in enumerate(matched):  # methods side by side at each KL, so their intervals do not overlap
+        cells = [(float(kl), c) for kl, c in m.items() if kl != "method" and c["gold_reward"] is not None]
+        if not cells:
+            continue
+        x = [kl * (1 + 0.03 * (i - len(matched) / 2)) for kl, _ in cells]
+        color = METHOD_STYLE.get(m["method"], "black")
+        right.errorbar(x, [c["gold_reward"] for _, c in cells], yerr=[c["ci95"] or 0.0 for _, c in cells],
+                       color=color, marker="o", markersize=4, capsize=2, lw=1,
+                       linestyle="--" if m["method"] == "optimal" else "-", label=m["method"])
+        hollow = [(xi, c["gold_reward"]) for xi, (_, c) in zip(x, cells) if c["beyond_reach"]]
+        if hollow:
+            right.scatter(*zip(*hollow), s=40, facecolors="white", edgecolors=color, zorder=3)
+    right.set_ylim(*ax.get_ylim())  # one scale for both panels; a 2-seed interval may run off it
+    right.set_xscale("log", base=2)
+    right.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+    right.set_xlabel("KL(pi || pi_SFT) where the path first reaches it")
+    right.set_title("At matched KL: mean over seeds, 95% interval (hollow: beyond reach)", fontsize=10)
+    right.legend(fontsize=7, loc="lower right", ncol=2)
+    right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
