@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 
@@ -299,7 +300,16 @@ class GPT(nn.Module):
         """Next-token logits (B, T, vocab_size) at every position."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, kv_cache))
 
-    @torch.inference_mode()
+    def all_done(self, done: torch.Tensor) -> bool:
+        """Whether every sequence has ended: on every rank when the model is sharded (FSDP), whose
+        forward is collective, so that all ranks run the same number of steps."""
+        if not isinstance(self, FSDPModule):
+            return bool(done.all())
+        pending = (~done).sum()
+        torch.distributed.all_reduce(pending)
+        return pending.item() == 0
+
+    @torch.no_grad()  # not inference_mode: FSDP's all-gathered weights are reused by training after it
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True):
@@ -332,7 +342,7 @@ class GPT(nn.Module):
             out[:, t] = torch.where(done, pad_id, next_id)
             mask[:, t] = (~done).long()
             done |= next_id == eos_id
-            if done.all():
+            if self.all_done(done):
                 break
             step_ids = next_id[:, None]
             input_ids = torch.cat([input_ids, step_ids], dim=1)

@@ -29,7 +29,7 @@ from evaluate import PolicyEvaluator
 from lora import AdaptersOff
 from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, frozen_dtype, global_batch, heldout_sums,
                          load_gpt, lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable,
-                         progress_bar, run_script, seed_everything, set_lr, shard_indices, train_step, wrap_model)
+                         progress_bar, run_script, seed_everything, set_lr, shard, shard_indices, train_step, wrap_model)
 
 
 @dataclass
@@ -165,7 +165,9 @@ def train(cfg: Config, dist: Dist) -> dict:
         reference = AdaptersOff(policy)
     else:
         reference = load_gpt(cfg.sft_ckpt, frozen_dtype(cfg))[0].to(dist.device).eval().requires_grad_(False)
-    offload = cfg.precompute_ref and not cfg.lora_rank  # a separate reference can wait on the CPU
+    if dist.sharded and not cfg.lora_rank:
+        shard(reference, cfg.dtype)  # frozen, but sharded too: each rank holds 1/world_size of it
+    offload = cfg.precompute_ref and not cfg.lora_rank and not dist.sharded  # a separate reference can wait on the CPU
     ctx = autocast(dist.device, cfg.dtype)
     if cfg.precompute_ref:
         logps = cached_reference_logps(cfg, reference, {"train": train_data, "val": val_data},
@@ -173,17 +175,17 @@ def train(cfg: Config, dist: Dist) -> dict:
         for data, name in ((train_data, "train"), (val_data, "val")):
             data["reference_chosen_logps"], data["reference_rejected_logps"] = logps[name].unbind(1)
     evaluator = None
-    if dist.master and prompts:
+    if prompts and (dist.master or dist.sharded):  # under FSDP every rank samples the policy with rank 0
         with ctx:
             evaluator = PolicyEvaluator(reference, tok, prompts, cfg.max_new_tokens, cfg.temperature,
                                         cfg.seed, offload=offload)
     if offload:
         reference.cpu()  # off the accelerator: training never runs it again, evaluation borrows it
     loss_fn = partial(dpo_batch_loss, reference=reference, cfg=cfg)
+    model = wrap_model(policy, dist, cfg)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     start = step = run.start(policy, optimizer)
     tokens = run.resumed["tokens"] if run.resumed else 0  # real tokens trained on so far
-    model = wrap_model(policy, dist, cfg.compile)
     model.eval()  # dropout off in the policy as in the frozen reference (TRL's default): step 0 is exactly ln 2
     n_pairs = len(train_data["chosen_input_ids"])
     if dist.master:

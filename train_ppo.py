@@ -280,6 +280,8 @@ def train(cfg: Config, dist: Dist) -> dict:
         raise SystemExit("error: PPO samples from the policy; --temperature must be > 0")
     if cfg.gen_chunk % cfg.samples_per_prompt or (cfg.advantage != "gae" and cfg.samples_per_prompt < 2):
         raise SystemExit("error: gen_chunk must be a multiple of samples_per_prompt, which rloo and grpo need at 2 or more")
+    if dist.sharded:
+        raise SystemExit("error: train_ppo.py does not shard yet (its rollouts and frozen models need it); use --parallel ddp")
     if cfg.advantage == "grpo" and cfg.adaptive_kl:
         raise SystemExit("error: GRPO weighs its KL term by a fixed kl_coef; --adaptive_kl is for gae and rloo")
 
@@ -288,16 +290,16 @@ def train(cfg: Config, dist: Dist) -> dict:
     reference, reward_model, critic = frozen_models_and_critic(cfg, policy, dist.device)
     trained = PolicyAndCritic(policy, critic) if critic else policy
     trained.eval()  # dropout off in policy and critic, in rollouts and updates alike
+    model = wrap_model(trained, dist, cfg)
     optimizer = make_optimizer(trained, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
-    start = step = run.start(policy, optimizer)
+    start = step = run.start(policy, optimizer, optimized=trained)
     tokens = 0  # real tokens of the rollouts, once per PPO epoch that trains on them
     if run.resumed:
         if critic:
             load_trainable(critic, run.resumed["critic"], run.ckpt_path)
         kl_ctl.value, tokens = run.resumed["kl_coef"], run.resumed["tokens"]
-    model = wrap_model(trained, dist, cfg.compile)
     ctx = autocast(dist.device, cfg.dtype)
     reward_mean, reward_std = (run.resumed["reward_norm"] if run.resumed
                                else reward_statistics(policy, reward_model, tok, prompts, cfg, dist, ctx))
@@ -327,7 +329,7 @@ def train(cfg: Config, dist: Dist) -> dict:
             critic_state = {"critic": trainable_state(critic)} if critic else {}
             run.save(step, policy, optimizer, tok, {**critic_state, "kl_coef": kl_ctl.value, "tokens": tokens,
                                                     "reward_norm": [reward_mean, reward_std],
-                                                    **lora_record(cfg, cfg.sft_ckpt)})
+                                                    **lora_record(cfg, cfg.sft_ckpt)}, optimized=trained)
         if step == cfg.max_iters:
             break
         t_rollout = time.time()

@@ -100,10 +100,10 @@ def train(cfg: Config, dist: Dist) -> dict:
     prepare_trainable(raw_model.backbone, cfg)  # the head always trains
     raw_model.to(dist.device)
     loss_fn = partial(rm_batch_loss, cfg=cfg)
+    model = wrap_model(raw_model, dist, cfg)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     start = step = run.start(raw_model, optimizer)
     tokens = run.resumed["tokens"] if run.resumed else 0  # real tokens trained on so far
-    model = wrap_model(raw_model, dist, cfg.compile)
     ctx = autocast(dist.device, cfg.dtype)
     n_pairs = len(train_data["chosen_input_ids"])
     if dist.master:

@@ -132,11 +132,12 @@ def train_tokenizer_on(examples, vocab_size: int) -> Tokenizer:
 
 def evaluate(model, raw_model, val_data, prompts, tok, cfg: Config, dist: Dist, ctx):
     """Held-out loss on every rank's shard; on rank 0, samples for held-out prompts, scored by
-    the gold reward on the toy task. Returns the metrics and a few samples to print."""
+    the gold reward on the toy task (under FSDP every rank samples the same, since every forward
+    is collective). Returns the metrics and a few samples to print."""
     model.eval()
     sums = heldout_sums(model, val_data, sft_loss, dist, ctx, cfg.batch_size)
     metrics, samples = {"eval/loss": sums["loss"] / n_labels(val_data["labels"])}, []
-    if dist.master and prompts:
+    if prompts and (dist.master or dist.sharded):
         with ctx:
             _, texts, ended = sample_completions(raw_model, tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed)
         toy = not cfg.train_file
@@ -164,10 +165,10 @@ def train(cfg: Config, dist: Dist) -> dict:
         raise SystemExit(f"error: max_length + max_new_tokens exceeds the model's block_size "
                          f"{raw_model.config.block_size}")
     raw_model.to(dist.device)
+    model = wrap_model(raw_model, dist, cfg)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     start = step = run.start(raw_model, optimizer)
     tokens = run.resumed["tokens"] if run.resumed else 0  # real tokens trained on so far
-    model = wrap_model(raw_model, dist, cfg.compile)
     ctx = autocast(dist.device, cfg.dtype)
     n_examples = len(train_data["input_ids"])
     if dist.master:

@@ -1,6 +1,6 @@
 """
 Plumbing that every training script shares, each piece with one obvious meaning: config
-dataclass to command line, torchrun/DDP setup, device and dtype, seeding, the optimizer and its
+dataclass to command line, torchrun setup (DDP or FSDP2), device and dtype, seeding, the optimizer and its
 schedule, the data order, one optimizer step with gradient accumulation, the run folder
 (config, metrics, checkpoint, resume) and the script's main. No training loop and no algorithm
 lives here: each train_X.py shows its own loop, and its loss lives in dpo.py, ppo.py,
@@ -24,12 +24,16 @@ from typing import Literal, Optional, Union, get_args, get_origin, get_type_hint
 
 import torch
 import torch.distributed as torch_dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError, Tokenizer, load_checkpoint, take, write_atomic
 from hf import load_folder
 from lora import TARGETS, attach_lora, merge_lora
-from model import GPT, GPTConfig
+from model import GPT, Block, GPTConfig
 from reward_model import RewardModel
 
 # -----------------------------------------------------------------------------
@@ -131,6 +135,8 @@ class TrainConfig:
     """bfloat16 runs under autocast"""
     compile: bool = False
     """torch.compile the model"""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: ddp keeps a whole copy of the model on every process; fsdp shards weights, gradients and optimizer state (FSDP2)"""
     seed: int = 1337
     """seeds the initialisation, the data order and the samples"""
     # memory
@@ -158,10 +164,13 @@ class TrainConfig:
 @dataclass
 class Dist:
     ddp: bool
+    """launched by torchrun: a process group exists (whatever --parallel says)"""
     rank: int
     local_rank: int
     world_size: int
     device: torch.device
+    sharded: bool = False
+    """--parallel fsdp under torchrun: every forward is collective, so every rank must run each one"""
 
     @property
     def master(self) -> bool:
@@ -180,9 +189,10 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def setup_distributed(device_name: str) -> Dist:
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process.
-    gloo on CPU, nccl on CUDA; each process takes the GPU of its local rank."""
+def setup_distributed(device_name: str, parallel: str = "ddp") -> Dist:
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process (and
+    --parallel has nothing to do). gloo on CPU, nccl on CUDA; each process takes the GPU of its
+    local rank."""
     device = pick_device(device_name)
     if "RANK" not in os.environ:
         return Dist(False, 0, 0, 1, device)
@@ -191,7 +201,7 @@ def setup_distributed(device_name: str) -> Dist:
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
     torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(True, rank, local_rank, world_size, device)
+    return Dist(True, rank, local_rank, world_size, device, sharded=parallel == "fsdp")
 
 
 def cleanup_distributed(dist: Dist, finished: bool) -> None:
@@ -286,8 +296,13 @@ def micro_batches(indices: torch.Tensor, dist: Dist, grad_accum: int) -> list[to
 
 
 def shard_indices(n: int, dist: Dist, batch_size: int) -> list[torch.Tensor]:
-    """This rank's share of a held-out set of n examples (every world_size-th row), in batches."""
-    return list(torch.arange(n)[dist.rank::dist.world_size].split(batch_size))
+    """This rank's share of a held-out set of n examples (every world_size-th row), in batches.
+    Under FSDP every forward is collective, so a rank with a batch fewer than rank 0 (which has
+    the most rows) gets an empty one to run with it."""
+    batches = list(torch.arange(n)[dist.rank::dist.world_size].split(batch_size))
+    if dist.sharded:
+        batches += [torch.arange(0)] * (math.ceil(math.ceil(n / dist.world_size) / batch_size) - len(batches))
+    return batches
 
 
 # -----------------------------------------------------------------------------
@@ -309,14 +324,18 @@ def train_step(model, optimizer, batches: list, loss_fn, n_global: int, grad_cli
     loss_fn(model, batch) -> (loss_sum, {name: sum}) returns sums over the batch's loss terms
     (tokens for SFT, pairs for DPO), not means. Dividing by n_global, the number of terms in the
     whole global batch, makes the gradient the global mean, whatever the world size and number
-    of micro-batches (DDP averages gradients over ranks, hence the factor world_size). Gradients
-    are all-reduced once, on the last micro-batch: the others run under no_sync, entered before
-    their forward pass. Returns the global means of the loss and metrics, and grad_norm (before
-    clipping); a non-finite loss raises NonFiniteLoss before the weights are touched."""
+    of micro-batches (DDP and FSDP average gradients over ranks, hence the factor world_size).
+    Gradients are reduced once, on the last micro-batch: under DDP the others run under no_sync,
+    entered before their forward pass; under FSDP with gradient sync off, which keeps each
+    micro-batch's unsharded gradients for the last one to reduce-scatter. Returns the global
+    means of the loss and metrics, and grad_norm (before clipping; under FSDP the norm over every
+    rank's shards); a non-finite loss raises NonFiniteLoss before the weights are touched."""
     sums = 0
     for i, batch in enumerate(batches):
         sync = not dist.ddp or i == len(batches) - 1
-        with nullcontext() if sync else model.no_sync():
+        if dist.sharded:
+            model.set_requires_gradient_sync(sync)
+        with nullcontext() if sync or dist.sharded else model.no_sync():
             with ctx:
                 loss_sum, metric_sums = loss_fn(model, batch)
             (loss_sum * (dist.world_size / n_global)).backward()
@@ -326,7 +345,8 @@ def train_step(model, optimizer, batches: list, loss_fn, n_global: int, grad_cli
     if not math.isfinite(stats["loss"]):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(f"step {step}: loss is {stats['loss']}")
-    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    stats["grad_norm"] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return stats
@@ -349,13 +369,36 @@ def heldout_sums(model, data: dict[str, torch.Tensor], loss_fn, dist: Dist, ctx,
 # Models, checkpoints, resume, metrics
 
 
-def wrap_model(model: torch.nn.Module, dist: Dist, compile: bool) -> torch.nn.Module:
-    """Optionally compile, then wrap in DDP. Keep a reference to the raw module for saving."""
-    if compile:
-        model = torch.compile(model)
-    if dist.ddp:
+def wrap_model(model: torch.nn.Module, dist: Dist, cfg: TrainConfig) -> torch.nn.Module:
+    """Under torchrun, DDP or FSDP; then optionally compile. Keep a reference to the raw module:
+    it is what saves, loads and samples. FSDP shards in place, so build the optimizer after this."""
+    if dist.sharded:
+        shard(model, cfg.dtype)
+    elif dist.ddp:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
     return model
+
+
+def shard(model: torch.nn.Module, dtype: str) -> None:
+    """FSDP2 (Zhao et al. 2023; torch.distributed.fsdp.fully_shard) in place: each transformer
+    block is one unit, all-gathered just before it runs and freed after; the embeddings, final
+    norm and heads are the root's unit. Every rank keeps 1/world_size of each weight, gradient
+    and optimizer state. Under bfloat16 the gathered weights are cast to bfloat16 for compute and
+    gradients are reduced in float32 (the sharded master weights stay float32). generate and
+    values run outside forward, so they are registered to gather the root's weights too. Rank
+    0's weights are broadcast first, as DDP does, since a new model is initialised per rank."""
+    for t in [*model.parameters(), *model.buffers()]:
+        torch_dist.broadcast(t.data, src=0)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if dtype == "bfloat16" else MixedPrecisionPolicy()
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for method in ("generate", "values"):
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
 
 
 def load_gpt(path: str, dtype: torch.dtype | None = torch.float32) -> tuple[GPT, Tokenizer, dict]:
@@ -438,17 +481,26 @@ def n_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+"""whole tensors on the CPU, whether the model is sharded (FSDP) or not: one checkpoint format for
+every --parallel and world size. Under FSDP the gather is collective and only rank 0 gets them."""
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint keeps of a model: every weight, or only those that train when some are
-    frozen (LoRA's adapters, and a reward model's head), since the rest is the base model."""
+    frozen (LoRA's adapters, and a reward model's head), since the rest is the base model.
+    Collective under FSDP: every rank calls it."""
+    state = get_model_state_dict(model, options=FULL)
     if all(p.requires_grad for p in model.parameters()):
-        return model.state_dict()
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        return state
+    return {name: state[name] for name, p in model.named_parameters() if p.requires_grad and name in state}
 
 
 def load_trainable(model: torch.nn.Module, state: dict, where: str) -> None:
-    """Load trainable_state's output; every parameter that trains must be in it."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """Load trainable_state's output into a model, sharded (FSDP) or not; every parameter that
+    trains must be in it."""
+    missing, unexpected = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
+                                                                                       strict=False))
     frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     if unexpected or set(missing) - frozen:
         raise DataError(f"{where}: the checkpoint does not fit the model (missing {sorted(set(missing) - frozen)[:3]}, "
@@ -493,9 +545,11 @@ class Run:
         interval = cfg.early_eval_interval if early else cfg.eval_interval
         return (step % interval == 0 or step == cfg.max_iters) and not (self.resumed and step == start)
 
-    def start(self, model: torch.nn.Module, optimizer) -> int:
+    def start(self, model: torch.nn.Module, optimizer, optimized: torch.nn.Module | None = None) -> int:
         """Create or restore the run; returns the step to start from. Call after all input has
-        been read and validated, so that bad input leaves the directory untouched."""
+        been read and validated, so that bad input leaves the directory untouched, and after
+        wrap_model. `optimized` is the module whose parameters the optimizer steps, where that
+        is more than `model` (PPO's policy and critic)."""
         if not self.cfg.resume:
             if self.dist.master:
                 os.makedirs(self.dir, exist_ok=True)
@@ -511,7 +565,8 @@ class Run:
         if changed and self.dist.master:
             print(f"warning: resuming with changed settings (was, now): {changed}", file=sys.stderr)
         load_trainable(model, ckpt["model"], self.ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        set_optimizer_state_dict(optimized or model, optimizer, ckpt["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         if len(ckpt["rng"]) == self.dist.world_size:
             torch.set_rng_state(ckpt["rng"][self.dist.rank])
         elif self.dist.master:
@@ -538,14 +593,19 @@ class Run:
             for line in samples:
                 tqdm.write(f"  {line}")
 
-    def save(self, step: int, model: GPT, optimizer, tokenizer: Tokenizer, extra: dict | None = None) -> None:
-        """Atomic (temporary file, then rename): an interrupted save leaves the last good one."""
-        rng = _gather_rng(self.dist)  # every rank takes part in the gather
+    def save(self, step: int, model: GPT, optimizer, tokenizer: Tokenizer, extra: dict | None = None,
+             optimized: torch.nn.Module | None = None) -> None:
+        """Atomic (temporary file, then rename): an interrupted save leaves the last good one.
+        Whole tensors, keyed by parameter name (the optimizer's state too), whatever --parallel
+        and world size wrote them, so any of them resumes it."""
+        rng = _gather_rng(self.dist)  # every rank takes part in the gathers
+        model_state = trainable_state(model)
+        optimizer_state = get_optimizer_state_dict(optimized or model, optimizer, options=FULL)
         if not self.dist.master:
             return
         state = {
-            "model": trainable_state(model), "model_config": dataclasses.asdict(model.config),
-            "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
+            "model": model_state, "model_config": dataclasses.asdict(model.config),
+            "optimizer": optimizer_state, "step": step, "rng": rng,
             "config": dataclasses.asdict(self.cfg), "tokenizer": tokenizer.state(), **(extra or {}),
         }
         tmp = f"{self.ckpt_path}.tmp"
@@ -559,7 +619,7 @@ def run_script(config_cls, train, argv, description: str) -> int:
     field; a non-finite loss exits with status 1 and names the step."""
     t0 = time.time()
     cfg = parse_config(config_cls, argv, description)
-    dist = setup_distributed(cfg.device)
+    dist = setup_distributed(cfg.device, cfg.parallel)
     metrics = None
     try:
         metrics = train(cfg, dist)

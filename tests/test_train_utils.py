@@ -116,6 +116,16 @@ def test_micro_batches_and_held_out_shards_cover_every_row_once():
         micro_batches(torch.arange(10), ranks[0], grad_accum=3)
 
 
+def test_sharded_held_out_batches_are_padded_with_empty_ones_so_every_rank_runs_as_many_forwards():
+    """Under FSDP a forward is collective: a rank with fewer rows must still run each one."""
+    ranks = [Dist(True, r, r, 2, torch.device("cpu"), sharded=True) for r in range(2)]
+    for n, batch_size in [(7, 2), (5, 1), (1, 4)]:
+        shards = [shard_indices(n, d, batch_size) for d in ranks]
+        assert len(shards[0]) == len(shards[1]) == math.ceil(math.ceil(n / 2) / batch_size)
+        assert sorted(torch.cat([b for s in shards for b in s]).tolist()) == list(range(n))  # every row once
+    assert [t.tolist() for t in shard_indices(5, ranks[1], 1)] == [[1], [3], []]
+
+
 def test_evaluation_schedule_is_dense_early_then_every_eval_interval_and_at_the_end(tmp_path):
     cfg = TrainConfig(out_dir=str(tmp_path), max_iters=65, eval_interval=10, early_eval_interval=2, early_eval_until=30)
     run = Run(cfg, CPU)

@@ -1,0 +1,98 @@
+"""FSDP2 (--parallel fsdp) under torchrun on CPU with gloo: 2 sharded processes train the same
+weights as 1 process and as 2 DDP processes, with gradient accumulation and a clip that binds;
+an FSDP checkpoint holds whole tensors, loads in one process, and resumes under FSDP with any
+number of processes (or in one process) to the uninterrupted run.
+
+    python -m pytest -q tests/test_fsdp.py
+"""
+import os
+
+import pytest
+import torch
+
+from conftest import read_metrics, run_python
+from data import load_checkpoint
+
+pytestmark = pytest.mark.slow
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone")
+
+
+def launch(script, args, nproc=0, parallel="ddp"):
+    """python SCRIPT (nproc 0) or torchrun with nproc processes; fails the test on an error."""
+    prefix = (*TORCHRUN, f"--nproc_per_node={nproc}") if nproc else ()
+    r = run_python(*prefix, script, *args, f"--parallel={parallel}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def flags(**kwargs):
+    return [f"--{k}={v}" for k, v in kwargs.items()]
+
+
+def sft_args(toy_dir, out_dir, **overrides):
+    # grad_clip 0.05 binds at every step (the norm starts near 1), so the clip's global norm over shards is tested
+    return flags(**{**dict(data_dir=toy_dir, out_dir=out_dir, device="cpu", batch_size=16, max_iters=3, grad_clip=0.05,
+                           eval_interval=3, eval_samples=6, print_samples=0, log_interval=1), **overrides})
+
+
+def pair_args(sft_pairs, toy_dir, out_dir, **overrides):
+    ckpt, pairs = sft_pairs
+    return flags(**{**dict(sft_ckpt=ckpt, train_file=f"{pairs}/pairs_train.jsonl", val_file=f"{pairs}/pairs_val.jsonl",
+                           out_dir=out_dir, device="cpu", batch_size=16, max_iters=3, grad_clip=0.05,
+                           eval_interval=3, print_samples=0, log_interval=1), **overrides})
+
+
+def assert_same_run(a, b, atol=1e-5):
+    """Equal final weights and equal logged metrics (every step's loss, grad_norm, evaluations)."""
+    x, y = load_checkpoint(os.path.join(a, "ckpt.pt")), load_checkpoint(os.path.join(b, "ckpt.pt"))
+    assert x["model"].keys() == y["model"].keys()
+    for name, tensor in x["model"].items():
+        torch.testing.assert_close(y["model"][name], tensor, rtol=0, atol=atol, msg=name)
+    for m, n in zip(read_metrics(a), read_metrics(b), strict=True):
+        assert m.keys() == n.keys()
+        for k in m:
+            if not k.endswith("accuracies"):  # a pair whose margin is ~0 may flip by rounding
+                assert m[k] == pytest.approx(n[k], abs=atol), k
+
+
+@pytest.mark.parametrize("script", ["train_sft.py", "train_dpo.py", "train_rm.py"])
+def test_two_fsdp_processes_train_the_weights_of_one_process_and_of_two_ddp_processes(script, toy_dir, sft_pairs,
+                                                                                       tmp_path):
+    """The global batch of 16 in 4 micro-batches: 1 process x grad_accum 4, 2 DDP processes x 2,
+    2 FSDP processes x 2 (the first micro-batch's gradients kept unsharded, reduced with the
+    second's). DPO's frozen reference is sharded too, and evaluations sample on the sharded policy."""
+    if script == "train_sft.py":
+        args = lambda out, **kw: sft_args(toy_dir, out, **kw)
+    else:
+        extra = dict(eval_prompts=f"{toy_dir}/prompts_val.jsonl", eval_samples=6) if script == "train_dpo.py" else {}
+        args = lambda out, **kw: pair_args(sft_pairs, toy_dir, out, **extra, **kw)
+    one, ddp, fsdp = (str(tmp_path / name) for name in ("one", "ddp", "fsdp"))
+    launch(script, args(one, grad_accum=4))
+    launch(script, args(ddp, grad_accum=2), nproc=2)
+    launch(script, args(fsdp, grad_accum=2), nproc=2, parallel="fsdp")
+    assert all(m["grad_norm"] > 0.05 for m in read_metrics(one) if "grad_norm" in m)  # the clip binds
+    assert any(k.startswith("eval/") and k != "eval/loss" for k in read_metrics(one)[-1])  # sampled evaluation
+    assert_same_run(one, ddp)
+    assert_same_run(one, fsdp)
+
+
+def test_fsdp_checkpoint_loads_in_one_process_and_resumes_under_any_world_size(toy_dir, tmp_path):
+    """SFT for 4 steps under FSDP with 2 processes, against the same run stopped at step 2 and
+    resumed: under FSDP with 2 processes, with 1 (torchrun, FSDP of one), and in one plain
+    process. Each resumed run's weights and metrics equal the uninterrupted one's."""
+    whole = str(tmp_path / "whole")
+    common = dict(eval_interval=2, lr_decay_iters=4, grad_accum=2)
+    launch("train_sft.py", sft_args(toy_dir, whole, max_iters=4, **common), nproc=2, parallel="fsdp")
+    ckpt = load_checkpoint(os.path.join(whole, "ckpt.pt"))  # weights_only, one process, whole tensors
+    assert ckpt["model"]["lm_head.weight"].shape == (ckpt["model_config"]["vocab_size"], ckpt["model_config"]["n_embd"])
+    half = str(tmp_path / "half")
+    launch("train_sft.py", sft_args(toy_dir, half, max_iters=2, **common), nproc=2, parallel="fsdp")
+    for name, nproc, parallel in [("fsdp2", 2, "fsdp"), ("fsdp1", 1, "fsdp"), ("plain", 0, "ddp")]:
+        split = str(tmp_path / name)
+        os.makedirs(split)
+        for f in ("ckpt.pt", "metrics.jsonl", "config.json"):
+            with open(os.path.join(half, f), "rb") as src, open(os.path.join(split, f), "wb") as dst:
+                dst.write(src.read())
+        launch("train_sft.py", sft_args(toy_dir, split, max_iters=4, resume=True, **common), nproc=nproc,
+               parallel=parallel)
+        assert_same_run(whole, split)
