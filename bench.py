@@ -9,6 +9,7 @@ speed beside transformers.
     python bench.py --presets tiny --steps 3 --json out/bench.json
     python bench.py --presets none --real_shapes --vs_transformers   # real shapes; needs transformers
     python bench.py --presets none --memory           # peak memory of SFT and DPO steps at SmolLM2-135M's shape
+    python bench.py --presets none --sharding         # per-GPU memory under DDP and FSDP, 1.1B and 7B (computed)
 
 MFU = model FLOPs per second / a matrix-multiply peak that this script measures itself, on the
 same device and dtype, in the same run (a large square matmul, median of repeats); never a
@@ -77,6 +78,8 @@ class Config:
     memory: bool = False
     """peak memory of an SFT and a DPO step at --memory_shape: full fine-tuning or LoRA, gradient
     checkpointing or not, the reference as a copy or as the adapters switched off (each in a fresh process)"""
+    sharding: bool = False
+    """print the per-GPU memory of the model states under DDP and FSDP for SCALE_SHAPES, computed"""
     memory_shape: str = "SmolLM2-135M"
     """the REAL_SHAPES model measured by --memory; the others are computed from its measurement"""
     memory_batch: int = 4
@@ -238,6 +241,47 @@ def real_shape_table() -> list[str]:
         kv_per_token = 2 * c.n_layer * c.n_kv_head * c.head_dim * 2  # keys and values, bf16
         lines.append(f"| {name} | {n / 1e6:.1f}M | {2 * n / 2**30:.2f} GiB | {kv_per_token * 1024 / 2**20:.0f} MiB "
                      f"| {12 * n / 2**30:.2f} GiB | {16 * n / 2**30:.2f} GiB |")
+    return lines
+
+
+SCALE_SHAPES = {
+    "TinyLlama-1.1B": REAL_SHAPES["TinyLlama-1.1B"],
+    "Mistral-7B": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+WORLD_SIZES = [1, 2, 4, 8, 16]
+
+
+def sharded_memory(n_params: int, block_params: int, root_params: int, world_size: int, parallel: str,
+                   reference: bool) -> float:
+    """Bytes per GPU of the model states of full fine-tuning with AdamW, float32 master weights and
+    bfloat16 compute (--dtype bfloat16): 4 (weights) + 4 (gradients) + 8 (two moments) bytes a
+    trained parameter, and 2 a frozen bfloat16 reference (DPO, --frozen_dtype bfloat16). DDP keeps
+    all of it on every GPU, and with 2 or more its gradient buckets another 4 bytes a parameter. FSDP keeps
+    1/world_size of it, plus what is unsharded for a moment: the root (embeddings, head) and two
+    blocks (the one running and the one prefetched), bfloat16 weights and float32 gradients, 6
+    bytes a parameter. Activations are left out: they depend on batch, length and checkpointing."""
+    states = (16 + 2 * reference) * n_params
+    if parallel == "ddp":
+        return states + 4 * n_params * (world_size > 1)
+    return states / world_size + 6 * (root_params + 2 * block_params)
+
+
+def sharding_table() -> list[str]:
+    """sharded_memory for SCALE_SHAPES, SFT and DPO, DDP and FSDP at WORLD_SIZES, in GB (1e9 bytes)."""
+    lines = ["| model | stage | parallel | " + " | ".join(f"N={n}" for n in WORLD_SIZES) + " |",
+             "|---|---|---|" + "---|" * len(WORLD_SIZES)]
+    for name, shape in SCALE_SHAPES.items():
+        with torch.device("meta"):
+            model = GPT(config_from_hf(shape, name))
+        n = model.num_params(non_embedding=False)
+        block = sum(p.numel() for p in model.transformer.h[0].parameters())
+        root = n - block * len(model.transformer.h)
+        for stage, reference in (("SFT", False), ("DPO", True)):
+            for parallel in ("ddp", "fsdp"):
+                cells = [sharded_memory(n, block, root, w, parallel, reference) / 1e9 for w in WORLD_SIZES]
+                lines.append(f"| {name} ({n / 1e9:.2f}B) | {stage} | {parallel} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     return lines
 
 
@@ -409,6 +453,11 @@ def main(argv=None) -> int:
                      f"| {r['mfu']:.1%} | {overhead} | {r['peak_mem_mb']:.0f} |")
     if cfg.memory:
         lines += ["", *memory_table(cfg, device, name)]
+    if cfg.sharding:
+        lines += ["", "Per-GPU memory of the model states in GB, computed (bench.sharded_memory: float32 weights, "
+                  "gradients and AdamW moments, 16 bytes a parameter, a bfloat16 reference for DPO, 2; DDP's gradient "
+                  "buckets 4 more; FSDP divides by N and adds the root and two blocks unsharded, 6 bytes a "
+                  "parameter; activations not included):", "", *sharding_table()]
     if cfg.real_shapes:
         lines += ["", "Real shapes (computed; bf16 is 2 bytes a parameter; full fine-tuning with AdamW is bf16 weights and "
                   "gradients plus two float32 moments, 12 bytes a parameter, and 16 with float32 master weights as "

@@ -56,3 +56,17 @@ def test_dtype_handling_of_the_gpu_path_on_cpu(toy_dir, tmp_path):
     with torch.no_grad(), autocast(torch.device("cpu"), "bfloat16"):
         model(torch.tensor([[2, 5, 6]]), kv_cache=cache)
     assert cache.k.dtype == torch.bfloat16
+
+
+def test_sharded_memory_of_tinyllama_matches_the_hand_arithmetic():
+    """TinyLlama-1.1B: 22 blocks of 44,044,288 parameters (q and o 2048 x 2048, k and v 2048 x 256,
+    three MLP matrices 2048 x 5632, two norms) and a root of 131,074,048 (embedding and head
+    32000 x 2048, final norm): 1,100,048,384 in all."""
+    n, block, root = 1_100_048_384, 44_044_288, 131_074_048
+    assert 22 * block + root == n
+    dpo_fsdp_4 = 18 * n / 4 + 6 * (root + 2 * block)  # 16 trained + 2 reference bytes, sharded 4 ways; 3 units unsharded
+    assert bench.sharded_memory(n, block, root, 4, "fsdp", reference=True) == dpo_fsdp_4
+    assert bench.sharded_memory(n, block, root, 8, "ddp", reference=False) == 20 * n  # replicated, buckets included
+    assert bench.sharded_memory(n, block, root, 1, "ddp", reference=False) == 16 * n  # one process: no buckets
+    row = next(line for line in bench.sharding_table() if line.startswith("| TinyLlama-1.1B (1.10B) | DPO | fsdp |"))
+    assert row.split(" | ")[5] == f"{dpo_fsdp_4 / 1e9:.1f}"  # the N=4 column
