@@ -499,12 +499,13 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def load_trainable(model: torch.nn.Module, state: dict, where: str) -> None:
     """Load trainable_state's output into a model, sharded (FSDP) or not; every parameter that
     trains must be in it."""
-    missing, unexpected = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
-                                                                                       strict=False))
-    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    if unexpected or set(missing) - frozen:
-        raise DataError(f"{where}: the checkpoint does not fit the model (missing {sorted(set(missing) - frozen)[:3]}, "
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(trained - set(state)), sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise DataError(f"{where}: the checkpoint does not fit the model (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}); were the LoRA settings changed?")
+    # a copy: the helper fills the dict it is given with the model's other weights
+    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _gather_rng(dist: Dist) -> list[torch.Tensor]:
@@ -565,8 +566,9 @@ class Run:
         if changed and self.dist.master:
             print(f"warning: resuming with changed settings (was, now): {changed}", file=sys.stderr)
         load_trainable(model, ckpt["model"], self.ckpt_path)
-        set_optimizer_state_dict(optimized or model, optimizer, ckpt["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        if ckpt["optimizer"] is not None:
+            set_optimizer_state_dict(optimized or model, optimizer, ckpt["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         if len(ckpt["rng"]) == self.dist.world_size:
             torch.set_rng_state(ckpt["rng"][self.dist.rank])
         elif self.dist.master:
@@ -599,8 +601,12 @@ class Run:
         Whole tensors, keyed by parameter name (the optimizer's state too), whatever --parallel
         and world size wrote them, so any of them resumes it."""
         rng = _gather_rng(self.dist)  # every rank takes part in the gathers
-        model_state = trainable_state(model)
-        optimizer_state = get_optimizer_state_dict(optimized or model, optimizer, options=FULL)
+        if not (self.dist.master or self.dist.sharded):  # a replica has nothing rank 0 lacks
+            return
+        model_state = trainable_state(model)  # under FSDP a collective gather, whole tensors on rank 0 only
+        # none before the first step: the helper would make one with a dummy step, which advances
+        # AdamW's step count and so changes its first real update
+        optimizer_state = get_optimizer_state_dict(optimized or model, optimizer, options=FULL) if optimizer.state else None
         if not self.dist.master:
             return
         state = {

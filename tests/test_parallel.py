@@ -1,9 +1,10 @@
-"""FSDP2 (--parallel fsdp) under torchrun on CPU with gloo: 2 sharded processes train the same
-weights as 1 process and as 2 DDP processes, with gradient accumulation and a clip that binds;
-an FSDP checkpoint holds whole tensors, loads in one process, and resumes under FSDP with any
-number of processes (or in one process) to the uninterrupted run.
+"""Data parallelism under torchrun on CPU with gloo: 2 DDP processes and 2 FSDP2 processes
+(--parallel fsdp) train the same weights as 1 process (SFT, DPO, reward model), with gradient
+accumulation and a clip that binds; an FSDP checkpoint holds whole tensors, loads in one
+process, and resumes under FSDP with any number of processes (or in one process) to the
+uninterrupted run.
 
-    python -m pytest -q tests/test_fsdp.py
+    python -m pytest -q tests/test_parallel.py
 """
 import os
 

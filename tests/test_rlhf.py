@@ -346,7 +346,7 @@ def test_two_ddp_processes_equal_one_process(advantage, sft_pairs, toy_dir, rewa
 def test_resumed_ppo_run_equals_the_uninterrupted_one(sft_pairs, toy_dir, reward_ckpt, tmp_path):
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
     common = dict(reward_ckpt=f"{reward_ckpt}/ckpt.pt", eval_interval=2, early_eval_interval=1, early_eval_until=2,
-                  lr_decay_iters=4, adaptive_kl=True, kl_target=0.5)  # evaluations at 0, 1, 2, 4
+                  lr_decay_iters=4, adaptive_kl=True, kl_target=0.5, gold_eval=True, eval_samples=8)  # evaluations at 0, 1, 2, 4
     assert train_ppo.main(ppo_args(sft_pairs, toy_dir, whole, max_iters=4, **common)) == 0
     assert train_ppo.main(ppo_args(sft_pairs, toy_dir, split, max_iters=2, **common)) == 0
     assert train_ppo.main(ppo_args(sft_pairs, toy_dir, split, max_iters=4, resume=True, **common)) == 0

@@ -1,5 +1,6 @@
-"""SFT training end to end: convergence on the toy task, DDP equals one process, resume equals an
-uninterrupted run, the NaN guard, and clear errors on bad input through the command line.
+"""SFT training end to end: convergence on the toy task, resume equals an uninterrupted run, the
+NaN guard, and clear errors on bad input through the command line (DDP and FSDP against one
+process: tests/test_parallel.py).
 
     python -m pytest -q tests/test_train_sft.py          # add -m "not slow" to skip the runs
 """
@@ -85,25 +86,6 @@ def test_help_documents_every_flag(capsys):
         assert f"--{name}" in text
     assert "sequences (or pairs) per optimizer step, over all processes and micro-batches" in text
 
-
-
-@pytest.mark.slow
-def test_two_ddp_processes_equal_one_process(toy_dir, tmp_path):
-    """torchrun with 2 gloo processes against 1 process with 2 micro-batches: same global batch,
-    same loss normalisation, so the same weights after 3 steps."""
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    r = run_python("train_sft.py", *tiny_args(toy_dir, one, max_iters=3, grad_accum=2))
-    assert r.returncode == 0, r.stderr
-    r = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_sft.py",
-                   *tiny_args(toy_dir, two, max_iters=3))
-    assert r.returncode == 0, r.stderr
-    a, b = load_checkpoint(os.path.join(one, "ckpt.pt")), load_checkpoint(os.path.join(two, "ckpt.pt"))
-    for name, tensor in a["model"].items():
-        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
-    for x, y in zip(read_metrics(one), read_metrics(two), strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert x[k] == pytest.approx(y[k], abs=1e-5), k
 
 
 BAD_SFT = {

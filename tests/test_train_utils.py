@@ -5,11 +5,13 @@ the NaN guard), the data order, held-out sharding and the evaluation schedule.
     python -m pytest -q tests/test_train_utils.py
 """
 import math
+import os
 from contextlib import nullcontext
 
 import pytest
 import torch
 
+from data import load_checkpoint
 from model import GPT, GPTConfig
 from train_utils import (Dist, NonFiniteLoss, Run, TrainConfig, global_batch, lr_at, make_optimizer, micro_batches,
                          set_lr, shard_indices, train_step)
@@ -132,3 +134,26 @@ def test_evaluation_schedule_is_dense_early_then_every_eval_interval_and_at_the_
     assert [s for s in range(66) if run.evaluates(s, 0)] == list(range(0, 30, 2)) + [30, 40, 50, 60, 65]
     cfg.early_eval_interval = 0  # off: early_eval_until alone changes nothing
     assert [s for s in range(66) if run.evaluates(s, 0)] == [0, 10, 20, 30, 40, 50, 60, 65]
+
+
+class _Tokenizer:
+    def state(self):
+        return {}
+
+
+def test_a_checkpoint_before_the_first_step_leaves_the_optimizer_untouched(tmp_path):
+    """At step 0 AdamW has no state: the checkpoint holds none, and saving must not make one
+    (torch's state-dict helper would, with a dummy step that advances AdamW's step count and so
+    changes its first real update)."""
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    run = Run(TrainConfig(out_dir=str(tmp_path)), CPU)
+    run.start(model, optimizer)
+    run.save(0, model, optimizer, _Tokenizer())
+    assert not optimizer.state
+    assert load_checkpoint(os.path.join(str(tmp_path), "ckpt.pt"))["optimizer"] is None
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    optimizer.step()
+    run.save(1, model, optimizer, _Tokenizer())
+    saved = load_checkpoint(os.path.join(str(tmp_path), "ckpt.pt"))["optimizer"]["state"]
+    assert all(float(v["step"]) == 1 for v in saved.values())  # keyed by name, one step taken
