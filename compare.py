@@ -37,8 +37,8 @@ import train_ppo
 import train_rm
 import train_sft
 from data import collate, gold_reward, load_preferences, load_prompts, prepare_toy_data, write_atomic
-from evaluate import (PolicyEvaluator, best_of_n, completion_logprobs, mixture_log_ratio, optimal_frontier,
-                      sample_completions)
+from evaluate import (PolicyEvaluator, SentimentTilt, best_of_n, completion_logprobs, mixture_log_ratio,
+                      optimal_frontier, sample_completions)
 from train_utils import autocast, load_gpt, load_reward_model, parse_config, pick_device
 
 
@@ -56,10 +56,14 @@ class Config:
     """held-out prompts in every evaluation"""
     bon_max: int = 16
     """best-of-N is traced for N = 1, 2, 4, ... up to this"""
-    ceiling_prompts: int = 256
+    ceiling_prompts: int = 64
     """held-out prompts used to estimate the optimal frontier (the first of the evaluation's)"""
-    ceiling_samples: int = 128
-    """samples per prompt for the optimal frontier, in equal numbers from the reference and each gold-reward RL policy"""
+    ceiling_samples: int = 2048
+    """samples per prompt for the optimal frontier, in equal numbers from the reference and each of its tilts"""
+    ceiling_check_samples: int = 128
+    """samples per prompt for the same frontier on all eval_samples prompts, to measure the subset's offset"""
+    ceiling_only: bool = False
+    """train (or reuse) only the SFT models and write the ceiling's rows over seeds to ceiling.md"""
     tiny: bool = False
     """a smoke-test size: every stage a few steps (for the tests; the numbers mean nothing)"""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -183,6 +187,14 @@ def path(out_dir: str) -> list[tuple[float, float]]:
         return [(r["eval/kl"], r["eval/gold_reward"]) for r in map(json.loads, f) if "eval/kl" in r]
 
 
+def sft_stage(cfg: Config, study: Study, seed: int) -> str:
+    """Train (or reuse) a seed's SFT model, the reference of every other stage; its checkpoint."""
+    out_dir = os.path.join(cfg.out_dir, f"seed{seed}", "sft")
+    study.stage("sft", out_dir, flags(out_dir=out_dir, device=cfg.device, dtype=cfg.dtype, seed=1337 + seed,
+                                      data_dir=cfg.data_dir, **sweeps(cfg)["sft"]), train_sft.main)
+    return os.path.join(out_dir, "ckpt.pt")
+
+
 def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -> list[dict]:
     """The whole pipeline for one training seed; returns its result rows."""
     S = sweeps(cfg)
@@ -190,13 +202,13 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     common = dict(device=cfg.device, dtype=cfg.dtype, seed=1337 + seed)
     evaluation = dict(eval_prompts=os.path.join(cfg.data_dir, "prompts_val.jsonl"), eval_samples=cfg.eval_samples)
     d = lambda name: os.path.join(root, name)
-    sft_ckpt, rm_ckpt, pairs = os.path.join(d("sft"), "ckpt.pt"), os.path.join(d("rm"), "ckpt.pt"), d("pairs")
+    rm_ckpt, pairs = os.path.join(d("rm"), "ckpt.pt"), d("pairs")
 
     def train(name, main, out_dir, **kwargs):
         study.stage(name, out_dir, flags(out_dir=out_dir, **common, **kwargs), main)
 
     # 1. SFT, and preference pairs from it (K=4 per prompt, labelled by the gold reward)
-    train("sft", train_sft.main, d("sft"), data_dir=cfg.data_dir, **S["sft"])
+    sft_ckpt = sft_stage(cfg, study, seed)
     study.stage("pairs", pairs, flags(ckpt=sft_ckpt, pairs=True, data_dir=cfg.data_dir, out_dir=pairs,
                                       device=cfg.device, seed=seed, **S["pairs"]), sample.main)
     pair_files = dict(sft_ckpt=sft_ckpt, train_file=f"{pairs}/pairs_train.jsonl", val_file=f"{pairs}/pairs_val.jsonl")
@@ -217,9 +229,8 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     write_atomic(chosen_file, "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in sorted(chosen)))
     train("preferred-ft", train_sft.main, d("pft"), init_from=sft_ckpt, train_file=chosen_file, eval_samples=0, **S["pft"])
 
-    # 5. the shared evaluation of the runs without one of their own, and the ceiling, with the
-    # gold-reward runs as its proposals
-    proposals = [folder for _, _, folder, kwargs in rl_runs(S) if kwargs["reward"] == "gold"]
+    # 5. the shared evaluation of the runs without one of their own, and the ceiling: deep on a
+    # subset of the prompts, and shallow on all of them to measure the subset's offset
     reference, tok, _ = load_gpt(sft_ckpt)
     reference.to(device).eval()
     with autocast(device, cfg.dtype):
@@ -228,8 +239,7 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
         pft_metrics, _ = evaluator(pft_policy)
         bon = best_of_n_study(cfg, reference, load_reward_model(rm_ckpt)[0].to(device).eval(), tok, prompts,
                               evaluator.reference_rewards, seed, device)
-        ceiling = ceiling_study(cfg, reference, [load_gpt(os.path.join(d(f), "ckpt.pt"))[0].to(device).eval()
-                                                 for f in proposals], tok, prompts[:cfg.ceiling_prompts], seed)
+        ceiling = ceiling_rows(cfg, reference, tok, prompts, seed)
 
     n, wall = len(prompts), lambda name: study.times.get(d(name), 0.0)
     rows = [row("SFT", "-", last_eval_of_sft(evaluator), wall("sft"), tokens(d("sft")), [], n)]
@@ -244,10 +254,7 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     for N, gold, kl, win in bon:
         rows.append({"method": "best-of-N", "setting": f"N={N}", "gold_reward": gold, "ci95": None, "kl": kl,
                      "win_rate": win, "wall_s": None, "tokens": None, "path": []})
-    for beta, gold, kl, reached in ceiling:
-        rows.append({"method": "optimal", "setting": f"beta={beta:g}", "gold_reward": gold, "ci95": None, "kl": kl,
-                     "win_rate": None, "wall_s": None, "tokens": None, "path": [], "reached": reached,
-                     "proposals": proposals})
+    rows += ceiling
     for r in rows:
         r["seed"] = seed
         r["stage_dir"] = root
@@ -290,27 +297,46 @@ def best_of_n_study(cfg, reference, reward_model, tok, prompts, reference_reward
     return out
 
 
+CEILING_TILTS = [0.0, 1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0]
+"""the strengths of the ceiling's proposals (evaluate.SentimentTilt), 0 the reference: the
+reference's samples cover small KL, the strongest tilts' samples the KL ~ 8 where RL runs end
+(its samples' mean gold reward is ~0.98), and the steps between keep every beta's pi* near one"""
+CEILING_BETAS = [1.0, 0.3, 0.1, 0.05, 0.03, 0.02, 0.01, 0.007, 0.005, 0.004, 0.003, 0.002, 0.001]
+"""in gold-reward units, not DPO's beta"""
+
+
 @torch.no_grad()
-def ceiling_study(cfg, reference, proposals, tok, prompts, seed):
-    """The optimal frontier from ceiling_samples samples of each of the prompts, in equal numbers
-    from the reference and from each proposal. The proposals are the gold-reward RL policies,
-    which end at different KLs: each samples where pi* puts its mass at some beta, which reference
-    samples alone reach too rarely past small KL (their KL estimate cannot pass log of their
-    number). Every sample is weighted against the equal mixture q of all these policies."""
-    policies = [reference] + proposals
-    per_policy = cfg.ceiling_samples // len(policies)
-    repeated = [p for p in prompts for _ in range(per_policy)]
-    prompt_ids = [tok.encode_prompt(p) for p in repeated] * len(policies)
+def ceiling_study(reference, tok, prompts: list[str], samples: int, seed: int) -> list[tuple]:
+    """The optimal frontier from `samples` completions of each prompt, in equal numbers from each
+    tilt of the reference, every one weighted against their equal mixture (evaluate.
+    mixture_log_ratio). Returns optimal_frontier's (beta, gold reward, KL, reached) per beta."""
+    tilts = [SentimentTilt(tok, strength) for strength in CEILING_TILTS]
+    per_tilt = samples // len(tilts)
+    repeated = [p for p in prompts for _ in range(per_tilt)]
     ids, rewards = [], []
-    for i, model in enumerate(policies):
-        model_ids, texts, _ = sample_completions(model, tok, repeated, 40, 1.0, seed=11 + 2 * i + seed, batch_size=256)
-        ids += model_ids
-        rewards.append(torch.tensor([gold_reward(t, p) for t, p in zip(texts, repeated)]).view(len(prompts), per_policy))
-    logp = torch.stack([completion_logprobs(model, prompt_ids, ids, tok.pad_id, batch_size=256).double()
-                        for model in policies])  # (C, C * M * per_policy)
-    log_ratio = mixture_log_ratio(logp[0], logp).view(len(policies), len(prompts), per_policy)
-    betas = [1.0, 0.3, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.003, 0.002, 0.001]  # in gold-reward units, not DPO's beta
-    return optimal_frontier(torch.cat(rewards, dim=1), betas, torch.cat(log_ratio.unbind(0), dim=1))  # (M, C per_policy)
+    for i, tilt in enumerate(tilts):
+        tilt_ids, texts, _ = sample_completions(reference, tok, repeated, 40, 1.0, seed=11 + 2 * i + seed,
+                                                batch_size=256, logits_processor=tilt)
+        ids += tilt_ids
+        rewards.append(torch.tensor([gold_reward(t, p) for t, p in zip(texts, repeated)]).view(len(prompts), per_tilt))
+    prompt_ids = [tok.encode_prompt(p) for p in repeated] * len(tilts)
+    logp = completion_logprobs(reference, prompt_ids, ids, tok.pad_id, batch_size=256, tilts=tilts).double()  # (C, C M per_tilt)
+    log_ratio = mixture_log_ratio(logp[0], logp).view(len(tilts), len(prompts), per_tilt)
+    return optimal_frontier(torch.cat(rewards, dim=1), CEILING_BETAS, torch.cat(log_ratio.unbind(0), dim=1))  # (M, C per_tilt)
+
+
+def ceiling_rows(cfg, reference, tok, prompts: list[str], seed: int) -> list[dict]:
+    """Result rows of the ceiling: "optimal" deep on the first ceiling_prompts prompts, and
+    "optimal (all prompts)" shallow on every evaluation prompt, the same estimator, so that where
+    both are within reach their difference is the subset's offset."""
+    rows = []
+    for method, subset, samples in (("optimal", prompts[:cfg.ceiling_prompts], cfg.ceiling_samples),
+                                    ("optimal (all prompts)", prompts, cfg.ceiling_check_samples)):
+        for beta, gold, kl, reached in ceiling_study(reference, tok, subset, samples, seed):
+            rows.append({"method": method, "setting": f"beta={beta:g}", "gold_reward": gold, "ci95": None, "kl": kl,
+                         "win_rate": None, "wall_s": None, "tokens": None, "path": [], "reached": reached,
+                         "prompts": len(subset), "samples": samples})
+    return rows
 
 
 KL_POINTS = [1.0, 2.0, 4.0, 8.0]
@@ -368,7 +394,7 @@ def kl_matched(rows: list[dict], n_seeds: int) -> list[dict]:
             per_seed, beyond = [], False
             for seed in range(n_seeds):
                 runs = [r for r in rows if r["method"] == method and r["seed"] == seed]
-                if method in ("best-of-N", "optimal"):  # one curve through the settings' points
+                if method == "best-of-N" or method.startswith("optimal"):  # one curve through the settings' points
                     value, out_of_reach = curve_at_kl(runs, kl)
                     beyond |= out_of_reach
                 else:
@@ -434,7 +460,7 @@ def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: l
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows({k: r[k] for k in fields} for r in summary)
-    proposals = next(r["proposals"] for r in rows if r["method"] == "optimal")
+    deep, check = (next(r for r in rows if r["method"] == m) for m in ("optimal", "optimal (all prompts)"))
     lines = [f"# DPO vs RLHF on the toy task ({'full' if cfg.full else 'reduced'} study, {cfg.seeds} seed(s), "
              f"{time.strftime('%Y-%m-%d')}; training stages {stage_seconds / 60:.0f} min in all, this run "
              f"{seconds / 60:.0f} min)", "",
@@ -442,7 +468,10 @@ def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: l
              f"Mean gold reward on {cfg.eval_samples} held-out prompts where each method's evaluated path first "
              f"reaches KL(pi || pi_SFT) = 1, 2, 4 and 8 nats (its best setting there), ± the 95% t-interval over "
              f"{cfg.seeds} seed(s). Best-of-N is read at its KL bound log N - (N-1)/N; † marks a ceiling read "
-             "beyond its estimator's reach (fewer than 16 effective samples for the median prompt).", "",
+             "beyond its estimator's reach (fewer than 16 effective samples for the median prompt). The optimal "
+             f"row is estimated on the first {deep['prompts']} prompts with {deep['samples']} samples each, the "
+             f"row below it on all {check['prompts']} with {check['samples']} each: where both are within reach, "
+             "their difference is the subset's offset.", "",
              "| method | " + " | ".join(f"KL {kl:g}" for kl in KL_POINTS) + " |", "|---|" + "---|" * len(KL_POINTS)]
     for m in matched:
         lines.append(f"| {m['method']} | " + " | ".join(kl_cell(m[kl]) for kl in KL_POINTS) + " |")
@@ -455,7 +484,8 @@ def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: l
     lines += ["", "## Every run at its end", "",
               f"ci95 is the 95% interval of the mean gold reward over prompts; seed std the spread across seeds. "
               "The optimal rows are the ceiling pi* = pi_ref exp(r/beta) / Z (beta in gold-reward units), from "
-              f"equal numbers of samples of the reference and of each gold-reward run ({', '.join(proposals)}), weighted against "
+              f"equal numbers of samples of the reference and of its sentiment tilts of strengths "
+              f"{', '.join(f'{b:g}' for b in CEILING_TILTS[1:])} (evaluate.SentimentTilt), weighted against "
               "their mixture. Tokens are the real tokens of the "
               "training batches (DPO: chosen and rejected; RL: rollouts once per epoch); wall time and tokens of "
               "a run on the reward model include the reward model's.", "",
@@ -469,6 +499,23 @@ def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: l
     write_atomic(os.path.join(cfg.out_dir, "kl_matched.json"), json.dumps(matched, indent=1))
 
 
+def ceiling_only(cfg: Config, study: Study, prompts: list[str], device) -> int:
+    """The ceiling's rows for every seed from its SFT model alone, as kl_matched reads them."""
+    rows = []
+    for seed in range(cfg.seeds):
+        reference, tok, _ = load_gpt(sft_stage(cfg, study, seed))
+        with autocast(device, cfg.dtype):
+            rows += [dict(r, seed=seed) for r in ceiling_rows(cfg, reference.to(device).eval(), tok, prompts, seed)]
+    lines = [f"# The ceiling ({cfg.seeds} seed(s), {time.time() - study.t0:.0f} s)", "",
+             "| method | " + " | ".join(f"KL {kl:g}" for kl in KL_POINTS) + " |", "|---|" + "---|" * len(KL_POINTS)]
+    for m in kl_matched(rows, cfg.seeds):
+        lines.append(f"| {m['method']} | " + " | ".join(kl_cell(m[kl]) for kl in KL_POINTS) + " |")
+    write_atomic(os.path.join(cfg.out_dir, "ceiling.md"), "\n".join(lines) + "\n")
+    write_atomic(os.path.join(cfg.out_dir, "ceiling.json"), json.dumps(rows, indent=1))
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     cfg = parse_config(Config, argv, __doc__)
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -477,6 +524,8 @@ def main(argv=None) -> int:
     prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"))[:cfg.eval_samples]
     cfg.seeds = cfg.seeds or (3 if cfg.full else 1)
     study = Study(cfg)
+    if cfg.ceiling_only:
+        return ceiling_only(cfg, study, prompts, device)
     rows = []
     for seed in range(cfg.seeds):
         rows += run_seed(cfg, study, seed, prompts, device)

@@ -8,12 +8,12 @@ import statistics
 
 import torch
 
-from data import Tokenizer, collate, gold_reward, is_well_formed
+from data import POLARITY, Tokenizer, collate, gold_reward, is_well_formed
 
 
 def sample_completions(model, tok: Tokenizer, prompts: list[str], max_new_tokens: int,
                        temperature: float = 1.0, seed: int = 0, top_k: int | None = None,
-                       top_p: float | None = None, batch_size: int = 64):
+                       top_p: float | None = None, batch_size: int = 64, logits_processor=None):
     """Completion token ids and texts for `prompts`, and whether each ended with eos. A private
     generator makes samples repeatable and leaves the training RNG stream untouched."""
     device = next(model.parameters()).device
@@ -22,7 +22,8 @@ def sample_completions(model, tok: Tokenizer, prompts: list[str], max_new_tokens
     for i in range(0, len(prompts), batch_size):
         prompt_ids = [tok.encode_prompt(p) for p in prompts[i:i + batch_size]]
         out, mask = model.generate(prompt_ids, max_new_tokens, tok.eos_id, tok.pad_id,
-                                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                                   logits_processor=logits_processor)
         for row, n in zip(out.tolist(), mask.sum(1).tolist()):
             ids.append(row[:n])
             texts.append(tok.decode(row[:n]))
@@ -145,17 +146,60 @@ def mixture_log_ratio(logp_ref: torch.Tensor, logp_policies: torch.Tensor) -> to
     return logp_ref - (logp_policies.logsumexp(0) - math.log(logp_policies.size(0)))
 
 
+class SentimentTilt:
+    """A proposal for the ceiling: the reference with every next token's logit raised by strength
+    x the change that token makes to the gold reward's net sentiment count (+1 for a positive
+    word, -1 for a negative one, the sign flipped after "not" in the same sentence, as
+    data.gold_reward reads it), and eos lowered by half the strength, since ending forgoes every
+    later word (without it the strong tilts end before pi*'s longest, most positive completions
+    at KL ~ 8). So q(y) = prod_t pi_ref(y_t | y<t) exp(s_t(y_t)) / Z_t, s_t the shift, leans
+    towards pi* = pi_ref exp(r / beta) / Z as a trained policy does, yet its density is exact from
+    the reference's logits and it depends on no training run; strength 0 is the reference itself.
+    Words that are not one token are left untilted: the proposal is then further from pi*, never
+    wrong, since importance weights correct for any proposal."""
+
+    def __init__(self, tok: Tokenizer, strength: float):
+        self.strength = strength
+        self.polarity = torch.zeros(tok.vocab_size)  # (V,)
+        for word, sign in POLARITY.items():
+            if len(ids := tok.encode(word)) == 1:
+                self.polarity[ids[0]] = sign
+        self.ending = torch.zeros(tok.vocab_size)  # (V,)
+        self.ending[tok.eos_id] = -0.5
+        one_token = lambda word: ids[0] if len(ids := tok.encode(word)) == 1 else -1  # -1 matches no token
+        self.not_id, self.stop_id = one_token("not"), one_token(".")
+
+    def shift(self, ids: torch.Tensor) -> torch.Tensor:
+        """The logit shift after each position of ids (B, T): (B, T, V)."""
+        pos = torch.arange(ids.size(1), device=ids.device)
+        last_not = torch.where(ids == self.not_id, pos, -1).cummax(1).values
+        last_stop = torch.where(ids == self.stop_id, pos, -1).cummax(1).values
+        sign = 1.0 - 2.0 * (last_not > last_stop).float()  # (B, T): -1 inside a negated sentence
+        return self.strength * (sign[..., None] * self.polarity.to(ids.device) + self.ending.to(ids.device))
+
+    def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """GPT.generate's logits_processor: the next token's logits (B, V), shifted."""
+        return logits + self.shift(ids)[:, -1]
+
+
 @torch.no_grad()
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
-                        batch_size: int = 64) -> torch.Tensor:
-    """log pi(y | x) of each completion at temperature 1, summed over its tokens. Returns (N,)."""
+                        batch_size: int = 64, tilts: list[SentimentTilt] | None = None) -> torch.Tensor:
+    """log pi(y | x) of each completion at temperature 1, summed over its tokens: (N,). With
+    tilts, the log-probability under each tilt of the model instead, from the same forward
+    passes: (len(tilts), N)."""
     out = []
     for batch in completion_batches(model, prompt_ids, completion_ids, pad_id, batch_size):
-        logp = model(batch["input_ids"], batch["attention_mask"])[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
+        logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1].float()  # (B, T-1, V)
         labels = batch["labels"][:, 1:]
-        token_logp = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T-1)
-        out.append((token_logp * (labels != -100)).sum(-1))
-    return torch.cat(out).cpu()
+        rows = []
+        for tilt in tilts or [None]:
+            logp = (logits if tilt is None else logits + tilt.shift(batch["input_ids"][:, :-1])).log_softmax(-1)
+            token_logp = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T-1)
+            rows.append((token_logp * (labels != -100)).sum(-1))
+        out.append(torch.stack(rows))
+    out = torch.cat(out, dim=1).cpu()
+    return out if tilts else out[0]
 
 
 def best_of_n(gold: torch.Tensor, scores: torch.Tensor, ns: list[int]) -> list[tuple[int, float, float]]:

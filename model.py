@@ -312,14 +312,16 @@ class GPT(nn.Module):
     @torch.no_grad()  # not inference_mode: FSDP's all-gathered weights are reused by training after it
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True):
+                 generator: torch.Generator | None = None, use_cache: bool = True, logits_processor=None):
         """Sample continuations of a batch of prompts (token id lists of any lengths).
 
         Prompts are left-padded so that every sequence's next token goes in the same column.
         temperature 0 means greedy; top_k keeps the k likeliest tokens, top_p the smallest set
         whose probability reaches p (nucleus sampling). A sequence stops at its first eos.
         Returns completion ids (B, max_new_tokens), pad after eos, and their mask (1 up to and
-        including eos). use_cache=False recomputes the whole sequence at every step, as a check."""
+        including eos). use_cache=False recomputes the whole sequence at every step, as a check.
+        logits_processor(input_ids (B, T), logits (B, V)) -> logits, if given, reshapes each step's
+        next-token logits from the sequences so far (the ceiling's proposals)."""
         was_training = self.training
         self.eval()
         device = self.lm_head.weight.device
@@ -338,6 +340,8 @@ class GPT(nn.Module):
             else:
                 h = self.hidden_states(input_ids, attention_mask)
             logits = self.lm_head(h[:, -1]).float()  # (B, V)
+            if logits_processor is not None:
+                logits = logits_processor(input_ids, logits)
             next_id = sample_token(logits, temperature, top_k, top_p, generator)
             out[:, t] = torch.where(done, pad_id, next_id)
             mask[:, t] = (~done).long()

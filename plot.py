@@ -65,7 +65,8 @@ def curves(paths: list[str], keys: list[str], out: str, smooth: float = 0.0) -> 
 
 METHOD_STYLE = {"DPO": "tab:blue", "PPO": "tab:orange", "PPO-GT": "tab:green", "RLOO": "tab:red",
                 "RLOO-GT": "tab:pink", "GRPO": "tab:olive", "GRPO-GT": "tab:cyan", "preferred-FT": "tab:purple",
-                "best-of-N": "tab:brown", "SFT": "black", "optimal": "gray"}
+                "best-of-N": "tab:brown", "SFT": "black", "optimal": "gray",
+                "optimal (all prompts)": "silver"}
 
 
 def frontier(results_json: str, out: str) -> None:
@@ -91,7 +92,7 @@ def frontier(results_json: str, out: str) -> None:
         ax.plot(*zip(*bon), color=METHOD_STYLE["best-of-N"], marker="s", markersize=4, label="best-of-N (KL bound)")
     labelled = set()
     for r in rows:
-        if r["method"] in ("optimal", "best-of-N"):
+        if r["method"] == "best-of-N" or r["method"].startswith("optimal"):
             continue
         color = METHOD_STYLE.get(r["method"], "black")
         if r["path"]:
@@ -115,7 +116,7 @@ def frontier(results_json: str, out: str) -> None:
         color = METHOD_STYLE.get(m["method"], "black")
         right.errorbar(x, [c["gold_reward"] for _, c in cells], yerr=[c["ci95"] or 0.0 for _, c in cells],
                        color=color, marker="o", markersize=4, capsize=2, lw=1,
-                       linestyle="--" if m["method"] == "optimal" else "-", label=m["method"])
+                       linestyle="--" if m["method"].startswith("optimal") else "-", label=m["method"])
         hollow = [(xi, c["gold_reward"]) for xi, (_, c) in zip(x, cells) if c["beyond_reach"]]
         if hollow:
             right.scatter(*zip(*hollow), s=40, facecolors="white", edgecolors=color, zorder=3)

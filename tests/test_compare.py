@@ -14,7 +14,9 @@ import torch
 
 import compare
 import plot
-from evaluate import best_of_n, mixture_log_ratio, optimal_frontier
+from data import POLARITY, Tokenizer
+from evaluate import SentimentTilt, best_of_n, completion_logprobs, mixture_log_ratio, optimal_frontier, sample_completions
+from model import GPT, GPTConfig
 
 
 def test_importance_weighted_frontier_matches_the_exact_optimal_policy():
@@ -103,6 +105,72 @@ def test_a_ladder_of_proposals_covers_the_kls_between_the_reference_and_one_far_
     assert not reached and gold < (tilted(0.1) * r).sum().item() - 0.01
 
 
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def word_signs(tok: Tokenizer, prompt: str, completion_ids: list[int]) -> list[dict[int, int]]:
+    """By hand, as data.gold_reward reads words: before each completion token, the sign each
+    one-token sentiment word would add to the net count (flipped inside a sentence after "not")."""
+    negated = False
+    for word in prompt.split():
+        negated = (negated or word == "not") and word != "."
+    signs = []
+    for token in completion_ids:
+        signs.append({tok.encode(w)[0]: -s if negated else s for w, s in POLARITY.items() if len(tok.encode(w)) == 1})
+        word = tok.decode([token]).strip()
+        negated = (negated or word == "not") and word != "."
+    return signs
+
+
+def test_tilted_logprobs_are_the_reference_logits_shifted_by_the_gold_rewards_word_signs(tiny_gpt, toy_dir):
+    """log q_b(y) = sum_t log softmax(logits_t + b * sign_t - b / 2 at eos)[y_t], against a float64
+    loop with the signs read word by word as the gold reward reads them; strength 0 is the reference."""
+    tok = Tokenizer.load(f"{toy_dir}/tokenizer.model")
+    prompts = ["the movie", "the plot was not", "i loved it . the story was"]
+    completions = [tok.encode("was great . the cast was not dull .") + [tok.eos_id],
+                   tok.encode("great . the acting was awful .") + [tok.eos_id],
+                   tok.encode("not bad . not great")]
+    prompt_ids = [tok.encode_prompt(p) for p in prompts]
+    tilts = [SentimentTilt(tok, 0.0), SentimentTilt(tok, 1.5)]
+    got = completion_logprobs(tiny_gpt, prompt_ids, completions, tok.pad_id, tilts=tilts)
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got[0], completion_logprobs(tiny_gpt, prompt_ids, completions, tok.pad_id))
+    for i, (prompt, p, c) in enumerate(zip(prompts, prompt_ids, completions)):
+        with torch.no_grad():
+            logits = tiny_gpt(torch.tensor([p + c]))[0].double()
+        expected = 0.0
+        for t, (token, signs) in enumerate(zip(c, word_signs(tok, prompt, c))):
+            shifted = logits[len(p) - 1 + t].clone()
+            for word_id, sign in signs.items():
+                shifted[word_id] += 1.5 * sign
+            shifted[tok.eos_id] -= 0.75
+            expected += shifted.log_softmax(-1)[token].item()
+        assert got[1, i].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_generation_with_a_tilt_samples_the_tilted_distribution(tiny_gpt, toy_dir):
+    """The sampler and the density the weights use must be one distribution: the share of first
+    tokens that are positive words, sampled through generate's logits_processor, matches the
+    tilted probability completion_logprobs gives them, after a plain prompt and a negated one
+    (where the tilt favours negative words instead)."""
+    tok = Tokenizer.load(f"{toy_dir}/tokenizer.model")
+    tilt = SentimentTilt(tok, 2.0)
+    positive = [tok.encode(w)[0] for w, s in POLARITY.items() if s > 0]
+    for prompt in ["the film was", "the film was not"]:
+        ids, _, _ = sample_completions(tiny_gpt, tok, [prompt] * 4000, 1, seed=0, batch_size=1000, logits_processor=tilt)
+        share = sum(c[0] in positive for c in ids) / len(ids)
+        logp = completion_logprobs(tiny_gpt, [tok.encode_prompt(prompt)] * len(positive), [[w] for w in positive],
+                                   tok.pad_id, tilts=[tilt])[0]
+        expected = logp.exp().sum().item()
+        untilted = completion_logprobs(tiny_gpt, [tok.encode_prompt(prompt)] * len(positive), [[w] for w in positive],
+                                       tok.pad_id).exp().sum().item()
+        assert abs(share - expected) < 4 * math.sqrt(expected * (1 - expected) / len(ids))
+        assert expected > 2 * untilted if prompt.endswith("was") else expected < untilted / 2
+
+
 def test_best_of_n_keeps_the_sample_the_reward_model_ranks_first():
     gold = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
     scores = torch.tensor([[0.0, -1.0, 2.0, 3.0]])  # the reward model disagrees with gold on sample 1
@@ -130,7 +198,7 @@ def test_plot_without_matplotlib_prints_one_line(monkeypatch, capsys, tmp_path):
 def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
     out = str(tmp_path / "study")
     args = ["--tiny", f"--out_dir={out}", f"--data_dir={toy_dir}", "--device=cpu", "--eval_samples=32",
-            "--bon_max=4", "--ceiling_prompts=8", "--ceiling_samples=32"]
+            "--bon_max=4", "--ceiling_prompts=8", "--ceiling_samples=32", "--ceiling_check_samples=18"]
     assert compare.main(args) == 0
     for name in ["results.md", "results.csv", "results.json", "kl_matched.json", "frontier.png", "kl_traces.png",
                  "curves.png"]:
@@ -139,7 +207,7 @@ def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
         rows = list(csv.DictReader(f))
     methods = {r["method"] for r in rows}
     assert methods == {"SFT", "DPO", "PPO", "PPO-GT", "RLOO", "RLOO-GT", "GRPO", "GRPO-GT", "preferred-FT", "best-of-N",
-                       "optimal"}
+                       "optimal", "optimal (all prompts)"}
     for r in rows:
         assert math.isfinite(float(r["gold_reward"])) and math.isfinite(float(r["kl"])), r
     runs = ["sft", "dpo_beta0.1", "dpo_beta1.0", "rm", "ppo_kl2.0", "ppo_gt_kl2.0", "rloo_kl2.0", "rloo_gt_kl2.0",
@@ -155,6 +223,12 @@ def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
     log = capsys.readouterr().out
     assert log.count("reused") == len(runs) + 1  # + the pairs
     assert "running" not in log
+    assert compare.main(args + ["--ceiling_only"]) == 0  # the ceiling alone, from the same SFT model
+    assert "reused" in capsys.readouterr().out
+    with open(os.path.join(out, "results.json")) as f, open(os.path.join(out, "ceiling.json")) as g:
+        study_rows, ceiling_rows = ([{k: r[k] for k in ("method", "setting", "gold_reward", "kl", "reached")}
+                                     for r in json.load(h) if r["method"].startswith("optimal")] for h in (f, g))
+    assert ceiling_rows == study_rows and len(study_rows) == 2 * len(compare.CEILING_BETAS)
 
 
 def test_summary_averages_over_seeds_and_reports_their_spread():
