@@ -22,7 +22,7 @@ def read_metrics(out_dir):
 def run_python(*args, env=None):
     """python ARGS from the repository root, as a user would type it; OMP_NUM_THREADS=1 under torchrun."""
     if args[:2] == ("-m", "torch.distributed.run"):
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 
 
