@@ -111,7 +111,8 @@ def test_fsdp_holds_less_memory_per_process_than_ddp(toy_dir, tmp_path):
     would hide the saving."""
     params = GPT.from_preset("small", Tokenizer.load(f"{toy_dir}/tokenizer.model").vocab_size).num_params(False)
     val_file = tmp_path / "val.jsonl"
-    val_file.write_text("".join(open(f"{toy_dir}/sft_val.jsonl").readlines()[:8]))  # one held-out batch
+    with open(f"{toy_dir}/sft_val.jsonl") as f:
+        val_file.write_text("".join(f.readlines()[:8]))  # one held-out batch
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     peaks = {}
     for parallel in ("ddp", "fsdp"):
