@@ -434,6 +434,12 @@ def kl_cell(c: dict) -> str:
     return text + (" †" if c["beyond_reach"] else "")
 
 
+def matched_table(matched: list[dict]) -> list[str]:
+    """The markdown lines of the KL-matched table."""
+    return ["| method | " + " | ".join(f"KL {kl:g}" for kl in KL_POINTS) + " |", "|---|" + "---|" * len(KL_POINTS),
+            *(f"| {m['method']} | " + " | ".join(kl_cell(m[kl]) for kl in KL_POINTS) + " |" for m in matched)]
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean over seeds per method and setting; the spread is the standard deviation across seeds."""
     groups = {}
@@ -472,9 +478,7 @@ def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: l
              f"row is estimated on the first {deep['prompts']} prompts with {deep['samples']} samples each, the "
              f"row below it on all {check['prompts']} with {check['samples']} each: where both are within reach, "
              "their difference is the subset's offset.", "",
-             "| method | " + " | ".join(f"KL {kl:g}" for kl in KL_POINTS) + " |", "|---|" + "---|" * len(KL_POINTS)]
-    for m in matched:
-        lines.append(f"| {m['method']} | " + " | ".join(kl_cell(m[kl]) for kl in KL_POINTS) + " |")
+             *matched_table(matched)]
     lines += ["", "## Seeds on which each method beats DPO at matched KL", "",
               "wins/n: of the n seeds on which both it and DPO reach the KL, on how many its gold reward there is "
               f"higher; {cfg.seeds}/{cfg.seeds} is a claim that holds on every seed.", "",
@@ -507,9 +511,7 @@ def ceiling_only(cfg: Config, study: Study, prompts: list[str], device) -> int:
         with autocast(device, cfg.dtype):
             rows += [dict(r, seed=seed) for r in ceiling_rows(cfg, reference.to(device).eval(), tok, prompts, seed)]
     lines = [f"# The ceiling ({cfg.seeds} seed(s), {time.time() - study.t0:.0f} s)", "",
-             "| method | " + " | ".join(f"KL {kl:g}" for kl in KL_POINTS) + " |", "|---|" + "---|" * len(KL_POINTS)]
-    for m in kl_matched(rows, cfg.seeds):
-        lines.append(f"| {m['method']} | " + " | ".join(kl_cell(m[kl]) for kl in KL_POINTS) + " |")
+             *matched_table(kl_matched(rows, cfg.seeds))]
     write_atomic(os.path.join(cfg.out_dir, "ceiling.md"), "\n".join(lines) + "\n")
     write_atomic(os.path.join(cfg.out_dir, "ceiling.json"), json.dumps(rows, indent=1))
     print("\n".join(lines))

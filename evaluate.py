@@ -160,26 +160,29 @@ class SentimentTilt:
 
     def __init__(self, tok: Tokenizer, strength: float):
         self.strength = strength
+        one_token = lambda word: ids[0] if len(ids := tok.encode(word)) == 1 else -1  # -1 matches no token
         self.polarity = torch.zeros(tok.vocab_size)  # (V,)
         for word, sign in POLARITY.items():
-            if len(ids := tok.encode(word)) == 1:
-                self.polarity[ids[0]] = sign
+            if (i := one_token(word)) >= 0:
+                self.polarity[i] = sign
         self.ending = torch.zeros(tok.vocab_size)  # (V,)
         self.ending[tok.eos_id] = -0.5
-        one_token = lambda word: ids[0] if len(ids := tok.encode(word)) == 1 else -1  # -1 matches no token
         self.not_id, self.stop_id = one_token("not"), one_token(".")
 
-    def shift(self, ids: torch.Tensor) -> torch.Tensor:
-        """The logit shift after each position of ids (B, T): (B, T, V)."""
+    def sign(self, ids: torch.Tensor) -> torch.Tensor:
+        """After each position of ids (B, T), -1 inside a negated sentence, else 1: (B, T)."""
         pos = torch.arange(ids.size(1), device=ids.device)
         last_not = torch.where(ids == self.not_id, pos, -1).cummax(1).values
         last_stop = torch.where(ids == self.stop_id, pos, -1).cummax(1).values
-        sign = 1.0 - 2.0 * (last_not > last_stop).float()  # (B, T): -1 inside a negated sentence
-        return self.strength * (sign[..., None] * self.polarity.to(ids.device) + self.ending.to(ids.device))
+        return 1.0 - 2.0 * (last_not > last_stop).float()
+
+    def shift(self, sign: torch.Tensor) -> torch.Tensor:
+        """The logit shift for signs of any shape (...): (..., V)."""
+        return self.strength * (sign[..., None] * self.polarity.to(sign.device) + self.ending.to(sign.device))
 
     def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """GPT.generate's logits_processor: the next token's logits (B, V), shifted."""
-        return logits + self.shift(ids)[:, -1]
+        return logits + self.shift(self.sign(ids)[:, -1])
 
 
 @torch.no_grad()
@@ -194,7 +197,7 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
         labels = batch["labels"][:, 1:]
         rows = []
         for tilt in tilts or [None]:
-            logp = (logits if tilt is None else logits + tilt.shift(batch["input_ids"][:, :-1])).log_softmax(-1)
+            logp = (logits if tilt is None else logits + tilt.shift(tilt.sign(batch["input_ids"][:, :-1]))).log_softmax(-1)
             token_logp = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T-1)
             rows.append((token_logp * (labels != -100)).sum(-1))
         out.append(torch.stack(rows))

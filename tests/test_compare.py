@@ -171,6 +171,21 @@ def test_generation_with_a_tilt_samples_the_tilted_distribution(tiny_gpt, toy_di
         assert expected > 2 * untilted if prompt.endswith("was") else expected < untilted / 2
 
 
+def test_the_ceiling_at_a_huge_beta_is_the_reference_though_most_samples_come_from_tilts(tiny_gpt, toy_dir,
+                                                                                        monkeypatch):
+    """At beta -> infinity pi* is the reference: weighted against the mixture of the tilts, samples
+    that are 8/9 tilted must give back the reference's own mean gold reward (from plain samples)
+    and KL ~ 0. A weight against the wrong density drags the estimate towards the tilts'."""
+    tok = Tokenizer.load(f"{toy_dir}/tokenizer.model")
+    monkeypatch.setattr(compare, "CEILING_BETAS", [1e9])
+    prompts = ["the film was", "i", "the plot was not", "the cast"]
+    ((_, gold, kl, reached),) = compare.ceiling_study(tiny_gpt, tok, prompts, 9 * 100, seed=0)
+    _, texts, _ = sample_completions(tiny_gpt, tok, prompts * 500, 40, seed=1, batch_size=500)
+    rewards = torch.tensor([compare.gold_reward(t, p) for t, p in zip(texts, prompts * 500)])
+    assert reached and abs(kl) < 0.05
+    assert gold == pytest.approx(rewards.mean().item(), abs=4 * rewards.std().item() / math.sqrt(100 * len(prompts)))
+
+
 def test_best_of_n_keeps_the_sample_the_reward_model_ranks_first():
     gold = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
     scores = torch.tensor([[0.0, -1.0, 2.0, 3.0]])  # the reward model disagrees with gold on sample 1
