@@ -34,14 +34,16 @@ class RewardModel(nn.Module):
 
     def values(self, input_ids, attention_mask=None):
         """(B, T) scalars, one per position."""
-        return self.head(self.backbone.hidden_states(input_ids, attention_mask))
+        # a fresh tensor, not the head's squeezed view: FSDP2 warns when a unit returns a view,
+        # since an in-place op on it would bypass its backward hook
+        return self.head(self.backbone.hidden_states(input_ids, attention_mask)).clone()
 
     def forward(self, input_ids, attention_mask):
         """(B,) score of each sequence, read at its last real token (left or right padding)."""
         values = self.values(input_ids, attention_mask)  # (B, T)
         positions = torch.arange(input_ids.size(1), device=input_ids.device)
         last = (attention_mask.bool() * positions).argmax(1)  # index of the last 1 in each row
-        return values.gather(1, last[:, None]).squeeze(1)
+        return values[torch.arange(len(values), device=values.device), last]
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,

@@ -7,6 +7,7 @@ optimised on the toy task's gold reward itself (PPO-GT, the DPO paper's upper re
     python train_ppo.py --reward gold --out_dir out/ppo_gt
     python train_ppo.py --adaptive_kl --kl_target 4    # Ziegler et al.'s adaptive KL coefficient
     torchrun --nproc_per_node 2 train_ppo.py           # the same run on 2 processes
+    torchrun --nproc_per_node 2 train_ppo.py --parallel fsdp   # every model sharded over them (FSDP2)
     python train_ppo.py --advantage rloo --samples_per_prompt 4   # RLOO (Ahmadian et al. 2024), no critic
     python train_ppo.py --advantage grpo --samples_per_prompt 4   # GRPO (Shao et al. 2024), no critic
 
@@ -34,7 +35,8 @@ from lora import AdaptersOff
 from reward_model import RewardModel
 from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, frozen_dtype, global_batch, load_gpt,
                          load_reward_model, load_trainable, lora_record, make_optimizer, n_trainable, prepare_trainable,
-                         progress_bar, run_script, seed_everything, set_lr, train_step, trainable_state, wrap_model)
+                         progress_bar, run_script, seed_everything, set_lr, shard, train_step, trainable_state,
+                         wrap_model)
 
 
 @dataclass
@@ -232,11 +234,12 @@ def ppo_update(model, optimizer, data: dict, P: int, step: int, cfg: Config, dis
     return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
 
-def frozen_models_and_critic(cfg: Config, policy, device):
+def frozen_models_and_critic(cfg: Config, policy, dist: Dist):
     """The reference (the policy with its LoRA adapters off, or a frozen copy of the SFT policy),
     the frozen reward model (None with --reward gold), and the critic (None for rloo and grpo):
     the reward model's backbone and head, or the SFT backbone with a new head (under LoRA,
-    adapters on the backbone)."""
+    adapters on the backbone). Under FSDP the frozen models are sharded too."""
+    device = dist.device
     if cfg.lora_rank:
         reference = AdaptersOff(policy)
     else:
@@ -244,6 +247,10 @@ def frozen_models_and_critic(cfg: Config, policy, device):
     reward_model = None
     if cfg.reward == "model":
         reward_model = load_reward_model(cfg.reward_ckpt)[0].to(device, frozen_dtype(cfg)).eval().requires_grad_(False)
+    if dist.sharded:
+        for frozen in (reference, reward_model):
+            if frozen is not None and not isinstance(frozen, AdaptersOff):
+                shard(frozen, cfg.dtype)
     if cfg.advantage != "gae":
         return reference, reward_model, None
     if cfg.critic_init == "reward" or (cfg.critic_init == "auto" and cfg.reward == "model"):
@@ -255,8 +262,8 @@ def frozen_models_and_critic(cfg: Config, policy, device):
 
 
 def evaluate(evaluator, policy, eval_prompts: list[str], cfg: Config, ctx):
-    """Gold reward, KL and win rate of the policy's samples for held-out prompts (rank 0 only;
-    nothing elsewhere), and a few samples to print."""
+    """Gold reward, KL and win rate of the policy's samples for held-out prompts (rank 0 only,
+    nothing elsewhere; every rank under FSDP), and a few samples to print."""
     if evaluator is None:
         return {}, []
     with ctx:
@@ -280,14 +287,12 @@ def train(cfg: Config, dist: Dist) -> dict:
         raise SystemExit("error: PPO samples from the policy; --temperature must be > 0")
     if cfg.gen_chunk % cfg.samples_per_prompt or (cfg.advantage != "gae" and cfg.samples_per_prompt < 2):
         raise SystemExit("error: gen_chunk must be a multiple of samples_per_prompt, which rloo and grpo need at 2 or more")
-    if dist.sharded:
-        raise SystemExit("error: train_ppo.py does not shard yet (its rollouts and frozen models need it); use --parallel ddp")
     if cfg.advantage == "grpo" and cfg.adaptive_kl:
         raise SystemExit("error: GRPO weighs its KL term by a fixed kl_coef; --adaptive_kl is for gae and rloo")
 
     # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic (gae)
     prepare_trainable(policy, cfg).to(dist.device)
-    reference, reward_model, critic = frozen_models_and_critic(cfg, policy, dist.device)
+    reference, reward_model, critic = frozen_models_and_critic(cfg, policy, dist)
     trained = PolicyAndCritic(policy, critic) if critic else policy
     trained.eval()  # dropout off in policy and critic, in rollouts and updates alike
     model = wrap_model(trained, dist, cfg)
@@ -304,7 +309,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     reward_mean, reward_std = (run.resumed["reward_norm"] if run.resumed
                                else reward_statistics(policy, reward_model, tok, prompts, cfg, dist, ctx))
     evaluator = None
-    if dist.master and eval_prompts:
+    if eval_prompts and (dist.master or dist.sharded):  # under FSDP every rank samples the policy with rank 0
         with ctx:
             evaluator = PolicyEvaluator(reference, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, cfg.seed)
     if dist.master:

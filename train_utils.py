@@ -26,7 +26,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -333,8 +333,8 @@ def train_step(model, optimizer, batches: list, loss_fn, n_global: int, grad_cli
     sums = 0
     for i, batch in enumerate(batches):
         sync = not dist.ddp or i == len(batches) - 1
-        if dist.sharded:
-            model.set_requires_gradient_sync(sync)
+        for unit in [m for m in model.modules() if isinstance(m, FSDPModule)]:
+            unit.set_requires_gradient_sync(sync, recurse=False)
         with nullcontext() if sync or dist.sharded else model.no_sync():
             with ctx:
                 loss_sum, metric_sums = loss_fn(model, batch)
@@ -387,7 +387,8 @@ def shard(model: torch.nn.Module, dtype: str) -> None:
     norm and heads are the root's unit. Every rank keeps 1/world_size of each weight, gradient
     and optimizer state. Under bfloat16 the gathered weights are cast to bfloat16 for compute and
     gradients are reduced in float32 (the sharded master weights stay float32). generate and
-    values run outside forward, so they are registered to gather the root's weights too. Rank
+    values run outside forward, so they are registered to gather the root's weights too; a
+    module made of models (PPO's policy and critic) shards each model as a root of its own. Rank
     0's weights are broadcast first, as DDP does, since a new model is initialised per rank."""
     for t in [*model.parameters(), *model.buffers()]:
         torch_dist.broadcast(t.data, src=0)
@@ -395,10 +396,14 @@ def shard(model: torch.nn.Module, dtype: str) -> None:
         if dtype == "bfloat16" else MixedPrecisionPolicy()
     for block in [m for m in model.modules() if isinstance(m, Block)]:
         fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    for method in ("generate", "values"):
-        if hasattr(model, method):
-            register_fsdp_forward_method(model, method)
+    # PPO's policy and critic train as one module, but rollouts and scoring call each alone, and
+    # FSDP2 makes the first unit called the root of the units below it: each model is a root
+    parts = [] if isinstance(model, (GPT, RewardModel)) else [m for m in model.children() if isinstance(m, (GPT, RewardModel))]
+    for unit in parts or [model]:
+        fully_shard(unit, mp_policy=policy)
+        for method in ("generate", "values"):
+            if hasattr(unit, method):
+                register_fsdp_forward_method(unit, method)
 
 
 def load_gpt(path: str, dtype: torch.dtype | None = torch.float32) -> tuple[GPT, Tokenizer, dict]:
