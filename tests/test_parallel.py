@@ -11,10 +11,14 @@ import re
 
 import pytest
 import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
 
 from conftest import read_metrics, run_python
 from data import Tokenizer, load_checkpoint
-from model import GPT
+from hf import load_folder
+from model import GPT, GPTConfig
+from train_utils import shard
 
 pytestmark = pytest.mark.slow
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone")
@@ -80,14 +84,20 @@ def test_two_fsdp_processes_train_the_weights_of_one_process_and_of_two_ddp_proc
 
 
 def test_fsdp_checkpoint_loads_in_one_process_and_resumes_under_any_world_size(toy_dir, tmp_path):
-    """SFT for 4 steps under FSDP with 2 processes, against the same run stopped at step 2 and
-    resumed: under FSDP with 2 processes, with 1 (torchrun, FSDP of one), and in one plain
+    """SFT for 4 steps under FSDP with 2 processes, its checkpoint exported to a Hugging Face
+    folder, against the same run stopped at step 2 and resumed: under FSDP with 2 processes, with 1 (torchrun, FSDP of one), and in one plain
     process. Each resumed run's weights and metrics equal the uninterrupted one's."""
     whole = str(tmp_path / "whole")
     common = dict(eval_interval=2, lr_decay_iters=4, grad_accum=2)
     launch("train_sft.py", sft_args(toy_dir, whole, max_iters=4, **common), nproc=2, parallel="fsdp")
     ckpt = load_checkpoint(os.path.join(whole, "ckpt.pt"))  # weights_only, one process, whole tensors
     assert ckpt["model"]["lm_head.weight"].shape == (ckpt["model_config"]["vocab_size"], ckpt["model_config"]["n_embd"])
+    folder = str(tmp_path / "hf")
+    r = run_python("export.py", f"--ckpt={whole}/ckpt.pt", f"--out_dir={folder}")
+    assert r.returncode == 0, r.stderr
+    exported = load_folder(folder)[0].state_dict()
+    for name, tensor in ckpt["model"].items():
+        assert torch.equal(exported[name], tensor), name
     half = str(tmp_path / "half")
     launch("train_sft.py", sft_args(toy_dir, half, max_iters=2, **common), nproc=2, parallel="fsdp")
     for name, nproc, parallel in [("fsdp2", 2, "fsdp"), ("fsdp1", 1, "fsdp"), ("plain", 0, "ddp")]:
@@ -99,6 +109,23 @@ def test_fsdp_checkpoint_loads_in_one_process_and_resumes_under_any_world_size(t
         launch("train_sft.py", sft_args(toy_dir, split, max_iters=4, resume=True, **common), nproc=nproc,
                parallel=parallel)
         assert_same_run(whole, split)
+
+
+def test_fsdp_with_lora_and_gradient_checkpointing_trains_the_adapters_of_one_plain_process(toy_dir, sft_pairs,
+                                                                                           tmp_path):
+    """DPO with LoRA adapters, whose reference is the policy with its adapters off: 2 FSDP
+    processes that recompute each block in the backward pass (FSDP gathers its weights again)
+    train the adapters of one process that keeps its activations, and the adapters moved far
+    more than the tolerance."""
+    one, fsdp = str(tmp_path / "one"), str(tmp_path / "fsdp")
+    common = dict(lora_rank=4, lr=2e-3, warmup_iters=1, eval_prompts=f"{toy_dir}/prompts_val.jsonl", eval_samples=6)
+    launch("train_dpo.py", pair_args(sft_pairs, toy_dir, one, grad_accum=4, **common))
+    launch("train_dpo.py", pair_args(sft_pairs, toy_dir, fsdp, grad_accum=2, grad_checkpoint=True, **common), nproc=2,
+           parallel="fsdp")
+    assert_same_run(one, fsdp)
+    adapters = load_checkpoint(os.path.join(one, "ckpt.pt"))["model"]
+    assert all("lora" in name for name in adapters)
+    assert max(t.abs().max().item() for name, t in adapters.items() if "lora_B" in name) > 1e-3
 
 
 def test_fsdp_holds_less_memory_per_process_than_ddp(toy_dir, tmp_path):
@@ -124,3 +151,54 @@ def test_fsdp_holds_less_memory_per_process_than_ddp(toy_dir, tmp_path):
     assert set(peaks["ddp"]) == set(peaks["fsdp"]) == {0, 1}
     saving_mib = 16 * params / 2 / 2**20
     assert peaks["fsdp"][1] < peaks["ddp"][1] - saving_mib / 2, (peaks, saving_mib)
+
+
+def _ids(rank):
+    return (torch.arange(24).view(2, 12) * (rank + 1)) % 64  # each rank its own batch
+
+
+def _shard_in_bfloat16_on_rank(rank, store, out):
+    torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    shard(model, "bfloat16")
+    block = model.transformer.h[0]
+    seen = []
+    block.register_forward_pre_hook(lambda module, args: seen.append((module.attn.c_attn.weight.dtype,
+                                                                      module.attn.c_attn.weight.shape)))
+    logits = model(_ids(rank))
+    logits.float().logsumexp(-1).sum().backward()
+    weight = block.attn.c_attn.weight
+    torch.save({"seen": seen, "logits_dtype": logits.dtype, "local": (weight.dtype, weight.to_local().shape),
+                "grad": (weight.grad.dtype, weight.grad.to_local().shape), "logits": logits.detach(),
+                "full": {k: v.full_tensor() for k, v in model.state_dict().items()},
+                "full_grad": {k: p.grad.full_tensor() for k, p in model.named_parameters()}}, f"{out}.{rank}")
+    torch_dist.destroy_process_group()
+
+
+def test_fsdp_under_bfloat16_computes_in_bfloat16_and_keeps_float32_shards(tmp_path):
+    """MixedPrecisionPolicy as --dtype bfloat16 sets it, 2 processes: while a block runs, its
+    weights are whole and bfloat16; between runs each process holds half of each weight in
+    float32. The forward is the float32 model's weights rounded to bfloat16 and run in bfloat16,
+    and the gradient is the mean of the two processes' bfloat16 gradients taken in float32."""
+    out = str(tmp_path / "bf16")
+    mp.spawn(_shard_in_bfloat16_on_rank, args=(str(tmp_path / "store"), out), nprocs=2)
+    runs = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    for run in runs:
+        assert run["seen"] == [(torch.bfloat16, (96, 32))]
+        assert run["logits_dtype"] == torch.bfloat16
+        assert run["local"] == (torch.float32, (48, 32)) and run["grad"] == (torch.float32, (48, 32))
+    torch.manual_seed(0)
+    reference = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(runs[0]["full"][name], tensor), name  # float32 master weights, untouched by the casts
+    reference.to(torch.bfloat16)
+    grads = []
+    for rank, run in enumerate(runs):
+        reference.zero_grad()
+        logits = reference(_ids(rank))
+        torch.testing.assert_close(run["logits"], logits, rtol=0, atol=0)
+        logits.float().logsumexp(-1).sum().backward()
+        grads.append({name: p.grad.float() for name, p in reference.named_parameters()})
+    for name, grad in runs[0]["full_grad"].items():  # a bfloat16 reduction would round the mean
+        torch.testing.assert_close(grad, (grads[0][name] + grads[1][name]) / 2, rtol=0, atol=0, msg=name)
