@@ -254,22 +254,29 @@ WORLD_SIZES = [1, 2, 4, 8, 16]
 
 
 def sharded_memory(n_params: int, block_params: int, root_params: int, world_size: int, parallel: str,
-                   reference: bool) -> float:
+                   trained: int = 1, frozen: int = 0) -> float:
     """Bytes per GPU of the model states of full fine-tuning with AdamW, float32 master weights and
-    bfloat16 compute (--dtype bfloat16): 4 (weights) + 4 (gradients) + 8 (two moments) bytes a
-    trained parameter, and 2 a frozen bfloat16 reference (DPO, --frozen_dtype bfloat16). DDP keeps
-    all of it on every GPU, and with 2 or more its gradient buckets another 4 bytes a parameter. FSDP keeps
-    1/world_size of it, plus what is unsharded for a moment: the root (embeddings, head) and two
-    blocks (the one running and the one prefetched), bfloat16 weights and float32 gradients, 6
-    bytes a parameter. Activations are left out: they depend on batch, length and checkpointing."""
-    states = (16 + 2 * reference) * n_params
+    bfloat16 compute (--dtype bfloat16), for `trained` models that train and `frozen` ones that do
+    not (SFT 1 and 0; DPO 1 and 1, its reference; PPO 2 and 2, policy and critic, reference and
+    reward model): 4 (weights) + 4 (gradients) + 8 (two moments) bytes a trained parameter, and 2
+    a frozen one in bfloat16 (--frozen_dtype bfloat16). DDP keeps all of it on every GPU, and with
+    2 or more its gradient buckets another 4 bytes a trained parameter. FSDP keeps 1/world_size of
+    it, plus what is unsharded for a moment: each trained model's root (embeddings, head: FSDP2
+    keeps a root gathered from its forward to its backward) and two blocks (the one running and
+    the one prefetched), bfloat16 weights and float32 gradients, 6 bytes a parameter. Activations
+    are left out: they depend on batch, length and checkpointing."""
+    states = (16 * trained + 2 * frozen) * n_params
     if parallel == "ddp":
-        return states + 4 * n_params * (world_size > 1)
-    return states / world_size + 6 * (root_params + 2 * block_params)
+        return states + 4 * trained * n_params * (world_size > 1)
+    return states / world_size + 6 * (trained * root_params + 2 * block_params)
+
+
+STAGES = {"SFT": (1, 0), "DPO": (1, 1), "PPO": (2, 2)}
+"""models that train and frozen ones, for sharded_memory"""
 
 
 def sharding_table() -> list[str]:
-    """sharded_memory for SCALE_SHAPES, SFT and DPO, DDP and FSDP at WORLD_SIZES, in GB (1e9 bytes)."""
+    """sharded_memory for SCALE_SHAPES, each of STAGES, DDP and FSDP at WORLD_SIZES, in GB (1e9 bytes)."""
     lines = ["| model | stage | parallel | " + " | ".join(f"N={n}" for n in WORLD_SIZES) + " |",
              "|---|---|---|" + "---|" * len(WORLD_SIZES)]
     for name, shape in SCALE_SHAPES.items():
@@ -278,9 +285,9 @@ def sharding_table() -> list[str]:
         n = model.num_params(non_embedding=False)
         block = sum(p.numel() for p in model.transformer.h[0].parameters())
         root = n - block * len(model.transformer.h)
-        for stage, reference in (("SFT", False), ("DPO", True)):
+        for stage, (trained, frozen) in STAGES.items():
             for parallel in ("ddp", "fsdp"):
-                cells = [sharded_memory(n, block, root, w, parallel, reference) / 1e9 for w in WORLD_SIZES]
+                cells = [sharded_memory(n, block, root, w, parallel, trained, frozen) / 1e9 for w in WORLD_SIZES]
                 lines.append(f"| {name} ({n / 1e9:.2f}B) | {stage} | {parallel} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     return lines
 
@@ -455,9 +462,10 @@ def main(argv=None) -> int:
         lines += ["", *memory_table(cfg, device, name)]
     if cfg.sharding:
         lines += ["", "Per-GPU memory of the model states in GB, computed (bench.sharded_memory: float32 weights, "
-                  "gradients and AdamW moments, 16 bytes a parameter, a bfloat16 reference for DPO, 2; DDP's gradient "
-                  "buckets 4 more; FSDP divides by N and adds the root and two blocks unsharded, 6 bytes a "
-                  "parameter; activations not included):", "", *sharding_table()]
+                  "gradients and AdamW moments, 16 bytes a trained parameter (PPO trains policy and critic), a "
+                  "bfloat16 frozen model 2 (DPO's reference; PPO's reference and reward model); DDP's gradient "
+                  "buckets 4 more; FSDP divides by N and adds each trained model's root and two blocks unsharded, "
+                  "6 bytes a parameter; activations not included):", "", *sharding_table()]
     if cfg.real_shapes:
         lines += ["", "Real shapes (computed; bf16 is 2 bytes a parameter; full fine-tuning with AdamW is bf16 weights and "
                   "gradients plus two float32 moments, 12 bytes a parameter, and 16 with float32 master weights as "

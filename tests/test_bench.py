@@ -65,8 +65,11 @@ def test_sharded_memory_of_tinyllama_matches_the_hand_arithmetic():
     n, block, root = 1_100_048_384, 44_044_288, 131_074_048
     assert 22 * block + root == n
     dpo_fsdp_4 = 18 * n / 4 + 6 * (root + 2 * block)  # 16 trained + 2 reference bytes, sharded 4 ways; 3 units unsharded
-    assert bench.sharded_memory(n, block, root, 4, "fsdp", reference=True) == dpo_fsdp_4
-    assert bench.sharded_memory(n, block, root, 8, "ddp", reference=False) == 20 * n  # replicated, buckets included
-    assert bench.sharded_memory(n, block, root, 1, "ddp", reference=False) == 16 * n  # one process: no buckets
+    assert bench.sharded_memory(n, block, root, 4, "fsdp", trained=1, frozen=1) == dpo_fsdp_4
+    # PPO: policy and critic train (2 x 16), reference and reward model frozen (2 x 2); both roots gathered
+    assert bench.sharded_memory(n, block, root, 8, "fsdp", trained=2, frozen=2) == 36 * n / 8 + 6 * (2 * root + 2 * block)
+    assert bench.sharded_memory(n, block, root, 8, "ddp", trained=2, frozen=2) == (36 + 8) * n
+    assert bench.sharded_memory(n, block, root, 8, "ddp") == 20 * n  # replicated, buckets included
+    assert bench.sharded_memory(n, block, root, 1, "ddp") == 16 * n  # one process: no buckets
     row = next(line for line in bench.sharding_table() if line.startswith("| TinyLlama-1.1B (1.10B) | DPO | fsdp |"))
     assert row.split(" | ")[5] == f"{dpo_fsdp_4 / 1e9:.1f}"  # the N=4 column
