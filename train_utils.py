@@ -398,7 +398,8 @@ def shard(model: torch.nn.Module, dtype: str) -> None:
         fully_shard(block, mp_policy=policy)
     # PPO's policy and critic train as one module, but rollouts and scoring call each alone, and
     # FSDP2 makes the first unit called the root of the units below it: each model is a root
-    parts = [] if isinstance(model, (GPT, RewardModel)) else [m for m in model.children() if isinstance(m, (GPT, RewardModel))]
+    models = (GPT, RewardModel)
+    parts = [] if isinstance(model, models) else [m for m in model.children() if isinstance(m, models)]
     for unit in parts or [model]:
         fully_shard(unit, mp_policy=policy)
         for method in ("generate", "values"):
@@ -513,6 +514,18 @@ def load_trainable(model: torch.nn.Module, state: dict, where: str) -> None:
     set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))
 
 
+def keyed_by_name(state: dict, model: torch.nn.Module, optimizer) -> dict:
+    """An optimizer state dict keyed by parameter name, as checkpoints hold it; one keyed by
+    position (optimizer.state_dict(), what checkpoints written before FSDP hold) is re-keyed by
+    the names of the parameters in the optimizer's order."""
+    if not state["param_groups"] or not all(isinstance(i, int) for g in state["param_groups"] for i in g["params"]):
+        return state
+    names = {p: name for name, p in model.named_parameters()}
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
 def _gather_rng(dist: Dist) -> list[torch.Tensor]:
     state = torch.get_rng_state()
     if not dist.ddp:
@@ -572,7 +585,8 @@ class Run:
             print(f"warning: resuming with changed settings (was, now): {changed}", file=sys.stderr)
         load_trainable(model, ckpt["model"], self.ckpt_path)
         if ckpt["optimizer"] is not None:
-            set_optimizer_state_dict(optimized or model, optimizer, ckpt["optimizer"],
+            optimized = optimized or model
+            set_optimizer_state_dict(optimized, optimizer, keyed_by_name(ckpt["optimizer"], optimized, optimizer),
                                      options=StateDictOptions(full_state_dict=True))
         if len(ckpt["rng"]) == self.dist.world_size:
             torch.set_rng_state(ckpt["rng"][self.dist.rank])

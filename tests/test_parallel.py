@@ -111,17 +111,19 @@ def test_fsdp_checkpoint_loads_in_one_process_and_resumes_under_any_world_size(t
         assert_same_run(whole, split)
 
 
-def test_fsdp_with_lora_and_gradient_checkpointing_trains_the_adapters_of_one_plain_process(toy_dir, sft_pairs,
-                                                                                           tmp_path):
-    """DPO with LoRA adapters, whose reference is the policy with its adapters off: 2 FSDP
-    processes that recompute each block in the backward pass (FSDP gathers its weights again)
-    train the adapters of one process that keeps its activations, and the adapters moved far
-    more than the tolerance."""
-    one, fsdp = str(tmp_path / "one"), str(tmp_path / "fsdp")
+def test_lora_trains_the_adapters_of_one_process_under_ddp_and_under_fsdp_with_checkpointing(toy_dir, sft_pairs,
+                                                                                            tmp_path):
+    """DPO with LoRA adapters, whose reference is the policy with its adapters off: 2 DDP
+    processes, and 2 FSDP processes that recompute each block in the backward pass (FSDP gathers
+    its weights again), train the adapters of one process that keeps its activations; the
+    adapters moved far more than the tolerance."""
+    one, ddp, fsdp = (str(tmp_path / name) for name in ("one", "ddp", "fsdp"))
     common = dict(lora_rank=4, lr=2e-3, warmup_iters=1, eval_prompts=f"{toy_dir}/prompts_val.jsonl", eval_samples=6)
     launch("train_dpo.py", pair_args(sft_pairs, toy_dir, one, grad_accum=4, **common))
+    launch("train_dpo.py", pair_args(sft_pairs, toy_dir, ddp, grad_accum=2, **common), nproc=2)
     launch("train_dpo.py", pair_args(sft_pairs, toy_dir, fsdp, grad_accum=2, grad_checkpoint=True, **common), nproc=2,
            parallel="fsdp")
+    assert_same_run(one, ddp)
     assert_same_run(one, fsdp)
     adapters = load_checkpoint(os.path.join(one, "ckpt.pt"))["model"]
     assert all("lora" in name for name in adapters)

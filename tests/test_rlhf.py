@@ -321,19 +321,26 @@ def _final(out_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("advantage", "parallel"), [("gae", "ddp"), ("grpo", "ddp"), ("gae", "fsdp")])
-def test_two_processes_equal_one_process(advantage, parallel, sft_pairs, toy_dir, reward_ckpt, tmp_path):
+@pytest.mark.parametrize(("advantage", "parallels"), [("gae", ("ddp", "fsdp")), ("grpo", ("ddp",))],
+                         ids=["gae", "grpo"])
+def test_two_processes_equal_one_process(advantage, parallels, sft_pairs, toy_dir, reward_ckpt, tmp_path):
     """Under fsdp the policy, the critic, the reference and the reward model are all sharded, and
     rollouts and the evaluation sample on the sharded policy."""
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
     group = GROUP if advantage != "gae" else {}
     args = lambda out: ppo_args(sft_pairs, toy_dir, out, reward_ckpt=f"{reward_ckpt}/ckpt.pt", advantage=advantage,
-                                gold_eval=parallel == "fsdp", eval_samples=8, eval_interval=2, **group)
+                                gold_eval=True, eval_samples=8, eval_interval=2, **group)
+    one = str(tmp_path / "one")
     r = run_python("train_ppo.py", *args(one))
     assert r.returncode == 0, r.stderr
-    r = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ppo.py", *args(two),
-                   f"--parallel={parallel}")
-    assert r.returncode == 0, r.stderr
+    for parallel in parallels:
+        two = str(tmp_path / parallel)
+        r = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ppo.py", *args(two),
+                       f"--parallel={parallel}")
+        assert r.returncode == 0, r.stderr
+        _assert_same_ppo_run(one, two)
+
+
+def _assert_same_ppo_run(one, two):
     a, b = _final(one), _final(two)
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-5, msg=name)

@@ -1,5 +1,6 @@
 """LoRA in the training scripts (DPO's reference is the policy with its adapters off, the
-checkpoint holds the adapters, resume, 2 processes = 1, merged export = unmerged forward) and
+checkpoint holds the adapters, resume, merged export = unmerged forward; 2 processes = 1 is in
+test_parallel.py) and
 the whole pipeline on the toy task as conversations, with and without LoRA.
 
     python -m pytest -q tests/test_train_lora_chat.py
@@ -83,24 +84,6 @@ def test_frozen_weights_in_bfloat16_train_under_autocast_and_need_it(sft_pairs, 
         assert all(math.isfinite(m.get("loss", 0.0)) for m in read_metrics(out))
     r = run_python("train_dpo.py", *dpo_args(sft_pairs, toy_dir, str(tmp_path / "bad"), frozen_dtype="bfloat16"))
     assert r.returncode != 0 and "--frozen_dtype bfloat16 needs --dtype bfloat16" in r.stderr
-
-
-@pytest.mark.slow
-def test_two_ddp_processes_equal_one_process_with_lora(sft_pairs, toy_dir, tmp_path):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    r = run_python("train_dpo.py", *dpo_args(sft_pairs, toy_dir, one, grad_accum=2, **LORA))
-    assert r.returncode == 0, r.stderr
-    r = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_dpo.py",
-                   *dpo_args(sft_pairs, toy_dir, two, **LORA))
-    assert r.returncode == 0, r.stderr
-    a, b = (load_checkpoint(os.path.join(d, "ckpt.pt"))["model"] for d in (one, two))
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
-    for x, y in zip(read_metrics(one), read_metrics(two), strict=True):
-        for k in x:
-            if not k.endswith("accuracies"):
-                assert y[k] == pytest.approx(x[k], abs=1e-5), k
 
 
 # -----------------------------------------------------------------------------

@@ -157,3 +157,26 @@ def test_a_checkpoint_before_the_first_step_leaves_the_optimizer_untouched(tmp_p
     run.save(1, model, optimizer, _Tokenizer())
     saved = load_checkpoint(os.path.join(str(tmp_path), "ckpt.pt"))["optimizer"]["state"]
     assert all(float(v["step"]) == 1 for v in saved.values())  # keyed by name, one step taken
+
+
+def test_a_checkpoint_with_the_optimizer_keyed_by_position_resumes_its_state(tmp_path):
+    """Checkpoints written before FSDP hold optimizer.state_dict(), keyed by position: resuming
+    one restores every parameter's AdamW moments by name, as from today's checkpoints."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    run = Run(TrainConfig(out_dir=str(tmp_path)), CPU)
+    run.start(model, optimizer)
+    model(torch.arange(4)[None]).square().sum().backward()
+    optimizer.step()
+    run.save(1, model, optimizer, _Tokenizer())
+    path = os.path.join(str(tmp_path), "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    torch.save({**ckpt, "optimizer": optimizer.state_dict()}, path)  # the old format
+    resumed_model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    resumed = make_optimizer(resumed_model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    assert Run(TrainConfig(out_dir=str(tmp_path), resume=True), CPU).start(resumed_model, resumed) == 1
+    for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer.state[p][key], resumed.state[q][key]), key
