@@ -28,8 +28,9 @@ from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums
 from evaluate import PolicyEvaluator
 from lora import AdaptersOff
 from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, frozen_dtype, global_batch, heldout_sums,
-                         load_gpt, lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable,
-                         progress_bar, run_script, seed_everything, set_lr, shard, shard_indices, train_step, wrap_model)
+                         load_gpt, lora_record, make_optimizer, micro_batches, n_trainable, place_frozen,
+                         prepare_trainable, progress_bar, run_script, seed_everything, set_lr, shard_indices, train_step,
+                         wrap_model)
 
 
 @dataclass
@@ -160,13 +161,11 @@ def train(cfg: Config, dist: Dist) -> dict:
 
     # 2. policy and frozen reference, both from the SFT checkpoint: under LoRA the reference is the
     # policy with its adapters off, else a frozen copy; its log-probs of every pair computed once if asked
-    prepare_trainable(policy, cfg).to(dist.device)
+    model = wrap_model(prepare_trainable(policy, cfg), dist, cfg)
     if cfg.lora_rank:
         reference = AdaptersOff(policy)
     else:
-        reference = load_gpt(cfg.sft_ckpt, frozen_dtype(cfg))[0].to(dist.device).eval().requires_grad_(False)
-    if dist.sharded and not cfg.lora_rank:
-        shard(reference, cfg.dtype)  # frozen, but sharded too: each rank holds 1/world_size of it
+        reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg))[0], dist, cfg)
     offload = cfg.precompute_ref and not cfg.lora_rank and not dist.sharded  # a separate reference can wait on the CPU
     ctx = autocast(dist.device, cfg.dtype)
     if cfg.precompute_ref:
@@ -182,7 +181,6 @@ def train(cfg: Config, dist: Dist) -> dict:
     if offload:
         reference.cpu()  # off the accelerator: training never runs it again, evaluation borrows it
     loss_fn = partial(dpo_batch_loss, reference=reference, cfg=cfg)
-    model = wrap_model(policy, dist, cfg)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     start = step = run.start(policy, optimizer)
     tokens = run.resumed["tokens"] if run.resumed else 0  # real tokens trained on so far

@@ -34,9 +34,9 @@ from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, 
 from lora import AdaptersOff
 from reward_model import RewardModel
 from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, frozen_dtype, global_batch, load_gpt,
-                         load_reward_model, load_trainable, lora_record, make_optimizer, n_trainable, prepare_trainable,
-                         progress_bar, run_script, seed_everything, set_lr, shard, train_step, trainable_state,
-                         wrap_model)
+                         load_reward_model, load_trainable, lora_record, make_optimizer, n_trainable, place_frozen,
+                         prepare_trainable, progress_bar, run_script, seed_everything, set_lr, train_step,
+                         trainable_state, wrap_model)
 
 
 @dataclass
@@ -238,19 +238,15 @@ def frozen_models_and_critic(cfg: Config, policy, dist: Dist):
     """The reference (the policy with its LoRA adapters off, or a frozen copy of the SFT policy),
     the frozen reward model (None with --reward gold), and the critic (None for rloo and grpo):
     the reward model's backbone and head, or the SFT backbone with a new head (under LoRA,
-    adapters on the backbone). Under FSDP the frozen models are sharded too."""
-    device = dist.device
+    adapters on the backbone). The frozen models are placed (under FSDP sharded); policy and
+    critic stay on the CPU for wrap_model."""
     if cfg.lora_rank:
         reference = AdaptersOff(policy)
     else:
-        reference = load_gpt(cfg.sft_ckpt, frozen_dtype(cfg))[0].to(device).eval().requires_grad_(False)
+        reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg))[0], dist, cfg)
     reward_model = None
     if cfg.reward == "model":
-        reward_model = load_reward_model(cfg.reward_ckpt)[0].to(device, frozen_dtype(cfg)).eval().requires_grad_(False)
-    if dist.sharded:
-        for frozen in (reference, reward_model):
-            if frozen is not None and not isinstance(frozen, AdaptersOff):
-                shard(frozen, cfg.dtype)
+        reward_model = place_frozen(load_reward_model(cfg.reward_ckpt)[0].to(frozen_dtype(cfg)), dist, cfg)
     if cfg.advantage != "gae":
         return reference, reward_model, None
     if cfg.critic_init == "reward" or (cfg.critic_init == "auto" and cfg.reward == "model"):
@@ -258,7 +254,7 @@ def frozen_models_and_critic(cfg: Config, policy, dist: Dist):
     else:
         critic = RewardModel.from_gpt(load_gpt(cfg.sft_ckpt)[0])
     prepare_trainable(critic.backbone, cfg)
-    return reference, reward_model, critic.to(device)
+    return reference, reward_model, critic
 
 
 def evaluate(evaluator, policy, eval_prompts: list[str], cfg: Config, ctx):
@@ -291,7 +287,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         raise SystemExit("error: GRPO weighs its KL term by a fixed kl_coef; --adaptive_kl is for gae and rloo")
 
     # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic (gae)
-    prepare_trainable(policy, cfg).to(dist.device)
+    prepare_trainable(policy, cfg)
     reference, reward_model, critic = frozen_models_and_critic(cfg, policy, dist)
     trained = PolicyAndCritic(policy, critic) if critic else policy
     trained.eval()  # dropout off in policy and critic, in rollouts and updates alike

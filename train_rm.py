@@ -98,7 +98,6 @@ def train(cfg: Config, dist: Dist) -> dict:
     # 2. the reward model: SFT backbone, new scalar head
     raw_model = RewardModel.from_gpt(sft)
     prepare_trainable(raw_model.backbone, cfg)  # the head always trains
-    raw_model.to(dist.device)
     loss_fn = partial(rm_batch_loss, cfg=cfg)
     model = wrap_model(raw_model, dist, cfg)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)

@@ -164,7 +164,6 @@ def train(cfg: Config, dist: Dist) -> dict:
     if raw_model.config.block_size < cfg.max_length + cfg.max_new_tokens:
         raise SystemExit(f"error: max_length + max_new_tokens exceeds the model's block_size "
                          f"{raw_model.config.block_size}")
-    raw_model.to(dist.device)
     model = wrap_model(raw_model, dist, cfg)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     start = step = run.start(raw_model, optimizer)

@@ -370,37 +370,51 @@ def heldout_sums(model, data: dict[str, torch.Tensor], loss_fn, dist: Dist, ctx,
 
 
 def wrap_model(model: torch.nn.Module, dist: Dist, cfg: TrainConfig) -> torch.nn.Module:
-    """Under torchrun, DDP or FSDP; then optionally compile. Keep a reference to the raw module:
-    it is what saves, loads and samples. FSDP shards in place, so build the optimizer after this."""
+    """The model on the device: under torchrun in DDP, or sharded by FSDP; then optionally
+    compiled. Keep a reference to the raw module: it is what saves, loads and samples. FSDP
+    shards in place, so build the optimizer after this."""
     if dist.sharded:
-        shard(model, cfg.dtype)
-    elif dist.ddp:
+        shard(model, cfg.dtype, dist.device)
+        return torch.compile(model) if cfg.compile else model
+    model.to(dist.device)
+    if dist.ddp:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
+    return torch.compile(model) if cfg.compile else model
+
+
+def place_frozen(model: torch.nn.Module, dist: Dist, cfg: TrainConfig) -> torch.nn.Module:
+    """A model that does not train (a reference, a reward model) on the device, in eval mode and
+    without gradients; under FSDP sharded too, so each rank holds 1/world_size of it."""
+    model.eval().requires_grad_(False)
+    if dist.sharded:
+        shard(model, cfg.dtype, dist.device)
+    else:
+        model.to(dist.device)
     return model
 
 
-def shard(model: torch.nn.Module, dtype: str) -> None:
+def shard(model: torch.nn.Module, dtype: str, device: torch.device) -> None:
     """FSDP2 (Zhao et al. 2023; torch.distributed.fsdp.fully_shard) in place: each transformer
     block is one unit, all-gathered just before it runs and freed after; the embeddings, final
     norm and heads are the root's unit. Every rank keeps 1/world_size of each weight, gradient
     and optimizer state. Under bfloat16 the gathered weights are cast to bfloat16 for compute and
     gradients are reduced in float32 (the sharded master weights stay float32). generate and
     values run outside forward, so they are registered to gather the root's weights too; a
-    module made of models (PPO's policy and critic) shards each model as a root of its own. Rank
-    0's weights are broadcast first, as DDP does, since a new model is initialised per rank."""
-    for t in [*model.parameters(), *model.buffers()]:
-        torch_dist.broadcast(t.data, src=0)
+    module made of models (PPO's policy and critic) shards each model as a root of its own.
+    The model comes in on the CPU and goes to the device one unit at a time, as it is sharded,
+    so no device ever holds a whole model; rank 0's weights of each unit are broadcast first, as
+    DDP does, since a new model is initialised per rank."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if dtype == "bfloat16" else MixedPrecisionPolicy()
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
-        fully_shard(block, mp_policy=policy)
     # PPO's policy and critic train as one module, but rollouts and scoring call each alone, and
     # FSDP2 makes the first unit called the root of the units below it: each model is a root
     models = (GPT, RewardModel)
     parts = [] if isinstance(model, models) else [m for m in model.children() if isinstance(m, models)]
-    for unit in parts or [model]:
+    for unit in [*(m for m in model.modules() if isinstance(m, Block)), *(parts or [model])]:
+        for t in [*unit.parameters(), *unit.buffers()]:
+            if not isinstance(t, DTensor):  # not sharded already with a unit below
+                t.data = t.data.to(device)
+                torch_dist.broadcast(t.data, src=0)
         fully_shard(unit, mp_policy=policy)
         for method in ("generate", "values"):
             if hasattr(unit, method):

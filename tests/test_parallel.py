@@ -164,7 +164,7 @@ def _shard_in_bfloat16_on_rank(rank, store, out):
     torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
-    shard(model, "bfloat16")
+    shard(model, "bfloat16", torch.device("cpu"))
     block = model.transformer.h[0]
     seen = []
     block.register_forward_pre_hook(lambda module, args: seen.append((module.attn.c_attn.weight.dtype,
