@@ -324,19 +324,22 @@ def _final(out_dir):
 @pytest.mark.parametrize(("advantage", "parallels"), [("gae", ("ddp", "fsdp")), ("grpo", ("ddp",))],
                          ids=["gae", "grpo"])
 def test_two_processes_equal_one_process(advantage, parallels, sft_pairs, toy_dir, reward_ckpt, tmp_path):
-    """Under fsdp the policy, the critic, the reference and the reward model are all sharded, and
-    rollouts and the evaluation sample on the sharded policy."""
+    """Under fsdp the policy, the critic, the reference and the reward model are all sharded,
+    rollouts and the evaluation sample on the sharded policy, and the run stops after iteration
+    1 and resumes (policy, critic and their optimizer state come back into the shards)."""
     group = GROUP if advantage != "gae" else {}
-    args = lambda out: ppo_args(sft_pairs, toy_dir, out, reward_ckpt=f"{reward_ckpt}/ckpt.pt", advantage=advantage,
-                                gold_eval=True, eval_samples=8, eval_interval=2, **group)
+    args = lambda out, **kw: ppo_args(sft_pairs, toy_dir, out, reward_ckpt=f"{reward_ckpt}/ckpt.pt", advantage=advantage,
+                                      gold_eval=True, eval_samples=8, eval_interval=1, lr_decay_iters=2, **group, **kw)
     one = str(tmp_path / "one")
     r = run_python("train_ppo.py", *args(one))
     assert r.returncode == 0, r.stderr
     for parallel in parallels:
         two = str(tmp_path / parallel)
-        r = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ppo.py", *args(two),
-                       f"--parallel={parallel}")
-        assert r.returncode == 0, r.stderr
+        runs = [args(two, max_iters=1), args(two, resume=True)] if parallel == "fsdp" else [args(two)]
+        for run in runs:
+            r = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ppo.py", *run,
+                           f"--parallel={parallel}")
+            assert r.returncode == 0, r.stderr
         _assert_same_ppo_run(one, two)
 
 
