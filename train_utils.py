@@ -375,10 +375,10 @@ def wrap_model(model: torch.nn.Module, dist: Dist, cfg: TrainConfig) -> torch.nn
     shards in place, so build the optimizer after this."""
     if dist.sharded:
         shard(model, cfg.dtype, dist.device)
-        return torch.compile(model) if cfg.compile else model
-    model.to(dist.device)
-    if dist.ddp:
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    else:
+        model.to(dist.device)
+        if dist.ddp:
+            model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     return torch.compile(model) if cfg.compile else model
 
 
