@@ -331,9 +331,10 @@ def train_step(model, optimizer, batches: list, loss_fn, n_global: int, grad_cli
     means of the loss and metrics, and grad_norm (before clipping; under FSDP the norm over every
     rank's shards); a non-finite loss raises NonFiniteLoss before the weights are touched."""
     sums = 0
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)] if dist.sharded else []
     for i, batch in enumerate(batches):
         sync = not dist.ddp or i == len(batches) - 1
-        for unit in [m for m in model.modules() if isinstance(m, FSDPModule)]:
+        for unit in units:
             unit.set_requires_gradient_sync(sync, recurse=False)
         with nullcontext() if sync or dist.sharded else model.no_sync():
             with ctx:

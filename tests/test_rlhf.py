@@ -86,7 +86,7 @@ def test_bradley_terry_loss_by_hand():
         [expected[0] + 0.1 * 9, expected[1] + 0.1 * 1], abs=1e-6)
 
 
-def test_reward_model_score_does_not_depend_on_padding_or_batch():
+def test_reward_model_score_is_the_value_at_the_last_real_token_whatever_the_padding_or_batch():
     torch.manual_seed(0)
     rm = RewardModel(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
     seq = torch.randint(4, 64, (7,))
@@ -97,6 +97,8 @@ def test_reward_model_score_does_not_depend_on_padding_or_batch():
         other = torch.randint(4, 64, (10,))
         batch = torch.stack([torch.cat([seq, torch.zeros(3, dtype=torch.long)]), other])
         batched = rm(batch, torch.tensor([[1] * 7 + [0] * 3, [1] * 10]))[:1]
+        last_value = rm.values(seq[None])[:, -1]
+    torch.testing.assert_close(alone, last_value, rtol=0, atol=0)
     for got in (right, left, batched):
         torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
 
