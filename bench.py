@@ -221,7 +221,7 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
         for cache in (True, False):
             def gen():
                 with ctx:
-                    policy.generate(prompts, new, eos_id=-1, pad_id=0, temperature=1.0, use_cache=cache,
+                    policy.generate(prompts, new, stop_ids=[], pad_id=0, temperature=1.0, use_cache=cache,
                                     generator=torch.Generator(device).manual_seed(0))
             seconds = timed(gen, device, max(1, cfg.steps // 2), 1)
             add(f"generate {new} tokens, {'KV cache' if cache else 'no cache'}", seconds, cfg.gen_batch * new,
@@ -328,7 +328,7 @@ def bench_vs_transformers(cfg: Config, device, peak: float) -> list[dict]:
         def generate():
             with ctx, torch.no_grad():
                 if model is ours:
-                    model.generate(prompts, 32, eos_id=-1, pad_id=0, temperature=0)
+                    model.generate(prompts, 32, stop_ids=[], pad_id=0, temperature=0)
                 else:
                     model.generate(input_ids=ids[:, :16], attention_mask=mask[:, :16], max_new_tokens=32,
                                    min_new_tokens=32, do_sample=False, pad_token_id=0)

@@ -85,54 +85,101 @@ def assistant_spans(template: str, messages: list[dict], special_tokens: dict[st
     return text, spans
 
 
-def encode_conversation(tok, messages: list[dict], max_length: int) -> tuple[list[int], list[bool]]:
-    """Token ids of a whole conversation and, per token, whether it carries loss: the tokens that
-    start inside an assistant turn, every turn of a multi-turn conversation.
+def _keep_end(content: str, fits) -> str | None:
+    """The longest end of `content` (which does not fit whole) for which fits(end) holds, by
+    bisection over character offsets; None when even the empty string does not fit. Cutting a
+    message's text, not its tokens, keeps the rendering exactly the template's. Fewer characters
+    never need more tokens but for the tokenizer's merges at the cut, so the end found always fits,
+    though it may be a few characters shorter than the longest that would."""
+    if not fits(""):
+        return None
+    lo, hi = 0, len(content)  # content[lo:] does not fit, content[hi:] does
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(content[mid:]) else (mid, hi)
+    return content[hi:]
+
+
+def encode_conversation(tok, messages: list[dict], max_length: int) -> tuple[list[int], list[bool], bool]:
+    """Token ids of a whole conversation, per token whether it carries loss (the tokens that start
+    inside an assistant turn, every turn of a multi-turn conversation, up to and including the
+    turn's stop token: the template's text after it, such as a newline, is never generated), and
+    whether truncation cut anything.
 
     Truncation keeps whole turns: a conversation longer than max_length ends with the last
     assistant turn that fits whole; if even the first does not, it is cut inside that turn. One
-    whose first assistant turn starts past max_length is refused."""
-    text, spans = assistant_spans(tok.chat_template, messages, tok.special_tokens())
-    ids, starts = tok.encode_with_offsets(text)
-    labelled = [any(a <= s < b for a, b in spans) for s in starts]
+    whose first assistant turn starts past max_length first has the user turn before that reply
+    cut on the left (its end, nearest the reply, kept; a system message kept), as TRL cuts a long
+    prompt; one that even an empty user turn cannot help is refused."""
+    def encode(messages):
+        text, spans = assistant_spans(tok.chat_template, messages, tok.special_tokens())
+        ids, starts = tok.encode_with_offsets(text)
+        labelled = [False] * len(ids)
+        for a, b in spans:  # a turn's tokens up to and including its first stop token (what generation emits)
+            for j in (j for j, s in enumerate(starts) if a <= s < b):
+                labelled[j] = True
+                if ids[j] in tok.stop_ids:
+                    break
+        return ids, starts, spans, labelled
+
+    ids, starts, spans, labelled = encode(messages)
+    cut = len(ids) > max_length
+    if cut and not any(labelled[:max_length]):
+        reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        if reply == 0 or messages[reply - 1]["role"] != "user":
+            raise ChatError(f"the first assistant turn starts after {max_length} tokens (max_length) "
+                            "and no user turn before it can be cut")
+        with_user = lambda content: [*messages[:reply - 1], {**messages[reply - 1], "content": content}, *messages[reply:]]
+        content = _keep_end(messages[reply - 1]["content"], lambda c: any(encode(with_user(c))[3][:max_length]))
+        if content is None:
+            raise ChatError(f"the first assistant turn starts after {max_length} tokens (max_length) "
+                            "even with the user turn before it emptied")
+        ids, starts, spans, labelled = encode(with_user(content))
     if len(ids) > max_length:
-        if not any(labelled[:max_length]):
-            raise ChatError(f"the first assistant turn starts after {max_length} tokens (max_length)")
         turn_ends = [sum(s < end for s in starts) for _, end in spans]  # token index after each assistant turn
-        cut = max([end for end in turn_ends if end <= max_length], default=max_length)
-        ids, labelled = ids[:cut], labelled[:cut]
-    return ids, labelled
+        end = max([end for end in turn_ends if end <= max_length], default=max_length)
+        ids, labelled = ids[:end], labelled[:end]
+    return ids, labelled, cut
 
 
 def encode_prompt_response(tok, prompt_messages: list[dict], response: str, max_length: int,
-                           max_prompt_length: int | None) -> tuple[list[int], int]:
-    """Token ids of a prompt conversation followed by one assistant response, and the number of
-    prompt tokens. The whole conversation is rendered and tokenised at once, so prompt + response
-    is exactly the template applied to it; the response runs up to and including its eos, where
-    generation stops (a template's text after the eos, such as Zephyr's newline, is left out).
+                           max_prompt_length: int | None) -> tuple[list[int], int, bool]:
+    """Token ids of a prompt conversation followed by one assistant response, the number of prompt
+    tokens, and whether truncation cut anything. The whole conversation is rendered and tokenised
+    at once, so prompt + response is exactly the template applied to it; the response runs up to
+    and including its first stop token (eos, or the template's end-of-turn token such as ChatML's
+    <|im_end|>), where generation stops (a template's text after it, such as a newline, is left out).
 
-    Truncation: a prompt longer than max_prompt_length (or leaving no room within max_length)
-    loses its oldest turns, a leading system message kept, while a user turn remains; one whose
-    last user turn alone is too long is refused. The response is then cut on the right."""
+    Truncation, as TRL's: a prompt longer than max_prompt_length (or leaving no room within
+    max_length) loses its oldest turns, a leading system message kept, while a user turn remains;
+    then the last user turn's text is cut on the left, its end (nearest the response) kept. Only a
+    prompt too long even with that turn emptied is refused. The response is then cut on the right."""
     special = tok.special_tokens()
     limit = min(max_prompt_length or max_length, max_length - 1)
-    head = prompt_messages[:1] if prompt_messages[0]["role"] == "system" else []
-    turns = prompt_messages[len(head):]
-    while True:
-        messages = head + turns
+
+    def encode(messages):
         prompt_text = render(tok.chat_template, messages, special, add_generation_prompt=True)
         text = render(tok.chat_template, messages + [{"role": "assistant", "content": response}], special)
         if not text.startswith(prompt_text):
             raise ChatError("the chat template's generation prompt is not how it begins the assistant's turn")
         ids, starts = tok.encode_with_offsets(text)
-        n_prompt = sum(s < len(prompt_text) for s in starts)
-        if n_prompt <= limit:
-            break
-        later = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]
-        if not later:
-            raise ChatError(f"the prompt's last user turn alone is {n_prompt} tokens, more than "
-                            f"{limit} (max_prompt_length, and max_length less one response token)")
+        return ids, sum(s < len(prompt_text) for s in starts)
+
+    head = prompt_messages[:1] if prompt_messages[0]["role"] == "system" else []
+    turns = prompt_messages[len(head):]
+    ids, n_prompt = encode(head + turns)
+    cut = n_prompt > limit
+    while n_prompt > limit and (later := [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]):
         turns = turns[later[0]:]
-    if tok.eos_id in ids[n_prompt:]:
-        ids = ids[:n_prompt + ids[n_prompt:].index(tok.eos_id) + 1]
-    return ids[:max_length], n_prompt
+        ids, n_prompt = encode(head + turns)
+    if n_prompt > limit:  # the last user turn alone is too long
+        with_user = lambda content: head + [{**turns[-1], "content": content}]
+        content = _keep_end(turns[-1]["content"], lambda c: encode(with_user(c))[1] <= limit)
+        if content is None:
+            raise ChatError(f"the prompt is longer than {limit} tokens (max_prompt_length, and max_length less one "
+                            "response token) even with its last user turn emptied")
+        ids, n_prompt = encode(with_user(content))
+    stops = [j for j in range(n_prompt, len(ids)) if ids[j] in tok.stop_ids]
+    if stops:
+        ids = ids[:stops[0] + 1]
+    return ids[:max_length], n_prompt, cut or len(ids) > max_length

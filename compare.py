@@ -217,7 +217,7 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     for beta in S["betas"]:
         train(f"dpo beta={beta}", train_dpo.main, d(f"dpo_beta{beta}"), beta=beta, **pair_files, **evaluation, **S["dpo"])
     # 3. the reward model, then PPO, RLOO and GRPO on it and on the gold reward
-    train("reward model", train_rm.main, d("rm"), **pair_files, **S["rm"])
+    train("reward model", train_rm.main, d("rm"), **pair_files, gold_eval=True, **S["rm"])
     rl_common = dict(sft_ckpt=sft_ckpt, prompts=os.path.join(cfg.data_dir, "prompts_train.jsonl"), **evaluation, **S["rl"])
     for method, setting, folder, kwargs in rl_runs(S):
         reward_ckpt = dict(reward_ckpt=rm_ckpt) if kwargs["reward"] == "model" else {}

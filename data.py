@@ -44,9 +44,10 @@ class Tokenizer:
     CHAT_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "\n"]  # one piece each in the chat toy's tokenizer
 
     def __init__(self, kind: str, data: bytes | str, bos_id: int | None, eos_id: int, pad_id: int,
-                 add_bos: bool = True, chat_template: str | None = None):
+                 add_bos: bool = True, chat_template: str | None = None, eos_ids: list[int] | None = None):
         self.kind, self.data = kind, data  # data travels inside checkpoints, so a checkpoint samples alone
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.eos_ids = sorted({eos_id, *(eos_ids or ())})  # every id the model may end with (generation_config's list)
         self.add_bos = add_bos and bos_id is not None  # whether a prompt starts with bos
         self.chat_template = chat_template  # Jinja source; when set, every prompt is a user turn of a conversation
         if kind == "sentencepiece":
@@ -63,7 +64,9 @@ class Tokenizer:
             self.hf = HFTokenizer.from_str(data)
             self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
             self.unk_id = None
-        self.special_ids = {i for i in (bos_id, eos_id, pad_id) if i is not None}
+        self.end_of_turn_id = self._end_of_turn() if chat_template else None
+        self.stop_ids = sorted({*self.eos_ids, *([self.end_of_turn_id] if self.end_of_turn_id is not None else [])})
+        self.special_ids = {i for i in (bos_id, pad_id, *self.stop_ids) if i is not None}  # never decoded to text
 
     @classmethod
     def toy(cls, model_proto: bytes) -> "Tokenizer":
@@ -94,7 +97,32 @@ class Tokenizer:
     def state(self) -> dict:
         """Everything needed to rebuild this tokenizer, as plain values for a checkpoint."""
         return dict(kind=self.kind, data=self.data, bos_id=self.bos_id, eos_id=self.eos_id,
-                    pad_id=self.pad_id, add_bos=self.add_bos, chat_template=self.chat_template)
+                    pad_id=self.pad_id, add_bos=self.add_bos, chat_template=self.chat_template, eos_ids=self.eos_ids)
+
+    def _end_of_turn(self) -> int | None:
+        """The special token the chat template ends an assistant turn with (Zephyr: eos;
+        ChatML: <|im_end|>; Llama-3: <|eot_id|>): the first token after a rendered reply, if that
+        is a special token. A model stops generating there, so it is a stop id; what the template
+        writes after it (a newline) is never generated and carries no loss."""
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Fine"}]
+        try:
+            text = render(self.chat_template, messages, self.special_tokens())
+            before = render(self.chat_template, messages[:1], self.special_tokens(), add_generation_prompt=True)
+        except ChatError as e:
+            raise DataError(f"the chat template cannot render a user turn and a reply: {e}") from None
+        reply = text.find("Fine", len(before))
+        if reply < 0:
+            return None
+        end = reply + len("Fine")
+        ids, starts = self.encode_with_offsets(text)
+        after = [i for i, s in zip(ids, starts) if s >= end]
+        return after[0] if after and after[0] in self.special_token_ids() else None
+
+    def special_token_ids(self) -> set[int]:
+        """Ids of the tokenizer's special tokens (control pieces; tokenizer.json's special added tokens)."""
+        if self.kind == "sentencepiece":
+            return set(self._controls.values())
+        return {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
 
     def with_chat_template(self, choice: str, chat_data: bool) -> "Tokenizer":
         """This tokenizer with the chat template a run asked for (--chat_template): auto keeps the
@@ -128,12 +156,16 @@ class Tokenizer:
             return self.sp.encode(text)
         return self.hf.encode(text, add_special_tokens=False).ids
 
-    def encode_prompt(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
         """A prompt as the model sees it: bos (where the model uses one), then the prompt's tokens;
-        with a chat template, the prompt as a user turn followed by the generation prompt."""
+        with a chat template, the prompt as a user turn followed by the generation prompt. A prompt
+        that is a conversation (a list of messages) is rendered the same way and needs a template."""
+        if isinstance(prompt, list) and not self.chat_template:
+            raise DataError("a prompt that is a list of messages needs a chat template (--chat_template)")
         if self.chat_template:
-            return self.encode_with_offsets(render(self.chat_template, [{"role": "user", "content": prompt}],
-                                                   self.special_tokens(), add_generation_prompt=True))[0]
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            return self.encode_with_offsets(render(self.chat_template, messages, self.special_tokens(),
+                                                   add_generation_prompt=True))[0]
         return [self.bos_id] * self.add_bos + self.encode(prompt)
 
     def token_text(self, i: int | None) -> str:
@@ -420,6 +452,26 @@ def _messages(record: dict, field: str, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def _sharegpt(record: dict, where: str) -> list[dict]:
+    """ShareGPT: "conversations", a list of {"from": "human" | "gpt" | "system", "value"} turns, as
+    {"role", "content"} messages; a top-level "system" string (LLaMA-Factory's) comes first."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field 'conversations': expected a non-empty list of ShareGPT turns")
+    messages = [{"role": "system", "content": _text_field(record, "system", where)}] if record.get("system") else []
+    for j, turn in enumerate(turns):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+            raise DataError(f"{where}: field 'conversations[{j}]': expected ShareGPT {{\"from\", \"value\"}} strings")
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise DataError(f"{where}: field 'conversations[{j}].from': unknown speaker {turn['from']!r} "
+                            f"(ShareGPT's are {', '.join(SHAREGPT_ROLES)})")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return messages
+
+
 def _ends_with_assistant(messages: list[dict], field: str, where: str) -> str:
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: field '{field}': last message is not from the assistant")
@@ -457,7 +509,45 @@ def _split_hh(record: dict, field: str, where: str) -> tuple[str, str]:
     return text[:cut], text[cut:].strip()
 
 
+def _split_implicit(record: dict, where: str) -> tuple[str, str, str]:
+    """TRL's implicit prompt: chosen and rejected are whole texts and the prompt is their longest
+    common prefix, less a space it ends with (that space starts both responses), as TRL's
+    extract_prompt cuts them. The cut falls where the texts first differ, even inside a word."""
+    chosen, rejected = (_text_field(record, f, where) for f in ("chosen", "rejected"))
+    n = len(os.path.commonprefix([chosen, rejected]))
+    if n and chosen[n - 1] == " ":
+        n -= 1
+    if not chosen[:n].strip():
+        raise DataError(f"{where}: field 'rejected': shares no prompt with 'chosen' (no 'prompt' field, "
+                        "so the prompt is the text both start with)")
+    for field, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text[n:].strip():
+            raise DataError(f"{where}: field '{field}': empty response after the prompt both start with ({chosen[:n]!r})")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _sharegpt_pair(record: dict, where: str) -> tuple[list[dict], str, str]:
+    """LLaMA-Factory's ShareGPT pairs: "conversations" ending in a human turn, and "chosen" and
+    "rejected" each one {"from": "gpt", "value"} reply."""
+    if "chosen" not in record or "rejected" not in record:
+        raise DataError(f"{where}: field 'conversations': a ShareGPT conversation without 'chosen' and 'rejected' "
+                        "replies is SFT data, not a preference pair")
+    prompt_messages = _sharegpt(record, where)
+    if prompt_messages[-1]["role"] != "user":
+        raise DataError(f"{where}: field 'conversations': last turn is not from the human")
+    replies = []
+    for field in ("chosen", "rejected"):
+        reply = record[field]
+        if not (isinstance(reply, dict) and reply.get("from") == "gpt"):
+            raise DataError(f"{where}: field '{field}': expected a ShareGPT reply {{\"from\": \"gpt\", \"value\"}}")
+        replies.append(_text_field(reply, "value", f"{where}: field '{field}'"))
+    return prompt_messages, *replies
+
+
 def _parse_pair(record: dict, fmt: str, where: str) -> Pair:
+    if "conversations" in record and fmt != "sharegpt":
+        raise DataError(f"{where}: field 'conversations': a ShareGPT record in a file read as {fmt} "
+                        "(--format, or the file's first record)")
     if fmt == "plain":
         prompt = _text_field(record, "prompt", where)
         chosen, rejected = (_text_field(record, f, where) for f in ("chosen", "rejected"))
@@ -469,8 +559,10 @@ def _parse_pair(record: dict, fmt: str, where: str) -> Pair:
                             "before the last assistant turn")
         if not chosen or not rejected:
             raise DataError(f"{where}: field '{'chosen' if not chosen else 'rejected'}': empty response")
-    elif fmt == "ultrafeedback":
-        prompt_messages, chosen, rejected = _ultrafeedback(record, where)
+    elif fmt == "implicit":
+        prompt, chosen, rejected = _split_implicit(record, where)
+    elif fmt in ("ultrafeedback", "sharegpt"):
+        prompt_messages, chosen, rejected = (_ultrafeedback if fmt == "ultrafeedback" else _sharegpt_pair)(record, where)
         if chosen == rejected:
             raise DataError(f"{where}: field 'rejected': identical to 'chosen'")
         return Pair(prompt_messages[-1]["content"], chosen, rejected, where, prompt_messages)
@@ -484,26 +576,38 @@ def _parse_pair(record: dict, fmt: str, where: str) -> Pair:
 def _parse_example(record: dict, fmt: str, where: str) -> Example:
     if fmt == "text":
         return Example("", _text_field(record, "text", where), where)
-    if fmt == "messages":
-        messages = _messages(record, "messages", where)
+    if fmt in ("messages", "sharegpt"):
+        field = "messages" if fmt == "messages" else "conversations"
+        messages = _messages(record, field, where) if fmt == "messages" else _sharegpt(record, where)
         if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{where}: field 'messages': no assistant turn (nothing to learn from)")
+            raise DataError(f"{where}: field '{field}': no assistant turn (nothing to learn from)")
         return Example("", "", where, messages)
+    if fmt == "conversational_prompt_completion":
+        prompt, completion = (_messages(record, f, where) for f in ("prompt", "completion"))
+        if completion[0]["role"] != "assistant":
+            raise DataError(f"{where}: field 'completion[0].role': expected 'assistant', got {completion[0]['role']!r}")
+        return Example("", "", where, prompt + completion)
     return Example(_text_field(record, "prompt", where), _text_field(record, "completion", where), where)
 
 
 def _detect(kind: str, record: dict) -> str:
+    if "conversations" in record:
+        return "sharegpt"
     if kind == "sft":
         if "messages" in record:
             return "messages"
+        if isinstance(record.get("prompt"), list):
+            return "conversational_prompt_completion"
         return "text" if "text" in record and "completion" not in record else "prompt_completion"
     if isinstance(record.get("chosen"), list):
         return "ultrafeedback"
-    return "plain" if "prompt" in record else "hh"
+    if "prompt" in record:
+        return "plain"
+    return "hh" if HH_SEPARATOR in str(record.get("chosen")) else "implicit"
 
 
-SFT_FORMATS = ["auto", "prompt_completion", "text", "messages"]
-PREFERENCE_FORMATS = ["auto", "plain", "hh", "ultrafeedback"]
+SFT_FORMATS = ["auto", "prompt_completion", "text", "messages", "conversational_prompt_completion", "sharegpt"]
+PREFERENCE_FORMATS = ["auto", "plain", "hh", "implicit", "ultrafeedback", "sharegpt"]
 
 
 def _load(path: str, kind: str, fmt: str, skip_bad: bool, parse) -> list:
@@ -527,38 +631,52 @@ def _load(path: str, kind: str, fmt: str, skip_bad: bool, parse) -> list:
 
 
 def load_sft(path: str, fmt: str = "auto", skip_bad: bool = False) -> list[Example]:
-    """SFT data: {"prompt", "completion"} (loss on the completion), {"text"} (loss on all of it) or
-    {"messages": [{"role", "content"}, ...]} (UltraChat's layout; loss on every assistant turn)."""
+    """SFT data: {"prompt", "completion"} (loss on the completion), {"text"} (loss on all of it),
+    {"messages": [{"role", "content"}, ...]} (UltraChat's layout; loss on every assistant turn),
+    TRL's conversational {"prompt": [messages], "completion": [assistant messages]} or ShareGPT's
+    {"conversations": [{"from", "value"}, ...]} (both read as one conversation, as "messages")."""
     return _load(path, "sft", fmt, skip_bad, _parse_example)
 
 
 def load_preferences(path: str, fmt: str = "auto", skip_bad: bool = False) -> list[Pair]:
-    """Preference pairs: plain {"prompt","chosen","rejected"}, Anthropic HH-RLHF transcripts, or
-    UltraFeedback-binarized message lists; "auto" recognises the format from the first record."""
+    """Preference pairs: plain {"prompt","chosen","rejected"}, Anthropic HH-RLHF transcripts, TRL's
+    implicit prompt ({"chosen","rejected"} whole texts that share the prompt), UltraFeedback-binarized
+    message lists, or LLaMA-Factory's ShareGPT pairs; "auto" recognises the format from the first record."""
     return _load(path, "preference", fmt, skip_bad, _parse_pair)
 
 
-def load_prompts(path: str, skip_bad: bool = False) -> list[str]:
-    """Prompts, one {"prompt"} record a line (other fields are ignored)."""
-    return [e.prompt for e in _load(path, "prompts", "prompt", skip_bad,
-                                    lambda r, _, where: Example(_text_field(r, "prompt", where), "", where))]
+def _parse_prompt(record: dict, _, where: str) -> str | list[dict]:
+    if not isinstance(record.get("prompt"), list):
+        return _text_field(record, "prompt", where)
+    messages = _messages(record, "prompt", where)
+    if messages[-1]["role"] != "user":
+        raise DataError(f"{where}: field 'prompt': last message is not from the user")
+    return messages
+
+
+def load_prompts(path: str, skip_bad: bool = False) -> list[str | list[dict]]:
+    """Prompts, one {"prompt"} record a line (other fields are ignored): a string, or TRL's
+    conversational prompt, a list of {"role", "content"} messages ending in a user turn."""
+    return _load(path, "prompts", "prompt", skip_bad, _parse_prompt)
 
 
 # -----------------------------------------------------------------------------
 # Tokenisation, truncation and collation.
 #
-# Truncation policy: a sequence is [bos] + prompt + response + [eos] (bos where the tokenizer uses
-# one). If max_prompt_length is set, a longer prompt keeps its last max_prompt_length tokens (bos
-# included), the ones nearest the response. The response is then cut on the right to fit
-# max_length (losing its eos). A prompt that leaves no room for a single response token is an
-# error, never a silent empty example. With a chat template the sequence is the rendered
-# conversation and truncation keeps whole turns (chat.encode_conversation, encode_prompt_response).
+# Truncation policy, TRL's: a sequence is [bos] + prompt + response + [eos] (bos where the tokenizer
+# uses one). A prompt longer than max_prompt_length (unset: max_length less one, so a response keeps
+# at least one token) keeps its last tokens, the ones nearest the response, bos kept. The response
+# is then cut on the right to fit max_length (losing its eos). With a chat template the sequence is
+# the rendered conversation: a long prompt loses whole turns, then its user turn's text is cut on the
+# left (chat.encode_conversation, encode_prompt_response). How many records were cut is printed once
+# per dataset; a record that cannot fit at all is a DataError naming its file and line.
 
 
 def encode_example(tok: Tokenizer, prompt: str, response: str, max_length: int,
                    max_prompt_length: int | None, where: str,
-                   prompt_messages: list[dict] | None = None) -> tuple[list[int], int]:
-    """Token ids of one sequence and the number of leading tokens that carry no loss."""
+                   prompt_messages: list[dict] | None = None) -> tuple[list[int], int, bool]:
+    """Token ids of one sequence, the number of leading tokens that carry no loss, and whether
+    truncation cut it."""
     if tok.chat_template:
         try:
             return encode_prompt_response(tok, prompt_messages or [{"role": "user", "content": prompt}], response,
@@ -566,14 +684,17 @@ def encode_example(tok: Tokenizer, prompt: str, response: str, max_length: int,
         except ChatError as e:
             raise DataError(f"{where}: field 'prompt': {e}") from None
     prompt_ids = tok.encode_prompt(prompt)
-    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+    limit = min(max_prompt_length or max_length - 1, max_length - 1)
+    prompt_cut = len(prompt_ids) > limit
+    if prompt_cut:
         head = [tok.bos_id] * tok.add_bos
-        prompt_ids = head + prompt_ids[len(prompt_ids) - max_prompt_length + len(head):]
+        prompt_ids = head + prompt_ids[len(prompt_ids) - limit + len(head):]
     room = max_length - len(prompt_ids)
-    if room < 1:
+    if room < 1:  # only bos is left, and max_length has no room after it
         raise DataError(f"{where}: field 'prompt': {len(prompt_ids)} tokens leave no room for a "
-                        f"response within max_length={max_length} (set --max_prompt_length)")
-    return prompt_ids + (tok.encode(response) + [tok.eos_id])[:room], len(prompt_ids)
+                        f"response within max_length={max_length}")
+    response_ids = tok.encode(response) + [tok.eos_id]
+    return prompt_ids + response_ids[:room], len(prompt_ids), prompt_cut or len(response_ids) > room
 
 
 def collate(sequences: list[tuple[list[int], int | list[bool]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -596,6 +717,8 @@ def collate(sequences: list[tuple[list[int], int | list[bool]]], pad_id: int) ->
 
 
 def encode_sft(tok: Tokenizer, e: Example, max_length: int, max_prompt_length: int | None):
+    """Token ids of one SFT example, which tokens carry no loss (a count, or per token for a
+    conversation), and whether truncation cut it."""
     if e.messages is None:
         return encode_example(tok, e.prompt, e.completion, max_length, max_prompt_length, e.where)
     if not tok.chat_template:
@@ -606,27 +729,46 @@ def encode_sft(tok: Tokenizer, e: Example, max_length: int, max_prompt_length: i
         raise DataError(f"{e.where}: field 'messages': {err}") from None
 
 
-def tokenize_sft(examples: list[Example], tok: Tokenizer, max_length: int,
-                 max_prompt_length: int | None) -> dict[str, torch.Tensor]:
-    """Every example tokenised once, padded into one set of (N, T) tensors; batches are slices."""
-    return collate([encode_sft(tok, e, max_length, max_prompt_length) for e in examples], tok.pad_id)
+def report_cuts(records: list, cut: list[bool], max_length: int, max_prompt_length: int | None) -> None:
+    """One line on stderr saying how many records truncation cut, so that limits too tight for the
+    data show before training rather than as a worse model after it."""
+    if any(cut):
+        files = ", ".join(sorted({r.where.rsplit(":", 1)[0] for r in records}))
+        limits = f"--max_length {max_length}" + (f" / --max_prompt_length {max_prompt_length}" if max_prompt_length else "")
+        print(f"note: {sum(cut)} of {len(records)} records in {files} were cut to fit {limits}", file=sys.stderr)
 
 
-def tokenize_pairs(pairs: list[Pair], tok: Tokenizer, max_length: int,
-                   max_prompt_length: int | None) -> dict[str, torch.Tensor]:
+def tokenize_sft(examples: list[Example], tok: Tokenizer, max_length: int, max_prompt_length: int | None,
+                 verbose: bool = True) -> dict[str, torch.Tensor]:
+    """Every example tokenised once, padded into one set of (N, T) tensors; batches are slices.
+    verbose: print how many were cut (under torchrun, on one process)."""
+    encoded = [encode_sft(tok, e, max_length, max_prompt_length) for e in examples]
+    if verbose:
+        report_cuts(examples, [cut for *_, cut in encoded], max_length, max_prompt_length)
+    return collate([(ids, loss_on) for ids, loss_on, _ in encoded], tok.pad_id)
+
+
+def tokenize_pairs(pairs: list[Pair], tok: Tokenizer, max_length: int, max_prompt_length: int | None,
+                   verbose: bool = True) -> dict[str, torch.Tensor]:
     """Every pair tokenised once: chosen_ and rejected_ input_ids, attention_mask and labels,
-    all (N, T) with one T, so a batch's chosen and rejected rows stack into one forward pass."""
-    sequences = [encode_example(tok, p.prompt, response, max_length, max_prompt_length, p.where, p.prompt_messages)
-                 for p in pairs for response in (p.chosen, p.rejected)]
-    both = collate(sequences, tok.pad_id)  # rows alternate chosen, rejected
+    all (N, T) with one T, so a batch's chosen and rejected rows stack into one forward pass.
+    verbose: print how many pairs were cut (under torchrun, on one process)."""
+    encoded = [encode_example(tok, p.prompt, response, max_length, max_prompt_length, p.where, p.prompt_messages)
+               for p in pairs for response in (p.chosen, p.rejected)]  # rows alternate chosen, rejected
+    if verbose:
+        report_cuts(pairs, [encoded[i][2] or encoded[i + 1][2] for i in range(0, len(encoded), 2)],
+                    max_length, max_prompt_length)
+    both = collate([(ids, n_prompt) for ids, n_prompt, _ in encoded], tok.pad_id)
     return {f"{side}_{k}": v[i::2] for i, side in enumerate(("chosen", "rejected")) for k, v in both.items()}
 
 
 def take(tensors: dict[str, torch.Tensor], index: torch.Tensor, device=None) -> dict[str, torch.Tensor]:
     """Rows `index` of padded (N, T) tensors, trimmed to the longest real sequence among them
     (every key ending in attention_mask counts, so chosen and rejected stay one length), and
-    the same rows of per-example (N,) tensors; moved to `device` if one is given."""
-    T = max(int(v[index].sum(1).max()) for k, v in tensors.items() if k.endswith("attention_mask"))
+    the same rows of per-example (N,) tensors; moved to `device` if one is given. An empty index
+    gives empty (0, 1) rows: the batch a rank with fewer held-out rows runs under FSDP, where every
+    forward is collective."""
+    T = max(int(v[index].sum(1).max()) if len(index) else 1 for k, v in tensors.items() if k.endswith("attention_mask"))
     return {k: (v[index, :T] if v.dim() == 2 else v[index]).to(device) for k, v in tensors.items()}
 
 
@@ -642,6 +784,17 @@ def concatenate_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
                  for k in ("input_ids", "attention_mask", "labels"))
 
 
+def hold_out(records: list, path: str, verbose: bool) -> tuple[list, list]:
+    """A file's records split into training and held-out ones (the last 5%, at least one), for a
+    run given no --val_file: a user's data is never evaluated on the toy task's files."""
+    n_val = max(1, len(records) // 20)
+    if len(records) < 2:
+        raise DataError(f"{path}: {len(records)} record(s): too few to hold some out (give --val_file)")
+    if verbose:
+        print(f"note: no --val_file: the last {n_val} of the {len(records)} records of {path} are held out")
+    return records[:-n_val], records[-n_val:]
+
+
 # -----------------------------------------------------------------------------
 # Preference pairs as DPO and the reward model read them: their settings (a dataclass the two
 # scripts' configs inherit) and the loader.
@@ -650,29 +803,37 @@ def concatenate_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
 @dataclass
 class PairsConfig:
     """The preference-data settings of train_dpo.py and train_rm.py."""
-    train_file: str = "out/pairs/pairs_train.jsonl"
-    """preference pairs (plain, HH-RLHF or UltraFeedback-binarized JSONL)"""
-    val_file: str = "out/pairs/pairs_val.jsonl"
-    """held-out preference pairs"""
-    format: Literal["auto", "plain", "hh", "ultrafeedback"] = "auto"
+    train_file: str = ""
+    """preference pairs (plain, HH-RLHF, TRL implicit-prompt, UltraFeedback-binarized or ShareGPT JSONL); empty: the toy task's out/pairs/pairs_train.jsonl (not with a Hugging Face model)"""
+    val_file: str = ""
+    """held-out preference pairs; empty: out/pairs/pairs_val.jsonl on the toy task, else the last 5% of --train_file"""
+    format: Literal["auto", "plain", "hh", "implicit", "ultrafeedback", "sharegpt"] = "auto"
     """record format; auto recognises it from the first record"""
     skip_bad: bool = False
     """skip invalid records (and report how many) instead of stopping at the first"""
-    max_length: int = 64
-    """longest sequence in tokens, prompt and response together; longer ones are truncated"""
+    max_length: Optional[int] = None
+    """longest sequence in tokens, prompt and response together; longer ones are truncated. none: 64 on the toy task, else the model's context up to 1024"""
     max_prompt_length: Optional[int] = None
-    """longest prompt; a longer one keeps its last tokens. none: prompts are not truncated"""
+    """longest prompt; a longer one keeps its last tokens (a conversation its system message and the end of its last user turn). none: max_length less one"""
 
 
-def load_pairs(cfg: PairsConfig, tok: Tokenizer, chat_template: str):
+TOY_PAIRS = ("out/pairs/pairs_train.jsonl", "out/pairs/pairs_val.jsonl")  # what `python sample.py --pairs` writes
+TOY_PROMPTS = ("data/toy/prompts_train.jsonl", "data/toy/prompts_val.jsonl")  # what `python data.py` writes
+
+
+def load_pairs(cfg: PairsConfig, tok: Tokenizer, chat_template: str, verbose: bool = True):
     """Tokenised training pairs, held-out pairs (as read), held-out tensors, and the tokenizer with
     the chat template they were rendered with (chat_template: --chat_template). Bad input raises
     DataError, before anything is written."""
     train_pairs = load_preferences(cfg.train_file, cfg.format, cfg.skip_bad)
-    val_pairs = load_preferences(cfg.val_file, cfg.format, cfg.skip_bad)
+    if cfg.val_file:
+        val_pairs = load_preferences(cfg.val_file, cfg.format, cfg.skip_bad)
+    else:
+        train_pairs, val_pairs = hold_out(train_pairs, cfg.train_file, verbose)
     tok = tok.with_chat_template(chat_template, any(p.prompt_messages for p in train_pairs + val_pairs))
-    train = tokenize_pairs(train_pairs, tok, cfg.max_length, cfg.max_prompt_length)
-    return train, val_pairs, tokenize_pairs(val_pairs, tok, cfg.max_length, cfg.max_prompt_length), tok
+    train = tokenize_pairs(train_pairs, tok, cfg.max_length, cfg.max_prompt_length, verbose=verbose)
+    val = tokenize_pairs(val_pairs, tok, cfg.max_length, cfg.max_prompt_length, verbose=verbose)
+    return train, val_pairs, val, tok
 
 
 # -----------------------------------------------------------------------------

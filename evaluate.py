@@ -14,20 +14,20 @@ from data import POLARITY, Tokenizer, collate, gold_reward, is_well_formed
 def sample_completions(model, tok: Tokenizer, prompts: list[str], max_new_tokens: int,
                        temperature: float = 1.0, seed: int = 0, top_k: int | None = None,
                        top_p: float | None = None, batch_size: int = 64, logits_processor=None):
-    """Completion token ids and texts for `prompts`, and whether each ended with eos. A private
+    """Completion token ids and texts for `prompts`, and whether each ended with a stop token. A private
     generator makes samples repeatable and leaves the training RNG stream untouched."""
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     ids, texts, ended = [], [], []
     for i in range(0, len(prompts), batch_size):
         prompt_ids = [tok.encode_prompt(p) for p in prompts[i:i + batch_size]]
-        out, mask = model.generate(prompt_ids, max_new_tokens, tok.eos_id, tok.pad_id,
+        out, mask = model.generate(prompt_ids, max_new_tokens, tok.stop_ids, tok.pad_id,
                                    temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                                    logits_processor=logits_processor)
         for row, n in zip(out.tolist(), mask.sum(1).tolist()):
             ids.append(row[:n])
             texts.append(tok.decode(row[:n]))
-            ended.append(n > 0 and row[n - 1] == tok.eos_id)
+            ended.append(n > 0 and row[n - 1] in tok.stop_ids)
     return ids, texts, ended
 
 

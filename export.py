@@ -36,6 +36,8 @@ class Config:
     """the weights' dtype in the folder"""
     overwrite: bool = False
     """write into an out_dir that already holds files"""
+    lora_base: str = ""
+    """where a LoRA checkpoint's base model is now, if it moved since training (its files are checked)"""
 
 
 def main(argv=None) -> int:
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
         print(f"error: {cfg.out_dir} already holds files; give --overwrite to replace them", file=sys.stderr)
         return 2
     try:
-        model, tok, _ = load_gpt(cfg.ckpt, dtype=getattr(torch, cfg.dtype))
+        model, tok, _ = load_gpt(cfg.ckpt, dtype=getattr(torch, cfg.dtype), lora_base=cfg.lora_base)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -73,8 +73,16 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     if rope_type != "default":
         unsupported(f"rope scaling {rope_type!r}")
     block_size = field("max_position_embeddings")
-    window = hf.get("sliding_window") if model_type == "mistral" or hf.get("use_sliding_window") else None
-    if window:  # sliding-window attention is not implemented: within the window it is plain causal attention
+    # sliding-window attention is not implemented: within the window it is plain causal attention, so
+    # the window caps the context. As in transformers, a missing sliding_window is 4096 (null: none),
+    # and Qwen2 slides only with use_sliding_window, in the layers from max_window_layers on
+    slides = model_type == "mistral"
+    if model_type == "qwen2" and field("use_sliding_window", False):
+        layers = hf.get("layer_types") or ["sliding_attention" if i >= field("max_window_layers", 28) else "full_attention"
+                                           for i in range(field("num_hidden_layers"))]
+        slides = "sliding_attention" in layers
+    window = hf.get("sliding_window", 4096) if slides else None
+    if window:
         block_size = min(block_size, window)
     return GPTConfig(
         vocab_size=field("vocab_size"), block_size=block_size, n_layer=field("num_hidden_layers"),
@@ -260,7 +268,7 @@ def load_tokenizer(folder: str, hf_config: dict) -> Tokenizer:
             backend = HFTokenizer.from_str(data)
         except Exception as e:
             raise DataError(f"{json_path}: not a readable tokenizer.json ({e})") from None
-        token_to_id = backend.token_to_id
+        token_to_id, n_tokens = backend.token_to_id, backend.get_vocab_size(with_added_tokens=True)
     elif os.path.isfile(sp_path):
         with open(sp_path, "rb") as f:
             kind, data = "sentencepiece", f.read()
@@ -270,7 +278,7 @@ def load_tokenizer(folder: str, hf_config: dict) -> Tokenizer:
         except Exception as e:
             raise DataError(f"{sp_path}: not a readable sentencepiece model ({e})") from None
         pieces = {backend.id_to_piece(i): i for i in range(backend.get_piece_size())}
-        token_to_id = pieces.get
+        token_to_id, n_tokens = pieces.get, backend.get_piece_size()
     else:
         raise DataError(f"{folder}: no tokenizer.json or tokenizer.model")
 
@@ -287,11 +295,19 @@ def load_tokenizer(folder: str, hf_config: dict) -> Tokenizer:
     bos, eos, pad = special("bos"), special("eos"), special("pad")
     if eos is None:
         raise DataError(f"{folder}: no eos token in tokenizer_config.json, generation_config.json or config.json")
+    # transformers' generate stops at any of generation_config.json's eos ids (config.json's without one)
+    name, source = ("generation_config.json", gen_config) if "eos_token_id" in gen_config else ("config.json", hf_config)
+    value, eos_ids = source.get("eos_token_id"), {eos}
+    for i in value if isinstance(value, list) else [] if value is None else [value]:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_tokens:
+            raise DataError(f"{folder}/{name}: field 'eos_token_id': {i!r} is not a token id below {n_tokens}")
+        eos_ids.add(i)
     if kind == "tokenizers":  # transformers adds bos as the tokenizer.json's post-processor says
         add_bos = bos is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos]
     else:  # LlamaTokenizer's default
         add_bos = tok_config.get("add_bos_token", True)
-    return Tokenizer(kind, data, bos, eos, eos if pad is None else pad, add_bos, chat_template(folder, tok_config))
+    return Tokenizer(kind, data, bos, eos, eos if pad is None else pad, add_bos, chat_template(folder, tok_config),
+                     sorted(eos_ids))
 
 
 def chat_template(folder: str, tok_config: dict) -> str | None:
@@ -353,9 +369,13 @@ def save_folder(model: GPT, tok: Tokenizer, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, f"model.safetensors.tmp{os.getpid()}")
     save_file({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    umask = os.umask(0)  # reading the umask means setting it
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600 (its own temporary file); open() gives this
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
     write_atomic(os.path.join(out_dir, "config.json"), json.dumps(hf_config, indent=2) + "\n")
-    generation = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    # every stop id, so transformers' generate stops where ours does (at the end-of-turn token too)
+    generation = dict(bos_token_id=tok.bos_id, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id)
     write_atomic(os.path.join(out_dir, "generation_config.json"), json.dumps(generation, indent=2) + "\n")
     for file, content in tokenizer_files(tok).items():
         write_atomic(os.path.join(out_dir, file), content)

@@ -310,16 +310,17 @@ class GPT(nn.Module):
         return pending.item() == 0
 
     @torch.no_grad()  # not inference_mode: FSDP's all-gathered weights are reused by training after it
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True, logits_processor=None):
         """Sample continuations of a batch of prompts (token id lists of any lengths).
 
         Prompts are left-padded so that every sequence's next token goes in the same column.
         temperature 0 means greedy; top_k keeps the k likeliest tokens, top_p the smallest set
-        whose probability reaches p (nucleus sampling). A sequence stops at its first eos.
-        Returns completion ids (B, max_new_tokens), pad after eos, and their mask (1 up to and
-        including eos). use_cache=False recomputes the whole sequence at every step, as a check.
+        whose probability reaches p (nucleus sampling). A sequence stops at its first stop id (the
+        tokenizer's eos ids and a chat template's end-of-turn token).
+        Returns completion ids (B, max_new_tokens), pad after the stop, and their mask (1 up to and
+        including the stop token). use_cache=False recomputes the whole sequence at every step, as a check.
         logits_processor(input_ids (B, T), logits (B, V)) -> logits, if given, reshapes each step's
         next-token logits from the sequences so far (the ceiling's proposals)."""
         was_training = self.training
@@ -333,6 +334,7 @@ class GPT(nn.Module):
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
         step_ids = input_ids  # the tokens not yet seen by the model
         for t in range(max_new_tokens):
             if use_cache:
@@ -345,7 +347,7 @@ class GPT(nn.Module):
             next_id = sample_token(logits, temperature, top_k, top_p, generator)
             out[:, t] = torch.where(done, pad_id, next_id)
             mask[:, t] = (~done).long()
-            done |= next_id == eos_id
+            done |= torch.isin(next_id, stop)
             if self.all_done(done):
                 break
             step_ids = next_id[:, None]

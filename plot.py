@@ -7,6 +7,7 @@ Plots: training curves from metrics.jsonl files, and the reward-KL frontier of a
 matplotlib is imported here only, and only when drawing, so everything else runs without it.
 """
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -49,11 +50,29 @@ def draw_curves(ax, series: list[tuple[str, list[dict]]], key: str, smooth: floa
     ax.set_xlabel("step")
 
 
+def warn_missing_keys(path: str, rows: list[dict], keys: list[str]) -> None:
+    """One line on stderr for each key in none of a metrics file's rows, naming the file and a
+    few keys it does have (the closest spellings first), so a mistyped key is not a blank panel."""
+    have = sorted({k for r in rows for k in r} - {"step"})
+    for key in keys:
+        if not any(key in r for r in rows):
+            close = difflib.get_close_matches(key, have, n=4, cutoff=0.5)
+            shown = (close + [k for k in have if k not in close])[:4]
+            more = ", ..." if len(have) > len(shown) else ""
+            print(f"plot: no {key!r} in any row of {path}; it has {', '.join(shown) or 'no metrics'}{more}",
+                  file=sys.stderr)
+
+
 def curves(paths: list[str], keys: list[str], out: str, smooth: float = 0.0) -> None:
+    """One panel per key, one line per metrics file; a key that a file lacks is named on stderr
+    and the rest drawn."""
+    metrics = [(p, read_metrics(p)) for p in paths]
+    for path, rows in metrics:
+        warn_missing_keys(path, rows, keys)
     plt = _pyplot()
     if plt is None:
         return
-    series = [(os.path.basename(os.path.dirname(os.path.abspath(p))), read_metrics(p)) for p in paths]
+    series = [(os.path.basename(os.path.dirname(os.path.abspath(p))), rows) for p, rows in metrics]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
         draw_curves(ax, series, key, smooth)

@@ -31,17 +31,17 @@ class PolicyAndCritic(nn.Module):
 class Rollout:
     input_ids: torch.Tensor       # (B, P + R) prompt then response
     attention_mask: torch.Tensor  # (B, P + R)
-    response_mask: torch.Tensor   # (B, R), 1 up to and including eos
+    response_mask: torch.Tensor   # (B, R), 1 up to and including the stop token
     n_prompt: int                 # P
 
 
 @torch.no_grad()
-def rollout(policy, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+def rollout(policy, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
             temperature: float, generator: torch.Generator) -> Rollout:
     """Sample one response per prompt with the KV-cache generate; generation stops each row at
-    its eos, and what follows is padding outside the response mask."""
+    its first stop id, and what follows is padding outside the response mask."""
     query, query_mask = left_pad(prompts, pad_id, next(policy.parameters()).device)
-    responses, response_mask = policy.generate(prompts, max_new_tokens, eos_id, pad_id,
+    responses, response_mask = policy.generate(prompts, max_new_tokens, stop_ids, pad_id,
                                                temperature=temperature, generator=generator)
     return Rollout(torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1),
                    response_mask, query.size(1))
@@ -63,13 +63,29 @@ def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef: fl
     token (Ziegler et al. 2019, eq. 2; InstructGPT, eq. 2). KL_t estimates KL(pi || pi_ref) from
     the sampled token: k1 = log pi - log pi_ref (unbiased), or k3 = (r - 1) - log r with
     r = pi_ref / pi (unbiased and never negative; Schulman 2020, "Approximating KL divergence").
-    Returns rewards and KL_t, each (B, R), zero outside the response."""
+    Returns rewards and KL_t, each (B, R), zero outside the response.
+
+    Both estimate KL's value alike, but a reward is a fixed number that the policy gradient
+    multiplies by grad log pi, and only k1 then gives KL's gradient: E_pi[k1 grad log pi] =
+    grad KL(pi || pi_ref), while E_pi[k3 grad log pi] = grad KL(pi || pi_ref) - grad KL(pi_ref || pi)
+    at each token's state, since E_pi[(r - 1) grad log pi] = -grad KL(pi_ref || pi). So k3 in the
+    reward regularises towards something other than the KL it reports (Shah et al. 2025, "A Comedy
+    of Estimators", arXiv:2512.21852; Liu et al. 2025, "Rethinking KL Regularization in RLHF",
+    arXiv:2510.01555); k1, the default, is the principled reward."""
     kl = logprobs - ref_logprobs if estimator == "k1" else k3_kl(logprobs, ref_logprobs)
     kl = kl * response_mask
     rewards = -kl_coef * kl  # R(x, y) = r(x, y) - beta log(pi / pi_ref): Ziegler et al. 2019, eq. 2
     last = response_mask.sum(1).long() - 1  # every response has at least one token
     rewards[torch.arange(len(rewards)), last] += scores
     return rewards, kl
+
+
+def shaped_scores(raw_scores: torch.Tensor, ended: torch.Tensor, mean: float, std: float,
+                  missing_eos_penalty: float) -> torch.Tensor:
+    """Step 2's scores (B,): the raw scores normalised by the SFT policy's mean and std, less
+    missing_eos_penalty for each response that never emitted a stop token (ended False), so a
+    policy cannot gain by rambling to max_new_tokens (TRL's missing_eos_penalty)."""
+    return (raw_scores - mean) / std - missing_eos_penalty * (~ended).float()
 
 
 class FixedKLController:
@@ -147,16 +163,36 @@ def group_advantages(rewards: torch.Tensor, k: int, estimator: str) -> torch.Ten
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate from the sampled token, k3 = r - log r - 1 with
     r = pi_ref / pi (Schulman 2020; GRPO's KL term, DeepSeekMath eq. 4): unbiased, never negative,
-    and differentiable in pi, so GRPO puts it in the loss rather than in the reward."""
+    and differentiable in pi, so GRPO puts it in the loss rather than in the reward. Differentiated
+    in the loss on the policy's own samples, its expected gradient E_pi[(1 - r) grad log pi] is that
+    of KL(pi_ref || pi), which agrees with KL(pi || pi_ref)'s only to first order near pi_ref (Tang &
+    Munos 2025, "On a few pitfalls in KL divergence gradient estimation for RL", arXiv:2506.09477)."""
     log_ratio = ref_logprobs - logprobs
     return torch.expm1(log_ratio) - log_ratio
+
+
+def loss_weights(response_mask: torch.Tensor, average: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """How a minibatch's per-token losses are averaged: each response token's weight (B, R), and
+    the count (a 0-d tensor) to divide the weighted sum by (the caller sums it over ranks first).
+
+    token     weight 1, count the response tokens: every token counts alike, as in TRL's default
+              loss_type "dapo" (Yu et al. 2025, DAPO); Liu et al. 2025 (Dr. GRPO) show that the
+              1/|o_i| below gives a long response's tokens less weight each, a length bias.
+    sequence  weight 1/|o_i| on response i's tokens, count the responses: each response's token
+              mean, then the mean over responses (DeepSeekMath eq. 3)."""
+    if average == "token":
+        return response_mask.float(), response_mask.sum()
+    lengths = response_mask.sum(1, keepdim=True)  # (B, 1): |o_i|
+    # 1/G sum_i 1/|o_i| sum_t: Shao et al. 2024, DeepSeekMath eq. 3
+    return response_mask / lengths.clamp(min=1), (lengths > 0).sum()
 
 
 def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, response_mask,
                cliprange: float, cliprange_value: float) -> dict[str, torch.Tensor]:
     """Clipped surrogate policy loss (Schulman et al. 2017, eq. 7) and clipped value loss, per
-    token, and the statistics TRL logs; every entry is a sum over the masked tokens (divide by
-    their number for means). All inputs (B, R); values None (RLOO, GRPO: no critic) leaves the
+    token, and the statistics TRL logs; every entry is a sum over the response tokens, each
+    weighted by response_mask: the 0/1 mask (divide by the number of tokens for means) or
+    loss_weights' weights. All inputs (B, R); values None (RLOO, GRPO: no critic) leaves the
     value terms out."""
     mask = response_mask.float()
     log_ratio = logprobs - old_logprobs

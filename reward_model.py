@@ -19,6 +19,11 @@ class RewardModel(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.backbone = GPT(config)
+        if not config.tie_embeddings:
+            # an untied language-model head is never used by a score: left in, it would be a
+            # trainable weight without a gradient, which DDP refuses at the first step (and
+            # wasted memory: 131M parameters for Llama-3's vocabulary)
+            self.backbone.lm_head = None
         self.head = ScalarHead(config.n_embd)
 
     @property
@@ -29,7 +34,7 @@ class RewardModel(nn.Module):
     def from_gpt(cls, gpt: GPT) -> "RewardModel":
         """A reward model (or critic) whose backbone starts from a trained GPT, e.g. the SFT policy."""
         model = cls(gpt.config)
-        model.backbone.load_state_dict(gpt.state_dict())
+        model.backbone.load_state_dict(backbone_state(gpt.state_dict(), gpt.config))
         return model
 
     def values(self, input_ids, attention_mask=None):
@@ -44,6 +49,14 @@ class RewardModel(nn.Module):
         positions = torch.arange(input_ids.size(1), device=input_ids.device)
         last = (attention_mask.bool() * positions).argmax(1)  # index of the last 1 in each row
         return values[torch.arange(len(values), device=values.device), last]
+
+
+def backbone_state(state: dict, config: GPTConfig) -> dict:
+    """A GPT's state dict as a reward model's backbone holds it: without an untied lm_head (a
+    reward model's checkpoint written before it was dropped holds one too)."""
+    if config.tie_embeddings:
+        return state
+    return {k: v for k, v in state.items() if k.removeprefix("backbone.") != "lm_head.weight"}
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,

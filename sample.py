@@ -30,6 +30,8 @@ from train_utils import autocast, load_gpt, parse_config, pick_device
 class Config:
     ckpt: str = "out/sft/ckpt.pt"
     """checkpoint to sample from: any stage's ckpt.pt, or a Hugging Face model folder (kept in its dtype)"""
+    lora_base: str = ""
+    """where a LoRA checkpoint's base model is now, if it moved since training (its files are checked)"""
     prompt: str = ""
     """a prompt to continue (without --pairs)"""
     n: int = 4
@@ -128,11 +130,15 @@ def write_pairs(cfg: Config, model, tok, split: str, prompts: list[str], rng: ra
 
 def main(argv=None) -> int:
     cfg = parse_config(Config, argv, __doc__)
-    if not cfg.pairs and not cfg.prompt:
-        raise SystemExit("error: give --prompt, or --pairs to write preference pairs")
+    toy = not os.path.isdir(cfg.ckpt)  # the toy task's gold reward scores only the toy model's text
     device = pick_device(cfg.device)
     try:
-        model, tok, _ = load_gpt(cfg.ckpt, dtype=None)
+        if not cfg.pairs and not cfg.prompt:
+            raise DataError("give --prompt, or --pairs to write preference pairs")
+        if cfg.pairs and not toy:
+            raise DataError(f"--pairs labels samples of the toy prompts with the toy task's gold reward; "
+                            f"{cfg.ckpt} is a Hugging Face model (give your own pairs to train_dpo.py)")
+        model, tok, _ = load_gpt(cfg.ckpt, dtype=None, lora_base=cfg.lora_base)
         if cfg.pairs:
             train = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"))[:cfg.n_train_prompts]
             val = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"))[:cfg.n_val_prompts]
@@ -145,7 +151,7 @@ def main(argv=None) -> int:
             _, texts, _ = sample_completions(model, tok, [cfg.prompt] * cfg.n, cfg.max_new_tokens,
                                              cfg.temperature, cfg.seed, cfg.top_k, cfg.top_p)
             for t in texts:
-                print(f"[{cfg.prompt}] {t}   (gold reward {gold_reward(t, cfg.prompt):.2f})")
+                print(f"[{cfg.prompt}] {t}" + (f"   (gold reward {gold_reward(t, cfg.prompt):.2f})" if toy else ""))
             return 0
         os.makedirs(cfg.out_dir, exist_ok=True)
         rng = random.Random(cfg.seed)

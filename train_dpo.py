@@ -6,7 +6,7 @@ DPO: fine-tune the SFT policy directly on preference pairs against a frozen copy
     python train_dpo.py --precompute_ref               # reference log-probs once, then no reference forward
     torchrun --nproc_per_node 2 train_dpo.py           # the same run on 2 processes
     python train_dpo.py --lora_rank 8 --lr 2e-3        # LoRA adapters; the reference is them switched off
-    python train_dpo.py --train_file hh_train.jsonl --val_file hh_test.jsonl --gold_eval false
+    python train_dpo.py --sft_ckpt MODEL_FOLDER --train_file hh_train.jsonl --val_file hh_test.jsonl
 
 Settings of the papers, for real data (the defaults here suit the tiny toy model, which wants a
 larger learning rate): the DPO paper (Rafailov et al. 2023, appendix B) used beta 0.1, batch 64,
@@ -15,22 +15,24 @@ at lr 5e-7, warmup over the first 10% of steps, batch 32 or more, 1-3 epochs ove
 """
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
-from data import PairsConfig, gold_reward, load_pairs, load_prompts, real_tokens, take
+from data import TOY_PROMPTS, DataError, PairsConfig, gold_reward, load_pairs, load_prompts, real_tokens, take
 from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums
 from evaluate import PolicyEvaluator
 from lora import AdaptersOff
-from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, frozen_dtype, global_batch, heldout_sums,
-                         load_gpt, lora_record, make_optimizer, micro_batches, n_trainable, place_frozen,
-                         prepare_trainable, progress_bar, run_script, seed_everything, set_lr, shard_indices, train_step,
-                         wrap_model)
+from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, check_batches, check_lengths,
+                         check_pair_settings, check_training_settings, default_max_length, fingerprint, frozen_dtype,
+                         global_batch, heldout_sums, load_gpt, lora_record, make_optimizer, micro_batches, n_trainable,
+                         place_frozen, prepare_trainable, progress_bar, require_inputs, run_script, seed_everything,
+                         set_lr, shard_indices, train_step, wrap_model)
 
 
 @dataclass
@@ -51,10 +53,10 @@ class Config(PairsConfig, TrainConfig):
     precompute_ref: bool = False
     """compute the reference log-probs of every pair once, cache them in out_dir, free the reference"""
     # evaluation
-    gold_eval: bool = True
-    """sample held-out toy prompts at each evaluation: gold reward, KL to the reference, win rate"""
-    eval_prompts: str = "data/toy/prompts_val.jsonl"
-    """held-out prompts for --gold_eval"""
+    gold_eval: Optional[bool] = None
+    """sample held-out toy prompts at each evaluation: gold reward, KL to the reference, win rate; none: on for the toy model on the toy pairs (or with --eval_prompts), off for your model or data"""
+    eval_prompts: str = ""
+    """held-out prompts for --gold_eval; empty: data/toy/prompts_val.jsonl"""
     eval_samples: int = 256
     """held-out prompts sampled at each evaluation"""
     max_new_tokens: int = 40
@@ -91,9 +93,10 @@ def reference_logps(reference, data: dict[str, torch.Tensor], average: bool, dis
 
 def cached_reference_logps(cfg: Config, reference, datasets: dict, average: bool, dist: Dist, ctx) -> dict:
     """Reference log-probs of each dataset, from out_dir/reference_logps.pt when it was made
-    from the same reference and the same tokenised pairs, else computed and saved there."""
+    from the same reference (its files' contents, in the same dtypes) and the same tokenised
+    pairs, else computed and saved there."""
     path = os.path.join(cfg.out_dir, "reference_logps.pt")
-    h = hashlib.sha256(json.dumps([cfg.sft_ckpt, os.path.getmtime(cfg.sft_ckpt), average]).encode())
+    h = hashlib.sha256(json.dumps([fingerprint(cfg.sft_ckpt), cfg.dtype, cfg.frozen_dtype, average]).encode())
     for name in sorted(datasets):
         for v in datasets[name].values():
             h.update(v.numpy().tobytes())
@@ -141,23 +144,42 @@ def evaluate(model, policy, loss_fn, val_data, evaluator, prompts, cfg: Config, 
     return metrics, samples
 
 
-def check_settings(cfg: Config) -> None:
-    """Refuse loss settings that cannot work, before anything is read or written."""
+def check_settings(cfg: Config, dist: Dist) -> None:
+    """Every setting, each refused with one line naming its flag, before anything is read or
+    written; the toy task's files are the defaults only for the toy model on the toy task."""
+    check_training_settings(cfg)
     if cfg.label_smoothing and cfg.loss_type in ("hinge", "ipo"):
-        raise SystemExit(f"error: --label_smoothing applies to the sigmoid and robust losses; {cfg.loss_type} ignores it")
+        raise DataError(f"--label_smoothing applies to the sigmoid and robust losses; {cfg.loss_type} ignores it")
     if not 0 <= cfg.label_smoothing < 0.5:
-        raise SystemExit(f"error: --label_smoothing {cfg.label_smoothing} is not a label-flip rate in [0, 0.5) "
-                         "(at 0.5 the labels carry no preference; robust divides by 1 - 2 x it)")
+        raise DataError(f"--label_smoothing {cfg.label_smoothing} is not a label-flip rate in [0, 0.5) "
+                        "(at 0.5 the labels carry no preference; robust divides by 1 - 2 x it)")
+    if not (math.isfinite(cfg.beta) and cfg.beta > 0):
+        raise DataError(f"--beta {cfg.beta}: must be a finite number above 0 (the KL strength)")
+    check_pair_settings(cfg, dist)
+    for flag in ("max_new_tokens", "eval_samples"):
+        if getattr(cfg, flag) < (1 if flag == "max_new_tokens" else 0):
+            raise DataError(f"--{flag} {getattr(cfg, flag)}: out of range")
+    if cfg.gold_eval and cfg.temperature <= 0:
+        raise DataError("--temperature must be above 0: the evaluation's KL is that of the sampled distributions")
+    if cfg.gold_eval:
+        cfg.eval_prompts = cfg.eval_prompts or TOY_PROMPTS[1]
+        require_inputs(cfg, "eval_prompts")
 
 
 def train(cfg: Config, dist: Dist) -> dict:
     # 1. data, validated before anything is written
-    check_settings(cfg)
+    check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
-    policy, tok, _ = load_gpt(cfg.sft_ckpt)
-    train_data, _, val_data, tok = load_pairs(cfg, tok, cfg.chat_template)
+    policy, tok, _ = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
+    default_max_length(cfg, policy.config.block_size, toy=not os.path.isdir(cfg.sft_ckpt))
+    check_lengths(policy.config.block_size, ("--max_length", cfg.max_length))
+    train_data, _, val_data, tok = load_pairs(cfg, tok, cfg.chat_template, dist.master)
+    check_batches(len(train_data["chosen_input_ids"]), "training pairs", cfg, dist)
     prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval else []
+    longest_prompt = max((len(tok.encode_prompt(p)) for p in prompts), default=0)
+    check_lengths(policy.config.block_size, ("the longest held-out prompt", longest_prompt),
+                  ("--max_new_tokens", cfg.max_new_tokens))
 
     # 2. policy and frozen reference, both from the SFT checkpoint: under LoRA the reference is the
     # policy with its adapters off, else a frozen copy; its log-probs of every pair computed once if asked
@@ -165,7 +187,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     if cfg.lora_rank:
         reference = AdaptersOff(policy)
     else:
-        reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg))[0], dist, cfg)
+        reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg), cfg.lora_base)[0], dist, cfg)
     offload = cfg.precompute_ref and not cfg.lora_rank and not dist.sharded  # a separate reference can wait on the CPU
     ctx = autocast(dist.device, cfg.dtype)
     if cfg.precompute_ref:

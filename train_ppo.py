@@ -18,24 +18,27 @@ prompt's group of responses; 6. ppo_epochs passes of clipped policy (and value) 
 num_minibatches minibatches; 7. adapt kl_coef; 8. log, evaluate, checkpoint. RLOO and GRPO
 share every step but 5 and the loss, so they live here rather than in a script of their own.
 """
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-from data import gold_reward, load_prompts
-from evaluate import PolicyEvaluator
+from data import TOY_PROMPTS, DataError, gold_reward, load_prompts
+from evaluate import PolicyEvaluator, sample_completions
 from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, group_advantages, k3_kl,
-                 masked_whiten, per_token_rewards, ppo_losses, response_logprobs, rollout)
+                 loss_weights, masked_whiten, per_token_rewards, ppo_losses, response_logprobs, rollout, shaped_scores)
 from lora import AdaptersOff
 from reward_model import RewardModel
-from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, frozen_dtype, global_batch, load_gpt,
-                         load_reward_model, load_trainable, lora_record, make_optimizer, n_trainable, place_frozen,
-                         prepare_trainable, progress_bar, run_script, seed_everything, set_lr, train_step,
+from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, check_lengths, check_training_settings,
+                         frozen_dtype, global_batch, load_gpt, load_reward_model, load_trainable, lora_record,
+                         make_optimizer, n_trainable, place_frozen, prepare_trainable, progress_bar, require_inputs,
+                         resolve_gold_eval, run_script, seed_everything, set_lr, toy_default, train_step,
                          trainable_state, wrap_model)
 
 
@@ -47,12 +50,14 @@ class Config(TrainConfig):
     """SFT checkpoint (ckpt.pt or Hugging Face folder): the initial policy and the frozen reference"""
     reward: Literal["model", "gold"] = "model"
     """score responses with the reward model, or with the toy gold reward (PPO-GT)"""
-    reward_ckpt: str = "out/rm/ckpt.pt"
-    """reward model checkpoint (train_rm.py)"""
+    reward_ckpt: str = ""
+    """reward model checkpoint (train_rm.py); empty: the toy task's out/rm/ckpt.pt (not with a Hugging Face model)"""
     critic_init: Literal["auto", "reward", "sft"] = "auto"
     """critic backbone and head from the reward model, or SFT backbone with a new head; auto: reward model if --reward model"""
-    prompts: str = "data/toy/prompts_train.jsonl"
-    """training prompts, one {"prompt"} a line"""
+    prompts: str = ""
+    """training prompts JSONL, one {"prompt"} a line (a string, or a conversation: a list of messages ending with a user turn); empty: the toy task's data/toy/prompts_train.jsonl (not with a Hugging Face model)"""
+    max_prompt_length: Optional[int] = None
+    """longest prompt in tokens; a longer one keeps its last tokens. none: the model's context less max_new_tokens"""
     max_new_tokens: int = 40
     """longest response"""
     temperature: float = 1.0
@@ -62,13 +67,15 @@ class Config(TrainConfig):
     reward_norm_batches: int = 4
     """rollout batches of the SFT policy that give reward_norm its mean and std"""
     missing_eos_penalty: float = 1.0
-    """subtracted from the (normalised) score of a response that never emits eos"""
+    """subtracted from the (normalised) score of a response that never emits a stop token (eos or end of turn)"""
     gen_chunk: int = 32
     """responses per generate call; chunks are spread over processes, and each chunk has its own seed"""
     advantage: Literal["gae", "rloo", "grpo"] = "gae"
     """gae: PPO with a critic; rloo: leave-one-out baseline, KL in the reward; grpo: group-normalised, k3 KL in the loss (no critic for either)"""
     samples_per_prompt: int = 1
     """responses sampled for each prompt (k); rloo and grpo compare a prompt's k responses, so they need k >= 2"""
+    loss_average: Literal["token", "sequence"] = "token"
+    """rloo and grpo: sequence takes each response's token mean, then the mean over responses (DeepSeekMath eq. 3); token (the default, as TRL's) weighs every token alike, since the per-response mean gives a long response's tokens less weight each, a length bias (Dr. GRPO, Liu et al. 2025)"""
     # PPO
     ppo_epochs: int = 4
     """passes over each rollout batch"""
@@ -87,7 +94,7 @@ class Config(TrainConfig):
     kl_coef: float = 0.05
     """KL penalty coefficient (initial value with --adaptive_kl); GRPO's beta, the weight of the KL term in its loss"""
     kl_estimator: Literal["k1", "k3"] = "k1"
-    """per-token KL estimate in the reward"""
+    """per-token KL estimate in the reward: k1, whose policy gradient is KL's, or k3, lower-variance as a value but as a reward its expected gradient is not that of KL(pi || pi_ref) (see ppo.per_token_rewards)"""
     adaptive_kl: bool = False
     """adapt kl_coef towards --kl_target (Ziegler et al. 2019)"""
     kl_target: float = 6.0
@@ -95,10 +102,10 @@ class Config(TrainConfig):
     kl_horizon: int = 10000
     """horizon of the adaptive controller, in samples"""
     # evaluation
-    gold_eval: bool = True
-    """sample held-out toy prompts at each evaluation: gold reward, KL to the reference, win rate"""
-    eval_prompts: str = "data/toy/prompts_val.jsonl"
-    """held-out prompts for --gold_eval"""
+    gold_eval: Optional[bool] = None
+    """sample held-out toy prompts at each evaluation: gold reward, KL to the reference, win rate; none: on for the toy model on the toy prompts (or with --eval_prompts), off for your model or data"""
+    eval_prompts: str = ""
+    """held-out prompts: the gold evaluation's (empty: data/toy/prompts_val.jsonl), or without it the first print_samples are sampled and printed at each evaluation"""
     eval_samples: int = 256
     """held-out prompts sampled at each evaluation"""
     eval_temperature: float = 1.0
@@ -123,25 +130,27 @@ class Config(TrainConfig):
 
 
 @torch.no_grad()
-def collect_rollouts(policy, reward_model, tok, prompts: list[str], step: int, cfg: Config, dist: Dist, ctx):
+def collect_rollouts(policy, reward_model, tok, prompts: list, prompt_ids: list[list[int]], step: int, cfg: Config,
+                     dist: Dist, ctx):
     """Steps 1-2: samples_per_prompt responses for each of this rank's prompts of the iteration's
     global batch, and their scores. The global batch is cut into chunks of gen_chunk responses
     (a prompt's k responses consecutive, in one chunk), spread over ranks; each chunk is sampled
     with its own seed, so the samples do not depend on the world size.
 
     Returns the rollout as a dict of this rank's rows (input_ids, attention_mask (B, P + R),
-    response_mask (B, R), the raw scores (B,) and whether each response ended with eos (B,)),
+    response_mask (B, R), the raw scores (B,) and whether each response ended with a stop token (B,)),
     and P, the prompt width."""
     k = cfg.samples_per_prompt
     indices = global_batch(len(prompts), cfg.batch_size // k, step, cfg.seed)
     per_chunk = cfg.gen_chunk // k  # prompts per chunk
     my_prompts, chunks = [], []
     for c in range(dist.rank, cfg.batch_size // cfg.gen_chunk, dist.world_size):
-        chunk_prompts = [prompts[i] for i in indices[c * per_chunk:(c + 1) * per_chunk] for _ in range(k)]
+        chunk = [int(i) for i in indices[c * per_chunk:(c + 1) * per_chunk] for _ in range(k)]
+        chunk_prompts = [prompts[i] for i in chunk]
         generator = torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + c)
         with ctx:
-            chunks.append(rollout(policy, [tok.encode_prompt(p) for p in chunk_prompts], cfg.max_new_tokens,
-                                  tok.eos_id, tok.pad_id, cfg.temperature, generator))
+            chunks.append(rollout(policy, [prompt_ids[i] for i in chunk], cfg.max_new_tokens,
+                                  tok.stop_ids, tok.pad_id, cfg.temperature, generator))
         my_prompts += chunk_prompts
     P = max(r.n_prompt for r in chunks)  # left-pad every chunk's prompts to one width
     input_ids = torch.cat([F.pad(r.input_ids, (P - r.n_prompt, 0), value=tok.pad_id) for r in chunks])
@@ -156,10 +165,11 @@ def collect_rollouts(policy, reward_model, tok, prompts: list[str], step: int, c
         texts = [tok.decode(row[:int(n)]) for row, n in zip(responses.tolist(), response_mask.sum(1).tolist())]
         scores = torch.tensor([gold_reward(t, p) for t, p in zip(texts, my_prompts)], device=dist.device)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-            "scores": scores, "ended": (responses == tok.eos_id).any(1)}, P
+            "scores": scores, "ended": torch.isin(responses, torch.tensor(tok.stop_ids, device=responses.device)).any(1)}, P
 
 
-def reward_statistics(policy, reward_model, tok, prompts: list[str], cfg: Config, dist: Dist, ctx) -> tuple[float, float]:
+def reward_statistics(policy, reward_model, tok, prompts: list, prompt_ids: list[list[int]], cfg: Config, dist: Dist,
+                      ctx) -> tuple[float, float]:
     """Mean and standard deviation of the raw scores of the first reward_norm_batches rollout
     batches, sampled before any update, so from the SFT policy (the reward normalisation of
     lm-human-preferences, Ziegler et al. 2019; detail 3 of Huang et al. 2024, "The N
@@ -167,7 +177,7 @@ def reward_statistics(policy, reward_model, tok, prompts: list[str], cfg: Config
     of the SFT policy's rewards, so one kl_coef means the same pressure for any reward scale."""
     if not cfg.reward_norm:
         return 0.0, 1.0
-    raw = torch.cat([collect_rollouts(policy, reward_model, tok, prompts, step, cfg, dist, ctx)[0]["scores"]
+    raw = torch.cat([collect_rollouts(policy, reward_model, tok, prompts, prompt_ids, step, cfg, dist, ctx)[0]["scores"]
                      for step in range(cfg.reward_norm_batches)]).double()
     n, total, squares = all_reduce_sum(torch.stack([torch.tensor(float(len(raw)), device=raw.device, dtype=raw.dtype),
                                                     raw.sum(), (raw ** 2).sum()]), dist).tolist()
@@ -189,22 +199,24 @@ def score_tokens(policy, reference, critic, batch, P: int, cfg: Config, ctx):
 
 
 def ppo_batch_loss(model, batch, n_prompt: int, cfg: Config):
-    """Step 6's loss of a minibatch, summed over response tokens, and the statistics TRL logs:
-    the clipped policy loss, plus vf_coef times the clipped value loss (gae), or plus kl_coef
-    times the k3 KL to the reference (grpo: DeepSeekMath eq. 3's beta term); rloo has the KL in
-    its reward and nothing more."""
+    """Step 6's loss of a minibatch, summed over response tokens weighted by loss_weights (1, or
+    1/|o_i| with --loss_average sequence), and the statistics TRL logs, summed alike: the clipped
+    policy loss, plus vf_coef times the clipped value loss (gae), or plus kl_coef times the k3 KL
+    to the reference (grpo: DeepSeekMath eq. 3's beta term); rloo has the KL in its reward and
+    nothing more."""
     if cfg.advantage == "gae":
         logits, new_values = model(batch["input_ids"], batch["attention_mask"])  # policy and critic in one call
         new_values = new_values[:, n_prompt - 1:-1].float()
     else:
         logits, new_values = model(batch["input_ids"], batch["attention_mask"]), None
     new_logprobs, _ = response_logprobs(logits, batch["input_ids"], n_prompt, cfg.temperature)
+    weights, _ = loss_weights(batch["response_mask"], cfg.loss_average)  # (B, R)
     sums = ppo_losses(new_logprobs, batch["old_logprobs"], batch["advantages"], new_values, batch.get("old_values"),
-                      batch.get("returns"), batch["response_mask"], cfg.cliprange, cfg.cliprange_value)
+                      batch.get("returns"), weights, cfg.cliprange, cfg.cliprange_value)
     if cfg.advantage == "gae":
         return sums["policy_loss"] + cfg.vf_coef * sums["value_loss"], sums
     if cfg.advantage == "grpo":
-        sums["kl_loss"] = (k3_kl(new_logprobs, batch["ref_logprobs"]) * batch["response_mask"]).sum()
+        sums["kl_loss"] = (k3_kl(new_logprobs, batch["ref_logprobs"]) * weights).sum()
         return sums["policy_loss"] + cfg.kl_coef * sums["kl_loss"], sums
     return sums["policy_loss"], sums
 
@@ -219,7 +231,8 @@ def minibatch_rows(n_chunks: int, chunk: int, positions: torch.Tensor) -> torch.
 def ppo_update(model, optimizer, data: dict, P: int, step: int, cfg: Config, dist: Dist, ctx) -> dict[str, float]:
     """Step 6: ppo_epochs passes over the rollout, each in num_minibatches minibatches, one
     optimizer step per minibatch; the loss is the mean over the minibatch's response tokens on
-    all ranks. Returns the statistics averaged over the minibatches."""
+    all ranks, or with --loss_average sequence the mean over its responses of each one's token
+    mean. Returns the statistics averaged over the minibatches."""
     loss_fn = partial(ppo_batch_loss, n_prompt=P, cfg=cfg)
     n_chunks = len(data["input_ids"]) // cfg.gen_chunk  # this rank's chunks
     per_minibatch = cfg.gen_chunk // cfg.num_minibatches
@@ -228,13 +241,27 @@ def ppo_update(model, optimizer, data: dict, P: int, step: int, cfg: Config, dis
         order = torch.randperm(cfg.gen_chunk, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch))
         for m in range(cfg.num_minibatches):
             rows = minibatch_rows(n_chunks, cfg.gen_chunk, order[m * per_minibatch:(m + 1) * per_minibatch])
-            n_tokens = int(all_reduce_sum(data["response_mask"][rows].sum(), dist).item())
+            _, count = loss_weights(data["response_mask"][rows], cfg.loss_average)  # tokens, or responses
+            n_global = int(all_reduce_sum(count, dist).item())  # over every rank: the same whatever the world size
             batches = [{k: v[r] for k, v in data.items()} for r in rows.chunk(cfg.grad_accum)]
-            stats.append(train_step(model, optimizer, batches, loss_fn, n_tokens, cfg.grad_clip, dist, ctx, step + 1))
+            stats.append(train_step(model, optimizer, batches, loss_fn, n_global, cfg.grad_clip, dist, ctx, step + 1))
     return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
 
-def frozen_models_and_critic(cfg: Config, policy, dist: Dist):
+def check_same_text(reward_tok, tok, cfg: Config) -> None:
+    """The reward model scores the policy's token ids as they are, so it must read them as the
+    policy does: the same tokenizer and, for prompts rendered as chat, the same template."""
+    same_tokenizer = all(reward_tok.state()[k] == tok.state()[k] for k in ("kind", "data", "bos_id", "eos_id", "pad_id"))
+    if not same_tokenizer:
+        raise DataError(f"--reward_ckpt {cfg.reward_ckpt} reads text with another tokenizer than --sft_ckpt "
+                        f"{cfg.sft_ckpt}: it would score token ids it cannot read (train it from that SFT model)")
+    if reward_tok.chat_template != tok.chat_template:
+        raise DataError(f"--reward_ckpt {cfg.reward_ckpt} was trained on text rendered with another chat template than "
+                        f"the policy's (--sft_ckpt {cfg.sft_ckpt}, --chat_template {cfg.chat_template}): it would "
+                        "score conversations laid out as it never saw them")
+
+
+def frozen_models_and_critic(cfg: Config, policy, tok, dist: Dist):
     """The reference (the policy with its LoRA adapters off, or a frozen copy of the SFT policy),
     the frozen reward model (None with --reward gold), and the critic (None for rloo and grpo):
     the reward model's backbone and head, or the SFT backbone with a new head (under LoRA,
@@ -243,52 +270,117 @@ def frozen_models_and_critic(cfg: Config, policy, dist: Dist):
     if cfg.lora_rank:
         reference = AdaptersOff(policy)
     else:
-        reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg))[0], dist, cfg)
+        reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg), cfg.lora_base)[0], dist, cfg)
     reward_model = None
     if cfg.reward == "model":
-        reward_model = place_frozen(load_reward_model(cfg.reward_ckpt)[0].to(frozen_dtype(cfg)), dist, cfg)
+        reward_model, reward_tok = load_reward_model(cfg.reward_ckpt)
+        check_same_text(reward_tok, tok, cfg)
+        reward_model = place_frozen(reward_model.to(frozen_dtype(cfg)), dist, cfg)
     if cfg.advantage != "gae":
         return reference, reward_model, None
     if cfg.critic_init == "reward" or (cfg.critic_init == "auto" and cfg.reward == "model"):
         critic = load_reward_model(cfg.reward_ckpt)[0]
     else:
-        critic = RewardModel.from_gpt(load_gpt(cfg.sft_ckpt)[0])
+        critic = RewardModel.from_gpt(load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)[0])
     prepare_trainable(critic.backbone, cfg)
     return reference, reward_model, critic
 
 
-def evaluate(evaluator, policy, eval_prompts: list[str], cfg: Config, ctx):
-    """Gold reward, KL and win rate of the policy's samples for held-out prompts (rank 0 only,
-    nothing elsewhere; every rank under FSDP), and a few samples to print."""
-    if evaluator is None:
+def evaluate(evaluator, policy, tok, eval_prompts: list, cfg: Config, dist: Dist, ctx):
+    """Gold reward, KL and win rate of the policy's samples for held-out prompts, and a few
+    samples to print; without the gold evaluation, samples for the first print_samples held-out
+    prompts alone. On rank 0 (every rank under FSDP, whose forwards are collective)."""
+    if not (dist.master or dist.sharded):
         return {}, []
     with ctx:
-        metrics, texts = evaluator(policy)
-    return metrics, [f"[{p}] {t}   (gold reward {gold_reward(t, p):.2f})"
-                     for p, t in list(zip(eval_prompts, texts))[:cfg.print_samples]]
+        if evaluator is not None:
+            metrics, texts = evaluator(policy)
+        else:
+            eval_prompts = eval_prompts[:cfg.print_samples]
+            metrics, texts = {}, sample_completions(policy, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature,
+                                                    cfg.seed)[1]
+    shown = (f"[{p if isinstance(p, str) else p[-1]['content']}] {t}" for p, t in zip(eval_prompts, texts))
+    if evaluator is not None:
+        shown = (f"{line}   (gold reward {gold_reward(t, p):.2f})" for line, p, t in zip(shown, eval_prompts, texts))
+    return metrics, list(shown)[:cfg.print_samples]
+
+
+def check_settings(cfg: Config, dist: Dist) -> None:
+    """Every setting, each refused with one line naming its flag, before anything is read or
+    written; the toy task's files are the defaults only for the toy model on the toy task."""
+    check_training_settings(cfg)
+    if (cfg.batch_size % (cfg.gen_chunk * dist.world_size) or cfg.gen_chunk % cfg.num_minibatches
+            or (cfg.gen_chunk // cfg.num_minibatches) % cfg.grad_accum):
+        raise DataError("--batch_size must be a multiple of --gen_chunk x world size, --gen_chunk a multiple of "
+                        "--num_minibatches (else rows would be skipped), and gen_chunk / num_minibatches of --grad_accum")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature > 0 and cfg.eval_temperature > 0):
+        raise DataError("--temperature and --eval_temperature must be above 0: PPO samples from the policy")
+    if cfg.gen_chunk % cfg.samples_per_prompt or (cfg.advantage != "gae" and cfg.samples_per_prompt < 2):
+        raise DataError("--gen_chunk must be a multiple of --samples_per_prompt, which rloo and grpo need at 2 or more")
+    if cfg.advantage == "grpo" and cfg.adaptive_kl:
+        raise DataError("--adaptive_kl is for gae and rloo: GRPO weighs its KL term by a fixed kl_coef")
+    if cfg.advantage == "gae" and cfg.loss_average == "sequence":
+        raise DataError("--loss_average sequence is for rloo and grpo, where a response's tokens share one "
+                        "advantage; gae's advantages and value targets are per token")
+    if not (math.isfinite(cfg.kl_coef) and cfg.kl_coef >= 0) or cfg.max_new_tokens < 1 or cfg.ppo_epochs < 1:
+        raise DataError("--kl_coef must be a finite number, 0 or more; --max_new_tokens and --ppo_epochs at least 1")
+    require_inputs(cfg, "sft_ckpt")
+    user_model, user_prompts = os.path.isdir(cfg.sft_ckpt), bool(cfg.prompts)
+    cfg.prompts = toy_default(cfg.prompts, TOY_PROMPTS[0], "prompts", cfg.sft_ckpt)
+    if cfg.reward == "model":
+        cfg.reward_ckpt = toy_default(cfg.reward_ckpt, "out/rm/ckpt.pt", "reward_ckpt", cfg.sft_ckpt)
+    resolve_gold_eval(cfg, not user_model and (not user_prompts or bool(cfg.eval_prompts)), dist)
+    if cfg.gold_eval:
+        cfg.eval_prompts = cfg.eval_prompts or TOY_PROMPTS[1]
+    require_inputs(cfg, "prompts", "reward_ckpt", "eval_prompts")
+
+
+def encode_prompts(tok, prompts: list, limit: int, verbose: bool) -> list[list[int]]:
+    """Every prompt's token ids, once; a prompt longer than `limit` keeps its last tokens (and
+    bos), as TRL truncates prompts, and how many were cut is printed once."""
+    out, cut = [], 0
+    for p in prompts:
+        ids = tok.encode_prompt(p)
+        if len(ids) > limit:
+            head = ids[:1] if tok.add_bos and ids[:1] == [tok.bos_id] else []
+            ids, cut = head + ids[len(ids) - limit + len(head):], cut + 1
+        out.append(ids)
+    if cut and verbose:
+        print(f"note: {cut} of {len(prompts)} prompts were longer than {limit} tokens (--max_prompt_length) and "
+              "keep their last tokens")
+    return out
 
 
 def train(cfg: Config, dist: Dist) -> dict:
+    # settings, then every input read and checked before anything is written
+    check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
-    policy, tok, _ = load_gpt(cfg.sft_ckpt)
-    tok = tok.with_chat_template(cfg.chat_template, chat_data=False)  # prompts are user turns under a template
+    policy, tok, _ = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
     prompts = load_prompts(cfg.prompts)
-    eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval else []
-    if (cfg.batch_size % (cfg.gen_chunk * dist.world_size) or cfg.gen_chunk % cfg.num_minibatches
-            or (cfg.gen_chunk // cfg.num_minibatches) % cfg.grad_accum):
-        raise SystemExit("error: batch_size must be a multiple of gen_chunk x world size, gen_chunk a multiple of "
-                         "num_minibatches (else rows would be skipped), and gen_chunk / num_minibatches of grad_accum")
-    if cfg.temperature <= 0:
-        raise SystemExit("error: PPO samples from the policy; --temperature must be > 0")
-    if cfg.gen_chunk % cfg.samples_per_prompt or (cfg.advantage != "gae" and cfg.samples_per_prompt < 2):
-        raise SystemExit("error: gen_chunk must be a multiple of samples_per_prompt, which rloo and grpo need at 2 or more")
-    if cfg.advantage == "grpo" and cfg.adaptive_kl:
-        raise SystemExit("error: GRPO weighs its KL term by a fixed kl_coef; --adaptive_kl is for gae and rloo")
+    eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.eval_prompts else []
+    conversations = any(isinstance(p, list) for p in prompts + eval_prompts)
+    if conversations and (cfg.reward == "gold" or cfg.gold_eval):
+        raise DataError("--reward gold and --gold_eval score the toy task's text prompts, not conversations")
+    tok = tok.with_chat_template(cfg.chat_template, chat_data=conversations)  # under a template prompts are user turns
+    block_size = policy.config.block_size
+    if cfg.max_prompt_length is None:
+        cfg.max_prompt_length = block_size - cfg.max_new_tokens
+    if cfg.max_prompt_length < 1:
+        raise DataError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"of {block_size} tokens")
+    check_lengths(block_size, ("--max_prompt_length", cfg.max_prompt_length), ("--max_new_tokens", cfg.max_new_tokens))
+    prompt_ids = encode_prompts(tok, prompts, cfg.max_prompt_length, dist.master)
+    if len(prompts) < cfg.batch_size // cfg.samples_per_prompt:
+        raise DataError(f"--batch_size {cfg.batch_size} / --samples_per_prompt {cfg.samples_per_prompt}: more than "
+                        f"the {len(prompts)} prompts of {cfg.prompts}")
+    if eval_prompts:
+        longest = max(len(ids) for ids in encode_prompts(tok, eval_prompts, block_size, verbose=False))
+        check_lengths(block_size, ("the longest --eval_prompts prompt", longest), ("--max_new_tokens", cfg.max_new_tokens))
 
     # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic (gae)
     prepare_trainable(policy, cfg)
-    reference, reward_model, critic = frozen_models_and_critic(cfg, policy, dist)
+    reference, reward_model, critic = frozen_models_and_critic(cfg, policy, tok, dist)
     trained = PolicyAndCritic(policy, critic) if critic else policy
     trained.eval()  # dropout off in policy and critic, in rollouts and updates alike
     model = wrap_model(trained, dist, cfg)
@@ -303,9 +395,9 @@ def train(cfg: Config, dist: Dist) -> dict:
         kl_ctl.value, tokens = run.resumed["kl_coef"], run.resumed["tokens"]
     ctx = autocast(dist.device, cfg.dtype)
     reward_mean, reward_std = (run.resumed["reward_norm"] if run.resumed
-                               else reward_statistics(policy, reward_model, tok, prompts, cfg, dist, ctx))
+                               else reward_statistics(policy, reward_model, tok, prompts, prompt_ids, cfg, dist, ctx))
     evaluator = None
-    if eval_prompts and (dist.master or dist.sharded):  # under FSDP every rank samples the policy with rank 0
+    if cfg.gold_eval and (dist.master or dist.sharded):  # under FSDP every rank samples the policy with rank 0
         with ctx:
             evaluator = PolicyEvaluator(reference, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, cfg.seed)
     if dist.master:
@@ -321,7 +413,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         # before early_eval_until) and at the end (a resumed run was evaluated at its checkpoint already)
         evaluating = run.evaluates(step, start)
         if evaluating:
-            eval_metrics, samples = evaluate(evaluator, policy, eval_prompts, cfg, ctx)
+            eval_metrics, samples = evaluate(evaluator, policy, tok, eval_prompts or prompts, cfg, dist, ctx)
             metrics.update(eval_metrics)
             run.print(step, metrics, samples)
         if metrics:
@@ -336,11 +428,11 @@ def train(cfg: Config, dist: Dist) -> dict:
         t_rollout = time.time()
         lr = set_lr(optimizer, step, cfg)
         # 1-2. sample a response for each prompt of this rank's chunks and score it; the score is
-        # normalised by the SFT policy's statistics, and a response that never ends (no eos) loses
-        # missing_eos_penalty
-        data, P = collect_rollouts(policy, reward_model, tok, prompts, step, cfg, dist, ctx)
-        missing_eos = (~data.pop("ended")).float()
-        data["scores"] = (data["scores"] - reward_mean) / reward_std - cfg.missing_eos_penalty * missing_eos
+        # normalised by the SFT policy's statistics, and a response that never ends (no stop token)
+        # loses missing_eos_penalty
+        data, P = collect_rollouts(policy, reward_model, tok, prompts, prompt_ids, step, cfg, dist, ctx)
+        ended = data.pop("ended")
+        data["scores"] = shaped_scores(data["scores"], ended, reward_mean, reward_std, cfg.missing_eos_penalty)
         # 3. log-probs of policy and reference, values of the critic
         logprobs, ref_logprobs, entropy, values = score_tokens(policy, reference, critic, data, P, cfg, ctx)
         # 4. per-token rewards: the score at the last token, minus kl_coef x KL at every token
@@ -367,9 +459,9 @@ def train(cfg: Config, dist: Dist) -> dict:
         seconds["rollout"] += t_update - t_rollout
         seconds["update"] += time.time() - t_update
         # 7. adapt the KL coefficient to the batch's mean sequence KL (over all ranks)
-        seq_stats = all_reduce_sum(torch.stack([data["scores"].sum(), kl.sum(), (entropy * mask).sum(),
-                                                torch.tensor(float(len(mask)), device=dist.device)]), dist)
-        mean_score, mean_kl, mean_entropy = (seq_stats[:3] / seq_stats[3]).tolist()
+        seq_stats = all_reduce_sum(torch.stack([data["scores"].sum(), kl.sum(), (entropy * mask).sum(), mask.sum(),
+                                                ended.sum().float(), torch.tensor(float(len(mask)), device=dist.device)]), dist)
+        mean_score, mean_kl, mean_entropy, mean_length, ended_ratio = (seq_stats[:5] / seq_stats[5]).tolist()
         kl_coef_used = kl_ctl.value
         kl_ctl.update(mean_kl, cfg.batch_size)
         tokens += int(all_reduce_sum(data["attention_mask"].sum(), dist).item()) * cfg.ppo_epochs
@@ -385,6 +477,7 @@ def train(cfg: Config, dist: Dist) -> dict:
                 "policy/approxkl_avg": update["approxkl"], "policy/clipfrac_avg": update["clipfrac"],
                 "loss/policy_avg": update["policy_loss"], "val/ratio": update["ratio"],
                 "kl_coef": kl_coef_used, "grad_norm": update["grad_norm"], "learning_rate": lr, "tokens": tokens,
+                "completions/mean_length": mean_length, "completions/ended_ratio": ended_ratio,  # a stop token reached
             }
             if critic:
                 metrics.update({"loss/value_avg": update["value_loss"], "val/clipfrac_avg": update["vf_clipfrac"]})

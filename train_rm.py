@@ -4,22 +4,26 @@ preference pairs. The first half of RLHF; train_ppo.py optimises the policy agai
 
     python train_rm.py                                 # on out/pairs from sample.py --pairs
     torchrun --nproc_per_node 2 train_rm.py            # the same run on 2 processes
-    python train_rm.py --train_file hh_train.jsonl --val_file hh_test.jsonl --gold_eval false
+    python train_rm.py --sft_ckpt MODEL_FOLDER --train_file hh_train.jsonl --val_file hh_test.jsonl
 
 InstructGPT (Ouyang et al. 2022) trained its reward model for a single epoch, since it overfits
 fast; the defaults here make about two passes over the toy pairs.
 """
+import math
+import os
 import sys
 from dataclasses import dataclass
 from functools import partial
+from typing import Optional
 
 import torch
 
-from data import PairsConfig, gold_reward, load_pairs, real_tokens, take
+from data import DataError, PairsConfig, gold_reward, load_pairs, real_tokens, take
 from reward_model import RewardModel, bradley_terry_loss, pair_scores, rm_metric_sums
-from train_utils import (Dist, Run, TrainConfig, autocast, global_batch, heldout_sums, load_gpt, lora_record,
-                         make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar, run_script,
-                         seed_everything, set_lr, train_step, wrap_model)
+from train_utils import (Dist, Run, TrainConfig, autocast, check_batches, check_lengths, check_pair_settings,
+                         check_training_settings, default_max_length, global_batch, heldout_sums, load_gpt,
+                         lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar,
+                         run_script, seed_everything, set_lr, train_step, wrap_model)
 
 
 @dataclass
@@ -33,8 +37,8 @@ class Config(PairsConfig, TrainConfig):
     """the score difference the chosen response must clear"""
     center_coef: float = 0.0
     """weight of the (r_chosen + r_rejected)^2 term that keeps scores centred at 0"""
-    gold_eval: bool = True
-    """also report how often the model orders held-out pairs as the toy gold reward does"""
+    gold_eval: Optional[bool] = None
+    """also report how often the model orders held-out pairs as the toy gold reward does; none: on for the toy model on the toy pairs, off for your model or data"""
     # optimisation defaults for the toy task's pairs
     batch_size: int = 64
     """pairs per optimizer step, over all processes and micro-batches"""
@@ -86,12 +90,25 @@ def evaluate(model, loss_fn, val_data, cfg: Config, dist: Dist, ctx) -> dict:
     return metrics
 
 
+def check_settings(cfg: Config, dist: Dist) -> None:
+    """Every setting, each refused with one line naming its flag, before anything is read or
+    written; the toy task's files are the defaults only for the toy model on the toy task."""
+    check_training_settings(cfg)
+    if not (math.isfinite(cfg.margin) and math.isfinite(cfg.center_coef) and cfg.center_coef >= 0):
+        raise DataError("--margin must be a finite number, --center_coef a finite number, 0 or more")
+    check_pair_settings(cfg, dist)
+
+
 def train(cfg: Config, dist: Dist) -> dict:
-    # 1. data, validated before anything is written
+    # 1. settings and data, validated before anything is written
+    check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
-    sft, tok, _ = load_gpt(cfg.sft_ckpt)
-    train_data, val_pairs, val_data, tok = load_pairs(cfg, tok, cfg.chat_template)
+    sft, tok, _ = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
+    default_max_length(cfg, sft.config.block_size, toy=not os.path.isdir(cfg.sft_ckpt))
+    check_lengths(sft.config.block_size, ("--max_length", cfg.max_length))
+    train_data, val_pairs, val_data, tok = load_pairs(cfg, tok, cfg.chat_template, dist.master)
+    check_batches(len(train_data["chosen_input_ids"]), "training pairs", cfg, dist)
     if cfg.gold_eval:
         val_data["gold_order"] = gold_order(val_pairs)
 

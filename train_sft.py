@@ -17,11 +17,12 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from data import (IGNORE_INDEX, Tokenizer, ToyConfig, gold_reward, load_prompts, load_sft, prepare_toy_data,
-                  real_tokens, take, tokenize_sft)
+from data import (IGNORE_INDEX, DataError, Tokenizer, ToyConfig, gold_reward, hold_out, load_prompts, load_sft,
+                  prepare_toy_data, real_tokens, take, tokenize_sft)
 from evaluate import sample_completions, sample_metrics
-from model import GPT
-from train_utils import (Dist, Run, TrainConfig, autocast, barrier, global_batch, heldout_sums, load_gpt,
+from model import GPT, PRESETS
+from train_utils import (Dist, Run, TrainConfig, autocast, barrier, check_batches, check_lengths,
+                         check_training_settings, default_max_length, global_batch, heldout_sums, load_gpt,
                          lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar,
                          run_script, seed_everything, set_lr, train_step, wrap_model)
 
@@ -36,10 +37,10 @@ class Config(TrainConfig):
     chat: bool = False
     """the toy task as conversations (python data.py --chat): a user turn, the assistant's reply, the Zephyr template"""
     train_file: str = ""
-    """your own SFT JSONL, {"prompt","completion"}, {"text"} or {"messages"} records; empty: the toy task"""
+    """your own SFT JSONL, {"prompt","completion"}, {"text"} or {"messages"} records; empty: the toy task (not with a Hugging Face --init_from)"""
     val_file: str = ""
     """held-out JSONL; empty with --train_file: the last 5% of the training records"""
-    format: Literal["auto", "prompt_completion", "text", "messages"] = "auto"
+    format: Literal["auto", "prompt_completion", "text", "messages", "conversational_prompt_completion", "sharegpt"] = "auto"
     """record format; auto recognises it from the first record"""
     skip_bad: bool = False
     """skip invalid records (and report how many) instead of stopping at the first"""
@@ -47,10 +48,10 @@ class Config(TrainConfig):
     """sentencepiece .model; empty: the toy task's, or one trained on --train_file"""
     vocab_size: int = 8000
     """vocabulary cap when a tokenizer is trained on --train_file"""
-    max_length: int = 64
-    """longest sequence in tokens, prompt and completion together; longer ones are truncated"""
+    max_length: Optional[int] = None
+    """longest sequence in tokens, prompt and completion together; longer ones are truncated. none: 64 on the toy task, else the model's context up to 1024"""
     max_prompt_length: Optional[int] = None
-    """longest prompt; a longer one keeps its last tokens. none: prompts are not truncated"""
+    """longest prompt; a longer one keeps its last tokens. none: max_length less one"""
     # model
     preset: Literal["tiny", "small", "medium", "gpt2"] = "tiny"
     """model size (see model.PRESETS)"""
@@ -60,7 +61,7 @@ class Config(TrainConfig):
     """dropout probability"""
     # evaluation
     eval_samples: int = 128
-    """held-out prompts sampled at each evaluation (toy task: gold reward, well-formedness)"""
+    """held-out prompts sampled at each evaluation (toy task: gold reward, well-formedness; yours: stop rate, samples printed)"""
     max_new_tokens: int = 40
     """longest sampled completion"""
     temperature: float = 1.0
@@ -94,8 +95,7 @@ def load_data(cfg: Config, dist: Dist, tok: Tokenizer | None):
         if cfg.val_file:
             val = load_sft(cfg.val_file, cfg.format, cfg.skip_bad)
         else:
-            n_val = max(1, len(examples) // 20)
-            examples, val = examples[:-n_val], examples[-n_val:]
+            examples, val = hold_out(examples, cfg.train_file, dist.master)
         # sampled at evaluation: the prompts, or each conversation's opening user turn
         prompts = [e.messages[0]["content"] if e.messages else e.prompt for e in val
                    if e.prompt or (e.messages and e.messages[0]["role"] == "user")]
@@ -114,8 +114,8 @@ def load_data(cfg: Config, dist: Dist, tok: Tokenizer | None):
     elif tok is None:
         tok = Tokenizer.load(os.path.join(toy_dir(cfg), "tokenizer.model"))
     tok = tok.with_chat_template(cfg.chat_template, any(e.messages for e in examples + val))
-    train = tokenize_sft(examples, tok, cfg.max_length, cfg.max_prompt_length)
-    val = tokenize_sft(val, tok, cfg.max_length, cfg.max_prompt_length)
+    train = tokenize_sft(examples, tok, cfg.max_length, cfg.max_prompt_length, verbose=dist.master)
+    val = tokenize_sft(val, tok, cfg.max_length, cfg.max_prompt_length, verbose=dist.master)
     return train, val, prompts[:cfg.eval_samples], tok
 
 
@@ -148,22 +148,39 @@ def evaluate(model, raw_model, val_data, prompts, tok, cfg: Config, dist: Dist, 
     return metrics, samples
 
 
+def check_settings(cfg: Config, dist: Dist) -> None:
+    """Every setting, each refused with one line naming its flag, before anything is read or written."""
+    check_training_settings(cfg)
+    if cfg.lora_rank and not cfg.init_from:
+        raise DataError("--lora_rank adapts a trained model; give it with --init_from")
+    if os.path.isdir(cfg.init_from) and not cfg.train_file:
+        raise DataError(f"--train_file: required with a Hugging Face model (--init_from {cfg.init_from}); "
+                        "the toy task is for the toy model")
+    for flag in ("max_length", "max_prompt_length", "max_new_tokens"):
+        if getattr(cfg, flag) is not None and getattr(cfg, flag) < 1:
+            raise DataError(f"--{flag} {getattr(cfg, flag)}: must be at least 1")
+    if cfg.eval_samples < 0 or cfg.temperature < 0:
+        raise DataError("--eval_samples and --temperature must be 0 or more")
+
+
 def train(cfg: Config, dist: Dist) -> dict:
-    # 1. data (validated before anything is written), model, optimizer, run folder
+    # 1. settings and data (validated before anything is written), model, optimizer, run folder
+    check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
-    raw_model, tok = load_gpt(cfg.init_from)[:2] if cfg.init_from else (None, None)
+    raw_model, tok = load_gpt(cfg.init_from, lora_base=cfg.lora_base)[:2] if cfg.init_from else (None, None)
+    block_size = raw_model.config.block_size if raw_model else PRESETS[cfg.preset]["block_size"]
+    default_max_length(cfg, block_size, toy=not cfg.train_file)
+    check_lengths(block_size, ("--max_length", cfg.max_length))
     if run.resumed:
         tok = Tokenizer.from_state(run.resumed["tokenizer"])
     train_data, val_data, prompts, tok = load_data(cfg, dist, tok)
+    check_batches(len(train_data["input_ids"]), "training sequences", cfg, dist)
+    longest_prompt = max((len(tok.encode_prompt(p)) for p in prompts), default=0)
+    check_lengths(block_size, ("the longest held-out prompt", longest_prompt), ("--max_new_tokens", cfg.max_new_tokens))
     if raw_model is None:
-        if cfg.lora_rank:
-            raise SystemExit("error: --lora_rank adapts a trained model; give it with --init_from")
         raw_model = GPT.from_preset(cfg.preset, tok.vocab_size, cfg.dropout)
     prepare_trainable(raw_model, cfg)
-    if raw_model.config.block_size < cfg.max_length + cfg.max_new_tokens:
-        raise SystemExit(f"error: max_length + max_new_tokens exceeds the model's block_size "
-                         f"{raw_model.config.block_size}")
     model = wrap_model(raw_model, dist, cfg)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     start = step = run.start(raw_model, optimizer)

@@ -10,6 +10,7 @@ import argparse
 import ast
 import dataclasses
 import gc
+import hashlib
 import inspect
 import json
 import math
@@ -30,11 +31,11 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DataError, Tokenizer, load_checkpoint, take, write_atomic
+from data import TOY_PAIRS, DataError, Tokenizer, load_checkpoint, take, write_atomic
 from hf import load_folder
 from lora import TARGETS, attach_lora, merge_lora
 from model import GPT, Block, GPTConfig
-from reward_model import RewardModel
+from reward_model import RewardModel, backbone_state
 
 # -----------------------------------------------------------------------------
 # Config: a dataclass whose fields carry a docstring each (the line below the field, as in
@@ -150,6 +151,8 @@ class TrainConfig:
     """dropout on the adapters' input"""
     lora_targets: str = ",".join(TARGETS)
     """comma-separated projections that get adapters (Llama's names)"""
+    lora_base: str = ""
+    """where the base model of a LoRA checkpoint given as the input model now is, if it has moved (empty: the path it records)"""
     frozen_dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the weights that do not train (reference, reward model, LoRA's base); bfloat16 needs --dtype bfloat16"""
     # chat
@@ -305,6 +308,103 @@ def shard_indices(n: int, dist: Dist, batch_size: int) -> list[torch.Tensor]:
     return batches
 
 
+def check_training_settings(cfg: TrainConfig) -> None:
+    """The settings every training script shares, each refused with one line naming its flag,
+    before anything is read or written (a DataError: exit status 2)."""
+    finite = math.isfinite
+    rules = [
+        ("batch_size", cfg.batch_size >= 1, "must be at least 1"),
+        ("grad_accum", cfg.grad_accum >= 1, "must be at least 1"),
+        ("max_iters", cfg.max_iters >= 0, "must be 0 or more"),
+        ("lr", finite(cfg.lr) and cfg.lr > 0, "must be a finite number above 0"),
+        ("min_lr", finite(cfg.min_lr) and 0 <= cfg.min_lr <= cfg.lr, "must be a finite number from 0 to --lr"),
+        ("warmup_iters", cfg.warmup_iters >= 0, "must be 0 or more"),
+        ("lr_decay_iters", cfg.lr_decay_iters is None or cfg.lr_decay_iters >= 1, "must be at least 1"),
+        ("weight_decay", finite(cfg.weight_decay) and cfg.weight_decay >= 0, "must be a finite number, 0 or more"),
+        ("beta1", 0 <= cfg.beta1 < 1, "must be in [0, 1)"),
+        ("beta2", 0 <= cfg.beta2 < 1, "must be in [0, 1)"),
+        ("grad_clip", finite(cfg.grad_clip) and cfg.grad_clip > 0, "must be a finite number above 0"),
+        ("log_interval", cfg.log_interval >= 1, "must be at least 1"),
+        ("eval_interval", cfg.eval_interval >= 1, "must be at least 1"),
+        ("early_eval_interval", cfg.early_eval_interval >= 0, "must be 0 or more"),
+        ("lora_rank", cfg.lora_rank >= 0, "must be 0 or more"),
+        ("lora_dropout", 0 <= cfg.lora_dropout < 1, "must be in [0, 1)"),
+    ]
+    for flag, ok, why in rules:
+        if not ok:
+            raise DataError(f"--{flag} {getattr(cfg, flag)}: {why}")
+    if cfg.frozen_dtype == "bfloat16" and cfg.dtype != "bfloat16":
+        raise DataError("--frozen_dtype bfloat16 needs --dtype bfloat16 (autocast mixes the two)")
+
+
+def check_batches(n: int, what: str, cfg: TrainConfig, dist: Dist) -> None:
+    """A global batch of batch_size examples out of n, split evenly over processes and micro-batches."""
+    if cfg.batch_size > n:
+        raise DataError(f"--batch_size {cfg.batch_size}: more than the {n} {what}")
+    if cfg.batch_size % (dist.world_size * cfg.grad_accum):
+        raise DataError(f"--batch_size {cfg.batch_size}: not divisible by {dist.world_size} process(es) x "
+                        f"--grad_accum {cfg.grad_accum}")
+
+
+def toy_default(value: str, toy_path: str, flag: str, model_path: str) -> str:
+    """A data flag's value: as given, or when empty the toy task's file, which a user's own
+    model (a Hugging Face folder) must never read silently."""
+    if value:
+        return value
+    if os.path.isdir(model_path):
+        raise DataError(f"--{flag}: required with a Hugging Face model ({model_path}); "
+                        f"its default, {toy_path}, is the toy task's")
+    return toy_path
+
+
+def require_inputs(cfg, *flags: str) -> None:
+    """Each named flag's file or folder exists; if not, one line naming the flag."""
+    for flag in flags:
+        path = getattr(cfg, flag)
+        if path and not os.path.exists(path):
+            raise DataError(f"--{flag} {path}: no such file or folder")
+
+
+def check_pair_settings(cfg, dist: Dist) -> None:
+    """The inputs of a DPO or reward-model run: the SFT model, and the pair files, which are the
+    toy task's only for the toy model given none; its gold evaluation is on for the toy task."""
+    require_inputs(cfg, "sft_ckpt")
+    user_model, user_data = os.path.isdir(cfg.sft_ckpt), bool(cfg.train_file)
+    cfg.train_file = toy_default(cfg.train_file, TOY_PAIRS[0], "train_file", cfg.sft_ckpt)
+    if not user_data and not cfg.val_file:
+        cfg.val_file = TOY_PAIRS[1]
+    require_inputs(cfg, "train_file", "val_file")
+    for flag in ("max_length", "max_prompt_length"):
+        if getattr(cfg, flag) is not None and getattr(cfg, flag) < 2:
+            raise DataError(f"--{flag} {getattr(cfg, flag)}: must be at least 2")
+    resolve_gold_eval(cfg, not user_model and (not user_data or bool(getattr(cfg, "eval_prompts", ""))), dist)
+
+
+def resolve_gold_eval(cfg, toy: bool, dist: Dist) -> None:
+    """--gold_eval unset: on for the toy task, off with a notice for a user's model or data,
+    which the toy task's gold reward (a sentiment count over toy reviews) cannot score."""
+    if cfg.gold_eval is None:
+        cfg.gold_eval = toy
+        if not toy and dist.master:
+            print("note: the toy task's gold evaluation is off for your model or data (--gold_eval true forces it)")
+
+
+def default_max_length(cfg, block_size: int, toy: bool) -> None:
+    """--max_length unset: 64 tokens on the toy task, else the model's context up to TRL's 1024."""
+    if cfg.max_length is None:
+        cfg.max_length = 64 if toy else min(block_size, 1024)
+
+
+def check_lengths(block_size: int, *parts: tuple[str, int]) -> None:
+    """The parts of one sequence, (name, tokens) each (a flag, or what a file holds), within the
+    model's context."""
+    if sum(n for _, n in parts) > block_size:
+        named = " + ".join(f"{name} {n}" if name.startswith("--") else f"{name} ({n} tokens)" for name, n in parts)
+        raise DataError(f"{named} exceeds the model's context of {block_size} tokens")
+
+
+# -----------------------------------------------------------------------------
+# One optimizer step
 # -----------------------------------------------------------------------------
 # One optimizer step
 
@@ -422,11 +522,13 @@ def shard(model: torch.nn.Module, dtype: str, device: torch.device) -> None:
                 register_fsdp_forward_method(unit, method)
 
 
-def load_gpt(path: str, dtype: torch.dtype | None = torch.float32) -> tuple[GPT, Tokenizer, dict]:
+def load_gpt(path: str, dtype: torch.dtype | None = torch.float32,
+             lora_base: str = "") -> tuple[GPT, Tokenizer, dict]:
     """The model, its tokenizer and the whole checkpoint (empty for a folder), from a ckpt.pt of
     any stage or a Hugging Face model folder. Weights come in float32 by default, the master
     weights training needs (autocast does the bfloat16 compute); dtype=None keeps the stored one.
-    A LoRA run's checkpoint holds adapters only: they are put on its base model and merged."""
+    A LoRA run's checkpoint holds adapters only: they are put on its base model and merged; the
+    base is the one it records, or `lora_base` where that base has moved."""
     if os.path.isdir(path):
         model, tok = load_folder(path, dtype)
         return model, tok, {}
@@ -434,7 +536,7 @@ def load_gpt(path: str, dtype: torch.dtype | None = torch.float32) -> tuple[GPT,
     if "head.proj.weight" in ckpt["model"]:
         raise DataError(f"{path}: a reward model's checkpoint, not a language model's")
     if "lora" in ckpt:
-        model = _attach_recorded(_lora_base(path, ckpt), ckpt)
+        model = _attach_recorded(_lora_base(path, ckpt, lora_base), ckpt)
         load_trainable(model, ckpt["model"], path)
         merge_lora(model)
     else:
@@ -443,25 +545,64 @@ def load_gpt(path: str, dtype: torch.dtype | None = torch.float32) -> tuple[GPT,
     return model.to(dtype), Tokenizer.from_state(ckpt["tokenizer"]), ckpt
 
 
-def load_reward_model(path: str) -> tuple[RewardModel, Tokenizer]:
-    """A reward model and its tokenizer from train_rm.py's ckpt.pt (LoRA adapters merged)."""
+def load_reward_model(path: str, lora_base: str = "") -> tuple[RewardModel, Tokenizer]:
+    """A reward model and its tokenizer from train_rm.py's ckpt.pt (LoRA adapters merged on the
+    base it records, or on `lora_base` where that base has moved)."""
     ckpt = load_checkpoint(path)
     if "lora" in ckpt:
-        model = RewardModel.from_gpt(_lora_base(path, ckpt))
+        model = RewardModel.from_gpt(_lora_base(path, ckpt, lora_base))
         _attach_recorded(model.backbone, ckpt)  # the head trains and is in the checkpoint
         load_trainable(model, ckpt["model"], path)
         merge_lora(model)
     else:
         model = RewardModel(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(backbone_state(ckpt["model"], model.config))
     return model, Tokenizer.from_state(ckpt["tokenizer"])
 
 
-def _lora_base(path: str, ckpt: dict) -> GPT:
-    base = ckpt["lora"]["base"]
+def _lora_base(path: str, ckpt: dict, moved_to: str = "") -> GPT:
+    """The base model of a LoRA checkpoint, refused unless its files are the ones the adapters
+    were trained on: adapters merged onto other weights give a model no one trained."""
+    recorded = ckpt["lora"]["base"]
+    base = moved_to or recorded
     if not os.path.exists(base):
-        raise DataError(f"{path}: holds LoRA adapters of the base model {base}, which no longer exists")
+        raise DataError(f"{path}: holds LoRA adapters of the base model {base}, which does not exist "
+                        "(give its new place with --lora_base)")
+    expected = ckpt["lora"].get("fingerprint")
+    if expected is None:
+        print(f"warning: {path} records no fingerprint of its LoRA base; assuming {base} holds the weights "
+              "its adapters were trained on", file=sys.stderr)
+    elif fingerprint(base) != expected:
+        raise DataError(f"{path}: its LoRA adapters were trained on the base model at {recorded}, and {base} "
+                        "holds other weights (give the original's place with --lora_base)")
     return load_gpt(base)[0]
+
+
+def fingerprint(path: str) -> str:
+    """The sha256 of a model's files: a ckpt.pt, or a folder's config.json and safetensors weights.
+    Files, not tensors: a training run holds its base in --frozen_dtype, sharded, adapters on,
+    while the files are what the run and every later load read alike. Streamed (a 1B model's
+    2.5 GB take seconds, and loading reads them anyway) and remembered while no file is replaced
+    or written to (same inode, size, mtime and ctime), so each checkpoint of a run does not read a
+    large base again."""
+    if os.path.isdir(path):
+        files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f == "config.json"
+                 or f.startswith("model") and f.endswith((".safetensors", ".safetensors.index.json"))]
+    else:
+        files = [path]
+    stats = [os.stat(f) for f in files]
+    return _sha256(tuple((f, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for f, s in zip(files, stats)))
+
+
+@lru_cache(maxsize=8)
+def _sha256(files: tuple) -> str:
+    h = hashlib.sha256()
+    for path, *_ in files:
+        h.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _attach_recorded(model: GPT, ckpt: dict) -> GPT:
@@ -487,15 +628,16 @@ def lora_targets(cfg: TrainConfig) -> list[str]:
 
 
 def frozen_dtype(cfg: TrainConfig) -> torch.dtype:
-    if cfg.frozen_dtype == "bfloat16" and cfg.dtype != "bfloat16":
-        raise SystemExit("error: --frozen_dtype bfloat16 needs --dtype bfloat16 (autocast mixes the two)")
     return getattr(torch, cfg.frozen_dtype)
 
 
 def lora_record(cfg: TrainConfig, base: str) -> dict:
-    """What a LoRA checkpoint records to rebuild its model: the base and the adapters' shape."""
-    return {"lora": dict(base=os.path.abspath(base), rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                         targets=lora_targets(cfg), dropout=cfg.lora_dropout)} if cfg.lora_rank else {}
+    """What a LoRA checkpoint records to rebuild its model: the base, its fingerprint (checked
+    when the adapters are loaded onto it) and the adapters' shape."""
+    if not cfg.lora_rank:
+        return {}
+    return {"lora": dict(base=os.path.abspath(base), fingerprint=fingerprint(base), rank=cfg.lora_rank,
+                         alpha=cfg.lora_alpha, targets=lora_targets(cfg), dropout=cfg.lora_dropout)}
 
 
 def n_trainable(model: torch.nn.Module) -> int:
@@ -541,8 +683,11 @@ def keyed_by_name(state: dict, model: torch.nn.Module, optimizer) -> dict:
             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
 
 
-def _gather_rng(dist: Dist) -> list[torch.Tensor]:
-    state = torch.get_rng_state()
+def _gather_rng(dist: Dist) -> list[dict[str, torch.Tensor]]:
+    """Every rank's RNG states: the CPU generator's and, on a GPU, that device's (dropout, sampling)."""
+    state = {"cpu": torch.get_rng_state()}
+    if dist.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dist.device)
     if not dist.ddp:
         return [state]
     states = [None] * dist.world_size
@@ -564,10 +709,10 @@ class Run:
         self.ckpt_path = os.path.join(self.dir, "ckpt.pt")
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         if os.path.exists(self.ckpt_path) and not (cfg.resume or cfg.overwrite):
-            raise SystemExit(f"error: {self.dir} already holds a run; pass --resume to continue it, "
-                             "--overwrite to replace it, or choose another --out_dir")
+            raise DataError(f"--out_dir {self.dir} already holds a run; pass --resume to continue it, "
+                            "--overwrite to replace it, or choose another --out_dir")
         if cfg.resume and not os.path.exists(self.ckpt_path):
-            raise SystemExit(f"error: --resume but {self.ckpt_path} does not exist")
+            raise DataError(f"--resume but {self.ckpt_path} does not exist")
         self.resumed = load_checkpoint(self.ckpt_path) if cfg.resume else None
 
     def evaluates(self, step: int, start: int) -> bool:
@@ -604,7 +749,11 @@ class Run:
             set_optimizer_state_dict(optimized, optimizer, keyed_by_name(ckpt["optimizer"], optimized, optimizer),
                                      options=StateDictOptions(full_state_dict=True))
         if len(ckpt["rng"]) == self.dist.world_size:
-            torch.set_rng_state(ckpt["rng"][self.dist.rank])
+            state = ckpt["rng"][self.dist.rank]
+            state = state if isinstance(state, dict) else {"cpu": state}  # older checkpoints: the CPU state alone
+            torch.set_rng_state(state["cpu"])
+            if "cuda" in state and self.dist.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda"], self.dist.device)
         elif self.dist.master:
             print("warning: world size changed since the checkpoint; RNG streams restart", file=sys.stderr)
         step = ckpt["step"]
@@ -625,7 +774,7 @@ class Run:
         """An evaluation's metrics and a few samples on the console, above the progress bar."""
         if self.dist.master:
             from tqdm import tqdm
-            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {number(v)}" for k, v in metrics.items()))
             for line in samples:
                 tqdm.write(f"  {line}")
 
@@ -653,6 +802,32 @@ class Run:
         os.replace(tmp, self.ckpt_path)
 
 
+def number(v: float) -> str:
+    """A metric on the console: integers whole, others to 4 decimals, or to 4 significant digits
+    where 4 decimals would show nothing (a learning rate of 5e-7 prints 5e-07, not 0.0000)."""
+    return str(v) if isinstance(v, int) else f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.4g}"
+
+
+def interrupted(cfg, script: str, argv: list[str], dist: Dist) -> str:
+    """What a run stopped by Ctrl-C says: where its last checkpoint is, and the command that
+    continues it (checkpoints are written at evaluations; the steps since the last are redone)."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        return f"interrupted before the first checkpoint; nothing in {cfg.out_dir} to resume"
+    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    launch = [f"torchrun --nproc_per_node {dist.world_size}" if dist.ddp else "python", os.path.basename(script)]
+    flags, skip = [], False
+    for a in argv:  # the same flags without --resume or --overwrite (and a value given after either)
+        if skip and not a.startswith("--"):
+            skip = False
+            continue
+        skip = a in ("--resume", "--overwrite")
+        if not skip and a.split("=")[0] not in ("--resume", "--overwrite"):
+            flags.append(a)
+    return (f"interrupted: the last checkpoint is {path} (step {step}); continue with:\n"
+            f"  {' '.join(launch + flags + ['--resume'])}")
+
+
 def run_script(config_cls, train, argv, description: str) -> int:
     """Every train script's main: flags to config, torchrun setup, train(cfg, dist) -> metrics,
     a summary line, teardown. Bad input exits with status 2 and one line naming file, line and
@@ -670,11 +845,16 @@ def run_script(config_cls, train, argv, description: str) -> int:
         if dist.master:
             print(f"error: {e}; stopped, the last good checkpoint in {cfg.out_dir} is kept", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if dist.master:
+            print(f"\n{interrupted(cfg, sys.modules[train.__module__].__file__, sys.argv[1:] if argv is None else argv, dist)}",
+                  file=sys.stderr)
+        return 130  # the shell's status for a run stopped by Ctrl-C
     finally:
         cleanup_distributed(dist, finished=metrics is not None)
     if dist.master:
         print(f"done in {time.time() - t0:.0f}s: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("eval/", "objective/"))))
+            f"{k} {number(v)}" for k, v in metrics.items() if k.startswith(("eval/", "objective/"))))
     return 0
 
 

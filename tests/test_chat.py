@@ -41,8 +41,9 @@ CONVERSATIONS = {
                    {"role": "assistant", "content": "Hello! How are you?"}, {"role": "user", "content": "I am fine."},
                    {"role": "assistant", "content": "The capital of France is Paris. Café, déjà vu 😀"}],
 }
-EOS = {"zephyr": "</s>", "chatml": "<|im_end|>"}
-TEMPLATES = {"zephyr": chat.ZEPHYR_TEMPLATE, "chatml": CHATML}
+EOS = {"zephyr": "</s>", "chatml": "<|im_end|>", "qwen": "<|endoftext|>"}  # the folder's eos token
+END_OF_TURN = {"zephyr": "</s>", "chatml": "<|im_end|>", "qwen": "<|im_end|>"}  # where an assistant turn ends
+TEMPLATES = {"zephyr": chat.ZEPHYR_TEMPLATE, "chatml": CHATML, "qwen": CHATML}  # qwen: Qwen2.5 base, eos != end of turn
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +57,10 @@ def folders(tmp_path_factory):
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+    tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     out = {}
-    for name, template in (("zephyr", ZEPHYR_PUBLISHED), ("chatml", CHATML)):
+    for name, template in (("zephyr", ZEPHYR_PUBLISHED), ("chatml", CHATML), ("qwen", CHATML)):
         folder = root / name
         folder.mkdir()
         tok.save(str(folder / "tokenizer.json"))
@@ -106,7 +107,7 @@ def test_the_folders_own_template_is_read_and_rendered_as_transformers_renders_i
 def test_labels_cover_exactly_the_assistant_turns(folders, name, conversation):
     messages = CONVERSATIONS[conversation]
     tok = ours(folders[name], name)
-    ids, labelled = encode_sft(tok, Example("", "", "x:1", messages), max_length=1000, max_prompt_length=None)
+    ids, labelled, _ = encode_sft(tok, Example("", "", "x:1", messages), max_length=1000, max_prompt_length=None)
     runs, current = [], []
     for i, on in zip(ids, labelled):
         if on:
@@ -114,9 +115,10 @@ def test_labels_cover_exactly_the_assistant_turns(folders, name, conversation):
         elif current:
             runs, current = runs + [current], []
     runs += [current] if current else []
-    # every assistant turn, as the template writes it after the generation prompt: content, end marker, newline
+    # every assistant turn, as the template writes it after the generation prompt, up to and including its
+    # end-of-turn token: the newline the template writes after it is never generated, so carries no loss
     assert [tok.hf.decode(r, skip_special_tokens=False) for r in runs] == [
-        m["content"] + EOS[name] + "\n" for m in messages if m["role"] == "assistant"]
+        m["content"] + END_OF_TURN[name] for m in messages if m["role"] == "assistant"]
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -130,24 +132,37 @@ def test_prompt_plus_response_is_the_whole_conversation_up_to_eos(folders, name)
     prompt = reference_ids(hf_tok, messages[:-1], add_generation_prompt=True)
     n = int(data["chosen_attention_mask"].sum())
     chosen = data["chosen_input_ids"][0, :n].tolist()
-    assert chosen == whole[:whole.index(tok.eos_id, len(prompt)) + 1]  # what follows eos is never generated
+    end_of_turn = tok.hf.token_to_id(END_OF_TURN[name])
+    assert chosen == whole[:whole.index(end_of_turn, len(prompt)) + 1]  # what follows is never generated
     assert (data["chosen_labels"][0, :n] == -100).sum() == len(prompt)  # the generation prompt ends the prompt
     if name == "zephyr":
         assert hf_tok.decode(prompt).endswith("<|assistant|>\n")
+
+
+def test_stop_ids_are_the_eos_and_the_templates_end_of_turn_token(folders, tmp_path):
+    """Qwen2.5 base: eos <|endoftext|>, turns end <|im_end|>; both stop generation, and an export
+    writes both into generation_config.json, which transformers reads back as its eos list."""
+    tok = load_tokenizer(folders["qwen"], {})
+    eos, end_of_turn = tok.hf.token_to_id("<|endoftext|>"), tok.hf.token_to_id("<|im_end|>")
+    assert (tok.eos_id, tok.end_of_turn_id) == (eos, end_of_turn)
+    assert tok.stop_ids == sorted([eos, end_of_turn])
+    assert load_tokenizer(folders["zephyr"], {}).stop_ids == [load_tokenizer(folders["zephyr"], {}).eos_id]
+    assert Tokenizer(**{**tok.state(), "chat_template": None}).stop_ids == [eos]  # no template: eos alone
+    assert tok.decode([tok.hf.token_to_id("<|im_start|>"), end_of_turn]) == "<|im_start|>"  # stops never decode
 
 
 def test_truncation_keeps_whole_turns(folders):
     tok = ours(folders["zephyr"], "zephyr")
     messages = CONVERSATIONS["multi_turn"]
     special = tok.special_tokens()
-    full, _ = encode_sft(tok, Example("", "", "x:1", messages), 1000, None)
+    full, *_ = encode_sft(tok, Example("", "", "x:1", messages), 1000, None)
     first_three = tok.encode_with_offsets(chat.render(tok.chat_template, messages[:3], special))[0]
     # a conversation too long for max_length ends with the last assistant turn that fits whole
-    ids, labelled = encode_sft(tok, Example("", "", "x:1", messages), len(full) - 1, None)
+    ids, labelled, _ = encode_sft(tok, Example("", "", "x:1", messages), len(full) - 1, None)
     assert ids == first_three and any(labelled)
     longer = messages + [{"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "Bye."}]
-    full_longer, _ = encode_sft(tok, Example("", "", "x:1", longer), 1000, None)
-    ids, _ = encode_sft(tok, Example("", "", "x:1", longer), len(full_longer) - 1, None)
+    full_longer, *_ = encode_sft(tok, Example("", "", "x:1", longer), 1000, None)
+    ids, *_ = encode_sft(tok, Example("", "", "x:1", longer), len(full_longer) - 1, None)
     assert ids == full  # two of three assistant turns fit whole: both are kept
     # a prompt too long for max_prompt_length loses its oldest turns, the system message kept
     pair = Pair("", "Paris.", "Rome.", "x:1", messages[:4])
@@ -157,8 +172,6 @@ def test_truncation_keeps_whole_turns(folders):
     n = int(data["chosen_attention_mask"].sum())
     assert data["chosen_input_ids"][0, :n].tolist() == tok.encode_with_offsets(chat.render(
         tok.chat_template, kept + [{"role": "assistant", "content": "Paris."}], special))[0][:-1]  # the newline after eos goes
-    with pytest.raises(DataError, match="x:1: field 'prompt': the prompt's last user turn alone"):
-        tokenize_pairs([pair], tok, max_length=1000, max_prompt_length=len(kept_prompt) - 1)
     # turns go one exchange at a time, oldest first: with three user turns the limit that fits the
     # last two keeps both
     three = messages[:4] + [{"role": "assistant", "content": "Good."}, {"role": "user", "content": "Bye."}]
@@ -185,10 +198,11 @@ def test_the_chat_toy_task_is_conversations_whose_reply_is_labelled(tmp_path):
     example = load_sft(str(tmp_path / "sft_train.jsonl"))[0]
     assert [m["role"] for m in example.messages] == ["user", "assistant"]
     tok = Tokenizer.load(str(tmp_path / "tokenizer.model")).with_chat_template("auto", chat_data=True)
-    ids, labelled = encode_sft(tok, example, 200, None)
+    ids, labelled, _ = encode_sft(tok, example, 200, None)
     reply = [i for i, on in zip(ids, labelled) if on]
-    assert tok.decode(reply) == example.messages[1]["content"] + "\n"  # eos is special: decode drops it
-    assert reply[-2] == tok.eos_id
+    assert tok.decode(reply) == example.messages[1]["content"]  # eos is special: decode drops it
+    assert reply[-1] == tok.eos_id  # Zephyr's end of turn; the newline after it is not generated, so not labelled
+    assert ids[len(ids) - 1] == tok.encode("\n")[0] and not labelled[-1]
     prompt = ids[:labelled.index(True)]
     assert prompt == tok.encode_prompt(example.messages[0]["content"])  # what sampling feeds the model
     assert [tok.token_text(i) for i in prompt] == ["<|user|>", "\n", *[tok.token_text(i) for i in tok.encode(
@@ -285,3 +299,66 @@ def test_an_ultrafeedback_conversation_keeps_every_turn_before_the_responses(tmp
                                 "rejected": turns + [{"role": "assistant", "content": "bad"}]}) + "\n")
     (pair,) = load_preferences(str(path))
     assert pair.prompt_messages == turns and (pair.chosen, pair.rejected) == ("good", "bad")
+
+
+def _fits_whole(tok, messages, limit) -> bool:
+    """Whether the prompt `messages` renders to at most `limit` tokens."""
+    return len(tok.encode_with_offsets(chat.render(tok.chat_template, messages, tok.special_tokens(), True))[0]) <= limit
+
+
+@pytest.mark.parametrize("name", ["zephyr", "chatml"])
+def test_a_last_user_turn_too_long_is_cut_on_the_left_the_system_message_kept(folders, name, capsys):
+    tok = ours(folders[name], name)
+    system, reply = {"role": "system", "content": "Be brief."}, "Paris."
+    content = "Hello world, how are you? I am fine. The capital of France?"
+    user = lambda text: {"role": "user", "content": text}
+    empty = len(tok.encode_with_offsets(chat.render(tok.chat_template, [system, user("")], tok.special_tokens(), True))[0])
+    limit = empty + 5  # room for a few tokens of the user's text
+    data = tokenize_pairs([Pair("", reply, "Rome.", "x:1", [system, user(content)])], tok, 1000, limit)
+    n = int(data["chosen_attention_mask"][0].sum())
+    ids, n_prompt = data["chosen_input_ids"][0, :n].tolist(), int((data["chosen_labels"][0, :n] == -100).sum())
+    # the kept text is the longest end of the user's text that fits, and the sequence is exactly the
+    # template's rendering of the conversation with that text, up to the reply's end-of-turn token
+    kept = next(content[j:] for j in range(len(content) + 1) if _fits_whole(tok, [system, user(content[j:])], limit))
+    assert 0 < len(kept) < len(content)
+    whole = tok.encode_with_offsets(chat.render(tok.chat_template, [system, user(kept), {"role": "assistant", "content": reply}],
+                                                tok.special_tokens()))[0]
+    assert ids == whole[:whole.index(tok.hf.token_to_id(END_OF_TURN[name]), n_prompt) + 1]
+    assert n_prompt <= limit
+    assert tok.hf.decode(ids, skip_special_tokens=False).startswith(chat.render(tok.chat_template, [system], tok.special_tokens()))
+    assert capsys.readouterr().err == f"note: 1 of 1 records in x were cut to fit --max_length 1000 / --max_prompt_length {limit}\n"
+
+
+def test_a_chat_prompt_that_cannot_fit_even_with_its_user_turn_emptied_is_refused_naming_the_line(folders, tmp_path):
+    tok = ours(folders["chatml"], "chatml")
+    system = {"role": "system", "content": "Be brief. " * 20}
+    turns = lambda reply: [system, {"role": "user", "content": "Hello"}, {"role": "assistant", "content": reply}]
+    path = tmp_path / "uf.jsonl"
+    path.write_text("\n".join(json.dumps({"chosen": turns("Yes."), "rejected": turns(r)}) for r in ("No.", "Maybe.")) + "\n")
+    with pytest.raises(DataError, match=f"{path}:1: field 'prompt': the prompt is longer than 20 tokens .* even with "
+                                        "its last user turn emptied"):
+        tokenize_pairs(load_preferences(str(path)), tok, 1000, 20)
+
+
+@pytest.mark.parametrize("name", ["zephyr", "chatml"])
+def test_a_conversation_whose_first_reply_starts_past_max_length_has_its_user_turn_cut(folders, name, tmp_path):
+    tok = ours(folders[name], name)
+    special = tok.special_tokens()
+    system, reply = {"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Paris."}
+    content = "Hello world, how are you? I am fine. The capital of France?"
+    user = lambda text: {"role": "user", "content": text}
+    prompt_tokens = lambda text: len(tok.encode_with_offsets(chat.render(tok.chat_template, [system, user(text)], special, True))[0])
+    max_length = prompt_tokens("") + 6
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"messages": [system, user(content), reply]}) + "\n"
+                    + json.dumps({"messages": [{"role": "system", "content": "Be brief. " * 20}, user("Hi"), reply]}) + "\n")
+    first, second = load_sft(str(path))
+    ids, labelled, cut = encode_sft(tok, first, max_length, None)
+    # the longest end of the user's text after which the reply starts within max_length, system kept
+    kept = next(content[j:] for j in range(len(content) + 1) if prompt_tokens(content[j:]) < max_length)
+    assert cut and 0 < len(kept) < len(content)
+    assert ids == tok.encode_with_offsets(chat.render(tok.chat_template, [system, user(kept), reply], special))[0][:max_length]
+    assert labelled.index(True) == prompt_tokens(kept) < max_length
+    with pytest.raises(DataError, match=f"{path}:2: field 'messages': the first assistant turn starts after {max_length} "
+                                        "tokens .* even with the user turn before it emptied"):
+        encode_sft(tok, second, max_length, None)

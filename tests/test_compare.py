@@ -209,6 +209,22 @@ def test_plot_without_matplotlib_prints_one_line(monkeypatch, capsys, tmp_path):
     assert not (tmp_path / "f.png").exists()
 
 
+def test_plot_curves_names_a_key_missing_from_a_file_and_draws_the_others(capsys, tmp_path):
+    """A mistyped key gives one stderr line naming it, the file and the keys it has; a key the
+    file has gives none, and the figure is still drawn."""
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / (s + 1), "eval/gold_reward": 0.1 * s}) + "\n"
+                            for s in range(3)))
+    plot.main(["curves", str(path), "--keys", "loss", "eval/gold_rewrd", "--out", str(tmp_path / "c.png")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "'eval/gold_rewrd'" in err and str(path) in err and "eval/gold_reward" in err
+    assert (tmp_path / "c.png").exists()
+    plot.main(["curves", str(path), "--keys", "loss", "eval/gold_reward", "--out", str(tmp_path / "d.png")])
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.slow
 def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
     out = str(tmp_path / "study")

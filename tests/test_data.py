@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data import (IGNORE_INDEX, DataError, Example, ToyConfig, Tokenizer, collate, encode_example,
-                  gold_reward, is_well_formed, load_preferences, load_sft, prepare_toy_data, take,
+                  gold_reward, is_well_formed, load_preferences, load_prompts, load_sft, prepare_toy_data, take,
                   tokenize_sft)
 
 
@@ -113,6 +113,101 @@ def test_the_three_preference_formats_read_to_the_same_pairs(tmp_path):
         assert pair.where == f"{path}:1"
 
 
+def test_an_implicit_prompt_is_the_shared_prefix_less_its_trailing_space(tmp_path):
+    path = _write(tmp_path / "implicit.jsonl", [
+        {"chosen": "Q: sky colour? A: blue.", "rejected": "Q: sky colour? A: green."},
+        {"chosen": "Say hi.\nhello there", "rejected": "Say hi.\nhi"},  # cut inside a word, as TRL's
+    ])
+    pairs = load_preferences(path)
+    assert [(p.prompt, p.chosen, p.rejected, p.prompt_messages) for p in pairs] == [
+        ("Q: sky colour? A:", " blue.", " green.", None), ("Say hi.\nh", "ello there", "i", None)]
+    assert [p.where for p in pairs] == [f"{path}:1", f"{path}:2"]
+
+
+USER_HI = [{"role": "user", "content": "hi?"}]
+
+
+def test_sharegpt_pairs_read_as_a_prompt_conversation_and_two_replies(tmp_path):
+    path = _write(tmp_path / "sharegpt.jsonl", [{
+        "system": "be kind", "conversations": [{"from": "human", "value": "hi?"}],
+        "chosen": {"from": "gpt", "value": "hello!"}, "rejected": {"from": "gpt", "value": "go away"}}])
+    (pair,) = load_preferences(path)
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("hi?", "hello!", "go away")
+    assert pair.prompt_messages == [{"role": "system", "content": "be kind"}] + USER_HI
+
+
+GOOD_PAIR = {"implicit": {"chosen": "Q: a b", "rejected": "Q: a c"},
+             "sharegpt": {"conversations": [{"from": "human", "value": "hi?"}], "chosen": {"from": "gpt", "value": "a"},
+                          "rejected": {"from": "gpt", "value": "b"}}}
+BAD_PAIRS = {
+    "no_shared_prefix": ("implicit", {"chosen": "yes", "rejected": "no"}, "field 'rejected': shares no prompt"),
+    "shared_whitespace_only": ("implicit", {"chosen": "\n yes", "rejected": "\n no"}, "field 'rejected': shares no prompt"),
+    "chosen_is_the_prefix": ("implicit", {"chosen": "Q: a", "rejected": "Q: a b"}, "field 'chosen': empty response after"),
+    "rejected_is_the_prefix": ("implicit", {"chosen": "Q: a b", "rejected": "Q: a "}, "field 'rejected': empty response after"),
+    "sharegpt_sft_record": ("sharegpt", {"conversations": [{"from": "human", "value": "hi?"}, {"from": "gpt", "value": "yo"}]},
+                            "field 'conversations': a ShareGPT conversation without 'chosen' and 'rejected'"),
+    "sharegpt_reply_not_gpt": ("sharegpt", {**GOOD_PAIR["sharegpt"], "chosen": {"from": "human", "value": "a"}},
+                               "field 'chosen': expected a ShareGPT reply"),
+    "sharegpt_unknown_speaker": ("sharegpt", {**GOOD_PAIR["sharegpt"], "conversations": [{"from": "bot", "value": "hi?"}]},
+                                 "field 'conversations\\[0\\].from': unknown speaker 'bot'"),
+    "sharegpt_in_a_plain_file": ("plain", GOOD_PAIR["sharegpt"], "field 'conversations': a ShareGPT record in a file read as plain"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PAIRS)
+def test_bad_implicit_and_sharegpt_pairs_are_refused_naming_line_and_field(case, tmp_path):
+    fmt, record, message = BAD_PAIRS[case]
+    first = GOOD_PAIR.get(fmt, {"prompt": "a", "chosen": "b", "rejected": "c"})  # the first record sets the format
+    path = _write(tmp_path / "p.jsonl", [first, record])
+    with pytest.raises(DataError, match=rf"p.jsonl:2: {message}"):
+        load_preferences(path)
+
+
+def test_conversational_prompt_completion_and_sharegpt_sft_records_are_conversations(tmp_path):
+    reply = {"role": "assistant", "content": "hello!"}
+    pc = _write(tmp_path / "pc.jsonl", [{"prompt": USER_HI, "completion": [reply]}])
+    sharegpt = _write(tmp_path / "sharegpt.jsonl", [{"conversations": [
+        {"from": "system", "value": "be kind"}, {"from": "human", "value": "hi?"}, {"from": "gpt", "value": "hello!"}]}])
+    assert load_sft(pc) == [Example("", "", f"{pc}:1", USER_HI + [reply])]
+    assert load_sft(sharegpt) == [Example("", "", f"{sharegpt}:1", [{"role": "system", "content": "be kind"}, *USER_HI, reply])]
+
+
+BAD_SFT = {
+    "completion_from_the_user": ({"prompt": USER_HI, "completion": USER_HI}, "field 'completion\\[0\\].role': expected 'assistant'"),
+    "completion_a_string": ({"prompt": USER_HI, "completion": "hello!"}, "field 'completion': expected a non-empty list"),
+    "sharegpt_unknown_speaker": ({"conversations": [{"from": "human", "value": "hi?"}, {"from": "bot", "value": "yo"}]},
+                                 "field 'conversations\\[1\\].from': unknown speaker 'bot' \\(ShareGPT's are human, gpt, system\\)"),
+    "sharegpt_no_value": ({"conversations": [{"from": "human"}]}, "field 'conversations\\[0\\]': expected ShareGPT"),
+    "sharegpt_no_reply": ({"conversations": [{"from": "human", "value": "hi?"}]}, "field 'conversations': no assistant turn"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SFT)
+def test_bad_conversational_sft_records_are_refused_naming_line_and_field(case, tmp_path):
+    record, message = BAD_SFT[case]
+    with pytest.raises(DataError, match=rf"s.jsonl:1: {message}"):
+        load_sft(_write(tmp_path / "s.jsonl", [record]))
+
+
+def test_prompts_may_be_conversations_ending_in_a_user_turn(tmp_path):
+    system = {"role": "system", "content": "be kind"}
+    path = _write(tmp_path / "prompts.jsonl", [{"prompt": "the movie"}, {"prompt": [system, *USER_HI]}])
+    assert load_prompts(path) == ["the movie", [system, *USER_HI]]
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": USER_HI + [{"role": "assistant", "content": "yo"}]}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'prompt': last message is not from the user"):
+        load_prompts(bad)
+
+
+def test_a_conversation_prompt_renders_as_a_string_prompt_does_and_needs_a_template(tok):
+    import chat
+    zephyr = Tokenizer(**{**tok.state(), "chat_template": chat.ZEPHYR_TEMPLATE})
+    assert zephyr.encode_prompt([{"role": "user", "content": "hi"}]) == zephyr.encode_prompt("hi")
+    text = zephyr.decode(zephyr.encode_prompt([{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}]))
+    assert text.startswith("<|system|>\nbe kind") and text.endswith("<|user|>\nhi \n<|assistant|>\n")  # " ": the toy's word-boundary piece after eos
+    with pytest.raises(DataError, match="needs a chat template"):
+        tok.encode_prompt([{"role": "user", "content": "hi"}])
+
+
 def test_skip_bad_drops_and_counts_bad_records(tmp_path, capsys):
     path = _write(tmp_path / "p.jsonl", ['{"prompt": "a", "chosen": "b", "rejected": "c"}', "{oops",
                                          {"prompt": "a", "chosen": "b", "rejected": "b"},
@@ -127,12 +222,15 @@ def test_skip_bad_drops_and_counts_bad_records(tmp_path, capsys):
 def test_truncation_keeps_the_end_of_the_prompt_and_the_start_of_the_response(tok):
     prompt, response = "i loved the film . the plot was", "great . i would recommend it ."
     p, r = tok.encode(prompt), tok.encode(response)
-    ids, n_prompt = encode_example(tok, prompt, response, max_length=64, max_prompt_length=None, where="x")
-    assert ids == [tok.bos_id] + p + r + [tok.eos_id] and n_prompt == len(p) + 1
-    ids, n_prompt = encode_example(tok, prompt, response, max_length=8, max_prompt_length=4, where="x")
-    assert ids == [tok.bos_id] + p[-3:] + r[:4] and n_prompt == 4
-    with pytest.raises(DataError, match="x: field 'prompt': 9 tokens leave no room"):
-        encode_example(tok, prompt, response, max_length=9, max_prompt_length=None, where="x")
+    assert encode_example(tok, prompt, response, max_length=64, max_prompt_length=None, where="x") == (
+        [tok.bos_id] + p + r + [tok.eos_id], len(p) + 1, False)  # it fits: nothing cut
+    assert encode_example(tok, prompt, response, max_length=8, max_prompt_length=4, where="x") == (
+        [tok.bos_id] + p[-3:] + r[:4], 4, True)  # bos kept, the prompt's end, the response's start
+    # no max_prompt_length: the prompt keeps max_length less one tokens, so the response keeps one
+    assert encode_example(tok, prompt, response, max_length=len(p) + 1, max_prompt_length=None, where="x") == (
+        [tok.bos_id] + p[-(len(p) - 1):] + r[:1], len(p), True)
+    with pytest.raises(DataError, match="x: field 'prompt': 1 tokens leave no room"):  # bos alone fills max_length
+        encode_example(tok, prompt, response, max_length=1, max_prompt_length=None, where="x")
 
 
 def test_collate_right_pads_and_masks_prompt_and_pad_labels():
@@ -180,3 +278,19 @@ def test_check_accepts_a_byte_order_mark_and_names_the_line_of_a_bad_byte(kind, 
     bad = run(path)
     assert bad.returncode == 2
     assert bad.stderr == f"error: {path}:2: invalid UTF-8 (byte 0xff at byte 15)\n"
+
+
+def test_the_count_of_cut_records_is_printed_once_per_dataset(tmp_path, tok, capsys):
+    from data import tokenize_pairs
+    sft = _write(tmp_path / "sft.jsonl", [{"prompt": "the movie", "completion": "was great ."},  # fits in 8
+                                          {"prompt": "i loved the film . the plot was", "completion": "great ."},  # prompt cut
+                                          {"prompt": "i saw", "completion": "the film . the acting was dull ."}])  # response cut
+    pairs = _write(tmp_path / "pairs.jsonl", [{"prompt": "the movie", "chosen": "was great .", "rejected": "was dull ."},
+                                              {"prompt": "the movie", "chosen": "was fun . i loved it .", "rejected": "was dull . i hated it ."}])
+    tokenize_sft(load_sft(sft), tok, 8, 4)
+    tokenize_pairs(load_preferences(pairs), tok, 8, None)
+    assert capsys.readouterr().err == (f"note: 2 of 3 records in {sft} were cut to fit --max_length 8 / --max_prompt_length 4\n"
+                                       f"note: 1 of 2 records in {pairs} were cut to fit --max_length 8\n")
+    tokenize_sft(load_sft(sft), tok, 64, None)  # nothing cut: nothing to say
+    tokenize_pairs(load_preferences(pairs), tok, 8, None, verbose=False)  # under torchrun, every process but one
+    assert capsys.readouterr().err == ""

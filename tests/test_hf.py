@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import read_metrics, run_python
 from data import DataError
-from hf import load_folder, save_folder
+from hf import config_from_hf, load_folder, save_folder
 
 V = 400  # model vocabulary; the test tokenizers have fewer tokens
 STRINGS = ["Hello world", "Café naïve résumé, déjà vu", "日本語のテキストです", "emoji 😀 and 🎉", "  leading spaces",
@@ -135,11 +135,11 @@ def test_greedy_generation_equals_transformers(folders, family, use_cache):
     folder, reference = folders[family]
     model, tok = load_folder(folder)
     prompts = [[5, 17, 42, 99, 7, 300], [8, 21, 33]]
-    ours, _ = model.generate(prompts, 16, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=0, use_cache=use_cache)
+    ours, _ = model.generate(prompts, 16, stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=0, use_cache=use_cache)
     ids = torch.tensor([prompts[0], [tok.pad_id] * 3 + prompts[1]])
     mask = torch.tensor([[1] * 6, [0] * 3 + [1] * 3])
     theirs = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
-                                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[:, 6:]
+                                eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id)[:, 6:]
     theirs = torch.nn.functional.pad(theirs, (0, 16 - theirs.size(1)), value=tok.pad_id)
     assert torch.equal(ours, theirs)
 
@@ -165,6 +165,31 @@ def test_load_keeps_the_stored_dtype_unless_asked(folders, tmp_path):
     shutil.copy(os.path.join(folder, "tokenizer.json"), bf16)
     assert {p.dtype for p in load_folder(bf16)[0].parameters()} == {torch.bfloat16}
     assert {p.dtype for p in load_folder(bf16, torch.float32)[0].parameters()} == {torch.float32}
+
+
+
+@pytest.mark.parametrize("family, settings", [
+    ("mistral", {}), ("mistral", dict(sliding_window=None)),
+    ("qwen2", dict(use_sliding_window=True, max_window_layers=0)),  # every layer slides
+    ("qwen2", dict(use_sliding_window=True, max_window_layers=1)),  # the last layer slides
+    ("qwen2", dict(use_sliding_window=True, max_window_layers=2)),  # none slides
+    ("qwen2", dict(use_sliding_window=False))])
+def test_a_sliding_window_missing_from_config_json_is_transformers_default(family, settings, tmp_path):
+    """A config.json without sliding_window (or Qwen2's layer_types) gets transformers' default,
+    4096, where a layer slides; the window caps the context, as attention within it is causal."""
+    config = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[family](
+        **{**_LLAMA_SIZE, "max_position_embeddings": 8192, "num_key_value_heads": 2, **settings})
+    config.save_pretrained(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        hf = json.load(f)
+    for key in ("sliding_window", "layer_types"):
+        if settings.get(key, 0) is not None:  # an explicit null stays: it means no window
+            hf.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    slides = family == "mistral" or "sliding_attention" in theirs.layer_types
+    window = theirs.sliding_window if slides else None
+    assert config_from_hf(hf, "config.json").block_size == min(8192, window or 8192)
 
 
 # -----------------------------------------------------------------------------
@@ -222,6 +247,17 @@ def test_export_round_trip_gives_transformers_the_same_logits(folders, family, t
     assert hf_tok("Hello world").input_ids == tok.encode_prompt("Hello world")
 
 
+
+def test_exported_files_get_the_mode_of_a_users_new_file(folders, tmp_path):
+    """model.safetensors was left 0600, the mode of safetensors' own temporary file."""
+    model, tok = load_folder(folders["llama_gqa_untied"][0])
+    save_folder(model, tok, str(tmp_path))
+    with open(tmp_path / "probe", "w"):
+        pass
+    mode = lambda name: os.stat(tmp_path / name).st_mode & 0o777  # noqa: E731
+    assert {name: mode(name) for name in os.listdir(tmp_path)} == dict.fromkeys(os.listdir(tmp_path), mode("probe"))
+
+
 def test_toy_checkpoint_exports_to_transformers_with_the_same_logits(toy_dir, tmp_path):
     sft_dir, hf_dir = str(tmp_path / "sft"), str(tmp_path / "sft_hf")
     r = run_python("train_sft.py", f"--data_dir={toy_dir}", f"--out_dir={sft_dir}", "--device=cpu", "--max_iters=2",
@@ -249,7 +285,7 @@ def test_sample_sft_and_dpo_run_from_a_folder(folders, toy_dir, sft_pairs, tmp_p
     folder, _ = folders["qwen2"]
     r = run_python("sample.py", f"--ckpt={folder}", "--prompt=Hello", "--n=2", "--max_new_tokens=5", "--device=cpu")
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 2, r.stderr
-    r = run_python("train_sft.py", f"--init_from={folder}", f"--data_dir={toy_dir}", f"--out_dir={tmp_path}/sft",
+    r = run_python("train_sft.py", f"--init_from={folder}", f"--train_file={toy_dir}/sft_val.jsonl", f"--out_dir={tmp_path}/sft",
                    "--device=cpu", "--max_iters=2", "--eval_interval=2", "--eval_samples=0", "--print_samples=0",
                    "--max_length=48", "--max_new_tokens=8")
     assert r.returncode == 0, r.stderr
@@ -315,3 +351,32 @@ def test_bad_folder_gives_one_line_through_the_command_line(folders, tmp_path, c
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert message in lines[0] and "Traceback" not in r.stderr
+
+
+def test_every_eos_id_of_generation_config_stops_generation_and_export_writes_them_all(folders, tmp_path):
+    """generation_config.json's eos list (Llama-3 and Qwen2.5-Instruct list two) was cut to its
+    first id, and export wrote one id back; transformers stops at every one of them."""
+    folder = str(tmp_path / "model")
+    shutil.copytree(folders["qwen2"][0], folder)
+    _, reference = folders["qwen2"]
+    with open(f"{folder}/generation_config.json") as f:
+        generation = json.load(f)
+    model, tok = load_folder(folder)
+    prompts = [[5, 6, 7], [8, 9]]
+    free, _ = model.generate(prompts, 12, stop_ids=[], pad_id=tok.pad_id, temperature=0)
+    second = int(free[1, 2])  # a token the model emits greedily: make it a second eos
+    generation["eos_token_id"] = [tok.eos_id, second]
+    with open(f"{folder}/generation_config.json", "w") as f:
+        json.dump(generation, f)
+    model, tok = load_folder(folder)
+    assert tok.eos_ids == sorted({tok.eos_id, second}) and tok.stop_ids == tok.eos_ids
+    _, mask = model.generate(prompts, 12, stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=0)
+    assert mask[1].sum() <= 3
+    save_folder(model, tok, str(tmp_path / "exported"))
+    exported = transformers.GenerationConfig.from_pretrained(str(tmp_path / "exported"))
+    assert sorted(exported.eos_token_id) == tok.stop_ids
+    generation["eos_token_id"] = [tok.eos_id, 10**6]  # not a token: refused with the file and field named
+    with open(f"{folder}/generation_config.json", "w") as f:
+        json.dump(generation, f)
+    with pytest.raises(DataError, match="generation_config.json: field 'eos_token_id': 1000000"):
+        load_folder(folder)

@@ -1,16 +1,22 @@
 """LoRA layers and gradient checkpointing, on tiny models: a fresh adapter changes nothing,
 adapters act only on their slices, merging equals the unmerged forward, adapters off is the
-base model, and recomputed activations give the same gradients.
+base model, recomputed activations give the same gradients, and adapters load only onto the
+base they were trained on.
 
     python -m pytest -q tests/test_lora.py
 """
 import copy
+import shutil
 
 import pytest
 import torch
 
+import export
+from data import DataError, Tokenizer
+from hf import load_folder, save_folder
 from lora import TARGETS, AdaptersOff, LoRALinear, adapters_off, attach_lora, merge_lora
 from model import GPT, GPTConfig
+from train_utils import TrainConfig, load_gpt, lora_record, lora_targets, trainable_state
 
 V = 64
 CONFIGS = {
@@ -117,8 +123,8 @@ def test_adapters_off_is_the_base_model_and_switches_back_on(kind):
         assert not torch.allclose(model.eval()(ids, mask), base(ids, mask))
         prompts = [[5, 6, 7], [8, 9]]
         g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-        assert torch.equal(reference.generate(prompts, 6, 3, 0, generator=g())[0],
-                           base.generate(prompts, 6, 3, 0, generator=g())[0])
+        assert torch.equal(reference.generate(prompts, 6, [3], 0, generator=g())[0],
+                           base.generate(prompts, 6, [3], 0, generator=g())[0])
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
@@ -147,3 +153,59 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind, lora):
 def test_unknown_target_is_refused():
     with pytest.raises(ValueError, match="unknown LoRA target 'qproj'"):
         attach_lora(tiny("gpt"), rank=2, alpha=2, targets=["qproj"])
+
+
+def base_folder(folder: str, tok: Tokenizer, seed: int) -> None:
+    """A tiny Llama-style Hugging Face folder with random weights: a LoRA run's base model."""
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32, **CONFIGS["llama_gqa"])
+    save_folder(GPT(config), tok, folder)
+
+
+@pytest.fixture
+def lora_on_a_folder(tmp_path):
+    """(LoRA checkpoint, its base folder, the tokenizer, the merged model's logits of a few tokens),
+    the checkpoint holding what the training scripts write: adapters, lora_record and the tokenizer."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the movie was great . i loved the cast .\n" * 50)
+    tok = Tokenizer.train(str(corpus), vocab_size=300)
+    base, ckpt = str(tmp_path / "base"), str(tmp_path / "ckpt.pt")
+    base_folder(base, tok, seed=0)
+    cfg = TrainConfig(lora_rank=4, lora_alpha=8)
+    model = attach_lora(load_gpt(base)[0], cfg.lora_rank, cfg.lora_alpha, lora_targets(cfg))
+    randomize_adapters(model)
+    torch.save({"model": trainable_state(model), "tokenizer": tok.state(), **lora_record(cfg, base)}, ckpt)
+    with torch.no_grad():
+        logits = merge_lora(model).eval()(torch.arange(4, 14)[None])
+    return ckpt, base, tok, logits
+
+
+def test_adapters_are_refused_on_changed_base_weights_and_load_on_a_moved_base(lora_on_a_folder, tmp_path):
+    ckpt, base, tok, expected = lora_on_a_folder
+    ids = torch.arange(4, 14)[None]
+    moved = str(tmp_path / "moved")
+    shutil.move(base, moved)
+    with pytest.raises(DataError, match="which does not exist .give its new place with --lora_base"):
+        load_gpt(ckpt)
+    with torch.no_grad():  # pointed to its new place, the base gives the same model
+        torch.testing.assert_close(load_gpt(ckpt, lora_base=moved)[0].eval()(ids), expected, rtol=0, atol=0)
+        assert export.main([f"--ckpt={ckpt}", f"--out_dir={tmp_path / 'hf'}", f"--lora_base={moved}"]) == 0
+        torch.testing.assert_close(load_folder(str(tmp_path / "hf"))[0].eval()(ids), expected, rtol=0, atol=1e-5)
+    base_folder(base, tok, seed=1)  # other weights where the base was
+    with pytest.raises(DataError) as refused:
+        load_gpt(ckpt)
+    assert str(refused.value) == (f"{ckpt}: its LoRA adapters were trained on the base model at {base}, and {base} "
+                                  "holds other weights (give the original's place with --lora_base)")
+    with pytest.raises(DataError, match=f"and {base} holds other weights"):
+        load_gpt(ckpt, lora_base=base)
+
+
+def test_a_lora_checkpoint_without_a_base_fingerprint_loads_with_a_warning(lora_on_a_folder, capsys):
+    """Checkpoints written before the fingerprint: trusted, with a warning naming the base."""
+    ckpt, base, _, expected = lora_on_a_folder
+    old = torch.load(ckpt, weights_only=True)
+    del old["lora"]["fingerprint"]
+    torch.save(old, ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(load_gpt(ckpt)[0].eval()(torch.arange(4, 14)[None]), expected, rtol=0, atol=0)
+    assert f"warning: {ckpt} records no fingerprint of its LoRA base; assuming {base} holds" in capsys.readouterr().err

@@ -84,8 +84,8 @@ def _prompts():
 
 
 def test_greedy_generation_with_cache_equals_without(model):
-    out_cached, mask_cached = model.generate(_prompts(), 12, eos_id=3, pad_id=0, temperature=0)
-    out_full, mask_full = model.generate(_prompts(), 12, eos_id=3, pad_id=0, temperature=0, use_cache=False)
+    out_cached, mask_cached = model.generate(_prompts(), 12, stop_ids=[3], pad_id=0, temperature=0)
+    out_full, mask_full = model.generate(_prompts(), 12, stop_ids=[3], pad_id=0, temperature=0, use_cache=False)
     assert torch.equal(out_cached, out_full) and torch.equal(mask_cached, mask_full)
     # and it continues each prompt exactly as an unpadded greedy loop over the plain forward does
     for i, p in enumerate(_prompts()):
@@ -98,9 +98,9 @@ def test_greedy_generation_with_cache_equals_without(model):
 
 def test_generation_stops_at_eos_and_masks_the_rest(model):
     prompts = _prompts()
-    free, _ = model.generate(prompts, 12, eos_id=-1, pad_id=0, temperature=0)
+    free, _ = model.generate(prompts, 12, stop_ids=[], pad_id=0, temperature=0)
     eos = int(free[1, 2])  # make sequence 1's third token the eos
-    out, mask = model.generate(prompts, 12, eos_id=eos, pad_id=0, temperature=0)
+    out, mask = model.generate(prompts, 12, stop_ids=[eos], pad_id=0, temperature=0)
     for i in range(len(prompts)):
         row = free[i].tolist()
         stop = row.index(eos) + 1 if eos in row else 12
@@ -110,15 +110,15 @@ def test_generation_stops_at_eos_and_masks_the_rest(model):
 
 
 def test_sampling_is_seedable_and_topk1_or_tiny_topp_is_greedy(model):
-    greedy, _ = model.generate(_prompts(), 10, eos_id=-1, pad_id=0, temperature=0)
-    top1, _ = model.generate(_prompts(), 10, eos_id=-1, pad_id=0, top_k=1,
+    greedy, _ = model.generate(_prompts(), 10, stop_ids=[], pad_id=0, temperature=0)
+    top1, _ = model.generate(_prompts(), 10, stop_ids=[], pad_id=0, top_k=1,
                              generator=torch.Generator().manual_seed(0))
-    nucleus, _ = model.generate(_prompts(), 10, eos_id=-1, pad_id=0, top_p=1e-6,
+    nucleus, _ = model.generate(_prompts(), 10, stop_ids=[], pad_id=0, top_p=1e-6,
                                 generator=torch.Generator().manual_seed(0))
     assert torch.equal(top1, greedy) and torch.equal(nucleus, greedy)
-    a, _ = model.generate(_prompts(), 10, eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(7))
-    b, _ = model.generate(_prompts(), 10, eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(7))
-    c, _ = model.generate(_prompts(), 10, eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(8))
+    a, _ = model.generate(_prompts(), 10, stop_ids=[], pad_id=0, generator=torch.Generator().manual_seed(7))
+    b, _ = model.generate(_prompts(), 10, stop_ids=[], pad_id=0, generator=torch.Generator().manual_seed(7))
+    c, _ = model.generate(_prompts(), 10, stop_ids=[], pad_id=0, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -134,7 +134,7 @@ def test_top_k_draws_only_from_the_k_likeliest_tokens():
 
 def test_generate_restores_training_mode(model):
     model.train()
-    model.generate(_prompts(), 2, eos_id=3, pad_id=0, temperature=0)
+    model.generate(_prompts(), 2, stop_ids=[3], pad_id=0, temperature=0)
     assert model.training
 
 
@@ -155,3 +155,16 @@ def test_scalar_head_gives_one_value_per_position():
 def test_sequence_longer_than_block_size_is_refused(model):
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_generation_stops_at_any_id_of_the_stop_set(model):
+    """A folder's eos ids and its chat template's end-of-turn token all end a sequence."""
+    prompts = _prompts()
+    free, _ = model.generate(prompts, 12, stop_ids=[], pad_id=0, temperature=0)
+    first, second = int(free[0, 3]), int(free[1, 1])  # a token of each of two sequences
+    _, mask = model.generate(prompts, 12, stop_ids=[first, second], pad_id=0, temperature=0)
+    for i in range(len(prompts)):
+        row = free[i].tolist()
+        stop = min([row.index(t) + 1 for t in (first, second) if t in row], default=12)
+        assert mask[i].tolist() == [1] * stop + [0] * (12 - stop)
+    assert mask[0].sum() <= 4 and mask[1].sum() <= 2

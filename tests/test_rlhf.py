@@ -18,9 +18,8 @@ import train_rm
 from conftest import read_metrics, run_python
 from data import load_checkpoint
 from model import GPT, GPTConfig
-from ppo import (AdaptiveKLController, FixedKLController, gae, group_advantages, k3_kl, masked_whiten,
-                 per_token_rewards, ppo_losses,
-                 response_logprobs, rollout)
+from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, group_advantages, k3_kl, masked_whiten,
+                 per_token_rewards, ppo_losses, response_logprobs, rollout, shaped_scores)
 from reward_model import RewardModel, bradley_terry_loss
 
 
@@ -115,6 +114,25 @@ PPO_INPUTS = dict(advantages=[1.0, 1.0, -2.0, 1.0, -1.0, 5.0], old_values=[0.0, 
                   values=[0.5, 0.5, 0.9, -1.0, 0.1, 5.0], returns=[1.0, 0.0, 2.0, -2.0, 0.1, -5.0])
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_every_trainable_weight_of_a_reward_model_and_a_critic_gets_a_gradient(tied):
+    """DDP fails at its first step on a trainable weight without a gradient: an untied model's
+    lm_head (TinyLlama, Mistral, Llama) was one in the reward model and the critic."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, norm="rmsnorm", pos="rope",
+                        mlp="swiglu", bias=False, tie_embeddings=tied))
+    ids, mask = torch.randint(0, 64, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    rm = RewardModel.from_gpt(gpt)
+    assert ("backbone.lm_head.weight" in rm.state_dict()) == tied  # tied: it is the embedding
+    torch.testing.assert_close(rm.backbone.hidden_states(ids, mask), gpt.hidden_states(ids, mask), atol=0, rtol=0)
+    rm(ids, mask).sum().backward()
+    assert [name for name, p in rm.named_parameters() if p.grad is None] == []
+    critic = RewardModel.from_gpt(gpt)
+    logits, values = PolicyAndCritic(gpt, critic)(ids, mask)
+    (logits.sum() + values.sum()).backward()
+    assert [name for name, p in critic.named_parameters() if p.grad is None] == []
+
+
 def test_ppo_losses_match_hand_computed_values_on_both_sides_of_the_clip_range():
     t = lambda xs: torch.tensor([xs])
     old_logprobs = t([-1.0] * 6)
@@ -163,11 +181,17 @@ def test_per_token_rewards_put_the_score_on_the_last_response_token_and_charge_k
     assert rewards.tolist() == [pytest.approx([-0.05, 0.1, 2.0]), pytest.approx([-1.0 + 0.05, 0.0, 0.0])]
 
 
+def test_a_response_without_a_stop_token_loses_the_missing_eos_penalty_from_its_normalised_score():
+    raw, ended = torch.tensor([3.0, 3.0, 1.0]), torch.tensor([True, False, False])
+    scores = shaped_scores(raw, ended, mean=1.0, std=2.0, missing_eos_penalty=0.5)
+    assert scores.tolist() == [1.0, 1.0 - 0.5, 0.0 - 0.5]  # (raw - mean) / std, less the penalty where not ended
+
+
 def test_policy_equal_to_the_reference_pays_no_kl_penalty():
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=64, block_size=48, n_layer=2, n_head=2, n_embd=32)).eval()
     reference = copy.deepcopy(policy)
-    r = rollout(policy, [[2, 5, 6], [2, 7], [2, 9, 10, 11]], 12, eos_id=3, pad_id=0, temperature=1.0,
+    r = rollout(policy, [[2, 5, 6], [2, 7], [2, 9, 10, 11]], 12, stop_ids=[3], pad_id=0, temperature=1.0,
                 generator=torch.Generator().manual_seed(0))
     mask = r.response_mask.float()
     with torch.no_grad():
@@ -210,7 +234,7 @@ def test_adaptive_kl_controller_follows_ziegler_et_al():
 def reward_ckpt(sft_pairs, tmp_path_factory):
     ckpt, pairs = sft_pairs
     out = str(tmp_path_factory.mktemp("rm"))
-    assert train_rm.main([f"--sft_ckpt={ckpt}", f"--train_file={pairs}/pairs_train.jsonl",
+    assert train_rm.main([f"--sft_ckpt={ckpt}", "--gold_eval=true", f"--train_file={pairs}/pairs_train.jsonl",
                           f"--val_file={pairs}/pairs_val.jsonl", f"--out_dir={out}", "--device=cpu",
                           "--batch_size=32", "--max_iters=150", "--eval_interval=150"]) == 0
     return out
@@ -310,12 +334,27 @@ def test_the_evaluation_does_not_depend_on_the_training_temperature(sft_pairs, t
     assert evals[0] == evals[1] and len(evals[0]) == 6
 
 
-def test_minibatches_that_would_skip_rollout_rows_are_refused(sft_pairs, toy_dir, tmp_path):
+def test_minibatches_that_would_skip_rollout_rows_are_refused(sft_pairs, toy_dir, tmp_path, capsys):
     """gen_chunk 30 in 4 minibatches of 7 rows would never train on 2 of every 30 rollouts."""
-    with pytest.raises(SystemExit, match="gen_chunk a multiple of num_minibatches"):
-        train_ppo.main(ppo_args(sft_pairs, toy_dir, str(tmp_path / "out"), reward="gold", batch_size=30, gen_chunk=30,
-                                num_minibatches=4))
+    assert train_ppo.main(ppo_args(sft_pairs, toy_dir, str(tmp_path / "out"), reward="gold", batch_size=30, gen_chunk=30,
+                                   num_minibatches=4)) == 2
+    assert "--gen_chunk a multiple of --num_minibatches" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_reward_model_that_reads_another_template_or_tokenizer_is_refused(sft_pairs, toy_dir, reward_ckpt, tmp_path,
+                                                                           capsys):
+    """The reward model scores the policy's token ids as they are: trained on plain text, it cannot
+    read prompts rendered with the Zephyr template; trained with another tokenizer, nothing."""
+    args = ppo_args(sft_pairs, toy_dir, str(tmp_path / "out"), reward="model", reward_ckpt=f"{reward_ckpt}/ckpt.pt")
+    assert train_ppo.main(args + ["--chat_template=zephyr"]) == 2
+    assert "another chat template" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    ckpt = load_checkpoint(f"{reward_ckpt}/ckpt.pt")
+    ckpt["tokenizer"]["bos_id"] = 1  # as if another tokenizer's
+    torch.save(ckpt, tmp_path / "other_rm.pt")
+    assert train_ppo.main(ppo_args(sft_pairs, toy_dir, str(tmp_path / "out"), reward="model",
+                                   reward_ckpt=str(tmp_path / "other_rm.pt"))) == 2
+    assert "another tokenizer" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def _final(out_dir):
@@ -328,8 +367,9 @@ def _final(out_dir):
 def test_two_processes_equal_one_process(advantage, parallels, sft_pairs, toy_dir, reward_ckpt, tmp_path):
     """Under fsdp the policy, the critic, the reference and the reward model are all sharded,
     rollouts and the evaluation sample on the sharded policy, and the run stops after iteration
-    1 and resumes (policy, critic and their optimizer state come back into the shards)."""
-    group = GROUP if advantage != "gae" else {}
+    1 and resumes (policy, critic and their optimizer state come back into the shards). grpo
+    averages per response (gae covers the token average): its count of responses spans ranks too."""
+    group = {**GROUP, "loss_average": "sequence"} if advantage != "gae" else {}
     args = lambda out, **kw: ppo_args(sft_pairs, toy_dir, out, reward_ckpt=f"{reward_ckpt}/ckpt.pt", advantage=advantage,
                                       gold_eval=True, eval_samples=8, eval_interval=1, lr_decay_iters=2, **group, **kw)
     one = str(tmp_path / "one")
@@ -403,6 +443,46 @@ def test_grpo_loss_adds_kl_coef_times_the_k3_kl_to_the_reference():
     expected = 0.3 * (r - (ref - logp) - 1).sum()
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
     assert sums["policy_loss"] == 0
+
+
+def test_sequence_average_is_each_responses_token_mean_then_the_mean_over_responses():
+    """Two responses of 1 and 3 tokens with per-token losses l1 | l2 l3 l4 (at ratio 1 a token's
+    clipped loss is -advantage; the padding holds junk that must not count): sequence gives
+    (l1 / 1 + (l2 + l3 + l4) / 3) / 2 (DeepSeekMath eq. 3), token (l1 + l2 + l3 + l4) / 4."""
+    from ppo import loss_weights
+    per_token = [[0.7], [-1.3, 2.9, 0.4]]
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]])
+    advantages = -torch.tensor([[0.7, 5.0, -9.0], [-1.3, 2.9, 0.4]])
+    logprobs = torch.log(torch.tensor([[0.3, 0.2, 0.1], [0.5, 0.4, 0.6]]))
+    expected = {"sequence": sum(sum(row) / len(row) for row in per_token) / len(per_token),
+                "token": sum(sum(row) for row in per_token) / sum(len(row) for row in per_token)}
+    for average, want in expected.items():
+        weights, count = loss_weights(mask, average)
+        sums = ppo_losses(logprobs, logprobs, advantages, None, None, None, weights, 0.2, 0.2)
+        assert count.item() == {"sequence": 2, "token": 4}[average]
+        assert (sums["policy_loss"] / count).item() == pytest.approx(want, rel=0, abs=1e-6), average
+        assert (sums["ratio"] / count).item() == pytest.approx(1.0, abs=1e-6)  # the statistics are means alike
+
+
+def test_loss_average_sequence_changes_a_grpo_run_and_is_refused_for_gae(sft_pairs, toy_dir, tmp_path, capsys):
+    """One minibatch of the whole rollout at ratio 1, responses of uneven lengths: the logged policy
+    loss is -mean(A) over responses under sequence, zero because GRPO's advantages sum to zero in
+    each group, and the token-weighted mean under token, which is not; the same seed's policy
+    moves differently. gae has per-token advantages: refused."""
+    runs = {}
+    for average in ("token", "sequence"):
+        out = str(tmp_path / average)
+        assert train_ppo.main(ppo_args(sft_pairs, toy_dir, out, reward="gold", advantage="grpo", max_iters=1,
+                                       ppo_epochs=1, num_minibatches=1, loss_average=average, **GROUP)) == 0
+        (log,) = [m for m in read_metrics(out) if m["step"] == 1]
+        runs[average] = log["loss/policy_avg"], _final(out)["model"]
+    assert runs["sequence"][0] == pytest.approx(0.0, abs=1e-6) and abs(runs["token"][0]) > 1e-3
+    assert any(not torch.equal(runs["token"][1][k], runs["sequence"][1][k]) for k in runs["token"][1])
+    capsys.readouterr()
+    gae = ppo_args(sft_pairs, toy_dir, str(tmp_path / "gae"), reward="gold", loss_average="sequence")
+    assert train_ppo.main(gae) == 2
+    assert capsys.readouterr().err.startswith("error: --loss_average sequence is for rloo and grpo")
+    assert not (tmp_path / "gae").exists()
 
 
 def test_a_prompts_responses_are_one_group_in_consecutive_rows(sft_pairs, toy_dir):

@@ -5,7 +5,7 @@ FSDP processes against 1: tests/test_parallel.py), and bad preference files stop
 """
 import math
 import os
-import re
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ import torch
 import train_dpo
 from conftest import read_metrics, run_python
 from data import load_checkpoint
+from train_utils import Dist
 
 
 def dpo_args(sft_pairs, toy_dir, out_dir, **overrides):
@@ -57,6 +58,31 @@ def test_precomputed_reference_trains_the_same_policy_as_a_live_one(sft_pairs, t
     for name, tensor in _final_weights(live).items():
         torch.testing.assert_close(_final_weights(pre)[name], tensor, rtol=0, atol=1e-6)
 
+
+
+def test_reference_cache_is_keyed_on_the_checkpoints_bytes_and_the_dtypes(tmp_path, monkeypatch):
+    """The same checkpoint at a new mtime reuses the cached log-probs; other bytes, --dtype or
+    --frozen_dtype compute them again."""
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"weights")
+    computed = []
+    monkeypatch.setattr(train_dpo, "reference_logps", lambda reference, data, *_: computed.append(1) or torch.zeros(3, 2))
+    pairs = {"train": {"chosen_input_ids": torch.arange(6).view(3, 2)}}
+
+    def computes(**settings) -> bool:
+        before = len(computed)
+        cfg = train_dpo.Config(out_dir=str(tmp_path / "dpo"), sft_ckpt=str(ckpt), **settings)
+        train_dpo.cached_reference_logps(cfg, None, pairs, False, Dist(False, 0, 0, 1, torch.device("cpu")), nullcontext())
+        return len(computed) > before
+
+    assert computes() and not computes()
+    os.utime(ckpt, (1e9, 1e9))  # copied or touched: same contents, another mtime
+    assert not computes()
+    (tmp_path / "new.pt").write_bytes(b"w3ights")  # other contents, written as checkpoints are, the same mtime
+    os.utime(tmp_path / "new.pt", (1e9, 1e9))
+    os.replace(tmp_path / "new.pt", ckpt)
+    assert computes() and not computes()
+    assert computes(dtype="bfloat16") and computes(dtype="bfloat16", frozen_dtype="bfloat16")
 
 
 @pytest.mark.parametrize("record, message", [
@@ -123,7 +149,8 @@ def test_first_step_is_ln2_even_when_the_sft_model_has_dropout(sft_pairs, toy_di
     (dict(loss_type="hinge", label_smoothing=0.1), "--label_smoothing applies to the sigmoid and robust losses; hinge ignores it"),
     (dict(loss_type="ipo", label_smoothing=0.1), "ipo ignores it"),
 ])
-def test_loss_settings_that_cannot_work_are_refused_before_anything_is_written(settings, message, sft_pairs, toy_dir, tmp_path):
-    with pytest.raises(SystemExit, match=re.escape(message)):
-        train_dpo.main(dpo_args(sft_pairs, toy_dir, str(tmp_path / "out"), **settings))
+def test_loss_settings_that_cannot_work_are_refused_before_anything_is_written(settings, message, sft_pairs, toy_dir, tmp_path,
+                                                                             capsys):
+    assert train_dpo.main(dpo_args(sft_pairs, toy_dir, str(tmp_path / "out"), **settings)) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -72,10 +72,11 @@ def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(toy
     assert max(m["step"] for m in read_metrics(str(tmp_path))) == 2
 
 
-def test_an_existing_run_is_not_overwritten_by_accident(toy_dir, tmp_path):
+def test_an_existing_run_is_not_overwritten_by_accident(toy_dir, tmp_path, capsys):
     train_sft.main(tiny_args(toy_dir, str(tmp_path), max_iters=1))
-    with pytest.raises(SystemExit, match="already holds a run"):
-        train_sft.main(tiny_args(toy_dir, str(tmp_path), max_iters=1))
+    capsys.readouterr()
+    assert train_sft.main(tiny_args(toy_dir, str(tmp_path), max_iters=1)) == 2
+    assert "already holds a run" in capsys.readouterr().err
 
 
 def test_help_documents_every_flag(capsys):
@@ -157,3 +158,32 @@ def test_bad_preference_file_gives_one_clear_line(case, tmp_path):
     r = run_python("data.py", "--check", str(path), "--kind", "preference", "--skip_bad")
     assert r.returncode == 0 and "ok: 1 preference records" in r.stdout
     assert "skipped 1 bad records" in r.stderr
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes_it(toy_dir, tmp_path):
+    """SIGINT (what Ctrl-C sends) during training: exit status 130, no traceback, the last
+    checkpoint's step and a resume command that runs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    out = tmp_path / "run"
+    args = tiny_args(toy_dir, str(out), max_iters=100000, eval_interval=5)
+    proc = subprocess.Popen([sys.executable, "train_sft.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the steps after the checkpoint
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    step = load_checkpoint(str(out / "ckpt.pt"))["step"]
+    assert f"interrupted: the last checkpoint is {out}/ckpt.pt (step {step}); continue with:" in err
+    lines = err.splitlines()
+    command = lines[next(i for i, line in enumerate(lines) if line.endswith("continue with:")) + 1].split()
+    assert command[:2] == ["python", "train_sft.py"] and command[-1] == "--resume" and command[2:-1] == args
+    r = run_python(*command[1:-2], f"--max_iters={step + 1}", "--resume")  # the printed command, one step more
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == step + 1

@@ -6,7 +6,9 @@ the NaN guard), the data order, held-out sharding and the evaluation schedule.
 """
 import math
 import os
+import re
 from contextlib import nullcontext
+from importlib.metadata import version
 
 import pytest
 import torch
@@ -180,3 +182,75 @@ def test_a_checkpoint_with_the_optimizer_keyed_by_position_resumes_its_state(tmp
         assert torch.equal(p, q)
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(optimizer.state[p][key], resumed.state[q][key]), key
+
+
+def test_the_empty_padding_batch_of_a_sharded_held_out_set_runs_through_every_scripts_loss():
+    """129 held-out pairs, batch 64, 2 ranks: rank 1's third batch is empty; `take` crashed on it
+    (max of an empty tensor) in every held-out evaluation and in DPO's reference precompute."""
+    import train_dpo
+    import train_rm
+    import train_sft
+    from data import collate, take
+    from reward_model import RewardModel
+    rank1 = Dist(True, 1, 1, 2, torch.device("cpu"), sharded=True)
+    batches = shard_indices(129, rank1, 64)
+    assert [len(b) for b in batches] == [64, 0]
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    rows = collate([([1, 2, 3], 1), ([4, 5], 1)], pad_id=0)
+    pairs = {f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in rows.items()}
+    empty = torch.arange(0)
+    loss, _ = train_sft.sft_loss(gpt, take(rows, empty))
+    assert loss.item() == 0
+    dpo_cfg = train_dpo.Config(precompute_ref=False)
+    loss, metrics = train_dpo.dpo_batch_loss(gpt, take(pairs, empty), gpt, dpo_cfg)
+    assert loss.item() == 0 and all(v.item() == 0 for v in metrics.values())
+    assert train_dpo.reference_logps(gpt, pairs, False, CPU, nullcontext(), batch_size=1).shape == (2, 2)
+    loss, metrics = train_rm.rm_batch_loss(RewardModel.from_gpt(gpt), take(pairs, empty), train_rm.Config())
+    assert loss.item() == 0 and all(v.item() == 0 for v in metrics.values())
+
+
+def test_resume_restores_the_cuda_rng_state_beside_the_cpu_one(tmp_path, monkeypatch):
+    """On a GPU the checkpoint keeps the device's generator too (dropout and sampling draw from it);
+    a checkpoint holding only the CPU state, as older ones do, still resumes."""
+    cuda_state = torch.arange(16, dtype=torch.uint8)  # stands in for torch.cuda.get_rng_state()
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    gpu = Dist(False, 0, 0, 1, torch.device("cuda"))
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    run = Run(TrainConfig(out_dir=str(tmp_path)), gpu)
+    run.start(model, optimizer)
+    cpu_state = torch.manual_seed(5).get_state()
+    run.save(0, model, optimizer, _Tokenizer())
+    torch.manual_seed(6)
+    Run(TrainConfig(out_dir=str(tmp_path), resume=True), gpu).start(model, optimizer)
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert len(restored) == 1 and torch.equal(restored[0][0], cuda_state) and restored[0][1] == gpu.device
+    path = os.path.join(str(tmp_path), "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    torch.save({**ckpt, "rng": [ckpt["rng"][0]["cpu"]]}, path)  # the older format: a CPU state per rank
+    torch.manual_seed(6)
+    Run(TrainConfig(out_dir=str(tmp_path), resume=True), gpu).start(model, optimizer)
+    assert torch.equal(torch.get_rng_state(), cpu_state) and len(restored) == 1
+
+
+def test_console_numbers_keep_small_values_visible(tmp_path, capsys):
+    """A learning rate of 5e-7 used to print as 0.0000."""
+    metrics = {"learning_rate": 5e-7, "loss": 0.693147, "kl": 0.0, "tokens": 12800, "grad_norm": 12.3456}
+    Run(TrainConfig(out_dir=str(tmp_path)), CPU).print(3, metrics)
+    assert capsys.readouterr().out == "step 3: learning_rate 5e-07, loss 0.6931, kl 0.0000, tokens 12800, grad_norm 12.3456\n"
+
+
+def test_installed_packages_meet_the_floors_in_requirements_txt():
+    """torch 2.6 made FSDP2 public (torch.distributed.fsdp.fully_shard); jinja2 3.1.6 closed the last
+    known ways out of the sandbox that a folder's chat template runs in."""
+    def as_tuple(v):
+        return tuple(int(re.match(r"\d*", part).group() or 0) for part in v.split("+")[0].split(".")[:3])
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements.txt")) as f:
+        floors = dict(line.split("#")[0].strip().split(">=") for line in f if ">=" in line.split("#")[0])
+    assert as_tuple(floors["torch"]) >= (2, 6) and as_tuple(floors["jinja2"]) >= (3, 1, 6)
+    for name, floor in floors.items():
+        assert as_tuple(version(name)) >= as_tuple(floor), f"{name} {version(name)} < {floor}"

@@ -64,7 +64,7 @@ def run_rest(root: str, data: str, sft_ckpt: str, seed: int = 1337, stages=("dpo
     if "dpo" in stages:
         assert train_dpo.main([*common, *pairs, *evaluation, f"--out_dir={root}/dpo"]) == 0
     if "rm" in stages:
-        assert train_rm.main([*common, *pairs, f"--out_dir={root}/rm"]) == 0
+        assert train_rm.main([*common, *pairs, "--gold_eval=true", f"--out_dir={root}/rm"]) == 0
     for stage in RL_STAGES:
         if stage in stages:
             assert train_ppo.main([*common, *evaluation, *RL_FLAGS[stage], f"--out_dir={root}/{stage}", "--reward=gold",
