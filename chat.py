@@ -100,11 +100,12 @@ def _keep_end(content: str, fits) -> str | None:
     return content[hi:]
 
 
-def encode_conversation(tok, messages: list[dict], max_length: int) -> tuple[list[int], list[bool], bool]:
+def encode_conversation(tok, messages: list[dict], max_length: int,
+                        prompt_turns: int = 0) -> tuple[list[int], list[bool], bool]:
     """Token ids of a whole conversation, per token whether it carries loss (the tokens that start
-    inside an assistant turn, every turn of a multi-turn conversation, up to and including the
-    turn's stop token: the template's text after it, such as a newline, is never generated), and
-    whether truncation cut anything.
+    inside an assistant turn, every turn of a multi-turn conversation after the first prompt_turns
+    messages, up to and including the turn's stop token: the template's text after it, such as a
+    newline, is never generated), and whether truncation cut anything.
 
     Truncation keeps whole turns: a conversation longer than max_length ends with the last
     assistant turn that fits whole; if even the first does not, it is cut inside that turn. One
@@ -113,6 +114,8 @@ def encode_conversation(tok, messages: list[dict], max_length: int) -> tuple[lis
     prompt; one that even an empty user turn cannot help is refused."""
     def encode(messages):
         text, spans = assistant_spans(tok.chat_template, messages, tok.special_tokens())
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        spans = [span for span, i in zip(spans, turns) if i >= prompt_turns]
         ids, starts = tok.encode_with_offsets(text)
         labelled = [False] * len(ids)
         for a, b in spans:  # a turn's tokens up to and including its first stop token (what generation emits)
@@ -125,7 +128,7 @@ def encode_conversation(tok, messages: list[dict], max_length: int) -> tuple[lis
     ids, starts, spans, labelled = encode(messages)
     cut = len(ids) > max_length
     if cut and not any(labelled[:max_length]):
-        reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= prompt_turns)
         if reply == 0 or messages[reply - 1]["role"] != "user":
             raise ChatError(f"the first assistant turn starts after {max_length} tokens (max_length) "
                             "and no user turn before it can be cut")

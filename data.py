@@ -389,6 +389,7 @@ class Example:
     completion: str
     where: str  # "file:line", for error messages
     messages: Optional[list[dict]] = None  # a conversation: loss on every assistant turn
+    prompt_turns: int = 0  # a conversation's leading messages that carry no loss (a prompt-completion record's prompt)
 
 
 @dataclass
@@ -586,7 +587,7 @@ def _parse_example(record: dict, fmt: str, where: str) -> Example:
         prompt, completion = (_messages(record, f, where) for f in ("prompt", "completion"))
         if completion[0]["role"] != "assistant":
             raise DataError(f"{where}: field 'completion[0].role': expected 'assistant', got {completion[0]['role']!r}")
-        return Example("", "", where, prompt + completion)
+        return Example("", "", where, prompt + completion, prompt_turns=len(prompt))  # loss on the completion, as TRL
     return Example(_text_field(record, "prompt", where), _text_field(record, "completion", where), where)
 
 
@@ -724,7 +725,7 @@ def encode_sft(tok: Tokenizer, e: Example, max_length: int, max_prompt_length: i
     if not tok.chat_template:
         raise DataError(f"{e.where}: field 'messages': a conversation needs a chat template (--chat_template)")
     try:
-        return encode_conversation(tok, e.messages, max_length)
+        return encode_conversation(tok, e.messages, max_length, e.prompt_turns)
     except ChatError as err:
         raise DataError(f"{e.where}: field 'messages': {err}") from None
 

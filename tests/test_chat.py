@@ -151,6 +151,18 @@ def test_stop_ids_are_the_eos_and_the_templates_end_of_turn_token(folders, tmp_p
     assert tok.decode([tok.hf.token_to_id("<|im_start|>"), end_of_turn]) == "<|im_start|>"  # stops never decode
 
 
+def test_a_conversational_prompt_completion_record_carries_loss_on_its_completion_only(folders):
+    """TRL's {"prompt": [messages], "completion": [messages]}: an assistant turn inside the prompt
+    is context, not a target."""
+    tok = ours(folders["chatml"], "chatml")
+    messages = CONVERSATIONS["multi_turn"]
+    ids, labelled, _ = encode_sft(tok, Example("", "", "x:1", messages, prompt_turns=4), 1000, None)
+    assert tok.hf.decode([i for i, on in zip(ids, labelled) if on], skip_special_tokens=False) == (
+        messages[-1]["content"] + "<|im_end|>")
+    all_turns, _, _ = encode_sft(tok, Example("", "", "x:1", messages), 1000, None)
+    assert all_turns == ids  # the same tokens: only the labels differ
+
+
 def test_truncation_keeps_whole_turns(folders):
     tok = ours(folders["zephyr"], "zephyr")
     messages = CONVERSATIONS["multi_turn"]

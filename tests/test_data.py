@@ -168,7 +168,7 @@ def test_conversational_prompt_completion_and_sharegpt_sft_records_are_conversat
     pc = _write(tmp_path / "pc.jsonl", [{"prompt": USER_HI, "completion": [reply]}])
     sharegpt = _write(tmp_path / "sharegpt.jsonl", [{"conversations": [
         {"from": "system", "value": "be kind"}, {"from": "human", "value": "hi?"}, {"from": "gpt", "value": "hello!"}]}])
-    assert load_sft(pc) == [Example("", "", f"{pc}:1", USER_HI + [reply])]
+    assert load_sft(pc) == [Example("", "", f"{pc}:1", USER_HI + [reply], prompt_turns=1)]
     assert load_sft(sharegpt) == [Example("", "", f"{sharegpt}:1", [{"role": "system", "content": "be kind"}, *USER_HI, reply])]
 
 
