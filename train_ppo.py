@@ -164,8 +164,9 @@ def collect_rollouts(policy, reward_model, tok, prompts: list, prompt_ids: list[
     else:
         texts = [tok.decode(row[:int(n)]) for row, n in zip(responses.tolist(), response_mask.sum(1).tolist())]
         scores = torch.tensor([gold_reward(t, p) for t, p in zip(texts, my_prompts)], device=dist.device)
+    ended = torch.isin(responses, torch.tensor(tok.stop_ids, device=responses.device)).any(1)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-            "scores": scores, "ended": torch.isin(responses, torch.tensor(tok.stop_ids, device=responses.device)).any(1)}, P
+            "scores": scores, "ended": ended}, P
 
 
 def reward_statistics(policy, reward_model, tok, prompts: list, prompt_ids: list[list[int]], cfg: Config, dist: Dist,
@@ -397,7 +398,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     reward_mean, reward_std = (run.resumed["reward_norm"] if run.resumed
                                else reward_statistics(policy, reward_model, tok, prompts, prompt_ids, cfg, dist, ctx))
     evaluator = None
-    if cfg.gold_eval and (dist.master or dist.sharded):  # under FSDP every rank samples the policy with rank 0
+    if cfg.gold_eval and eval_prompts and (dist.master or dist.sharded):  # under FSDP every rank samples with rank 0
         with ctx:
             evaluator = PolicyEvaluator(reference, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, cfg.seed)
     if dist.master:

@@ -308,6 +308,10 @@ def shard_indices(n: int, dist: Dist, batch_size: int) -> list[torch.Tensor]:
     return batches
 
 
+# -----------------------------------------------------------------------------
+# Settings and inputs, checked before anything is written
+
+
 def check_training_settings(cfg: TrainConfig) -> None:
     """The settings every training script shares, each refused with one line naming its flag,
     before anything is read or written (a DataError: exit status 2)."""
@@ -403,8 +407,6 @@ def check_lengths(block_size: int, *parts: tuple[str, int]) -> None:
         raise DataError(f"{named} exceeds the model's context of {block_size} tokens")
 
 
-# -----------------------------------------------------------------------------
-# One optimizer step
 # -----------------------------------------------------------------------------
 # One optimizer step
 
@@ -847,8 +849,8 @@ def run_script(config_cls, train, argv, description: str) -> int:
         return 1
     except KeyboardInterrupt:
         if dist.master:
-            print(f"\n{interrupted(cfg, sys.modules[train.__module__].__file__, sys.argv[1:] if argv is None else argv, dist)}",
-                  file=sys.stderr)
+            script = sys.modules[train.__module__].__file__
+            print(f"\n{interrupted(cfg, script, sys.argv[1:] if argv is None else argv, dist)}", file=sys.stderr)
         return 130  # the shell's status for a run stopped by Ctrl-C
     finally:
         cleanup_distributed(dist, finished=metrics is not None)
