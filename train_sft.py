@@ -24,7 +24,7 @@ from model import GPT, PRESETS
 from train_utils import (Dist, Run, TrainConfig, autocast, barrier, check_batches, check_lengths,
                          check_training_settings, default_max_length, global_batch, heldout_sums, load_gpt,
                          lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar,
-                         run_script, seed_everything, set_lr, train_step, wrap_model)
+                         require_inputs, run_script, seed_everything, set_lr, train_step, wrap_model)
 
 
 @dataclass
@@ -161,6 +161,7 @@ def check_settings(cfg: Config, dist: Dist) -> None:
             raise DataError(f"--{flag} {getattr(cfg, flag)}: must be at least 1")
     if cfg.eval_samples < 0 or cfg.temperature < 0:
         raise DataError("--eval_samples and --temperature must be 0 or more")
+    require_inputs(cfg, "init_from", "train_file", "val_file", "tokenizer")
 
 
 def train(cfg: Config, dist: Dist) -> dict:

@@ -25,6 +25,7 @@ BAD = {  # case -> (script, flags, what the one line says)
     "batch not divisible": ("rm", ["--batch_size=6", "--grad_accum=4"], "--batch_size 6: not divisible by 1 process(es) x --grad_accum 4"),
     "negative lr": ("rm", ["--lr=-1"], "--lr -1.0: must be a finite number above 0"),
     "missing pairs": ("dpo", ["--train_file=nope.jsonl"], "--train_file nope.jsonl: no such file or folder"),
+    "missing sft data": ("sft", ["--train_file=nope.jsonl"], "--train_file nope.jsonl: no such file or folder"),
     "max_new_tokens past the context": ("ppo", ["--max_new_tokens=200", "--reward=gold"],
                                         "--max_new_tokens 200 leaves no room for a prompt"),
     "ppo batch larger than the prompts": ("ppo", ["--batch_size=512", "--gen_chunk=32", "--reward=gold",
