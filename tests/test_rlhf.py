@@ -490,7 +490,8 @@ def test_a_prompts_responses_are_one_group_in_consecutive_rows(sft_pairs, toy_di
     from train_utils import Dist, load_gpt
     policy, tok, _ = load_gpt(sft_pairs[0])
     cfg = train_ppo.Config(reward="gold", batch_size=16, gen_chunk=8, samples_per_prompt=4)
-    data, P = train_ppo.collect_rollouts(policy, None, tok, load_prompts(f"{toy_dir}/prompts_train.jsonl"), 0, cfg,
+    prompts = load_prompts(f"{toy_dir}/prompts_train.jsonl")
+    data, P = train_ppo.collect_rollouts(policy, None, tok, prompts, [tok.encode_prompt(p) for p in prompts], 0, cfg,
                                          Dist(False, 0, 0, 1, torch.device("cpu")), torch.autocast("cpu", enabled=False))
     prompts = data["input_ids"][:, :P].view(4, 4, P)  # 4 groups of 4 rows
     assert (prompts == prompts[:, :1]).all()  # the same prompt within a group
@@ -521,7 +522,8 @@ def test_reward_statistics_are_the_mean_and_std_of_the_sft_samples_in_float64(sf
     cfg = train_ppo.Config(reward="gold", batch_size=16, gen_chunk=8, reward_norm_batches=3)
     prompts, dist, ctx = load_prompts(f"{toy_dir}/prompts_train.jsonl"), Dist(False, 0, 0, 1, torch.device("cpu")), \
         torch.autocast("cpu", enabled=False)
-    raw = np.concatenate([train_ppo.collect_rollouts(policy.eval(), None, tok, prompts, step, cfg, dist, ctx)[0]["scores"]
-                          .double().numpy() for step in range(3)])
-    mean, std = train_ppo.reward_statistics(policy, None, tok, prompts, cfg, dist, ctx)
+    prompt_ids = [tok.encode_prompt(p) for p in prompts]
+    raw = np.concatenate([train_ppo.collect_rollouts(policy.eval(), None, tok, prompts, prompt_ids, step, cfg, dist,
+                                                     ctx)[0]["scores"].double().numpy() for step in range(3)])
+    mean, std = train_ppo.reward_statistics(policy, None, tok, prompts, prompt_ids, cfg, dist, ctx)
     assert len(raw) == 48 and mean == pytest.approx(raw.mean(), abs=1e-9) and std == pytest.approx(raw.std(), abs=1e-9)

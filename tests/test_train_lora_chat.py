@@ -136,7 +136,7 @@ def test_chat_sft_then_rm_then_ppo_raises_the_gold_reward(chat_pipeline, tmp_pat
     data_dir = chat_pipeline[0]
     extra = dict(lora_rank=8) if lora else {}
     rm = str(tmp_path / "rm")
-    assert train_rm.main(_pairs_args(chat_pipeline, rm, max_iters=80, eval_interval=80, batch_size=64,
+    assert train_rm.main(_pairs_args(chat_pipeline, rm, max_iters=80, eval_interval=80, batch_size=64, gold_eval=True,
                                      lr=3e-3 if lora else 5e-4, **extra)) == 0
     assert read_metrics(rm)[-1]["eval/gold_agreement"] > 0.6
     ppo = str(tmp_path / "ppo")

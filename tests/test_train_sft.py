@@ -94,8 +94,6 @@ BAD_SFT = {
     "missing_field": ('{"prompt": "a"}\n', r"bad.jsonl:1: field 'completion': missing"),
     "empty_field": ('{"prompt": "a", "completion": "b"}\n{"prompt": "  ", "completion": "b"}\n', r"bad.jsonl:2: field 'prompt': empty"),
     "wrong_type": ('{"prompt": "a", "completion": 7}\n', r"bad.jsonl:1: field 'completion': expected a string, got int"),
-    "no_room": ('{"prompt": "' + "the film was great . " * 5 + '", "completion": "b"}\n',
-                r"bad.jsonl:1: field 'prompt': 2\d tokens leave no room for a response within max_length=16"),
 }
 
 
