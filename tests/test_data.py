@@ -267,17 +267,21 @@ def bom_then_bad_byte(path, record: dict, bad_line: bool = True) -> str:
 
 
 @pytest.mark.parametrize("kind", RECORD_OF_KIND)
-def test_check_accepts_a_byte_order_mark_and_names_the_line_of_a_bad_byte(kind, tmp_path):
-    import subprocess
-    import sys
-    run = lambda path: subprocess.run([sys.executable, "data.py", "--check", path, "--kind", kind], capture_output=True,
-                                      text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    good = run(bom_then_bad_byte(tmp_path / "good.jsonl", RECORD_OF_KIND[kind], bad_line=False))
-    assert good.returncode == 0 and f"ok: 2 {kind} records" in good.stdout, good.stderr
+def test_check_accepts_a_byte_order_mark_and_names_the_line_of_a_bad_byte(kind, tmp_path, capsys):
+    import data
+    assert data.main(["--check", bom_then_bad_byte(tmp_path / "good.jsonl", RECORD_OF_KIND[kind], bad_line=False),
+                      "--kind", kind]) == 0
+    assert f"ok: 2 {kind} records" in capsys.readouterr().out
     path = bom_then_bad_byte(tmp_path / "bad.jsonl", RECORD_OF_KIND[kind])
-    bad = run(path)
-    assert bad.returncode == 2
-    assert bad.stderr == f"error: {path}:2: invalid UTF-8 (byte 0xff at byte 15)\n"
+    assert data.main(["--check", path, "--kind", kind]) == 2
+    assert capsys.readouterr().err == f"error: {path}:2: invalid UTF-8 (byte 0xff at byte 15)\n"
+
+
+def test_check_through_the_shell_exits_2_with_one_line(tmp_path):
+    from conftest import run_python
+    path = bom_then_bad_byte(tmp_path / "bad.jsonl", RECORD_OF_KIND["sft"])
+    r = run_python("data.py", "--check", path, "--kind", "sft")
+    assert r.returncode == 2 and r.stderr == f"error: {path}:2: invalid UTF-8 (byte 0xff at byte 15)\n"
 
 
 def test_the_count_of_cut_records_is_printed_once_per_dataset(tmp_path, tok, capsys):

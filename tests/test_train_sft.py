@@ -98,7 +98,7 @@ BAD_SFT = {
 
 
 @pytest.mark.parametrize("case", BAD_SFT)
-def test_bad_sft_file_gives_one_clear_line_and_leaves_the_run_untouched(case, toy_dir, tmp_path):
+def test_bad_sft_file_gives_one_clear_line_and_leaves_the_run_untouched(case, toy_dir, tmp_path, capsys):
     text, message = BAD_SFT[case]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(text)
@@ -106,11 +106,11 @@ def test_bad_sft_file_gives_one_clear_line_and_leaves_the_run_untouched(case, to
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"an earlier run")
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    r = run_python("train_sft.py", f"--train_file={bad}", f"--val_file={bad}", f"--out_dir={out}",
-             f"--tokenizer={toy_dir}/tokenizer.model", "--max_length=16", "--overwrite")
-    assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
-    assert __import__("re").search(message, r.stderr), r.stderr
+    assert train_sft.main([f"--train_file={bad}", f"--val_file={bad}", f"--out_dir={out}",
+                           f"--tokenizer={toy_dir}/tokenizer.model", "--max_length=16", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert __import__("re").search(message, err), err
     assert (out / "ckpt.pt").read_bytes() == b"an earlier run"
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl"]
@@ -145,17 +145,18 @@ BAD_PREFERENCES = {  # a good first record fixes the format, the second is bad
 
 
 @pytest.mark.parametrize("case", BAD_PREFERENCES)
-def test_bad_preference_file_gives_one_clear_line(case, tmp_path):
+def test_bad_preference_file_gives_one_clear_line(case, tmp_path, capsys):
+    """python data.py --check, in this process (its exit status through a shell: test_data.py)."""
+    import data
     good, bad_record, message = BAD_PREFERENCES[case]
     path = tmp_path / "pairs.jsonl"
     path.write_text(f"{good}\n{bad_record}\n")
-    r = run_python("data.py", "--check", str(path), "--kind", "preference")
-    assert r.returncode == 2
-    assert r.stderr.startswith(f"error: {path}:2: {message}"), r.stderr
-    assert r.stderr.count("\n") == 1
-    r = run_python("data.py", "--check", str(path), "--kind", "preference", "--skip_bad")
-    assert r.returncode == 0 and "ok: 1 preference records" in r.stdout
-    assert "skipped 1 bad records" in r.stderr
+    assert data.main(["--check", str(path), "--kind", "preference"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:2: {message}") and err.count("\n") == 1, err
+    assert data.main(["--check", str(path), "--kind", "preference", "--skip_bad"]) == 0
+    out, err = capsys.readouterr()
+    assert "ok: 1 preference records" in out and "skipped 1 bad records" in err
 
 
 def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes_it(toy_dir, tmp_path):
