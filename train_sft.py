@@ -39,7 +39,7 @@ class Config(TrainConfig):
     train_file: str = ""
     """your own SFT JSONL, {"prompt","completion"}, {"text"} or {"messages"} records; empty: the toy task (not with a Hugging Face --init_from)"""
     val_file: str = ""
-    """held-out JSONL; empty with --train_file: the last 5% of the training records"""
+    """held-out JSONL; empty: the last 5% of --train_file's records, or the toy task's sft_val.jsonl"""
     format: Literal["auto", "prompt_completion", "text", "messages", "conversational_prompt_completion", "sharegpt"] = "auto"
     """record format; auto recognises it from the first record"""
     skip_bad: bool = False
@@ -105,7 +105,7 @@ def load_data(cfg: Config, dist: Dist, tok: Tokenizer | None):
             prepare_toy_data(data_dir, ToyConfig(chat=cfg.chat))
         barrier(dist)
         examples = load_sft(os.path.join(data_dir, "sft_train.jsonl"))
-        val = load_sft(os.path.join(data_dir, "sft_val.jsonl"))
+        val = load_sft(cfg.val_file or os.path.join(data_dir, "sft_val.jsonl"), cfg.format, cfg.skip_bad)
         prompts = load_prompts(os.path.join(data_dir, "prompts_val.jsonl"))
     if tok is None and cfg.tokenizer:
         tok = Tokenizer.load(cfg.tokenizer)
