@@ -412,7 +412,8 @@ def check_lengths(block_size: int, *parts: tuple[str, int]) -> None:
 
 
 class NonFiniteLoss(RuntimeError):
-    """A NaN or infinite loss; run_script reports it and exits, leaving the last checkpoint."""
+    """A NaN or infinite loss, gradient norm or weight; run_script reports it and exits, leaving
+    the last checkpoint."""
 
 
 def _sums(loss_sum: torch.Tensor, metric_sums: dict) -> torch.Tensor:
@@ -450,6 +451,9 @@ def train_step(model, optimizer, batches: list, loss_fn, n_global: int, grad_cli
         raise NonFiniteLoss(f"step {step}: loss is {stats['loss']}")
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     stats["grad_norm"] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+    if not math.isfinite(stats["grad_norm"]):  # a finite loss can still overflow a gradient: never step on it
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"step {step}: gradient norm is {stats['grad_norm']}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return stats
@@ -697,6 +701,20 @@ def _gather_rng(dist: Dist) -> list[dict[str, torch.Tensor]]:
     return states
 
 
+def _metric_lines(path: str):
+    """(line, row) for each line of metrics.jsonl up to the first that is not a whole JSON object:
+    a kill or a full disk can leave half a last line, and the valid prefix is what the run logged."""
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                return
+            if not isinstance(row, dict):
+                return
+            yield line.rstrip("\n") + "\n", row
+
+
 class Run:
     """An output directory: config.json, metrics.jsonl and ckpt.pt. Only rank 0 writes.
 
@@ -760,9 +778,8 @@ class Run:
             print("warning: world size changed since the checkpoint; RNG streams restart", file=sys.stderr)
         step = ckpt["step"]
         if self.dist.master:  # drop metrics logged after the checkpoint (a crash between saves)
-            with open(self.metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= step]
-            write_atomic(self.metrics_path, "".join(kept))
+            write_atomic(self.metrics_path, "".join(line for line, row in _metric_lines(self.metrics_path)
+                                                    if row["step"] <= step))
             print(f"resuming {self.dir} from step {step}")
         return step
 
@@ -786,6 +803,10 @@ class Run:
         Whole tensors, keyed by parameter name (the optimizer's state too), whatever --parallel
         and world size wrote them, so any of them resumes it."""
         rng = _gather_rng(self.dist)  # every rank takes part in the gathers
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+        non_finite = torch.tensor(float(sum(not bool(torch.isfinite(p).all()) for p in local)), device=self.dist.device)
+        if all_reduce_sum(non_finite, self.dist).item():  # on every rank alike, so all stop together
+            raise NonFiniteLoss(f"step {step}: the model holds non-finite weights, so it is not saved")
         if not (self.dist.master or self.dist.sharded):  # a replica has nothing rank 0 lacks
             return
         model_state = trainable_state(model)  # under FSDP a collective gather, whole tensors on rank 0 only

@@ -72,6 +72,54 @@ def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(toy
     assert max(m["step"] for m in read_metrics(str(tmp_path))) == 2
 
 
+def test_a_finite_loss_with_an_overflowing_gradient_never_steps_and_never_reaches_a_checkpoint(toy_dir, tmp_path,
+                                                                                                capsys):
+    """lr 1e3 from step 1: the loss stays finite while the gradient norm overflows at step 2. The
+    optimizer stepped on it, and the next evaluation saved a checkpoint of non-finite weights
+    over the good one, while the message said the good one was kept."""
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(open(f"{toy_dir}/sft_val.jsonl").readlines()[:16]))
+    out = tmp_path / "run"
+    assert train_sft.main(tiny_args(toy_dir, str(out), max_iters=30, eval_interval=1, warmup_iters=1, lr=1e3,
+                                    val_file=val)) == 1
+    err = capsys.readouterr().err
+    assert "gradient norm is" in err and f"stopped, the last good checkpoint in {out} is kept" in err
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert ckpt["step"] == max(m["step"] for m in read_metrics(str(out)))
+
+
+def test_a_model_with_a_non_finite_weight_is_never_saved(toy_dir, tmp_path):
+    from train_utils import NonFiniteLoss, Run, make_optimizer
+    from data import Tokenizer
+    from model import GPT, GPTConfig
+    cfg = train_sft.Config(out_dir=str(tmp_path / "run"))
+    dist = setup_distributed("cpu")
+    run = Run(cfg, dist)
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    optimizer = make_optimizer(model, 1e-3, 0.0, (0.9, 0.95), torch.device("cpu"))
+    run.start(model, optimizer)
+    tok = Tokenizer.load(f"{toy_dir}/tokenizer.model")
+    run.save(0, model, optimizer, tok)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLoss, match="step 1: the model holds non-finite weights"):
+        run.save(1, model, optimizer, tok)
+    assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 0
+
+
+def test_a_half_written_metrics_line_does_not_stop_a_resume(toy_dir, tmp_path):
+    """A full disk or a kill can leave half a line at the end of metrics.jsonl; resuming raised
+    JSONDecodeError. It now keeps the valid prefix and ends with the uninterrupted run's metrics."""
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    assert train_sft.main(tiny_args(toy_dir, whole, max_iters=4, eval_interval=2, lr_decay_iters=4)) == 0
+    assert train_sft.main(tiny_args(toy_dir, split, max_iters=2, eval_interval=2, lr_decay_iters=4)) == 0
+    with open(os.path.join(split, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "loss": 5.')
+    assert train_sft.main(tiny_args(toy_dir, split, max_iters=4, eval_interval=2, lr_decay_iters=4, resume=True)) == 0
+    assert read_metrics(split) == read_metrics(whole)
+
+
 def test_an_existing_run_is_not_overwritten_by_accident(toy_dir, tmp_path, capsys):
     train_sft.main(tiny_args(toy_dir, str(tmp_path), max_iters=1))
     capsys.readouterr()
