@@ -222,10 +222,26 @@ def load_checkpoint(path: str) -> dict:
 
 def write_atomic(path: str, data: bytes | str) -> None:
     """Write to a temporary file then rename, so a crash never leaves a half-written file."""
+    def write(tmp):
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+    replace_atomically(path, write)
+
+
+def replace_atomically(path: str, write) -> None:
+    """write(tmp) to a temporary file beside `path` (named by process, so two writers never share
+    one), flushed to disk, then renamed over `path`: a kill leaves the old file or the new one,
+    never half of one; a failed write (a full disk) removes its temporary file and raises."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # -----------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from typing import Literal, Optional
 
 import torch
 
-from data import TOY_PROMPTS, DataError, PairsConfig, gold_reward, load_pairs, load_prompts, real_tokens, take
+from data import (TOY_PROMPTS, DataError, PairsConfig, gold_reward, load_pairs, load_prompts, real_tokens,
+                  replace_atomically, take)
 from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums
 from evaluate import PolicyEvaluator
 from lora import AdaptersOff
@@ -109,8 +110,7 @@ def cached_reference_logps(cfg: Config, reference, datasets: dict, average: bool
              for name, data in datasets.items()}
     if dist.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        torch.save({"key": key, "logps": logps}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        replace_atomically(path, lambda tmp: torch.save({"key": key, "logps": logps}, tmp))
     return logps
 
 

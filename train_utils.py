@@ -31,7 +31,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import TOY_PAIRS, DataError, Tokenizer, load_checkpoint, take, write_atomic
+from data import TOY_PAIRS, DataError, Tokenizer, load_checkpoint, replace_atomically, take, write_atomic
 from hf import load_folder
 from lora import TARGETS, attach_lora, merge_lora
 from model import GPT, Block, GPTConfig
@@ -820,9 +820,7 @@ class Run:
             "optimizer": optimizer_state, "step": step, "rng": rng,
             "config": dataclasses.asdict(self.cfg), "tokenizer": tokenizer.state(), **(extra or {}),
         }
-        tmp = f"{self.ckpt_path}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt_path)
+        replace_atomically(self.ckpt_path, lambda tmp: torch.save(state, tmp))
 
 
 def number(v: float) -> str:

@@ -120,6 +120,34 @@ def test_a_half_written_metrics_line_does_not_stop_a_resume(toy_dir, tmp_path):
     assert read_metrics(split) == read_metrics(whole)
 
 
+def test_a_save_that_fails_on_a_full_disk_leaves_the_last_checkpoint_and_no_temporary_file(toy_dir, tmp_path,
+                                                                                              monkeypatch):
+    """A full disk made torch.save fail half way: ckpt.pt.tmp stayed behind, keeping the disk full."""
+    import errno
+    import train_utils
+    from train_utils import Run, make_optimizer
+    from data import Tokenizer
+    from model import GPT, GPTConfig
+    run = Run(train_sft.Config(out_dir=str(tmp_path / "run")), setup_distributed("cpu"))
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    optimizer = make_optimizer(model, 1e-3, 0.0, (0.9, 0.95), torch.device("cpu"))
+    run.start(model, optimizer)
+    tok = Tokenizer.load(f"{toy_dir}/tokenizer.model")
+    run.save(0, model, optimizer, tok)
+
+    def save_until_the_disk_is_full(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_utils.torch, "save", save_until_the_disk_is_full)
+    with pytest.raises(OSError, match="No space left"):
+        run.save(1, model, optimizer, tok)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "config.json", "metrics.jsonl"]
+    assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 0
+
+
 def test_an_existing_run_is_not_overwritten_by_accident(toy_dir, tmp_path, capsys):
     train_sft.main(tiny_args(toy_dir, str(tmp_path), max_iters=1))
     capsys.readouterr()
