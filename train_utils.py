@@ -804,8 +804,10 @@ class Run:
         and world size wrote them, so any of them resumes it."""
         rng = _gather_rng(self.dist)  # every rank takes part in the gathers
         local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
-        non_finite = torch.tensor(float(sum(not bool(torch.isfinite(p).all()) for p in local)), device=self.dist.device)
-        if all_reduce_sum(non_finite, self.dist).item():  # on every rank alike, so all stop together
+        non_finite = float(sum(not bool(torch.isfinite(p).all()) for p in local))
+        if self.dist.ddp:  # summed over ranks (under FSDP each holds its shards), so that all stop together
+            non_finite = all_reduce_sum(torch.tensor(non_finite, device=self.dist.device), self.dist).item()
+        if non_finite:
             raise NonFiniteLoss(f"step {step}: the model holds non-finite weights, so it is not saved")
         if not (self.dist.master or self.dist.sharded):  # a replica has nothing rank 0 lacks
             return
