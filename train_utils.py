@@ -15,9 +15,13 @@ import inspect
 import json
 import math
 import os
+import re
+import shutil
+import socket
 import sys
 import textwrap
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,6 +40,11 @@ from hf import load_folder
 from lora import TARGETS, attach_lora, merge_lora
 from model import GPT, Block, GPTConfig
 from reward_model import RewardModel, backbone_state
+
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: there a second run on one folder is not refused
+    fcntl = None
 
 # -----------------------------------------------------------------------------
 # Config: a dataclass whose fields carry a docstring each (the line below the field, as in
@@ -411,9 +420,13 @@ def check_lengths(block_size: int, *parts: tuple[str, int]) -> None:
 # One optimizer step
 
 
-class NonFiniteLoss(RuntimeError):
-    """A NaN or infinite loss, gradient norm or weight; run_script reports it and exits, leaving
-    the last checkpoint."""
+class RunStopped(RuntimeError):
+    """A run that cannot go on; run_script reports it and exits with status 1, leaving the last
+    checkpoint."""
+
+
+class NonFiniteLoss(RunStopped):
+    """A NaN or infinite loss, gradient norm or weight."""
 
 
 def _sums(loss_sum: torch.Tensor, metric_sums: dict) -> torch.Tensor:
@@ -715,19 +728,115 @@ def _metric_lines(path: str):
             yield line.rstrip("\n") + "\n", row
 
 
+# The run folder's two guards: out_dir/.lock, held by the one process that writes the folder, and
+# out_dir/.overwritten, the replaced run's config.json and metrics.jsonl, kept until the new run's
+# first checkpoint replaces the old ckpt.pt (which stays in place and loadable until then).
+LOCK, OVERWRITTEN, REPLACED_BY = ".lock", ".overwritten", "replaced_by"
+_held: dict[str, tuple[int, bool]] = {}  # folders this process holds: real path -> (lock's descriptor, created here)
+
+
+def _claim(path: str) -> str | None:
+    """Lock path/.lock for this process; None, or why not in one line. flock is released by the
+    kernel when the process ends, however it ends (kill -9 too), so a lock file that a killed run
+    left is free to take: the file's text only tells a refused run who holds it."""
+    key = os.path.realpath(path)
+    if key in _held:
+        return None
+    created = not os.path.isdir(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only or full disk, a file in the way: before anything is loaded
+        return f"--out_dir {path}: cannot write there ({e.strerror})"
+    if fcntl:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            return f"--out_dir {path} is in use by another run ({holder}); wait for it to end or choose another --out_dir"
+    os.ftruncate(fd, 0)
+    command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                 f"{command}\n".encode())
+    _held[key] = (fd, created)
+    return None
+
+
+def lock_run_folder(path: str, dist: Dist) -> None:
+    """Hold out_dir for this process's life (rank 0's lock stands for every rank): a second run on
+    the folder is refused with one line naming the holder, before it reads or writes anything."""
+    refused = _claim(path) if dist.master else None
+    if dist.ddp:
+        box = [refused]
+        torch_dist.broadcast_object_list(box, src=0)
+        refused = box[0]
+    if refused:
+        raise DataError(refused)
+
+
+def restore_overwritten(path: str) -> bool:
+    """Finish what an --overwrite left in path: if its new run never wrote a checkpoint (killed,
+    crashed, bad input), the old run's config.json and metrics.jsonl go back beside its ckpt.pt,
+    which was never touched; if it did, the old files go. True when the old run came back."""
+    pending = os.path.join(path, OVERWRITTEN)
+    if not os.path.isdir(pending):
+        return False
+    try:
+        with open(os.path.join(pending, REPLACED_BY)) as f:
+            token = f.read()
+        committed = torch.load(os.path.join(path, "ckpt.pt"), map_location="cpu", weights_only=True,
+                               mmap=True).get("replaces") == token
+    except Exception:  # no token (killed while setting aside) or no readable checkpoint: nothing committed
+        committed = False
+    if not committed:
+        for name in os.listdir(pending):
+            if name != REPLACED_BY:
+                os.replace(os.path.join(pending, name), os.path.join(path, name))
+    shutil.rmtree(pending)
+    return not committed
+
+
+def release_run_folder(path: str) -> None:
+    """At a run's end, however it ended: put back a run an unfinished --overwrite set aside,
+    remove a folder this process made and never wrote to (bad input leaves nothing), unlock."""
+    key = os.path.realpath(path)
+    if key not in _held:
+        return
+    if restore_overwritten(path):
+        print(f"{path}: the run that --overwrite was replacing is restored (the new run wrote no checkpoint)",
+              file=sys.stderr)
+    fd, created = _held.pop(key)
+    if created and os.listdir(path) == [LOCK]:
+        os.remove(os.path.join(path, LOCK))
+        os.rmdir(path)
+    os.close(fd)
+
+
 class Run:
     """An output directory: config.json, metrics.jsonl and ckpt.pt. Only rank 0 writes.
 
     A new run refuses a directory that already holds a checkpoint unless --overwrite is given, so
     a finished run is never clobbered by accident; --resume continues it instead: weights,
     optimizer, step and every rank's RNG state come back, and metrics logged after the
-    checkpoint are dropped, so the resumed curve is the uninterrupted one."""
+    checkpoint are dropped, so the resumed curve is the uninterrupted one. The folder is locked
+    for the run's life, and a run that --overwrite replaces is kept until the new one's first
+    checkpoint (see LOCK above)."""
 
     def __init__(self, cfg, dist: Dist):
         self.cfg, self.dist = cfg, dist
         self.dir = cfg.out_dir
         self.ckpt_path = os.path.join(self.dir, "ckpt.pt")
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        self.replacing = None  # the token of the run set aside by --overwrite, until the first checkpoint
+        lock_run_folder(self.dir, dist)
+        if dist.master:
+            if restore_overwritten(self.dir):
+                print(f"{self.dir}: restored the run that an unfinished --overwrite had set aside", file=sys.stderr)
+            for name in os.listdir(self.dir):  # replace_atomically's temporary files, left by a killed writer
+                if re.fullmatch(r".+\.tmp\d+", name):
+                    os.remove(os.path.join(self.dir, name))
+        barrier(dist)  # the other ranks look at the folder as rank 0 left it
         if os.path.exists(self.ckpt_path) and not (cfg.resume or cfg.overwrite):
             raise DataError(f"--out_dir {self.dir} already holds a run; pass --resume to continue it, "
                             "--overwrite to replace it, or choose another --out_dir")
@@ -751,9 +860,8 @@ class Run:
         is more than `model` (PPO's policy and critic)."""
         if not self.cfg.resume:
             if self.dist.master:
-                os.makedirs(self.dir, exist_ok=True)
-                if os.path.exists(self.ckpt_path):  # --overwrite: the old run must not be resumed
-                    os.remove(self.ckpt_path)
+                if os.path.exists(self.ckpt_path):  # --overwrite: set the old run aside, not away
+                    self._set_aside()
                 write_atomic(os.path.join(self.dir, "config.json"),
                              json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
                 write_atomic(self.metrics_path, "")
@@ -783,11 +891,26 @@ class Run:
             print(f"resuming {self.dir} from step {step}")
         return step
 
+    def _set_aside(self) -> None:
+        """Move the old run's config.json and metrics.jsonl into .overwritten, with a token that
+        the new run's first checkpoint carries: until a ckpt.pt with that token exists, the old
+        ckpt.pt is the folder's, and restore_overwritten puts the rest back."""
+        pending = os.path.join(self.dir, OVERWRITTEN)
+        os.makedirs(pending)
+        self.replacing = uuid.uuid4().hex
+        write_atomic(os.path.join(pending, REPLACED_BY), self.replacing)
+        for name in ("config.json", "metrics.jsonl"):
+            if os.path.exists(os.path.join(self.dir, name)):
+                os.replace(os.path.join(self.dir, name), os.path.join(pending, name))
+
     def log(self, step: int, metrics: dict) -> None:
         """One line of metrics.jsonl."""
         if self.dist.master:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            try:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+            except OSError as e:  # a full disk: a resume keeps the lines before a half-written one
+                raise RunStopped(f"step {step}: writing {self.metrics_path} failed ({e.strerror or e})") from None
 
     def print(self, step: int, metrics: dict, samples: list[str] = ()) -> None:
         """An evaluation's metrics and a few samples on the console, above the progress bar."""
@@ -809,20 +932,38 @@ class Run:
             non_finite = all_reduce_sum(torch.tensor(non_finite, device=self.dist.device), self.dist).item()
         if non_finite:
             raise NonFiniteLoss(f"step {step}: the model holds non-finite weights, so it is not saved")
-        if not (self.dist.master or self.dist.sharded):  # a replica has nothing rank 0 lacks
-            return
-        model_state = trainable_state(model)  # under FSDP a collective gather, whole tensors on rank 0 only
+        # a replica has nothing rank 0 lacks; under FSDP the gathers below are collective
+        gathers = self.dist.master or self.dist.sharded
+        model_state = trainable_state(model) if gathers else None  # whole tensors, on rank 0 only
         # none before the first step: the helper would make one with a dummy step, which advances
         # AdamW's step count and so changes its first real update
-        optimizer_state = get_optimizer_state_dict(optimized or model, optimizer, options=FULL) if optimizer.state else None
-        if not self.dist.master:
-            return
-        state = {
+        optimizer_state = (get_optimizer_state_dict(optimized or model, optimizer, options=FULL)
+                           if gathers and optimizer.state else None)
+        failed = self.dist.master and self._write(step, {
             "model": model_state, "model_config": dataclasses.asdict(model.config),
             "optimizer": optimizer_state, "step": step, "rng": rng,
             "config": dataclasses.asdict(self.cfg), "tokenizer": tokenizer.state(), **(extra or {}),
-        }
-        replace_atomically(self.ckpt_path, lambda tmp: torch.save(state, tmp))
+        })
+        if self.dist.ddp:  # every rank stops when rank 0 could not write
+            box = [failed]
+            torch_dist.broadcast_object_list(box, src=0)
+            failed = box[0]
+        if failed:
+            raise RunStopped(failed)
+
+    def _write(self, step: int, state: dict) -> str | None:
+        """Write ckpt.pt; None, or why it failed (a full disk: the temporary file is gone and the
+        last checkpoint stands). The first checkpoint of an --overwrite ends the old run."""
+        if self.replacing:
+            state["replaces"] = self.replacing
+        try:
+            replace_atomically(self.ckpt_path, lambda tmp: torch.save(state, tmp))
+        except OSError as e:
+            return f"step {step}: writing {self.ckpt_path} failed ({e.strerror or e})"
+        if self.replacing:
+            shutil.rmtree(os.path.join(self.dir, OVERWRITTEN))
+            self.replacing = None
+        return None
 
 
 def number(v: float) -> str:
@@ -835,6 +976,8 @@ def interrupted(cfg, script: str, argv: list[str], dist: Dist) -> str:
     """What a run stopped by Ctrl-C says: where its last checkpoint is, and the command that
     continues it (checkpoints are written at evaluations; the steps since the last are redone)."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if os.path.isdir(os.path.join(cfg.out_dir, OVERWRITTEN)):
+        return f"interrupted before the first checkpoint; {cfg.out_dir} keeps the run --overwrite was replacing"
     if not os.path.exists(path):
         return f"interrupted before the first checkpoint; nothing in {cfg.out_dir} to resume"
     step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
@@ -864,7 +1007,7 @@ def run_script(config_cls, train, argv, description: str) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as e:
+    except RunStopped as e:
         if dist.master:
             print(f"error: {e}; stopped, the last good checkpoint in {cfg.out_dir} is kept", file=sys.stderr)
         return 1
@@ -874,6 +1017,7 @@ def run_script(config_cls, train, argv, description: str) -> int:
             print(f"\n{interrupted(cfg, script, sys.argv[1:] if argv is None else argv, dist)}", file=sys.stderr)
         return 130  # the shell's status for a run stopped by Ctrl-C
     finally:
+        release_run_folder(cfg.out_dir)
         cleanup_distributed(dist, finished=metrics is not None)
     if dist.master:
         print(f"done in {time.time() - t0:.0f}s: " + ", ".join(
