@@ -123,8 +123,10 @@ def test_an_overwrite_stopped_before_its_first_checkpoint_leaves_the_old_run_byt
 
 
 def test_an_overwrite_that_reaches_its_first_checkpoint_leaves_only_the_new_run(toy_dir, tmp_path):
+    """...and no temporary file that a writer killed mid-save left behind."""
     out = str(tmp_path / "run")
     assert train_sft.main(tiny_args(toy_dir, out, max_iters=3)) == 0
+    open(os.path.join(out, "ckpt.pt.tmp99999"), "wb").write(b"half a checkpoint")
     assert train_sft.main(tiny_args(toy_dir, out, max_iters=2, overwrite=True)) == 0
     assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "config.json", "metrics.jsonl"]
     assert [row["step"] for row in read_metrics(out)] == [0, 1, 2]
