@@ -5,8 +5,16 @@ chat model reads, and tokenised with labels on the assistant's tokens only.
 A template is Jinja, as in a Hugging Face folder's `chat_template`. It is code from a downloaded
 folder, so it runs in jinja2's immutable sandbox, with the settings transformers uses
 (trim_blocks, lstrip_blocks, loop controls, a tojson that keeps non-ASCII, raise_exception), so a
-conversation renders to the same text as `apply_chat_template`. The built-in Zephyr template
-(Tunstall et al. 2023) is used when a model has none:
+conversation renders to the same text as `apply_chat_template`. The sandbox keeps a template
+from Python's internals but not from using up time or memory, so a render is also bounded: it
+stops after RENDER_SECONDS (a SIGALRM timer, on the main thread of a Unix process: a thread or
+Windows gets no time bound), `*` and `**` refuse a result past MAX_CHARS items or MAX_INT_BITS
+bits before computing it, `+` and `~` refuse one past MAX_CHARS (so a text cannot double in a
+loop), and the output stops past MAX_CHARS. What the sandbox's filters and methods allocate is
+not bounded (`'a'|center(10**10)` asks for 10 GB at once; where memory lacks, a MemoryError).
+Every failure, the template's own raise_exception included, is one ChatError line naming where
+the template came from. The built-in Zephyr template (Tunstall et al. 2023) is used when a model
+has none:
 
     <|system|>\\n{system}</s>\\n<|user|>\\n{user}</s>\\n<|assistant|>\\n{reply}</s>\\n
 
@@ -18,8 +26,15 @@ template that renders a conversation's earlier turns the same whatever follows t
 does not (some strip earlier reasoning) is refused with a clear error.
 """
 import json
+import signal
+import threading
 from datetime import datetime
 from functools import lru_cache
+
+import jinja2
+import jinja2.ext
+from jinja2.compiler import CodeGenerator
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 ROLES = ("system", "user", "assistant")
 
@@ -30,52 +45,140 @@ ZEPHYR_TEMPLATE = (
     "{% endfor %}"
 )
 
+# A render's bounds. A real template renders a conversation in well under a millisecond, to about
+# the length of its messages; module constants, so that tests can tighten them.
+RENDER_SECONDS = 2.0  # per render (compiling included)
+MAX_CHARS = 1 << 24  # longest text or list a template may build, and longest rendering
+MAX_INT_BITS = 1 << 16  # largest number `*` or `**` may compute
+
 
 class ChatError(ValueError):
     """A conversation the template cannot render, or a template that cannot be used."""
 
 
+class _Refused(Exception):
+    """A template that ran into a bound or called raise_exception; render names its source."""
+
+
+class _Timeout(BaseException):
+    """Raised by the SIGALRM timer; a BaseException, so that no `except Exception` inside jinja2
+    (constant folding catches everything) swallows it."""
+
+
 def _raise_exception(message):
-    raise ChatError(f"the chat template refused the conversation: {message}")
+    raise _Refused(f"refused the conversation: {message}")
+
+
+def _bounded(value):
+    if isinstance(value, (str, list, tuple)) and len(value) > MAX_CHARS:
+        raise _Refused(f"builds a text or list of {len(value)} items, more than {MAX_CHARS} (chat.MAX_CHARS)")
+    return value
+
+
+def _bounded_result(visit):
+    def visitor(self, node, frame):
+        self.write("environment.bounded(")
+        visit(self, node, frame)
+        self.write(")")
+    return visitor
+
+
+class _CodeGenerator(CodeGenerator):
+    """Compiles `a + b` and `a ~ b` to pass their result through environment.bounded: their
+    operands are bounded, so the result is at most twice the bound, and a text doubled in a loop
+    is refused before it outgrows memory (cheaper than intercepting `+` through call_binop)."""
+    visit_Add = _bounded_result(CodeGenerator.visit_Add)
+    visit_Concat = _bounded_result(CodeGenerator.visit_Concat)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, with `*` and `**` refused before they build something too
+    large, and `+` and `~` just after."""
+    intercepted_binops = frozenset(["*", "**"])
+    code_generator_class = _CodeGenerator
+    bounded = staticmethod(_bounded)
+
+    def call_binop(self, context, operator, left, right):
+        if isinstance(left, int) and isinstance(right, int):
+            bits = right * left.bit_length() if operator == "**" else left.bit_length() + right.bit_length()  # at most
+            if bits > MAX_INT_BITS:
+                raise _Refused(f"computes a number of more than {MAX_INT_BITS} bits (chat.MAX_INT_BITS)")
+        elif operator == "*":  # a text or list repeated
+            count, items = (left, right) if isinstance(left, int) else (right, left)
+            if isinstance(count, int) and isinstance(items, (str, list, tuple)) and count * len(items) > MAX_CHARS:
+                raise _Refused(f"builds a text or list of {count * len(items)} items, more than {MAX_CHARS} "
+                               "(chat.MAX_CHARS)")
+        return self.binop_table[operator](left, right)
+
+
+def _expire(signum, frame):
+    raise _Timeout
+
+
+def _timer_available() -> bool:
+    """Whether a render can be bounded in time: SIGALRM reaches only the main thread of a Unix
+    process, and only if no one else handles it. Our handler, once set, stays (setting it costs
+    more than a render), as harmless as the default: a stray SIGALRM ends the process either way."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        return False
+    handler = signal.getsignal(signal.SIGALRM)
+    if handler == signal.SIG_DFL:
+        signal.signal(signal.SIGALRM, handler := _expire)
+    return handler is _expire
 
 
 @lru_cache(maxsize=8)
 def _compile(source: str):
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: json.dumps(
         x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def render(template: str, messages: list[dict], special_tokens: dict[str, str], add_generation_prompt: bool = False,
+           source: str | None = None) -> str:
+    """The template applied to `messages`; special_tokens gives bos_token, eos_token, ... as text.
+    Any failure is a ChatError of one line naming `source`, where the template came from."""
+    name = f"the chat template ({source})" if source else "the chat template"
+    timed = _timer_available()
     try:
-        return env.from_string(source)
-    except jinja2.TemplateError as e:
-        raise ChatError(f"the chat template does not parse: {e}") from None
+        try:
+            if timed:  # a timer signal, not checks in the sandbox's hooks: a loop over a range made earlier calls none
+                signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
+            parts, size = [], 0
+            for part in _compile(template).generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                    **special_tokens):
+                size += len(part)
+                if size > MAX_CHARS:
+                    raise _Refused(f"writes more than {MAX_CHARS} characters (chat.MAX_CHARS)")
+                parts.append(part)
+        finally:
+            if timed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        return "".join(parts)
+    except _Timeout:
+        problem = f"took more than {RENDER_SECONDS:g} s to render (chat.RENDER_SECONDS)"
+    except _Refused as e:
+        problem = str(e)
+    except jinja2.TemplateSyntaxError as e:
+        problem = f"does not parse: {e.message} (line {e.lineno})"
+    except Exception as e:  # a template is code: whatever it raises (undefined, sandbox, overflow) is its failure
+        problem = f"failed to render: {type(e).__name__}: {e}"
+    problem = " ".join(problem.split())  # one line, whatever the template's message holds
+    raise ChatError(f"{name} {problem[:500]}{'...' if len(problem) > 500 else ''}") from None
 
 
-def render(template: str, messages: list[dict], special_tokens: dict[str, str], add_generation_prompt: bool = False) -> str:
-    """The template applied to `messages`; special_tokens gives bos_token, eos_token, ... as text."""
-    import jinja2
-    try:
-        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **special_tokens)
-    except ChatError:
-        raise
-    except (jinja2.TemplateError, TypeError, KeyError, AttributeError) as e:
-        raise ChatError(f"the chat template failed to render: {type(e).__name__}: {e}") from None
-
-
-def assistant_spans(template: str, messages: list[dict], special_tokens: dict[str, str]):
-    """The rendered conversation and the (start, end) character span of each assistant turn (what
-    the template writes for it after the generation prompt)."""
-    text = render(template, messages, special_tokens)
+def assistant_spans(tok, messages: list[dict]):
+    """The conversation rendered by tok's chat template and the (start, end) character span of each
+    assistant turn (what the template writes for it after the generation prompt)."""
+    text = tok.render(messages)
     spans = []
     for i, message in enumerate(messages):
-        done = render(template, messages[:i + 1], special_tokens)
+        done = tok.render(messages[:i + 1])
         if message["role"] == "assistant":
-            before = render(template, messages[:i], special_tokens, add_generation_prompt=True)
+            before = tok.render(messages[:i], add_generation_prompt=True)
             if not done.startswith(before):
                 raise ChatError(f"the chat template's generation prompt is not how it begins assistant turn {i}")
             spans.append((len(before), len(done)))
@@ -113,7 +216,7 @@ def encode_conversation(tok, messages: list[dict], max_length: int,
     cut on the left (its end, nearest the reply, kept; a system message kept), as TRL cuts a long
     prompt; one that even an empty user turn cannot help is refused."""
     def encode(messages):
-        text, spans = assistant_spans(tok.chat_template, messages, tok.special_tokens())
+        text, spans = assistant_spans(tok, messages)
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         spans = [span for span, i in zip(spans, turns) if i >= prompt_turns]
         ids, starts = tok.encode_with_offsets(text)
@@ -157,12 +260,11 @@ def encode_prompt_response(tok, prompt_messages: list[dict], response: str, max_
     max_length) loses its oldest turns, a leading system message kept, while a user turn remains;
     then the last user turn's text is cut on the left, its end (nearest the response) kept. Only a
     prompt too long even with that turn emptied is refused. The response is then cut on the right."""
-    special = tok.special_tokens()
     limit = min(max_prompt_length or max_length, max_length - 1)
 
     def encode(messages):
-        prompt_text = render(tok.chat_template, messages, special, add_generation_prompt=True)
-        text = render(tok.chat_template, messages + [{"role": "assistant", "content": response}], special)
+        prompt_text = tok.render(messages, add_generation_prompt=True)
+        text = tok.render(messages + [{"role": "assistant", "content": response}])
         if not text.startswith(prompt_text):
             raise ChatError("the chat template's generation prompt is not how it begins the assistant's turn")
         ids, starts = tok.encode_with_offsets(text)

@@ -7,10 +7,12 @@ validate every record, and collation into padded tensors.
     python data.py --check FILE --kind preference   # validate a JSONL file, report the first bad record
 """
 import argparse
+import inspect
 import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import sys
@@ -44,12 +46,14 @@ class Tokenizer:
     CHAT_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "\n"]  # one piece each in the chat toy's tokenizer
 
     def __init__(self, kind: str, data: bytes | str, bos_id: int | None, eos_id: int, pad_id: int,
-                 add_bos: bool = True, chat_template: str | None = None, eos_ids: list[int] | None = None):
+                 add_bos: bool = True, chat_template: str | None = None, eos_ids: list[int] | None = None,
+                 template_source: str | None = None):
         self.kind, self.data = kind, data  # data travels inside checkpoints, so a checkpoint samples alone
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.eos_ids = sorted({eos_id, *(eos_ids or ())})  # every id the model may end with (generation_config's list)
         self.add_bos = add_bos and bos_id is not None  # whether a prompt starts with bos
         self.chat_template = chat_template  # Jinja source; when set, every prompt is a user turn of a conversation
+        self.template_source = template_source  # where the template came from (a file, a flag), named in its errors
         if kind == "sentencepiece":
             self.sp = spm.SentencePieceProcessor(model_proto=data)
             self.vocab_size = self.sp.get_piece_size()
@@ -103,13 +107,14 @@ class Tokenizer:
         """The special token the chat template ends an assistant turn with (Zephyr: eos;
         ChatML: <|im_end|>; Llama-3: <|eot_id|>): the first token after a rendered reply, if that
         is a special token. A model stops generating there, so it is a stop id; what the template
-        writes after it (a newline) is never generated and carries no loss."""
+        writes after it (a newline) is never generated and carries no loss. Rendering this probe
+        when the tokenizer is made also refuses a template that cannot work before anything runs."""
         messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Fine"}]
         try:
-            text = render(self.chat_template, messages, self.special_tokens())
-            before = render(self.chat_template, messages[:1], self.special_tokens(), add_generation_prompt=True)
+            text = self.render(messages)
+            before = self.render(messages[:1], add_generation_prompt=True)
         except ChatError as e:
-            raise DataError(f"the chat template cannot render a user turn and a reply: {e}") from None
+            raise DataError(f"{e} (on a test conversation: a user turn and a reply)") from None
         reply = text.find("Fine", len(before))
         if reply < 0:
             return None
@@ -128,24 +133,52 @@ class Tokenizer:
         """This tokenizer with the chat template a run asked for (--chat_template): auto keeps the
         model's own, or takes Zephyr's for conversation records when the model has none; zephyr is
         the built-in one; none renders no conversation; anything else is a Jinja file to read."""
+        builtin = (ZEPHYR_TEMPLATE, "built-in Zephyr")
         if choice == "auto":
-            template = self.chat_template or (ZEPHYR_TEMPLATE if chat_data else None)
+            template, source = ((self.chat_template, self.template_source) if self.chat_template
+                                else builtin if chat_data else (None, None))
         elif choice in ("zephyr", "none"):
-            template = ZEPHYR_TEMPLATE if choice == "zephyr" else None
+            template, source = builtin if choice == "zephyr" else (None, None)
         else:
             if not os.path.isfile(choice):
                 raise DataError(f"--chat_template {choice}: not auto, zephyr, none or a Jinja file")
-            with open(choice) as f:
-                template = f.read()
+            try:
+                with open(choice, encoding="utf-8") as f:
+                    template, source = f.read(), f"--chat_template {choice}"
+            except (OSError, UnicodeDecodeError) as e:
+                raise DataError(f"--chat_template {choice}: cannot be read as UTF-8 text ({e})") from None
         if chat_data and template is None:
             raise DataError("the data holds conversations but --chat_template none renders none")
-        return Tokenizer(**{**self.state(), "chat_template": template})
+        return Tokenizer(**{**self.state(), "chat_template": template}, template_source=source)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The chat template applied to `messages`, with this tokenizer's special tokens."""
+        return render(self.chat_template, messages, self.special_tokens(), add_generation_prompt, self.template_source)
 
     @classmethod
-    def from_state(cls, state: dict | bytes) -> "Tokenizer":
-        """The tokenizer of a checkpoint; bytes are the toy tokenizer of checkpoints written
-        before Hugging Face folders were supported."""
-        return cls.toy(state) if isinstance(state, bytes) else cls(**state)
+    def from_state(cls, state: dict | bytes, where: str) -> "Tokenizer":
+        """The tokenizer of the checkpoint `where`; bytes are the toy tokenizer of checkpoints
+        written before Hugging Face folders were supported. A state this project did not write,
+        or special ids outside the vocabulary, is one DataError line."""
+        def whole(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+        if isinstance(state, dict):
+            known = set(inspect.signature(cls).parameters)
+            if not (set(state) <= known and state.get("kind") in ("sentencepiece", "tokenizers")
+                    and isinstance(state.get("data"), (bytes, str)) and whole(state.get("eos_id"))
+                    and whole(state.get("pad_id")) and (state.get("bos_id") is None or whole(state["bos_id"]))
+                    and all(whole(i) for i in state.get("eos_ids") or [])):
+                raise DataError(f"{where}: its tokenizer is not one this project wrote")
+        try:  # a chat template's errors name the checkpoint it came in
+            tok = cls.toy(state) if isinstance(state, bytes) else cls(**{**state, "template_source": where})
+        except DataError:
+            raise
+        except Exception as e:  # sentencepiece or tokenizers refusing the data
+            raise DataError(f"{where}: its tokenizer cannot be read ({type(e).__name__})") from None
+        outside = [i for i in (tok.bos_id, tok.pad_id, *tok.eos_ids) if i is not None and not 0 <= i < tok.vocab_size]
+        if outside:
+            raise DataError(f"{where}: special token ids {outside} lie outside the tokenizer's {tok.vocab_size} tokens")
+        return tok
 
     def save(self, path: str) -> None:
         write_atomic(path, self.data)
@@ -164,8 +197,10 @@ class Tokenizer:
             raise DataError("a prompt that is a list of messages needs a chat template (--chat_template)")
         if self.chat_template:
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            return self.encode_with_offsets(render(self.chat_template, messages, self.special_tokens(),
-                                                   add_generation_prompt=True))[0]
+            try:
+                return self.encode_with_offsets(self.render(messages, add_generation_prompt=True))[0]
+            except ChatError as e:  # scripts stop on a DataError with one line
+                raise DataError(str(e)) from None
         return [self.bos_id] * self.add_bos + self.encode(prompt)
 
     def token_text(self, i: int | None) -> str:
@@ -214,10 +249,24 @@ class Tokenizer:
 
 def load_checkpoint(path: str) -> dict:
     """A ckpt.pt as a dict of tensors and plain values. A checkpoint is data, never code:
-    weights_only=True refuses anything else."""
+    weights_only=True refuses anything else (unpickling another object could run code). A file
+    that is not a checkpoint this project wrote is one DataError line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch fails on an empty, cut or foreign file in many ways (EOFError, RuntimeError, ...)
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if refused:  # weights_only names the class it refused
+            raise DataError(f"{path}: not a checkpoint this project wrote: it holds Python objects other than tensors "
+                            f"({refused[1]}), which are never loaded, as loading them could run code") from None
+        raise DataError(f"{path}: not a readable checkpoint (empty, truncated or not written by torch.save)") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)  # what the loaders read
+            and isinstance(ckpt.get("tokenizer"), (dict, bytes))
+            and isinstance(ckpt.get("model_config") or ckpt.get("lora"), dict)):
+        raise DataError(f"{path}: not a checkpoint this project wrote (no 'model', 'tokenizer' and 'model_config' "
+                        "or 'lora' in it)")
+    return ckpt
 
 
 def write_atomic(path: str, data: bytes | str) -> None:

@@ -35,7 +35,8 @@ class Config:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """the weights' dtype in the folder"""
     overwrite: bool = False
-    """write into an out_dir that already holds files"""
+    """write into an out_dir that already holds files: an earlier model's weights (a sharded index and
+    its shards included) and tokenizer files are removed, so no loader reads them; other files stay"""
     lora_base: str = ""
     """where a LoRA checkpoint's base model is now, if it moved since training (its files are checked)"""
 
@@ -50,7 +51,9 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    save_folder(model, tok, cfg.out_dir)
+    removed = save_folder(model, tok, cfg.out_dir)
+    if removed:
+        print(f"removed the earlier model's {', '.join(removed)} from {cfg.out_dir}")
     print(f"wrote {cfg.out_dir}: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters, {cfg.dtype}")
     return 0
 

@@ -9,12 +9,14 @@ projections are concatenated into one `c_attn` matrix, the gate and up projectio
 one `c_fc`, and GPT-2's Conv1D weights (stored input-major) are transposed.
 """
 import json
+import math
 import os
+import re
 
 import torch
 
 from data import DataError, Tokenizer, write_atomic
-from model import GPT, GPTConfig
+from model import GPT, MAX_SIZE, GPTConfig, is_int, is_real
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gpt2")  # config.json model_type values this file reads
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -27,70 +29,110 @@ def _read_json(path: str, required: bool = True) -> dict:
         return {}
     try:
         with open(path, encoding="utf-8-sig") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            data = json.load(f)
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an integer of 4300+ digits, deep nesting
         raise DataError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not a JSON object but {_brief(data)}")
+    return data
+
+
+def _brief(value, limit: int = 60) -> str:
+    """repr(value), cut short: untrusted data in a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # -----------------------------------------------------------------------------
 # config.json -> GPTConfig
 
 
+def _size(ours: str):
+    return (lambda v: is_int(v) and 1 <= v <= MAX_SIZE[ours]), f"an integer from 1 to {MAX_SIZE[ours]}"
+
+
+_POSITIVE = (lambda v: is_real(v) and 0 < v < math.inf), "a positive finite number"
+_FLAG = (lambda v: isinstance(v, bool)), "true or false"
+
+
 def config_from_hf(hf: dict, where: str) -> GPTConfig:
-    """The GPTConfig of a transformers config.json (model_type llama, mistral, qwen2 or gpt2)."""
+    """The GPTConfig of a transformers config.json (model_type llama, mistral, qwen2 or gpt2). The
+    file is untrusted: every value is checked (type, range, consistency) with one line naming it."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED:
-        raise DataError(f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
+        raise DataError(f"{where}: model_type {_brief(model_type)} is not supported (supported: {', '.join(SUPPORTED)})")
 
-    def field(name, default=KeyError):
-        if name in hf and hf[name] is not None:
-            return hf[name]
-        if default is KeyError:
-            raise DataError(f"{where}: missing field {name!r}")
-        return default
+    def check(name, value, want):
+        ok, description = want
+        if not ok(value):
+            raise DataError(f"{where}: field {name!r}: {_brief(value)} is not {description}")
+        return value
+
+    def field(name, default=KeyError, want=None):
+        if hf.get(name) is None:
+            if default is KeyError:
+                raise DataError(f"{where}: missing field {name!r}")
+            return default
+        return check(name, hf[name], want) if want else hf[name]
 
     def unsupported(what):
         raise DataError(f"{where}: {what} is not supported")
 
-    if model_type == "gpt2":
-        mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
-            field("activation_function", "gelu_new")) or unsupported(f"activation_function {hf['activation_function']!r}")
-        if not field("scale_attn_weights", True) or field("scale_attn_by_inverse_layer_idx", False):
+    gpt2 = model_type == "gpt2"
+    names = dict(vocab_size="vocab_size", block_size="n_positions", n_layer="n_layer", n_head="n_head",
+                 n_embd="n_embd", intermediate_size="n_inner") if gpt2 else dict(
+        vocab_size="vocab_size", block_size="max_position_embeddings", n_layer="num_hidden_layers",
+        n_head="num_attention_heads", n_embd="hidden_size", n_kv_head="num_key_value_heads", head_dim="head_dim",
+        intermediate_size="intermediate_size")
+    optional = ("n_kv_head", "head_dim") + (("intermediate_size",) if gpt2 else ())
+    sizes = {ours: field(theirs, None if ours in optional else KeyError, _size(ours)) for ours, theirs in names.items()}
+    n_embd, n_head, n_kv_head, head_dim = (sizes.get(k) for k in ("n_embd", "n_head", "n_kv_head", "head_dim"))
+    if head_dim is None and n_embd % n_head:
+        raise DataError(f"{where}: field {names['n_embd']!r}: {n_embd} is not a multiple of "
+                        f"{names['n_head']} ({n_head}), and there is no head_dim")
+    if n_kv_head is not None and n_head % n_kv_head:
+        raise DataError(f"{where}: field 'num_key_value_heads': {n_kv_head} does not divide num_attention_heads ({n_head})")
+
+    if gpt2:
+        act = field("activation_function", "gelu_new")
+        mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(act) if isinstance(
+            act, str) else None
+        if mlp is None:
+            unsupported(f"activation_function {_brief(act)}")
+        if not field("scale_attn_weights", True, _FLAG) or field("scale_attn_by_inverse_layer_idx", False, _FLAG):
             unsupported("attention scaling other than 1/sqrt(head_dim)")
-        return GPTConfig(
-            vocab_size=field("vocab_size"), block_size=field("n_positions"), n_layer=field("n_layer"),
-            n_head=field("n_head"), n_embd=field("n_embd"), bias=True, intermediate_size=field("n_inner", None),
-            norm="layernorm", norm_eps=field("layer_norm_epsilon", 1e-5), mlp=mlp, pos="learned",
-            tie_embeddings=field("tie_word_embeddings", True))
+        return GPTConfig(**sizes, bias=True, norm="layernorm", norm_eps=field("layer_norm_epsilon", 1e-5, _POSITIVE),
+                         mlp=mlp, pos="learned", tie_embeddings=field("tie_word_embeddings", True, _FLAG))
 
     if field("hidden_act", "silu") != "silu":
-        unsupported(f"hidden_act {hf['hidden_act']!r}")
-    if model_type == "llama" and (field("attention_bias", False) or field("mlp_bias", False)):
+        unsupported(f"hidden_act {_brief(hf['hidden_act'])}")
+    if model_type == "llama" and (field("attention_bias", False, _FLAG) or field("mlp_bias", False, _FLAG)):
         unsupported("attention_bias or mlp_bias in a llama config")
+    if (head_dim or n_embd // n_head) % 2:
+        raise DataError(f"{where}: field {'head_dim' if head_dim else 'hidden_size'!r}: rotary positions need an "
+                        f"even head size, not {head_dim or n_embd // n_head}")
     # rotary settings: transformers 5 writes rope_parameters, older versions rope_theta and rope_scaling
-    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    objects = ((lambda v: isinstance(v, dict)), "a JSON object")
+    rope = {**field("rope_scaling", {}, objects), **field("rope_parameters", {}, objects)}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        unsupported(f"rope scaling {rope_type!r}")
-    block_size = field("max_position_embeddings")
+        unsupported(f"rope scaling {_brief(rope_type)}")
+    rope_theta = check("rope_theta", rope["rope_theta"], _POSITIVE) if "rope_theta" in rope else field(
+        "rope_theta", 10000.0, _POSITIVE)
     # sliding-window attention is not implemented: within the window it is plain causal attention, so
     # the window caps the context. As in transformers, a missing sliding_window is 4096 (null: none),
     # and Qwen2 slides only with use_sliding_window, in the layers from max_window_layers on
     slides = model_type == "mistral"
-    if model_type == "qwen2" and field("use_sliding_window", False):
-        layers = hf.get("layer_types") or ["sliding_attention" if i >= field("max_window_layers", 28) else "full_attention"
-                                           for i in range(field("num_hidden_layers"))]
-        slides = "sliding_attention" in layers
-    window = hf.get("sliding_window", 4096) if slides else None
+    if model_type == "qwen2" and field("use_sliding_window", False, _FLAG):
+        layers = field("layer_types", None, ((lambda v: isinstance(v, list)), "a list"))
+        slides = ("sliding_attention" in layers if layers else
+                  field("max_window_layers", 28, ((lambda v: is_int(v) and v >= 0), "a count of layers")) < sizes["n_layer"])
+    window = (field("sliding_window", None, _size("block_size")) if "sliding_window" in hf else 4096) if slides else None
     if window:
-        block_size = min(block_size, window)
+        sizes["block_size"] = min(sizes["block_size"], window)
     return GPTConfig(
-        vocab_size=field("vocab_size"), block_size=block_size, n_layer=field("num_hidden_layers"),
-        n_head=field("num_attention_heads"), n_embd=field("hidden_size"),
-        n_kv_head=field("num_key_value_heads", None), head_dim=field("head_dim", None),
-        intermediate_size=field("intermediate_size"), norm="rmsnorm", norm_eps=field("rms_norm_eps", 1e-6),
-        mlp="swiglu", pos="rope", rope_theta=float(rope.get("rope_theta", field("rope_theta", 10000.0))),
-        qkv_bias=model_type == "qwen2", tie_embeddings=field("tie_word_embeddings", False))
+        **sizes, norm="rmsnorm", norm_eps=field("rms_norm_eps", 1e-6, _POSITIVE), mlp="swiglu", pos="rope",
+        rope_theta=float(rope_theta), qkv_bias=model_type == "qwen2", tie_embeddings=field("tie_word_embeddings", False, _FLAG))
 
 
 def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
@@ -173,20 +215,24 @@ class _SafetensorsFiles:
     def __init__(self, folder: str, model_type: str):
         from safetensors import safe_open
         index_path = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.isfile(index_path):
+        # transformers' choice: model.safetensors where there is one, the sharded index otherwise
+        if os.path.isfile(os.path.join(folder, "model.safetensors")):
+            files = ["model.safetensors"]
+        elif os.path.isfile(index_path):
             weight_map = _read_json(index_path).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise DataError(f"{index_path}: missing field 'weight_map'")
-        elif os.path.isfile(os.path.join(folder, "model.safetensors")):
-            weight_map = None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise DataError(f"{index_path}: field 'weight_map' is not an object of tensor names to shard files")
+            files = sorted(set(weight_map.values()))
         else:
             raise DataError(f"{folder}: no model.safetensors or model.safetensors.index.json "
                             "(.bin and .pth weights are not read: they can run code when loaded)")
         self.handles, self.where = {}, {}
-        for file in sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]:
+        for file in files:
             path = os.path.join(folder, file)
             if not os.path.isfile(path):
-                raise DataError(f"{index_path}: shard {file} is missing")
+                raise DataError(f"{index_path}: shard {_brief(file, 300)} is missing")
+            if not _inside(path, folder):  # an absolute path or ".." (a link is followed, as a cache snapshot's are)
+                raise DataError(f"{index_path}: shard {_brief(file, 300)} lies outside the folder")
             try:
                 handle = safe_open(path, framework="pt")
                 for name in handle.keys():
@@ -194,6 +240,12 @@ class _SafetensorsFiles:
             except Exception as e:  # safetensors raises its own error type for a bad header
                 raise DataError(f"{path}: not a readable safetensors file ({e})") from None
             self.handles[path] = handle
+
+    def header(self, name: str) -> tuple[list[int], str]:
+        """A tensor's shape and dtype ("F32", "BF16", ...), from the file's header alone."""
+        path, stored = self.where[name]
+        part = self.handles[path].get_slice(stored)
+        return part.get_shape(), part.get_dtype()
 
     def get(self, name: str) -> torch.Tensor:
         path, stored = self.where[name]
@@ -203,10 +255,18 @@ class _SafetensorsFiles:
             raise DataError(f"{path}: tensor {stored} cannot be read, the file may be truncated ({e})") from None
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path`, as named, lies in `folder`. Symbolic links are the folder's own files: a
+    Hugging Face cache snapshot links each of its files into the cache's blobs."""
+    root = os.path.abspath(folder)
+    return os.path.commonpath([root, os.path.abspath(path)]) == root
+
+
 def load_folder(folder: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
     """The model and tokenizer of a Hugging Face folder, in the checkpoint's dtype unless `dtype`
     is given. The model is built on the meta device and the loaded tensors are assigned to it,
-    so a billion-parameter model never exists twice in memory."""
+    so a billion-parameter model never exists twice in memory. The folder is untrusted: its
+    config.json is checked against the weight files' headers before anything is built or read."""
     config_path = os.path.join(folder, "config.json")
     hf = _read_json(config_path)
     config = config_from_hf(hf, config_path)
@@ -216,9 +276,10 @@ def load_folder(folder: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tok
         raise DataError(f"{folder}: the tokenizer has {tok.vocab_size} tokens, more than the "
                         f"embedding's {config.vocab_size} rows")
     files = _SafetensorsFiles(folder, model_type)
-    with torch.device("meta"):
-        model = GPT(config)
-    expected = dict(model.state_dict())
+    layers = {int(m[1]) for n in files.where if (m := re.match(r"(?:model\.layers|transformer\.h)\.(\d+)\.", n))}
+    if config.n_layer != len(layers):  # before a model is built: config.json may claim far more layers than there are
+        raise DataError(f"{config_path}: field {'n_layer' if model_type == 'gpt2' else 'num_hidden_layers'!r}: "
+                        f"{config.n_layer} layers, and the weights hold {len(layers)}")
     table = weight_table(config, model_type)
     wanted = {n for _, names, _ in table for n in names}
     missing = sorted(n for n in wanted if n not in files.where)
@@ -227,14 +288,22 @@ def load_folder(folder: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tok
         raise DataError(f"{folder}: weights do not match config.json: missing {missing[:8] or 'none'}"
                         f"{' ...' if len(missing) > 8 else ''}; unexpected {unexpected[:8] or 'none'}"
                         f"{' ...' if len(unexpected) > 8 else ''}")
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = dict(model.state_dict())
+    for ours, names, how in table:  # every shape and dtype, from the headers, before a tensor is read
+        want = list(expected[ours].shape)
+        for n in names:
+            shape, stored_dtype = files.header(n)
+            part = want[::-1] if how == "T" else [tensor_rows(config, n), *want[1:]] if how == "cat" else want
+            if shape != part:
+                raise DataError(f"{folder}: tensor {n} has shape {shape}, config.json implies {part} (for {ours})")
+            if stored_dtype not in ("F16", "BF16", "F32", "F64"):
+                raise DataError(f"{folder}: tensor {n} has dtype {stored_dtype}, not a floating-point type")
     state = {}
     for ours, names, how in table:
         parts = [files.get(n) for n in names]
         tensor = parts[0].t() if how == "T" else torch.cat(parts) if how == "cat" else parts[0]
-        if tuple(tensor.shape) != tuple(expected[ours].shape):
-            shapes = " + ".join(str(list(p.shape)) for p in parts)
-            raise DataError(f"{folder}: tensor {' + '.join(names)} has shape {shapes}, "
-                            f"config.json implies {list(expected[ours].shape)} for {ours}")
         state[ours] = tensor.contiguous().to(dtype or tensor.dtype)
     if config.tie_embeddings:
         state["lm_head.weight"] = state["transformer.wte.weight"]
@@ -282,32 +351,40 @@ def load_tokenizer(folder: str, hf_config: dict) -> Tokenizer:
     else:
         raise DataError(f"{folder}: no tokenizer.json or tokenizer.model")
 
+    def ids(file, source, name):  # a config's token id field: an id, a list of ids or null
+        value = source.get(name)
+        value = value if isinstance(value, list) else [] if value is None else [value]
+        for i in value:
+            if not is_int(i) or not 0 <= i < n_tokens:
+                raise DataError(f"{folder}/{file}: field {name!r}: {_brief(i)} is not a token id below {n_tokens}")
+        return value
+
     def special(name):
         text = _token_text(tok_config.get(f"{name}_token"))
+        if text is not None and not isinstance(text, str):
+            raise DataError(f"{folder}/tokenizer_config.json: field '{name}_token': {_brief(text)} is not a string")
         if text is not None and token_to_id(text) is not None:
             return token_to_id(text)
-        for source in (gen_config, hf_config):
-            value = source.get(f"{name}_token_id")
-            if value is not None:
-                return value[0] if isinstance(value, list) else value
+        for file, source in (("generation_config.json", gen_config), ("config.json", hf_config)):
+            if found := ids(file, source, f"{name}_token_id"):
+                return found[0]
         return None
 
     bos, eos, pad = special("bos"), special("eos"), special("pad")
     if eos is None:
         raise DataError(f"{folder}: no eos token in tokenizer_config.json, generation_config.json or config.json")
     # transformers' generate stops at any of generation_config.json's eos ids (config.json's without one)
-    name, source = ("generation_config.json", gen_config) if "eos_token_id" in gen_config else ("config.json", hf_config)
-    value, eos_ids = source.get("eos_token_id"), {eos}
-    for i in value if isinstance(value, list) else [] if value is None else [value]:
-        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_tokens:
-            raise DataError(f"{folder}/{name}: field 'eos_token_id': {i!r} is not a token id below {n_tokens}")
-        eos_ids.add(i)
+    file, source = ("generation_config.json", gen_config) if "eos_token_id" in gen_config else ("config.json", hf_config)
+    eos_ids = {eos, *ids(file, source, "eos_token_id")}
     if kind == "tokenizers":  # transformers adds bos as the tokenizer.json's post-processor says
         add_bos = bos is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos]
     else:  # LlamaTokenizer's default
         add_bos = tok_config.get("add_bos_token", True)
+        if not isinstance(add_bos, bool):
+            raise DataError(f"{folder}/tokenizer_config.json: field 'add_bos_token': {_brief(add_bos)} is not true or false")
+    jinja = os.path.join(folder, "chat_template.jinja")  # the file chat_template() reads first, named in template errors
     return Tokenizer(kind, data, bos, eos, eos if pad is None else pad, add_bos, chat_template(folder, tok_config),
-                     sorted(eos_ids))
+                     sorted(eos_ids), os.path.join(folder, "tokenizer_config.json") if not os.path.isfile(jinja) else jinja)
 
 
 def chat_template(folder: str, tok_config: dict) -> str | None:
@@ -319,7 +396,7 @@ def chat_template(folder: str, tok_config: dict) -> str | None:
             return f.read()
     template = tok_config.get("chat_template")
     if isinstance(template, list):
-        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
     if template is not None and not isinstance(template, str):
         raise DataError(f"{folder}/tokenizer_config.json: field 'chat_template': expected a Jinja string")
     return template
@@ -343,10 +420,11 @@ def tokenizer_files(tok: Tokenizer) -> dict[str, bytes | str]:
 # Export
 
 
-def save_folder(model: GPT, tok: Tokenizer, out_dir: str) -> None:
+def save_folder(model: GPT, tok: Tokenizer, out_dir: str) -> list[str]:
     """Write `model` and `tok` as a Hugging Face folder: config.json, model.safetensors, the
     tokenizer files and generation_config.json. Biases the model does not have (the toy GPT
-    written as gpt2) are written as zeros, which computes the same function."""
+    written as gpt2) are written as zeros, which computes the same function. Returns the files
+    of an earlier model it removed from out_dir (_stale_files); other files are left alone."""
     from safetensors.torch import save_file
     c = model.config
     dtype = next(model.parameters()).dtype
@@ -367,18 +445,43 @@ def save_folder(model: GPT, tok: Tokenizer, out_dir: str) -> None:
         else:
             tensors[hf_names[0]] = w.contiguous()
     os.makedirs(out_dir, exist_ok=True)
+    tok_files = tokenizer_files(tok)
+    stale = _stale_files(out_dir, {"model.safetensors", *tok_files})  # before writing: an old index may name them
     tmp = os.path.join(out_dir, f"model.safetensors.tmp{os.getpid()}")
     save_file({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
     umask = os.umask(0)  # reading the umask means setting it
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600 (its own temporary file); open() gives this
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+    for file in stale:  # after model.safetensors is in place, which every loader reads before an index
+        os.remove(os.path.join(out_dir, file))
     write_atomic(os.path.join(out_dir, "config.json"), json.dumps(hf_config, indent=2) + "\n")
     # every stop id, so transformers' generate stops where ours does (at the end-of-turn token too)
     generation = dict(bos_token_id=tok.bos_id, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id)
     write_atomic(os.path.join(out_dir, "generation_config.json"), json.dumps(generation, indent=2) + "\n")
-    for file, content in tokenizer_files(tok).items():
+    for file, content in tok_files.items():
         write_atomic(os.path.join(out_dir, file), content)
+    return stale
+
+
+def _stale_files(folder: str, keep: set[str]) -> list[str]:
+    """The files of an earlier model in `folder` that a loader would read in place of or beside
+    the `keep` files written now: a sharded index (first, so that no index outlives its shards),
+    the shards it names inside the folder, transformers' shard files (model-*.safetensors), and the
+    tokenizer files not in `keep`."""
+    index, shards = os.path.join(folder, "model.safetensors.index.json"), []
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8-sig") as f:
+                weight_map = json.load(f)["weight_map"]
+            shards = [os.path.normpath(name) for name in weight_map.values() if isinstance(name, str)]
+        except Exception:  # an unreadable index goes all the same; its shards are found by name below
+            pass
+    shards += sorted(f for f in os.listdir(folder) if f.startswith("model-") and f.endswith(".safetensors"))
+    files = ["model.safetensors.index.json", *(f for f in shards if f.endswith(".safetensors")),
+             "tokenizer.json", "tokenizer.model", "chat_template.jinja"]
+    return list(dict.fromkeys(f for f in files if f not in keep and os.path.isfile(os.path.join(folder, f))
+                              and _inside(os.path.join(folder, f), folder)))
 
 
 def tensor_rows(c: GPTConfig, hf_name: str) -> int:

@@ -17,6 +17,21 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 
+# Upper bounds on a configuration's sizes, far above any published model's (Llama-3.1-405B: 126
+# layers, n_embd 16384, 128256 tokens; Qwen2.5-1M: 1010000 positions): a checkpoint or config.json
+# is untrusted data, and a size no model has is refused before anything is built from it
+MAX_SIZE = dict(vocab_size=2**24, block_size=2**22, n_layer=1024, n_head=2**12, n_kv_head=2**12, n_embd=2**16,
+                head_dim=2**12, intermediate_size=2**18)
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 512
@@ -38,12 +53,33 @@ class GPTConfig:
     tie_embeddings: bool = True  # the output head shares the token embedding's weights
 
     def __post_init__(self):
+        # a message naming the field for what would otherwise crash later, or build without bound
+        for name, top in MAX_SIZE.items():
+            value = getattr(self, name)
+            if not (value is None and name in ("n_kv_head", "head_dim", "intermediate_size")
+                    or is_int(value) and 1 <= value <= top):
+                raise ValueError(f"{name} must be an integer from 1 to {top}, got {value!r}")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}) unless head_dim is given")
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         self.intermediate_size = self.intermediate_size or 4 * self.n_embd
-        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
-        assert self.norm in ("layernorm", "rmsnorm") and self.pos in ("learned", "rope")
-        assert self.mlp in ("gelu", "gelu_tanh", "swiglu")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
+        for name in ("norm_eps", "rope_theta"):
+            if not (is_real(getattr(self, name)) and 0 < getattr(self, name) < math.inf):
+                raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)!r}")
+        if not (is_real(self.dropout) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be a number from 0 to below 1, got {self.dropout!r}")
+        for name in ("bias", "qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name, choices in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gelu_tanh", "swiglu")),
+                              ("pos", ("learned", "rope"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
 
 # Named sizes. Parameter counts are for a 512-piece vocabulary (the toy task's tokenizer);

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     cfg = parse_config(Config, argv, __doc__)
     toy = not os.path.isdir(cfg.ckpt)  # the toy task's gold reward scores only the toy model's text
     device = pick_device(cfg.device)
-    try:
+    try:  # bad input, found at any point (a chat template that fails on the prompt), is one line
         if not cfg.pairs and not cfg.prompt:
             raise DataError("give --prompt, or --pairs to write preference pairs")
         if cfg.pairs and not toy:
@@ -142,21 +142,21 @@ def main(argv=None) -> int:
         if cfg.pairs:
             train = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"))[:cfg.n_train_prompts]
             val = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"))[:cfg.n_val_prompts]
+        model.to(device).eval()
+        with autocast(device, cfg.dtype):
+            if not cfg.pairs:
+                _, texts, _ = sample_completions(model, tok, [cfg.prompt] * cfg.n, cfg.max_new_tokens,
+                                                 cfg.temperature, cfg.seed, cfg.top_k, cfg.top_p)
+                for t in texts:
+                    print(f"[{cfg.prompt}] {t}" + (f"   (gold reward {gold_reward(t, cfg.prompt):.2f})" if toy else ""))
+                return 0
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            rng = random.Random(cfg.seed)
+            write_pairs(cfg, model, tok, "train", train, rng)
+            write_pairs(cfg, model, tok, "val", val, rng)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model.to(device).eval()
-    with autocast(device, cfg.dtype):
-        if not cfg.pairs:
-            _, texts, _ = sample_completions(model, tok, [cfg.prompt] * cfg.n, cfg.max_new_tokens,
-                                             cfg.temperature, cfg.seed, cfg.top_k, cfg.top_p)
-            for t in texts:
-                print(f"[{cfg.prompt}] {t}" + (f"   (gold reward {gold_reward(t, cfg.prompt):.2f})" if toy else ""))
-            return 0
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        rng = random.Random(cfg.seed)
-        write_pairs(cfg, model, tok, "train", train, rng)
-        write_pairs(cfg, model, tok, "val", val, rng)
     return 0
 
 

@@ -95,7 +95,8 @@ def reference_logps(reference, data: dict[str, torch.Tensor], average: bool, dis
 def cached_reference_logps(cfg: Config, reference, datasets: dict, average: bool, dist: Dist, ctx) -> dict:
     """Reference log-probs of each dataset, from out_dir/reference_logps.pt when it was made
     from the same reference (its files' contents, in the same dtypes) and the same tokenised
-    pairs, else computed and saved there."""
+    pairs, else computed and saved there. A cache that does not load (cut short, or not this
+    script's: weights_only never runs its code) is only a cache: a warning, and it is made again."""
     path = os.path.join(cfg.out_dir, "reference_logps.pt")
     h = hashlib.sha256(json.dumps([fingerprint(cfg.sft_ckpt), cfg.dtype, cfg.frozen_dtype, average]).encode())
     for name in sorted(datasets):
@@ -103,8 +104,16 @@ def cached_reference_logps(cfg: Config, reference, datasets: dict, average: bool
             h.update(v.numpy().tobytes())
     key = h.hexdigest()
     if os.path.exists(path):
-        cached = torch.load(path, weights_only=True)
-        if cached["key"] == key:
+        try:
+            cached = torch.load(path, weights_only=True)
+        except Exception as e:  # cut short, or holding objects other than tensors (refused, never run)
+            cached = None
+            if dist.master:
+                print(f"warning: {path}: not a cache this script wrote ({type(e).__name__} on loading it); "
+                      "computing the reference log-probs again", file=sys.stderr)
+        shapes = {name: (len(data["chosen_input_ids"]), 2) for name, data in datasets.items()}
+        if (isinstance(cached, dict) and cached.get("key") == key and isinstance(cached.get("logps"), dict)
+                and {k: getattr(v, "shape", None) for k, v in cached["logps"].items()} == shapes):
             return cached["logps"]
     logps = {name: reference_logps(reference, data, average, dist, ctx, cfg.batch_size)
              for name, data in datasets.items()}

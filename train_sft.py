@@ -174,7 +174,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     default_max_length(cfg, block_size, toy=not cfg.train_file)
     check_lengths(block_size, ("--max_length", cfg.max_length))
     if run.resumed:
-        tok = Tokenizer.from_state(run.resumed["tokenizer"])
+        tok = Tokenizer.from_state(run.resumed["tokenizer"], run.ckpt_path)
     train_data, val_data, prompts, tok = load_data(cfg, dist, tok)
     check_batches(len(train_data["input_ids"]), "training sequences", cfg, dist)
     longest_prompt = max((len(tok.encode_prompt(p)) for p in prompts), default=0)

@@ -559,9 +559,34 @@ def load_gpt(path: str, dtype: torch.dtype | None = torch.float32,
         load_trainable(model, ckpt["model"], path)
         merge_lora(model)
     else:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    return model.to(dtype), Tokenizer.from_state(ckpt["tokenizer"]), ckpt
+        model = _checkpointed(GPT, path, _model_config(path, ckpt), ckpt["model"])
+    return model.to(dtype), Tokenizer.from_state(ckpt["tokenizer"], path), ckpt
+
+
+def _model_config(path: str, ckpt: dict) -> GPTConfig:
+    """A checkpoint's model_config, every value checked before anything is built."""
+    try:
+        return GPTConfig(**ckpt["model_config"])
+    except (TypeError, ValueError) as e:  # an unknown key or a bad value
+        raise DataError(f"{path}: model_config: {e}") from None
+
+
+def _checkpointed(cls, path: str, config: GPTConfig, state: dict) -> torch.nn.Module:
+    """A `cls` (GPT or RewardModel) of `config` holding a checkpoint's `state`. It is built on the
+    meta device and takes the stored tensors, so a config that claims terabytes allocates nothing
+    before the weights are compared with it."""
+    not_weights = [k for k, v in state.items() if not (isinstance(v, torch.Tensor) and v.is_floating_point())]
+    if not_weights:
+        raise DataError(f"{path}: {not_weights[0]} is not a floating-point tensor")
+    with torch.device("meta"):
+        model = cls(config)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:  # missing or unexpected names, or a shape that model_config contradicts
+        details = "; ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise DataError(f"{path}: the weights do not match model_config ({details[:300]})") from None
+    (model.backbone if isinstance(model, RewardModel) else model).tie_weights()
+    return model
 
 
 def load_reward_model(path: str, lora_base: str = "") -> tuple[RewardModel, Tokenizer]:
@@ -574,9 +599,9 @@ def load_reward_model(path: str, lora_base: str = "") -> tuple[RewardModel, Toke
         load_trainable(model, ckpt["model"], path)
         merge_lora(model)
     else:
-        model = RewardModel(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(backbone_state(ckpt["model"], model.config))
-    return model, Tokenizer.from_state(ckpt["tokenizer"])
+        config = _model_config(path, ckpt)
+        model = _checkpointed(RewardModel, path, config, backbone_state(ckpt["model"], config))
+    return model, Tokenizer.from_state(ckpt["tokenizer"], path)
 
 
 def _lora_base(path: str, ckpt: dict, moved_to: str = "") -> GPT:

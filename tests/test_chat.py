@@ -267,7 +267,8 @@ def test_a_template_that_refuses_a_conversation_stops_train_sft_with_one_line(tm
     result = run_python("train_sft.py", f"--train_file={data}", f"--tokenizer={toy_dir}/tokenizer.model",
                         f"--chat_template={tmp_path / 'strict.jinja'}", f"--out_dir={out}", "--device=cpu", "--max_iters=1")
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: {data}:31: field 'messages': the chat template refused the conversation: "
+    assert result.stderr.strip() == (f"error: {data}:31: field 'messages': the chat template (--chat_template "
+                                     f"{tmp_path / 'strict.jinja'}) refused the conversation: "
                                      "Conversation roles must alternate user/assistant/user/assistant/...")
     assert not os.path.exists(out)
 

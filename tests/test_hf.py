@@ -332,7 +332,7 @@ BAD_FOLDERS = {  # case -> (how to spoil a good llama folder, what the one line 
     "unexpected tensor": (lambda d: _edit_weights(d, lambda t: t.update({"model.extra.weight": torch.zeros(2)})),
                           "unexpected ['model.extra.weight']"),
     "wrong shape": (lambda d: _edit_config(d, intermediate_size=40),
-                    "model.layers.0.mlp.gate_proj.weight + model.layers.0.mlp.up_proj.weight has shape [48, 32] + [48, 32]"),
+                    "tensor model.layers.0.mlp.gate_proj.weight has shape [48, 32], config.json implies [40, 32]"),
     "truncated safetensors": (lambda d: _truncate(f"{d}/model.safetensors"), "model.safetensors"),
     "tokenizer larger than the embedding": (lambda d: _edit_weights(d, lambda t: t.update(
         {k: v[:200] for k, v in t.items() if k in ("model.embed_tokens.weight", "lm_head.weight")}))
