@@ -572,20 +572,22 @@ def _model_config(path: str, ckpt: dict) -> GPTConfig:
 
 
 def _checkpointed(cls, path: str, config: GPTConfig, state: dict) -> torch.nn.Module:
-    """A `cls` (GPT or RewardModel) of `config` holding a checkpoint's `state`. It is built on the
-    meta device and takes the stored tensors, so a config that claims terabytes allocates nothing
-    before the weights are compared with it."""
-    not_weights = [k for k, v in state.items() if not (isinstance(v, torch.Tensor) and v.is_floating_point())]
-    if not_weights:
-        raise DataError(f"{path}: {not_weights[0]} is not a floating-point tensor")
+    """A `cls` (GPT or RewardModel) of `config` holding a checkpoint's `state`. The stored tensors'
+    names and shapes are compared with a model built on the meta device first, so a config that
+    claims terabytes is refused before anything is allocated."""
     with torch.device("meta"):
-        model = cls(config)
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:  # missing or unexpected names, or a shape that model_config contradicts
-        details = "; ".join(line.strip() for line in str(e).splitlines()[1:3])
-        raise DataError(f"{path}: the weights do not match model_config ({details[:300]})") from None
-    (model.backbone if isinstance(model, RewardModel) else model).tie_weights()
+        expected = cls(config).state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise DataError(f"{path}: the weights do not match model_config: missing {missing[:4] or 'none'}, "
+                        f"unexpected {unexpected[:4] or 'none'}")
+    for name, tensor in state.items():
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+                and tensor.shape == expected[name].shape):
+            raise DataError(f"{path}: {name} is not a floating-point tensor of shape {list(expected[name].shape)}, "
+                            "as model_config implies")
+    model = cls(config)  # initialised, then overwritten: its random draws keep every seeded run's numbers
+    model.load_state_dict(state)
     return model
 
 
