@@ -269,6 +269,17 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def make_out_dir(path: str) -> None:
+    """Create --out_dir (and its parents): one line when it cannot be written, before a script
+    loads anything, rather than an OSError once the work is done."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:  # a read-only or full disk, a file in the way
+        raise DataError(f"--out_dir {path}: cannot write there ({e.strerror})") from None
+
+
 def write_atomic(path: str, data: bytes | str) -> None:
     """Write to a temporary file then rename, so a crash never leaves a half-written file."""
     def write(tmp):

@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from data import DataError
+from data import DataError, make_out_dir
 from hf import save_folder
 from train_utils import load_gpt, parse_config
 
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
         print(f"error: {cfg.out_dir} already holds files; give --overwrite to replace them", file=sys.stderr)
         return 2
     try:
+        make_out_dir(cfg.out_dir)
         model, tok, _ = load_gpt(cfg.ckpt, dtype=getattr(torch, cfg.dtype), lora_base=cfg.lora_base)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from data import DataError, gold_reward, load_prompts, write_atomic
+from data import DataError, gold_reward, load_prompts, make_out_dir, write_atomic
 from evaluate import sample_completions
 from train_utils import autocast, load_gpt, parse_config, pick_device
 
@@ -138,6 +138,8 @@ def main(argv=None) -> int:
         if cfg.pairs and not toy:
             raise DataError(f"--pairs labels samples of the toy prompts with the toy task's gold reward; "
                             f"{cfg.ckpt} is a Hugging Face model (give your own pairs to train_dpo.py)")
+        if cfg.pairs:
+            make_out_dir(cfg.out_dir)
         model, tok, _ = load_gpt(cfg.ckpt, dtype=None, lora_base=cfg.lora_base)
         if cfg.pairs:
             train = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"))[:cfg.n_train_prompts]
@@ -150,7 +152,6 @@ def main(argv=None) -> int:
                 for t in texts:
                     print(f"[{cfg.prompt}] {t}" + (f"   (gold reward {gold_reward(t, cfg.prompt):.2f})" if toy else ""))
                 return 0
-            os.makedirs(cfg.out_dir, exist_ok=True)
             rng = random.Random(cfg.seed)
             write_pairs(cfg, model, tok, "train", train, rng)
             write_pairs(cfg, model, tok, "val", val, rng)

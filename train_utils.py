@@ -35,7 +35,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import TOY_PAIRS, DataError, Tokenizer, load_checkpoint, replace_atomically, take, write_atomic
+from data import TOY_PAIRS, DataError, Tokenizer, load_checkpoint, make_out_dir, replace_atomically, take, write_atomic
 from hf import load_folder
 from lora import TARGETS, attach_lora, merge_lora
 from model import GPT, Block, GPTConfig
@@ -765,23 +765,36 @@ _held: dict[str, tuple[int, bool]] = {}  # folders this process holds: real path
 def _claim(path: str) -> str | None:
     """Lock path/.lock for this process; None, or why not in one line. flock is released by the
     kernel when the process ends, however it ends (kill -9 too), so a lock file that a killed run
-    left is free to take: the file's text only tells a refused run who holds it."""
+    left is free to take: the file's text only tells a refused run who holds it. A run that ends
+    removes the file, so the lock taken is checked to be on the file still there."""
     key = os.path.realpath(path)
     if key in _held:
         return None
     created = not os.path.isdir(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:  # a read-only or full disk, a file in the way: before anything is loaded
-        return f"--out_dir {path}: cannot write there ({e.strerror})"
-    if fcntl:
+    lock = os.path.join(path, LOCK)
+    while True:
+        try:
+            make_out_dir(path)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except DataError as e:
+            return str(e)
+        except OSError as e:
+            return f"--out_dir {path}: cannot write there ({e.strerror})"
+        if not fcntl:
+            break
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
             os.close(fd)
             return f"--out_dir {path} is in use by another run ({holder}); wait for it to end or choose another --out_dir"
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # the holder removed this lock file as it ended, after we opened it: take a new one
     os.ftruncate(fd, 0)
     command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
@@ -826,7 +839,8 @@ def restore_overwritten(path: str) -> bool:
 
 def release_run_folder(path: str) -> None:
     """At a run's end, however it ended: put back a run an unfinished --overwrite set aside,
-    remove a folder this process made and never wrote to (bad input leaves nothing), unlock."""
+    unlock and remove the lock file, and the folder if this process made it and wrote nothing
+    there (bad input leaves nothing behind)."""
     key = os.path.realpath(path)
     if key not in _held:
         return
@@ -834,8 +848,8 @@ def release_run_folder(path: str) -> None:
         print(f"{path}: the run that --overwrite was replacing is restored (the new run wrote no checkpoint)",
               file=sys.stderr)
     fd, created = _held.pop(key)
-    if created and os.listdir(path) == [LOCK]:
-        os.remove(os.path.join(path, LOCK))
+    os.remove(os.path.join(path, LOCK))  # while still locked: a run that opened it meanwhile sees it gone
+    if created and not os.listdir(path):
         os.rmdir(path)
     os.close(fd)
 

@@ -83,6 +83,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder_and_a_kill
     step = load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
     assert train_sft.main(tiny_args(toy_dir, out, max_iters=step + 1, eval_interval=5, resume=True)) == 0
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == step + 1
+    assert not os.path.exists(os.path.join(out, ".lock"))  # a run that ends removes its lock
 
 
 def test_a_kill_between_overwrite_and_the_first_checkpoint_leaves_the_old_run_loadable_and_resumable(
@@ -119,7 +120,7 @@ def test_an_overwrite_stopped_before_its_first_checkpoint_leaves_the_old_run_byt
     assert "keeps the run --overwrite was replacing" in capsys.readouterr().err
     after = {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))}
     assert after.keys() == before.keys()
-    assert all(after[name] == before[name] for name in before if name != ".lock")
+    assert all(after[name] == before[name] for name in before)
 
 
 def test_an_overwrite_that_reaches_its_first_checkpoint_leaves_only_the_new_run(toy_dir, tmp_path):
@@ -128,7 +129,7 @@ def test_an_overwrite_that_reaches_its_first_checkpoint_leaves_only_the_new_run(
     assert train_sft.main(tiny_args(toy_dir, out, max_iters=3)) == 0
     open(os.path.join(out, "ckpt.pt.tmp99999"), "wb").write(b"half a checkpoint")
     assert train_sft.main(tiny_args(toy_dir, out, max_iters=2, overwrite=True)) == 0
-    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "config.json", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "metrics.jsonl"]
     assert [row["step"] for row in read_metrics(out)] == [0, 1, 2]
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 2
 
@@ -138,6 +139,18 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_anything_is_loaded(
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     out = str(tmp_path / "a_file" / "run")
     assert train_sft.main(tiny_args(toy_dir, out, init_from=str(tmp_path / "bad.pt"))) == 2
+    assert capsys.readouterr().err == f"error: --out_dir {out}: cannot write there (Not a directory)\n"
+
+
+@pytest.mark.parametrize("script", ["export", "sample"])
+def test_export_and_sample_refuse_an_out_dir_that_cannot_be_written_before_loading(script, tmp_path, capsys):
+    import export
+    import sample
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    out = str(tmp_path / "a_file" / "out")
+    argv = [f"--ckpt={tmp_path / 'bad.pt'}", f"--out_dir={out}"] + (["--pairs", "--device=cpu"] if script == "sample" else [])
+    assert {"export": export, "sample": sample}[script].main(argv) == 2
     assert capsys.readouterr().err == f"error: --out_dir {out}: cannot write there (Not a directory)\n"
 
 
@@ -178,4 +191,4 @@ def test_ten_kills_at_random_moments_change_nothing_the_resumed_run_computes(toy
     assert read_metrics(killed) == read_metrics(whole)
     a, b = load_checkpoint(os.path.join(whole, "ckpt.pt")), load_checkpoint(ckpt)
     assert all(torch.equal(t, b["model"][n]) for n, t in a["model"].items())
-    assert sorted(os.listdir(killed)) == [".lock", "ckpt.pt", "config.json", "metrics.jsonl"]
+    assert sorted(os.listdir(killed)) == ["ckpt.pt", "config.json", "metrics.jsonl"]
