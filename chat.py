@@ -47,7 +47,7 @@ ZEPHYR_TEMPLATE = (
 
 # A render's bounds. A real template renders a conversation in well under a millisecond, to about
 # the length of its messages; module constants, so that tests can tighten them.
-RENDER_SECONDS = 2.0  # per render (compiling included)
+RENDER_SECONDS = 0.5  # per render (compiling included): a hostile template is refused within a second
 MAX_CHARS = 1 << 24  # longest text or list a template may build, and longest rendering
 MAX_INT_BITS = 1 << 16  # largest number `*` or `**` may compute
 

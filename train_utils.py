@@ -575,6 +575,9 @@ def _checkpointed(cls, path: str, config: GPTConfig, state: dict) -> torch.nn.Mo
     """A `cls` (GPT or RewardModel) of `config` holding a checkpoint's `state`. The stored tensors'
     names and shapes are compared with a model built on the meta device first, so a config that
     claims terabytes is refused before anything is allocated."""
+    layers = {int(m[1]) for name in state if (m := re.search(r"\bh\.(\d+)\.", name))}
+    if layers != set(range(config.n_layer)):  # first, as building even on meta takes a while a layer
+        raise DataError(f"{path}: model_config says {config.n_layer} layers, the weights hold {len(layers)}")
     with torch.device("meta"):
         expected = cls(config).state_dict()
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())

@@ -278,7 +278,7 @@ SPOILED_CHECKPOINTS = {
     "a_billion_layers": (dict(model_config=dict(n_layer=10**9)), "model_config: n_layer must be an integer"),
     "a_thousand_wide_layers": (dict(model_config=dict(n_layer=1000, n_embd=65536, n_head=1, n_kv_head=1, head_dim=None,
                                                       intermediate_size=None)),
-                               "the weights do not match model_config: missing ['transformer.h.1."),
+                               "model_config says 1000 layers, the weights hold 1"),
     "wider_than_its_weights": (dict(model_config=dict(n_embd=32, head_dim=None, intermediate_size=None)),
                                "transformer.wte.weight is not a floating-point tensor of shape [300, 32]"),
     "zero_heads": (dict(model_config=dict(n_head=0)), "model_config: n_head must be an integer"),
