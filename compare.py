@@ -36,9 +36,11 @@ import train_dpo
 import train_ppo
 import train_rm
 import train_sft
-from data import collate, gold_reward, load_preferences, load_prompts, prepare_toy_data, write_atomic
+from data import collate, load_preferences, load_prompts
 from evaluate import (PolicyEvaluator, SentimentTilt, best_of_n, completion_logprobs, mixture_log_ratio,
                       optimal_frontier, sample_completions)
+from files import write_atomic
+from toy import gold_reward, prepare_toy_data
 from train_utils import autocast, load_gpt, load_reward_model, parse_config, pick_device
 
 

@@ -1,456 +1,24 @@
 """
-Data: the tokenizer, the built-in toy task with its gold reward, JSONL readers that
-validate every record, and collation into padded tensors.
+Data: JSONL readers that validate every record (SFT examples, preference pairs and prompts, in
+the formats TRL and the Hugging Face hub use), tokenisation with labels, and collation into
+padded tensors. The tokenizer is in tokenizer.py, the toy task in toy.py.
 
-    python data.py                          # write the toy task to data/toy and train its tokenizer
-    python data.py --chat                   # the toy task as conversations, in data/toy_chat
     python data.py --check FILE --kind preference   # validate a JSONL file, report the first bad record
 """
 import argparse
-import inspect
-import io
 import json
-import math
 import os
-import pickle
-import random
-import re
 import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import sentencepiece as spm
 import torch
 
-from chat import ROLES, ZEPHYR_TEMPLATE, ChatError, encode_conversation, encode_prompt_response, render
+from chat import ROLES, ChatError, encode_conversation, encode_prompt_response
+from files import DataError
+from tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding), as in torch's cross_entropy
-
-
-class DataError(ValueError):
-    """A bad input record; the message names the file, line and field."""
-
-
-# -----------------------------------------------------------------------------
-# Tokenizer
-
-
-class Tokenizer:
-    """Text to token ids and back, with the special ids a model was trained with. Two backends:
-    a sentencepiece model (the toy task's, and Llama-2, TinyLlama, Mistral's `tokenizer.model`)
-    or a Hugging Face `tokenizer.json` (GPT-2, SmolLM2, Qwen2) read by the `tokenizers` library.
-    The toy tokenizer has byte fallback, so any text encodes and `decode(encode(text)) == text`
-    exactly (no normalisation, whitespace kept)."""
-
-    TOY_IDS = dict(pad_id=0, unk_id=1, bos_id=2, eos_id=3)  # the toy tokenizer's special pieces
-    CHAT_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "\n"]  # one piece each in the chat toy's tokenizer
-
-    def __init__(self, kind: str, data: bytes | str, bos_id: int | None, eos_id: int, pad_id: int,
-                 add_bos: bool = True, chat_template: str | None = None, eos_ids: list[int] | None = None,
-                 template_source: str | None = None):
-        self.kind, self.data = kind, data  # data travels inside checkpoints, so a checkpoint samples alone
-        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self.eos_ids = sorted({eos_id, *(eos_ids or ())})  # every id the model may end with (generation_config's list)
-        self.add_bos = add_bos and bos_id is not None  # whether a prompt starts with bos
-        self.chat_template = chat_template  # Jinja source; when set, every prompt is a user turn of a conversation
-        self.template_source = template_source  # where the template came from (a file, a flag), named in its errors
-        if kind == "sentencepiece":
-            self.sp = spm.SentencePieceProcessor(model_proto=data)
-            self.vocab_size = self.sp.get_piece_size()
-            self.unk_id = self.sp.unk_id()
-            # control pieces (<s>, </s>, ...) written in a template's text are those tokens, as in transformers
-            controls = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
-                        if self.sp.is_control(i) or self.sp.is_unknown(i)}
-            self._controls = controls
-            self._control_re = re.compile("|".join(re.escape(p) for p in sorted(controls, key=len, reverse=True)) or "(?!)")
-        else:
-            from tokenizers import Tokenizer as HFTokenizer  # only for Hugging Face folders
-            self.hf = HFTokenizer.from_str(data)
-            self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
-            self.unk_id = None
-        self.end_of_turn_id = self._end_of_turn() if chat_template else None
-        self.stop_ids = sorted({*self.eos_ids, *([self.end_of_turn_id] if self.end_of_turn_id is not None else [])})
-        self.special_ids = {i for i in (bos_id, pad_id, *self.stop_ids) if i is not None}  # never decoded to text
-
-    @classmethod
-    def toy(cls, model_proto: bytes) -> "Tokenizer":
-        ids = cls.TOY_IDS
-        return cls("sentencepiece", model_proto, ids["bos_id"], ids["eos_id"], ids["pad_id"])
-
-    @classmethod
-    def load(cls, path: str) -> "Tokenizer":
-        """The toy task's tokenizer.model."""
-        with open(path, "rb") as f:
-            return cls.toy(f.read())
-
-    @classmethod
-    def train(cls, text_file: str, vocab_size: int = 512, chat: bool = False) -> "Tokenizer":
-        """BPE over `text_file` (one document a line). The vocabulary is capped at `vocab_size` but
-        may come out smaller on a small corpus such as the toy task. With chat=True the Zephyr
-        template's markers and the newline are pieces of their own, and a text gets no leading
-        word-boundary piece (a template's text is cut at its special tokens)."""
-        proto = io.BytesIO()
-        extra = dict(user_defined_symbols=cls.CHAT_MARKERS, add_dummy_prefix=False) if chat else {}
-        spm.SentencePieceTrainer.train(
-            input=text_file, model_writer=proto, vocab_size=vocab_size, model_type="bpe",
-            byte_fallback=True, hard_vocab_limit=False, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, num_threads=1, minloglevel=2, **cls.TOY_IDS, **extra,
-        )
-        return cls.toy(proto.getvalue())
-
-    def state(self) -> dict:
-        """Everything needed to rebuild this tokenizer, as plain values for a checkpoint."""
-        return dict(kind=self.kind, data=self.data, bos_id=self.bos_id, eos_id=self.eos_id,
-                    pad_id=self.pad_id, add_bos=self.add_bos, chat_template=self.chat_template, eos_ids=self.eos_ids)
-
-    def _end_of_turn(self) -> int | None:
-        """The special token the chat template ends an assistant turn with (Zephyr: eos;
-        ChatML: <|im_end|>; Llama-3: <|eot_id|>): the first token after a rendered reply, if that
-        is a special token. A model stops generating there, so it is a stop id; what the template
-        writes after it (a newline) is never generated and carries no loss. Rendering this probe
-        when the tokenizer is made also refuses a template that cannot work before anything runs."""
-        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Fine"}]
-        try:
-            text = self.render(messages)
-            before = self.render(messages[:1], add_generation_prompt=True)
-        except ChatError as e:
-            raise DataError(f"{e} (on a test conversation: a user turn and a reply)") from None
-        reply = text.find("Fine", len(before))
-        if reply < 0:
-            return None
-        end = reply + len("Fine")
-        ids, starts = self.encode_with_offsets(text)
-        after = [i for i, s in zip(ids, starts) if s >= end]
-        return after[0] if after and after[0] in self.special_token_ids() else None
-
-    def special_token_ids(self) -> set[int]:
-        """Ids of the tokenizer's special tokens (control pieces; tokenizer.json's special added tokens)."""
-        if self.kind == "sentencepiece":
-            return set(self._controls.values())
-        return {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
-
-    def with_chat_template(self, choice: str, chat_data: bool) -> "Tokenizer":
-        """This tokenizer with the chat template a run asked for (--chat_template): auto keeps the
-        model's own, or takes Zephyr's for conversation records when the model has none; zephyr is
-        the built-in one; none renders no conversation; anything else is a Jinja file to read."""
-        builtin = (ZEPHYR_TEMPLATE, "built-in Zephyr")
-        if choice == "auto":
-            template, source = ((self.chat_template, self.template_source) if self.chat_template
-                                else builtin if chat_data else (None, None))
-        elif choice in ("zephyr", "none"):
-            template, source = builtin if choice == "zephyr" else (None, None)
-        else:
-            if not os.path.isfile(choice):
-                raise DataError(f"--chat_template {choice}: not auto, zephyr, none or a Jinja file")
-            try:
-                with open(choice, encoding="utf-8") as f:
-                    template, source = f.read(), f"--chat_template {choice}"
-            except (OSError, UnicodeDecodeError) as e:
-                raise DataError(f"--chat_template {choice}: cannot be read as UTF-8 text ({e})") from None
-        if chat_data and template is None:
-            raise DataError("the data holds conversations but --chat_template none renders none")
-        return Tokenizer(**{**self.state(), "chat_template": template}, template_source=source)
-
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """The chat template applied to `messages`, with this tokenizer's special tokens."""
-        return render(self.chat_template, messages, self.special_tokens(), add_generation_prompt, self.template_source)
-
-    @classmethod
-    def from_state(cls, state: dict | bytes, where: str) -> "Tokenizer":
-        """The tokenizer of the checkpoint `where`; bytes are the toy tokenizer of checkpoints
-        written before Hugging Face folders were supported. A state this project did not write,
-        or special ids outside the vocabulary, is one DataError line."""
-        def whole(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-        if isinstance(state, dict):
-            known = set(inspect.signature(cls).parameters)
-            if not (set(state) <= known and state.get("kind") in ("sentencepiece", "tokenizers")
-                    and isinstance(state.get("data"), (bytes, str)) and whole(state.get("eos_id"))
-                    and whole(state.get("pad_id")) and (state.get("bos_id") is None or whole(state["bos_id"]))
-                    and all(whole(i) for i in state.get("eos_ids") or [])):
-                raise DataError(f"{where}: its tokenizer is not one this project wrote")
-        try:  # a chat template's errors name the checkpoint it came in
-            tok = cls.toy(state) if isinstance(state, bytes) else cls(**{**state, "template_source": where})
-        except DataError:
-            raise
-        except Exception as e:  # sentencepiece or tokenizers refusing the data
-            raise DataError(f"{where}: its tokenizer cannot be read ({type(e).__name__})") from None
-        outside = [i for i in (tok.bos_id, tok.pad_id, *tok.eos_ids) if i is not None and not 0 <= i < tok.vocab_size]
-        if outside:
-            raise DataError(f"{where}: special token ids {outside} lie outside the tokenizer's {tok.vocab_size} tokens")
-        return tok
-
-    def save(self, path: str) -> None:
-        write_atomic(path, self.data)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, no special tokens added."""
-        if self.kind == "sentencepiece":
-            return self.sp.encode(text)
-        return self.hf.encode(text, add_special_tokens=False).ids
-
-    def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
-        """A prompt as the model sees it: bos (where the model uses one), then the prompt's tokens;
-        with a chat template, the prompt as a user turn followed by the generation prompt. A prompt
-        that is a conversation (a list of messages) is rendered the same way and needs a template."""
-        if isinstance(prompt, list) and not self.chat_template:
-            raise DataError("a prompt that is a list of messages needs a chat template (--chat_template)")
-        if self.chat_template:
-            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            try:
-                return self.encode_with_offsets(self.render(messages, add_generation_prompt=True))[0]
-            except ChatError as e:  # scripts stop on a DataError with one line
-                raise DataError(str(e)) from None
-        return [self.bos_id] * self.add_bos + self.encode(prompt)
-
-    def token_text(self, i: int | None) -> str:
-        if i is None:
-            return ""
-        return self.sp.id_to_piece(i) if self.kind == "sentencepiece" else self.hf.id_to_token(i)
-
-    def special_tokens(self) -> dict[str, str]:
-        """The special tokens' text, as a chat template reads them."""
-        return {"bos_token": self.token_text(self.bos_id), "eos_token": self.token_text(self.eos_id),
-                "pad_token": self.token_text(self.pad_id), "unk_token": self.token_text(self.unk_id)}
-
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        """Token ids of a rendered conversation, special tokens written in it included, and the
-        character where each token starts (tokens are labelled by where they start)."""
-        if self.kind != "sentencepiece":
-            encoding = self.hf.encode(text, add_special_tokens=False)
-            return encoding.ids, [start for start, _ in encoding.offsets]
-        ids, starts, done = [], [], 0
-        for match in [*self._control_re.finditer(text), None]:
-            end = match.start() if match else len(text)
-            if end > done:
-                piece_ids, piece_starts = self._sp_offsets(text[done:end])
-                ids += piece_ids
-                starts += [done + s for s in piece_starts]
-            if match:
-                ids.append(self._controls[match.group()])
-                starts.append(match.start())
-                done = match.end()
-        return ids, starts
-
-    def _sp_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        try:
-            proto = self.sp.encode(text, return_type="proto")
-        except TypeError:  # sentencepiece before 0.2.3
-            proto = self.sp.encode(text, out_type="immutable_proto")
-        char_of_byte = [i for i, ch in enumerate(text) for _ in ch.encode()] + [len(text)]
-        return [p.id for p in proto.pieces], [char_of_byte[p.begin] for p in proto.pieces]
-
-    def decode(self, ids: list[int]) -> str:
-        ids = [i for i in ids if i not in self.special_ids]
-        if self.kind == "sentencepiece":
-            return self.sp.decode(ids)
-        return self.hf.decode(ids, skip_special_tokens=False)
-
-
-def load_checkpoint(path: str) -> dict:
-    """A ckpt.pt as a dict of tensors and plain values. A checkpoint is data, never code:
-    weights_only=True refuses anything else (unpickling another object could run code). A file
-    that is not a checkpoint this project wrote is one DataError line."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch fails on an empty, cut or foreign file in many ways (EOFError, RuntimeError, ...)
-        refused = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
-        if refused:  # weights_only names the class it refused
-            raise DataError(f"{path}: not a checkpoint this project wrote: it holds Python objects other than tensors "
-                            f"({refused[1]}), which are never loaded, as loading them could run code") from None
-        raise DataError(f"{path}: not a readable checkpoint (empty, truncated or not written by torch.save)") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)  # what the loaders read
-            and isinstance(ckpt.get("tokenizer"), (dict, bytes))
-            and isinstance(ckpt.get("model_config") or ckpt.get("lora"), dict)):
-        raise DataError(f"{path}: not a checkpoint this project wrote (no 'model', 'tokenizer' and 'model_config' "
-                        "or 'lora' in it)")
-    return ckpt
-
-
-def make_out_dir(path: str) -> None:
-    """Create --out_dir (and its parents): one line when it cannot be written, before a script
-    loads anything, rather than an OSError once the work is done."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as e:  # a read-only or full disk, a file in the way
-        raise DataError(f"--out_dir {path}: cannot write there ({e.strerror})") from None
-
-
-def write_atomic(path: str, data: bytes | str) -> None:
-    """Write to a temporary file then rename, so a crash never leaves a half-written file."""
-    def write(tmp):
-        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-    replace_atomically(path, write)
-
-
-def replace_atomically(path: str, write) -> None:
-    """write(tmp) to a temporary file beside `path` (named by process, so two writers never share
-    one), flushed to disk, then renamed over `path`: a kill leaves the old file or the new one,
-    never half of one; a failed write (a full disk) removes its temporary file and raises."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-# -----------------------------------------------------------------------------
-# The toy task: synthetic movie reviews and a gold sentiment reward.
-#
-# A review is 2-4 sentences, each one of three templates (brackets are optional words):
-#   T1  the NOUN was [not] [ADVERB] ADJECTIVE .
-#   T2  i VERB the NOUN .
-#   T3  i would [not] recommend it .
-# Each review draws a latent positivity q ~ U(0, 1); every sentiment slot is positive with
-# probability q, so a review leans one way but mixes, and a prefix of a few words says little
-# about how the rest will go. That spread is what the preference stages learn from.
-
-NOUNS = ["movie", "film", "plot", "acting", "story", "ending", "cast", "music", "script",
-         "dialogue", "director", "pacing"]
-POSITIVE = ["great", "wonderful", "brilliant", "superb", "moving", "delightful", "excellent",
-            "charming", "beautiful", "fun"]
-NEGATIVE = ["awful", "boring", "terrible", "dull", "bad", "weak", "painful", "bland", "messy",
-            "tedious"]
-NEUTRAL = ["long", "short", "slow", "loud", "quiet", "simple"]
-ADVERBS = ["very", "really", "quite", "so", "truly"]
-POSITIVE_VERBS = ["loved", "enjoyed", "liked", "admired"]
-NEGATIVE_VERBS = ["hated", "disliked", "loathed", "resented"]
-NEUTRAL_VERBS = ["watched", "saw", "noticed"]
-POLARITY = {**{w: 1 for w in POSITIVE + POSITIVE_VERBS + ["recommend"]},
-            **{w: -1 for w in NEGATIVE + NEGATIVE_VERBS}}
-
-_N, _ADJ, _ADV = "|".join(NOUNS), "|".join(POSITIVE + NEGATIVE + NEUTRAL), "|".join(ADVERBS)
-_VERB = "|".join(POSITIVE_VERBS + NEGATIVE_VERBS + NEUTRAL_VERBS)
-_SENTENCE = re.compile(
-    rf"the ({_N}) was( not)?( ({_ADV}))? ({_ADJ})"
-    rf"|i ({_VERB}) the ({_N})"
-    rf"|i would( not)? recommend it"
-)
-
-
-def _toy_sentence(rng: random.Random, q: float) -> str:
-    positive = rng.random() < q  # the sentiment this sentence expresses
-    kind = rng.choices(["T1", "T2", "T3"], weights=[6, 3, 1])[0]
-    if kind == "T1":
-        if rng.random() < 0.25:
-            adjective, negated = rng.choice(NEUTRAL), False
-        else:
-            negated = rng.random() < 0.2  # "not awful" is positive: negation flips polarity
-            adjective = rng.choice(POSITIVE if positive != negated else NEGATIVE)
-        adverb = f" {rng.choice(ADVERBS)}" if rng.random() < 0.3 else ""
-        return f"the {rng.choice(NOUNS)} was{' not' if negated else ''}{adverb} {adjective} ."
-    if kind == "T2":
-        verbs = rng.choice([POSITIVE_VERBS if positive else NEGATIVE_VERBS, NEUTRAL_VERBS]
-                           if rng.random() < 0.25 else [POSITIVE_VERBS if positive else NEGATIVE_VERBS])
-        return f"i {rng.choice(verbs)} the {rng.choice(NOUNS)} ."
-    return f"i would{'' if positive else ' not'} recommend it ."
-
-
-def toy_review(rng: random.Random) -> str:
-    q = rng.random()
-    return " ".join(_toy_sentence(rng, q) for _ in range(rng.randint(2, 4)))
-
-
-def split_prompt(review: str, rng: random.Random) -> tuple[str, str]:
-    """A prompt is the review's first 2-5 words; the completion is the rest."""
-    words = review.split(" ")
-    k = rng.randint(2, 5)
-    return " ".join(words[:k]), " ".join(words[k:])
-
-
-def gold_reward(completion: str, prompt: str = "") -> float:
-    """Sentiment of a completion in (0, 1): sigmoid of the net count of its sentiment words, where
-    a word after "not" in the same sentence counts with its sign flipped. The prompt only gives
-    context (the prompt "the plot was not" makes the completion "dull ." positive); its own words
-    do not count. Deterministic and monotone: one more positive word raises the reward, one more
-    negative word lowers it, other words leave it unchanged, and a balanced completion scores 0.5."""
-    negated = False
-    for word in prompt.split():
-        negated = (negated or word == "not") and word != "."
-    net = 0
-    for word in completion.split():
-        if word == ".":
-            negated = False
-        elif word == "not":
-            negated = True
-        else:
-            net += -POLARITY.get(word, 0) if negated else POLARITY.get(word, 0)
-    return 1.0 / (1.0 + math.exp(-net))
-
-
-def is_well_formed(review: str) -> bool:
-    """True if `review` is 1 or more template sentences, each ending in " ." (the toy grammar)."""
-    if not review.endswith(" ."):
-        return False
-    return all(_SENTENCE.fullmatch(s.strip()) for s in review[:-2].split(" ."))
-
-
-@dataclass
-class ToyConfig:
-    seed: int = 0
-    n_sft_train: int = 20000
-    n_sft_val: int = 500
-    n_prompts_train: int = 2000
-    n_prompts_val: int = 256
-    vocab_size: int = 512
-    chat: bool = False  # the SFT files as conversations, and a tokenizer with the Zephyr markers
-
-
-TOY_FILES = ["corpus.txt", "sft_train.jsonl", "sft_val.jsonl", "prompts_train.jsonl",
-             "prompts_val.jsonl", "tokenizer.model", "meta.json"]
-
-
-def prepare_toy_data(out_dir: str, cfg: ToyConfig = ToyConfig(), verbose: bool = True) -> None:
-    """Write the toy task into `out_dir`: corpus.txt (SFT train reviews, for the tokenizer),
-    sft_{train,val}.jsonl ({"prompt","completion"}; with cfg.chat {"messages"}: the user turn is the
-    review's first words, the assistant's reply the rest), prompts_{train,val}.jsonl ({"prompt"}; train
-    for preference sampling and PPO, val for held-out evaluation) and tokenizer.model. Every split
-    comes from its own seeded stream, so the same seed gives the same files byte for byte. If the
-    folder already holds the files for this config, they are reused."""
-    meta = json.dumps(vars(cfg), sort_keys=True)
-    meta_path = os.path.join(out_dir, "meta.json")
-    if all(os.path.exists(os.path.join(out_dir, f)) for f in TOY_FILES):
-        with open(meta_path) as f:
-            if f.read() == meta:
-                if verbose:
-                    print(f"toy data: reusing {out_dir}")
-                return
-    os.makedirs(out_dir, exist_ok=True)
-
-    def reviews(split: int, n: int) -> list[tuple[str, str]]:
-        rng = random.Random(f"{cfg.seed}-{split}")
-        return [split_prompt(toy_review(rng), rng) for _ in range(n)]
-
-    def write_jsonl(name: str, records: list[dict]) -> None:
-        write_atomic(os.path.join(out_dir, name), "".join(json.dumps(r) + "\n" for r in records))
-
-    splits = [reviews(i, n) for i, n in enumerate(
-        [cfg.n_sft_train, cfg.n_sft_val, cfg.n_prompts_train, cfg.n_prompts_val])]
-    write_atomic(os.path.join(out_dir, "corpus.txt"), "".join(f"{p} {c}\n" for p, c in splits[0]))
-    def sft_record(prompt: str, completion: str) -> dict:
-        if cfg.chat:
-            return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
-        return {"prompt": prompt, "completion": completion}
-
-    write_jsonl("sft_train.jsonl", [sft_record(p, c) for p, c in splits[0]])
-    write_jsonl("sft_val.jsonl", [sft_record(p, c) for p, c in splits[1]])
-    write_jsonl("prompts_train.jsonl", [{"prompt": p} for p, _ in splits[2]])
-    write_jsonl("prompts_val.jsonl", [{"prompt": p} for p, _ in splits[3]])
-    Tokenizer.train(os.path.join(out_dir, "corpus.txt"), cfg.vocab_size, cfg.chat).save(
-        os.path.join(out_dir, "tokenizer.model"))
-    write_atomic(meta_path, meta)  # last, so an interrupted write is redone next time
-    if verbose:
-        print(f"toy data: wrote {out_dir}")
 
 
 # -----------------------------------------------------------------------------
@@ -895,7 +463,7 @@ class PairsConfig:
 
 
 TOY_PAIRS = ("out/pairs/pairs_train.jsonl", "out/pairs/pairs_val.jsonl")  # what `python sample.py --pairs` writes
-TOY_PROMPTS = ("data/toy/prompts_train.jsonl", "data/toy/prompts_val.jsonl")  # what `python data.py` writes
+TOY_PROMPTS = ("data/toy/prompts_train.jsonl", "data/toy/prompts_val.jsonl")  # what `python toy.py` writes
 
 
 def load_pairs(cfg: PairsConfig, tok: Tokenizer, chat_template: str, verbose: bool = True):
@@ -918,47 +486,24 @@ def load_pairs(cfg: PairsConfig, tok: Tokenizer, chat_template: str, verbose: bo
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", default=None, help="folder for the toy task files (default data/toy, or data/toy_chat with --chat)")
-    parser.add_argument("--chat", action="store_true", help="write the SFT data as conversations (user: the review's "
-                        "first words; assistant: the rest) with a tokenizer that knows the Zephyr template's markers")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the toy review generator")
-    parser.add_argument("--vocab_size", type=int, default=512, help="tokenizer vocabulary cap")
-    parser.add_argument("--check", metavar="FILE", help="validate a JSONL file instead of writing the toy task")
-    parser.add_argument("--kind", choices=["sft", "preference", "prompts"], default="sft", help="what --check expects")
+    parser.add_argument("--check", metavar="FILE", required=True, help="the JSONL file to validate")
+    parser.add_argument("--kind", choices=["sft", "preference", "prompts"], default="sft", help="what the file holds")
     parser.add_argument("--format", default="auto", choices=sorted(set(SFT_FORMATS + PREFERENCE_FORMATS)),
-                        help="record format for --check; auto recognises it from the first record")
-    parser.add_argument("--skip_bad", action="store_true", help="with --check, skip and count bad records")
+                        help="record format; auto recognises it from the first record")
+    parser.add_argument("--skip_bad", action="store_true", help="skip and count bad records")
     args = parser.parse_args(argv)
     formats = {"sft": SFT_FORMATS, "preference": PREFERENCE_FORMATS, "prompts": ["auto"]}[args.kind]
     if args.format not in formats:
         parser.error(f"--format {args.format} is not a format of --kind {args.kind}")
-    if args.check:
-        try:
-            if args.kind == "prompts":
-                records = load_prompts(args.check, args.skip_bad)
-            else:
-                records = (load_sft if args.kind == "sft" else load_preferences)(args.check, args.format, args.skip_bad)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(f"ok: {len(records)} {args.kind} records in {args.check}")
-        return 0
-    out_dir = args.out_dir or ("data/toy_chat" if args.chat else "data/toy")
-    cfg = ToyConfig(seed=args.seed, vocab_size=args.vocab_size, chat=args.chat)
-    prepare_toy_data(out_dir, cfg)
-    tok = Tokenizer.load(os.path.join(out_dir, "tokenizer.model"))
-    examples = load_sft(os.path.join(out_dir, "sft_train.jsonl"))
-    if args.chat:
-        tok = tok.with_chat_template("zephyr", chat_data=True)
-        print(f"the first conversation as the model reads it: "
-              f"{render(tok.chat_template, examples[0].messages, tok.special_tokens())!r}")
-        examples = [Example(e.messages[0]["content"], e.messages[1]["content"], e.where) for e in examples]
-    rewards = torch.tensor([gold_reward(e.completion, e.prompt) for e in examples])
-    print(f"tokenizer: {tok.vocab_size} pieces; gold reward of the {len(examples)} training completions: "
-          f"mean {rewards.mean():.3f}, std {rewards.std():.3f}")
-    for e in examples[:3]:
-        print(f"prompt: {e.prompt!r}  completion: {e.completion!r}  "
-              f"gold_reward: {gold_reward(e.completion, e.prompt):.3f}")
+    try:
+        if args.kind == "prompts":
+            records = load_prompts(args.check, args.skip_bad)
+        else:
+            records = (load_sft if args.kind == "sft" else load_preferences)(args.check, args.format, args.skip_bad)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"ok: {len(records)} {args.kind} records in {args.check}")
     return 0
 
 

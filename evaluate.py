@@ -8,7 +8,9 @@ import statistics
 
 import torch
 
-from data import POLARITY, Tokenizer, collate, gold_reward, is_well_formed
+from data import collate
+from tokenizer import Tokenizer
+from toy import POLARITY, gold_reward, is_well_formed
 
 
 def sample_completions(model, tok: Tokenizer, prompts: list[str], max_new_tokens: int,

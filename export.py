@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from data import DataError, make_out_dir
+from files import DataError, make_out_dir
 from hf import save_folder
 from train_utils import load_gpt, parse_config
 

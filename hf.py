@@ -15,8 +15,9 @@ import re
 
 import torch
 
-from data import DataError, Tokenizer, write_atomic
+from files import DataError, write_atomic
 from model import GPT, MAX_SIZE, GPTConfig, is_int, is_real
+from tokenizer import Tokenizer
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gpt2")  # config.json model_type values this file reads
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")

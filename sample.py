@@ -21,8 +21,10 @@ import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from data import DataError, gold_reward, load_prompts, make_out_dir, write_atomic
+from data import load_prompts
 from evaluate import sample_completions
+from files import DataError, make_out_dir, write_atomic
+from toy import gold_reward
 from train_utils import autocast, load_gpt, parse_config, pick_device
 
 

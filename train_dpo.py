@@ -24,11 +24,12 @@ from typing import Literal, Optional
 
 import torch
 
-from data import (TOY_PROMPTS, DataError, PairsConfig, gold_reward, load_pairs, load_prompts, real_tokens,
-                  replace_atomically, take)
+from data import TOY_PROMPTS, PairsConfig, load_pairs, load_prompts, real_tokens, take
 from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums
 from evaluate import PolicyEvaluator
+from files import DataError, replace_atomically
 from lora import AdaptersOff
+from toy import gold_reward
 from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, check_batches, check_lengths,
                          check_pair_settings, check_training_settings, default_max_length, fingerprint, frozen_dtype,
                          global_batch, heldout_sums, load_gpt, lora_record, make_optimizer, micro_batches, n_trainable,

@@ -29,12 +29,14 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from data import TOY_PROMPTS, DataError, gold_reward, load_prompts
+from data import TOY_PROMPTS, load_prompts
 from evaluate import PolicyEvaluator, sample_completions
+from files import DataError
+from lora import AdaptersOff
 from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, group_advantages, k3_kl,
                  loss_weights, masked_whiten, per_token_rewards, ppo_losses, response_logprobs, rollout, shaped_scores)
-from lora import AdaptersOff
 from reward_model import RewardModel
+from toy import gold_reward
 from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, check_lengths, check_training_settings,
                          frozen_dtype, global_batch, load_gpt, load_reward_model, load_trainable, lora_record,
                          make_optimizer, n_trainable, place_frozen, prepare_trainable, progress_bar, require_inputs,

@@ -18,8 +18,10 @@ from typing import Optional
 
 import torch
 
-from data import DataError, PairsConfig, gold_reward, load_pairs, real_tokens, take
+from data import PairsConfig, load_pairs, real_tokens, take
+from files import DataError
 from reward_model import RewardModel, bradley_terry_loss, pair_scores, rm_metric_sums
+from toy import gold_reward
 from train_utils import (Dist, Run, TrainConfig, autocast, check_batches, check_lengths, check_pair_settings,
                          check_training_settings, default_max_length, global_batch, heldout_sums, load_gpt,
                          lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar,

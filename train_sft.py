@@ -17,10 +17,12 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from data import (IGNORE_INDEX, DataError, Tokenizer, ToyConfig, gold_reward, hold_out, load_prompts, load_sft,
-                  prepare_toy_data, real_tokens, take, tokenize_sft)
+from data import IGNORE_INDEX, hold_out, load_prompts, load_sft, real_tokens, take, tokenize_sft
 from evaluate import sample_completions, sample_metrics
+from files import DataError
 from model import GPT, PRESETS
+from tokenizer import Tokenizer
+from toy import ToyConfig, gold_reward, prepare_toy_data
 from train_utils import (Dist, Run, TrainConfig, autocast, barrier, check_batches, check_lengths,
                          check_training_settings, default_max_length, global_batch, heldout_sums, load_gpt,
                          lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar,
@@ -35,7 +37,7 @@ class Config(TrainConfig):
     data_dir: Optional[str] = None
     """the toy task's folder, written on first use (ignored with --train_file); none: data/toy, or data/toy_chat with --chat"""
     chat: bool = False
-    """the toy task as conversations (python data.py --chat): a user turn, the assistant's reply, the Zephyr template"""
+    """the toy task as conversations (python toy.py --chat): a user turn, the assistant's reply, the Zephyr template"""
     train_file: str = ""
     """your own SFT JSONL, {"prompt","completion"}, {"text"} or {"messages"} records; empty: the toy task (not with a Hugging Face --init_from)"""
     val_file: str = ""

@@ -35,11 +35,14 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import TOY_PAIRS, DataError, Tokenizer, load_checkpoint, make_out_dir, replace_atomically, take, write_atomic
+from checkpoint import load_checkpoint
+from data import TOY_PAIRS, take
+from files import DataError, make_out_dir, replace_atomically, write_atomic
 from hf import load_folder
 from lora import TARGETS, attach_lora, merge_lora
 from model import GPT, Block, GPTConfig
 from reward_model import RewardModel, backbone_state
+from tokenizer import Tokenizer
 
 try:
     import fcntl

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["HF_HUB_OFFLINE"] = "1"  # transformers, the tests' reference, reads only the folders the tests write
 sys.path.insert(0, ROOT)
 
-from data import ToyConfig, prepare_toy_data  # noqa: E402
+from toy import ToyConfig, prepare_toy_data  # noqa: E402
 
 
 def read_metrics(out_dir):

@@ -36,7 +36,7 @@ def test_dtype_handling_of_the_gpu_path_on_cpu(toy_dir, tmp_path):
 
     import train_sft
     from model import GPT, GPTConfig, KVCache
-    from data import load_checkpoint
+    from checkpoint import load_checkpoint
     from train_utils import autocast
 
     with autocast(torch.device("cpu"), "float32"):

@@ -12,8 +12,10 @@ import transformers
 
 import chat
 from conftest import run_python
-from data import DataError, Example, Pair, Tokenizer, encode_sft, load_preferences, load_sft, tokenize_pairs
+from data import Example, Pair, encode_sft, load_preferences, load_sft, tokenize_pairs
+from files import DataError
 from hf import load_tokenizer, tokenizer_files
+from tokenizer import Tokenizer
 
 # HuggingFaceH4/zephyr-7b-beta's template as its tokenizer_config.json publishes it: the reference
 # for the built-in one
@@ -204,7 +206,7 @@ def test_export_writes_the_template_and_transformers_renders_it(folders, tmp_pat
 
 
 def test_the_chat_toy_task_is_conversations_whose_reply_is_labelled(tmp_path):
-    from data import ToyConfig, prepare_toy_data
+    from toy import ToyConfig, prepare_toy_data
     prepare_toy_data(str(tmp_path), ToyConfig(n_sft_train=200, n_sft_val=20, n_prompts_train=10, n_prompts_val=10, chat=True),
                      verbose=False)
     example = load_sft(str(tmp_path / "sft_train.jsonl"))[0]

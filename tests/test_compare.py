@@ -14,9 +14,10 @@ import torch
 
 import compare
 import plot
-from data import POLARITY, Tokenizer
 from evaluate import SentimentTilt, best_of_n, completion_logprobs, mixture_log_ratio, optimal_frontier, sample_completions
 from model import GPT, GPTConfig
+from tokenizer import Tokenizer
+from toy import POLARITY
 
 
 def test_importance_weighted_frontier_matches_the_exact_optimal_policy():

@@ -10,9 +10,10 @@ import os
 import pytest
 import torch
 
-from data import (IGNORE_INDEX, DataError, Example, ToyConfig, Tokenizer, collate, encode_example,
-                  gold_reward, is_well_formed, load_preferences, load_prompts, load_sft, prepare_toy_data, take,
-                  tokenize_sft)
+from data import IGNORE_INDEX, Example, collate, encode_example, load_preferences, load_prompts, load_sft, take, tokenize_sft
+from files import DataError
+from tokenizer import Tokenizer
+from toy import ToyConfig, gold_reward, is_well_formed, prepare_toy_data
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from data import Pair, Tokenizer, tokenize_pairs
+from data import Pair, tokenize_pairs
 from dpo import concatenated_forward, dpo_loss, sequence_logps
 from evaluate import completion_logprobs, sequence_kl
 from model import GPT, GPTConfig
+from tokenizer import Tokenizer
 from train_dpo import reference_logps
 from train_utils import Dist
 

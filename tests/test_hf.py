@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import sample
 from conftest import read_metrics, run_python
-from data import DataError
+from files import DataError
 from hf import config_from_hf, load_folder, save_folder
 
 V = 400  # model vocabulary; the test tokenizers have fewer tokens

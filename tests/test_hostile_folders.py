@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import export
 import sample
 from conftest import ROOT
-from data import DataError
+from files import DataError
 from hf import load_folder
 from model import GPTConfig
 from test_hf import CORPUS, FAMILIES, train_bpe_tokenizer_json, train_sentencepiece_model, write_model

@@ -22,8 +22,9 @@ import sample
 import train_dpo
 import train_rm
 import train_sft
-from data import DataError, Tokenizer
+from files import DataError
 from model import GPT, GPTConfig
+from tokenizer import Tokenizer
 from train_utils import Dist
 
 LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import export
-from data import DataError, Tokenizer
+from files import DataError
 from hf import load_folder, save_folder
 from lora import TARGETS, AdaptersOff, LoRALinear, adapters_off, attach_lora, merge_lora
 from model import GPT, GPTConfig
+from tokenizer import Tokenizer
 from train_utils import TrainConfig, load_gpt, lora_record, lora_targets, trainable_state
 
 V = 64

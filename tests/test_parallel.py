@@ -14,10 +14,11 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
+from checkpoint import load_checkpoint
 from conftest import read_metrics, run_python
-from data import Tokenizer, load_checkpoint
 from hf import load_folder
 from model import GPT, GPTConfig
+from tokenizer import Tokenizer
 from train_utils import shard
 
 pytestmark = pytest.mark.slow

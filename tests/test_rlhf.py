@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 
 import train_ppo
 import train_rm
+from checkpoint import load_checkpoint
 from conftest import read_metrics, run_python
-from data import load_checkpoint
 from model import GPT, GPTConfig
 from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, group_advantages, k3_kl, masked_whiten,
                  per_token_rewards, ppo_losses, response_logprobs, rollout, shaped_scores)

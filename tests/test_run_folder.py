@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import train_sft
+from checkpoint import load_checkpoint
 from conftest import ROOT, read_metrics
-from data import load_checkpoint
 from test_train_sft import tiny_args
 
 # train_sft.py, killed (SIGKILL, as the kernel's OOM killer or a lost node would) when it is about

@@ -8,8 +8,9 @@ import os
 import random
 
 import sample
-from data import load_prompts, gold_reward
+from data import load_prompts
 from sample import make_pairs
+from toy import gold_reward
 from train_utils import load_gpt
 
 COMPLETIONS = ["was great .", "was awful .", "was slow .", "was not bad . i loved it ."]

@@ -93,7 +93,7 @@ def test_your_pairs_without_a_val_file_hold_out_their_last_records_and_skip_the_
 
 
 def test_ppo_prompts_longer_than_the_limit_keep_their_last_tokens(sft_pairs, toy_dir):
-    from data import Tokenizer
+    from tokenizer import Tokenizer
     tok = Tokenizer.load(f"{toy_dir}/tokenizer.model")
     long = " ".join(["the movie was great ."] * 30)
     ids = train_ppo.encode_prompts(tok, ["the plot", long], limit=20, verbose=False)

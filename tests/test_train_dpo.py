@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import train_dpo
+from checkpoint import load_checkpoint
 from conftest import read_metrics, run_python
-from data import load_checkpoint
 from train_utils import Dist
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import train_sft
+from checkpoint import load_checkpoint
 from conftest import read_metrics, run_python
-from data import load_checkpoint
 from train_utils import parse_config, setup_distributed
 
 
@@ -91,7 +91,7 @@ def test_a_finite_loss_with_an_overflowing_gradient_never_steps_and_never_reache
 
 def test_a_model_with_a_non_finite_weight_is_never_saved(toy_dir, tmp_path):
     from train_utils import NonFiniteLoss, Run, make_optimizer
-    from data import Tokenizer
+    from tokenizer import Tokenizer
     from model import GPT, GPTConfig
     cfg = train_sft.Config(out_dir=str(tmp_path / "run"))
     dist = setup_distributed("cpu")
@@ -126,7 +126,7 @@ def test_a_save_that_fails_on_a_full_disk_leaves_the_last_checkpoint_and_no_temp
     import errno
     import train_utils
     from train_utils import Run, make_optimizer
-    from data import Tokenizer
+    from tokenizer import Tokenizer
     from model import GPT, GPTConfig
     run = Run(train_sft.Config(out_dir=str(tmp_path / "run")), setup_distributed("cpu"))
     model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))

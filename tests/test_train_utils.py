@@ -13,7 +13,7 @@ from importlib.metadata import version
 import pytest
 import torch
 
-from data import load_checkpoint
+from checkpoint import load_checkpoint
 from model import GPT, GPTConfig
 from train_utils import (Dist, NonFiniteLoss, Run, TrainConfig, global_batch, lr_at, make_optimizer, micro_batches,
                          set_lr, shard_indices, train_step)

@@ -16,7 +16,7 @@ import train_dpo
 import train_ppo
 import train_rm
 import train_sft
-from data import ToyConfig, prepare_toy_data
+from toy import ToyConfig, prepare_toy_data
 
 GOLDEN_DIR = os.path.dirname(os.path.abspath(__file__))
 PAIRS = {split: os.path.join(GOLDEN_DIR, f"pairs_{split}.jsonl") for split in ("train", "val")}

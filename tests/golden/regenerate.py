@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 
 import pipeline  # noqa: E402
 import sample  # noqa: E402
-from data import write_atomic  # noqa: E402
+from files import write_atomic  # noqa: E402
 
 EXTRA_SEEDS = 4
 
