@@ -2,7 +2,7 @@
 Hugging Face model folders in and out: config.json, safetensors weights (one file or a sharded
 index) and the tokenizer, read into this project's GPT and Tokenizer and written back, so that a
 downloaded SmolLM2, Qwen2.5, TinyLlama, Mistral or GPT-2 folder trains here and a trained model
-loads in transformers. Nothing here downloads: fetch a folder yourself (README, "Real models").
+loads in transformers. Nothing here downloads: fetch a folder yourself (docs/real-models.md).
 
 Weights map one to one onto model.py's modules, except that the separate query, key and value
 projections are concatenated into one `c_attn` matrix, the gate and up projections of SwiGLU into

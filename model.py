@@ -425,7 +425,7 @@ class ScalarHead(nn.Module):
         return self.proj(hidden).squeeze(-1)
 
 
-if __name__ == "__main__":  # the preset table of the README
+if __name__ == "__main__":  # the preset table of docs/real-models.md
     print("| preset | n_layer | n_head | n_embd | block_size | parameters (512-piece vocab) | training GFLOPs/token at block_size |")
     print("|---|---|---|---|---|---|---|")
     for name, preset in PRESETS.items():
