@@ -33,6 +33,7 @@ import torch
 import train_dpo
 import train_ppo
 import train_rm
+from distributed import Dist, pick_device
 from dpo import concatenated_forward
 from hf import config_from_hf, load_folder
 from lora import TARGETS, AdaptersOff, attach_lora
@@ -43,7 +44,7 @@ from train_dpo import dpo_batch_loss
 from train_ppo import ppo_batch_loss
 from train_rm import rm_batch_loss
 from train_sft import sft_loss
-from train_utils import Dist, autocast, make_optimizer, parse_config, pick_device, train_step
+from train_utils import autocast, make_optimizer, parse_config, train_step
 
 
 @dataclass

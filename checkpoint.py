@@ -1,13 +1,41 @@
 """
-Checkpoints: reading a ckpt.pt, which is data and never code.
+Checkpoints and the run folder: reading a ckpt.pt (data, never code), rebuilding a policy or a
+reward model from one or from a Hugging Face folder (LoRA adapters merged onto the base they
+record), the trainable state and its optimizer state as whole tensors, and `Run`: the out dir
+with its config, metrics log and checkpoint, resume, the lock held for a run's life and an
+--overwrite that loses nothing. It holds no training loop and no algorithm.
 """
+import dataclasses
+import hashlib
+import json
 import os
 import pickle
 import re
+import shutil
+import socket
+import sys
+import time
+import uuid
+from functools import lru_cache
 
 import torch
+import torch.distributed as torch_dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
-from files import DataError
+from distributed import Dist, all_reduce_sum, barrier
+from files import DataError, make_out_dir, replace_atomically, write_atomic
+from hf import load_folder
+from lora import attach_lora, merge_lora
+from model import GPT, GPTConfig
+from reward_model import RewardModel, backbone_state
+from tokenizer import Tokenizer
+
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: there a second run on one folder is not refused
+    fcntl = None
 
 
 def load_checkpoint(path: str) -> dict:
@@ -30,3 +58,456 @@ def load_checkpoint(path: str) -> dict:
         raise DataError(f"{path}: not a checkpoint this project wrote (no 'model', 'tokenizer' and 'model_config' "
                         "or 'lora' in it)")
     return ckpt
+
+
+class RunStopped(RuntimeError):
+    """A run that cannot go on; run_script reports it and exits with status 1, leaving the last
+    checkpoint."""
+
+
+class NonFiniteLoss(RunStopped):
+    """A NaN or infinite loss, gradient norm or weight."""
+
+
+def load_gpt(path: str, dtype: torch.dtype | None = torch.float32,
+             lora_base: str = "") -> tuple[GPT, Tokenizer, dict]:
+    """The model, its tokenizer and the whole checkpoint (empty for a folder), from a ckpt.pt of
+    any stage or a Hugging Face model folder. Weights come in float32 by default, the master
+    weights training needs (autocast does the bfloat16 compute); dtype=None keeps the stored one.
+    A LoRA run's checkpoint holds adapters only: they are put on its base model and merged; the
+    base is the one it records, or `lora_base` where that base has moved."""
+    if os.path.isdir(path):
+        model, tok = load_folder(path, dtype)
+        return model, tok, {}
+    ckpt = load_checkpoint(path)
+    if "head.proj.weight" in ckpt["model"]:
+        raise DataError(f"{path}: a reward model's checkpoint, not a language model's")
+    if "lora" in ckpt:
+        model = _attach_recorded(_lora_base(path, ckpt, lora_base), ckpt)
+        load_trainable(model, ckpt["model"], path)
+        merge_lora(model)
+    else:
+        model = _checkpointed(GPT, path, _model_config(path, ckpt), ckpt["model"])
+    return model.to(dtype), Tokenizer.from_state(ckpt["tokenizer"], path), ckpt
+
+
+def _model_config(path: str, ckpt: dict) -> GPTConfig:
+    """A checkpoint's model_config, every value checked before anything is built."""
+    try:
+        return GPTConfig(**ckpt["model_config"])
+    except (TypeError, ValueError) as e:  # an unknown key or a bad value
+        raise DataError(f"{path}: model_config: {e}") from None
+
+
+def _checkpointed(cls, path: str, config: GPTConfig, state: dict) -> torch.nn.Module:
+    """A `cls` (GPT or RewardModel) of `config` holding a checkpoint's `state`. The stored tensors'
+    names and shapes are compared with a model built on the meta device first, so a config that
+    claims terabytes is refused before anything is allocated."""
+    layers = {int(m[1]) for name in state if (m := re.search(r"\bh\.(\d+)\.", name))}
+    if layers != set(range(config.n_layer)):  # first, as building even on meta takes a while a layer
+        raise DataError(f"{path}: model_config says {config.n_layer} layers, the weights hold {len(layers)}")
+    with torch.device("meta"):
+        expected = cls(config).state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise DataError(f"{path}: the weights do not match model_config: missing {missing[:4] or 'none'}, "
+                        f"unexpected {unexpected[:4] or 'none'}")
+    for name, tensor in state.items():
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+                and tensor.shape == expected[name].shape):
+            raise DataError(f"{path}: {name} is not a floating-point tensor of shape {list(expected[name].shape)}, "
+                            "as model_config implies")
+    model = cls(config)  # initialised, then overwritten: its random draws keep every seeded run's numbers
+    model.load_state_dict(state)
+    return model
+
+
+def load_reward_model(path: str, lora_base: str = "") -> tuple[RewardModel, Tokenizer]:
+    """A reward model and its tokenizer from train_rm.py's ckpt.pt (LoRA adapters merged on the
+    base it records, or on `lora_base` where that base has moved)."""
+    ckpt = load_checkpoint(path)
+    if "lora" in ckpt:
+        model = RewardModel.from_gpt(_lora_base(path, ckpt, lora_base))
+        _attach_recorded(model.backbone, ckpt)  # the head trains and is in the checkpoint
+        load_trainable(model, ckpt["model"], path)
+        merge_lora(model)
+    else:
+        config = _model_config(path, ckpt)
+        model = _checkpointed(RewardModel, path, config, backbone_state(ckpt["model"], config))
+    return model, Tokenizer.from_state(ckpt["tokenizer"], path)
+
+
+def _lora_base(path: str, ckpt: dict, moved_to: str = "") -> GPT:
+    """The base model of a LoRA checkpoint, refused unless its files are the ones the adapters
+    were trained on: adapters merged onto other weights give a model no one trained."""
+    recorded = ckpt["lora"]["base"]
+    base = moved_to or recorded
+    if not os.path.exists(base):
+        raise DataError(f"{path}: holds LoRA adapters of the base model {base}, which does not exist "
+                        "(give its new place with --lora_base)")
+    expected = ckpt["lora"].get("fingerprint")
+    if expected is None:
+        print(f"warning: {path} records no fingerprint of its LoRA base; assuming {base} holds the weights "
+              "its adapters were trained on", file=sys.stderr)
+    elif fingerprint(base) != expected:
+        raise DataError(f"{path}: its LoRA adapters were trained on the base model at {recorded}, and {base} "
+                        "holds other weights (give the original's place with --lora_base)")
+    return load_gpt(base)[0]
+
+
+def fingerprint(path: str) -> str:
+    """The sha256 of a model's files: a ckpt.pt, or a folder's config.json and safetensors weights.
+    Files, not tensors: a training run holds its base in --frozen_dtype, sharded, adapters on,
+    while the files are what the run and every later load read alike. Streamed (a 1B model's
+    2.5 GB take seconds, and loading reads them anyway) and remembered while no file is replaced
+    or written to (same inode, size, mtime and ctime), so each checkpoint of a run does not read a
+    large base again."""
+    if os.path.isdir(path):
+        files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f == "config.json"
+                 or f.startswith("model") and f.endswith((".safetensors", ".safetensors.index.json"))]
+    else:
+        files = [path]
+    stats = [os.stat(f) for f in files]
+    return _sha256(tuple((f, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for f, s in zip(files, stats)))
+
+
+@lru_cache(maxsize=8)
+def _sha256(files: tuple) -> str:
+    h = hashlib.sha256()
+    for path, *_ in files:
+        h.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _attach_recorded(model: GPT, ckpt: dict) -> GPT:
+    """`model` with fresh adapters of the shape a LoRA checkpoint records."""
+    lora = ckpt["lora"]
+    return attach_lora(model, lora["rank"], lora["alpha"], lora["targets"], lora["dropout"])
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+"""whole tensors on the CPU, whether the model is sharded (FSDP) or not: one checkpoint format for
+every --parallel and world size. Under FSDP the gather is collective and only rank 0 gets them."""
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a model: every weight, or only those that train when some are
+    frozen (LoRA's adapters, and a reward model's head), since the rest is the base model.
+    Collective under FSDP: every rank calls it."""
+    state = get_model_state_dict(model, options=FULL)
+    if all(p.requires_grad for p in model.parameters()):
+        return state
+    return {name: state[name] for name, p in model.named_parameters() if p.requires_grad and name in state}
+
+
+def load_trainable(model: torch.nn.Module, state: dict, where: str) -> None:
+    """Load trainable_state's output into a model, sharded (FSDP) or not; every parameter that
+    trains must be in it."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(trained - set(state)), sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise DataError(f"{where}: the checkpoint does not fit the model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}); were the LoRA settings changed?")
+    # a copy: the helper fills the dict it is given with the model's other weights
+    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def keyed_by_name(state: dict, model: torch.nn.Module, optimizer) -> dict:
+    """An optimizer state dict keyed by parameter name, as checkpoints hold it; one keyed by
+    position (optimizer.state_dict(), what checkpoints written before FSDP hold) is re-keyed by
+    the names of the parameters in the optimizer's order."""
+    if not state["param_groups"] or not all(isinstance(i, int) for g in state["param_groups"] for i in g["params"]):
+        return state
+    names = {p: name for name, p in model.named_parameters()}
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def _gather_rng(dist: Dist) -> list[dict[str, torch.Tensor]]:
+    """Every rank's RNG states: the CPU generator's and, on a GPU, that device's (dropout, sampling)."""
+    state = {"cpu": torch.get_rng_state()}
+    if dist.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dist.device)
+    if not dist.ddp:
+        return [state]
+    states = [None] * dist.world_size
+    torch_dist.all_gather_object(states, state)
+    return states
+
+
+def _metric_lines(path: str):
+    """(line, row) for each line of metrics.jsonl up to the first that is not a whole JSON object:
+    a kill or a full disk can leave half a last line, and the valid prefix is what the run logged."""
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                return
+            if not isinstance(row, dict):
+                return
+            yield line.rstrip("\n") + "\n", row
+
+
+# The run folder's two guards: out_dir/.lock, held by the one process that writes the folder, and
+# out_dir/.overwritten, the replaced run's config.json and metrics.jsonl, kept until the new run's
+# first checkpoint replaces the old ckpt.pt (which stays in place and loadable until then).
+LOCK, OVERWRITTEN, REPLACED_BY = ".lock", ".overwritten", "replaced_by"
+
+
+_held: dict[str, tuple[int, bool]] = {}  # folders this process holds: real path -> (lock's descriptor, created here)
+
+
+def _claim(path: str) -> str | None:
+    """Lock path/.lock for this process; None, or why not in one line. flock is released by the
+    kernel when the process ends, however it ends (kill -9 too), so a lock file that a killed run
+    left is free to take: the file's text only tells a refused run who holds it. A run that ends
+    removes the file, so the lock taken is checked to be on the file still there."""
+    key = os.path.realpath(path)
+    if key in _held:
+        return None
+    created = not os.path.isdir(path)
+    lock = os.path.join(path, LOCK)
+    while True:
+        try:
+            make_out_dir(path)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except DataError as e:
+            return str(e)
+        except OSError as e:
+            return f"--out_dir {path}: cannot write there ({e.strerror})"
+        if not fcntl:
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            return f"--out_dir {path} is in use by another run ({holder}); wait for it to end or choose another --out_dir"
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # the holder removed this lock file as it ended, after we opened it: take a new one
+    os.ftruncate(fd, 0)
+    command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                 f"{command}\n".encode())
+    _held[key] = (fd, created)
+    return None
+
+
+def lock_run_folder(path: str, dist: Dist) -> None:
+    """Hold out_dir for this process's life (rank 0's lock stands for every rank): a second run on
+    the folder is refused with one line naming the holder, before it reads or writes anything."""
+    refused = _claim(path) if dist.master else None
+    if dist.ddp:
+        box = [refused]
+        torch_dist.broadcast_object_list(box, src=0)
+        refused = box[0]
+    if refused:
+        raise DataError(refused)
+
+
+def restore_overwritten(path: str) -> bool:
+    """Finish what an --overwrite left in path: if its new run never wrote a checkpoint (killed,
+    crashed, bad input), the old run's config.json and metrics.jsonl go back beside its ckpt.pt,
+    which was never touched; if it did, the old files go. True when the old run came back."""
+    pending = os.path.join(path, OVERWRITTEN)
+    if not os.path.isdir(pending):
+        return False
+    try:
+        with open(os.path.join(pending, REPLACED_BY)) as f:
+            token = f.read()
+        committed = torch.load(os.path.join(path, "ckpt.pt"), map_location="cpu", weights_only=True,
+                               mmap=True).get("replaces") == token
+    except Exception:  # no token (killed while setting aside) or no readable checkpoint: nothing committed
+        committed = False
+    if not committed:
+        for name in os.listdir(pending):
+            if name != REPLACED_BY:
+                os.replace(os.path.join(pending, name), os.path.join(path, name))
+    shutil.rmtree(pending)
+    return not committed
+
+
+def release_run_folder(path: str) -> None:
+    """At a run's end, however it ended: put back a run an unfinished --overwrite set aside,
+    unlock and remove the lock file, and the folder if this process made it and wrote nothing
+    there (bad input leaves nothing behind)."""
+    key = os.path.realpath(path)
+    if key not in _held:
+        return
+    if restore_overwritten(path):
+        print(f"{path}: the run that --overwrite was replacing is restored (the new run wrote no checkpoint)",
+              file=sys.stderr)
+    fd, created = _held.pop(key)
+    os.remove(os.path.join(path, LOCK))  # while still locked: a run that opened it meanwhile sees it gone
+    if created and not os.listdir(path):
+        os.rmdir(path)
+    os.close(fd)
+
+
+class Run:
+    """An output directory: config.json, metrics.jsonl and ckpt.pt. Only rank 0 writes.
+
+    A new run refuses a directory that already holds a checkpoint unless --overwrite is given, so
+    a finished run is never clobbered by accident; --resume continues it instead: weights,
+    optimizer, step and every rank's RNG state come back, and metrics logged after the
+    checkpoint are dropped, so the resumed curve is the uninterrupted one. The folder is locked
+    for the run's life, and a run that --overwrite replaces is kept until the new one's first
+    checkpoint (see LOCK above)."""
+
+    def __init__(self, cfg, dist: Dist):
+        self.cfg, self.dist = cfg, dist
+        self.dir = cfg.out_dir
+        self.ckpt_path = os.path.join(self.dir, "ckpt.pt")
+        self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        self.replacing = None  # the token of the run set aside by --overwrite, until the first checkpoint
+        lock_run_folder(self.dir, dist)
+        if dist.master:
+            if restore_overwritten(self.dir):
+                print(f"{self.dir}: restored the run that an unfinished --overwrite had set aside", file=sys.stderr)
+            for name in os.listdir(self.dir):  # replace_atomically's temporary files, left by a killed writer
+                if re.fullmatch(r".+\.tmp\d+", name):
+                    os.remove(os.path.join(self.dir, name))
+        barrier(dist)  # the other ranks look at the folder as rank 0 left it
+        if os.path.exists(self.ckpt_path) and not (cfg.resume or cfg.overwrite):
+            raise DataError(f"--out_dir {self.dir} already holds a run; pass --resume to continue it, "
+                            "--overwrite to replace it, or choose another --out_dir")
+        if cfg.resume and not os.path.exists(self.ckpt_path):
+            raise DataError(f"--resume but {self.ckpt_path} does not exist")
+        self.resumed = load_checkpoint(self.ckpt_path) if cfg.resume else None
+
+    def evaluates(self, step: int, start: int) -> bool:
+        """Whether to evaluate and checkpoint at this step: at step 0, every early_eval_interval
+        steps before early_eval_until, every eval_interval steps after, and at the end; not at the
+        step a resumed run starts from, which was evaluated before its checkpoint."""
+        cfg = self.cfg
+        early = cfg.early_eval_interval > 0 and step < cfg.early_eval_until
+        interval = cfg.early_eval_interval if early else cfg.eval_interval
+        return (step % interval == 0 or step == cfg.max_iters) and not (self.resumed and step == start)
+
+    def start(self, model: torch.nn.Module, optimizer, optimized: torch.nn.Module | None = None) -> int:
+        """Create or restore the run; returns the step to start from. Call after all input has
+        been read and validated, so that bad input leaves the directory untouched, and after
+        wrap_model. `optimized` is the module whose parameters the optimizer steps, where that
+        is more than `model` (PPO's policy and critic)."""
+        if not self.cfg.resume:
+            if self.dist.master:
+                if os.path.exists(self.ckpt_path):  # --overwrite: set the old run aside, not away
+                    self._set_aside()
+                write_atomic(os.path.join(self.dir, "config.json"),
+                             json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
+                write_atomic(self.metrics_path, "")
+            return 0
+        ckpt = self.resumed  # kept: a script may restore more from it (PPO's critic)
+        changed = {k: (v, getattr(self.cfg, k)) for k, v in ckpt["config"].items()
+                   if k not in ("resume", "overwrite") and getattr(self.cfg, k, v) != v}
+        if changed and self.dist.master:
+            print(f"warning: resuming with changed settings (was, now): {changed}", file=sys.stderr)
+        load_trainable(model, ckpt["model"], self.ckpt_path)
+        if ckpt["optimizer"] is not None:
+            optimized = optimized or model
+            set_optimizer_state_dict(optimized, optimizer, keyed_by_name(ckpt["optimizer"], optimized, optimizer),
+                                     options=StateDictOptions(full_state_dict=True))
+        if len(ckpt["rng"]) == self.dist.world_size:
+            state = ckpt["rng"][self.dist.rank]
+            state = state if isinstance(state, dict) else {"cpu": state}  # older checkpoints: the CPU state alone
+            torch.set_rng_state(state["cpu"])
+            if "cuda" in state and self.dist.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda"], self.dist.device)
+        elif self.dist.master:
+            print("warning: world size changed since the checkpoint; RNG streams restart", file=sys.stderr)
+        step = ckpt["step"]
+        if self.dist.master:  # drop metrics logged after the checkpoint (a crash between saves)
+            write_atomic(self.metrics_path, "".join(line for line, row in _metric_lines(self.metrics_path)
+                                                    if row["step"] <= step))
+            print(f"resuming {self.dir} from step {step}")
+        return step
+
+    def _set_aside(self) -> None:
+        """Move the old run's config.json and metrics.jsonl into .overwritten, with a token that
+        the new run's first checkpoint carries: until a ckpt.pt with that token exists, the old
+        ckpt.pt is the folder's, and restore_overwritten puts the rest back."""
+        pending = os.path.join(self.dir, OVERWRITTEN)
+        os.makedirs(pending)
+        self.replacing = uuid.uuid4().hex
+        write_atomic(os.path.join(pending, REPLACED_BY), self.replacing)
+        for name in ("config.json", "metrics.jsonl"):
+            if os.path.exists(os.path.join(self.dir, name)):
+                os.replace(os.path.join(self.dir, name), os.path.join(pending, name))
+
+    def log(self, step: int, metrics: dict) -> None:
+        """One line of metrics.jsonl."""
+        if self.dist.master:
+            try:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+            except OSError as e:  # a full disk: a resume keeps the lines before a half-written one
+                raise RunStopped(f"step {step}: writing {self.metrics_path} failed ({e.strerror or e})") from None
+
+    def print(self, step: int, metrics: dict, samples: list[str] = ()) -> None:
+        """An evaluation's metrics and a few samples on the console, above the progress bar."""
+        if self.dist.master:
+            from tqdm import tqdm
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {number(v)}" for k, v in metrics.items()))
+            for line in samples:
+                tqdm.write(f"  {line}")
+
+    def save(self, step: int, model: GPT, optimizer, tokenizer: Tokenizer, extra: dict | None = None,
+             optimized: torch.nn.Module | None = None) -> None:
+        """Atomic (temporary file, then rename): an interrupted save leaves the last good one.
+        Whole tensors, keyed by parameter name (the optimizer's state too), whatever --parallel
+        and world size wrote them, so any of them resumes it."""
+        rng = _gather_rng(self.dist)  # every rank takes part in the gathers
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+        non_finite = float(sum(not bool(torch.isfinite(p).all()) for p in local))
+        if self.dist.ddp:  # summed over ranks (under FSDP each holds its shards), so that all stop together
+            non_finite = all_reduce_sum(torch.tensor(non_finite, device=self.dist.device), self.dist).item()
+        if non_finite:
+            raise NonFiniteLoss(f"step {step}: the model holds non-finite weights, so it is not saved")
+        # a replica has nothing rank 0 lacks; under FSDP the gathers below are collective
+        gathers = self.dist.master or self.dist.sharded
+        model_state = trainable_state(model) if gathers else None  # whole tensors, on rank 0 only
+        # none before the first step: the helper would make one with a dummy step, which advances
+        # AdamW's step count and so changes its first real update
+        optimizer_state = (get_optimizer_state_dict(optimized or model, optimizer, options=FULL)
+                           if gathers and optimizer.state else None)
+        failed = self.dist.master and self._write(step, {
+            "model": model_state, "model_config": dataclasses.asdict(model.config),
+            "optimizer": optimizer_state, "step": step, "rng": rng,
+            "config": dataclasses.asdict(self.cfg), "tokenizer": tokenizer.state(), **(extra or {}),
+        })
+        if self.dist.ddp:  # every rank stops when rank 0 could not write
+            box = [failed]
+            torch_dist.broadcast_object_list(box, src=0)
+            failed = box[0]
+        if failed:
+            raise RunStopped(failed)
+
+    def _write(self, step: int, state: dict) -> str | None:
+        """Write ckpt.pt; None, or why it failed (a full disk: the temporary file is gone and the
+        last checkpoint stands). The first checkpoint of an --overwrite ends the old run."""
+        if self.replacing:
+            state["replaces"] = self.replacing
+        try:
+            replace_atomically(self.ckpt_path, lambda tmp: torch.save(state, tmp))
+        except OSError as e:
+            return f"step {step}: writing {self.ckpt_path} failed ({e.strerror or e})"
+        if self.replacing:
+            shutil.rmtree(os.path.join(self.dir, OVERWRITTEN))
+            self.replacing = None
+        return None
+
+
+def number(v: float) -> str:
+    """A metric on the console: integers whole, others to 4 decimals, or to 4 significant digits
+    where 4 decimals would show nothing (a learning rate of 5e-7 prints 5e-07, not 0.0000)."""
+    return str(v) if isinstance(v, int) else f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.4g}"

@@ -21,9 +21,10 @@ from typing import Literal
 
 import torch
 
+from checkpoint import load_gpt
 from files import DataError, make_out_dir
 from hf import save_folder
-from train_utils import load_gpt, parse_config
+from train_utils import parse_config
 
 
 @dataclass

@@ -21,11 +21,13 @@ import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from checkpoint import load_gpt
 from data import load_prompts
+from distributed import pick_device
 from evaluate import sample_completions
 from files import DataError, make_out_dir, write_atomic
 from toy import gold_reward
-from train_utils import autocast, load_gpt, parse_config, pick_device
+from train_utils import autocast, parse_config
 
 
 @dataclass

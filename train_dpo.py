@@ -24,17 +24,15 @@ from typing import Literal, Optional
 
 import torch
 
+from checkpoint import Run, fingerprint, load_gpt
 from data import TOY_PROMPTS, PairsConfig, load_pairs, load_prompts, real_tokens, take
+from distributed import Dist, all_reduce_sum, place_frozen, seed_everything, wrap_model
 from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums
 from evaluate import PolicyEvaluator
 from files import DataError, replace_atomically
 from lora import AdaptersOff
 from toy import gold_reward
-from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, check_batches, check_lengths,
-                         check_pair_settings, check_training_settings, default_max_length, fingerprint, frozen_dtype,
-                         global_batch, heldout_sums, load_gpt, lora_record, make_optimizer, micro_batches, n_trainable,
-                         place_frozen, prepare_trainable, progress_bar, require_inputs, run_script, seed_everything,
-                         set_lr, shard_indices, train_step, wrap_model)
+from train_utils import (TrainConfig, autocast, check_batches, check_lengths, check_pair_settings, check_training_settings, default_max_length, frozen_dtype, global_batch, heldout_sums, lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar, require_inputs, run_script, set_lr, shard_indices, train_step)
 
 
 @dataclass
@@ -193,11 +191,11 @@ def train(cfg: Config, dist: Dist) -> dict:
 
     # 2. policy and frozen reference, both from the SFT checkpoint: under LoRA the reference is the
     # policy with its adapters off, else a frozen copy; its log-probs of every pair computed once if asked
-    model = wrap_model(prepare_trainable(policy, cfg), dist, cfg)
+    model = wrap_model(prepare_trainable(policy, cfg), dist, cfg.dtype, cfg.compile)
     if cfg.lora_rank:
         reference = AdaptersOff(policy)
     else:
-        reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg), cfg.lora_base)[0], dist, cfg)
+        reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg), cfg.lora_base)[0], dist, cfg.dtype)
     offload = cfg.precompute_ref and not cfg.lora_rank and not dist.sharded  # a separate reference can wait on the CPU
     ctx = autocast(dist.device, cfg.dtype)
     if cfg.precompute_ref:

@@ -29,7 +29,9 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from checkpoint import Run, load_gpt, load_reward_model, load_trainable, trainable_state
 from data import TOY_PROMPTS, load_prompts
+from distributed import Dist, all_reduce_sum, place_frozen, seed_everything, wrap_model
 from evaluate import PolicyEvaluator, sample_completions
 from files import DataError
 from lora import AdaptersOff
@@ -37,11 +39,7 @@ from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, 
                  loss_weights, masked_whiten, per_token_rewards, ppo_losses, response_logprobs, rollout, shaped_scores)
 from reward_model import RewardModel
 from toy import gold_reward
-from train_utils import (Dist, Run, TrainConfig, all_reduce_sum, autocast, check_lengths, check_training_settings,
-                         frozen_dtype, global_batch, load_gpt, load_reward_model, load_trainable, lora_record,
-                         make_optimizer, n_trainable, place_frozen, prepare_trainable, progress_bar, require_inputs,
-                         resolve_gold_eval, run_script, seed_everything, set_lr, toy_default, train_step,
-                         trainable_state, wrap_model)
+from train_utils import (TrainConfig, autocast, check_lengths, check_training_settings, frozen_dtype, global_batch, lora_record, make_optimizer, n_trainable, prepare_trainable, progress_bar, require_inputs, resolve_gold_eval, run_script, set_lr, toy_default, train_step)
 
 
 @dataclass
@@ -273,12 +271,12 @@ def frozen_models_and_critic(cfg: Config, policy, tok, dist: Dist):
     if cfg.lora_rank:
         reference = AdaptersOff(policy)
     else:
-        reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg), cfg.lora_base)[0], dist, cfg)
+        reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg), cfg.lora_base)[0], dist, cfg.dtype)
     reward_model = None
     if cfg.reward == "model":
         reward_model, reward_tok = load_reward_model(cfg.reward_ckpt)
         check_same_text(reward_tok, tok, cfg)
-        reward_model = place_frozen(reward_model.to(frozen_dtype(cfg)), dist, cfg)
+        reward_model = place_frozen(reward_model.to(frozen_dtype(cfg)), dist, cfg.dtype)
     if cfg.advantage != "gae":
         return reference, reward_model, None
     if cfg.critic_init == "reward" or (cfg.critic_init == "auto" and cfg.reward == "model"):
@@ -386,7 +384,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     reference, reward_model, critic = frozen_models_and_critic(cfg, policy, tok, dist)
     trained = PolicyAndCritic(policy, critic) if critic else policy
     trained.eval()  # dropout off in policy and critic, in rollouts and updates alike
-    model = wrap_model(trained, dist, cfg)
+    model = wrap_model(trained, dist, cfg.dtype, cfg.compile)
     optimizer = make_optimizer(trained, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))

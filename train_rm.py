@@ -18,14 +18,13 @@ from typing import Optional
 
 import torch
 
+from checkpoint import Run, load_gpt
 from data import PairsConfig, load_pairs, real_tokens, take
+from distributed import Dist, seed_everything, wrap_model
 from files import DataError
 from reward_model import RewardModel, bradley_terry_loss, pair_scores, rm_metric_sums
 from toy import gold_reward
-from train_utils import (Dist, Run, TrainConfig, autocast, check_batches, check_lengths, check_pair_settings,
-                         check_training_settings, default_max_length, global_batch, heldout_sums, load_gpt,
-                         lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar,
-                         run_script, seed_everything, set_lr, train_step, wrap_model)
+from train_utils import (TrainConfig, autocast, check_batches, check_lengths, check_pair_settings, check_training_settings, default_max_length, global_batch, heldout_sums, lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar, run_script, set_lr, train_step)
 
 
 @dataclass
@@ -118,7 +117,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     raw_model = RewardModel.from_gpt(sft)
     prepare_trainable(raw_model.backbone, cfg)  # the head always trains
     loss_fn = partial(rm_batch_loss, cfg=cfg)
-    model = wrap_model(raw_model, dist, cfg)
+    model = wrap_model(raw_model, dist, cfg.dtype, cfg.compile)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     start = step = run.start(raw_model, optimizer)
     tokens = run.resumed["tokens"] if run.resumed else 0  # real tokens trained on so far

@@ -17,16 +17,15 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from checkpoint import Run, load_gpt
 from data import IGNORE_INDEX, hold_out, load_prompts, load_sft, real_tokens, take, tokenize_sft
+from distributed import Dist, barrier, seed_everything, wrap_model
 from evaluate import sample_completions, sample_metrics
 from files import DataError
 from model import GPT, PRESETS
 from tokenizer import Tokenizer
 from toy import ToyConfig, gold_reward, prepare_toy_data
-from train_utils import (Dist, Run, TrainConfig, autocast, barrier, check_batches, check_lengths,
-                         check_training_settings, default_max_length, global_batch, heldout_sums, load_gpt,
-                         lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar,
-                         require_inputs, run_script, seed_everything, set_lr, train_step, wrap_model)
+from train_utils import (TrainConfig, autocast, check_batches, check_lengths, check_training_settings, default_max_length, global_batch, heldout_sums, lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar, require_inputs, run_script, set_lr, train_step)
 
 
 @dataclass
@@ -184,7 +183,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     if raw_model is None:
         raw_model = GPT.from_preset(cfg.preset, tok.vocab_size, cfg.dropout)
     prepare_trainable(raw_model, cfg)
-    model = wrap_model(raw_model, dist, cfg)
+    model = wrap_model(raw_model, dist, cfg.dtype, cfg.compile)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     start = step = run.start(raw_model, optimizer)
     tokens = run.resumed["tokens"] if run.resumed else 0  # real tokens trained on so far

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from data import Pair, tokenize_pairs
+from distributed import Dist
 from dpo import concatenated_forward, dpo_loss, sequence_logps
 from evaluate import completion_logprobs, sequence_kl
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 from train_dpo import reference_logps
-from train_utils import Dist
 
 # Two pairs. Row 0: log-ratios chosen 1.0, rejected -0.5, so h = 1.5. Row 1: chosen 0, rejected 1, h = -1.
 POLICY_CHOSEN = torch.tensor([-1.0, -2.0])

@@ -266,7 +266,7 @@ def test_toy_checkpoint_exports_to_transformers_with_the_same_logits(toy_dir, tm
     assert r.returncode == 0, r.stderr
     r = run_python("export.py", f"--ckpt={sft_dir}/ckpt.pt", f"--out_dir={hf_dir}")
     assert r.returncode == 0, r.stderr
-    from train_utils import load_gpt
+    from checkpoint import load_gpt
     model, tok, _ = load_gpt(f"{sft_dir}/ckpt.pt")
     text = "the plot was great . i loved the cast ."
     ids = torch.tensor([tok.encode_prompt(text)])
@@ -290,7 +290,7 @@ def test_sample_sft_and_dpo_run_from_a_folder(folders, toy_dir, sft_pairs, tmp_p
                    "--device=cpu", "--max_iters=2", "--eval_interval=2", "--eval_samples=0", "--print_samples=0",
                    "--max_length=48", "--max_new_tokens=8")
     assert r.returncode == 0, r.stderr
-    from train_utils import load_gpt
+    from checkpoint import load_gpt
     model, tok, _ = load_gpt(f"{tmp_path}/sft/ckpt.pt")
     assert model.config.pos == "rope" and tok.kind == "tokenizers"
     _, pairs = sft_pairs

@@ -22,10 +22,10 @@ import sample
 import train_dpo
 import train_rm
 import train_sft
+from distributed import Dist
 from files import DataError
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
-from train_utils import Dist
 
 LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 # template -> what its one-line refusal says

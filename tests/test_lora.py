@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import export
+from checkpoint import load_gpt, trainable_state
 from files import DataError
 from hf import load_folder, save_folder
 from lora import TARGETS, AdaptersOff, LoRALinear, adapters_off, attach_lora, merge_lora
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
-from train_utils import TrainConfig, load_gpt, lora_record, lora_targets, trainable_state
+from train_utils import TrainConfig, lora_record, lora_targets
 
 V = 64
 CONFIGS = {

@@ -16,10 +16,10 @@ import torch.multiprocessing as mp
 
 from checkpoint import load_checkpoint
 from conftest import read_metrics, run_python
+from distributed import shard
 from hf import load_folder
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
-from train_utils import shard
 
 pytestmark = pytest.mark.slow
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone")

@@ -487,7 +487,8 @@ def test_loss_average_sequence_changes_a_grpo_run_and_is_refused_for_gae(sft_pai
 
 def test_a_prompts_responses_are_one_group_in_consecutive_rows(sft_pairs, toy_dir):
     from data import load_prompts
-    from train_utils import Dist, load_gpt
+    from checkpoint import load_gpt
+    from distributed import Dist
     policy, tok, _ = load_gpt(sft_pairs[0])
     cfg = train_ppo.Config(reward="gold", batch_size=16, gen_chunk=8, samples_per_prompt=4)
     prompts = load_prompts(f"{toy_dir}/prompts_train.jsonl")
@@ -517,7 +518,8 @@ def test_reward_normalisation_centres_the_sft_policys_scores(reward, sft_pairs, 
 
 def test_reward_statistics_are_the_mean_and_std_of_the_sft_samples_in_float64(sft_pairs, toy_dir):
     from data import load_prompts
-    from train_utils import Dist, load_gpt
+    from checkpoint import load_gpt
+    from distributed import Dist
     policy, tok, _ = load_gpt(sft_pairs[0])
     cfg = train_ppo.Config(reward="gold", batch_size=16, gen_chunk=8, reward_norm_batches=3)
     prompts, dist, ctx = load_prompts(f"{toy_dir}/prompts_train.jsonl"), Dist(False, 0, 0, 1, torch.device("cpu")), \

@@ -24,8 +24,8 @@ from test_train_sft import tiny_args
 
 # train_sft.py, killed (SIGKILL, as the kernel's OOM killer or a lost node would) when it is about
 # to write its first checkpoint
-KILLED_AT_FIRST_SAVE = ("import os, signal, sys, train_utils\n"
-                        "train_utils.Run.save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+KILLED_AT_FIRST_SAVE = ("import os, signal, sys, checkpoint\n"
+                        "checkpoint.Run.save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
                         "import train_sft\n"
                         "sys.exit(train_sft.main(sys.argv[1:]))")
 

@@ -8,10 +8,10 @@ import os
 import random
 
 import sample
+from checkpoint import load_gpt
 from data import load_prompts
 from sample import make_pairs
 from toy import gold_reward
-from train_utils import load_gpt
 
 COMPLETIONS = ["was great .", "was awful .", "was slow .", "was not bad . i loved it ."]
 ENDED = [True] * 4

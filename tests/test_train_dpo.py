@@ -13,7 +13,7 @@ import torch
 import train_dpo
 from checkpoint import load_checkpoint
 from conftest import read_metrics, run_python
-from train_utils import Dist
+from distributed import Dist
 
 
 def dpo_args(sft_pairs, toy_dir, out_dir, **overrides):

@@ -19,13 +19,14 @@ import train_ppo
 import train_rm
 import train_sft
 from checkpoint import load_checkpoint
+from checkpoint import load_gpt, load_trainable, trainable_state
 from conftest import read_metrics, run_python
 from files import DataError
 from hf import load_folder
 from lora import attach_lora
 from test_train_dpo import dpo_args
 from toy import ToyConfig, prepare_toy_data
-from train_utils import load_gpt, load_trainable, prepare_trainable, trainable_state
+from train_utils import prepare_trainable
 
 LORA = dict(lora_rank=4, lora_alpha=8, lr=5e-3)
 

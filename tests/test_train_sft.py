@@ -12,7 +12,8 @@ import torch
 import train_sft
 from checkpoint import load_checkpoint
 from conftest import read_metrics, run_python
-from train_utils import parse_config, setup_distributed
+from distributed import setup_distributed
+from train_utils import parse_config
 
 
 def tiny_args(toy_dir, out_dir, **overrides):
@@ -90,7 +91,8 @@ def test_a_finite_loss_with_an_overflowing_gradient_never_steps_and_never_reache
 
 
 def test_a_model_with_a_non_finite_weight_is_never_saved(toy_dir, tmp_path):
-    from train_utils import NonFiniteLoss, Run, make_optimizer
+    from checkpoint import NonFiniteLoss, Run
+    from train_utils import make_optimizer
     from tokenizer import Tokenizer
     from model import GPT, GPTConfig
     cfg = train_sft.Config(out_dir=str(tmp_path / "run"))
@@ -124,8 +126,9 @@ def test_a_save_that_fails_on_a_full_disk_leaves_the_last_checkpoint_and_no_temp
                                                                                               monkeypatch):
     """A full disk made torch.save fail half way: ckpt.pt.tmp stayed behind, keeping the disk full."""
     import errno
-    import train_utils
-    from train_utils import Run, make_optimizer
+    import checkpoint
+    from checkpoint import Run
+    from train_utils import make_optimizer
     from tokenizer import Tokenizer
     from model import GPT, GPTConfig
     run = Run(train_sft.Config(out_dir=str(tmp_path / "run")), setup_distributed("cpu"))
@@ -140,8 +143,8 @@ def test_a_save_that_fails_on_a_full_disk_leaves_the_last_checkpoint_and_no_temp
             f.write(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train_utils.torch, "save", save_until_the_disk_is_full)
-    with pytest.raises(train_utils.RunStopped, match="step 1: writing .*ckpt.pt failed \\(No space left on device\\)"):
+    monkeypatch.setattr(checkpoint.torch, "save", save_until_the_disk_is_full)
+    with pytest.raises(checkpoint.RunStopped, match="step 1: writing .*ckpt.pt failed \\(No space left on device\\)"):
         run.save(1, model, optimizer, tok)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path / "run")) == [".lock", "ckpt.pt", "config.json", "metrics.jsonl"]

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
+from checkpoint import NonFiniteLoss, Run
+from distributed import Dist
 from model import GPT, GPTConfig
-from train_utils import (Dist, NonFiniteLoss, Run, TrainConfig, global_batch, lr_at, make_optimizer, micro_batches,
-                         set_lr, shard_indices, train_step)
+from train_utils import (TrainConfig, global_batch, lr_at, make_optimizer, micro_batches, set_lr, shard_indices, train_step)
 
 CPU = Dist(False, 0, 0, 1, torch.device("cpu"))
 

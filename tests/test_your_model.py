@@ -14,9 +14,9 @@ import torch
 import transformers
 
 import train_sft
+from checkpoint import load_gpt
 from conftest import read_metrics, run_python
 from evaluate import sample_completions
-from train_utils import load_gpt
 
 pytestmark = pytest.mark.slow
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
