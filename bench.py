@@ -33,6 +33,7 @@ import torch
 import train_dpo
 import train_ppo
 import train_rm
+from data import IGNORE_INDEX
 from distributed import Dist, pick_device
 from dpo import concatenated_forward
 from hf import config_from_hf, load_folder
@@ -143,7 +144,7 @@ def peak_memory_mb(device) -> float:
 def random_batch(B: int, T: int, V: int, device, prefix: str = "") -> dict:
     ids = torch.randint(4, V, (B, T), device=device)
     labels = ids.clone()
-    labels[:, : T // 4] = -100  # a prompt quarter carries no loss
+    labels[:, : T // 4] = IGNORE_INDEX  # a prompt quarter carries no loss
     return {f"{prefix}input_ids": ids, f"{prefix}attention_mask": torch.ones_like(ids), f"{prefix}labels": labels}
 
 

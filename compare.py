@@ -36,11 +36,11 @@ import train_dpo
 import train_ppo
 import train_rm
 import train_sft
+from ceiling import SentimentTilt, best_of_n, completion_logprobs, mixture_log_ratio, optimal_frontier
 from checkpoint import load_gpt, load_reward_model
 from data import collate, load_preferences, load_prompts
 from distributed import pick_device
-from evaluate import (PolicyEvaluator, SentimentTilt, best_of_n, completion_logprobs, mixture_log_ratio,
-                      optimal_frontier, sample_completions)
+from evaluate import PolicyEvaluator, sample_completions
 from files import write_atomic
 from toy import gold_reward, prepare_toy_data
 from train_utils import autocast, parse_config

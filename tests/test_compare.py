@@ -14,7 +14,8 @@ import torch
 
 import compare
 import plot
-from evaluate import SentimentTilt, best_of_n, completion_logprobs, mixture_log_ratio, optimal_frontier, sample_completions
+from ceiling import SentimentTilt, best_of_n, completion_logprobs, mixture_log_ratio, optimal_frontier
+from evaluate import sample_completions
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 from toy import POLARITY

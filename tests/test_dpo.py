@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
+from ceiling import completion_logprobs
 from data import Pair, tokenize_pairs
 from distributed import Dist
 from dpo import concatenated_forward, dpo_loss, sequence_logps
-from evaluate import completion_logprobs, sequence_kl
+from evaluate import sequence_kl
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 from train_dpo import reference_logps
