@@ -25,7 +25,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
 import torch
@@ -33,19 +32,18 @@ import torch
 import train_dpo
 import train_ppo
 import train_rm
-from data import IGNORE_INDEX
 from distributed import Dist, pick_device
 from dpo import concatenated_forward
 from hf import config_from_hf, load_folder
 from lora import TARGETS, AdaptersOff, attach_lora
-from model import GPT, GPTConfig, PRESETS
+from model import GPT, GPTConfig, IGNORE_INDEX, PRESETS
 from ppo import PolicyAndCritic
 from reward_model import RewardModel
 from train_dpo import dpo_batch_loss
 from train_ppo import ppo_batch_loss
 from train_rm import rm_batch_loss
 from train_sft import sft_loss
-from train_utils import autocast, make_optimizer, parse_config, train_step
+from train_utils import add_sums, autocast, make_optimizer, optimizer_step, parse_config
 
 
 @dataclass
@@ -148,10 +146,19 @@ def random_batch(B: int, T: int, V: int, device, prefix: str = "") -> dict:
     return {f"{prefix}input_ids": ids, f"{prefix}attention_mask": torch.ones_like(ids), f"{prefix}labels": labels}
 
 
+def one_step(model, optimizer, n: int, ctx, loss, *inputs) -> dict[str, float]:
+    """One optimizer step as the train_X.py loops take it, on one process and one micro-batch:
+    the script's loss summed over n terms, loss.backward() of its mean, optimizer_step."""
+    with ctx:
+        loss_sum, metric_sums = loss(model, *inputs)
+    (loss_sum * (1 / n)).backward()
+    return optimizer_step(model, optimizer, add_sums({}, loss_sum, metric_sums), n, 1.0,
+                          Dist(False, 0, 0, 1, loss_sum.device), 1)
+
+
 def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[dict]:
     torch.manual_seed(0)
     V = 512
-    dist = Dist(False, 0, 0, 1, device)
     ctx = autocast(device, cfg.dtype)
     B = cfg.batch_size
     policy = GPT(GPTConfig(vocab_size=V, **{**PRESETS[preset], "block_size": max(PRESETS[preset]["block_size"], T + 128)})).to(device)
@@ -169,17 +176,17 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
         print(f"  {preset:6s} T={T:4d} {name:34s} {row['ms']:9.1f} ms  {row['tokens_per_s']:10.0f} tok/s  MFU {row['mfu']:.1%}", flush=True)
 
     # SFT: one optimizer step; and the bare forward + backward, to see the overhead around it
-    def model_only(model, loss_fn, batch):
+    def model_only(model, loss, *inputs):
         """Seconds of the bare forward and backward, to compare with the whole step."""
         def fwd_bwd():
             with ctx:
-                loss, _ = loss_fn(model, batch)
-            loss.backward()
+                loss_sum, _ = loss(model, *inputs)
+            loss_sum.backward()
             model.zero_grad(set_to_none=True)
         return timed(fwd_bwd, device, cfg.steps, cfg.warmup)
 
     sft = random_batch(B, T, V, device)
-    step_s = timed(lambda: train_step(policy, opt, [sft], sft_loss, B * T, 1.0, dist, ctx, 1), device, cfg.steps, cfg.warmup)
+    step_s = timed(lambda: one_step(policy, opt, B * T, ctx, sft_loss, sft), device, cfg.steps, cfg.warmup)
     add("sft step", step_s, B * T, flops_tok * B * T, model_only(policy, sft_loss, sft))
 
     # DPO: train_dpo.py's loss, chosen and rejected in one forward; the reference live, or its
@@ -189,17 +196,16 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
         pairs["reference_chosen_logps"], pairs["reference_rejected_logps"] = concatenated_forward(reference, pairs)
     n = 2 * B * T
     for live in (True, False):
-        loss_fn = partial(dpo_batch_loss, reference=reference, cfg=train_dpo.Config(precompute_ref=not live))
-        seconds = timed(lambda: train_step(policy, opt, [pairs], loss_fn, B, 1.0, dist, ctx, 1),
+        dpo_cfg = train_dpo.Config(precompute_ref=not live)
+        seconds = timed(lambda: one_step(policy, opt, B, ctx, dpo_batch_loss, pairs, reference, dpo_cfg),
                         device, cfg.steps, cfg.warmup)
         add(f"dpo step, {'live reference' if live else 'precomputed ref'}", seconds, n,
-            flops_tok * n * (4 / 3 if live else 1), model_only(policy, loss_fn, pairs))
+            flops_tok * n * (4 / 3 if live else 1), model_only(policy, dpo_batch_loss, pairs, reference, dpo_cfg))
 
     # reward model: train_rm.py's Bradley-Terry loss on pairs
     rm = RewardModel(policy.config).to(device)
     rm_opt = make_optimizer(rm, 1e-4, 0.0, (0.9, 0.95), device)
-    rm_loss = partial(rm_batch_loss, cfg=train_rm.Config())
-    add("reward model step", timed(lambda: train_step(rm, rm_opt, [pairs], rm_loss, B, 1.0, dist, ctx, 1),
+    add("reward model step", timed(lambda: one_step(rm, rm_opt, B, ctx, rm_batch_loss, pairs, train_rm.Config()),
                                    device, cfg.steps, cfg.warmup), n, flops_tok * n)
 
     # PPO: one minibatch step of train_ppo.py's clipped policy and value losses (ppo_losses), through
@@ -212,10 +218,11 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
                "response_mask": torch.ones(B, T - P, device=device),
                **{k: torch.randn(B, T - P, generator=g, device=device)
                   for k in ("old_logprobs", "old_values", "advantages", "returns")}}
-    ppo_loss = partial(ppo_batch_loss, n_prompt=P, cfg=train_ppo.Config())
-    add("ppo minibatch step (policy+critic)", timed(lambda: train_step(both, both_opt, [rollout], ppo_loss, B * (T - P), 1.0,
-                                                                       dist, ctx, 1), device, cfg.steps, cfg.warmup),
-        B * T, 2 * flops_tok * B * T, model_only(both, ppo_loss, rollout))
+    ppo_cfg = train_ppo.Config()
+    add("ppo minibatch step (policy+critic)",
+        timed(lambda: one_step(both, both_opt, B * (T - P), ctx, ppo_batch_loss, rollout, P, ppo_cfg),
+              device, cfg.steps, cfg.warmup),
+        B * T, 2 * flops_tok * B * T, model_only(both, ppo_batch_loss, rollout, P, ppo_cfg))
 
     # generation: tokens per second with and without the KV cache
     prompts = [torch.randint(4, V, (16,)).tolist() for _ in range(cfg.gen_batch)]
@@ -372,16 +379,14 @@ def memory_case(case: dict, device) -> dict:
     policy.grad_checkpoint = case["grad_checkpoint"]
     optimizer = make_optimizer(policy, 1e-5, 0.0, (0.9, 0.95), device)
     B, T, V = case["B"], case["T"], shape["vocab_size"]
-    dist = Dist(False, 0, 0, 1, device)
     if case["stage"] == "SFT":
-        batch, loss_fn, n = random_batch(B, T, V, device), sft_loss, B * T
+        n, loss, inputs = B * T, sft_loss, [random_batch(B, T, V, device)]
     else:
-        batch = {**random_batch(B // 2, T, V, device, "chosen_"), **random_batch(B // 2, T, V, device, "rejected_")}
-        dpo_cfg = train_dpo.Config()
-        loss_fn, n = partial(dpo_batch_loss, reference=reference, cfg=dpo_cfg), B // 2
+        pairs = {**random_batch(B // 2, T, V, device, "chosen_"), **random_batch(B // 2, T, V, device, "rejected_")}
+        n, loss, inputs = B // 2, dpo_batch_loss, [pairs, reference, train_dpo.Config()]
     ctx = autocast(device, case["dtype"])
-    for step in range(2):
-        train_step(policy, optimizer, [batch], loss_fn, n, 1.0, dist, ctx, step)
+    for _ in range(2):
+        one_step(policy, optimizer, n, ctx, loss, *inputs)
     return {**case, "peak_mb": peak_memory_mb(device) - (before if device.type == "cpu" else 0),
             "params": policy.num_params(non_embedding=False)}
 

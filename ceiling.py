@@ -1,14 +1,15 @@
 """
 The ceiling the study measures every method against, which no run trains with: the optimal
 reward-KL frontier pi*_beta = pi_ref exp(r/beta) / Z estimated by importance weights (from the
-reference and its sentiment tilts, weighted against their mixture), and best-of-N.
+reference and its sentiment tilts, weighted against their mixture), and best-of-N. Only
+compare.py uses it; the per-run yardstick (sampling, exact KL, win rate) is evaluate.py's.
 """
 import math
 
 import torch
 
-from data import IGNORE_INDEX
 from evaluate import completion_batches
+from model import token_logps
 from tokenizer import Tokenizer
 from toy import POLARITY
 
@@ -98,13 +99,11 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
     passes: (len(tilts), N)."""
     out = []
     for batch in completion_batches(model, prompt_ids, completion_ids, pad_id, batch_size):
-        logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1].float()  # (B, T-1, V)
-        labels = batch["labels"][:, 1:]
+        logits = model(batch["input_ids"], batch["attention_mask"]).float()  # (B, T, V)
         rows = []
         for tilt in tilts or [None]:
-            logp = (logits if tilt is None else logits + tilt.shift(tilt.sign(batch["input_ids"][:, :-1]))).log_softmax(-1)
-            token_logp = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T-1)
-            rows.append((token_logp * (labels != IGNORE_INDEX)).sum(-1))
+            tilted = logits if tilt is None else logits + tilt.shift(tilt.sign(batch["input_ids"]))
+            rows.append(token_logps(tilted, batch["labels"]).sum(-1))  # (B,)
         out.append(torch.stack(rows))
     out = torch.cat(out, dim=1).cpu()
     return out if tilts else out[0]

@@ -3,7 +3,9 @@ Checkpoints and the run folder: reading a ckpt.pt (data, never code), rebuilding
 reward model from one or from a Hugging Face folder (LoRA adapters merged onto the base they
 record), the trainable state and its optimizer state as whole tensors, and `Run`: the out dir
 with its config, metrics log and checkpoint, resume, the lock held for a run's life and an
---overwrite that loses nothing. It holds no training loop and no algorithm.
+--overwrite that loses nothing. It holds no training loop, no algorithm and no process setup
+(distributed.py). It imports reward_model.py for the RewardModel module alone, which a reward
+model's checkpoint is checked against before it is built; that module imports model.py only.
 """
 import dataclasses
 import hashlib

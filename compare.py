@@ -8,7 +8,8 @@ baselines, best-of-N from SFT ranked by the reward model and preferred-FT (SFT o
 responses). Every method is evaluated on the same held-out prompts by evaluate.PolicyEvaluator
 along its run, so each run draws a path in the reward-KL plane; the methods are compared at
 matched KL (1, 2, 4, 8 nats, read off the paths) over training seeds, and against the ceiling:
-the optimal KL-regularised policy, estimated by importance weights.
+the optimal KL-regularised policy, estimated by importance weights. It holds no training math:
+each stage is a train_X.py script's main, run in this process.
 
     python compare.py                     # the reduced study, one seed
     python compare.py --full              # the full sweep, 3 seeds

@@ -16,9 +16,9 @@ import torch
 
 from chat import ROLES, ChatError, encode_conversation, encode_prompt_response
 from files import DataError
+from model import IGNORE_INDEX
 from tokenizer import Tokenizer
 
-IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding), as in torch's cross_entropy
 
 
 # -----------------------------------------------------------------------------
@@ -420,13 +420,6 @@ def take(tensors: dict[str, torch.Tensor], index: torch.Tensor, device=None) -> 
 def real_tokens(tensors: dict[str, torch.Tensor], index: torch.Tensor) -> int:
     """Real (unpadded) tokens in rows `index`, over every attention mask (chosen and rejected)."""
     return int(sum(v[index].sum() for k, v in tensors.items() if k.endswith("attention_mask")))
-
-
-def concatenate_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch of B pairs as 2B rows, chosen first: input_ids, attention_mask and labels, each
-    (2B, T). DPO and the reward model run chosen and rejected through one forward pass."""
-    return tuple(torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
-                 for k in ("input_ids", "attention_mask", "labels"))
 
 
 def hold_out(records: list, path: str, verbose: bool) -> tuple[list, list]:

@@ -1,6 +1,7 @@
 """
-Direct Preference Optimization as pure functions: per-sequence log-probs, the concatenated
-chosen/rejected forward pass, the DPO loss and its variants, and the metrics TRL logs.
+Direct Preference Optimization as pure functions: per-sequence log-probs (model.token_logps
+summed), the concatenated chosen/rejected forward pass, the DPO loss and its variants, and the
+metrics TRL logs. On model.py alone: the loop, the reference and the data are train_dpo.py's.
 
 DPO (Rafailov et al. 2023, eq. 7) fits the policy to preference pairs directly:
     L = -log sigmoid( beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ] )
@@ -9,7 +10,7 @@ where y_w is the chosen and y_l the rejected response; beta * log(pi / pi_ref) i
 import torch
 import torch.nn.functional as F
 
-from data import IGNORE_INDEX, concatenate_pairs
+from model import IGNORE_INDEX, concatenate_pairs, token_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -17,14 +18,11 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Log-probability of each sequence's labelled tokens.
 
-    logits (B, T, V) and labels (B, T), labels IGNORE_INDEX on prompt and pad tokens. The logits
-    at t score the token at t + 1, so both are shifted by one. Returns (B,): the sum over
-    labelled tokens, or with average=True their mean (length-normalised, as IPO uses)."""
-    labels = labels[:, 1:]
-    token_logps = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
-                                   ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1), 0 where ignored
-    total = token_logps.sum(-1)
-    return total / (labels != IGNORE_INDEX).sum(-1).clamp(min=1) if average else total
+    logits (B, T, V) and labels (B, T), labels IGNORE_INDEX on prompt and pad tokens. Returns
+    (B,): the sum of token_logps over labelled tokens, or with average=True their mean
+    (length-normalised, as IPO uses)."""
+    total = token_logps(logits, labels).sum(-1)
+    return total / (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1) if average else total
 
 
 def concatenated_forward(model, batch: dict[str, torch.Tensor], average: bool = False):

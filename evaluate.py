@@ -8,7 +8,8 @@ import statistics
 
 import torch
 
-from data import IGNORE_INDEX, collate
+from data import collate
+from model import IGNORE_INDEX
 from tokenizer import Tokenizer
 from toy import gold_reward, is_well_formed
 

@@ -6,6 +6,11 @@ positions, SwiGLU, grouped-query attention). Attention goes through
 scaled_dot_product_attention. The forward pass is padding-aware (positions come from the
 attention mask and pad tokens are never attended to), so a sequence's logits do not depend on
 how it is padded or batched. `generate` samples with a preallocated KV cache.
+
+Beside the model, the batch layouts every algorithm shares (left-padded prompts, a pair batch
+as chosen then rejected rows, IGNORE_INDEX labels) and `token_logps`, the one next-token
+log-prob function of every loss and estimate. It imports nothing of the project: no training,
+no data files, no file formats (hf.py reads folders, checkpoint.py checkpoints).
 """
 import math
 from dataclasses import dataclass
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
+IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding), as in torch's cross_entropy
 
 # Upper bounds on a configuration's sizes, far above any published model's (Llama-3.1-405B: 126
 # layers, n_embd 16384, 128256 tokens; Qwen2.5-1M: 1010000 positions): a checkpoint or config.json
@@ -228,6 +234,13 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return input_ids, attention_mask
 
 
+def concatenate_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of B pairs as 2B rows, chosen first: input_ids, attention_mask and labels, each
+    (2B, T). DPO and the reward model run chosen and rejected through one forward pass."""
+    return tuple(torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+                 for k in ("input_ids", "attention_mask", "labels"))
+
+
 def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, T: int, device) -> torch.Tensor | None:
     """Boolean (B, 1, T, past + T) mask, True where query t may attend key s: s is not after t and
     s is a real token. A pad query also attends itself, so no softmax row is empty (NaN); its
@@ -410,19 +423,13 @@ def sample_token(logits, temperature: float, top_k: int | None, top_p: float | N
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
-class ScalarHead(nn.Module):
-    """One number per position from hidden states (B, T, C) -> (B, T): the reward model's and the
-    critic's head. Weights drawn with std 1/sqrt(C + 1), as in OpenAI's lm-human-preferences,
-    so a new head's outputs start at about unit scale."""
-
-    def __init__(self, n_embd: int):
-        super().__init__()
-        self.proj = nn.Linear(n_embd, 1)
-        torch.nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(n_embd + 1))
-        torch.nn.init.zeros_(self.proj.bias)
-
-    def forward(self, hidden):
-        return self.proj(hidden).squeeze(-1)
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The log-probability of each labelled next token, the one log-prob function of every loss
+    and estimate: logits (B, T, V) at t score labels (B, T) at t + 1, so both are shifted by one.
+    Returns (B, T - 1) in float32, 0 where the label is IGNORE_INDEX (prompt and pad tokens)."""
+    B, T, V = logits.shape
+    return -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                            ignore_index=IGNORE_INDEX, reduction="none").view(B, T - 1)
 
 
 if __name__ == "__main__":  # the preset table of docs/real-models.md

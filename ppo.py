@@ -1,9 +1,10 @@
 """
 PPO for RLHF as pure functions and small classes: rollout, per-token rewards with a KL penalty,
-KL controllers, GAE, whitening, and the clipped policy and value losses. train_ppo.py puts them
-in order. The details follow Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
-Preferences"), Ouyang et al. 2022 (InstructGPT) and Huang et al. 2023 ("The N Implementation
-Details of RLHF with PPO"), and the names of the logged statistics follow TRL.
+KL controllers, GAE, the critic-free group advantages (RLOO, GRPO), whitening, and the clipped
+policy and value losses, on model.py alone. train_ppo.py puts them in order in its loop. The
+details follow Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences"),
+Ouyang et al. 2022 (InstructGPT) and Huang et al. 2023 ("The N Implementation Details of RLHF
+with PPO"), and the names of the logged statistics follow TRL.
 
 Layout: a rollout row is a left-padded prompt of P columns followed by a response of R columns
 (right-padded after eos). The logits and values at column P - 1 + t belong to response token t.
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from model import left_pad
+from model import left_pad, token_logps
 
 
 class PolicyAndCritic(nn.Module):
@@ -47,15 +48,18 @@ def rollout(policy, prompts: list[list[int]], max_new_tokens: int, stop_ids: lis
                    response_mask, query.size(1))
 
 
-def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, n_prompt: int, temperature: float):
-    """Log-probabilities (B, R) of the response tokens and the entropy (B, R) of each step's
-    distribution, from full-sequence logits (B, P + R, V). Logits are divided by the sampling
-    temperature, so they score the distribution the tokens were drawn from."""
-    logits = logits[:, n_prompt - 1:-1].float() / temperature  # (B, R, V): column P-1+t predicts token t
-    logp = logits.log_softmax(-1)
-    token_logp = logp.gather(-1, input_ids[:, n_prompt:, None]).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return token_logp, entropy
+def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, n_prompt: int, temperature: float) -> torch.Tensor:
+    """Log-probabilities (B, R) of the response tokens, from full-sequence logits (B, P + R, V).
+    Logits are divided by the sampling temperature, so they score the distribution the tokens
+    were drawn from."""
+    logits = logits[:, n_prompt - 1:].float() / temperature  # (B, R + 1, V): column P-1+t predicts token t
+    return token_logps(logits, input_ids[:, n_prompt - 1:])
+
+
+def response_entropy(logits: torch.Tensor, n_prompt: int, temperature: float) -> torch.Tensor:
+    """The entropy (B, R) of each response step's distribution at the sampling temperature."""
+    logp = (logits[:, n_prompt - 1:-1].float() / temperature).log_softmax(-1)  # (B, R, V)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef: float, estimator: str = "k1"):

@@ -1,14 +1,31 @@
 """
 The reward model of RLHF: a GPT backbone with a scalar head, trained on preference pairs with the
 Bradley-Terry loss (Ouyang et al. 2022, eq. 1; Stiennon et al. 2020). PPO's critic is the same
-architecture read at every position instead of the last.
+architecture read at every position instead of the last. Pure functions and the module itself,
+on model.py alone: the training loop is train_rm.py's, loading a trained one checkpoint.py's.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import concatenate_pairs
-from model import GPT, GPTConfig, ScalarHead
+from model import GPT, GPTConfig, concatenate_pairs
+
+
+class ScalarHead(nn.Module):
+    """One number per position from hidden states (B, T, C) -> (B, T): the reward model's and the
+    critic's head. Weights drawn with std 1/sqrt(C + 1), as in OpenAI's lm-human-preferences,
+    so a new head's outputs start at about unit scale."""
+
+    def __init__(self, n_embd: int):
+        super().__init__()
+        self.proj = nn.Linear(n_embd, 1)
+        torch.nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(n_embd + 1))
+        torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden):
+        return self.proj(hidden).squeeze(-1)
 
 
 class RewardModel(nn.Module):

@@ -1,5 +1,6 @@
 """
 DPO: fine-tune the SFT policy directly on preference pairs against a frozen copy of itself.
+The math is dpo.py's; this file holds the run: data, the reference, the loop, evaluation.
 
     python sample.py --pairs                           # toy pairs from the SFT policy, once
     python train_dpo.py                                # DPO on them, tiny model, CPU
@@ -19,7 +20,6 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal, Optional
 
 import torch
@@ -32,7 +32,7 @@ from evaluate import PolicyEvaluator
 from files import DataError, replace_atomically
 from lora import AdaptersOff
 from toy import gold_reward
-from train_utils import (TrainConfig, autocast, check_batches, check_lengths, check_pair_settings, check_training_settings, default_max_length, frozen_dtype, global_batch, heldout_sums, lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar, require_inputs, run_script, set_lr, shard_indices, train_step)
+from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, check_batches, check_lengths, check_pair_settings, check_training_settings, default_max_length, frozen_dtype, global_batch, gradient_sync, lora_record, make_optimizer, micro_batches, n_trainable, optimizer_step, prepare_trainable, progress_bar, require_inputs, run_script, set_lr, shard_indices)
 
 
 @dataclass
@@ -139,10 +139,14 @@ def dpo_batch_loss(model, batch, reference, cfg: Config):
     return losses.sum(), dpo_metric_sums(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
 
 
-def evaluate(model, policy, loss_fn, val_data, evaluator, prompts, cfg: Config, dist: Dist, ctx):
+def evaluate(model, policy, reference, val_data, evaluator, prompts, cfg: Config, dist: Dist, ctx):
     """Held-out DPO metrics on every rank's shard of the pairs; on rank 0, gold reward, KL and
     win rate of samples for held-out prompts. Returns the metrics and a few samples to print."""
-    sums = heldout_sums(model, val_data, loss_fn, dist, ctx, cfg.batch_size)
+    sums = {}
+    for idx in shard_indices(len(val_data["chosen_input_ids"]), dist, cfg.batch_size):
+        with torch.no_grad(), ctx:
+            sums = add_sums(sums, *dpo_batch_loss(model, take(val_data, idx, dist.device), reference, cfg))
+    sums = all_reduce_sums(sums, dist)
     metrics, samples = {f"eval/{k}": v / len(val_data["chosen_input_ids"]) for k, v in sums.items()}, []
     if evaluator is not None:
         with ctx:
@@ -150,6 +154,33 @@ def evaluate(model, policy, loss_fn, val_data, evaluator, prompts, cfg: Config, 
         metrics.update(sample_metrics)
         samples = [f"[{p}] {t}   (gold reward {gold_reward(t, p):.2f})" for p, t in list(zip(prompts, texts))[:cfg.print_samples]]
     return metrics, samples
+
+
+def reference_and_evaluator(cfg: Config, policy, train_data: dict, val_data: dict, prompts: list, tok,
+                            dist: Dist, ctx):
+    """The frozen reference, from the SFT checkpoint as the policy: under LoRA the policy with its
+    adapters off, else a frozen copy. With --precompute_ref its log-probs of every pair are
+    computed once (or read from the cache) into the pairs' tensors, and a separate reference
+    waits on the CPU after. And the gold evaluator (None without held-out prompts), which samples
+    the reference once."""
+    if cfg.lora_rank:
+        reference = AdaptersOff(policy)
+    else:
+        reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg), cfg.lora_base)[0], dist, cfg.dtype)
+    offload = cfg.precompute_ref and not cfg.lora_rank and not dist.sharded
+    if cfg.precompute_ref:
+        logps = cached_reference_logps(cfg, reference, {"train": train_data, "val": val_data},
+                                       cfg.loss_type == "ipo", dist, ctx)
+        for data, name in ((train_data, "train"), (val_data, "val")):
+            data["reference_chosen_logps"], data["reference_rejected_logps"] = logps[name].unbind(1)
+    evaluator = None
+    if prompts and (dist.master or dist.sharded):  # under FSDP every rank samples the policy with rank 0
+        with ctx:
+            evaluator = PolicyEvaluator(reference, tok, prompts, cfg.max_new_tokens, cfg.temperature,
+                                        cfg.seed, offload=offload)
+    if offload:
+        reference.cpu()  # off the accelerator: training never runs it again, evaluation borrows it
+    return reference, evaluator
 
 
 def check_settings(cfg: Config, dist: Dist) -> None:
@@ -192,25 +223,8 @@ def train(cfg: Config, dist: Dist) -> dict:
     # 2. policy and frozen reference, both from the SFT checkpoint: under LoRA the reference is the
     # policy with its adapters off, else a frozen copy; its log-probs of every pair computed once if asked
     model = wrap_model(prepare_trainable(policy, cfg), dist, cfg.dtype, cfg.compile)
-    if cfg.lora_rank:
-        reference = AdaptersOff(policy)
-    else:
-        reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg), cfg.lora_base)[0], dist, cfg.dtype)
-    offload = cfg.precompute_ref and not cfg.lora_rank and not dist.sharded  # a separate reference can wait on the CPU
     ctx = autocast(dist.device, cfg.dtype)
-    if cfg.precompute_ref:
-        logps = cached_reference_logps(cfg, reference, {"train": train_data, "val": val_data},
-                                       cfg.loss_type == "ipo", dist, ctx)
-        for data, name in ((train_data, "train"), (val_data, "val")):
-            data["reference_chosen_logps"], data["reference_rejected_logps"] = logps[name].unbind(1)
-    evaluator = None
-    if prompts and (dist.master or dist.sharded):  # under FSDP every rank samples the policy with rank 0
-        with ctx:
-            evaluator = PolicyEvaluator(reference, tok, prompts, cfg.max_new_tokens, cfg.temperature,
-                                        cfg.seed, offload=offload)
-    if offload:
-        reference.cpu()  # off the accelerator: training never runs it again, evaluation borrows it
-    loss_fn = partial(dpo_batch_loss, reference=reference, cfg=cfg)
+    reference, evaluator = reference_and_evaluator(cfg, policy, train_data, val_data, prompts, tok, dist, ctx)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     start = step = run.start(policy, optimizer)
     tokens = run.resumed["tokens"] if run.resumed else 0  # real tokens trained on so far
@@ -230,7 +244,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         # before early_eval_until) and at the end (a resumed run was evaluated at its checkpoint already)
         evaluating = run.evaluates(step, start)
         if evaluating:
-            eval_metrics, samples = evaluate(model, policy, loss_fn, val_data, evaluator, prompts, cfg, dist, ctx)
+            eval_metrics, samples = evaluate(model, policy, reference, val_data, evaluator, prompts, cfg, dist, ctx)
             metrics.update(eval_metrics)
             run.print(step, metrics, samples)
         if metrics:
@@ -243,14 +257,23 @@ def train(cfg: Config, dist: Dist) -> dict:
         lr = set_lr(optimizer, step, cfg)
         indices = global_batch(n_pairs, cfg.batch_size, step, cfg.seed)
         batches = [take(train_data, idx, dist.device) for idx in micro_batches(indices, dist, cfg.grad_accum)]
-        # 3c. chosen and rejected through the policy (and the reference) in one forward, the DPO
-        # loss averaged over the global batch's pairs, backward, one optimizer step
+        # 3c. forward and backward of each micro-batch: chosen and rejected through the policy (and
+        # the reference) in one forward, the DPO loss summed over its pairs, scaled so that the
+        # gradient is the mean over the global batch's pairs (DDP averages over ranks: x world_size)
         step += 1
-        stats = train_step(model, optimizer, batches, loss_fn, len(indices), cfg.grad_clip, dist, ctx, step)
+        sums = {}
+        for i, batch in enumerate(batches):
+            with gradient_sync(model, dist, sync=i == len(batches) - 1):
+                with ctx:
+                    loss_sum, metric_sums = dpo_batch_loss(model, batch, reference, cfg)
+                (loss_sum * (dist.world_size / len(indices))).backward()
+            sums = add_sums(sums, loss_sum, metric_sums)
+        # 3d. one optimizer step (clip, step, zero) on the gradients of the whole global batch
+        stats = optimizer_step(model, optimizer, sums, len(indices), cfg.grad_clip, dist, step)
         tokens += real_tokens(train_data, indices)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
-        # 3d. training metrics every log_interval steps
+        # 3e. training metrics every log_interval steps
         logging = step % cfg.log_interval == 0 or step == cfg.max_iters
         metrics = {**stats, "learning_rate": lr, "tokens": tokens} if logging else {}
     bar.close()

@@ -17,13 +17,13 @@ KL penalty; 5. advantages: GAE, whitened over the whole batch, or RLOO's and GRP
 prompt's group of responses; 6. ppo_epochs passes of clipped policy (and value) updates over
 num_minibatches minibatches; 7. adapt kl_coef; 8. log, evaluate, checkpoint. RLOO and GRPO
 share every step but 5 and the loss, so they live here rather than in a script of their own.
+The math of each step is ppo.py's; this file holds their order, the rollout and the update loop.
 """
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal, Optional
 
 import torch
@@ -36,10 +36,10 @@ from evaluate import PolicyEvaluator, sample_completions
 from files import DataError
 from lora import AdaptersOff
 from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, group_advantages, k3_kl,
-                 loss_weights, masked_whiten, per_token_rewards, ppo_losses, response_logprobs, rollout, shaped_scores)
+                 loss_weights, masked_whiten, per_token_rewards, ppo_losses, response_entropy, response_logprobs, rollout, shaped_scores)
 from reward_model import RewardModel
 from toy import gold_reward
-from train_utils import (TrainConfig, autocast, check_lengths, check_training_settings, frozen_dtype, global_batch, lora_record, make_optimizer, n_trainable, prepare_trainable, progress_bar, require_inputs, resolve_gold_eval, run_script, set_lr, toy_default, train_step)
+from train_utils import (TrainConfig, add_sums, autocast, check_lengths, check_training_settings, frozen_dtype, global_batch, gradient_sync, lora_record, make_optimizer, n_trainable, optimizer_step, prepare_trainable, progress_bar, require_inputs, resolve_gold_eval, run_script, set_lr, toy_default)
 
 
 @dataclass
@@ -191,10 +191,11 @@ def score_tokens(policy, reference, critic, batch, P: int, cfg: Config, ctx):
     """Step 3: log-probs of the responses under the policy that sampled them and under the
     reference, the policy's entropy, and the critic's values (None without a critic), each (B, R)."""
     with ctx:
-        logprobs, entropy = response_logprobs(policy(batch["input_ids"], batch["attention_mask"]),
-                                              batch["input_ids"], P, cfg.temperature)
-        ref_logprobs, _ = response_logprobs(reference(batch["input_ids"], batch["attention_mask"]),
-                                            batch["input_ids"], P, cfg.temperature)
+        logits = policy(batch["input_ids"], batch["attention_mask"])  # (B, P + R, V)
+        logprobs = response_logprobs(logits, batch["input_ids"], P, cfg.temperature)
+        entropy = response_entropy(logits, P, cfg.temperature)
+        ref_logprobs = response_logprobs(reference(batch["input_ids"], batch["attention_mask"]),
+                                         batch["input_ids"], P, cfg.temperature)
         values = critic.values(batch["input_ids"], batch["attention_mask"])[:, P - 1:-1].float() if critic else None
     return logprobs, ref_logprobs, entropy, values
 
@@ -210,7 +211,7 @@ def ppo_batch_loss(model, batch, n_prompt: int, cfg: Config):
         new_values = new_values[:, n_prompt - 1:-1].float()
     else:
         logits, new_values = model(batch["input_ids"], batch["attention_mask"]), None
-    new_logprobs, _ = response_logprobs(logits, batch["input_ids"], n_prompt, cfg.temperature)
+    new_logprobs = response_logprobs(logits, batch["input_ids"], n_prompt, cfg.temperature)
     weights, _ = loss_weights(batch["response_mask"], cfg.loss_average)  # (B, R)
     sums = ppo_losses(new_logprobs, batch["old_logprobs"], batch["advantages"], new_values, batch.get("old_values"),
                       batch.get("returns"), weights, cfg.cliprange, cfg.cliprange_value)
@@ -220,6 +221,22 @@ def ppo_batch_loss(model, batch, n_prompt: int, cfg: Config):
         sums["kl_loss"] = (k3_kl(new_logprobs, batch["ref_logprobs"]) * weights).sum()
         return sums["policy_loss"] + cfg.kl_coef * sums["kl_loss"], sums
     return sums["policy_loss"], sums
+
+
+def advantages(rewards, values, ref_logprobs, data: dict, cfg: Config, dist: Dist) -> dict[str, torch.Tensor]:
+    """Step 5, from the per-token rewards (B, R): what the loss needs besides the old log-probs.
+    gae: advantages by GAE, whitened over every rank's tokens, and the returns, the critic's
+    targets. rloo and grpo: one advantage per response from its group of samples_per_prompt;
+    RLOO's sequence reward is the score less kl_coef x its KL (the per-token rewards summed),
+    GRPO's the score alone, as its KL is a term of the loss, which takes the reference's log-probs."""
+    mask = data["response_mask"]
+    if cfg.advantage == "gae":
+        advantages, returns = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask, lambda t: all_reduce_sum(t, dist))
+        return {"old_values": values, "returns": returns, "advantages": advantages}
+    sequence_rewards = rewards.sum(1) if cfg.advantage == "rloo" else data["scores"]
+    advantages = group_advantages(sequence_rewards, cfg.samples_per_prompt, cfg.advantage)[:, None] * mask
+    return {"ref_logprobs": ref_logprobs, "advantages": advantages} if cfg.advantage == "grpo" else {"advantages": advantages}
 
 
 def minibatch_rows(n_chunks: int, chunk: int, positions: torch.Tensor) -> torch.Tensor:
@@ -234,7 +251,6 @@ def ppo_update(model, optimizer, data: dict, P: int, step: int, cfg: Config, dis
     optimizer step per minibatch; the loss is the mean over the minibatch's response tokens on
     all ranks, or with --loss_average sequence the mean over its responses of each one's token
     mean. Returns the statistics averaged over the minibatches."""
-    loss_fn = partial(ppo_batch_loss, n_prompt=P, cfg=cfg)
     n_chunks = len(data["input_ids"]) // cfg.gen_chunk  # this rank's chunks
     per_minibatch = cfg.gen_chunk // cfg.num_minibatches
     stats = []
@@ -245,7 +261,14 @@ def ppo_update(model, optimizer, data: dict, P: int, step: int, cfg: Config, dis
             _, count = loss_weights(data["response_mask"][rows], cfg.loss_average)  # tokens, or responses
             n_global = int(all_reduce_sum(count, dist).item())  # over every rank: the same whatever the world size
             batches = [{k: v[r] for k, v in data.items()} for r in rows.chunk(cfg.grad_accum)]
-            stats.append(train_step(model, optimizer, batches, loss_fn, n_global, cfg.grad_clip, dist, ctx, step + 1))
+            sums = {}
+            for i, batch in enumerate(batches):  # forward and backward of each micro-batch
+                with gradient_sync(model, dist, sync=i == len(batches) - 1):
+                    with ctx:
+                        loss_sum, metric_sums = ppo_batch_loss(model, batch, P, cfg)
+                    (loss_sum * (dist.world_size / n_global)).backward()  # DDP averages over ranks
+                sums = add_sums(sums, loss_sum, metric_sums)
+            stats.append(optimizer_step(model, optimizer, sums, n_global, cfg.grad_clip, dist, step + 1))
     return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
 
@@ -352,19 +375,16 @@ def encode_prompts(tok, prompts: list, limit: int, verbose: bool) -> list[list[i
     return out
 
 
-def train(cfg: Config, dist: Dist) -> dict:
-    # settings, then every input read and checked before anything is written
-    check_settings(cfg, dist)
-    seed_everything(cfg.seed, dist)
-    run = Run(cfg, dist)
-    policy, tok, _ = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
+def read_prompts(cfg: Config, block_size: int, tok, dist: Dist):
+    """The training prompts, their token ids (cut to --max_prompt_length), the held-out prompts
+    and the tokenizer with the chat template the prompts need, every length checked against the
+    model's context; DataError, before anything is written, on bad input."""
     prompts = load_prompts(cfg.prompts)
     eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.eval_prompts else []
     conversations = any(isinstance(p, list) for p in prompts + eval_prompts)
     if conversations and (cfg.reward == "gold" or cfg.gold_eval):
         raise DataError("--reward gold and --gold_eval score the toy task's text prompts, not conversations")
     tok = tok.with_chat_template(cfg.chat_template, chat_data=conversations)  # under a template prompts are user turns
-    block_size = policy.config.block_size
     if cfg.max_prompt_length is None:
         cfg.max_prompt_length = block_size - cfg.max_new_tokens
     if cfg.max_prompt_length < 1:
@@ -378,6 +398,16 @@ def train(cfg: Config, dist: Dist) -> dict:
     if eval_prompts:
         longest = max(len(ids) for ids in encode_prompts(tok, eval_prompts, block_size, verbose=False))
         check_lengths(block_size, ("the longest --eval_prompts prompt", longest), ("--max_new_tokens", cfg.max_new_tokens))
+    return prompts, prompt_ids, eval_prompts, tok
+
+
+def train(cfg: Config, dist: Dist) -> dict:
+    # settings, then every input read and checked before anything is written
+    check_settings(cfg, dist)
+    seed_everything(cfg.seed, dist)
+    run = Run(cfg, dist)
+    policy, tok, _ = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
+    prompts, prompt_ids, eval_prompts, tok = read_prompts(cfg, policy.config.block_size, tok, dist)
 
     # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic (gae)
     prepare_trainable(policy, cfg)
@@ -439,21 +469,8 @@ def train(cfg: Config, dist: Dist) -> dict:
         # 4. per-token rewards: the score at the last token, minus kl_coef x KL at every token
         mask = data["response_mask"]
         rewards, kl = per_token_rewards(data["scores"], logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
-        data.update(old_logprobs=logprobs)
-        if cfg.advantage == "gae":
-            # 5. advantages by GAE, whitened over every rank's tokens; returns are the critic's targets
-            advantages, returns = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
-            advantages = masked_whiten(advantages, mask, lambda t: all_reduce_sum(t, dist))
-            data.update(old_values=values, returns=returns)
-        else:
-            # 5. one advantage per response from its group of samples_per_prompt: RLOO's sequence
-            # reward is the score less kl_coef x its KL (the per-token rewards summed), GRPO's the
-            # score alone (its KL is in the loss)
-            sequence_rewards = rewards.sum(1) if cfg.advantage == "rloo" else data["scores"]
-            advantages = group_advantages(sequence_rewards, cfg.samples_per_prompt, cfg.advantage)[:, None] * mask
-            if cfg.advantage == "grpo":
-                data.update(ref_logprobs=ref_logprobs)
-        data.update(advantages=advantages)
+        # 5. advantages (gae: and the critic's targets)
+        data.update(old_logprobs=logprobs, **advantages(rewards, values, ref_logprobs, data, cfg, dist))
         t_update = time.time()
         # 6. PPO epochs over minibatches: the clipped policy and value losses
         update = ppo_update(model, optimizer, data, P, step, cfg, dist, ctx)
@@ -472,14 +489,12 @@ def train(cfg: Config, dist: Dist) -> dict:
         # 8. training metrics (TRL's names) every log_interval iterations
         metrics = {}
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            metrics = {
-                "objective/scores": mean_score, "objective/kl": mean_kl,
-                "objective/rlhf_reward": mean_score - kl_coef_used * mean_kl, "objective/entropy": mean_entropy,
-                "policy/approxkl_avg": update["approxkl"], "policy/clipfrac_avg": update["clipfrac"],
-                "loss/policy_avg": update["policy_loss"], "val/ratio": update["ratio"],
-                "kl_coef": kl_coef_used, "grad_norm": update["grad_norm"], "learning_rate": lr, "tokens": tokens,
-                "completions/mean_length": mean_length, "completions/ended_ratio": ended_ratio,  # a stop token reached
-            }
+            metrics = {"objective/scores": mean_score, "objective/kl": mean_kl,
+                       "objective/rlhf_reward": mean_score - kl_coef_used * mean_kl, "objective/entropy": mean_entropy,
+                       "policy/approxkl_avg": update["approxkl"], "policy/clipfrac_avg": update["clipfrac"],
+                       "loss/policy_avg": update["policy_loss"], "val/ratio": update["ratio"], "kl_coef": kl_coef_used,
+                       "grad_norm": update["grad_norm"], "learning_rate": lr, "tokens": tokens,
+                       "completions/mean_length": mean_length, "completions/ended_ratio": ended_ratio}
             if critic:
                 metrics.update({"loss/value_avg": update["value_loss"], "val/clipfrac_avg": update["vf_clipfrac"]})
             if cfg.advantage == "grpo":

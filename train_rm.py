@@ -1,6 +1,7 @@
 """
 Reward model: the SFT backbone plus a scalar head, trained with the Bradley-Terry loss on
-preference pairs. The first half of RLHF; train_ppo.py optimises the policy against it.
+preference pairs. The first half of RLHF; train_ppo.py optimises the policy against it. The
+model and its loss are reward_model.py's; this file holds the run and its loop.
 
     python train_rm.py                                 # on out/pairs from sample.py --pairs
     torchrun --nproc_per_node 2 train_rm.py            # the same run on 2 processes
@@ -13,7 +14,6 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from functools import partial
 from typing import Optional
 
 import torch
@@ -24,7 +24,7 @@ from distributed import Dist, seed_everything, wrap_model
 from files import DataError
 from reward_model import RewardModel, bradley_terry_loss, pair_scores, rm_metric_sums
 from toy import gold_reward
-from train_utils import (TrainConfig, autocast, check_batches, check_lengths, check_pair_settings, check_training_settings, default_max_length, global_batch, heldout_sums, lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar, run_script, set_lr, train_step)
+from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, check_batches, check_lengths, check_pair_settings, check_training_settings, default_max_length, global_batch, gradient_sync, lora_record, make_optimizer, micro_batches, n_trainable, optimizer_step, prepare_trainable, progress_bar, run_script, set_lr, shard_indices)
 
 
 @dataclass
@@ -78,12 +78,16 @@ def rm_batch_loss(model, batch, cfg: Config):
     return bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef).sum(), metrics
 
 
-def evaluate(model, loss_fn, val_data, cfg: Config, dist: Dist, ctx) -> dict:
+def evaluate(model, val_data, cfg: Config, dist: Dist, ctx) -> dict:
     """Held-out loss, accuracy, margin and mean reward on every rank's shard of the pairs, and
     agreement with the gold reward's order."""
     model.eval()
-    sums = heldout_sums(model, val_data, loss_fn, dist, ctx, cfg.batch_size)
     n = len(val_data["chosen_input_ids"])
+    sums = {}
+    for idx in shard_indices(n, dist, cfg.batch_size):
+        with torch.no_grad(), ctx:
+            sums = add_sums(sums, *rm_batch_loss(model, take(val_data, idx, dist.device), cfg))
+    sums = all_reduce_sums(sums, dist)
     metrics = {f"eval/{k}": sums[k] / n for k in ("loss", "accuracy", "margin", "mean_reward")}
     if cfg.gold_eval:
         metrics["eval/gold_agreement"] = sums["gold_agreements"] / max(sums["gold_pairs"], 1)
@@ -116,7 +120,6 @@ def train(cfg: Config, dist: Dist) -> dict:
     # 2. the reward model: SFT backbone, new scalar head
     raw_model = RewardModel.from_gpt(sft)
     prepare_trainable(raw_model.backbone, cfg)  # the head always trains
-    loss_fn = partial(rm_batch_loss, cfg=cfg)
     model = wrap_model(raw_model, dist, cfg.dtype, cfg.compile)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     start = step = run.start(raw_model, optimizer)
@@ -136,7 +139,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         # before early_eval_until) and at the end (a resumed run was evaluated at its checkpoint already)
         evaluating = run.evaluates(step, start)
         if evaluating:
-            metrics.update(evaluate(model, loss_fn, val_data, cfg, dist, ctx))
+            metrics.update(evaluate(model, val_data, cfg, dist, ctx))
             run.print(step, metrics)
         if metrics:
             run.log(step, metrics)
@@ -148,13 +151,23 @@ def train(cfg: Config, dist: Dist) -> dict:
         lr = set_lr(optimizer, step, cfg)
         indices = global_batch(n_pairs, cfg.batch_size, step, cfg.seed)
         batches = [take(train_data, idx, dist.device) for idx in micro_batches(indices, dist, cfg.grad_accum)]
-        # 3c. the Bradley-Terry loss averaged over the global batch's pairs, backward, one optimizer step
+        # 3c. forward and backward of each micro-batch: chosen and rejected scored in one forward,
+        # the Bradley-Terry loss summed over its pairs, scaled so that the gradient is the mean over
+        # the global batch's pairs (DDP averages over ranks: x world_size)
         step += 1
-        stats = train_step(model, optimizer, batches, loss_fn, len(indices), cfg.grad_clip, dist, ctx, step)
+        sums = {}
+        for i, batch in enumerate(batches):
+            with gradient_sync(model, dist, sync=i == len(batches) - 1):
+                with ctx:
+                    loss_sum, metric_sums = rm_batch_loss(model, batch, cfg)
+                (loss_sum * (dist.world_size / len(indices))).backward()
+            sums = add_sums(sums, loss_sum, metric_sums)
+        # 3d. one optimizer step (clip, step, zero) on the gradients of the whole global batch
+        stats = optimizer_step(model, optimizer, sums, len(indices), cfg.grad_clip, dist, step)
         tokens += real_tokens(train_data, indices)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
-        # 3d. training metrics every log_interval steps
+        # 3e. training metrics every log_interval steps
         logging = step % cfg.log_interval == 0 or step == cfg.max_iters
         metrics = {**stats, "learning_rate": lr, "tokens": tokens} if logging else {}
     bar.close()

@@ -1,6 +1,7 @@
 """
 Supervised fine-tuning: next-token loss on completions (or on whole texts), the first stage of
-the pipeline and the reference model of every later one.
+the pipeline and the reference model of every later one. The loss is here (model.token_logps
+summed); the loop below shows each step whole, with the shared pieces from train_utils.py.
 
     python train_sft.py                                  # the toy task, tiny model, CPU
     torchrun --nproc_per_node 2 train_sft.py             # the same run on 2 processes
@@ -15,17 +16,16 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 
 from checkpoint import Run, load_gpt
-from data import IGNORE_INDEX, hold_out, load_prompts, load_sft, real_tokens, take, tokenize_sft
+from data import hold_out, load_prompts, load_sft, real_tokens, take, tokenize_sft
 from distributed import Dist, barrier, seed_everything, wrap_model
 from evaluate import sample_completions, sample_metrics
 from files import DataError
-from model import GPT, PRESETS
+from model import GPT, IGNORE_INDEX, PRESETS, token_logps
 from tokenizer import Tokenizer
 from toy import ToyConfig, gold_reward, prepare_toy_data
-from train_utils import (TrainConfig, autocast, check_batches, check_lengths, check_training_settings, default_max_length, global_batch, heldout_sums, lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar, require_inputs, run_script, set_lr, train_step)
+from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, check_batches, check_lengths, check_training_settings, default_max_length, global_batch, gradient_sync, lora_record, make_optimizer, micro_batches, n_trainable, optimizer_step, prepare_trainable, progress_bar, require_inputs, run_script, set_lr, shard_indices)
 
 
 @dataclass
@@ -70,12 +70,10 @@ class Config(TrainConfig):
 
 
 def sft_loss(model, batch):
-    """Summed next-token cross-entropy over labelled tokens: the logits at t predict the token
-    at t + 1, and prompt and pad labels are IGNORE_INDEX."""
+    """Summed next-token cross-entropy over labelled tokens (prompt and pad labels are
+    IGNORE_INDEX), and no other metric."""
     logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, {}
+    return -token_logps(logits, batch["labels"]).sum(), {}
 
 
 def n_labels(labels: torch.Tensor) -> int:
@@ -136,7 +134,11 @@ def evaluate(model, raw_model, val_data, prompts, tok, cfg: Config, dist: Dist, 
     the gold reward on the toy task (under FSDP every rank samples the same, since every forward
     is collective). Returns the metrics and a few samples to print."""
     model.eval()
-    sums = heldout_sums(model, val_data, sft_loss, dist, ctx, cfg.batch_size)
+    sums = {}
+    for idx in shard_indices(len(val_data["input_ids"]), dist, cfg.batch_size):
+        with torch.no_grad(), ctx:
+            sums = add_sums(sums, *sft_loss(model, take(val_data, idx, dist.device)))
+    sums = all_reduce_sums(sums, dist)
     metrics, samples = {"eval/loss": sums["loss"] / n_labels(val_data["labels"])}, []
     if prompts and (dist.master or dist.sharded):
         with ctx:
@@ -215,14 +217,23 @@ def train(cfg: Config, dist: Dist) -> dict:
         lr = set_lr(optimizer, step, cfg)
         indices = global_batch(n_examples, cfg.batch_size, step, cfg.seed)
         batches = [take(train_data, idx, dist.device) for idx in micro_batches(indices, dist, cfg.grad_accum)]
-        # 2c. forward and backward, one optimizer step: the loss is the mean over the global batch's tokens
+        # 2c. forward and backward of each micro-batch: its loss summed over tokens, scaled so that the
+        # gradient is the mean over the global batch's tokens (DDP averages over ranks: x world_size)
         step += 1
-        stats = train_step(model, optimizer, batches, sft_loss, n_labels(train_data["labels"][indices]),
-                           cfg.grad_clip, dist, ctx, step)
+        n_tokens = n_labels(train_data["labels"][indices])
+        sums = {}
+        for i, batch in enumerate(batches):
+            with gradient_sync(model, dist, sync=i == len(batches) - 1):
+                with ctx:
+                    loss_sum, metric_sums = sft_loss(model, batch)
+                (loss_sum * (dist.world_size / n_tokens)).backward()
+            sums = add_sums(sums, loss_sum, metric_sums)
+        # 2d. one optimizer step (clip, step, zero) on the gradients of the whole global batch
+        stats = optimizer_step(model, optimizer, sums, n_tokens, cfg.grad_clip, dist, step)
         tokens += real_tokens(train_data, indices)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
-        # 2d. training metrics every log_interval steps
+        # 2e. training metrics every log_interval steps
         logging = step % cfg.log_interval == 0 or step == cfg.max_iters
         metrics = {**stats, "learning_rate": lr, "tokens": tokens} if logging else {}
     bar.close()

@@ -1,10 +1,11 @@
 """
 What every training loop shares, each piece with one obvious meaning: config dataclass to
 command line, the settings checks, mixed precision, the optimizer and its schedule, the data
-order, one optimizer step with gradient accumulation, held-out sums, the memory settings, and
-the scripts' main. Processes and devices are in distributed.py, checkpoints and the run folder
-in checkpoint.py. No training loop and no algorithm lives here: each train_X.py shows its own
-loop, and its loss lives in dpo.py, ppo.py, reward_model.py or the script itself.
+order, the gradient-sync context of a micro-batch and the optimizer step (all-reduced means,
+clip, step, zero), the memory settings, and the scripts' main. It holds no loop and takes no
+loss as a closure: each train_X.py shows its own loop, micro-batches, forward, loss and
+loss.backward(), and its loss lives in dpo.py, ppo.py, reward_model.py or the script itself.
+Processes and devices are in distributed.py, checkpoints and the run folder in checkpoint.py.
 """
 import argparse
 import ast
@@ -15,7 +16,7 @@ import os
 import sys
 import textwrap
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
@@ -25,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from checkpoint import OVERWRITTEN, NonFiniteLoss, RunStopped, fingerprint, number, release_run_folder
-from data import TOY_PAIRS, take
+from data import TOY_PAIRS
 from distributed import Dist, all_reduce_sum, cleanup_distributed, setup_distributed
 from files import DataError
 from lora import TARGETS, attach_lora
@@ -330,39 +331,45 @@ def check_lengths(block_size: int, *parts: tuple[str, int]) -> None:
 
 
 # -----------------------------------------------------------------------------
-# One optimizer step
+# One optimizer step: the pieces each loop puts around its own forward and loss.backward()
 
 
-def _sums(loss_sum: torch.Tensor, metric_sums: dict) -> torch.Tensor:
-    return torch.stack([loss_sum.detach().float(), *(v.detach().float() for v in metric_sums.values())])
-
-
-def train_step(model, optimizer, batches: list, loss_fn, n_global: int, grad_clip: float,
-               dist: Dist, ctx, step: int) -> dict[str, float]:
-    """Forward and backward over this rank's micro-batches, then optimizer step number `step`.
-
-    loss_fn(model, batch) -> (loss_sum, {name: sum}) returns sums over the batch's loss terms
-    (tokens for SFT, pairs for DPO), not means. Dividing by n_global, the number of terms in the
-    whole global batch, makes the gradient the global mean, whatever the world size and number
-    of micro-batches (DDP and FSDP average gradients over ranks, hence the factor world_size).
-    Gradients are reduced once, on the last micro-batch: under DDP the others run under no_sync,
-    entered before their forward pass; under FSDP with gradient sync off, which keeps each
-    micro-batch's unsharded gradients for the last one to reduce-scatter. Returns the global
-    means of the loss and metrics, and grad_norm (before clipping; under FSDP the norm over every
-    rank's shards); a non-finite loss raises NonFiniteLoss before the weights are touched."""
-    sums = 0
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)] if dist.sharded else []
-    for i, batch in enumerate(batches):
-        sync = not dist.ddp or i == len(batches) - 1
-        for unit in units:
+@contextmanager
+def gradient_sync(model, dist: Dist, sync: bool):
+    """One micro-batch's forward and backward with the gradient reduction over ranks on (`sync`:
+    the step's last micro-batch) or off (the others), so gradients are reduced once a step.
+    Under DDP the others run under no_sync, entered before their forward pass; under FSDP with
+    gradient sync off, which keeps each micro-batch's unsharded gradients for the last one to
+    reduce-scatter. One process has nothing to reduce."""
+    sync = sync or not dist.ddp
+    if dist.sharded:
+        for unit in (m for m in model.modules() if isinstance(m, FSDPModule)):
             unit.set_requires_gradient_sync(sync, recurse=False)
-        with nullcontext() if sync or dist.sharded else model.no_sync():
-            with ctx:
-                loss_sum, metric_sums = loss_fn(model, batch)
-            (loss_sum * (dist.world_size / n_global)).backward()
-        sums = sums + _sums(loss_sum, metric_sums)
-    sums = all_reduce_sum(sums, dist) / n_global
-    stats = dict(zip(["loss", *metric_sums], sums.tolist()))
+    with nullcontext() if sync or dist.sharded else model.no_sync():
+        yield
+
+
+def add_sums(sums: dict, loss_sum: torch.Tensor, metric_sums: dict) -> dict:
+    """Running totals, by name, of a loss and its metrics summed over a batch's terms (tokens for
+    SFT, pairs for DPO), detached: a step's over its micro-batches, or a held-out set's."""
+    return {name: sums.get(name, 0) + value.detach().float()
+            for name, value in {"loss": loss_sum, **metric_sums}.items()}
+
+
+def all_reduce_sums(sums: dict, dist: Dist) -> dict[str, float]:
+    """The totals of add_sums summed over every rank."""
+    return dict(zip(sums, all_reduce_sum(torch.stack(list(sums.values())), dist).tolist()))
+
+
+def optimizer_step(model, optimizer, sums: dict, n_global: int, grad_clip: float, dist: Dist,
+                   step: int) -> dict[str, float]:
+    """Optimizer step number `step`, once every micro-batch's loss.backward() has run: the step's
+    loss and metric sums (add_sums) all-reduced and divided by n_global, the number of loss terms
+    in the whole global batch; the gradient norm clipped (under FSDP the norm over every rank's
+    shards); the step; the gradients zeroed. Never steps on a non-finite loss or gradient norm:
+    NonFiniteLoss, the weights untouched. Returns the means and grad_norm (before clipping)."""
+    means = all_reduce_sum(torch.stack(list(sums.values())), dist) / n_global
+    stats = dict(zip(sums, means.tolist()))
     if not math.isfinite(stats["loss"]):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(f"step {step}: loss is {stats['loss']}")
@@ -374,19 +381,6 @@ def train_step(model, optimizer, batches: list, loss_fn, n_global: int, grad_cli
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return stats
-
-
-@torch.no_grad()
-def heldout_sums(model, data: dict[str, torch.Tensor], loss_fn, dist: Dist, ctx,
-                 batch_size: int) -> dict[str, float]:
-    """loss_fn (as in train_step) summed over a whole held-out set, sharded over ranks and
-    all-reduced: {"loss": sum, name: sum, ...}. The caller divides by what it averages over."""
-    sums = 0
-    for idx in shard_indices(len(next(iter(data.values()))), dist, batch_size):
-        with ctx:
-            loss_sum, metric_sums = loss_fn(model, take(data, idx, dist.device))
-        sums = sums + _sums(loss_sum, metric_sums)
-    return dict(zip(["loss", *metric_sums], all_reduce_sum(sums, dist).tolist()))
 
 
 # -----------------------------------------------------------------------------

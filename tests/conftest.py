@@ -5,12 +5,19 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["HF_HUB_OFFLINE"] = "1"  # transformers, the tests' reference, reads only the folders the tests write
 sys.path.insert(0, ROOT)
 
+from data import Pair, tokenize_pairs  # noqa: E402
+from distributed import Dist  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 from toy import ToyConfig, prepare_toy_data  # noqa: E402
+
+CPU = Dist(False, 0, 0, 1, torch.device("cpu"))  # one process on the CPU: from conftest import CPU
 
 
 def read_metrics(out_dir):
@@ -48,3 +55,33 @@ def sft_pairs(toy_dir, tmp_path_factory):
     assert sample.main([f"--ckpt={ckpt}", "--pairs", f"--data_dir={toy_dir}", f"--out_dir={pairs_dir}",
                         "--n_train_prompts=500", "--n_val_prompts=128", "--device=cpu"]) == 0
     return ckpt, pairs_dir
+
+
+@pytest.fixture(scope="module")
+def tok(toy_dir):
+    """The toy task's tokenizer."""
+    return Tokenizer.load(os.path.join(toy_dir, "tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A random tiny GPT over the toy vocabulary (seed 0), in eval mode."""
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+@pytest.fixture(scope="module")
+def pair_batch(toy_dir):
+    """Three toy preference pairs, tokenized and collated, and the tokenizer."""
+    tok = Tokenizer.load(f"{toy_dir}/tokenizer.model")
+    pairs = [Pair("the movie", "was great .", "was dull . i hated the plot .", "t:1"),
+             Pair("i loved the film . the plot", "was not bad .", "was awful .", "t:2"),
+             Pair("i", "saw the cast .", "would not recommend it .", "t:3")]
+    return tokenize_pairs(pairs, tok, 64, None), tok
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    """The same random tiny GPT as `model` (seed 0), in eval mode."""
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()

@@ -1,6 +1,5 @@
 """DPO: the loss and its variants against hand-computed values, log-prob masking, the
-concatenated forward, precomputed reference log-probs, IPO's two-action example, and the shared
-evaluation's KL.
+concatenated forward, precomputed reference log-probs and IPO's two-action example.
 
     python -m pytest -q tests/test_dpo.py
 """
@@ -9,13 +8,8 @@ import math
 import pytest
 import torch
 
-from ceiling import completion_logprobs
-from data import Pair, tokenize_pairs
 from distributed import Dist
 from dpo import concatenated_forward, dpo_loss, sequence_logps
-from evaluate import sequence_kl
-from model import GPT, GPTConfig
-from tokenizer import Tokenizer
 from train_dpo import reference_logps
 
 # Two pairs. Row 0: log-ratios chosen 1.0, rejected -0.5, so h = 1.5. Row 1: chosen 0, rejected 1, h = -1.
@@ -56,33 +50,6 @@ def test_reference_free_compares_against_a_uniform_reference():
 def test_unknown_loss_type_is_refused():
     with pytest.raises(ValueError, match="unknown loss_type"):
         dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, loss_type="kto")
-
-
-def test_completion_logprobs_match_a_float64_loop_over_each_sequence_alone(model, pair_batch):
-    """The ceiling's importance weights need log pi(y|x) of whole completions, batched with padding."""
-    _, tok = pair_batch
-    prompts = [[2] + tok.encode("the movie"), [2] + tok.encode("i loved the film . the plot")]
-    completions = [tok.encode("was great .") + [3], tok.encode("was not bad . i") + [3]]
-    got = completion_logprobs(model, prompts, completions, tok.pad_id)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        with torch.no_grad():
-            logp = model(torch.tensor([p + c]))[0].double().log_softmax(-1)
-        assert got[i].item() == pytest.approx(sum(logp[len(p) - 1 + t, c[t]].item() for t in range(len(c))), rel=1e-5)
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
-
-
-@pytest.fixture(scope="module")
-def pair_batch(toy_dir):
-    tok = Tokenizer.load(f"{toy_dir}/tokenizer.model")
-    pairs = [Pair("the movie", "was great .", "was dull . i hated the plot .", "t:1"),
-             Pair("i loved the film . the plot", "was not bad .", "was awful .", "t:2"),
-             Pair("i", "saw the cast .", "would not recommend it .", "t:3")]
-    return tokenize_pairs(pairs, tok, 64, None), tok
 
 
 def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(model, pair_batch):
@@ -161,22 +128,3 @@ def _two_action_policy(loss_type, steps, lr):
 def test_dpo_drives_the_preferred_action_to_certainty_and_ipo_stops_short():
     assert _two_action_policy("sigmoid", 2000, 1.0) > 0.99  # DPO overfits a deterministic preference
     assert _two_action_policy("ipo", 2000, 0.1) == pytest.approx(1 / (1 + math.exp(-0.5)), abs=0.01)  # 0.622 at tau=1
-
-
-def test_shared_kl_is_zero_for_the_reference_and_matches_a_float64_loop(model, pair_batch):
-    _, tok = pair_batch
-    prompts = [[2] + tok.encode("the movie"), [2] + tok.encode("i loved the")]
-    completions = [tok.encode("was great .") + [3], tok.encode("plot .") + [3]]
-    assert torch.equal(sequence_kl(model, model, prompts, completions, tok.pad_id), torch.zeros(2))
-    torch.manual_seed(1)
-    other = GPT(model.config).eval()
-    for temperature in (1.0, 0.7):  # the KL of the distributions sampled at that temperature
-        got = sequence_kl(model, other, prompts, completions, tok.pad_id, temperature=temperature)
-        for i, (p, c) in enumerate(zip(prompts, completions)):
-            seq = torch.tensor([p + c])
-            with torch.no_grad():
-                logp = (model(seq)[0].double() / temperature).log_softmax(-1)
-                logq = (other(seq)[0].double() / temperature).log_softmax(-1)
-            expected = sum((logp[t].exp() * (logp[t] - logq[t])).sum().item()
-                           for t in range(len(p) - 1, len(p) + len(c) - 1))
-            assert got[i].item() == pytest.approx(expected, rel=1e-4)

@@ -5,7 +5,7 @@
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, ScalarHead
+from model import GPT, IGNORE_INDEX, GPTConfig, KVCache, token_logps
 
 V = 64
 
@@ -147,9 +147,19 @@ def test_flops_per_token_matches_hand_count():
     assert m.flops_per_token(32) == 6 * n + 12 * 2 * 16 * 32
 
 
-def test_scalar_head_gives_one_value_per_position():
-    head = ScalarHead(32)
-    assert head(torch.randn(3, 5, 32)).shape == (3, 5)
+def test_token_logps_is_the_shifted_log_softmax_at_each_label_and_zero_where_ignored():
+    """Against a float64 loop over rows and positions: the logits at t score the label at t + 1."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7) * 3
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 6, 0], [IGNORE_INDEX, 1, 2, IGNORE_INDEX, IGNORE_INDEX]])
+    out = token_logps(logits, labels)
+    assert out.shape == (2, 4) and out.dtype == torch.float32
+    for b in range(2):
+        for t in range(4):
+            label = int(labels[b, t + 1])
+            expected = 0.0 if label == IGNORE_INDEX else logits[b, t].double().log_softmax(-1)[label].item()
+            assert out[b, t].item() == pytest.approx(expected, abs=1e-6)
+    assert token_logps(logits.bfloat16(), labels).dtype == torch.float32  # bfloat16 logits, float32 log-probs
 
 
 def test_sequence_longer_than_block_size_is_refused(model):

@@ -14,7 +14,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from model import GPT, GPTConfig
-from ppo import (AdaptiveKLController, FixedKLController, gae, group_advantages, k3_kl, masked_whiten, per_token_rewards, ppo_losses, response_logprobs, rollout, shaped_scores)
+from ppo import (AdaptiveKLController, FixedKLController, gae, group_advantages, k3_kl, masked_whiten, per_token_rewards, ppo_losses, response_entropy, response_logprobs, rollout, shaped_scores)
 
 
 def ragged(B=5, R=9, seed=0):
@@ -105,7 +105,8 @@ def test_response_logprobs_and_entropy_match_a_per_token_loop_at_temperature():
     B, P, R, V, temperature = 2, 3, 4, 7, 0.7
     logits = torch.randn(B, P + R, V, generator=g)
     input_ids = torch.randint(0, V, (B, P + R), generator=g)
-    logprobs, entropy = response_logprobs(logits, input_ids, P, temperature)
+    logprobs, entropy = response_logprobs(logits, input_ids, P, temperature), response_entropy(logits, P, temperature)
+    assert logprobs.shape == entropy.shape == (B, R)
     for b in range(B):
         for t in range(R):
             dist = (logits[b, P - 1 + t].double() / temperature).log_softmax(-1)  # column P-1+t predicts token t
@@ -137,9 +138,9 @@ def test_policy_equal_to_the_reference_pays_no_kl_penalty():
                 generator=torch.Generator().manual_seed(0))
     mask = r.response_mask.float()
     with torch.no_grad():
-        logprobs, _ = response_logprobs(policy(r.input_ids, r.attention_mask), r.input_ids, r.n_prompt, 1.0)
-        ref, _ = response_logprobs(reference(r.input_ids[[2, 0, 1]], r.attention_mask[[2, 0, 1]]),
-                                   r.input_ids[[2, 0, 1]], r.n_prompt, 1.0)  # another batch order
+        logprobs = response_logprobs(policy(r.input_ids, r.attention_mask), r.input_ids, r.n_prompt, 1.0)
+        ref = response_logprobs(reference(r.input_ids[[2, 0, 1]], r.attention_mask[[2, 0, 1]]),
+                                r.input_ids[[2, 0, 1]], r.n_prompt, 1.0)  # another batch order
     for estimator in ("k1", "k3"):
         _, kl = per_token_rewards(torch.zeros(3), logprobs, ref[[1, 2, 0]], mask, 0.1, estimator)
         assert kl.abs().max().item() < 1e-5

@@ -10,7 +10,7 @@ import torch
 
 from model import GPT, GPTConfig
 from ppo import PolicyAndCritic
-from reward_model import RewardModel, bradley_terry_loss
+from reward_model import RewardModel, ScalarHead, bradley_terry_loss
 
 
 def test_bradley_terry_loss_by_hand():
@@ -58,3 +58,8 @@ def test_every_trainable_weight_of_a_reward_model_and_a_critic_gets_a_gradient(t
     logits, values = PolicyAndCritic(gpt, critic)(ids, mask)
     (logits.sum() + values.sum()).backward()
     assert [name for name, p in critic.named_parameters() if p.grad is None] == []
+
+
+def test_scalar_head_gives_one_value_per_position():
+    head = ScalarHead(32)
+    assert head(torch.randn(3, 5, 32)).shape == (3, 5)

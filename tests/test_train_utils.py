@@ -1,25 +1,23 @@
 """The shared plumbing against hand-computed values: the learning-rate schedule, which parameters
 the optimizer decays, one optimizer step (loss normalisation, accumulation, gradient clipping,
-the NaN guard), the data order, held-out sharding and the evaluation schedule.
+the NaN guard), the data order and held-out sharding.
 
     python -m pytest -q tests/test_train_utils.py
 """
 import math
 import os
 import re
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from importlib.metadata import version
 
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
-from checkpoint import NonFiniteLoss, Run
+from checkpoint import NonFiniteLoss
+from conftest import CPU
 from distributed import Dist
 from model import GPT, GPTConfig
-from train_utils import (TrainConfig, global_batch, lr_at, make_optimizer, micro_batches, set_lr, shard_indices, train_step)
-
-CPU = Dist(False, 0, 0, 1, torch.device("cpu"))
+from train_utils import (TrainConfig, add_sums, global_batch, gradient_sync, lr_at, make_optimizer, micro_batches, optimizer_step, set_lr, shard_indices)
 
 
 def test_lr_schedule_at_its_corners():
@@ -60,11 +58,18 @@ def linear_loss(model, batch):
     return (batch["x"] @ model.weight.squeeze(0)).sum(), {"count": torch.tensor(float(len(batch["x"])))}
 
 
-def one_step(batches, n_global, grad_clip):
+def one_step(batches, n_global, grad_clip, step=1):
+    """A step as the train_X.py loops take it: each micro-batch's backward, then optimizer_step."""
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    stats = train_step(model, opt, batches, linear_loss, n_global, grad_clip, CPU, nullcontext(), step=1)
+    sums = {}
+    for i, batch in enumerate(batches):
+        with gradient_sync(model, CPU, sync=i == len(batches) - 1):
+            loss_sum, metric_sums = linear_loss(model, batch)
+            (loss_sum * (CPU.world_size / n_global)).backward()
+        sums = add_sums(sums, loss_sum, metric_sums)
+    stats = optimizer_step(model, opt, sums, n_global, grad_clip, CPU, step)
     return model.weight.detach().squeeze(0).tolist(), stats
 
 
@@ -92,10 +97,42 @@ def test_a_nan_loss_raises_before_the_weights_move():
     model = torch.nn.Linear(2, 1, bias=False)
     before = model.weight.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    loss_sum, metric_sums = linear_loss(model, {"x": torch.tensor([[float("nan"), 1.0]])})
+    loss_sum.backward()
     with pytest.raises(NonFiniteLoss, match="step 7: loss is nan"):
-        train_step(model, opt, [{"x": torch.tensor([[float("nan"), 1.0]])}], linear_loss, 1, 1.0, CPU,
-                   nullcontext(), step=7)
+        optimizer_step(model, opt, add_sums({}, loss_sum, metric_sums), 1, 1.0, CPU, step=7)
     assert torch.equal(model.weight, before) and model.weight.grad is None
+
+
+def test_gradient_sync_defers_the_ddp_reduction_to_the_last_micro_batch_only_under_ddp():
+    class Replica(torch.nn.Linear):
+        """Records whether each micro-batch ran under DDP's no_sync."""
+        def __init__(self):
+            super().__init__(2, 1)
+            self.deferred = []
+
+        @contextmanager
+        def no_sync(self):
+            self.deferred.append(True)
+            yield
+
+    ddp, model = Dist(True, 0, 0, 2, torch.device("cpu")), Replica()
+    for i in range(3):
+        with gradient_sync(model, ddp, sync=i == 2):
+            model.deferred.append(False)
+    assert model.deferred == [True, False, True, False, False]  # no_sync around the first two, not the last
+    one = Replica()
+    with gradient_sync(one, CPU, sync=False):  # one process: nothing to reduce, no no_sync
+        pass
+    assert one.deferred == []
+
+
+def test_the_loss_sums_of_micro_batches_add_by_name_and_detached():
+    w = torch.ones(2, requires_grad=True)
+    sums = add_sums({}, (w * 2).sum(), {"n": torch.tensor(1)})
+    sums = add_sums(sums, (w * 3).sum(), {"n": torch.tensor(2)})
+    assert list(sums) == ["loss", "n"] and sums["loss"].item() == 10.0 and sums["n"].item() == 3.0
+    assert not sums["loss"].requires_grad and sums["n"].dtype == torch.float32
 
 
 def test_data_order_is_a_fresh_permutation_each_epoch_and_a_function_of_the_step():
@@ -131,60 +168,6 @@ def test_sharded_held_out_batches_are_padded_with_empty_ones_so_every_rank_runs_
     assert [t.tolist() for t in shard_indices(5, ranks[1], 1)] == [[1], [3], []]
 
 
-def test_evaluation_schedule_is_dense_early_then_every_eval_interval_and_at_the_end(tmp_path):
-    cfg = TrainConfig(out_dir=str(tmp_path), max_iters=65, eval_interval=10, early_eval_interval=2, early_eval_until=30)
-    run = Run(cfg, CPU)
-    assert [s for s in range(66) if run.evaluates(s, 0)] == list(range(0, 30, 2)) + [30, 40, 50, 60, 65]
-    cfg.early_eval_interval = 0  # off: early_eval_until alone changes nothing
-    assert [s for s in range(66) if run.evaluates(s, 0)] == [0, 10, 20, 30, 40, 50, 60, 65]
-
-
-class _Tokenizer:
-    def state(self):
-        return {}
-
-
-def test_a_checkpoint_before_the_first_step_leaves_the_optimizer_untouched(tmp_path):
-    """At step 0 AdamW has no state: the checkpoint holds none, and saving must not make one
-    (torch's state-dict helper would, with a dummy step that advances AdamW's step count and so
-    changes its first real update)."""
-    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
-    optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
-    run = Run(TrainConfig(out_dir=str(tmp_path)), CPU)
-    run.start(model, optimizer)
-    run.save(0, model, optimizer, _Tokenizer())
-    assert not optimizer.state
-    assert load_checkpoint(os.path.join(str(tmp_path), "ckpt.pt"))["optimizer"] is None
-    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
-    optimizer.step()
-    run.save(1, model, optimizer, _Tokenizer())
-    saved = load_checkpoint(os.path.join(str(tmp_path), "ckpt.pt"))["optimizer"]["state"]
-    assert all(float(v["step"]) == 1 for v in saved.values())  # keyed by name, one step taken
-
-
-def test_a_checkpoint_with_the_optimizer_keyed_by_position_resumes_its_state(tmp_path):
-    """Checkpoints written before FSDP hold optimizer.state_dict(), keyed by position: resuming
-    one restores every parameter's AdamW moments by name, as from today's checkpoints."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
-    optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
-    run = Run(TrainConfig(out_dir=str(tmp_path)), CPU)
-    run.start(model, optimizer)
-    model(torch.arange(4)[None]).square().sum().backward()
-    optimizer.step()
-    run.save(1, model, optimizer, _Tokenizer())
-    path = os.path.join(str(tmp_path), "ckpt.pt")
-    ckpt = load_checkpoint(path)
-    torch.save({**ckpt, "optimizer": optimizer.state_dict()}, path)  # the old format
-    resumed_model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
-    resumed = make_optimizer(resumed_model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
-    assert Run(TrainConfig(out_dir=str(tmp_path), resume=True), CPU).start(resumed_model, resumed) == 1
-    for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
-        assert torch.equal(p, q)
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(optimizer.state[p][key], resumed.state[q][key]), key
-
-
 def test_the_empty_padding_batch_of_a_sharded_held_out_set_runs_through_every_scripts_loss():
     """129 held-out pairs, batch 64, 2 ranks: rank 1's third batch is empty; `take` crashed on it
     (max of an empty tensor) in every held-out evaluation and in DPO's reference precompute."""
@@ -209,39 +192,6 @@ def test_the_empty_padding_batch_of_a_sharded_held_out_set_runs_through_every_sc
     assert train_dpo.reference_logps(gpt, pairs, False, CPU, nullcontext(), batch_size=1).shape == (2, 2)
     loss, metrics = train_rm.rm_batch_loss(RewardModel.from_gpt(gpt), take(pairs, empty), train_rm.Config())
     assert loss.item() == 0 and all(v.item() == 0 for v in metrics.values())
-
-
-def test_resume_restores_the_cuda_rng_state_beside_the_cpu_one(tmp_path, monkeypatch):
-    """On a GPU the checkpoint keeps the device's generator too (dropout and sampling draw from it);
-    a checkpoint holding only the CPU state, as older ones do, still resumes."""
-    cuda_state = torch.arange(16, dtype=torch.uint8)  # stands in for torch.cuda.get_rng_state()
-    restored = []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: cuda_state.clone())
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
-    gpu = Dist(False, 0, 0, 1, torch.device("cuda"))
-    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
-    optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
-    run = Run(TrainConfig(out_dir=str(tmp_path)), gpu)
-    run.start(model, optimizer)
-    cpu_state = torch.manual_seed(5).get_state()
-    run.save(0, model, optimizer, _Tokenizer())
-    torch.manual_seed(6)
-    Run(TrainConfig(out_dir=str(tmp_path), resume=True), gpu).start(model, optimizer)
-    assert torch.equal(torch.get_rng_state(), cpu_state)
-    assert len(restored) == 1 and torch.equal(restored[0][0], cuda_state) and restored[0][1] == gpu.device
-    path = os.path.join(str(tmp_path), "ckpt.pt")
-    ckpt = load_checkpoint(path)
-    torch.save({**ckpt, "rng": [ckpt["rng"][0]["cpu"]]}, path)  # the older format: a CPU state per rank
-    torch.manual_seed(6)
-    Run(TrainConfig(out_dir=str(tmp_path), resume=True), gpu).start(model, optimizer)
-    assert torch.equal(torch.get_rng_state(), cpu_state) and len(restored) == 1
-
-
-def test_console_numbers_keep_small_values_visible(tmp_path, capsys):
-    """A learning rate of 5e-7 used to print as 0.0000."""
-    metrics = {"learning_rate": 5e-7, "loss": 0.693147, "kl": 0.0, "tokens": 12800, "grad_norm": 12.3456}
-    Run(TrainConfig(out_dir=str(tmp_path)), CPU).print(3, metrics)
-    assert capsys.readouterr().out == "step 3: learning_rate 5e-07, loss 0.6931, kl 0.0000, tokens 12800, grad_norm 12.3456\n"
 
 
 def test_installed_packages_meet_the_floors_in_requirements_txt():
