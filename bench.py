@@ -36,7 +36,7 @@ from distributed import Dist, pick_device
 from dpo import concatenated_forward
 from hf import config_from_hf, load_folder
 from lora import TARGETS, AdaptersOff, attach_lora
-from model import GPT, GPTConfig, IGNORE_INDEX, PRESETS
+from model import GPT, GPTConfig, IGNORE_INDEX, PRESETS, token_logps
 from ppo import PolicyAndCritic
 from reward_model import RewardModel
 from train_dpo import dpo_batch_loss
@@ -86,6 +86,10 @@ class Config:
     """sequences per SFT step for --memory (a DPO step takes half as many pairs: the same rows)"""
     memory_seq_len: int = 256
     """sequence length for --memory"""
+    logps: bool = False
+    """an SFT and a DPO step (live reference) at --memory_shape, batch 2 x --memory_batch rows (DPO: that many
+    pairs' rows), the labelled log-probs from the full (B, T, V) logits (the path before model.label_logps) against
+    the model's own labelled log-probs: peak memory and step time, each in a fresh process, and their ratios"""
     memory_case: str = ""
     """(internal) one --memory configuration as JSON, measured in this process"""
 
@@ -144,6 +148,19 @@ def random_batch(B: int, T: int, V: int, device, prefix: str = "") -> dict:
     labels = ids.clone()
     labels[:, : T // 4] = IGNORE_INDEX  # a prompt quarter carries no loss
     return {f"{prefix}input_ids": ids, f"{prefix}attention_mask": torch.ones_like(ids), f"{prefix}labels": labels}
+
+
+class FullLogits(torch.nn.Module):
+    """A model whose labelled log-probs come from its full (B, T, V) logits by token_logps: the
+    way every loss computed them before model.label_logps, the baseline of --logps."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, labels=None, temperature: float = 1.0):
+        logits = self.model(input_ids, attention_mask)
+        return logits if labels is None else token_logps(logits / temperature, labels)
 
 
 def one_step(model, optimizer, n: int, ctx, loss, *inputs) -> dict[str, float]:
@@ -327,10 +344,12 @@ def bench_vs_transformers(cfg: Config, device, peak: float) -> list[dict]:
     prompts = ids[:, :16].tolist()
     rows = []
     for who, model in (("this project", ours), ("transformers", theirs)):
-        def step():
+        def step():  # each library's own training loss: the mean next-token cross-entropy
             with ctx:
-                logits = model(ids, mask) if model is ours else model(input_ids=ids, attention_mask=mask).logits
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                if model is ours:
+                    loss = -model(ids, mask, labels=ids).mean()
+                else:
+                    loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
             loss.backward()
             model.zero_grad(set_to_none=True)
 
@@ -349,6 +368,12 @@ def bench_vs_transformers(cfg: Config, device, peak: float) -> list[dict]:
                          "benchmark": f"{name}, batch {B}", "ms": 1000 * seconds, "tokens_per_s": tokens / seconds,
                          "mfu": work / seconds / peak, "peak_mem_mb": peak_memory_mb(device)})
             print(f"  {who:13s} {name:30s} {1000 * seconds:9.1f} ms", flush=True)
+    n = len(rows) // 2
+    for ours_row, theirs_row in zip(rows[:n], rows[n:]):  # the same benchmark, this project then transformers
+        ratio = theirs_row["ms"] / ours_row["ms"]
+        rows.append({"preset": "SmolLM2-135M shape, this project's speed-up (transformers' ms / ours)",
+                     "seq_len": ours_row["seq_len"], "benchmark": ours_row["benchmark"], "speedup": ratio})
+        print(f"  {ours_row['benchmark']}: {ratio:.2f}x transformers' speed", flush=True)
     return rows
 
 
@@ -378,17 +403,56 @@ def memory_case(case: dict, device) -> dict:
         reference = AdaptersOff(policy)
     policy.grad_checkpoint = case["grad_checkpoint"]
     optimizer = make_optimizer(policy, 1e-5, 0.0, (0.9, 0.95), device)
+    trained = policy
+    if case.get("head") == "full":
+        trained, reference = FullLogits(policy), None if reference is None else FullLogits(reference)
     B, T, V = case["B"], case["T"], shape["vocab_size"]
     if case["stage"] == "SFT":
         n, loss, inputs = B * T, sft_loss, [random_batch(B, T, V, device)]
     else:
         pairs = {**random_batch(B // 2, T, V, device, "chosen_"), **random_batch(B // 2, T, V, device, "rejected_")}
         n, loss, inputs = B // 2, dpo_batch_loss, [pairs, reference, train_dpo.Config()]
+    if case["stage"] == "DPO":
+        inputs[1] = reference
     ctx = autocast(device, case["dtype"])
-    for _ in range(2):
-        one_step(policy, optimizer, n, ctx, loss, *inputs)
+    one_step(trained, optimizer, n, ctx, loss, *inputs)
+    t0 = time.perf_counter()
+    one_step(trained, optimizer, n, ctx, loss, *inputs)
+    sync(device)
     return {**case, "peak_mb": peak_memory_mb(device) - (before if device.type == "cpu" else 0),
-            "params": policy.num_params(non_embedding=False)}
+            "seconds": time.perf_counter() - t0, "params": policy.num_params(non_embedding=False)}
+
+
+def measure_case(case: dict, device) -> dict:
+    """memory_case in a process of its own, so that its peak is its own."""
+    import subprocess
+    # glibc keeps freed blocks below its mmap threshold resident; from 64 KiB up they are mapped
+    # and given back when freed, so the peak resident set follows the live tensors
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, __file__, f"--device={device.type}", f"--memory_case={json.dumps(case)}"],
+                         capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def logps_table(cfg: Config, device, name: str) -> list[str]:
+    """--logps: each stage's step with the labelled log-probs from the full logits, then from
+    the model's label_logps, in fresh processes; the ratios are new over old."""
+    B, T = 2 * cfg.memory_batch, cfg.memory_seq_len
+    lines = [f"Labelled log-probs without the full logits (model.label_logps) against from them (token_logps of "
+             f"(B, T, V) logits), {cfg.memory_shape} shape on {name}, {cfg.dtype}, full fine-tuning, one optimizer "
+             f"step of {B} rows x {T} tokens (DPO: {B // 2} pairs, live reference, a copy); the peak memory is "
+             "the process's less what it held before the model, the time the second of two steps:", "",
+             "| stage | log-probs from | peak memory MB | step s | memory ratio | time ratio |", "|---|---|---|---|---|---|"]
+    for stage in ("SFT", "DPO"):
+        rows = [measure_case(dict(shape=cfg.memory_shape, stage=stage, lora=False, grad_checkpoint=False,
+                                  reference="copy", B=B, T=T, dtype=cfg.dtype, head=head), device)
+                for head in ("full", "labels")]
+        for r, what in zip(rows, ("full logits (before)", "label_logps")):
+            ratios = (f"{r['peak_mb'] / rows[0]['peak_mb']:.2f} | {r['seconds'] / rows[0]['seconds']:.2f}"
+                      if r is rows[1] else "1 | 1")
+            lines.append(f"| {stage} | {what} | {r['peak_mb']:.0f} | {r['seconds']:.2f} | {ratios} |")
+            print(f"  {stage} {what}: {r['peak_mb']:.0f} MB, {r['seconds']:.2f} s", flush=True)
+    return lines
 
 
 def memory_table(cfg: Config, device, name: str) -> list[str]:
@@ -396,17 +460,11 @@ def memory_table(cfg: Config, device, name: str) -> list[str]:
     other REAL_SHAPES computed from it: weights, gradients and AdamW state from parameter counts
     (float32: 4 bytes a weight, 4 a gradient, 8 of moments), activations scaled from this
     measurement by n_layer x hidden size."""
-    import subprocess
     rows = []
     for stage, lora, ckpt, ref in MEMORY_CASES:
         case = dict(shape=cfg.memory_shape, stage=stage, lora=lora, grad_checkpoint=ckpt, reference=ref,
                     B=cfg.memory_batch, T=cfg.memory_seq_len, dtype=cfg.dtype)
-        # glibc keeps freed blocks below its mmap threshold resident; from 64 KiB up they are mapped
-        # and given back when freed, so the peak resident set follows the live tensors
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run([sys.executable, __file__, f"--device={device.type}", f"--memory_case={json.dumps(case)}"],
-                             capture_output=True, text=True, check=True, env=env)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(measure_case(case, device))
         print(f"  {stage} lora={lora} grad_checkpoint={ckpt} reference={ref}: {rows[-1]['peak_mb']:.0f} MB", flush=True)
 
     def static_mb(shape: str, lora: bool, reference: str) -> float:
@@ -462,11 +520,16 @@ def main(argv=None) -> int:
         lines += ["", "| preset | T | benchmark | ms | tokens/s | MFU | outside model | peak mem MB |",
                   "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "speedup" in r:  # a ratio row of --vs_transformers
+            lines.append(f"| {r['preset']} | {r['seq_len']} | {r['benchmark']} | {r['speedup']:.2f}x | - | - | - | - |")
+            continue
         overhead = f"{r['overhead']:.0%}" if "overhead" in r else "-"
         lines.append(f"| {r['preset']} | {r['seq_len']} | {r['benchmark']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} "
                      f"| {r['mfu']:.1%} | {overhead} | {r['peak_mem_mb']:.0f} |")
     if cfg.memory:
         lines += ["", *memory_table(cfg, device, name)]
+    if cfg.logps:
+        lines += ["", *logps_table(cfg, device, name)]
     if cfg.sharding:
         lines += ["", "Per-GPU memory of the model states in GB, computed (bench.sharded_memory: float32 weights, "
                   "gradients and AdamW moments, 16 bytes a trained parameter (PPO trains policy and critic), a "

@@ -1,6 +1,6 @@
 """
-Direct Preference Optimization as pure functions: per-sequence log-probs (model.token_logps
-summed), the concatenated chosen/rejected forward pass, the DPO loss and its variants, and the
+Direct Preference Optimization as pure functions: per-sequence log-probs (the labelled tokens'
+log-probs the model returns, summed), the concatenated chosen/rejected forward pass, the DPO loss and its variants, and the
 metrics TRL logs. On model.py alone: the loop, the reference and the data are train_dpo.py's.
 
 DPO (Rafailov et al. 2023, eq. 7) fits the policy to preference pairs directly:
@@ -10,18 +10,18 @@ where y_w is the chosen and y_l the rejected response; beta * log(pi / pi_ref) i
 import torch
 import torch.nn.functional as F
 
-from model import IGNORE_INDEX, concatenate_pairs, token_logps
+from model import IGNORE_INDEX, concatenate_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Log-probability of each sequence's labelled tokens.
 
-    logits (B, T, V) and labels (B, T), labels IGNORE_INDEX on prompt and pad tokens. Returns
-    (B,): the sum of token_logps over labelled tokens, or with average=True their mean
-    (length-normalised, as IPO uses)."""
-    total = token_logps(logits, labels).sum(-1)
+    token_logps (B, T - 1), each next token's log-prob (model.token_logps, or the model called
+    with labels), and labels (B, T), IGNORE_INDEX on prompt and pad tokens. Returns (B,): the
+    sum over labelled tokens, or with average=True their mean (length-normalised, as IPO uses)."""
+    total = token_logps.sum(-1)
     return total / (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1) if average else total
 
 
@@ -30,10 +30,11 @@ def concatenated_forward(model, batch: dict[str, torch.Tensor], average: bool = 
 
     batch holds chosen_/rejected_ input_ids, attention_mask and labels, all (B, T): pairs are
     padded to one length so they stack. One forward pass instead of two halves the kernel
-    launches and, under DDP, keeps one autograd graph per step.
+    launches and, under DDP, keeps one autograd graph per step. The model is given the labels,
+    so it computes the labelled tokens' log-probs without the (2B, T, V) logits (label_logps).
     Returns (chosen_logps, rejected_logps), each (B,)."""
     input_ids, attention_mask, labels = concatenate_pairs(batch)  # (2B, T)
-    logps = sequence_logps(model(input_ids, attention_mask), labels, average)  # (2B,)
+    logps = sequence_logps(model(input_ids, attention_mask, labels=labels), labels, average)  # (2B,)
     B = batch["chosen_input_ids"].size(0)
     return logps[:B], logps[B:]
 

@@ -318,6 +318,8 @@ class GPT(nn.Module):
         cached tokens too; 1 marks real tokens, 0 padding (on either side)."""
         B, T = input_ids.size()
         past = kv_cache.length if kv_cache is not None else 0
+        if attention_mask is not None and past == 0 and bool(attention_mask.all()):
+            attention_mask = None  # no padding: plain causal attention, SDPA's is_causal fast path
         if attention_mask is None:
             pos = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
         else:  # a token's position is the number of real tokens before it, whatever the padding
@@ -345,9 +347,16 @@ class GPT(nn.Module):
             kv_cache.length += T
         return self.transformer.ln_f(x)
 
-    def forward(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None):
-        """Next-token logits (B, T, vocab_size) at every position."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, kv_cache))
+    def forward(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None, labels=None,
+                temperature: float = 1.0, entropy: bool = False):
+        """Next-token logits (B, T, vocab_size) at every position. Given labels (B, T) instead,
+        the log-prob (B, T - 1) of each labelled next token at temperature, as token_logps
+        computes it from the logits, without them (label_logps); entropy=True adds each labelled
+        position's entropy. Through forward, so DDP and FSDP see the head's use."""
+        hidden = self.hidden_states(input_ids, attention_mask, kv_cache)
+        if labels is None:
+            return self.lm_head(hidden)
+        return label_logps(hidden, self.lm_head.weight, labels, temperature, entropy)
 
     def all_done(self, done: torch.Tensor) -> bool:
         """Whether every sequence has ended: on every rank when the model is sharded (FSDP), whose
@@ -421,6 +430,86 @@ def sample_token(logits, temperature: float, top_k: int | None, top_p: float | N
         outside = probs.cumsum(-1) - probs > top_p  # tokens past the nucleus; the first is always kept
         logits = logits.scatter(1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+HEAD_CHUNK = 2**24  # logits computed at once by label_logps (64 MB in float32): rows x vocabulary
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of x runs in: autocast's where it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _chunk_logits(hidden, weight, dtype, temperature: float) -> torch.Tensor:
+    """(n, V) float32 logits of hidden rows (n, C) under the head (V, C), matmul in `dtype`."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = F.linear(hidden.to(dtype), weight.to(dtype)).float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+class HeadLogps(torch.autograd.Function):
+    """log p(target) of each row of hidden (N, C) under the head `weight` (V, C), (N,) float32,
+    HEAD_CHUNK logits at a time, none of them kept: the forward keeps each row's logsumexp, and
+    the backward computes a chunk's logits again and takes d log p / d logits = onehot - softmax
+    straight from them (times the incoming gradient), so the (N, V) logits never exist whole.
+    One more head matmul than the plain path, and a fraction of its memory."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, n: int):
+        dtype, logps, lses = _compute_dtype(hidden), [], []
+        for i in range(0, max(1, len(hidden)), n):
+            logits = _chunk_logits(hidden[i:i + n], weight, dtype, temperature)
+            lse = logits.logsumexp(1)
+            logps.append(logits.gather(1, targets[i:i + n, None]).squeeze(1) - lse)
+            lses.append(lse)
+        ctx.save_for_backward(hidden, weight, targets, torch.cat(lses))
+        ctx.dtype, ctx.temperature, ctx.n = dtype, temperature, n
+        return torch.cat(logps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros(weight.shape, device=weight.device)
+        for i in range(0, len(hidden), ctx.n):
+            h, g = hidden[i:i + ctx.n], grad[i:i + ctx.n]
+            logits = _chunk_logits(h, weight, ctx.dtype, ctx.temperature)
+            d_logits = (logits - lse[i:i + ctx.n, None]).exp_().mul_(-g[:, None])  # -softmax x g
+            d_logits[torch.arange(len(h), device=h.device), targets[i:i + ctx.n]] += g  # + onehot x g
+            if ctx.temperature != 1.0:
+                d_logits /= ctx.temperature
+            d_logits = d_logits.to(ctx.dtype)
+            grad_hidden[i:i + ctx.n] = d_logits @ weight.to(ctx.dtype)
+            grad_weight += d_logits.T @ h.to(ctx.dtype)  # summed over chunks in float32
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def _head_logps_and_entropy(hidden, weight, targets, temperature: float):
+    """HeadLogps' values and each row's entropy, for passes without a gradient (PPO's rollout)."""
+    logq = _chunk_logits(hidden, weight, _compute_dtype(hidden), temperature).log_softmax(1)
+    return logq.gather(1, targets[:, None]).squeeze(1), -(logq.exp() * logq).sum(1)
+
+
+def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                entropy: bool = False):
+    """token_logps computed from the final hidden states (B, T, C) and the head's weight, without
+    the full (B, T, V) logits: only labelled positions meet the head (prompt and pad rows are
+    skipped), HEAD_CHUNK logits at a time (HeadLogps). Returns (B, T - 1) float32, 0 where the
+    label is IGNORE_INDEX; with entropy=True (without a gradient) also the entropy (B, T - 1) of
+    each labelled position's distribution, 0 elsewhere."""
+    B, T, C = hidden.shape
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX  # (B, T-1)
+    rows, y = hidden[:, :-1][keep], targets[keep]  # (N, C), (N,)
+    n = max(1, HEAD_CHUNK // weight.size(0))
+    zeros = torch.zeros(B, T - 1, device=hidden.device)
+    if not entropy:
+        return zeros.masked_scatter(keep, HeadLogps.apply(rows, weight, y, temperature, n))
+    if torch.is_grad_enabled():
+        raise ValueError("label_logps: entropy is for passes without a gradient")
+    parts = [_head_logps_and_entropy(rows[i:i + n], weight, y[i:i + n], temperature)
+             for i in range(0, max(1, len(rows)), n)]
+    return tuple(zeros.masked_scatter(keep, torch.cat(p)) for p in zip(*parts))
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

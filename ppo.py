@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from model import left_pad, token_logps
+from model import IGNORE_INDEX, left_pad
 
 
 class PolicyAndCritic(nn.Module):
@@ -24,8 +24,8 @@ class PolicyAndCritic(nn.Module):
         super().__init__()
         self.policy, self.critic = policy, critic
 
-    def forward(self, input_ids, attention_mask):
-        return self.policy(input_ids, attention_mask), self.critic.values(input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask, **policy_kwargs):
+        return self.policy(input_ids, attention_mask, **policy_kwargs), self.critic.values(input_ids, attention_mask)
 
 
 @dataclass
@@ -48,18 +48,13 @@ def rollout(policy, prompts: list[list[int]], max_new_tokens: int, stop_ids: lis
                    response_mask, query.size(1))
 
 
-def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, n_prompt: int, temperature: float) -> torch.Tensor:
-    """Log-probabilities (B, R) of the response tokens, from full-sequence logits (B, P + R, V).
-    Logits are divided by the sampling temperature, so they score the distribution the tokens
-    were drawn from."""
-    logits = logits[:, n_prompt - 1:].float() / temperature  # (B, R + 1, V): column P-1+t predicts token t
-    return token_logps(logits, input_ids[:, n_prompt - 1:])
-
-
-def response_entropy(logits: torch.Tensor, n_prompt: int, temperature: float) -> torch.Tensor:
-    """The entropy (B, R) of each response step's distribution at the sampling temperature."""
-    logp = (logits[:, n_prompt - 1:-1].float() / temperature).log_softmax(-1)  # (B, R, V)
-    return -(logp.exp() * logp).sum(-1)
+def response_labels(input_ids: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    """Rollout rows (B, P + R) as labels of their response tokens alone (the prompt's columns
+    IGNORE_INDEX), for the model's labelled log-probs. Column P - 1 + t of what it returns,
+    (B, P + R - 1), is response token t: `[:, n_prompt - 1:]` gives the (B, R) response part."""
+    labels = input_ids.clone()
+    labels[:, :n_prompt] = IGNORE_INDEX
+    return labels
 
 
 def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef: float, estimator: str = "k1"):

@@ -36,7 +36,7 @@ from evaluate import PolicyEvaluator, sample_completions
 from files import DataError
 from lora import AdaptersOff
 from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, group_advantages, k3_kl,
-                 loss_weights, masked_whiten, per_token_rewards, ppo_losses, response_entropy, response_logprobs, rollout, shaped_scores)
+                 loss_weights, masked_whiten, per_token_rewards, ppo_losses, response_labels, rollout, shaped_scores)
 from reward_model import RewardModel
 from toy import gold_reward
 from train_utils import (TrainConfig, add_sums, autocast, check_lengths, check_training_settings, frozen_dtype, global_batch, gradient_sync, lora_record, make_optimizer, n_trainable, optimizer_step, prepare_trainable, progress_bar, require_inputs, resolve_gold_eval, run_script, set_lr, toy_default)
@@ -190,13 +190,12 @@ def reward_statistics(policy, reward_model, tok, prompts: list, prompt_ids: list
 def score_tokens(policy, reference, critic, batch, P: int, cfg: Config, ctx):
     """Step 3: log-probs of the responses under the policy that sampled them and under the
     reference, the policy's entropy, and the critic's values (None without a critic), each (B, R)."""
-    with ctx:
-        logits = policy(batch["input_ids"], batch["attention_mask"])  # (B, P + R, V)
-        logprobs = response_logprobs(logits, batch["input_ids"], P, cfg.temperature)
-        entropy = response_entropy(logits, P, cfg.temperature)
-        ref_logprobs = response_logprobs(reference(batch["input_ids"], batch["attention_mask"]),
-                                         batch["input_ids"], P, cfg.temperature)
-        values = critic.values(batch["input_ids"], batch["attention_mask"])[:, P - 1:-1].float() if critic else None
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], response_labels(batch["input_ids"], P)
+    with ctx:  # log-probs (and entropy) of the labelled response tokens, without the full logits
+        logprobs, entropy = (x[:, P - 1:] for x in policy(ids, mask, labels=labels, temperature=cfg.temperature,
+                                                          entropy=True))
+        ref_logprobs = reference(ids, mask, labels=labels, temperature=cfg.temperature)[:, P - 1:]
+        values = critic.values(ids, mask)[:, P - 1:-1].float() if critic else None
     return logprobs, ref_logprobs, entropy, values
 
 
@@ -206,12 +205,13 @@ def ppo_batch_loss(model, batch, n_prompt: int, cfg: Config):
     policy loss, plus vf_coef times the clipped value loss (gae), or plus kl_coef times the k3 KL
     to the reference (grpo: DeepSeekMath eq. 3's beta term); rloo has the KL in its reward and
     nothing more."""
-    if cfg.advantage == "gae":
-        logits, new_values = model(batch["input_ids"], batch["attention_mask"])  # policy and critic in one call
+    policy_inputs = dict(labels=response_labels(batch["input_ids"], n_prompt), temperature=cfg.temperature)
+    if cfg.advantage == "gae":  # policy and critic in one call
+        token_logps, new_values = model(batch["input_ids"], batch["attention_mask"], **policy_inputs)
         new_values = new_values[:, n_prompt - 1:-1].float()
     else:
-        logits, new_values = model(batch["input_ids"], batch["attention_mask"]), None
-    new_logprobs = response_logprobs(logits, batch["input_ids"], n_prompt, cfg.temperature)
+        token_logps, new_values = model(batch["input_ids"], batch["attention_mask"], **policy_inputs), None
+    new_logprobs = token_logps[:, n_prompt - 1:]  # (B, R)
     weights, _ = loss_weights(batch["response_mask"], cfg.loss_average)  # (B, R)
     sums = ppo_losses(new_logprobs, batch["old_logprobs"], batch["advantages"], new_values, batch.get("old_values"),
                       batch.get("returns"), weights, cfg.cliprange, cfg.cliprange_value)

@@ -1,7 +1,8 @@
 """
 Supervised fine-tuning: next-token loss on completions (or on whole texts), the first stage of
-the pipeline and the reference model of every later one. The loss is here (model.token_logps
-summed); the loop below shows each step whole, with the shared pieces from train_utils.py.
+the pipeline and the reference model of every later one. The loss is here (the labelled
+tokens' log-probs the model returns, summed); the loop below shows each step whole, with the
+shared pieces from train_utils.py.
 
     python train_sft.py                                  # the toy task, tiny model, CPU
     torchrun --nproc_per_node 2 train_sft.py             # the same run on 2 processes
@@ -22,7 +23,7 @@ from data import hold_out, load_prompts, load_sft, real_tokens, take, tokenize_s
 from distributed import Dist, barrier, seed_everything, wrap_model
 from evaluate import sample_completions, sample_metrics
 from files import DataError
-from model import GPT, IGNORE_INDEX, PRESETS, token_logps
+from model import GPT, IGNORE_INDEX, PRESETS
 from tokenizer import Tokenizer
 from toy import ToyConfig, gold_reward, prepare_toy_data
 from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, check_batches, check_lengths, check_training_settings, default_max_length, global_batch, gradient_sync, lora_record, make_optimizer, micro_batches, n_trainable, optimizer_step, prepare_trainable, progress_bar, require_inputs, run_script, set_lr, shard_indices)
@@ -72,8 +73,8 @@ class Config(TrainConfig):
 def sft_loss(model, batch):
     """Summed next-token cross-entropy over labelled tokens (prompt and pad labels are
     IGNORE_INDEX), and no other metric."""
-    logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
-    return -token_logps(logits, batch["labels"]).sum(), {}
+    token_logps = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])  # (B, T-1)
+    return -token_logps.sum(), {}
 
 
 def n_labels(labels: torch.Tensor) -> int:

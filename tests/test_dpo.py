@@ -10,6 +10,7 @@ import torch
 
 from distributed import Dist
 from dpo import concatenated_forward, dpo_loss, sequence_logps
+from model import token_logps
 from train_dpo import reference_logps
 
 # Two pairs. Row 0: log-ratios chosen 1.0, rejected -0.5, so h = 1.5. Row 1: chosen 0, rejected 1, h = -1.
@@ -67,7 +68,7 @@ def test_sequence_logps_sums_only_the_response_tokens(model, pair_batch):
     ids, mask, labels = batch["rejected_input_ids"], batch["rejected_attention_mask"], batch["rejected_labels"]
     with torch.no_grad():
         logits = model(ids, mask).double()
-    got = sequence_logps(logits, labels)
+        got = sequence_logps(model(ids, mask, labels=labels), labels)  # the model's labelled log-probs
     for i in range(len(ids)):  # a plain loop over the labelled positions, in float64
         expected = 0.0
         for t in range(1, ids.size(1)):
@@ -75,19 +76,20 @@ def test_sequence_logps_sums_only_the_response_tokens(model, pair_batch):
                 expected += logits[i, t - 1].log_softmax(-1)[ids[i, t]].item()
         assert got[i].item() == pytest.approx(expected, abs=1e-4)
     n = (labels[:, 1:] != -100).sum(-1)
-    torch.testing.assert_close(sequence_logps(logits, labels, average=True), got / n)
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logps(model(ids, mask, labels=labels), labels, average=True), got / n)
 
 
 def test_prompt_and_pad_positions_do_not_count(model, pair_batch):
     batch, _ = pair_batch
     ids, mask, labels = batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"]
     with torch.no_grad():
-        base = sequence_logps(model(ids, mask), labels)
+        base = sequence_logps(model(ids, mask, labels=labels), labels)
         repadded = ids.masked_fill(mask == 0, 77)  # other tokens in the pad slots
-        assert torch.allclose(sequence_logps(model(repadded, mask), labels), base, atol=1e-5)
+        assert torch.allclose(sequence_logps(model(repadded, mask, labels=labels), labels), base, atol=1e-5)
         relabelled = labels.clone()
         relabelled[:, :2] = -100  # bos and the first prompt token were unlabelled already
-        assert torch.equal(sequence_logps(model(ids, mask), relabelled), base)
+        assert torch.equal(sequence_logps(model(ids, mask, labels=relabelled), relabelled), base)
 
 
 def test_concatenated_forward_equals_separate_forwards(model, pair_batch):
@@ -97,7 +99,8 @@ def test_concatenated_forward_equals_separate_forwards(model, pair_batch):
         for side, got in (("chosen", chosen), ("rejected", rejected)):
             mask = batch[f"{side}_attention_mask"]
             T = int(mask.sum(1).max())  # each side trimmed to its own length
-            alone = sequence_logps(model(batch[f"{side}_input_ids"][:, :T], mask[:, :T]), batch[f"{side}_labels"][:, :T])
+            labels = batch[f"{side}_labels"][:, :T]
+            alone = sequence_logps(token_logps(model(batch[f"{side}_input_ids"][:, :T], mask[:, :T]), labels), labels)
             torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
 
 

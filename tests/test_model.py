@@ -5,6 +5,7 @@
 import pytest
 import torch
 
+import model as model_module
 from model import GPT, IGNORE_INDEX, GPTConfig, KVCache, token_logps
 
 V = 64
@@ -160,6 +161,92 @@ def test_token_logps_is_the_shifted_log_softmax_at_each_label_and_zero_where_ign
             expected = 0.0 if label == IGNORE_INDEX else logits[b, t].double().log_softmax(-1)[label].item()
             assert out[b, t].item() == pytest.approx(expected, abs=1e-6)
     assert token_logps(logits.bfloat16(), labels).dtype == torch.float32  # bfloat16 logits, float32 log-probs
+
+
+@pytest.mark.parametrize("chunk", [2**24, 64 * 3, 64])  # one chunk; three rows a chunk; one row a chunk
+def test_label_logps_equal_the_full_softmax_in_value_and_gradient_in_any_chunking(monkeypatch, chunk):
+    """The model given labels (the head a chunk at a time, recomputed in the backward pass when
+    chunked) against token_logps of its full logits in float64: values, and the gradients of a
+    weighted sum with respect to the head and a block's weight."""
+    monkeypatch.setattr(model_module, "HEAD_CHUNK", chunk)
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False))
+    ids = torch.randint(0, 64, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :3] = IGNORE_INDEX  # a prompt of three tokens
+    weights = torch.rand(3, 9)
+
+    def grads(out):
+        m.zero_grad()
+        (out * weights).sum().backward()
+        return [m.lm_head.weight.grad.clone(), m.transformer.h[0].mlp.c_fc.weight.grad.clone()]
+
+    got = m(ids, mask, labels=labels)
+    got_grads = grads(got)
+    m.double()
+    full = -torch.nn.functional.cross_entropy(m(ids, mask)[:, :-1].transpose(1, 2), labels[:, 1:],
+                                              ignore_index=IGNORE_INDEX, reduction="none")  # float64 throughout
+    assert got.dtype == torch.float32 and got.shape == (3, 9)
+    assert (got[labels[:, 1:] == IGNORE_INDEX] == 0).all()
+    torch.testing.assert_close(got.double(), full, rtol=0, atol=1e-5)
+    for g, expected in zip(got_grads, grads(full)):
+        torch.testing.assert_close(g.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_label_logps_under_bfloat16_autocast_match_the_full_softmax_path():
+    """bfloat16 matmuls in the forward and in the backward's recomputed chunks alike: values and
+    gradients within bfloat16's precision of token_logps over the same autocast logits."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False))
+    ids = torch.randint(0, 64, (2, 12))
+    mask = torch.ones_like(ids)
+    out = []
+    for use_labels in (True, False):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps = m(ids, mask, labels=ids) if use_labels else token_logps(m(ids, mask), ids)
+        logps.sum().backward()
+        out.append((logps.detach(), m.lm_head.weight.grad.clone()))
+    (got, got_grad), (full, full_grad) = out
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, full, rtol=0, atol=2e-2)
+    # the recomputed chunks run in bfloat16 as the forward did: else the softmax is off by bfloat16's rounding
+    torch.testing.assert_close(got_grad, full_grad, rtol=0, atol=1e-4 * full_grad.abs().max().item())
+
+
+def test_a_batch_without_padding_takes_the_causal_fast_path_and_matches_the_masked_one(monkeypatch):
+    """An all-ones attention mask goes to SDPA as is_causal with no mask; the same rows inside a
+    padded batch take the masked path, and both give the same logits."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16, pos="rope", norm="rmsnorm",
+                      mlp="swiglu", n_kv_head=1))
+    ids = torch.randint(0, 32, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0  # the third row is padded
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs["attn_mask"] is None, kwargs["is_causal"]))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        fast = m(ids[:2], mask[:2])
+        assert calls == [(True, True)] * 2  # every layer: no mask, is_causal
+        calls.clear()
+        masked = m(ids, mask)[:2]
+        assert calls == [(False, False)] * 2
+    torch.testing.assert_close(fast, masked, rtol=0, atol=1e-5)
+
+
+def test_label_logps_of_a_batch_with_no_label_are_zero():
+    m = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    ids = torch.randint(0, 16, (2, 5))
+    out = m(ids, torch.ones_like(ids), labels=torch.full_like(ids, IGNORE_INDEX))
+    assert out.shape == (2, 4) and (out == 0).all()
 
 
 def test_sequence_longer_than_block_size_is_refused(model):

@@ -14,7 +14,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from model import GPT, GPTConfig
-from ppo import (AdaptiveKLController, FixedKLController, gae, group_advantages, k3_kl, masked_whiten, per_token_rewards, ppo_losses, response_entropy, response_logprobs, rollout, shaped_scores)
+from ppo import (AdaptiveKLController, FixedKLController, gae, group_advantages, k3_kl, masked_whiten, per_token_rewards, ppo_losses, response_labels, rollout, shaped_scores)
 
 
 def ragged(B=5, R=9, seed=0):
@@ -101,11 +101,18 @@ def test_ppo_policy_gradient_is_zero_where_the_clip_is_active():
 
 
 def test_response_logprobs_and_entropy_match_a_per_token_loop_at_temperature():
+    """The model given response_labels: column P-1+t of its output is response token t's log-prob
+    (and its step's entropy) at the temperature, as a float64 loop over the logits computes it."""
     g = torch.Generator().manual_seed(0)
-    B, P, R, V, temperature = 2, 3, 4, 7, 0.7
-    logits = torch.randn(B, P + R, V, generator=g)
+    B, P, R, V, temperature = 2, 3, 4, 16, 0.7
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=V, block_size=8, n_layer=1, n_head=2, n_embd=8))
     input_ids = torch.randint(0, V, (B, P + R), generator=g)
-    logprobs, entropy = response_logprobs(logits, input_ids, P, temperature), response_entropy(logits, P, temperature)
+    mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        logits = policy(input_ids, mask)
+        logprobs, entropy = (x[:, P - 1:] for x in policy(input_ids, mask, labels=response_labels(input_ids, P),
+                                                           temperature=temperature, entropy=True))
     assert logprobs.shape == entropy.shape == (B, R)
     for b in range(B):
         for t in range(R):
@@ -138,9 +145,10 @@ def test_policy_equal_to_the_reference_pays_no_kl_penalty():
                 generator=torch.Generator().manual_seed(0))
     mask = r.response_mask.float()
     with torch.no_grad():
-        logprobs = response_logprobs(policy(r.input_ids, r.attention_mask), r.input_ids, r.n_prompt, 1.0)
-        ref = response_logprobs(reference(r.input_ids[[2, 0, 1]], r.attention_mask[[2, 0, 1]]),
-                                r.input_ids[[2, 0, 1]], r.n_prompt, 1.0)  # another batch order
+        labels = response_labels(r.input_ids, r.n_prompt)
+        logprobs = policy(r.input_ids, r.attention_mask, labels=labels)[:, r.n_prompt - 1:]
+        ref = reference(r.input_ids[[2, 0, 1]], r.attention_mask[[2, 0, 1]],
+                        labels=labels[[2, 0, 1]])[:, r.n_prompt - 1:]  # another batch order
     for estimator in ("k1", "k3"):
         _, kl = per_token_rewards(torch.zeros(3), logprobs, ref[[1, 2, 0]], mask, 0.1, estimator)
         assert kl.abs().max().item() < 1e-5
