@@ -432,7 +432,7 @@ def sample_token(logits, temperature: float, top_k: int | None, top_p: float | N
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
-HEAD_CHUNK = 2**24  # logits computed at once by label_logps (64 MB in float32): rows x vocabulary
+HEAD_CHUNK = 2**26  # the most logits label_logps holds at once (256 MB in float32): rows x vocabulary
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -484,19 +484,23 @@ class HeadLogps(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
-def _head_logps_and_entropy(hidden, weight, targets, temperature: float):
-    """HeadLogps' values and each row's entropy, for passes without a gradient (PPO's rollout)."""
+def _head_logps(hidden, weight, targets, temperature: float, entropy: bool = False):
+    """HeadLogps' values in one piece, through autograd (which keeps the (N, V) log-probs for the
+    backward), and with entropy=True each row's entropy too."""
     logq = _chunk_logits(hidden, weight, _compute_dtype(hidden), temperature).log_softmax(1)
-    return logq.gather(1, targets[:, None]).squeeze(1), -(logq.exp() * logq).sum(1)
+    logp = logq.gather(1, targets[:, None]).squeeze(1)
+    return (logp, -(logq.exp() * logq).sum(1)) if entropy else logp
 
 
 def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                 entropy: bool = False):
     """token_logps computed from the final hidden states (B, T, C) and the head's weight, without
     the full (B, T, V) logits: only labelled positions meet the head (prompt and pad rows are
-    skipped), HEAD_CHUNK logits at a time (HeadLogps). Returns (B, T - 1) float32, 0 where the
-    label is IGNORE_INDEX; with entropy=True (without a gradient) also the entropy (B, T - 1) of
-    each labelled position's distribution, 0 elsewhere."""
+    skipped). Labelled rows whose logits fit in HEAD_CHUNK go through the head in one piece
+    and plain autograd, as fast as the full path; more go HEAD_CHUNK logits at a time (HeadLogps),
+    none kept for the backward. Returns (B, T - 1) float32, 0 where the label is IGNORE_INDEX;
+    with entropy=True (without a gradient) also the entropy (B, T - 1) of each labelled
+    position's distribution, 0 elsewhere."""
     B, T, C = hidden.shape
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX  # (B, T-1)
@@ -504,10 +508,12 @@ def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     n = max(1, HEAD_CHUNK // weight.size(0))
     zeros = torch.zeros(B, T - 1, device=hidden.device)
     if not entropy:
-        return zeros.masked_scatter(keep, HeadLogps.apply(rows, weight, y, temperature, n))
+        logps = _head_logps(rows, weight, y, temperature) if len(rows) <= n else HeadLogps.apply(rows, weight, y,
+                                                                                                 temperature, n)
+        return zeros.masked_scatter(keep, logps)
     if torch.is_grad_enabled():
         raise ValueError("label_logps: entropy is for passes without a gradient")
-    parts = [_head_logps_and_entropy(rows[i:i + n], weight, y[i:i + n], temperature)
+    parts = [_head_logps(rows[i:i + n], weight, y[i:i + n], temperature, entropy=True)
              for i in range(0, max(1, len(rows)), n)]
     return tuple(zeros.masked_scatter(keep, torch.cat(p)) for p in zip(*parts))
 
