@@ -432,7 +432,7 @@ def sample_token(logits, temperature: float, top_k: int | None, top_p: float | N
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
-HEAD_CHUNK = 2**26  # the most logits label_logps holds at once (256 MB in float32): rows x vocabulary
+HEAD_CHUNK = 2**24  # the most logits label_logps holds at once (64 MB in float32): rows x vocabulary
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
