@@ -519,9 +519,11 @@ def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The log-probability of each labelled next token, the one log-prob function of every loss
-    and estimate: logits (B, T, V) at t score labels (B, T) at t + 1, so both are shifted by one.
-    Returns (B, T - 1) in float32, 0 where the label is IGNORE_INDEX (prompt and pad tokens)."""
+    """The log-probability of each labelled next token, from full logits: logits (B, T, V) at t
+    score labels (B, T) at t + 1, so both are shifted by one. Returns (B, T - 1) in float32, 0
+    where the label is IGNORE_INDEX (prompt and pad tokens). The definition the model's own
+    labelled log-probs (label_logps, which every loss uses) are tested against; the ceiling's
+    tilted logits take it directly."""
     B, T, V = logits.shape
     return -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                             ignore_index=IGNORE_INDEX, reduction="none").view(B, T - 1)
