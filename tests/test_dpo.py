@@ -76,8 +76,11 @@ def test_sequence_logps_sums_only_the_response_tokens(model, pair_batch):
                 expected += logits[i, t - 1].log_softmax(-1)[ids[i, t]].item()
         assert got[i].item() == pytest.approx(expected, abs=1e-4)
     n = (labels[:, 1:] != -100).sum(-1)
+    first = labels.clone()
+    first[:, 0] = ids[:, 0]  # a label on the first token, which nothing predicts: never counted
     with torch.no_grad():
         torch.testing.assert_close(sequence_logps(model(ids, mask, labels=labels), labels, average=True), got / n)
+        torch.testing.assert_close(sequence_logps(model(ids, mask, labels=first), first, average=True), got / n)
 
 
 def test_prompt_and_pad_positions_do_not_count(model, pair_batch):

@@ -14,6 +14,7 @@ import train_ppo
 import train_rm
 from checkpoint import load_checkpoint
 from conftest import read_metrics, run_python
+from distributed import Dist
 from model import GPT, GPTConfig
 
 
@@ -276,3 +277,31 @@ def test_reward_statistics_are_the_mean_and_std_of_the_sft_samples_in_float64(sf
                                                      ctx)[0]["scores"].double().numpy() for step in range(3)])
     mean, std = train_ppo.reward_statistics(policy, None, tok, prompts, prompt_ids, cfg, dist, ctx)
     assert len(raw) == 48 and mean == pytest.approx(raw.mean(), abs=1e-9) and std == pytest.approx(raw.std(), abs=1e-9)
+
+
+def test_step_5_advantages_rloo_charges_the_kl_grpo_scores_alone_gae_whitens():
+    """Two prompts x two responses, per-token rewards by hand: RLOO's sequence reward is the
+    per-token rewards summed (score less the KL charge), GRPO's the score alone; GAE's whitened
+    advantages have mean 0 and variance 1 over the response tokens and come with the returns."""
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    scores = torch.tensor([1.0, 0.0, 2.0, 2.0])
+    rewards = torch.tensor([[-0.5, 1.0], [-0.5, 0.0], [2.0, 0.0], [-1.0, 2.0]])  # sums 0.5, -0.5, 2, 1
+    data = {"response_mask": mask, "scores": scores}
+    ref = torch.zeros(4, 2)
+    rloo = train_ppo.advantages(rewards, None, ref, data, train_ppo.Config(advantage="rloo", samples_per_prompt=2), None)
+    assert set(rloo) == {"advantages"}
+    torch.testing.assert_close(rloo["advantages"][:, 0], torch.tensor([1.0, -1.0, 1.0, -1.0]))  # r_i - r_j
+    torch.testing.assert_close(rloo["advantages"] * mask, rloo["advantages"])  # zero past the response
+    grpo = train_ppo.advantages(rewards, None, ref, data, train_ppo.Config(advantage="grpo", samples_per_prompt=2), None)
+    assert set(grpo) == {"advantages", "ref_logprobs"}
+    # scores (1, 0): +-1 / (std 0.7071 + 1e-4); scores (2, 2): no preference, 0
+    torch.testing.assert_close(grpo["advantages"][:, 0], torch.tensor([0.7070, -0.7070, 0.0, 0.0]), atol=1e-4, rtol=0)
+    one = Dist(False, 0, 0, 1, torch.device("cpu"))
+    gae = train_ppo.advantages(rewards, torch.zeros(4, 2), ref, data, train_ppo.Config(advantage="gae"), one)
+    assert set(gae) == {"old_values", "returns", "advantages"}
+    real = gae["advantages"][mask.bool()]
+    assert abs(real.mean().item()) < 1e-5 and real.var().item() == pytest.approx(1.0, abs=0.2)
+    # whitening keeps the order: raw advantages 0.45 1 | -0.5 0 | 2 | 0.9 2, the largest row 2's, the least row 1's
+    assert gae["advantages"][2, 0] == real.max() and gae["advantages"][1, 0] == real.min()
+    # values 0, gamma 1, lambda 0.95: the return is the lambda-return, r_0 + 0.95 r_1 = -0.5 + 0.95
+    torch.testing.assert_close(gae["returns"][0], torch.tensor([0.45, 1.0]))
