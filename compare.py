@@ -52,7 +52,9 @@ class Config:
     out_dir: str = "out/study"
     """folder for the results and one subfolder per stage"""
     full: bool = False
-    """the full sweep: DPO beta in {0.05, 0.1, 1, 5}, KL targets {1, 2, 4, 8} for PPO and RLOO on both rewards"""
+    """the full sweep: DPO beta in {0.05, 0.1, 1, 5}, KL targets {1, 2, 4, 8} for PPO and RLOO, the gold-reward twins"""
+    gold_twins: bool = False
+    """also train PPO, RLOO and GRPO on the gold reward itself (-GT, the DPO paper's upper reference); on with --full"""
     seeds: int = 0
     """training seeds; the toy data and the held-out prompts stay the same; 0: 1, or 3 with --full"""
     data_dir: str = "data/toy"
@@ -63,9 +65,9 @@ class Config:
     """best-of-N is traced for N = 1, 2, 4, ... up to this"""
     ceiling_prompts: int = 64
     """held-out prompts used to estimate the optimal frontier (the first of the evaluation's)"""
-    ceiling_samples: int = 2048
+    ceiling_samples: int = 512
     """samples per prompt for the optimal frontier, in equal numbers from the reference and each of its tilts"""
-    ceiling_check_samples: int = 128
+    ceiling_check_samples: int = 64
     """samples per prompt for the same frontier on all eval_samples prompts, to measure the subset's offset"""
     ceiling_only: bool = False
     """train (or reuse) only the SFT models and write the ceiling's rows over seeds to ceiling.md"""
@@ -118,13 +120,13 @@ def starting_kl_coef(target: float) -> float:
 RL_METHODS = {"gae": "PPO", "rloo": "RLOO", "grpo": "GRPO"}
 
 
-def rl_runs(S: dict) -> list[tuple[str, str, str, dict]]:
+def rl_runs(S: dict, gold_twins: bool) -> list[tuple[str, str, str, dict]]:
     """(method, setting, run folder, train_ppo flags) of every RL run: PPO, RLOO and GRPO on the
-    reward model and on the gold reward (method name -GT)."""
+    reward model, and with gold_twins on the gold reward too (method name -GT)."""
     runs = []
     for advantage, name in RL_METHODS.items():
         group = {} if advantage == "gae" else dict(samples_per_prompt=4)  # 16 prompts x 4 responses a batch
-        for reward, suffix in (("model", ""), ("gold", "-GT")):
+        for reward, suffix in (("model", ""), ("gold", "-GT"))[:2 if gold_twins else 1]:
             method, folder = name + suffix, (name + suffix).lower().replace("-", "_")
             if advantage == "grpo":
                 for coef in S["grpo_coefs"][reward]:
@@ -224,7 +226,7 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     # 3. the reward model, then PPO, RLOO and GRPO on it and on the gold reward
     train("reward model", train_rm.main, d("rm"), **pair_files, gold_eval=True, **S["rm"])
     rl_common = dict(sft_ckpt=sft_ckpt, prompts=os.path.join(cfg.data_dir, "prompts_train.jsonl"), **evaluation, **S["rl"])
-    for method, setting, folder, kwargs in rl_runs(S):
+    for method, setting, folder, kwargs in rl_runs(S, cfg.gold_twins):
         reward_ckpt = dict(reward_ckpt=rm_ckpt) if kwargs["reward"] == "model" else {}
         train(f"{method} {setting}", train_ppo.main, d(folder), **kwargs, **reward_ckpt, **rl_common)
 
@@ -251,7 +253,7 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     for beta in S["betas"]:
         name = f"dpo_beta{beta}"
         rows.append(row("DPO", f"beta={beta}", last_eval(d(name)), wall(name), tokens(d(name)), path(d(name)), n))
-    for method, setting, folder, kwargs in rl_runs(S):  # wall time and tokens on the reward model include its training
+    for method, setting, folder, kwargs in rl_runs(S, cfg.gold_twins):  # wall time and tokens on the reward model include its training
         rm_cost = kwargs["reward"] == "model"
         rows.append(row(method, setting, last_eval(d(folder)), wall(folder) + rm_cost * wall("rm"),
                         tokens(d(folder)) + rm_cost * tokens(d("rm")), path(d(folder)), n))
@@ -530,6 +532,7 @@ def main(argv=None) -> int:
     prepare_toy_data(cfg.data_dir)
     prompts = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"))[:cfg.eval_samples]
     cfg.seeds = cfg.seeds or (3 if cfg.full else 1)
+    cfg.gold_twins |= cfg.full
     study = Study(cfg)
     if cfg.ceiling_only:
         return ceiling_only(cfg, study, prompts, device)

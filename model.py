@@ -257,6 +257,58 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, T: int, de
     return allowed[:, None]
 
 
+class Packing:
+    """Where the real tokens of a padded batch (B, T) go when packed into fewer rows of the same
+    width T, each packed row holding whole sequences one after another (first-fit decreasing by
+    length). A token keeps its position, the number of real tokens before it in its own row,
+    and attends only to its own sequence's earlier tokens, so the hidden states of real tokens
+    are the padded batch's, up to rounding, while pads cost no compute. Ragged batches of short
+    completions (PPO's rollouts, SFT and DPO batches) are a third to a half padding."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        B, T = attention_mask.shape
+        real = attention_mask.bool()
+        lengths = real.sum(1).tolist()
+        fill, row_of, start_of = [], [0] * B, [0] * B  # tokens used in each packed row; each sequence's row and start
+        for b in sorted(range(B), key=lambda b: -lengths[b]):
+            r = next((r for r, used in enumerate(fill) if used + lengths[b] <= T), len(fill))
+            if r == len(fill):
+                fill.append(0)
+            row_of[b], start_of[b] = r, fill[r]
+            fill[r] += lengths[b]
+        self.batch_shape, self.shape = (B, T), (len(fill), max(max(fill), 1))
+        self.source = real.nonzero(as_tuple=True)  # (row, column) of every real token in the padded batch
+        positions = (real.long().cumsum(1) - 1)[self.source]
+        sequence = self.source[0]
+        device = attention_mask.device
+        self.target = (torch.tensor(row_of, device=device)[sequence],
+                       torch.tensor(start_of, device=device)[sequence] + positions)  # and in the packed rows
+        self.positions = self.pack(positions)  # (R, W)
+        segments = self.pack(sequence + 1)  # (R, W): 0 at the packed rows' trailing pads
+        W = self.shape[1]
+        causal = torch.ones(W, W, dtype=torch.bool, device=device).tril()
+        # a token attends its own sequence; trailing pads (segment 0) attend each other, so no
+        # softmax row is empty, and their output is garbage that nothing reads
+        self.attn_mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # (R, 1, W, W)
+
+    @property
+    def saves_rows(self) -> bool:
+        return self.shape[0] < self.batch_shape[0]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """Values of the real tokens, (N, ...) in the source's order or (B, T, ...), as (R, W, ...)."""
+        values = x[self.source] if x.dim() > 1 and x.shape[:2] == self.batch_shape else x
+        out = values.new_zeros(self.shape + values.shape[1:])
+        out[self.target] = values
+        return out
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, W, ...) back to (B, T, ...), zero at the pads; differentiable."""
+        out = x.new_zeros(self.batch_shape + x.shape[2:])
+        out[self.source] = x[self.target]
+        return out
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -272,6 +324,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.grad_checkpoint = False  # recompute each block's activations in the backward pass
+        self.packing = True  # run a padded batch without a KV cache as Packing's fewer rows
         self.tie_weights()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -318,15 +371,20 @@ class GPT(nn.Module):
         cached tokens too; 1 marks real tokens, 0 padding (on either side)."""
         B, T = input_ids.size()
         past = kv_cache.length if kv_cache is not None else 0
-        if attention_mask is not None and past == 0 and bool(attention_mask.all()):
-            attention_mask = None  # no padding: plain causal attention, SDPA's is_causal fast path
-        if attention_mask is None:
-            pos = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
-        else:  # a token's position is the number of real tokens before it, whatever the padding
-            pos = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, T)
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
-        mask = attention_mask_4d(attention_mask, past, T, input_ids.device)
+        if attention_mask is not None and past == 0 and bool(attention_mask.all()):
+            attention_mask = None  # no padding: plain causal attention, SDPA's is_causal fast path
+        packing = Packing(attention_mask) if self.packing and attention_mask is not None and kv_cache is None else None
+        if packing is not None and packing.saves_rows:
+            input_ids, pos, mask = packing.pack(input_ids), packing.positions, packing.attn_mask  # (R, W) rows
+        else:
+            packing = None
+            if attention_mask is None:
+                pos = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
+            else:  # a token's position is the number of real tokens before it, whatever the padding
+                pos = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            mask = attention_mask_4d(attention_mask, past, T, input_ids.device)
         x = self.transformer.wte(input_ids)
         rope = None
         if self.config.pos == "learned":
@@ -345,7 +403,8 @@ class GPT(nn.Module):
                 x = block(x, mask, rope, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x)
+        return x if packing is None else packing.unpack(x)  # (B, T, C), zero at the pads
 
     def forward(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None, labels=None,
                 temperature: float = 1.0, entropy: bool = False):

@@ -77,16 +77,15 @@ def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
     with open(os.path.join(out, "results.csv")) as f:
         rows = list(csv.DictReader(f))
     methods = {r["method"] for r in rows}
-    assert methods == {"SFT", "DPO", "PPO", "PPO-GT", "RLOO", "RLOO-GT", "GRPO", "GRPO-GT", "preferred-FT", "best-of-N",
-                       "optimal", "optimal (all prompts)"}
+    assert methods == {"SFT", "DPO", "PPO", "RLOO", "GRPO", "preferred-FT", "best-of-N", "optimal",
+                       "optimal (all prompts)"}  # the gold-reward twins only with --gold_twins or --full
     for r in rows:
         assert math.isfinite(float(r["gold_reward"])) and math.isfinite(float(r["kl"])), r
-    runs = ["sft", "dpo_beta0.1", "dpo_beta1.0", "rm", "ppo_kl2.0", "ppo_gt_kl2.0", "rloo_kl2.0", "rloo_gt_kl2.0",
-            "grpo_c0.05", "grpo_gt_c0.05", "pft"]
+    runs = ["sft", "dpo_beta0.1", "dpo_beta1.0", "rm", "ppo_kl2.0", "rloo_kl2.0", "grpo_c0.05", "pft"]
     for run in runs:
         assert os.path.getsize(os.path.join(out, "seed0", run, "metrics.jsonl")) > 0, run
     with open(os.path.join(out, "results.json")) as f:
-        assert all(len(r["path"]) >= 2 for r in json.load(f) if r["method"] in ("DPO", "PPO", "RLOO-GT", "GRPO"))
+        assert all(len(r["path"]) >= 2 for r in json.load(f) if r["method"] in ("DPO", "PPO", "RLOO", "GRPO"))
     with open(os.path.join(out, "seed0", "grpo_c0.05", "config.json")) as f:
         assert json.load(f)["advantage"] == "grpo"
     capsys.readouterr()
@@ -100,6 +99,16 @@ def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
         study_rows, ceiling_rows = ([{k: r[k] for k in ("method", "setting", "gold_reward", "kl", "reached")}
                                      for r in json.load(h) if r["method"].startswith("optimal")] for h in (f, g))
     assert ceiling_rows == study_rows and len(study_rows) == 2 * len(compare.CEILING_BETAS)
+
+
+def test_the_gold_reward_twins_train_each_rl_run_again_on_the_gold_reward():
+    S = compare.sweeps(compare.Config(tiny=True))
+    alone, twins = compare.rl_runs(S, gold_twins=False), compare.rl_runs(S, gold_twins=True)
+    assert [m for m, *_ in alone] == ["PPO", "RLOO", "GRPO"]
+    assert [m for m, *_ in twins] == ["PPO", "PPO-GT", "RLOO", "RLOO-GT", "GRPO", "GRPO-GT"]
+    for (_, setting, folder, flags), (_, gt_setting, gt_folder, gt_flags) in zip(twins[::2], twins[1::2]):
+        assert flags["reward"] == "model" and gt_flags == dict(flags, reward="gold")
+        assert gt_setting == setting and gt_folder == folder.replace("_", "_gt_", 1)
 
 
 def test_summary_averages_over_seeds_and_reports_their_spread():

@@ -271,3 +271,53 @@ def test_generation_stops_at_any_id_of_the_stop_set(model):
         stop = min([row.index(t) + 1 for t in (first, second) if t in row], default=12)
         assert mask[i].tolist() == [1] * stop + [0] * (12 - stop)
     assert mask[0].sum() <= 4 and mask[1].sum() <= 2
+
+
+def ragged_batch(V: int, T: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Six rows padded every way a batch is: right (SFT, DPO), left (a prompt), both (a PPO
+    rollout), none, and a lone token. Labels on every real token but each row's first, the
+    prompt's, as collate and the rollouts set them."""
+    ids = torch.randint(0, V, (6, T))
+    mask = torch.zeros_like(ids)
+    for row, (start, end) in enumerate([(0, 4), (7, 12), (2, 9), (0, 5), (0, 12), (3, 4)]):
+        mask[row, start:end] = 1
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[torch.arange(6), mask.argmax(1)] = IGNORE_INDEX
+    return ids, mask, labels
+
+
+def test_packing_puts_whole_sequences_first_fit_decreasing_with_restarted_positions():
+    ids, mask, _ = ragged_batch(V)
+    packing = model_module.Packing(mask[:5])  # lengths 4, 5, 7, 5, 12 in rows of 12
+    real = [ids[b][mask[b].bool()].tolist() for b in range(5)]
+    # longest first, each into the first row it fits: [12], [7, 5], [5, 4]
+    expected = [real[4], real[2] + real[1], real[3] + real[0] + [0] * 3]
+    assert packing.pack(ids[:5]).tolist() == expected
+    assert packing.positions.tolist() == [list(range(12)), list(range(7)) + list(range(5)),
+                                          list(range(5)) + list(range(4)) + [0] * 3]
+    allowed = packing.attn_mask[2, 0]  # the third row: keys of its own sequence, not after the query
+    assert allowed[6].tolist() == [False] * 5 + [True, True] + [False] * 5
+    assert allowed[11].tolist() == [False] * 9 + [True] * 3  # trailing pads attend each other
+    torch.testing.assert_close(packing.unpack(packing.pack(ids[:5])), ids[:5] * mask[:5], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["toy", "llama"])
+def test_packed_rows_give_the_padded_batch_log_probs_values_and_gradients_in_float64(family):
+    torch.manual_seed(0)
+    kwargs = {} if family == "toy" else dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1)
+    m = GPT(GPTConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=16, **kwargs)).double()
+    ids, mask, labels = ragged_batch(V)
+    assert model_module.Packing(mask).shape[0] < len(ids)  # 6 rows in fewer: the packed path runs
+    results = []
+    for packing in (False, True):
+        m.packing = packing
+        m.zero_grad()
+        hidden = m.hidden_states(ids, mask)
+        logps = m(ids, mask, labels=labels)  # (B, T - 1)
+        (logps * torch.linspace(0.5, 2, ids.size(1) - 1, dtype=torch.float64)).sum().backward()
+        results.append((hidden[mask.bool()].detach(), logps.detach(), [p.grad.clone() for p in m.parameters()]))
+    (h0, l0, g0), (h1, l1, g1) = results
+    torch.testing.assert_close(h1, h0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
