@@ -3,17 +3,18 @@ The study: DPO against RLHF on the toy task, end to end, in the protocol of the 
 controlled-sentiment experiment (Rafailov et al. 2023, section 6, figure 2 left): SFT once, K=4
 samples per training prompt labelled by the gold reward, then DPO over a sweep of beta, a reward
 model, then three RL estimators, PPO (with a critic), RLOO and GRPO (critic-free), each on the
-reward model and on the gold reward itself (-GT, the DPO paper's upper reference), and two cheap
-baselines, best-of-N from SFT ranked by the reward model and preferred-FT (SFT on the chosen
+reward model (and with --gold_twins or --full on the gold reward itself too: -GT, the DPO
+paper's upper reference), and two cheap baselines, best-of-N from SFT ranked by the reward model and preferred-FT (SFT on the chosen
 responses). Every method is evaluated on the same held-out prompts by evaluate.PolicyEvaluator
 along its run, so each run draws a path in the reward-KL plane; the methods are compared at
 matched KL (1, 2, 4, 8 nats, read off the paths) over training seeds, and against the ceiling:
 the optimal KL-regularised policy, estimated by importance weights. It holds no training math:
 each stage is a train_X.py script's main, run in this process.
 
-    python compare.py                     # the reduced study, one seed
-    python compare.py --full              # the full sweep, 3 seeds
+    python compare.py                     # the reduced study, one seed (about 10 minutes on 2 CPU cores)
+    python compare.py --full              # the full sweep with the gold-reward twins, 3 seeds
     python compare.py --seeds 3           # the reduced study with 3 training seeds
+    python compare.py --gold_twins --ceiling_samples 2048 --ceiling_check_samples 128   # the reduced study with its settings before 2026-11-30
 
 Writes to out_dir: results.md, results.csv and results.json (a row per method, setting and
 seed, and the KL-matched table), frontier.png, kl_traces.png, curves.png, and one folder per
@@ -67,8 +68,9 @@ class Config:
     """held-out prompts used to estimate the optimal frontier (the first of the evaluation's)"""
     ceiling_samples: int = 512
     """samples per prompt for the optimal frontier, in equal numbers from the reference and each of its tilts"""
-    ceiling_check_samples: int = 64
-    """samples per prompt for the same frontier on all eval_samples prompts, to measure the subset's offset"""
+    ceiling_check_samples: int = 0
+    """samples per prompt for the same frontier on all eval_samples prompts, to measure the subset's offset
+    (0: not estimated; at 128 it put the offset at 0.001 or less at KL 1 and 2)"""
     ceiling_only: bool = False
     """train (or reuse) only the SFT models and write the ceiling's rows over seeds to ceiling.md"""
     tiny: bool = False
@@ -89,7 +91,7 @@ def sweeps(cfg: Config) -> dict:
                     grpo_coefs={"model": [0.05], "gold": [0.05]}, sft=dict(max_iters=20, eval_interval=20),
                     dpo=dict(max_iters=4, eval_interval=2, batch_size=4), rm=dict(max_iters=4, eval_interval=4, batch_size=4),
                     rl=dict(max_iters=2, eval_interval=1, batch_size=32, gen_chunk=16, reward_norm_batches=1),
-                    pft=dict(max_iters=4, eval_interval=4, batch_size=4), pairs=dict(n_train_prompts=64, n_val_prompts=32))
+                    pft=dict(max_iters=4, eval_interval=4, batch_size=1), pairs=dict(n_train_prompts=64, n_val_prompts=32))
     return dict(
         betas=[0.05, 0.1, 1.0, 5.0] if cfg.full else [0.05, 1.0],
         kl_targets={"model": [1.0, 2.0, 4.0, 8.0], "gold": [1.0, 2.0, 4.0, 8.0]} if cfg.full
@@ -333,12 +335,14 @@ def ceiling_study(reference, tok, prompts: list[str], samples: int, seed: int) -
 
 
 def ceiling_rows(cfg, reference, tok, prompts: list[str], seed: int) -> list[dict]:
-    """Result rows of the ceiling: "optimal" deep on the first ceiling_prompts prompts, and
-    "optimal (all prompts)" shallow on every evaluation prompt, the same estimator, so that where
-    both are within reach their difference is the subset's offset."""
+    """Result rows of the ceiling: "optimal" deep on the first ceiling_prompts prompts, and with
+    ceiling_check_samples "optimal (all prompts)" shallow on every evaluation prompt, the same
+    estimator, so that where both are within reach their difference is the subset's offset."""
     rows = []
     for method, subset, samples in (("optimal", prompts[:cfg.ceiling_prompts], cfg.ceiling_samples),
                                     ("optimal (all prompts)", prompts, cfg.ceiling_check_samples)):
+        if samples == 0:
+            continue
         for beta, gold, kl, reached in ceiling_study(reference, tok, subset, samples, seed):
             rows.append({"method": method, "setting": f"beta={beta:g}", "gold_reward": gold, "ci95": None, "kl": kl,
                          "win_rate": None, "wall_s": None, "tokens": None, "path": [], "reached": reached,
@@ -473,8 +477,12 @@ def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: l
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows({k: r[k] for k in fields} for r in summary)
-    deep, check = (next(r for r in rows if r["method"] == m) for m in ("optimal", "optimal (all prompts)"))
-    lines = [f"# DPO vs RLHF on the toy task ({'full' if cfg.full else 'reduced'} study, {cfg.seeds} seed(s), "
+    deep, check = (next((r for r in rows if r["method"] == m), None) for m in ("optimal", "optimal (all prompts)"))
+    offset = (f"the row below it on all {check['prompts']} with {check['samples']} each: where both are within "
+              "reach, their difference is the subset's offset." if check else
+              "its offset from all the prompts' is not estimated here (--ceiling_check_samples).")
+    lines = [f"# DPO vs RLHF on the toy task ({'full' if cfg.full else 'reduced'} study"
+             f"{' with the gold-reward twins' if cfg.gold_twins and not cfg.full else ''}, {cfg.seeds} seed(s), "
              f"{time.strftime('%Y-%m-%d')}; training stages {stage_seconds / 60:.0f} min in all, this run "
              f"{seconds / 60:.0f} min)", "",
              "## Gold reward at matched KL", "",
@@ -482,9 +490,7 @@ def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: l
              f"reaches KL(pi || pi_SFT) = 1, 2, 4 and 8 nats (its best setting there), ± the 95% t-interval over "
              f"{cfg.seeds} seed(s). Best-of-N is read at its KL bound log N - (N-1)/N; † marks a ceiling read "
              "beyond its estimator's reach (fewer than 16 effective samples for the median prompt). The optimal "
-             f"row is estimated on the first {deep['prompts']} prompts with {deep['samples']} samples each, the "
-             f"row below it on all {check['prompts']} with {check['samples']} each: where both are within reach, "
-             "their difference is the subset's offset.", "",
+             f"row is estimated on the first {deep['prompts']} prompts with {deep['samples']} samples each; " + offset, "",
              *matched_table(matched)]
     lines += ["", "## Seeds on which each method beats DPO at matched KL", "",
               "wins/n: of the n seeds on which both it and DPO reach the KL, on how many its gold reward there is "
@@ -527,6 +533,9 @@ def ceiling_only(cfg: Config, study: Study, prompts: list[str], device) -> int:
 
 def main(argv=None) -> int:
     cfg = parse_config(Config, argv, __doc__)
+    if cfg.ceiling_samples < len(CEILING_TILTS) or 0 < cfg.ceiling_check_samples < len(CEILING_TILTS):
+        raise SystemExit(f"error: --ceiling_samples (and --ceiling_check_samples unless 0) must be at least "
+                         f"{len(CEILING_TILTS)}, one sample from the reference and from each of its tilts")
     os.makedirs(cfg.out_dir, exist_ok=True)
     device = pick_device(cfg.device)
     prepare_toy_data(cfg.data_dir)

@@ -488,7 +488,14 @@ def sample_token(logits, temperature: float, top_k: int | None, top_p: float | N
         probs = sorted_logits.softmax(-1)
         outside = probs.cumsum(-1) - probs > top_p  # tokens past the nucleus; the first is always kept
         logits = logits.scatter(1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    # inverse-CDF sampling: the first token whose cumulative probability passes u ~ U(0, total),
+    # exact like torch.multinomial and an order of magnitude faster on the CPU; in float64, so
+    # that the cumulative sum's rounding is far below any probability that float32 represents
+    cdf = logits.softmax(-1).double().cumsum(-1)  # (B, V)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=torch.float64) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: never past the last token
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)  # cdf[i - 1] <= u < cdf[i]: p[i] > 0
 
 
 HEAD_CHUNK = 2**24  # the most logits label_logps holds at once (64 MB in float32): rows x vocabulary

@@ -8,7 +8,8 @@ import math
 import bench
 
 BENCHMARKS = ["sft step", "dpo step, live reference", "dpo step, precomputed ref", "reward model step",
-              "ppo minibatch step (policy+critic)", "generate 32 tokens, KV cache", "generate 32 tokens, no cache",
+              "ppo minibatch step (policy+critic)", "ppo step, ragged rollout, padded", "ppo step, ragged rollout, packed",
+              "generate 32 tokens, KV cache", "generate 32 tokens, no cache",
               "generate 128 tokens, KV cache", "generate 128 tokens, no cache"]
 
 

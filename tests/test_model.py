@@ -321,3 +321,14 @@ def test_packed_rows_give_the_padded_batch_log_probs_values_and_gradients_in_flo
     torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_sampling_draws_each_token_at_its_probability_and_never_one_of_probability_zero():
+    """200,000 draws from a distribution with zeros inside and at the end: each frequency within
+    five standard errors of its probability (the seed is fixed, so the check is deterministic)."""
+    p = torch.tensor([0.5, 0.0, 0.2, 0.05, 0.25, 0.0])
+    n = 200_000
+    draws = model_module.sample_token(p.log()[None].expand(n, -1), 1.0, None, None, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=len(p)).double() / n
+    assert freq[p == 0].sum() == 0
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt()).all(), freq
