@@ -86,9 +86,9 @@ def test_two_fsdp_processes_train_the_weights_of_one_process_and_of_two_ddp_proc
 
 def test_fsdp_checkpoint_loads_in_one_process_and_resumes_under_any_world_size(toy_dir, tmp_path):
     """SFT for 4 steps under FSDP with 2 processes, its checkpoint exported to a Hugging Face
-    folder, against the same run stopped at step 2 and resumed: under FSDP with 2 processes, with 1
-    (torchrun, FSDP of one), under DDP with 2, and in one plain process. Each resumed run's weights
-    and metrics equal the uninterrupted one's."""
+    folder, against the same run stopped at step 2 and resumed: under FSDP with 2 processes, under
+    DDP with 2, and in one plain process. Each resumed run's weights and metrics equal the
+    uninterrupted one's."""
     whole = str(tmp_path / "whole")
     common = dict(eval_interval=2, lr_decay_iters=4, grad_accum=2)
     launch("train_sft.py", sft_args(toy_dir, whole, max_iters=4, **common), nproc=2, parallel="fsdp")
@@ -102,7 +102,7 @@ def test_fsdp_checkpoint_loads_in_one_process_and_resumes_under_any_world_size(t
         assert torch.equal(exported[name], tensor), name
     half = str(tmp_path / "half")
     launch("train_sft.py", sft_args(toy_dir, half, max_iters=2, **common), nproc=2, parallel="fsdp")
-    for name, nproc, parallel in [("fsdp2", 2, "fsdp"), ("fsdp1", 1, "fsdp"), ("ddp2", 2, "ddp"), ("plain", 0, "ddp")]:
+    for name, nproc, parallel in [("fsdp2", 2, "fsdp"), ("ddp2", 2, "ddp"), ("plain", 0, "ddp")]:
         split = str(tmp_path / name)
         os.makedirs(split)
         for f in ("ckpt.pt", "metrics.jsonl", "config.json"):
