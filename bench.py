@@ -240,17 +240,24 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
         timed(lambda: one_step(both, both_opt, B * (T - P), ctx, ppo_batch_loss, rollout, P, ppo_cfg),
               device, cfg.steps, cfg.warmup),
         B * T, 2 * flops_tok * B * T, model_only(both, ppo_batch_loss, rollout, P, ppo_cfg))
-    # the same step on a ragged rollout, responses of 1 to T - P tokens (a pad-filled tail as
-    # generation leaves it): the padded batch, and model.Packing's fewer rows of whole sequences
-    lengths = torch.randint(1, T - P + 1, (B,), generator=g, device=device)
+    # the same step on a ragged rollout of 4B rows (32 at the default batch: a minibatch of the
+    # default train_ppo.py run), responses of 1 to T - P tokens with a pad-filled tail as generation
+    # leaves it: the padded batch, and model.Packing's fewer rows of whole sequences. Tokens and
+    # FLOPs count real tokens only, so MFU is the useful work's
+    R = 4 * B
+    lengths = torch.randint(1, T - P + 1, (R,), generator=g, device=device)
     ragged_mask = (torch.arange(T - P, device=device)[None] < lengths[:, None]).float()
-    ragged = dict(rollout, response_mask=ragged_mask,
-                  attention_mask=torch.cat([torch.ones(B, P, device=device), ragged_mask], 1).long())
+    ragged = {"input_ids": torch.randint(4, V, (R, T), generator=g, device=device), "response_mask": ragged_mask,
+              "attention_mask": torch.cat([torch.ones(R, P, device=device), ragged_mask], 1).long(),
+              **{k: torch.randn(R, T - P, generator=g, device=device)
+                 for k in ("old_logprobs", "old_values", "advantages", "returns")}}
+    n_real = int(ragged["attention_mask"].sum())
     for packing in (False, True):
         policy.packing = both.critic.backbone.packing = packing
         seconds = timed(lambda: one_step(both, both_opt, int(ragged_mask.sum()), ctx, ppo_batch_loss, ragged, P, ppo_cfg),
                         device, cfg.steps, cfg.warmup)
-        add(f"ppo step, ragged rollout, {'packed' if packing else 'padded'}", seconds, B * T, 2 * flops_tok * B * T)
+        add(f"ppo step, ragged rollout, {'packed' if packing else 'padded'}", seconds, n_real, 2 * flops_tok * n_real)
+    policy.packing = True
 
     # generation: tokens per second with and without the KV cache
     prompts = [torch.randint(4, V, (16,)).tolist() for _ in range(cfg.gen_batch)]
