@@ -1,8 +1,11 @@
 """Shared fixtures and helpers. Run the suite from the repository root: python -m pytest -q"""
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -31,6 +34,42 @@ def run_python(*args, env=None):
     if args[:2] == ("-m", "torch.distributed.run"):
         env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+def run_ranks(nproc: int, *args, env=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """What `torchrun --standalone --nproc_per_node NPROC ARGS` runs, without its launcher: NPROC
+    processes of python ARGS, each with the environment torchrun gives it (RANK, LOCAL_RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT, OMP_NUM_THREADS=1); when one fails the others are
+    stopped, as torchrun stops them. The launcher's own start and shutdown took about 3 s here, a
+    tenth of the multi-process tests' time; tests/test_your_model.py and the memory test in
+    tests/test_parallel.py keep the real torchrun. Returns the ranks' output, rank by rank, and
+    the exit status of the first rank to fail (else 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**(env or os.environ), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as logs:
+        procs, files = [], []
+        for rank in range(nproc):
+            out, err = (open(os.path.join(logs, f"{rank}.{k}"), "w+") for k in ("out", "err"))
+            files.append((out, err))
+            procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=out, stderr=err, text=True,
+                                          env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+        deadline, failed = time.monotonic() + timeout, None
+        while any(p.poll() is None for p in procs):
+            failed = failed or next((p.returncode for p in procs if p.poll()), None)
+            if failed or time.monotonic() > deadline:  # a rank failed or hung: stop the rest
+                for p in procs:
+                    p.kill()
+            time.sleep(0.05)
+        texts = []
+        for out, err in files:
+            out.seek(0), err.seek(0)
+            texts.append((out.read(), err.read()))
+            out.close(), err.close()
+    code = failed or next((p.returncode for p in procs if p.returncode), 0)
+    return subprocess.CompletedProcess(args, code, "".join(o for o, _ in texts), "".join(e for _, e in texts))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Data parallelism under torchrun on CPU with gloo: 2 DDP processes and 2 FSDP2 processes
+"""Data parallelism on CPU with gloo, the processes started as torchrun starts them
+(conftest.run_ranks; the memory test runs torchrun itself): 2 DDP processes and 2 FSDP2 processes
 (--parallel fsdp) train the same weights as 1 process (SFT, DPO, reward model), with gradient
 accumulation and a clip that binds; an FSDP checkpoint holds whole tensors, loads in one
 process, and resumes under FSDP with any number of processes (or in one process) to the
@@ -15,7 +16,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from checkpoint import load_checkpoint
-from conftest import read_metrics, run_python
+from conftest import read_metrics, run_python, run_ranks
 from distributed import shard
 from hf import load_folder
 from model import GPT, GPTConfig
@@ -26,9 +27,9 @@ TORCHRUN = ("-m", "torch.distributed.run", "--standalone")
 
 
 def launch(script, args, nproc=0, parallel="ddp"):
-    """python SCRIPT (nproc 0) or torchrun with nproc processes; fails the test on an error."""
-    prefix = (*TORCHRUN, f"--nproc_per_node={nproc}") if nproc else ()
-    r = run_python(*prefix, script, *args, f"--parallel={parallel}")
+    """python SCRIPT (nproc 0) or nproc processes as torchrun starts them; fails the test on an error."""
+    argv = (script, *args, f"--parallel={parallel}")
+    r = run_ranks(nproc, *argv) if nproc else run_python(*argv)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

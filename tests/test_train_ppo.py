@@ -13,7 +13,7 @@ import torch
 import train_ppo
 import train_rm
 from checkpoint import load_checkpoint
-from conftest import read_metrics, run_python
+from conftest import read_metrics, run_python, run_ranks
 from distributed import Dist
 from model import GPT, GPTConfig
 
@@ -146,8 +146,7 @@ def test_two_processes_equal_one_process(advantage, parallels, sft_pairs, toy_di
         two = str(tmp_path / parallel)
         runs = [args(two, max_iters=1), args(two, resume=True)] if parallel == "fsdp" else [args(two)]
         for run in runs:
-            r = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ppo.py", *run,
-                           f"--parallel={parallel}")
+            r = run_ranks(2, "train_ppo.py", *run, f"--parallel={parallel}")
             assert r.returncode == 0, r.stderr
         _assert_same_ppo_run(one, two)
 
