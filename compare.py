@@ -536,8 +536,9 @@ def ceiling_only(cfg: Config, study: Study, prompts: list[str], device) -> int:
 def main(argv=None) -> int:
     cfg = parse_config(Config, argv, __doc__)
     if cfg.ceiling_samples < len(CEILING_TILTS) or 0 < cfg.ceiling_check_samples < len(CEILING_TILTS):
-        raise SystemExit(f"error: --ceiling_samples (and --ceiling_check_samples unless 0) must be at least "
-                         f"{len(CEILING_TILTS)}, one sample from the reference and from each of its tilts")
+        print(f"error: --ceiling_samples (and --ceiling_check_samples unless 0) must be at least "
+              f"{len(CEILING_TILTS)}, one sample from the reference and from each of its tilts", file=sys.stderr)
+        return 2
     os.makedirs(cfg.out_dir, exist_ok=True)
     device = pick_device(cfg.device)
     prepare_toy_data(cfg.data_dir)

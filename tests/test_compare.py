@@ -101,6 +101,12 @@ def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
     assert ceiling_rows == study_rows and len(study_rows) == 2 * len(compare.CEILING_BETAS)
 
 
+@pytest.mark.parametrize("flag", ["--ceiling_samples=8", "--ceiling_check_samples=4"])
+def test_too_few_ceiling_samples_for_its_tilts_stop_before_anything_is_written(flag, tmp_path, capsys):
+    assert compare.main([flag, f"--out_dir={tmp_path / 'study'}", f"--data_dir={tmp_path / 'toy'}"]) == 2
+    assert "at least 9" in capsys.readouterr().err and not os.listdir(tmp_path)
+
+
 def test_the_gold_reward_twins_train_each_rl_run_again_on_the_gold_reward():
     S = compare.sweeps(compare.Config(tiny=True))
     alone, twins = compare.rl_runs(S, gold_twins=False), compare.rl_runs(S, gold_twins=True)
