@@ -257,7 +257,6 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
         seconds = timed(lambda: one_step(both, both_opt, int(ragged_mask.sum()), ctx, ppo_batch_loss, ragged, P, ppo_cfg),
                         device, cfg.steps, cfg.warmup)
         add(f"ppo step, ragged rollout, {'packed' if packing else 'padded'}", seconds, n_real, 2 * flops_tok * n_real)
-    policy.packing = True
 
     # generation: tokens per second with and without the KV cache
     prompts = [torch.randint(4, V, (16,)).tolist() for _ in range(cfg.gen_batch)]

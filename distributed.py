@@ -13,7 +13,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, Block, GPTConfig
+from model import Block, GPTConfig
 
 
 @dataclass
@@ -98,12 +98,7 @@ def wrap_model(model: torch.nn.Module, dist: Dist, dtype: str, compile: bool) ->
         model.to(dist.device)
         if dist.ddp:
             model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-    if not compile:
-        return model
-    for module in model.modules():  # a packed batch's row count varies with its lengths: each would compile anew
-        if isinstance(module, GPT):
-            module.packing = False
-    return torch.compile(model)
+    return torch.compile(model) if compile else model
 
 
 def place_frozen(model: torch.nn.Module, dist: Dist, dtype: str) -> torch.nn.Module:

@@ -265,10 +265,26 @@ class Packing:
     are the padded batch's, up to rounding, while pads cost no compute. Ragged batches of short
     completions (PPO's rollouts, SFT and DPO batches) are a third to a half padding."""
 
-    def __init__(self, attention_mask: torch.Tensor):
-        B, T = attention_mask.shape
+    def __init__(self, attention_mask: torch.Tensor, row_of: list[int], start_of: list[int], shape: tuple[int, int]):
         real = attention_mask.bool()
-        lengths = real.sum(1).tolist()
+        self.batch_shape, self.shape = tuple(real.shape), shape
+        self.source = real.nonzero(as_tuple=True)  # (row, column) of every real token in the padded batch
+        positions = real.long().cumsum(1) - 1  # (B, T)
+        sequence, device = self.source[0], real.device
+        self.target = (torch.tensor(row_of, device=device)[sequence],
+                       torch.tensor(start_of, device=device)[sequence] + positions[self.source])  # and in the packed rows
+        self.positions = self.pack(positions)  # (R, W)
+        segments = self.pack(torch.arange(1, len(real) + 1, device=device)[:, None].expand_as(positions))  # 0: a pad
+        causal = torch.ones(shape[1], shape[1], dtype=torch.bool, device=device).tril()
+        # a token attends its own sequence; trailing pads (segment 0) attend each other, so no
+        # softmax row is empty, and their output is garbage that nothing reads
+        self.attn_mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # (R, 1, W, W)
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor) -> "Packing | None":
+        """The packing of a padded batch, or None when it would not save a row."""
+        B, T = attention_mask.shape
+        lengths = attention_mask.bool().sum(1).tolist()
         fill, row_of, start_of = [], [0] * B, [0] * B  # tokens used in each packed row; each sequence's row and start
         for b in sorted(range(B), key=lambda b: -lengths[b]):
             r = next((r for r, used in enumerate(fill) if used + lengths[b] <= T), len(fill))
@@ -276,30 +292,12 @@ class Packing:
                 fill.append(0)
             row_of[b], start_of[b] = r, fill[r]
             fill[r] += lengths[b]
-        self.batch_shape, self.shape = (B, T), (len(fill), max(max(fill), 1))
-        self.source = real.nonzero(as_tuple=True)  # (row, column) of every real token in the padded batch
-        positions = (real.long().cumsum(1) - 1)[self.source]
-        sequence = self.source[0]
-        device = attention_mask.device
-        self.target = (torch.tensor(row_of, device=device)[sequence],
-                       torch.tensor(start_of, device=device)[sequence] + positions)  # and in the packed rows
-        self.positions = self.pack(positions)  # (R, W)
-        segments = self.pack(sequence + 1)  # (R, W): 0 at the packed rows' trailing pads
-        W = self.shape[1]
-        causal = torch.ones(W, W, dtype=torch.bool, device=device).tril()
-        # a token attends its own sequence; trailing pads (segment 0) attend each other, so no
-        # softmax row is empty, and their output is garbage that nothing reads
-        self.attn_mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # (R, 1, W, W)
-
-    @property
-    def saves_rows(self) -> bool:
-        return self.shape[0] < self.batch_shape[0]
+        return cls(attention_mask, row_of, start_of, (len(fill), max(max(fill), 1))) if len(fill) < B else None
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """Values of the real tokens, (N, ...) in the source's order or (B, T, ...), as (R, W, ...)."""
-        values = x[self.source] if x.dim() > 1 and x.shape[:2] == self.batch_shape else x
-        out = values.new_zeros(self.shape + values.shape[1:])
-        out[self.target] = values
+        """(B, T, ...) in the padded layout to (R, W, ...), the real tokens only."""
+        out = x.new_zeros(self.shape + x.shape[2:])
+        out[self.target] = x[self.source]
         return out
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
@@ -324,7 +322,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.grad_checkpoint = False  # recompute each block's activations in the backward pass
-        self.packing = True  # run a padded batch without a KV cache as Packing's fewer rows
+        self.packing = True  # run a padded batch without a KV cache as Packing's fewer rows (not when compiled)
         self.tie_weights()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -375,11 +373,13 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
         if attention_mask is not None and past == 0 and bool(attention_mask.all()):
             attention_mask = None  # no padding: plain causal attention, SDPA's is_causal fast path
-        packing = Packing(attention_mask) if self.packing and attention_mask is not None and kv_cache is None else None
-        if packing is not None and packing.saves_rows:
+        # not under torch.compile: a packed batch's row count varies with its lengths, and each
+        # new one would be compiled anew
+        packable = self.packing and attention_mask is not None and kv_cache is None and not torch.compiler.is_compiling()
+        packing = Packing.of(attention_mask) if packable else None
+        if packing is not None:
             input_ids, pos, mask = packing.pack(input_ids), packing.positions, packing.attn_mask  # (R, W) rows
         else:
-            packing = None
             if attention_mask is None:
                 pos = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
             else:  # a token's position is the number of real tokens before it, whatever the padding

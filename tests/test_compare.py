@@ -101,6 +101,16 @@ def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
     assert ceiling_rows == study_rows and len(study_rows) == 2 * len(compare.CEILING_BETAS)
 
 
+@pytest.mark.parametrize("check", [0, 9])
+def test_the_ceilings_check_on_all_prompts_is_estimated_only_with_its_samples(tiny_gpt, toy_dir, monkeypatch, check):
+    tok = Tokenizer.load(f"{toy_dir}/tokenizer.model")
+    monkeypatch.setattr(compare, "CEILING_BETAS", [1.0])
+    cfg = compare.Config(ceiling_prompts=1, ceiling_samples=9, ceiling_check_samples=check)
+    rows = compare.ceiling_rows(cfg, tiny_gpt, tok, ["the film was", "i"], seed=0)
+    expected = [("optimal", 1, 9)] + ([("optimal (all prompts)", 2, 9)] if check else [])
+    assert [(r["method"], r["prompts"], r["samples"]) for r in rows] == expected
+
+
 @pytest.mark.parametrize("flag", ["--ceiling_samples=8", "--ceiling_check_samples=4"])
 def test_too_few_ceiling_samples_for_its_tilts_stop_before_anything_is_written(flag, tmp_path, capsys):
     assert compare.main([flag, f"--out_dir={tmp_path / 'study'}", f"--data_dir={tmp_path / 'toy'}"]) == 2
