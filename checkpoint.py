@@ -22,11 +22,8 @@ from functools import lru_cache
 
 import torch
 import torch.distributed as torch_dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.tensor import DTensor
 
-from distributed import Dist, all_reduce_sum, barrier
+from distributed import Dist, all_reduce_sum, barrier, is_dtensor, is_sharded
 from files import DataError, make_out_dir, replace_atomically, write_atomic
 from hf import load_folder
 from lora import attach_lora, merge_lora
@@ -190,16 +187,26 @@ def _attach_recorded(model: GPT, ckpt: dict) -> GPT:
     return attach_lora(model, lora["rank"], lora["alpha"], lora["targets"], lora["dropout"])
 
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-"""whole tensors on the CPU, whether the model is sharded (FSDP) or not: one checkpoint format for
-every --parallel and world size. Under FSDP the gather is collective and only rank 0 gets them."""
+# One checkpoint format for every --parallel and world size: whole tensors on the CPU, keyed by
+# parameter name (the optimizer's state too). Under FSDP torch's state-dict helpers gather them,
+# collectively, and only rank 0 gets them; they are imported there only, since they take about a
+# second to import, which every unsharded process (and every test that starts one) would pay.
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint keeps of a model: every weight, or only those that train when some are
     frozen (LoRA's adapters, and a reward model's head), since the rest is the base model.
     Collective under FSDP: every rank calls it."""
-    state = get_model_state_dict(model, options=FULL)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        state = get_model_state_dict(model, options=_full_options())
+    else:
+        state = {name: t.cpu() for name, t in model.state_dict().items()}
     if all(p.requires_grad for p in model.parameters()):
         return state
     return {name: state[name] for name, p in model.named_parameters() if p.requires_grad and name in state}
@@ -213,8 +220,40 @@ def load_trainable(model: torch.nn.Module, state: dict, where: str) -> None:
     if missing or unexpected:
         raise DataError(f"{where}: the checkpoint does not fit the model (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}); were the LoRA settings changed?")
+    if not is_sharded(model):
+        model.load_state_dict(state, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     # a copy: the helper fills the dict it is given with the model's other weights
     set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's state dict keyed by parameter name, whole tensors on the CPU. Collective
+    under FSDP."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        return get_optimizer_state_dict(model, optimizer, options=_full_options())
+    state = optimizer.state_dict()
+    on_cpu = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in state["state"].items()}
+    return keyed_by_name({**state, "state": on_cpu}, model, optimizer)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, where: str) -> None:
+    """Restore optimizer_state's output (or an older checkpoint's, keyed by position)."""
+    state = keyed_by_name(state, model, optimizer)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    names = {p: name for name, p in model.named_parameters()}
+    groups = [[names[p] for p in group["params"]] for group in optimizer.param_groups]
+    if [g["params"] for g in state["param_groups"]] != groups:
+        raise DataError(f"{where}: the optimizer state does not fit the model's parameters")
+    index = {name: i for i, name in enumerate(name for g in groups for name in g)}
+    optimizer.load_state_dict({"state": {index[name]: s for name, s in state["state"].items()},
+                               "param_groups": [{**g, "params": [index[name] for name in g["params"]]}
+                                                for g in state["param_groups"]]})
 
 
 def keyed_by_name(state: dict, model: torch.nn.Module, optimizer) -> dict:
@@ -416,9 +455,7 @@ class Run:
             print(f"warning: resuming with changed settings (was, now): {changed}", file=sys.stderr)
         load_trainable(model, ckpt["model"], self.ckpt_path)
         if ckpt["optimizer"] is not None:
-            optimized = optimized or model
-            set_optimizer_state_dict(optimized, optimizer, keyed_by_name(ckpt["optimizer"], optimized, optimizer),
-                                     options=StateDictOptions(full_state_dict=True))
+            load_optimizer_state(optimized or model, optimizer, ckpt["optimizer"], self.ckpt_path)
         if len(ckpt["rng"]) == self.dist.world_size:
             state = ckpt["rng"][self.dist.rank]
             state = state if isinstance(state, dict) else {"cpu": state}  # older checkpoints: the CPU state alone
@@ -469,7 +506,7 @@ class Run:
         Whole tensors, keyed by parameter name (the optimizer's state too), whatever --parallel
         and world size wrote them, so any of them resumes it."""
         rng = _gather_rng(self.dist)  # every rank takes part in the gathers
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+        local = [p.to_local() if is_dtensor(p) else p for p in model.parameters()]
         non_finite = float(sum(not bool(torch.isfinite(p).all()) for p in local))
         if self.dist.ddp:  # summed over ranks (under FSDP each holds its shards), so that all stop together
             non_finite = all_reduce_sum(torch.tensor(non_finite, device=self.dist.device), self.dist).item()
@@ -480,11 +517,10 @@ class Run:
         model_state = trainable_state(model) if gathers else None  # whole tensors, on rank 0 only
         # none before the first step: the helper would make one with a dummy step, which advances
         # AdamW's step count and so changes its first real update
-        optimizer_state = (get_optimizer_state_dict(optimized or model, optimizer, options=FULL)
-                           if gathers and optimizer.state else None)
+        optim_state = optimizer_state(optimized or model, optimizer) if gathers and optimizer.state else None
         failed = self.dist.master and self._write(step, {
             "model": model_state, "model_config": dataclasses.asdict(model.config),
-            "optimizer": optimizer_state, "step": step, "rng": rng,
+            "optimizer": optim_state, "step": step, "rng": rng,
             "config": dataclasses.asdict(self.cfg), "tokenizer": tokenizer.state(), **(extra or {}),
         })
         if self.dist.ddp:  # every rank stops when rank 0 could not write

@@ -5,12 +5,11 @@ frozen. It takes plain values, not a training config, and imports no algorithm m
 """
 import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import Block, GPTConfig
@@ -72,6 +71,18 @@ def cleanup_distributed(dist: Dist, finished: bool) -> None:
     torch_dist.destroy_process_group()
 
 
+def is_dtensor(t) -> bool:
+    """Whether t is a DTensor (a weight, gradient or norm sharded by FSDP). FSDP and DTensor take
+    about a second to import, which only runs that shard pay (`shard` imports them): while nothing
+    has imported DTensor, no tensor can be one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(is_dtensor(p) for p in model.parameters())
+
+
 def barrier(dist: Dist) -> None:
     if dist.ddp:
         torch_dist.barrier()
@@ -123,6 +134,7 @@ def shard(model: torch.nn.Module, dtype: str, device: torch.device) -> None:
     The model comes in on the CPU and goes to the device one unit at a time, as it is sharded,
     so no device ever holds a whole model; rank 0's weights of each unit are broadcast first, as
     DDP does, since a new model is initialised per rank."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if dtype == "bfloat16" else MixedPrecisionPolicy()
     # PPO's policy and critic train as one module, but rollouts and scoring call each alone, and
@@ -132,7 +144,7 @@ def shard(model: torch.nn.Module, dtype: str, device: torch.device) -> None:
     parts = [] if is_model(model) else [m for m in model.children() if is_model(m)]
     for unit in [*(m for m in model.modules() if isinstance(m, Block)), *(parts or [model])]:
         for t in [*unit.parameters(), *unit.buffers()]:
-            if not isinstance(t, DTensor):  # not sharded already with a unit below
+            if not is_dtensor(t):  # not sharded already with a unit below
                 t.data = t.data.to(device)
                 torch_dist.broadcast(t.data, src=0)
         fully_shard(unit, mp_policy=policy)

@@ -13,12 +13,12 @@ log-prob function of every loss and estimate. It imports nothing of the project:
 no data files, no file formats (hf.py reads folders, checkpoint.py checkpoints).
 """
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding), as in torch's cross_entropy
@@ -420,7 +420,8 @@ class GPT(nn.Module):
     def all_done(self, done: torch.Tensor) -> bool:
         """Whether every sequence has ended: on every rank when the model is sharded (FSDP), whose
         forward is collective, so that all ranks run the same number of steps."""
-        if not isinstance(self, FSDPModule):
+        fsdp = sys.modules.get("torch.distributed.fsdp")  # a second to import; nothing is sharded before it is
+        if fsdp is None or not isinstance(self, fsdp.FSDPModule):
             return bool(done.all())
         pending = (~done).sum()
         torch.distributed.all_reduce(pending)

@@ -22,12 +22,10 @@ from functools import lru_cache
 from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import torch
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
 from checkpoint import OVERWRITTEN, NonFiniteLoss, RunStopped, fingerprint, number, release_run_folder
 from data import TOY_PAIRS
-from distributed import Dist, all_reduce_sum, cleanup_distributed, setup_distributed
+from distributed import Dist, all_reduce_sum, cleanup_distributed, is_dtensor, setup_distributed
 from files import DataError
 from lora import TARGETS, attach_lora
 from model import GPT
@@ -344,6 +342,7 @@ def gradient_sync(model, dist: Dist, sync: bool):
     reduce-scatter. One process has nothing to reduce."""
     sync = sync or not dist.ddp
     if dist.sharded:
+        from torch.distributed.fsdp import FSDPModule  # imported by distributed.shard already
         for unit in (m for m in model.modules() if isinstance(m, FSDPModule)):
             unit.set_requires_gradient_sync(sync, recurse=False)
     with nullcontext() if sync or dist.sharded else model.no_sync():
@@ -375,7 +374,7 @@ def optimizer_step(model, optimizer, sums: dict, n_global: int, grad_clip: float
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(f"step {step}: loss is {stats['loss']}")
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    stats["grad_norm"] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+    stats["grad_norm"] = (norm.full_tensor() if is_dtensor(norm) else norm).item()
     if not math.isfinite(stats["grad_norm"]):  # a finite loss can still overflow a gradient: never step on it
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(f"step {step}: gradient norm is {stats['grad_norm']}")

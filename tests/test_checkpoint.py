@@ -8,10 +8,14 @@ import pytest
 import torch
 
 import train_sft
-from checkpoint import Run, load_checkpoint
+from checkpoint import Run, load_checkpoint, load_optimizer_state, optimizer_state, trainable_state
 from conftest import CPU
 from distributed import Dist, setup_distributed
+from files import DataError
+from lora import attach_lora
 from model import GPT, GPTConfig
+from ppo import PolicyAndCritic
+from reward_model import RewardModel
 from train_utils import TrainConfig, make_optimizer
 
 
@@ -67,6 +71,63 @@ def test_a_checkpoint_with_the_optimizer_keyed_by_position_resumes_its_state(tmp
         assert torch.equal(p, q)
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(optimizer.state[p][key], resumed.state[q][key]), key
+
+
+def _trained(kind: str) -> torch.nn.Module:
+    """A model as a training script saves it: one whose every weight trains, one with LoRA
+    adapters (the rest frozen), a reward model, PPO's policy and critic as one module."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=8, norm="rmsnorm", mlp="swiglu",
+                       pos="rope", intermediate_size=12, tie_embeddings=kind != "policy_and_critic")
+    if kind == "lora":
+        return attach_lora(GPT(config), 2, 2, ["q_proj", "down_proj"])
+    if kind == "reward":
+        return RewardModel.from_gpt(GPT(config))
+    if kind == "policy_and_critic":
+        return PolicyAndCritic(GPT(config), RewardModel.from_gpt(GPT(config)))
+    return GPT(config)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "lora", "reward", "policy_and_critic"])
+def test_unsharded_states_are_what_torchs_sharded_helpers_give(kind):
+    """Unsharded, a checkpoint's model and optimizer states come from state_dict() (torch's state
+    dict helpers take a second to import); they hold the same names, tensors and groups as
+    get_model_state_dict and get_optimizer_state_dict, which FSDP runs use, so either resumes
+    the other; and the optimizer's state loads back into a fresh optimizer whole."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model = _trained(kind)
+    optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) if p.requires_grad else None
+    optimizer.step()
+    state, reference = trainable_state(model), get_model_state_dict(model, options=full)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert set(state) == (set(reference) if kind != "lora" else trained)
+    assert all(torch.equal(state[name], reference[name]) for name in state)
+    saved, reference = optimizer_state(model, optimizer), get_optimizer_state_dict(model, optimizer, options=full)
+    assert saved["param_groups"] == reference["param_groups"]
+    assert saved["state"].keys() == reference["state"].keys()
+    for name, moments in saved["state"].items():
+        assert all(torch.equal(moments[k], reference["state"][name][k]) for k in moments)
+    restored = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    load_optimizer_state(model, restored, saved, "test")
+    for p in model.parameters():
+        assert restored.state[p].keys() == optimizer.state[p].keys()
+        assert all(torch.equal(restored.state[p][k], optimizer.state[p][k]) for k in optimizer.state[p])
+    assert [{**g, "params": None} for g in restored.param_groups] == [{**g, "params": None} for g in optimizer.param_groups]
+
+
+def test_an_optimizer_state_of_other_parameters_is_refused():
+    """A saved optimizer state whose groups name other parameters than the optimizer's (here
+    two groups swapped) is refused, never loaded by position into the wrong weights."""
+    model = _trained("gpt")
+    optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    saved = optimizer_state(model, optimizer)
+    swapped = {**saved, "param_groups": saved["param_groups"][::-1]}
+    with pytest.raises(DataError, match="does not fit"):
+        load_optimizer_state(model, make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu")), swapped, "x")
 
 
 def test_resume_restores_the_cuda_rng_state_beside_the_cpu_one(tmp_path, monkeypatch):
