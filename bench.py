@@ -89,7 +89,8 @@ class Config:
     logps: bool = False
     """an SFT and a DPO step (live reference) at --memory_shape, batch 2 x --memory_batch rows (DPO: that many
     pairs' rows), the labelled log-probs from the full (B, T, V) logits (the path before model.label_logps) against
-    the model's own labelled log-probs: peak memory and step time, each in a fresh process, and their ratios"""
+    the model's own labelled log-probs, and DPO's with --grad_checkpoint: peak memory and step time, each in fresh
+    processes, and their ratios"""
     memory_case: str = ""
     """(internal) one --memory configuration as JSON, measured in this process"""
 
@@ -447,12 +448,14 @@ def memory_case(case: dict, device) -> dict:
             "seconds": time.perf_counter() - t0, "params": policy.num_params(non_embedding=False)}
 
 
-def measure_case(case: dict, device) -> dict:
-    """memory_case in a process of its own, so that its peak is its own."""
+def measure_case(case: dict, device, unmap_freed: bool = True) -> dict:
+    """memory_case in a process of its own, so that its peak is its own. glibc keeps freed blocks
+    below its mmap threshold resident; with `unmap_freed`, blocks from 64 KiB up are mapped and
+    given back when freed, so the peak resident set follows the live tensors, but every step
+    faults its activations' pages in anew, which slows it (by about a fifth at SmolLM2-135M's
+    shape): a step's time is measured without it."""
     import subprocess
-    # glibc keeps freed blocks below its mmap threshold resident; from 64 KiB up they are mapped
-    # and given back when freed, so the peak resident set follows the live tensors
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if unmap_freed else None
     out = subprocess.run([sys.executable, __file__, f"--device={device.type}", f"--memory_case={json.dumps(case)}"],
                          capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -460,22 +463,30 @@ def measure_case(case: dict, device) -> dict:
 
 def logps_table(cfg: Config, device, name: str) -> list[str]:
     """--logps: each stage's step with the labelled log-probs from the full logits, then from
-    the model's label_logps, in fresh processes; the ratios are new over old."""
+    the model's label_logps, and DPO's with --grad_checkpoint too, each in fresh processes: one
+    for the peak memory (freed blocks unmapped), one for the time; the ratios are over the first row."""
     B, T = 2 * cfg.memory_batch, cfg.memory_seq_len
     lines = [f"Labelled log-probs without the full logits (model.label_logps) against from them (token_logps of "
              f"(B, T, V) logits), {cfg.memory_shape} shape on {name}, {cfg.dtype}, full fine-tuning, one optimizer "
              f"step of {B} rows x {T} tokens (DPO: {B // 2} pairs, live reference, a copy); the peak memory is "
-             "the process's less what it held before the model, the time the second of two steps:", "",
-             "| stage | log-probs from | peak memory MB | step s | memory ratio | time ratio |", "|---|---|---|---|---|---|"]
-    for stage in ("SFT", "DPO"):
-        rows = [measure_case(dict(shape=cfg.memory_shape, stage=stage, lora=False, grad_checkpoint=False,
-                                  reference="copy", B=B, T=T, dtype=cfg.dtype, head=head), device)
-                for head in ("full", "labels")]
-        for r, what in zip(rows, ("full logits (before)", "label_logps")):
-            ratios = (f"{r['peak_mb'] / rows[0]['peak_mb']:.2f} | {r['seconds'] / rows[0]['seconds']:.2f}"
-                      if r is rows[1] else "1 | 1")
-            lines.append(f"| {stage} | {what} | {r['peak_mb']:.0f} | {r['seconds']:.2f} | {ratios} |")
-            print(f"  {stage} {what}: {r['peak_mb']:.0f} MB, {r['seconds']:.2f} s", flush=True)
+             "the process's less what it held before the model, with freed blocks given back to the system; the "
+             "time the second of two steps, in another process:", "",
+             "| stage | log-probs from | grad checkpoint | peak memory MB | step s | memory ratio | time ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for stage, variants in (("SFT", [("full", False), ("labels", False)]),
+                            ("DPO", [("full", False), ("labels", False), ("labels", True)])):
+        rows = []
+        for head, grad_checkpoint in variants:
+            case = dict(shape=cfg.memory_shape, stage=stage, lora=False, grad_checkpoint=grad_checkpoint,
+                        reference="copy", B=B, T=T, dtype=cfg.dtype, head=head)
+            rows.append({**measure_case(case, device), "seconds": measure_case(case, device, False)["seconds"]})
+            r = rows[-1]
+            what = "full logits (before)" if head == "full" else "label_logps"
+            ratios = f"{r['peak_mb'] / rows[0]['peak_mb']:.2f} | {r['seconds'] / rows[0]['seconds']:.2f}"
+            lines.append(f"| {stage} | {what} | {'yes' if grad_checkpoint else 'no'} | {r['peak_mb']:.0f} | "
+                         f"{r['seconds']:.2f} | {ratios} |")
+            print(f"  {stage} {what} grad_checkpoint={grad_checkpoint}: {r['peak_mb']:.0f} MB, {r['seconds']:.2f} s",
+                  flush=True)
     return lines
 
 
