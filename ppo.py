@@ -48,11 +48,12 @@ def rollout(policy, prompts: list[list[int]], max_new_tokens: int, stop_ids: lis
                    response_mask, query.size(1))
 
 
-def response_labels(input_ids: torch.Tensor, n_prompt: int) -> torch.Tensor:
-    """Rollout rows (B, P + R) as labels of their response tokens alone (the prompt's columns
-    IGNORE_INDEX), for the model's labelled log-probs. Column P - 1 + t of what it returns,
-    (B, P + R - 1), is response token t: `[:, n_prompt - 1:]` gives the (B, R) response part."""
-    labels = input_ids.clone()
+def response_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    """Rollout rows (B, P + R) as labels of their response tokens alone (the prompt's columns and
+    the padding after a stop token IGNORE_INDEX, so no pad meets the head), for the model's
+    labelled log-probs. Column P - 1 + t of what it returns, (B, P + R - 1), is response token t
+    (0 at a pad): `[:, n_prompt - 1:]` gives the (B, R) response part."""
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     labels[:, :n_prompt] = IGNORE_INDEX
     return labels
 

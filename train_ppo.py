@@ -190,7 +190,8 @@ def reward_statistics(policy, reward_model, tok, prompts: list, prompt_ids: list
 def score_tokens(policy, reference, critic, batch, P: int, cfg: Config, ctx):
     """Step 3: log-probs of the responses under the policy that sampled them and under the
     reference, the policy's entropy, and the critic's values (None without a critic), each (B, R)."""
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], response_labels(batch["input_ids"], P)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    labels = response_labels(ids, mask, P)
     with ctx:  # log-probs (and entropy) of the labelled response tokens, without the full logits
         logprobs, entropy = (x[:, P - 1:] for x in policy(ids, mask, labels=labels, temperature=cfg.temperature,
                                                           entropy=True))
@@ -205,13 +206,14 @@ def ppo_batch_loss(model, batch, n_prompt: int, cfg: Config):
     policy loss, plus vf_coef times the clipped value loss (gae), or plus kl_coef times the k3 KL
     to the reference (grpo: DeepSeekMath eq. 3's beta term); rloo has the KL in its reward and
     nothing more."""
-    policy_inputs = dict(labels=response_labels(batch["input_ids"], n_prompt), temperature=cfg.temperature)
+    policy_inputs = dict(labels=response_labels(batch["input_ids"], batch["attention_mask"], n_prompt),
+                         temperature=cfg.temperature)
     if cfg.advantage == "gae":  # policy and critic in one call
-        token_logps, new_values = model(batch["input_ids"], batch["attention_mask"], **policy_inputs)
+        labelled_logprobs, new_values = model(batch["input_ids"], batch["attention_mask"], **policy_inputs)
         new_values = new_values[:, n_prompt - 1:-1].float()
     else:
-        token_logps, new_values = model(batch["input_ids"], batch["attention_mask"], **policy_inputs), None
-    new_logprobs = token_logps[:, n_prompt - 1:]  # (B, R)
+        labelled_logprobs, new_values = model(batch["input_ids"], batch["attention_mask"], **policy_inputs), None
+    new_logprobs = labelled_logprobs[:, n_prompt - 1:]  # (B, R)
     weights, _ = loss_weights(batch["response_mask"], cfg.loss_average)  # (B, R)
     sums = ppo_losses(new_logprobs, batch["old_logprobs"], batch["advantages"], new_values, batch.get("old_values"),
                       batch.get("returns"), weights, cfg.cliprange, cfg.cliprange_value)

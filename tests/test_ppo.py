@@ -13,7 +13,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from model import GPT, GPTConfig
+from model import GPT, IGNORE_INDEX, GPTConfig
 from ppo import (AdaptiveKLController, FixedKLController, gae, group_advantages, k3_kl, masked_whiten, per_token_rewards, ppo_losses, response_labels, rollout, shaped_scores)
 
 
@@ -111,7 +111,7 @@ def test_response_logprobs_and_entropy_match_a_per_token_loop_at_temperature():
     mask = torch.ones_like(input_ids)
     with torch.no_grad():
         logits = policy(input_ids, mask)
-        logprobs, entropy = (x[:, P - 1:] for x in policy(input_ids, mask, labels=response_labels(input_ids, P),
+        logprobs, entropy = (x[:, P - 1:] for x in policy(input_ids, mask, labels=response_labels(input_ids, mask, P),
                                                            temperature=temperature, entropy=True))
     assert logprobs.shape == entropy.shape == (B, R)
     for b in range(B):
@@ -120,6 +120,15 @@ def test_response_logprobs_and_entropy_match_a_per_token_loop_at_temperature():
             assert logprobs[b, t].item() == pytest.approx(dist[input_ids[b, P + t]].item(), abs=1e-5)
             assert entropy[b, t].item() == pytest.approx(-(dist.exp() * dist).sum().item(), abs=1e-5)
     assert (entropy > 0).all()
+
+
+def test_response_labels_leave_the_prompt_and_the_padding_after_a_stop_unlabelled():
+    """Labels for a left-padded prompt of 3 columns and a response that stops (token 3) before
+    the end, then one that fills every column: only response tokens are labelled."""
+    ids = torch.tensor([[0, 5, 6, 7, 3, 0, 0], [4, 5, 6, 8, 9, 3, 2]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    I = IGNORE_INDEX
+    assert response_labels(ids, mask, 3).tolist() == [[I, I, I, 7, 3, I, I], [I, I, I, 8, 9, 3, 2]]
 
 
 def test_per_token_rewards_put_the_score_on_the_last_response_token_and_charge_kl_everywhere():
@@ -145,7 +154,7 @@ def test_policy_equal_to_the_reference_pays_no_kl_penalty():
                 generator=torch.Generator().manual_seed(0))
     mask = r.response_mask.float()
     with torch.no_grad():
-        labels = response_labels(r.input_ids, r.n_prompt)
+        labels = response_labels(r.input_ids, r.attention_mask, r.n_prompt)
         logprobs = policy(r.input_ids, r.attention_mask, labels=labels)[:, r.n_prompt - 1:]
         ref = reference(r.input_ids[[2, 0, 1]], r.attention_mask[[2, 0, 1]],
                         labels=labels[[2, 0, 1]])[:, r.n_prompt - 1:]  # another batch order
