@@ -541,7 +541,7 @@ class HeadLogps(torch.autograd.Function):
         for i in range(0, len(hidden), ctx.n):
             h, g = hidden[i:i + ctx.n], grad[i:i + ctx.n]
             logits = _chunk_logits(h, weight, ctx.dtype, ctx.temperature)
-            d_logits = (logits - lse[i:i + ctx.n, None]).exp_().mul_(-g[:, None])  # -softmax x g
+            d_logits = logits.sub_(lse[i:i + ctx.n, None]).exp_().mul_(-g[:, None])  # -softmax x g, in place
             d_logits[torch.arange(len(h), device=h.device), targets[i:i + ctx.n]] += g  # + onehot x g
             if ctx.temperature != 1.0:
                 d_logits /= ctx.temperature
