@@ -9,8 +9,7 @@ import statistics
 import torch
 
 from data import collate
-import model
-from model import IGNORE_INDEX
+from model import HEAD_CHUNK, IGNORE_INDEX
 from tokenizer import Tokenizer
 from toy import gold_reward, is_well_formed
 
@@ -48,14 +47,15 @@ def completion_batches(model, prompt_ids: list[list[int]], completion_ids: list[
 
 @torch.no_grad()
 def sequence_kl(policy, reference, prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                pad_id: int, batch_size: int = 64, temperature: float = 1.0) -> torch.Tensor:
+                pad_id: int, batch_size: int = 64, temperature: float = 1.0,
+                max_logits: int = HEAD_CHUNK) -> torch.Tensor:
     """KL(pi || pi_ref) of each completion: the exact per-token KL over the vocabulary,
     sum_v pi(v | x, y_<t) (log pi(v | x, y_<t) - log pi_ref(v | x, y_<t)), summed over the
     completion's tokens, between the two distributions as sampled at `temperature` (logits
-    divided by it). Returns (N,). Each forward holds at most model.HEAD_CHUNK logits a model: at
-    a real vocabulary a few sequences at a time, not the several GB of (64, T, V) float32 logits."""
+    divided by it). Returns (N,). Each forward holds at most max_logits logits a model: at a real
+    vocabulary a few sequences at a time, not the several GB of (64, T, V) float32 logits."""
     longest = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
-    batch_size = max(1, min(batch_size, model.HEAD_CHUNK // (longest * policy.config.vocab_size)))
+    batch_size = max(1, min(batch_size, max_logits // (longest * policy.config.vocab_size)))
     kls = []
     for batch in completion_batches(policy, prompt_ids, completion_ids, pad_id, batch_size):
         logits = policy(batch["input_ids"], batch["attention_mask"])[:, :-1].float()  # (B, T-1, V)

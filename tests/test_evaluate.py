@@ -28,10 +28,9 @@ def test_shared_kl_is_zero_for_the_reference_and_matches_a_float64_loop(model, p
             assert got[i].item() == pytest.approx(expected, rel=1e-4)
 
 
-def test_the_kl_holds_at_most_head_chunk_logits_a_forward_and_equals_one_batch(model, pair_batch, monkeypatch):
-    """With HEAD_CHUNK room for two sequences' logits, the five sequences go two at a time (3
-    forwards of each model, none wider), and each KL equals the one from a single batch."""
-    import evaluate
+def test_the_kl_holds_at_most_max_logits_a_forward_and_equals_one_batch(model, pair_batch, monkeypatch):
+    """With room for two sequences' logits, the five sequences go two at a time (3 forwards of
+    each model, none wider), and each KL equals the one from a single batch."""
     _, tok = pair_batch
     prompts = [[2] + tok.encode(p) for p in ("the movie", "i loved the", "i", "the plot", "i saw")]
     completions = [tok.encode(c) + [3] for c in ("was great .", "plot .", "saw the cast .", "was dull .", "it .")]
@@ -39,9 +38,9 @@ def test_the_kl_holds_at_most_head_chunk_logits_a_forward_and_equals_one_batch(m
     other = GPT(model.config).eval()
     whole = sequence_kl(model, other, prompts, completions, tok.pad_id)
     longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    monkeypatch.setattr(evaluate.model, "HEAD_CHUNK", 2 * longest * model.config.vocab_size + 1)
     rows = []
     monkeypatch.setattr(model, "forward", lambda ids, mask, f=model.forward: rows.append(len(ids)) or f(ids, mask))
-    chunked = sequence_kl(model, other, prompts, completions, tok.pad_id)
+    chunked = sequence_kl(model, other, prompts, completions, tok.pad_id,
+                          max_logits=2 * longest * model.config.vocab_size + 1)
     assert rows == [2, 2, 1]
     assert torch.allclose(chunked, whole, rtol=1e-5, atol=1e-7) and (whole > 0).all()
