@@ -246,8 +246,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, where: 
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
         return
-    names = {p: name for name, p in model.named_parameters()}
-    groups = [[names[p] for p in group["params"]] for group in optimizer.param_groups]
+    groups = _group_names(model, optimizer)
     if [g["params"] for g in state["param_groups"]] != groups:
         raise DataError(f"{where}: the optimizer state does not fit the model's parameters")
     index = {name: i for i, name in enumerate(name for g in groups for name in g)}
@@ -262,10 +261,15 @@ def keyed_by_name(state: dict, model: torch.nn.Module, optimizer) -> dict:
     the names of the parameters in the optimizer's order."""
     if not state["param_groups"] or not all(isinstance(i, int) for g in state["param_groups"] for i in g["params"]):
         return state
-    names = {p: name for name, p in model.named_parameters()}
-    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    order = [name for group in _group_names(model, optimizer) for name in group]
     return {"state": {order[i]: s for i, s in state["state"].items()},
             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def _group_names(model: torch.nn.Module, optimizer) -> list[list[str]]:
+    """The names of each optimizer group's parameters, in the optimizer's order."""
+    names = {p: name for name, p in model.named_parameters()}
+    return [[names[p] for p in group["params"]] for group in optimizer.param_groups]
 
 
 def _gather_rng(dist: Dist) -> list[dict[str, torch.Tensor]]:

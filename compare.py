@@ -4,12 +4,13 @@ controlled-sentiment experiment (Rafailov et al. 2023, section 6, figure 2 left)
 samples per training prompt labelled by the gold reward, then DPO over a sweep of beta, a reward
 model, then three RL estimators, PPO (with a critic), RLOO and GRPO (critic-free), each on the
 reward model (and with --gold_twins or --full on the gold reward itself too: -GT, the DPO
-paper's upper reference), and two cheap baselines, best-of-N from SFT ranked by the reward model and preferred-FT (SFT on the chosen
-responses). Every method is evaluated on the same held-out prompts by evaluate.PolicyEvaluator
-along its run, so each run draws a path in the reward-KL plane; the methods are compared at
-matched KL (1, 2, 4, 8 nats, read off the paths) over training seeds, and against the ceiling:
-the optimal KL-regularised policy, estimated by importance weights. It holds no training math:
-each stage is a train_X.py script's main, run in this process.
+paper's upper reference), and two cheap baselines, best-of-N from SFT ranked by the reward
+model and preferred-FT (SFT on the chosen responses). Every method is evaluated on the same
+held-out prompts by evaluate.PolicyEvaluator along its run, so each run draws a path in the
+reward-KL plane; the methods are compared at matched KL (1, 2, 4, 8 nats, read off the paths)
+over training seeds, and against the ceiling: the optimal KL-regularised policy, estimated by
+importance weights. It holds no training math: each stage is a train_X.py script's main, run in
+this process.
 
     python compare.py                     # the reduced study, one seed (about 10 minutes on 2 CPU cores)
     python compare.py --full              # the full sweep with the gold-reward twins, 3 seeds
