@@ -37,14 +37,23 @@ except ImportError:  # Windows has no flock: there a second run on one folder is
     fcntl = None
 
 
-def load_checkpoint(path: str) -> dict:
+def model_file(path: str) -> str:
+    """Where a model flag's path is read from: a run folder given where a model is expected
+    (`--sft_ckpt out/sft`) means its ckpt.pt, since a Hugging Face folder never holds one; any
+    other path as given."""
+    ckpt = os.path.join(path, "ckpt.pt")
+    return ckpt if os.path.isdir(path) and os.path.isfile(ckpt) else path
+
+
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
     """A ckpt.pt as a dict of tensors and plain values. A checkpoint is data, never code:
     weights_only=True refuses anything else (unpickling another object could run code). A file
-    that is not a checkpoint this project wrote is one DataError line."""
+    that is not a checkpoint this project wrote is one DataError line. mmap=True reads a tensor's
+    bytes only when they are used (to look at a checkpoint's record without loading its weights)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch fails on an empty, cut or foreign file in many ways (EOFError, RuntimeError, ...)
         refused = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
         if refused:  # weights_only names the class it refused
@@ -68,16 +77,32 @@ class NonFiniteLoss(RunStopped):
     """A NaN or infinite loss, gradient norm or weight."""
 
 
-def load_gpt(path: str, dtype: torch.dtype | None = torch.float32,
-             lora_base: str = "") -> tuple[GPT, Tokenizer, dict]:
-    """The model, its tokenizer and the whole checkpoint (empty for a folder), from a ckpt.pt of
-    any stage or a Hugging Face model folder. Weights come in float32 by default, the master
-    weights training needs (autocast does the bfloat16 compute); dtype=None keeps the stored one.
-    A LoRA run's checkpoint holds adapters only: they are put on its base model and merged; the
-    base is the one it records, or `lora_base` where that base has moved."""
+def is_toy_model(path: str) -> bool:
+    """Whether the model at `path` is the toy task's, by what it is, never by the path's shape:
+    every stage's checkpoint records it (`toy_task`, passed down from the model the run started
+    from), and a Hugging Face folder never is. A checkpoint written before that record is the toy
+    model when its tokenizer is one this project trained (a Hugging Face folder's never is)."""
+    path = model_file(path)
     if os.path.isdir(path):
-        model, tok = load_folder(path, dtype)
-        return model, tok, {}
+        return False
+    ckpt = load_checkpoint(path, mmap=True)
+    if "toy_task" in ckpt:
+        return bool(ckpt["toy_task"])
+    tok = ckpt["tokenizer"]
+    return isinstance(tok, bytes) or (tok.get("kind") == "sentencepiece"
+                                      and all(tok.get(k) == v for k, v in Tokenizer.TOY_IDS.items() if k != "unk_id"))
+
+
+def load_gpt(path: str, dtype: torch.dtype | None = torch.float32,
+             lora_base: str = "") -> tuple[GPT, Tokenizer]:
+    """The model and its tokenizer, from a ckpt.pt of any stage (or its run folder) or a Hugging
+    Face model folder. Weights come in float32 by default, the master weights training needs
+    (autocast does the bfloat16 compute); dtype=None keeps the stored one. A LoRA run's checkpoint
+    holds adapters only: they are put on its base model and merged; the base is the one it
+    records, or `lora_base` where that base has moved."""
+    path = model_file(path)
+    if os.path.isdir(path):
+        return load_folder(path, dtype)
     ckpt = load_checkpoint(path)
     if "head.proj.weight" in ckpt["model"]:
         raise DataError(f"{path}: a reward model's checkpoint, not a language model's")
@@ -87,7 +112,7 @@ def load_gpt(path: str, dtype: torch.dtype | None = torch.float32,
         merge_lora(model)
     else:
         model = _checkpointed(GPT, path, _model_config(path, ckpt), ckpt["model"])
-    return model.to(dtype), Tokenizer.from_state(ckpt["tokenizer"], path), ckpt
+    return model.to(dtype), Tokenizer.from_state(ckpt["tokenizer"], path)
 
 
 def _model_config(path: str, ckpt: dict) -> GPTConfig:
@@ -124,6 +149,7 @@ def _checkpointed(cls, path: str, config: GPTConfig, state: dict) -> torch.nn.Mo
 def load_reward_model(path: str, lora_base: str = "") -> tuple[RewardModel, Tokenizer]:
     """A reward model and its tokenizer from train_rm.py's ckpt.pt (LoRA adapters merged on the
     base it records, or on `lora_base` where that base has moved)."""
+    path = model_file(path)
     ckpt = load_checkpoint(path)
     if "lora" in ckpt:
         model = RewardModel.from_gpt(_lora_base(path, ckpt, lora_base))
@@ -137,21 +163,27 @@ def load_reward_model(path: str, lora_base: str = "") -> tuple[RewardModel, Toke
 
 
 def _lora_base(path: str, ckpt: dict, moved_to: str = "") -> GPT:
-    """The base model of a LoRA checkpoint, refused unless its files are the ones the adapters
-    were trained on: adapters merged onto other weights give a model no one trained."""
+    """The base model of a LoRA checkpoint: `moved_to` (--lora_base) where it holds the files the
+    adapters were trained on, else the base it records, refused unless its files are those: adapters
+    merged onto other weights give a model no one trained. A base that is itself a LoRA checkpoint
+    is looked for with `moved_to` too, so one --lora_base serves a chain (a LoRA reward model
+    trained on a LoRA SFT model, both on the folder that moved)."""
     recorded = ckpt["lora"]["base"]
-    base = moved_to or recorded
-    if not os.path.exists(base):
-        raise DataError(f"{path}: holds LoRA adapters of the base model {base}, which does not exist "
+    found = [b for b in dict.fromkeys((moved_to, recorded)) if b and os.path.exists(b)]
+    if not found:
+        raise DataError(f"{path}: holds LoRA adapters of the base model {moved_to or recorded}, which does not exist "
                         "(give its new place with --lora_base)")
     expected = ckpt["lora"].get("fingerprint")
     if expected is None:
+        base = found[0]
         print(f"warning: {path} records no fingerprint of its LoRA base; assuming {base} holds the weights "
               "its adapters were trained on", file=sys.stderr)
-    elif fingerprint(base) != expected:
-        raise DataError(f"{path}: its LoRA adapters were trained on the base model at {recorded}, and {base} "
-                        "holds other weights (give the original's place with --lora_base)")
-    return load_gpt(base)[0]
+    else:
+        base = next((b for b in found if fingerprint(b) == expected), None)
+        if base is None:
+            raise DataError(f"{path}: its LoRA adapters were trained on the base model at {recorded}, and {found[0]} "
+                            "holds other weights (give the original's place with --lora_base)")
+    return load_gpt(base, lora_base=moved_to)[0]
 
 
 def fingerprint(path: str) -> str:

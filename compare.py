@@ -243,7 +243,7 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
 
     # 5. the shared evaluation of the runs without one of their own, and the ceiling: deep on a
     # subset of the prompts, and shallow on all of them to measure the subset's offset
-    reference, tok, _ = load_gpt(sft_ckpt)
+    reference, tok = load_gpt(sft_ckpt)
     reference.to(device).eval()
     with autocast(device, cfg.dtype):
         evaluator = PolicyEvaluator(reference, tok, prompts, 40, 1.0, seed=1337 + seed)
@@ -523,7 +523,7 @@ def ceiling_only(cfg: Config, study: Study, prompts: list[str], device) -> int:
     """The ceiling's rows for every seed from its SFT model alone, as kl_matched reads them."""
     rows = []
     for seed in range(cfg.seeds):
-        reference, tok, _ = load_gpt(sft_stage(cfg, study, seed))
+        reference, tok = load_gpt(sft_stage(cfg, study, seed))
         with autocast(device, cfg.dtype):
             rows += [dict(r, seed=seed) for r in ceiling_rows(cfg, reference.to(device).eval(), tok, prompts, seed)]
     lines = [f"# The ceiling ({cfg.seeds} seed(s), {time.time() - study.t0:.0f} s)", "",

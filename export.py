@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         return 2
     try:
         make_out_dir(cfg.out_dir)
-        model, tok, _ = load_gpt(cfg.ckpt, dtype=getattr(torch, cfg.dtype), lora_base=cfg.lora_base)
+        model, tok = load_gpt(cfg.ckpt, dtype=getattr(torch, cfg.dtype), lora_base=cfg.lora_base)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from checkpoint import load_gpt
+from checkpoint import is_toy_model, load_gpt
 from data import load_prompts
 from distributed import pick_device
 from evaluate import sample_completions
@@ -134,17 +134,17 @@ def write_pairs(cfg: Config, model, tok, split: str, prompts: list[str], rng: ra
 
 def main(argv=None) -> int:
     cfg = parse_config(Config, argv, __doc__)
-    toy = not os.path.isdir(cfg.ckpt)  # the toy task's gold reward scores only the toy model's text
     device = pick_device(cfg.device)
     try:  # bad input, found at any point (a chat template that fails on the prompt), is one line
         if not cfg.pairs and not cfg.prompt:
             raise DataError("give --prompt, or --pairs to write preference pairs")
+        toy = is_toy_model(cfg.ckpt)  # the toy task's gold reward scores only the toy model's text
         if cfg.pairs and not toy:
             raise DataError(f"--pairs labels samples of the toy prompts with the toy task's gold reward; "
-                            f"{cfg.ckpt} is a Hugging Face model (give your own pairs to train_dpo.py)")
+                            f"{cfg.ckpt} is not the toy task's model (give your own pairs to train_dpo.py)")
         if cfg.pairs:
             make_out_dir(cfg.out_dir)
-        model, tok, _ = load_gpt(cfg.ckpt, dtype=None, lora_base=cfg.lora_base)
+        model, tok = load_gpt(cfg.ckpt, dtype=None, lora_base=cfg.lora_base)
         if cfg.pairs:
             train = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"))[:cfg.n_train_prompts]
             val = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"))[:cfg.n_val_prompts]

@@ -24,7 +24,7 @@ from typing import Literal, Optional
 
 import torch
 
-from checkpoint import Run, fingerprint, load_gpt
+from checkpoint import Run, fingerprint, is_toy_model, load_gpt
 from data import TOY_PROMPTS, PairsConfig, load_pairs, load_prompts, real_tokens, take
 from distributed import Dist, all_reduce_sum, place_frozen, seed_everything, wrap_model
 from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums
@@ -210,8 +210,9 @@ def train(cfg: Config, dist: Dist) -> dict:
     check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
-    policy, tok, _ = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
-    default_max_length(cfg, policy.config.block_size, toy=not os.path.isdir(cfg.sft_ckpt))
+    policy, tok = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
+    toy = is_toy_model(cfg.sft_ckpt)  # what the model is, recorded in its checkpoint
+    default_max_length(cfg, policy.config.block_size, toy)
     check_lengths(policy.config.block_size, ("--max_length", cfg.max_length))
     train_data, _, val_data, tok = load_pairs(cfg, tok, cfg.chat_template, dist.master)
     check_batches(len(train_data["chosen_input_ids"]), "training pairs", cfg, dist)
@@ -250,7 +251,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         if metrics:
             run.log(step, metrics)
         if evaluating:
-            run.save(step, policy, optimizer, tok, {"tokens": tokens, **lora_record(cfg, cfg.sft_ckpt)})
+            run.save(step, policy, optimizer, tok, {"tokens": tokens, "toy_task": toy, **lora_record(cfg, cfg.sft_ckpt)})
         if step == cfg.max_iters:
             break
         # 3b. this step's learning rate and global batch of pairs; this rank's micro-batches

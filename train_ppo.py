@@ -20,7 +20,6 @@ share every step but 5 and the loss, so they live here rather than in a script o
 The math of each step is ppo.py's; this file holds their order, the rollout and the update loop.
 """
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from checkpoint import Run, load_gpt, load_reward_model, load_trainable, trainable_state
+from checkpoint import Run, is_toy_model, load_gpt, load_reward_model, load_trainable, trainable_state
 from data import TOY_PROMPTS, load_prompts
 from distributed import Dist, all_reduce_sum, place_frozen, seed_everything, wrap_model
 from evaluate import PolicyEvaluator, sample_completions
@@ -299,13 +298,13 @@ def frozen_models_and_critic(cfg: Config, policy, tok, dist: Dist):
         reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg), cfg.lora_base)[0], dist, cfg.dtype)
     reward_model = None
     if cfg.reward == "model":
-        reward_model, reward_tok = load_reward_model(cfg.reward_ckpt)
+        reward_model, reward_tok = load_reward_model(cfg.reward_ckpt, cfg.lora_base)
         check_same_text(reward_tok, tok, cfg)
         reward_model = place_frozen(reward_model.to(frozen_dtype(cfg)), dist, cfg.dtype)
     if cfg.advantage != "gae":
         return reference, reward_model, None
     if cfg.critic_init == "reward" or (cfg.critic_init == "auto" and cfg.reward == "model"):
-        critic = load_reward_model(cfg.reward_ckpt)[0]
+        critic = load_reward_model(cfg.reward_ckpt, cfg.lora_base)[0]
     else:
         critic = RewardModel.from_gpt(load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)[0])
     prepare_trainable(critic.backbone, cfg)
@@ -351,11 +350,11 @@ def check_settings(cfg: Config, dist: Dist) -> None:
     if not (math.isfinite(cfg.kl_coef) and cfg.kl_coef >= 0) or cfg.max_new_tokens < 1 or cfg.ppo_epochs < 1:
         raise DataError("--kl_coef must be a finite number, 0 or more; --max_new_tokens and --ppo_epochs at least 1")
     require_inputs(cfg, "sft_ckpt")
-    user_model, user_prompts = os.path.isdir(cfg.sft_ckpt), bool(cfg.prompts)
-    cfg.prompts = toy_default(cfg.prompts, TOY_PROMPTS[0], "prompts", cfg.sft_ckpt)
+    toy, user_prompts = is_toy_model(cfg.sft_ckpt), bool(cfg.prompts)
+    cfg.prompts = toy_default(cfg.prompts, TOY_PROMPTS[0], "prompts", cfg.sft_ckpt, toy)
     if cfg.reward == "model":
-        cfg.reward_ckpt = toy_default(cfg.reward_ckpt, "out/rm/ckpt.pt", "reward_ckpt", cfg.sft_ckpt)
-    resolve_gold_eval(cfg, not user_model and (not user_prompts or bool(cfg.eval_prompts)), dist)
+        cfg.reward_ckpt = toy_default(cfg.reward_ckpt, "out/rm/ckpt.pt", "reward_ckpt", cfg.sft_ckpt, toy)
+    resolve_gold_eval(cfg, toy and (not user_prompts or bool(cfg.eval_prompts)), dist)
     if cfg.gold_eval:
         cfg.eval_prompts = cfg.eval_prompts or TOY_PROMPTS[1]
     require_inputs(cfg, "prompts", "reward_ckpt", "eval_prompts")
@@ -408,7 +407,8 @@ def train(cfg: Config, dist: Dist) -> dict:
     check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
-    policy, tok, _ = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
+    policy, tok = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
+    toy = is_toy_model(cfg.sft_ckpt)  # what the model is, recorded in its checkpoint
     prompts, prompt_ids, eval_prompts, tok = read_prompts(cfg, policy.config.block_size, tok, dist)
 
     # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic (gae)
@@ -454,7 +454,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         if evaluating:
             critic_state = {"critic": trainable_state(critic)} if critic else {}
             run.save(step, policy, optimizer, tok, {**critic_state, "kl_coef": kl_ctl.value, "tokens": tokens,
-                                                    "reward_norm": [reward_mean, reward_std],
+                                                    "reward_norm": [reward_mean, reward_std], "toy_task": toy,
                                                     **lora_record(cfg, cfg.sft_ckpt)}, optimized=trained)
         if step == cfg.max_iters:
             break

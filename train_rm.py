@@ -11,14 +11,13 @@ InstructGPT (Ouyang et al. 2022) trained its reward model for a single epoch, si
 fast; the defaults here make about two passes over the toy pairs.
 """
 import math
-import os
 import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from checkpoint import Run, load_gpt
+from checkpoint import Run, is_toy_model, load_gpt
 from data import PairsConfig, load_pairs, real_tokens, take
 from distributed import Dist, seed_everything, wrap_model
 from files import DataError
@@ -109,8 +108,9 @@ def train(cfg: Config, dist: Dist) -> dict:
     check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
-    sft, tok, _ = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
-    default_max_length(cfg, sft.config.block_size, toy=not os.path.isdir(cfg.sft_ckpt))
+    sft, tok = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
+    toy = is_toy_model(cfg.sft_ckpt)  # what the model is, recorded in its checkpoint
+    default_max_length(cfg, sft.config.block_size, toy)
     check_lengths(sft.config.block_size, ("--max_length", cfg.max_length))
     train_data, val_pairs, val_data, tok = load_pairs(cfg, tok, cfg.chat_template, dist.master)
     check_batches(len(train_data["chosen_input_ids"]), "training pairs", cfg, dist)
@@ -144,7 +144,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         if metrics:
             run.log(step, metrics)
         if evaluating:
-            run.save(step, raw_model, optimizer, tok, {"tokens": tokens, **lora_record(cfg, cfg.sft_ckpt)})
+            run.save(step, raw_model, optimizer, tok, {"tokens": tokens, "toy_task": toy, **lora_record(cfg, cfg.sft_ckpt)})
         if step == cfg.max_iters:
             break
         # 3b. this step's learning rate and global batch of pairs; this rank's micro-batches

@@ -18,7 +18,7 @@ from typing import Literal, Optional
 
 import torch
 
-from checkpoint import Run, load_gpt
+from checkpoint import Run, is_toy_model, load_gpt
 from data import hold_out, load_prompts, load_sft, real_tokens, take, tokenize_sft
 from distributed import Dist, barrier, seed_everything, wrap_model
 from evaluate import sample_completions, sample_metrics
@@ -157,8 +157,9 @@ def check_settings(cfg: Config, dist: Dist) -> None:
     check_training_settings(cfg)
     if cfg.lora_rank and not cfg.init_from:
         raise DataError("--lora_rank adapts a trained model; give it with --init_from")
-    if os.path.isdir(cfg.init_from) and not cfg.train_file:
-        raise DataError(f"--train_file: required with a Hugging Face model (--init_from {cfg.init_from}); "
+    require_inputs(cfg, "init_from")
+    if cfg.init_from and not cfg.train_file and not is_toy_model(cfg.init_from):
+        raise DataError(f"--train_file: required with your own model (--init_from {cfg.init_from}); "
                         "the toy task is for the toy model")
     for flag in ("max_length", "max_prompt_length", "max_new_tokens"):
         if getattr(cfg, flag) is not None and getattr(cfg, flag) < 1:
@@ -173,7 +174,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist)
-    raw_model, tok = load_gpt(cfg.init_from, lora_base=cfg.lora_base)[:2] if cfg.init_from else (None, None)
+    raw_model, tok = load_gpt(cfg.init_from, lora_base=cfg.lora_base) if cfg.init_from else (None, None)
     block_size = raw_model.config.block_size if raw_model else PRESETS[cfg.preset]["block_size"]
     default_max_length(cfg, block_size, toy=not cfg.train_file)
     check_lengths(block_size, ("--max_length", cfg.max_length))
@@ -211,7 +212,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         if metrics:
             run.log(step, metrics)
         if evaluating:
-            run.save(step, raw_model, optimizer, tok, {"tokens": tokens, **lora_record(cfg, cfg.init_from)})
+            run.save(step, raw_model, optimizer, tok, {"tokens": tokens, "toy_task": not cfg.train_file, **lora_record(cfg, cfg.init_from)})
         if step == cfg.max_iters:
             break
         # 2b. this step's learning rate and global batch; this rank's micro-batches

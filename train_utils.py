@@ -23,7 +23,7 @@ from typing import Literal, Optional, Union, get_args, get_origin, get_type_hint
 
 import torch
 
-from checkpoint import OVERWRITTEN, NonFiniteLoss, RunStopped, fingerprint, number, release_run_folder
+from checkpoint import OVERWRITTEN, NonFiniteLoss, RunStopped, fingerprint, is_toy_model, model_file, number, release_run_folder
 from data import TOY_PAIRS
 from distributed import Dist, all_reduce_sum, cleanup_distributed, is_dtensor, setup_distributed
 from files import DataError
@@ -145,7 +145,7 @@ class TrainConfig:
     lora_targets: str = ",".join(TARGETS)
     """comma-separated projections that get adapters (Llama's names)"""
     lora_base: str = ""
-    """where the base model of a LoRA checkpoint given as the input model now is, if it has moved (empty: the path it records)"""
+    """where the base model of a LoRA checkpoint this run reads (the input model, PPO's reward model) now is, if it has moved (empty: the path each records)"""
     frozen_dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the weights that do not train (reference, reward model, LoRA's base); bfloat16 needs --dtype bfloat16"""
     # chat
@@ -272,13 +272,13 @@ def check_batches(n: int, what: str, cfg: TrainConfig, dist: Dist) -> None:
                         f"--grad_accum {cfg.grad_accum}")
 
 
-def toy_default(value: str, toy_path: str, flag: str, model_path: str) -> str:
-    """A data flag's value: as given, or when empty the toy task's file, which a user's own
-    model (a Hugging Face folder) must never read silently."""
+def toy_default(value: str, toy_path: str, flag: str, model_path: str, toy: bool) -> str:
+    """A data flag's value: as given, or when empty the toy task's file, which a model other than
+    the toy task's (`toy`: checkpoint.is_toy_model) must never read silently."""
     if value:
         return value
-    if os.path.isdir(model_path):
-        raise DataError(f"--{flag}: required with a Hugging Face model ({model_path}); "
+    if not toy:
+        raise DataError(f"--{flag}: required with your own model ({model_path}); "
                         f"its default, {toy_path}, is the toy task's")
     return toy_path
 
@@ -295,15 +295,15 @@ def check_pair_settings(cfg, dist: Dist) -> None:
     """The inputs of a DPO or reward-model run: the SFT model, and the pair files, which are the
     toy task's only for the toy model given none; its gold evaluation is on for the toy task."""
     require_inputs(cfg, "sft_ckpt")
-    user_model, user_data = os.path.isdir(cfg.sft_ckpt), bool(cfg.train_file)
-    cfg.train_file = toy_default(cfg.train_file, TOY_PAIRS[0], "train_file", cfg.sft_ckpt)
+    toy, user_data = is_toy_model(cfg.sft_ckpt), bool(cfg.train_file)
+    cfg.train_file = toy_default(cfg.train_file, TOY_PAIRS[0], "train_file", cfg.sft_ckpt, toy)
     if not user_data and not cfg.val_file:
         cfg.val_file = TOY_PAIRS[1]
     require_inputs(cfg, "train_file", "val_file")
     for flag in ("max_length", "max_prompt_length"):
         if getattr(cfg, flag) is not None and getattr(cfg, flag) < 2:
             raise DataError(f"--{flag} {getattr(cfg, flag)}: must be at least 2")
-    resolve_gold_eval(cfg, not user_model and (not user_data or bool(getattr(cfg, "eval_prompts", ""))), dist)
+    resolve_gold_eval(cfg, toy and (not user_data or bool(getattr(cfg, "eval_prompts", ""))), dist)
 
 
 def resolve_gold_eval(cfg, toy: bool, dist: Dist) -> None:
@@ -412,6 +412,7 @@ def lora_record(cfg: TrainConfig, base: str) -> dict:
     when the adapters are loaded onto it) and the adapters' shape."""
     if not cfg.lora_rank:
         return {}
+    base = model_file(base)
     return {"lora": dict(base=os.path.abspath(base), fingerprint=fingerprint(base), rank=cfg.lora_rank,
                          alpha=cfg.lora_alpha, targets=lora_targets(cfg), dropout=cfg.lora_dropout)}
 

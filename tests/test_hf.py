@@ -267,7 +267,7 @@ def test_toy_checkpoint_exports_to_transformers_with_the_same_logits(toy_dir, tm
     r = run_python("export.py", f"--ckpt={sft_dir}/ckpt.pt", f"--out_dir={hf_dir}")
     assert r.returncode == 0, r.stderr
     from checkpoint import load_gpt
-    model, tok, _ = load_gpt(f"{sft_dir}/ckpt.pt")
+    model, tok = load_gpt(f"{sft_dir}/ckpt.pt")
     text = "the plot was great . i loved the cast ."
     ids = torch.tensor([tok.encode_prompt(text)])
     exported = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
@@ -291,7 +291,7 @@ def test_sample_sft_and_dpo_run_from_a_folder(folders, toy_dir, sft_pairs, tmp_p
                    "--max_length=48", "--max_new_tokens=8")
     assert r.returncode == 0, r.stderr
     from checkpoint import load_gpt
-    model, tok, _ = load_gpt(f"{tmp_path}/sft/ckpt.pt")
+    model, tok = load_gpt(f"{tmp_path}/sft/ckpt.pt")
     assert model.config.pos == "rope" and tok.kind == "tokenizers"
     _, pairs = sft_pairs
     r = run_python("train_dpo.py", f"--sft_ckpt={folder}", f"--train_file={pairs}/pairs_train.jsonl",
@@ -386,3 +386,36 @@ def test_every_eos_id_of_generation_config_stops_generation_and_export_writes_th
         json.dump(generation, f)
     with pytest.raises(DataError, match="generation_config.json: field 'eos_token_id': 1000000"):
         load_folder(folder)
+
+
+def test_your_models_checkpoint_is_not_the_toy_model_whatever_its_path(folders, toy_dir, sft_pairs, tmp_path, capsys):
+    """Whether a run is the toy task is decided by what the model is (the record its checkpoint
+    carries), never by the path's shape: an SFT checkpoint of a folder's model, given as a file or
+    as its run folder, gets the model's context as DPO's and the reward model's default
+    max_length (not the toy's 64), never the toy task's pairs, and no toy gold reward in sample.py."""
+    import train_dpo
+    import train_rm
+    import train_sft
+    from checkpoint import is_toy_model
+    folder = str(tmp_path / "qwen2")
+    shutil.copytree(folders["qwen2"][0], folder)
+    _edit_config(folder, max_position_embeddings=256)  # a context the toy's 64 is not
+    sft = tmp_path / "sft"
+    quiet = ["--device=cpu", "--eval_samples=0", "--print_samples=0"]
+    assert train_sft.main([f"--init_from={folder}", f"--train_file={toy_dir}/sft_val.jsonl", f"--out_dir={sft}",
+                           "--max_iters=1", "--max_new_tokens=8", *quiet]) == 0
+    assert not is_toy_model(str(sft)) and not is_toy_model(f"{sft}/ckpt.pt") and is_toy_model(sft_pairs[0])
+    _, pairs = sft_pairs
+    data = [f"--train_file={pairs}/pairs_train.jsonl", f"--val_file={pairs}/pairs_val.jsonl", "--batch_size=8",
+            "--max_iters=1", "--device=cpu"]
+    for script, sft_flag in ((train_dpo, f"{sft}/ckpt.pt"), (train_rm, str(sft))):
+        out = tmp_path / script.__name__
+        assert script.main([f"--sft_ckpt={sft_flag}", f"--out_dir={out}", *data]) == 0, capsys.readouterr().err
+        assert json.load(open(out / "config.json"))["max_length"] == 256
+        assert "gold evaluation is off" in capsys.readouterr().out
+    assert train_dpo.main([f"--sft_ckpt={sft}/ckpt.pt", f"--out_dir={tmp_path}/none", "--device=cpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: --train_file: required with your own model")
+    assert not (tmp_path / "none").exists()
+    for ckpt, toy in ((str(sft), False), (sft_pairs[0], True)):
+        assert sample.main([f"--ckpt={ckpt}", "--prompt=the plot", "--n=1", "--max_new_tokens=3", "--device=cpu"]) == 0
+        assert ("gold reward" in capsys.readouterr().out) == toy

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import export
-from checkpoint import load_gpt, trainable_state
+from checkpoint import load_gpt, load_reward_model, trainable_state
 from files import DataError
 from hf import load_folder, save_folder
 from lora import TARGETS, AdaptersOff, LoRALinear, adapters_off, attach_lora, merge_lora
 from model import GPT, GPTConfig
+from reward_model import RewardModel
 from tokenizer import Tokenizer
 from train_utils import TrainConfig, lora_record, lora_targets
 
@@ -200,6 +201,28 @@ def test_adapters_are_refused_on_changed_base_weights_and_load_on_a_moved_base(l
                                   "holds other weights (give the original's place with --lora_base)")
     with pytest.raises(DataError, match=f"and {base} holds other weights"):
         load_gpt(ckpt, lora_base=base)
+
+
+def test_one_lora_base_serves_a_lora_reward_model_on_a_lora_policy(lora_on_a_folder, tmp_path):
+    """PPO's --lora_base reaches its --reward_ckpt too: a LoRA reward model trained on a LoRA SFT
+    checkpoint (whose base folder moved) loads through the checkpoint it records, which finds the
+    moved folder, and scores as before the move."""
+    policy_ckpt, base, tok, _ = lora_on_a_folder
+    cfg = TrainConfig(lora_rank=4, lora_alpha=8)
+    rm = RewardModel.from_gpt(load_gpt(policy_ckpt)[0])
+    attach_lora(rm.backbone, cfg.lora_rank, cfg.lora_alpha, lora_targets(cfg))
+    randomize_adapters(rm)
+    rm_ckpt = str(tmp_path / "rm.pt")
+    torch.save({"model": trainable_state(rm), "tokenizer": tok.state(), **lora_record(cfg, policy_ckpt)}, rm_ckpt)
+    ids = torch.arange(4, 14)[None]
+    with torch.no_grad():
+        expected = merge_lora(rm).eval()(ids, torch.ones_like(ids))
+    moved = str(tmp_path / "moved")
+    shutil.move(base, moved)
+    with pytest.raises(DataError, match="which does not exist"):
+        load_reward_model(rm_ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(load_reward_model(rm_ckpt, lora_base=moved)[0].eval()(ids, torch.ones_like(ids)), expected, rtol=0, atol=0)
 
 
 def test_a_lora_checkpoint_without_a_base_fingerprint_loads_with_a_warning(lora_on_a_folder, capsys):

@@ -138,18 +138,22 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_anything_is_loaded(
     (tmp_path / "a_file").write_text("")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     out = str(tmp_path / "a_file" / "run")
-    assert train_sft.main(tiny_args(toy_dir, out, init_from=str(tmp_path / "bad.pt"))) == 2
+    assert train_sft.main(tiny_args(toy_dir, out, init_from=str(tmp_path / "bad.pt"),
+                                    train_file=f"{toy_dir}/sft_val.jsonl")) == 2
     assert capsys.readouterr().err == f"error: --out_dir {out}: cannot write there (Not a directory)\n"
 
 
 @pytest.mark.parametrize("script", ["export", "sample"])
-def test_export_and_sample_refuse_an_out_dir_that_cannot_be_written_before_loading(script, tmp_path, capsys):
+def test_export_and_sample_refuse_an_out_dir_that_cannot_be_written_before_loading(script, sft_pairs, tmp_path, capsys):
+    """export's checkpoint is never read; sample --pairs reads the toy model's record first (the
+    toy task's gold reward labels only its samples), then refuses before loading the weights."""
     import export
     import sample
     (tmp_path / "a_file").write_text("")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     out = str(tmp_path / "a_file" / "out")
-    argv = [f"--ckpt={tmp_path / 'bad.pt'}", f"--out_dir={out}"] + (["--pairs", "--device=cpu"] if script == "sample" else [])
+    ckpt = sft_pairs[0] if script == "sample" else tmp_path / "bad.pt"
+    argv = [f"--ckpt={ckpt}", f"--out_dir={out}"] + (["--pairs", "--device=cpu"] if script == "sample" else [])
     assert {"export": export, "sample": sample}[script].main(argv) == 2
     assert capsys.readouterr().err == f"error: --out_dir {out}: cannot write there (Not a directory)\n"
 

@@ -57,7 +57,7 @@ def test_pairs_file_holds_only_completions_that_ended(sft_pairs, toy_dir, tmp_pa
                         "--n_train_prompts=64", "--n_val_prompts=8", "--max_new_tokens=8", "--device=cpu"]) == 0
     with open(os.path.join(tmp_path, "pairs_train.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    model, tok, _ = load_gpt(ckpt)
+    model, tok = load_gpt(ckpt)
     prompts = load_prompts(os.path.join(toy_dir, "prompts_train.jsonl"))[:64]
     _, texts, ended = sample.sample_completions(model.eval(), tok, [p for p in prompts for _ in range(4)], 8, 1.0, 0,
                                                 batch_size=256)

@@ -74,7 +74,7 @@ def test_a_hugging_face_model_never_reads_the_toy_tasks_files(name, flag, tmp_pa
     assert MAINS[name]([f"{flag}={folder}", f"--out_dir={out}", "--device=cpu"]) == 2
     needed = {"sft": "--train_file", "dpo": "--train_file", "rm": "--train_file", "ppo": "--prompts"}[name]
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {needed}: required with a Hugging Face model") and not out.exists()
+    assert err.startswith(f"error: {needed}: required with your own model") and not out.exists()
 
 
 def test_your_pairs_without_a_val_file_hold_out_their_last_records_and_skip_the_toy_evaluation(sft_pairs, toy_dir,

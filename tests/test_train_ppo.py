@@ -236,7 +236,7 @@ def test_a_prompts_responses_are_one_group_in_consecutive_rows(sft_pairs, toy_di
     from data import load_prompts
     from checkpoint import load_gpt
     from distributed import Dist
-    policy, tok, _ = load_gpt(sft_pairs[0])
+    policy, tok = load_gpt(sft_pairs[0])
     cfg = train_ppo.Config(reward="gold", batch_size=16, gen_chunk=8, samples_per_prompt=4)
     prompts = load_prompts(f"{toy_dir}/prompts_train.jsonl")
     data, P = train_ppo.collect_rollouts(policy, None, tok, prompts, [tok.encode_prompt(p) for p in prompts], 0, cfg,
@@ -267,7 +267,7 @@ def test_reward_statistics_are_the_mean_and_std_of_the_sft_samples_in_float64(sf
     from data import load_prompts
     from checkpoint import load_gpt
     from distributed import Dist
-    policy, tok, _ = load_gpt(sft_pairs[0])
+    policy, tok = load_gpt(sft_pairs[0])
     cfg = train_ppo.Config(reward="gold", batch_size=16, gen_chunk=8, reward_norm_batches=3)
     prompts, dist, ctx = load_prompts(f"{toy_dir}/prompts_train.jsonl"), Dist(False, 0, 0, 1, torch.device("cpu")), \
         torch.autocast("cpu", enabled=False)

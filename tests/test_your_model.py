@@ -96,7 +96,7 @@ def test_sft_dpo_rm_and_ppo_on_your_model_stop_at_its_end_of_turn_token(user, tm
                            "--device=cpu", "--batch_size=16", "--max_iters=60", "--lr=3e-3", "--warmup_iters=5",
                            "--eval_interval=60", "--eval_samples=8", "--max_new_tokens=16", "--print_samples=0"]) == 0
     sft = f"{out}/sft/ckpt.pt"
-    model, tok, _ = load_gpt(sft)
+    model, tok = load_gpt(sft)
     end_of_turn = tok.hf.token_to_id("<|im_end|>")
     assert tok.eos_id != end_of_turn and tok.stop_ids == sorted([tok.eos_id, end_of_turn])
     prompts = [[{"role": "user", "content": question(i)}] for i in range(300, 332)]
@@ -119,6 +119,6 @@ def test_sft_dpo_rm_and_ppo_on_your_model_stop_at_its_end_of_turn_token(user, tm
     assert "gold evaluation is off" in r.stdout
     last = read_metrics(f"{out}/ppo")[-1]
     assert last["completions/ended_ratio"] >= 0.5 and last["completions/mean_length"] < 16
-    policy, tok, _ = load_gpt(f"{out}/ppo/ckpt.pt")
+    policy, tok = load_gpt(f"{out}/ppo/ckpt.pt")
     ids, _, ended = sample_completions(policy.eval(), tok, prompts, max_new_tokens=16, seed=1)
     assert any(ended) and all(row[-1] == end_of_turn for row, e in zip(ids, ended) if e)
