@@ -203,22 +203,71 @@ def _keep_end(content: str, fits) -> str | None:
     return content[hi:]
 
 
-def encode_conversation(tok, messages: list[dict], max_length: int,
+def _once_per_value(encode):
+    """`encode` of a message list, computed once per distinct list: fit_prompt asks of the prompt
+    it returns, which its caller then encodes again."""
+    done = {}
+
+    def encode_once(messages):
+        key = json.dumps(messages, sort_keys=True)
+        if key not in done:
+            done[key] = encode(messages)
+        return done[key]
+    return encode_once
+
+
+def fit_prompt(messages: list[dict], fits, limit: int) -> tuple[list[dict], bool]:
+    """A prompt conversation (its messages up to the reply, the last a user turn) cut until
+    fits(messages) holds, and whether it was cut: the one truncation rule of every prompt under a
+    chat template (a pair's, an SFT conversation's before its first labelled reply, PPO's). The
+    oldest turns go first, a leading system message kept, while a later user turn remains; then the
+    last user turn's text is cut on the left, its end (nearest the reply) kept. Only a prompt too
+    long even with that turn emptied is refused (ChatError, naming `limit`, the tokens fits allows).
+
+    This is the project's own rule, close to older TRL's DPO (a max_prompt_length, the prompt kept
+    from its end); TRL 1.16 has no prompt limit: it cuts the whole sequence keeping its start, and
+    drops records whose prompt fills max_length."""
+    if fits(messages):
+        return messages, False
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(head):]
+    while not fits(head + turns) and (later := [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]):
+        turns = turns[later[0]:]
+    if fits(head + turns):
+        return head + turns, True
+    if not turns or turns[-1]["role"] != "user":
+        raise ChatError(f"the prompt is longer than {limit} tokens and ends in no user turn that could be cut")
+    with_user = lambda content: [*head, *turns[:-1], {**turns[-1], "content": content}]  # noqa: E731
+    content = _keep_end(turns[-1]["content"], lambda c: fits(with_user(c)))
+    if content is None:
+        raise ChatError(f"the prompt is longer than {limit} tokens (max_prompt_length, and max_length less one "
+                        "response token) even with its last user turn emptied")
+    return with_user(content), True
+
+
+def prompt_limit(max_length: int, max_prompt_length: int | None) -> int:
+    """The most tokens a prompt may keep: max_prompt_length, and room for one response token."""
+    return min(max_prompt_length or max_length, max_length - 1)
+
+
+def encode_conversation(tok, messages: list[dict], max_length: int, max_prompt_length: int | None = None,
                         prompt_turns: int = 0) -> tuple[list[int], list[bool], bool]:
     """Token ids of a whole conversation, per token whether it carries loss (the tokens that start
     inside an assistant turn, every turn of a multi-turn conversation after the first prompt_turns
     messages, up to and including the turn's stop token: the template's text after it, such as a
     newline, is never generated), and whether truncation cut anything.
 
-    Truncation keeps whole turns: a conversation longer than max_length ends with the last
-    assistant turn that fits whole; if even the first does not, it is cut inside that turn. One
-    whose first assistant turn starts past max_length first has the user turn before that reply
-    cut on the left (its end, nearest the reply, kept; a system message kept), as TRL cuts a long
-    prompt; one that even an empty user turn cannot help is refused."""
-    def encode(messages):
-        text, spans = assistant_spans(tok, messages)
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        spans = [span for span, i in zip(spans, turns) if i >= prompt_turns]
+    Truncation: the messages before the first labelled reply are a prompt, cut by fit_prompt to
+    prompt_limit tokens; then a conversation longer than max_length ends with the last labelled
+    turn that fits whole, or, if even the first does not, inside it."""
+    reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= prompt_turns)
+
+    @_once_per_value
+    def encode(prompt):  # the conversation with `prompt` before its first labelled reply
+        conversation = prompt + messages[reply:]
+        text, spans = assistant_spans(tok, conversation)
+        turns = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
+        spans = [span for span, i in zip(spans, turns) if i >= len(prompt)]
         ids, starts = tok.encode_with_offsets(text)
         labelled = [False] * len(ids)
         for a, b in spans:  # a turn's tokens up to and including its first stop token (what generation emits)
@@ -228,21 +277,16 @@ def encode_conversation(tok, messages: list[dict], max_length: int,
                     break
         return ids, starts, spans, labelled
 
-    ids, starts, spans, labelled = encode(messages)
-    cut = len(ids) > max_length
-    if cut and not any(labelled[:max_length]):
-        reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= prompt_turns)
-        if reply == 0 or messages[reply - 1]["role"] != "user":
-            raise ChatError(f"the first assistant turn starts after {max_length} tokens (max_length) "
-                            "and no user turn before it can be cut")
-        with_user = lambda content: [*messages[:reply - 1], {**messages[reply - 1], "content": content}, *messages[reply:]]
-        content = _keep_end(messages[reply - 1]["content"], lambda c: any(encode(with_user(c))[3][:max_length]))
-        if content is None:
-            raise ChatError(f"the first assistant turn starts after {max_length} tokens (max_length) "
-                            "even with the user turn before it emptied")
-        ids, starts, spans, labelled = encode(with_user(content))
+    def n_prompt(prompt):  # tokens before the first labelled one
+        labelled = encode(prompt)[3]
+        return next((j for j, on in enumerate(labelled) if on), len(labelled))
+
+    limit = prompt_limit(max_length, max_prompt_length)
+    prompt, cut = fit_prompt(messages[:reply], lambda p: n_prompt(p) <= limit, limit) if reply else ([], False)
+    ids, starts, spans, labelled = encode(prompt)
     if len(ids) > max_length:
-        turn_ends = [sum(s < end for s in starts) for _, end in spans]  # token index after each assistant turn
+        cut = True
+        turn_ends = [sum(s < end for s in starts) for _, end in spans]  # token index after each labelled turn
         end = max([end for end in turn_ends if end <= max_length], default=max_length)
         ids, labelled = ids[:end], labelled[:end]
     return ids, labelled, cut
@@ -255,13 +299,8 @@ def encode_prompt_response(tok, prompt_messages: list[dict], response: str, max_
     at once, so prompt + response is exactly the template applied to it; the response runs up to
     and including its first stop token (eos, or the template's end-of-turn token such as ChatML's
     <|im_end|>), where generation stops (a template's text after it, such as a newline, is left out).
-
-    Truncation, as TRL's: a prompt longer than max_prompt_length (or leaving no room within
-    max_length) loses its oldest turns, a leading system message kept, while a user turn remains;
-    then the last user turn's text is cut on the left, its end (nearest the response) kept. Only a
-    prompt too long even with that turn emptied is refused. The response is then cut on the right."""
-    limit = min(max_prompt_length or max_length, max_length - 1)
-
+    The prompt is cut by fit_prompt to prompt_limit tokens, then the response on the right."""
+    @_once_per_value
     def encode(messages):
         prompt_text = tok.render(messages, add_generation_prompt=True)
         text = tok.render(messages + [{"role": "assistant", "content": response}])
@@ -270,20 +309,9 @@ def encode_prompt_response(tok, prompt_messages: list[dict], response: str, max_
         ids, starts = tok.encode_with_offsets(text)
         return ids, sum(s < len(prompt_text) for s in starts)
 
-    head = prompt_messages[:1] if prompt_messages[0]["role"] == "system" else []
-    turns = prompt_messages[len(head):]
-    ids, n_prompt = encode(head + turns)
-    cut = n_prompt > limit
-    while n_prompt > limit and (later := [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]):
-        turns = turns[later[0]:]
-        ids, n_prompt = encode(head + turns)
-    if n_prompt > limit:  # the last user turn alone is too long
-        with_user = lambda content: head + [{**turns[-1], "content": content}]
-        content = _keep_end(turns[-1]["content"], lambda c: encode(with_user(c))[1] <= limit)
-        if content is None:
-            raise ChatError(f"the prompt is longer than {limit} tokens (max_prompt_length, and max_length less one "
-                            "response token) even with its last user turn emptied")
-        ids, n_prompt = encode(with_user(content))
+    limit = prompt_limit(max_length, max_prompt_length)
+    prompt, cut = fit_prompt(prompt_messages, lambda p: encode(p)[1] <= limit, limit)
+    ids, n_prompt = encode(prompt)
     stops = [j for j in range(n_prompt, len(ids)) if ids[j] in tok.stop_ids]
     if stops:
         ids = ids[:stops[0] + 1]

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 
 import torch
 
-from chat import ROLES, ChatError, encode_conversation, encode_prompt_response
+from chat import ROLES, ChatError, encode_conversation, encode_prompt_response, fit_prompt, prompt_limit
 from files import DataError
 from model import IGNORE_INDEX
 from tokenizer import Tokenizer
@@ -28,12 +28,13 @@ from tokenizer import Tokenizer
 
 @dataclass
 class Example:
-    """A prompt and its completion (a plain-text record has prompt ""), or a conversation."""
+    """A prompt and its completion, a plain text (loss on all of it), or a conversation."""
     prompt: str
     completion: str
     where: str  # "file:line", for error messages
     messages: Optional[list[dict]] = None  # a conversation: loss on every assistant turn
     prompt_turns: int = 0  # a conversation's leading messages that carry no loss (a prompt-completion record's prompt)
+    text: Optional[str] = None  # a {"text"} record: never rendered by a chat template, as TRL never templates plain text
 
 
 @dataclass
@@ -220,7 +221,7 @@ def _parse_pair(record: dict, fmt: str, where: str) -> Pair:
 
 def _parse_example(record: dict, fmt: str, where: str) -> Example:
     if fmt == "text":
-        return Example("", _text_field(record, "text", where), where)
+        return Example("", "", where, text=_text_field(record, "text", where))
     if fmt in ("messages", "sharegpt"):
         field = "messages" if fmt == "messages" else "conversations"
         messages = _messages(record, field, where) if fmt == "messages" else _sharegpt(record, where)
@@ -231,7 +232,7 @@ def _parse_example(record: dict, fmt: str, where: str) -> Example:
         prompt, completion = (_messages(record, f, where) for f in ("prompt", "completion"))
         if completion[0]["role"] != "assistant":
             raise DataError(f"{where}: field 'completion[0].role': expected 'assistant', got {completion[0]['role']!r}")
-        return Example("", "", where, prompt + completion, prompt_turns=len(prompt))  # loss on the completion, as TRL
+        return Example("", "", where, prompt + completion, prompt_turns=len(prompt))  # loss on the completion's turns
     return Example(_text_field(record, "prompt", where), _text_field(record, "completion", where), where)
 
 
@@ -308,13 +309,29 @@ def load_prompts(path: str, skip_bad: bool = False) -> list[str | list[dict]]:
 # -----------------------------------------------------------------------------
 # Tokenisation, truncation and collation.
 #
-# Truncation policy, TRL's: a sequence is [bos] + prompt + response + [eos] (bos where the tokenizer
-# uses one). A prompt longer than max_prompt_length (unset: max_length less one, so a response keeps
-# at least one token) keeps its last tokens, the ones nearest the response, bos kept. The response
-# is then cut on the right to fit max_length (losing its eos). With a chat template the sequence is
-# the rendered conversation: a long prompt loses whole turns, then its user turn's text is cut on the
-# left (chat.encode_conversation, encode_prompt_response). How many records were cut is printed once
-# per dataset; a record that cannot fit at all is a DataError naming its file and line.
+# Truncation, one rule for pairs, SFT records and PPO's prompts: the project's own, close to older
+# TRL's DPO (TRL 1.16 has no prompt limit: it cuts the whole sequence keeping its start, and drops
+# records whose prompt fills max_length). A sequence is [bos] + prompt + response + [eos] (bos where
+# the tokenizer uses one). A prompt longer than max_prompt_length (unset: max_length less one, so a
+# response keeps at least one token) keeps its last tokens, the ones nearest the response, bos kept;
+# under a chat template it loses whole turns, its system message kept, then its last user turn's text
+# is cut on the left (chat.fit_prompt). The response is then cut on the right to fit max_length
+# (losing its eos). A {"text"} record has no prompt: it keeps its start. How many records were cut is
+# printed once per dataset; a record that cannot fit at all is a DataError naming its file and line.
+
+
+def encode_prompt(tok: Tokenizer, prompt: str | list[dict], limit: int) -> tuple[list[int], bool]:
+    """A prompt's token ids as the model sees it (tok.encode_prompt) within `limit` tokens, and
+    whether it was cut, by the rule above. Raises ChatError when a conversation cannot fit."""
+    if tok.chat_template:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        messages, cut = fit_prompt(messages, lambda m: len(tok.encode_prompt(m)) <= limit, limit)
+        return tok.encode_prompt(messages), cut
+    ids = tok.encode_prompt(prompt)
+    if len(ids) <= limit:
+        return ids, False
+    head = [tok.bos_id] * tok.add_bos
+    return head + ids[len(ids) - limit + len(head):], True
 
 
 def encode_example(tok: Tokenizer, prompt: str, response: str, max_length: int,
@@ -328,12 +345,7 @@ def encode_example(tok: Tokenizer, prompt: str, response: str, max_length: int,
                                           max_length, max_prompt_length)
         except ChatError as e:
             raise DataError(f"{where}: field 'prompt': {e}") from None
-    prompt_ids = tok.encode_prompt(prompt)
-    limit = min(max_prompt_length or max_length - 1, max_length - 1)
-    prompt_cut = len(prompt_ids) > limit
-    if prompt_cut:
-        head = [tok.bos_id] * tok.add_bos
-        prompt_ids = head + prompt_ids[len(prompt_ids) - limit + len(head):]
+    prompt_ids, prompt_cut = encode_prompt(tok, prompt, prompt_limit(max_length, max_prompt_length))
     room = max_length - len(prompt_ids)
     if room < 1:  # only bos is left, and max_length has no room after it
         raise DataError(f"{where}: field 'prompt': {len(prompt_ids)} tokens leave no room for a "
@@ -364,12 +376,15 @@ def collate(sequences: list[tuple[list[int], int | list[bool]]], pad_id: int) ->
 def encode_sft(tok: Tokenizer, e: Example, max_length: int, max_prompt_length: int | None):
     """Token ids of one SFT example, which tokens carry no loss (a count, or per token for a
     conversation), and whether truncation cut it."""
+    if e.text is not None:  # plain text, templated or not: bos, the text, eos; cut on the right
+        ids = [tok.bos_id] * tok.add_bos + tok.encode(e.text) + [tok.eos_id]
+        return ids[:max_length], int(tok.add_bos), len(ids) > max_length
     if e.messages is None:
         return encode_example(tok, e.prompt, e.completion, max_length, max_prompt_length, e.where)
     if not tok.chat_template:
         raise DataError(f"{e.where}: field 'messages': a conversation needs a chat template (--chat_template)")
     try:
-        return encode_conversation(tok, e.messages, max_length, e.prompt_turns)
+        return encode_conversation(tok, e.messages, max_length, max_prompt_length, e.prompt_turns)
     except ChatError as err:
         raise DataError(f"{e.where}: field 'messages': {err}") from None
 

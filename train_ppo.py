@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import Run, is_toy_model, load_gpt, load_reward_model, load_trainable, trainable_state
-from data import TOY_PROMPTS, load_prompts
+from chat import ChatError
+from data import TOY_PROMPTS, encode_prompt, load_prompts
 from distributed import Dist, all_reduce_sum, place_frozen, seed_everything, wrap_model
 from evaluate import PolicyEvaluator, sample_completions
 from files import DataError
@@ -56,7 +57,7 @@ class Config(TrainConfig):
     prompts: str = ""
     """training prompts JSONL, one {"prompt"} a line (a string, or a conversation: a list of messages ending with a user turn); empty: the toy task's data/toy/prompts_train.jsonl (not with a Hugging Face model)"""
     max_prompt_length: Optional[int] = None
-    """longest prompt in tokens; a longer one keeps its last tokens. none: the model's context less max_new_tokens"""
+    """longest prompt in tokens; a longer one keeps its last tokens (a conversation its system message, its newest turns and the end of its last user turn), as pairs' prompts do. none: the model's context less max_new_tokens"""
     max_new_tokens: int = 40
     """longest response"""
     temperature: float = 1.0
@@ -360,19 +361,22 @@ def check_settings(cfg: Config, dist: Dist) -> None:
     require_inputs(cfg, "prompts", "reward_ckpt", "eval_prompts")
 
 
-def encode_prompts(tok, prompts: list, limit: int, verbose: bool) -> list[list[int]]:
-    """Every prompt's token ids, once; a prompt longer than `limit` keeps its last tokens (and
-    bos), as TRL truncates prompts, and how many were cut is printed once."""
+def encode_prompts(tok, prompts: list, limit: int, verbose: bool, source: str = "") -> list[list[int]]:
+    """Every prompt's token ids, once, cut to `limit` tokens as pairs' prompts are (data.encode_prompt:
+    the last tokens, bos kept; a conversation its oldest turns, then the start of its last user
+    turn, its system message kept); how many were cut is printed once. A conversation that cannot
+    fit is a DataError naming `source`, the prompts' file, and the record."""
     out, cut = [], 0
-    for p in prompts:
-        ids = tok.encode_prompt(p)
-        if len(ids) > limit:
-            head = ids[:1] if tok.add_bos and ids[:1] == [tok.bos_id] else []
-            ids, cut = head + ids[len(ids) - limit + len(head):], cut + 1
+    for i, p in enumerate(prompts):
+        try:
+            ids, was_cut = encode_prompt(tok, p, limit)
+        except ChatError as e:
+            raise DataError(f"{source}: record {i + 1}: field 'prompt': {e}") from None
         out.append(ids)
+        cut += was_cut
     if cut and verbose:
         print(f"note: {cut} of {len(prompts)} prompts were longer than {limit} tokens (--max_prompt_length) and "
-              "keep their last tokens")
+              "were cut as pairs' prompts are")
     return out
 
 
@@ -392,12 +396,12 @@ def read_prompts(cfg: Config, block_size: int, tok, dist: Dist):
         raise DataError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's context "
                         f"of {block_size} tokens")
     check_lengths(block_size, ("--max_prompt_length", cfg.max_prompt_length), ("--max_new_tokens", cfg.max_new_tokens))
-    prompt_ids = encode_prompts(tok, prompts, cfg.max_prompt_length, dist.master)
+    prompt_ids = encode_prompts(tok, prompts, cfg.max_prompt_length, dist.master, cfg.prompts)
     if len(prompts) < cfg.batch_size // cfg.samples_per_prompt:
         raise DataError(f"--batch_size {cfg.batch_size} / --samples_per_prompt {cfg.samples_per_prompt}: more than "
                         f"the {len(prompts)} prompts of {cfg.prompts}")
     if eval_prompts:
-        longest = max(len(ids) for ids in encode_prompts(tok, eval_prompts, block_size, verbose=False))
+        longest = max(len(ids) for ids in encode_prompts(tok, eval_prompts, block_size, False, cfg.eval_prompts))
         check_lengths(block_size, ("the longest --eval_prompts prompt", longest), ("--max_new_tokens", cfg.max_new_tokens))
     return prompts, prompt_ids, eval_prompts, tok
 

@@ -53,7 +53,7 @@ class Config(TrainConfig):
     max_length: Optional[int] = None
     """longest sequence in tokens, prompt and completion together; longer ones are truncated. none: 64 on the toy task, else the model's context up to 1024"""
     max_prompt_length: Optional[int] = None
-    """longest prompt; a longer one keeps its last tokens. none: max_length less one"""
+    """longest prompt; a longer one keeps its last tokens (a conversation its system message, its newest turns and the end of its last user turn). none: max_length less one"""
     # model
     preset: Literal["tiny", "small", "medium", "gpt2"] = "tiny"
     """model size (see model.PRESETS)"""
@@ -123,7 +123,9 @@ def train_tokenizer_on(examples, vocab_size: int) -> Tokenizer:
     import tempfile
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         for e in examples:
-            f.write(f"{e.prompt} {e.completion}".replace("\n", " ") + "\n")
+            text = e.text if e.text is not None else " ".join(
+                m["content"] for m in e.messages) if e.messages else f"{e.prompt} {e.completion}"
+            f.write(text.replace("\n", " ") + "\n")
     try:
         return Tokenizer.train(f.name, vocab_size)
     finally:

@@ -374,6 +374,57 @@ def test_a_conversation_whose_first_reply_starts_past_max_length_has_its_user_tu
     assert cut and 0 < len(kept) < len(content)
     assert ids == tok.encode_with_offsets(chat.render(tok.chat_template, [system, user(kept), reply], special))[0][:max_length]
     assert labelled.index(True) == prompt_tokens(kept) < max_length
-    with pytest.raises(DataError, match=f"{path}:2: field 'messages': the first assistant turn starts after {max_length} "
-                                        "tokens .* even with the user turn before it emptied"):
+    with pytest.raises(DataError, match=f"{path}:2: field 'messages': the prompt is longer than {max_length - 1} "
+                                        "tokens .* even with its last user turn emptied"):
         encode_sft(tok, second, max_length, None)
+
+
+def test_a_plain_text_record_is_never_templated_and_carries_loss_on_all_of_it(folders, tmp_path):
+    """{"text"} is text to continue pretraining on, as TRL reads it: bos, the text, eos, whatever
+    chat template the folder has; only bos carries no loss; a long one keeps its start."""
+    tok = ours(folders["chatml"], "chatml")
+    text = "The capital of France is Paris. Café, déjà vu"
+    path = tmp_path / "text.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n")
+    (record,) = load_sft(str(path))
+    ids, no_loss, cut = encode_sft(tok, record, 1000, None)
+    assert ids == [tok.bos_id] * tok.add_bos + tok.encode(text) + [tok.eos_id] and no_loss == tok.add_bos and not cut
+    assert encode_sft(tok, record, 5, None) == (ids[:5], no_loss, True)
+
+
+def long_prompt(n_turns: int) -> list[dict]:
+    """A system message, then n_turns user/assistant exchanges, ending in a user turn."""
+    turns = [{"role": "system", "content": "Be brief."}]
+    for i in range(n_turns):
+        turns += [{"role": "user", "content": f"Hello world {i}, how are you?"},
+                  {"role": "assistant", "content": f"I am fine {i}."}]
+    return turns + [{"role": "user", "content": "The capital of France?"}]
+
+
+@pytest.mark.parametrize("limit", [40, 60, 200, 500])
+def test_pairs_sft_conversations_and_ppo_prompts_cut_a_long_prompt_one_way(folders, limit):
+    """One truncation rule: a multi-turn prompt loses its oldest turns, the system message kept,
+    and the same prompt comes out the same as a DPO pair's, a conversational prompt-completion SFT
+    record's (not refused) and a PPO prompt's."""
+    import train_ppo
+    tok = ours(folders["chatml"], "chatml")
+    prompt, reply = long_prompt(6), {"role": "assistant", "content": "Paris."}
+    full = tok.encode_prompt(prompt)
+    assert (len(full) > limit) == (limit < 500)
+    pair_ids, n_prompt, pair_cut = chat.encode_prompt_response(tok, prompt, reply["content"], 1000, limit)
+    sft_ids, labelled, sft_cut = encode_sft(tok, Example("", "", "x:1", prompt + [reply], prompt_turns=len(prompt)),
+                                            1000, limit)
+    (ppo_ids,) = train_ppo.encode_prompts(tok, [prompt], limit, verbose=False)
+    assert pair_cut == sft_cut == (limit < 500) and len(ppo_ids) <= limit and n_prompt <= limit
+    assert ppo_ids == pair_ids[:n_prompt] == sft_ids[:n_prompt] and labelled.index(True) == n_prompt
+    assert sft_ids[:len(pair_ids)] == pair_ids
+    text = tok.hf.decode(ppo_ids, skip_special_tokens=False)  # never lost: the system message, the reply's header
+    assert text.startswith(chat.render(tok.chat_template, prompt[:1], tok.special_tokens()))
+    assert text.endswith("France?<|im_end|>\n<|im_start|>assistant\n")
+    # whole turns go first: the system and the most of the newest turns that fit, rendered anew
+    kept = next((prompt[:1] + prompt[i:] for i in range(1, len(prompt), 2)
+                 if len(tok.encode_prompt(prompt[:1] + prompt[i:])) <= limit), None)
+    if kept is not None:
+        assert ppo_ids == tok.encode_prompt(kept) and (len(kept) < len(prompt)) == (limit < 500)
+    else:  # then the last user turn's text, from its start
+        assert text.count("<|im_start|>user") == 1 and "The capital" not in text and limit == 40

@@ -154,7 +154,7 @@ def test_collate_right_pads_and_masks_prompt_and_pad_labels():
 def test_plain_text_records_are_labelled_everywhere_but_bos(tmp_path, tok):
     path = _write(tmp_path / "t.jsonl", [{"text": "i saw the film ."}])
     (example,) = load_sft(path)
-    assert example == Example("", "i saw the film .", f"{path}:1")
+    assert example == Example("", "", f"{path}:1", text="i saw the film .")
     labels = tokenize_sft([example], tok, 64, None)["labels"][0].tolist()
     assert labels == [IGNORE_INDEX] + tok.encode("i saw the film .") + [tok.eos_id]
 
