@@ -15,17 +15,22 @@ from model import IGNORE_INDEX, concatenate_pairs
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
-def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probability of each sequence's labelled tokens.
 
     token_logps (B, T - 1), each next token's log-prob (model.token_logps, or the model called
-    with labels), and labels (B, T), IGNORE_INDEX on prompt and pad tokens. Returns (B,): the
-    sum over labelled tokens, or with average=True their mean (length-normalised, as IPO uses)."""
-    total = token_logps.sum(-1)
-    return total / (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1) if average else total
+    with labels, both 0 where the label is IGNORE_INDEX), and labels (B, T), IGNORE_INDEX on
+    prompt and pad tokens. Returns (B,): the sum over labelled tokens."""
+    return token_logps.sum(-1)
 
 
-def concatenated_forward(model, batch: dict[str, torch.Tensor], average: bool = False):
+def response_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) labelled tokens of each pair, (B,) each, at least 1: the lengths IPO's
+    loss divides the log-ratios by. A label on the first token, which nothing predicts, never counts."""
+    return tuple((batch[f"{side}_labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1) for side in ("chosen", "rejected"))
+
+
+def concatenated_forward(model, batch: dict[str, torch.Tensor]):
     """Chosen and rejected sequences through the model in one batch of 2B rows, split after.
 
     batch holds chosen_/rejected_ input_ids, attention_mask and labels, all (B, T): pairs are
@@ -34,7 +39,7 @@ def concatenated_forward(model, batch: dict[str, torch.Tensor], average: bool = 
     so it computes the labelled tokens' log-probs without the (2B, T, V) logits (label_logps).
     Returns (chosen_logps, rejected_logps), each (B,)."""
     input_ids, attention_mask, labels = concatenate_pairs(batch)  # (2B, T)
-    logps = sequence_logps(model(input_ids, attention_mask, labels=labels), labels, average)  # (2B,)
+    logps = sequence_logps(model(input_ids, attention_mask, labels=labels), labels)  # (2B,)
     B = batch["chosen_input_ids"].size(0)
     return logps[:B], logps[B:]
 
@@ -42,7 +47,7 @@ def concatenated_forward(model, batch: dict[str, torch.Tensor], average: bool = 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
              beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             reference_free: bool = False):
+             reference_free: bool = False, lengths: tuple[torch.Tensor, torch.Tensor] | None = None):
     """The DPO loss and its variants for a batch of pairs; every argument tensor is (B,).
 
     h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)), the log-ratio margin.
@@ -53,10 +58,13 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
       robust   rDPO (Chowdhury et al. 2024, "Provably Robust DPO"): unbiased under label-flip rate
                eps, (-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps).
       hinge    SLiC-HF's calibration loss (Zhao et al. 2023), margin 1/beta: max(0, 1 - beta h).
-      ipo      IPO's sampled loss (Azar et al. 2023): (h - 1 / (2 beta))^2, beta playing tau.
+      ipo      IPO's sampled loss (Azar et al. 2023): (h - 1 / (2 beta))^2, beta playing tau, with
+               each log-ratio divided by its response's length (`lengths`, (chosen, rejected)
+               from response_lengths), as TRL does.
     reference_free=True takes pi_ref as uniform (reference log-probs 0).
     Returns (losses, chosen_rewards, rejected_rewards), each (B,); the rewards are the implicit
-    rewards beta * (log pi - log pi_ref), detached."""
+    rewards beta * (log pi - log pi_ref) of the summed log-probs, detached, for every loss_type
+    (TRL's IPO logs these too: only its loss is length-normalised)."""
     if reference_free:
         reference_chosen_logps = torch.zeros_like(reference_chosen_logps)
         reference_rejected_logps = torch.zeros_like(reference_rejected_logps)
@@ -71,6 +79,9 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     elif loss_type == "hinge":  # SLiC-HF calibration loss, Zhao et al. 2023, margin 1 / beta
         losses = torch.relu(1 - beta * h)
     elif loss_type == "ipo":  # IPO's empirical loss, Azar et al. 2023: regress h onto 1 / (2 tau), tau = beta
+        if lengths is None:
+            raise ValueError("the ipo loss takes the responses' lengths (response_lengths)")
+        h = chosen_logratios / lengths[0] - rejected_logratios / lengths[1]  # length-normalised, as TRL
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")

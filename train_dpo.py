@@ -27,7 +27,7 @@ import torch
 from checkpoint import Run, fingerprint, is_toy_model, load_gpt
 from data import TOY_PROMPTS, PairsConfig, load_pairs, load_prompts, real_tokens, take
 from distributed import Dist, all_reduce_sum, place_frozen, seed_everything, wrap_model
-from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums
+from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums, response_lengths
 from evaluate import PolicyEvaluator
 from files import DataError, replace_atomically
 from lora import AdaptersOff
@@ -80,24 +80,23 @@ class Config(PairsConfig, TrainConfig):
     """steps between held-out evaluations and checkpoints"""
 
 
-def reference_logps(reference, data: dict[str, torch.Tensor], average: bool, dist: Dist, ctx,
-                    batch_size: int) -> torch.Tensor:
+def reference_logps(reference, data: dict[str, torch.Tensor], dist: Dist, ctx, batch_size: int) -> torch.Tensor:
     """(N, 2) chosen and rejected log-probs of every pair under the reference, in one pass
     sharded over ranks and summed back together."""
     out = torch.zeros(len(data["chosen_input_ids"]), 2, device=dist.device)
     for idx in shard_indices(len(out), dist, batch_size):
         with torch.no_grad(), ctx:
-            out[idx.to(dist.device)] = torch.stack(concatenated_forward(reference, take(data, idx, dist.device), average), dim=1)
+            out[idx.to(dist.device)] = torch.stack(concatenated_forward(reference, take(data, idx, dist.device)), dim=1)
     return all_reduce_sum(out, dist).cpu()
 
 
-def cached_reference_logps(cfg: Config, reference, datasets: dict, average: bool, dist: Dist, ctx) -> dict:
+def cached_reference_logps(cfg: Config, reference, datasets: dict, dist: Dist, ctx) -> dict:
     """Reference log-probs of each dataset, from out_dir/reference_logps.pt when it was made
     from the same reference (its files' contents, in the same dtypes) and the same tokenised
     pairs, else computed and saved there. A cache that does not load (cut short, or not this
     script's: weights_only never runs its code) is only a cache: a warning, and it is made again."""
     path = os.path.join(cfg.out_dir, "reference_logps.pt")
-    h = hashlib.sha256(json.dumps([fingerprint(cfg.sft_ckpt), cfg.dtype, cfg.frozen_dtype, average]).encode())
+    h = hashlib.sha256(json.dumps([fingerprint(cfg.sft_ckpt), cfg.dtype, cfg.frozen_dtype]).encode())
     for name in sorted(datasets):
         for v in datasets[name].values():
             h.update(v.numpy().tobytes())
@@ -114,7 +113,7 @@ def cached_reference_logps(cfg: Config, reference, datasets: dict, average: bool
         if (isinstance(cached, dict) and cached.get("key") == key and isinstance(cached.get("logps"), dict)
                 and {k: getattr(v, "shape", None) for k, v in cached["logps"].items()} == shapes):
             return cached["logps"]
-    logps = {name: reference_logps(reference, data, average, dist, ctx, cfg.batch_size)
+    logps = {name: reference_logps(reference, data, dist, ctx, cfg.batch_size)
              for name, data in datasets.items()}
     if dist.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -126,16 +125,15 @@ def dpo_batch_loss(model, batch, reference, cfg: Config):
     """The summed DPO loss (Rafailov et al. 2023, eq. 7, or a variant) of a batch of pairs and
     TRL's metrics, as sums. The reference's log-probs come from the batch when precomputed,
     else from a forward pass of the frozen reference."""
-    average = cfg.loss_type == "ipo"  # IPO compares length-normalised log-probs, as TRL does
-    policy_chosen, policy_rejected = concatenated_forward(model, batch, average)
+    policy_chosen, policy_rejected = concatenated_forward(model, batch)
     if cfg.precompute_ref:
         ref_chosen, ref_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
     else:
         with torch.no_grad():
-            ref_chosen, ref_rejected = concatenated_forward(reference, batch, average)
+            ref_chosen, ref_rejected = concatenated_forward(reference, batch)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type,
-        cfg.label_smoothing, cfg.reference_free)
+        cfg.label_smoothing, cfg.reference_free, response_lengths(batch) if cfg.loss_type == "ipo" else None)
     return losses.sum(), dpo_metric_sums(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
 
 
@@ -169,8 +167,7 @@ def reference_and_evaluator(cfg: Config, policy, train_data: dict, val_data: dic
         reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg), cfg.lora_base)[0], dist, cfg.dtype)
     offload = cfg.precompute_ref and not cfg.lora_rank and not dist.sharded
     if cfg.precompute_ref:
-        logps = cached_reference_logps(cfg, reference, {"train": train_data, "val": val_data},
-                                       cfg.loss_type == "ipo", dist, ctx)
+        logps = cached_reference_logps(cfg, reference, {"train": train_data, "val": val_data}, dist, ctx)
         for data, name in ((train_data, "train"), (val_data, "val")):
             data["reference_chosen_logps"], data["reference_rejected_logps"] = logps[name].unbind(1)
     evaluator = None

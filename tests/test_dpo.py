@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distributed import Dist
-from dpo import concatenated_forward, dpo_loss, sequence_logps
+from dpo import concatenated_forward, dpo_loss, dpo_metric_sums, response_lengths, sequence_logps
 from model import token_logps
 from train_dpo import reference_logps
 
@@ -33,11 +33,28 @@ def softplus(x):  # -log sigmoid(-x) = log(1 + e^x)
     ("ipo", 0.0, [(1.5 - 1.0) ** 2, (-1.0 - 1.0) ** 2]),  # 1 / (2 beta) = 1
 ])
 def test_dpo_loss_matches_hand_computed_values(loss_type, eps, expected):
+    ones = (torch.ones(2), torch.ones(2))  # one-token responses: IPO's length normalisation changes nothing
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA, loss_type, eps)
+        POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA, loss_type, eps, lengths=ones)
     torch.testing.assert_close(losses, torch.tensor(expected), rtol=0, atol=1e-6)
     torch.testing.assert_close(chosen_rewards, torch.tensor([0.5, 0.0]))  # beta * log-ratio
     torch.testing.assert_close(rejected_rewards, torch.tensor([-0.25, 0.5]))
+
+
+def test_ipo_normalises_its_loss_by_length_and_logs_the_summed_rewards_as_trl():
+    """Chosen: 10 tokens at a log-ratio of +0.2 each; rejected: 2 at +0.5. IPO's loss compares the
+    per-token log-ratios (0.2 < 0.5); its logged rewards, accuracy and log-probs are the sums'
+    (2.0 > 1.0), as TRL logs them, so the pair counts as ordered right."""
+    policy_chosen, policy_rejected = torch.tensor([-8.0]), torch.tensor([-3.0])
+    ref_chosen, ref_rejected = torch.tensor([-10.0]), torch.tensor([-4.0])
+    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                        BETA, "ipo", lengths=(torch.tensor([10]), torch.tensor([2])))
+    assert losses.item() == pytest.approx((0.2 - 0.5 - 1 / (2 * BETA)) ** 2)
+    assert chosen_rewards.item() == pytest.approx(BETA * 2.0) and rejected_rewards.item() == pytest.approx(BETA * 1.0)
+    metrics = dpo_metric_sums(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+    assert metrics["rewards/accuracies"] == 1 and metrics["logps/chosen"] == -8.0
+    with pytest.raises(ValueError, match="lengths"):
+        dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, BETA, "ipo")
 
 
 def test_reference_free_compares_against_a_uniform_reference():
@@ -75,12 +92,12 @@ def test_sequence_logps_sums_only_the_response_tokens(model, pair_batch):
             if labels[i, t] != -100:
                 expected += logits[i, t - 1].log_softmax(-1)[ids[i, t]].item()
         assert got[i].item() == pytest.approx(expected, abs=1e-4)
-    n = (labels[:, 1:] != -100).sum(-1)
+    n = [sum(int(labels[i, t]) != -100 for t in range(1, ids.size(1))) for i in range(len(ids))]
     first = labels.clone()
     first[:, 0] = ids[:, 0]  # a label on the first token, which nothing predicts: never counted
-    with torch.no_grad():
-        torch.testing.assert_close(sequence_logps(model(ids, mask, labels=labels), labels, average=True), got / n)
-        torch.testing.assert_close(sequence_logps(model(ids, mask, labels=first), first, average=True), got / n)
+    for labelled in (labels, first):
+        both = response_lengths({"chosen_labels": labelled, "rejected_labels": labelled})
+        assert both[0].tolist() == both[1].tolist() == n
 
 
 def test_prompt_and_pad_positions_do_not_count(model, pair_batch):
@@ -110,7 +127,7 @@ def test_concatenated_forward_equals_separate_forwards(model, pair_batch):
 def test_precomputed_reference_logps_equal_live_ones(model, pair_batch):
     batch, _ = pair_batch
     dist = Dist(False, 0, 0, 1, torch.device("cpu"))
-    precomputed = reference_logps(model, batch, False, dist, torch.no_grad(), batch_size=2)  # two batches
+    precomputed = reference_logps(model, batch, dist, torch.no_grad(), batch_size=2)  # two batches
     with torch.no_grad():
         live = torch.stack(concatenated_forward(model, batch), dim=1)
     torch.testing.assert_close(precomputed, live, rtol=0, atol=1e-5)
@@ -123,7 +140,8 @@ def _two_action_policy(loss_type, steps, lr):
     ref = torch.log(torch.tensor([0.5, 0.5]))
     for _ in range(steps):
         logp = theta.log_softmax(0)
-        loss, _, _ = dpo_loss(logp[:1], logp[1:], ref[:1], ref[1:], beta=1.0, loss_type=loss_type)
+        loss, _, _ = dpo_loss(logp[:1], logp[1:], ref[:1], ref[1:], beta=1.0, loss_type=loss_type,
+                              lengths=(torch.ones(1), torch.ones(1)))
         theta.grad = None
         loss.sum().backward()
         with torch.no_grad():

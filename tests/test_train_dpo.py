@@ -72,7 +72,7 @@ def test_reference_cache_is_keyed_on_the_checkpoints_bytes_and_the_dtypes(tmp_pa
     def computes(**settings) -> bool:
         before = len(computed)
         cfg = train_dpo.Config(out_dir=str(tmp_path / "dpo"), sft_ckpt=str(ckpt), **settings)
-        train_dpo.cached_reference_logps(cfg, None, pairs, False, Dist(False, 0, 0, 1, torch.device("cpu")), nullcontext())
+        train_dpo.cached_reference_logps(cfg, None, pairs, Dist(False, 0, 0, 1, torch.device("cpu")), nullcontext())
         return len(computed) > before
 
     assert computes() and not computes()
