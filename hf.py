@@ -21,6 +21,28 @@ from tokenizer import Tokenizer
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gpt2")  # config.json model_type values this file reads
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+# A downloaded folder is untrusted data: each file is read up to a bound far above real ones, so a
+# huge or endless file (a link to /dev/zero) is one error line instead of all the memory there is.
+MAX_JSON_BYTES = 16 << 20  # config, tokenizer_config, generation_config, the shard index: kilobytes in real folders
+MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.json or .model: Gemma 3's 262k-token tokenizer.json is about 33 MB
+MAX_TEMPLATE_BYTES = 1 << 20  # chat_template.jinja: real templates are a few kilobytes
+
+
+def _read_bounded(path: str, limit: int, bound: str) -> bytes:
+    """A folder file's bytes, refused past `limit` (the module constant named `bound`) before
+    more than that is read."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise DataError(f"{path}: more than {limit} bytes (hf.{bound}), far beyond any real model folder's file")
+    return data
+
+
+def _read_text(path: str, limit: int, bound: str) -> str:
+    try:
+        return _read_bounded(path, limit, bound).decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _read_json(path: str, required: bool = True) -> dict:
@@ -28,10 +50,10 @@ def _read_json(path: str, required: bool = True) -> dict:
         if required:
             raise DataError(f"{path}: no such file (a Hugging Face model folder has a config.json)")
         return {}
+    text = _read_text(path, MAX_JSON_BYTES, "MAX_JSON_BYTES")
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            data = json.load(f)
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an integer of 4300+ digits, deep nesting
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:  # bad JSON, an integer of 4300+ digits, deep nesting
         raise DataError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: not a JSON object but {_brief(data)}")
@@ -331,8 +353,7 @@ def load_tokenizer(folder: str, hf_config: dict) -> Tokenizer:
     gen_config = _read_json(os.path.join(folder, "generation_config.json"), required=False)
     json_path, sp_path = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer.model")
     if os.path.isfile(json_path):
-        with open(json_path, encoding="utf-8") as f:
-            kind, data = "tokenizers", f.read()
+        kind, data = "tokenizers", _read_text(json_path, MAX_TOKENIZER_BYTES, "MAX_TOKENIZER_BYTES")
         from tokenizers import Tokenizer as HFTokenizer
         try:
             backend = HFTokenizer.from_str(data)
@@ -340,8 +361,7 @@ def load_tokenizer(folder: str, hf_config: dict) -> Tokenizer:
             raise DataError(f"{json_path}: not a readable tokenizer.json ({e})") from None
         token_to_id, n_tokens = backend.token_to_id, backend.get_vocab_size(with_added_tokens=True)
     elif os.path.isfile(sp_path):
-        with open(sp_path, "rb") as f:
-            kind, data = "sentencepiece", f.read()
+        kind, data = "sentencepiece", _read_bounded(sp_path, MAX_TOKENIZER_BYTES, "MAX_TOKENIZER_BYTES")
         import sentencepiece as spm
         try:
             backend = spm.SentencePieceProcessor(model_proto=data)
@@ -393,8 +413,7 @@ def chat_template(folder: str, tok_config: dict) -> str | None:
     "chat_template" of tokenizer_config.json (a string, or a list of named ones: "default")."""
     path = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        return _read_text(path, MAX_TEMPLATE_BYTES, "MAX_TEMPLATE_BYTES")
     template = tok_config.get("chat_template")
     if isinstance(template, list):
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
@@ -473,8 +492,7 @@ def _stale_files(folder: str, keep: set[str]) -> list[str]:
     index, shards = os.path.join(folder, "model.safetensors.index.json"), []
     if os.path.isfile(index):
         try:
-            with open(index, encoding="utf-8-sig") as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = json.loads(_read_text(index, MAX_JSON_BYTES, "MAX_JSON_BYTES"))["weight_map"]
             shards = [os.path.normpath(name) for name in weight_map.values() if isinstance(name, str)]
         except Exception:  # an unreadable index goes all the same; its shards are found by name below
             pass

@@ -144,6 +144,20 @@ def test_a_json_file_that_is_no_object_is_refused_in_one_line(good, tmp_path, ca
     refused_in_one_line(folder, f"{file}: {message}", capsys)
 
 
+@pytest.mark.parametrize("file, bound", [("config.json", "MAX_JSON_BYTES"), ("tokenizer_config.json", "MAX_JSON_BYTES"),
+                                         ("tokenizer.model", "MAX_TOKENIZER_BYTES"),
+                                         ("chat_template.jinja", "MAX_TEMPLATE_BYTES")])
+def test_a_file_past_its_size_bound_is_refused_before_it_is_read_whole(good, tmp_path, capsys, file, bound):
+    """A file one byte past its bound (sparse: zeros on disk cost nothing) is one line naming the
+    bound; at the bound it would be read. Real files are far smaller (hf.py's constants)."""
+    import hf
+    folder = spoiled(good, tmp_path)
+    path = f"{folder}/{file}"
+    open(path, "ab").close()
+    os.truncate(path, getattr(hf, bound) + 1)
+    refused_in_one_line(folder, f"{file}: more than {getattr(hf, bound)} bytes (hf.{bound})", capsys)
+
+
 # -----------------------------------------------------------------------------
 # Token ids
 
