@@ -248,7 +248,7 @@ def test_a_bad_dpo_reference_cache_is_computed_again_with_a_warning(tmp_path, mo
     cache = tmp_path / "dpo" / "reference_logps.pt"
 
     def cached():
-        return train_dpo.cached_reference_logps(cfg, None, pairs, False, Dist(False, 0, 0, 1, torch.device("cpu")),
+        return train_dpo.cached_reference_logps(cfg, None, pairs, Dist(False, 0, 0, 1, torch.device("cpu")),
                                                 nullcontext())
 
     assert torch.equal(cached()["train"], torch.ones(3, 2))

@@ -189,7 +189,7 @@ def test_the_empty_padding_batch_of_a_sharded_held_out_set_runs_through_every_sc
     dpo_cfg = train_dpo.Config(precompute_ref=False)
     loss, metrics = train_dpo.dpo_batch_loss(gpt, take(pairs, empty), gpt, dpo_cfg)
     assert loss.item() == 0 and all(v.item() == 0 for v in metrics.values())
-    assert train_dpo.reference_logps(gpt, pairs, False, CPU, nullcontext(), batch_size=1).shape == (2, 2)
+    assert train_dpo.reference_logps(gpt, pairs, CPU, nullcontext(), batch_size=1).shape == (2, 2)
     loss, metrics = train_rm.rm_batch_loss(RewardModel.from_gpt(gpt), take(pairs, empty), train_rm.Config())
     assert loss.item() == 0 and all(v.item() == 0 for v in metrics.values())
 
