@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 
+import model as model_module
 import train_dpo
 import train_ppo
 import train_rm
@@ -89,8 +90,8 @@ class Config:
     logps: bool = False
     """an SFT and a DPO step (live reference) at --memory_shape, batch 2 x --memory_batch rows (DPO: that many
     pairs' rows), the labelled log-probs from the full (B, T, V) logits (the path before model.label_logps) against
-    the model's own labelled log-probs, and DPO's with --grad_checkpoint: peak memory and step time, each in fresh
-    processes, and their ratios"""
+    the model's own labelled log-probs, and DPO's with --grad_checkpoint, DPO's also with none of the head's softmax
+    kept for the backward (model.HEAD_KEEP 0): peak memory and step time, each in fresh processes, and their ratios"""
     memory_case: str = ""
     """(internal) one --memory configuration as JSON, measured in this process"""
 
@@ -427,6 +428,8 @@ def memory_case(case: dict, device) -> dict:
     if reference is None and case["stage"] == "DPO":
         reference = AdaptersOff(policy)
     policy.grad_checkpoint = case["grad_checkpoint"]
+    if "head_keep" in case:  # this process's bound on the head's softmax kept for the backward
+        model_module.HEAD_KEEP = case["head_keep"]
     optimizer = make_optimizer(policy, 1e-5, 0.0, (0.9, 0.95), device)
     trained = policy
     if case.get("head") == "full":
@@ -463,25 +466,31 @@ def measure_case(case: dict, device, unmap_freed: bool = True) -> dict:
 
 def logps_table(cfg: Config, device, name: str) -> list[str]:
     """--logps: each stage's step with the labelled log-probs from the full logits, then from
-    the model's label_logps, and DPO's with --grad_checkpoint too, each in fresh processes: one
-    for the peak memory (freed blocks unmapped), one for the time; the ratios are over the first row."""
+    the model's label_logps, and DPO's with --grad_checkpoint too, and both DPO steps again with
+    every chunk of the head computed again in the backward (HEAD_KEEP 0), each in fresh
+    processes: one for the peak memory (freed blocks unmapped), one for the time; the ratios are
+    over the first row."""
     B, T = 2 * cfg.memory_batch, cfg.memory_seq_len
     lines = [f"Labelled log-probs without the full logits (model.label_logps) against from them (token_logps of "
              f"(B, T, V) logits), {cfg.memory_shape} shape on {name}, {cfg.dtype}, full fine-tuning, one optimizer "
              f"step of {B} rows x {T} tokens (DPO: {B // 2} pairs, live reference, a copy); the peak memory is "
              "the process's less what it held before the model, with freed blocks given back to the system; the "
-             "time the second of two steps, in another process:", "",
+             f"time the second of two steps, in another process. label_logps keeps at most "
+             f"{model_module.HEAD_KEEP * 4 / 2**20:.0f} MB of the head's softmax for the backward (model.HEAD_KEEP), "
+             "none kept computes every chunk again there:", "",
              "| stage | log-probs from | grad checkpoint | peak memory MB | step s | memory ratio | time ratio |",
              "|---|---|---|---|---|---|---|"]
-    for stage, variants in (("SFT", [("full", False), ("labels", False)]),
-                            ("DPO", [("full", False), ("labels", False), ("labels", True)])):
+    full = "full logits (before)", dict(head="full")
+    kept = "label_logps", dict(head="labels")
+    recomputed = "label_logps, none kept", dict(head="labels", head_keep=0)
+    for stage, variants in (("SFT", [(full, False), (kept, False)]),
+                            ("DPO", [(full, False), (kept, False), (recomputed, False), (kept, True), (recomputed, True)])):
         rows = []
-        for head, grad_checkpoint in variants:
+        for (what, head), grad_checkpoint in variants:
             case = dict(shape=cfg.memory_shape, stage=stage, lora=False, grad_checkpoint=grad_checkpoint,
-                        reference="copy", B=B, T=T, dtype=cfg.dtype, head=head)
+                        reference="copy", B=B, T=T, dtype=cfg.dtype, **head)
             rows.append({**measure_case(case, device), "seconds": measure_case(case, device, False)["seconds"]})
             r = rows[-1]
-            what = "full logits (before)" if head == "full" else "label_logps"
             ratios = f"{r['peak_mb'] / rows[0]['peak_mb']:.2f} | {r['seconds'] / rows[0]['seconds']:.2f}"
             lines.append(f"| {stage} | {what} | {'yes' if grad_checkpoint else 'no'} | {r['peak_mb']:.0f} | "
                          f"{r['seconds']:.2f} | {ratios} |")

@@ -4,6 +4,7 @@
 """
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as model_module
 from model import GPT, IGNORE_INDEX, GPTConfig, KVCache, token_logps
@@ -163,12 +164,16 @@ def test_token_logps_is_the_shifted_log_softmax_at_each_label_and_zero_where_ign
     assert token_logps(logits.bfloat16(), labels).dtype == torch.float32  # bfloat16 logits, float32 log-probs
 
 
-@pytest.mark.parametrize("chunk", [2**24, 64 * 3, 64])  # one chunk; three rows a chunk; one row a chunk
-def test_label_logps_equal_the_full_softmax_in_value_and_gradient_in_any_chunking(monkeypatch, chunk):
-    """The model given labels (the head a chunk at a time, recomputed in the backward pass when
-    chunked) against token_logps of its full logits in float64: values, and the gradients of a
-    weighted sum with respect to the head and a block's weight."""
+@pytest.mark.parametrize("chunk, keep", [(2**24, 2**26), (2**24, 0),  # one chunk, kept or recomputed
+                                         (64 * 3, 2**26), (64 * 3, 64 * 3 * 2), (64 * 3, 0),  # 3 rows a chunk: 6
+                                         (64, 64 * 5)])  # one row a chunk, the first five kept
+def test_label_logps_equal_the_full_softmax_in_value_and_gradient_in_any_chunking(monkeypatch, chunk, keep):
+    """The model given labels (the head a chunk at a time, each chunk's softmax kept for the
+    backward pass or computed again there, all, none or the first ones) against token_logps of
+    its full logits in float64: values, and the gradients of a weighted sum with respect to the
+    head and a block's weight."""
     monkeypatch.setattr(model_module, "HEAD_CHUNK", chunk)
+    monkeypatch.setattr(model_module, "HEAD_KEEP", keep)
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False))
     ids = torch.randint(0, 64, (3, 10))
@@ -195,11 +200,12 @@ def test_label_logps_equal_the_full_softmax_in_value_and_gradient_in_any_chunkin
         torch.testing.assert_close(g.double(), expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [2**24, 64 * 5])  # in one piece; five rows a chunk, recomputed in the backward
-def test_label_logps_under_bfloat16_autocast_match_the_full_softmax_path(monkeypatch, chunk):
+@pytest.mark.parametrize("chunk, keep", [(2**24, 2**26), (64 * 5, 64 * 5)])  # one piece; 5 rows a chunk, 1 kept
+def test_label_logps_under_bfloat16_autocast_match_the_full_softmax_path(monkeypatch, chunk, keep):
     """bfloat16 matmuls in the forward and in the backward's recomputed chunks alike: values and
     gradients within bfloat16's precision of token_logps over the same autocast logits."""
     monkeypatch.setattr(model_module, "HEAD_CHUNK", chunk)
+    monkeypatch.setattr(model_module, "HEAD_KEEP", keep)
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False))
     ids = torch.randint(0, 64, (2, 12))
@@ -220,6 +226,80 @@ def test_label_logps_under_bfloat16_autocast_match_the_full_softmax_path(monkeyp
     # each row's gradient into the network is one bfloat16 product either way: the recomputed
     # chunks must run in bfloat16 as the forward did, else the softmax is off by its rounding
     torch.testing.assert_close(got_block, full_block, rtol=0, atol=1e-4 * full_block.abs().max().item())
+
+
+class CountMatmuls(TorchDispatchMode):
+    """Counts the matrix products torch runs below autograd (F.linear's included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("trained", ["both", "hidden", "head"])  # full fine-tuning; LoRA's frozen head; a frozen body
+def test_the_head_backward_computes_only_the_needed_gradients_and_recomputes_only_unkept_chunks(monkeypatch, trained):
+    """12 labelled rows in chunks of 3 at temperature 0.7, the first two chunks' softmax kept:
+    the backward pass multiplies once a chunk for each gradient that is needed, plus once for
+    each chunk computed again; that gradient equals the float64 full softmax's, and the other
+    is None."""
+    monkeypatch.setattr(model_module, "HEAD_CHUNK", 3 * 16)
+    monkeypatch.setattr(model_module, "HEAD_KEEP", 2 * 3 * 16)
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, 8, requires_grad=trained != "head")
+    weight = torch.randn(16, 8, requires_grad=trained != "hidden")
+    labels = torch.randint(0, 16, (2, 7))
+    weights = torch.rand(2, 6)
+    out = model_module.label_logps(hidden, weight, labels, temperature=0.7)
+    with CountMatmuls() as counted:
+        (out * weights).sum().backward()
+    chunks, recomputed = 4, 2
+    assert counted.count == recomputed + chunks * (2 if trained == "both" else 1)
+    h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    full = -torch.nn.functional.cross_entropy((torch.nn.functional.linear(h, w) / 0.7)[:, :-1].transpose(1, 2),
+                                              labels[:, 1:], reduction="none")  # float64 throughout
+    (full * weights).sum().backward()
+    torch.testing.assert_close(out.double(), full, rtol=0, atol=1e-5)
+    for got, expected in ((hidden, h), (weight, w)):
+        if got.requires_grad:
+            torch.testing.assert_close(got.grad.double(), expected.grad, rtol=1e-4, atol=1e-6)
+        else:
+            assert got.grad is None
+
+
+def test_the_head_keeps_softmax_for_the_backward_only_where_a_gradient_will_flow(monkeypatch):
+    """What label_logps lets HeadLogps keep: HEAD_KEEP probabilities when a gradient flows to
+    the hidden states or the head, none under no_grad (DPO's reference, PPO's rollout scoring)
+    or with nothing to train, where a kept softmax would only add to the peak."""
+    keeps, apply = [], model_module.HeadLogps.apply
+    monkeypatch.setattr(model_module.HeadLogps, "apply", lambda *args: keeps.append(args[-1]) or apply(*args))
+    hidden, weight, labels = torch.randn(1, 4, 8), torch.randn(16, 8), torch.randint(0, 16, (1, 4))
+    model_module.label_logps(hidden.requires_grad_(), weight, labels)
+    model_module.label_logps(hidden, weight.requires_grad_(), labels)
+    with torch.no_grad():
+        model_module.label_logps(hidden, weight, labels)
+    model_module.label_logps(hidden.detach(), weight.detach(), labels)
+    assert keeps == [model_module.HEAD_KEEP, model_module.HEAD_KEEP, 0, 0]
+
+
+def test_a_second_backward_through_the_kept_softmax_is_refused_or_equal(monkeypatch):
+    """The backward pass overwrites the kept softmax in place: a second backward through the same
+    graph (retain_graph=True) must then fail, never give another gradient."""
+    monkeypatch.setattr(model_module, "HEAD_CHUNK", 2 * 16)
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(1, 5, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True)
+    out = model_module.label_logps(hidden, weight, torch.randint(0, 16, (1, 5)))
+    out.sum().backward(retain_graph=True)
+    first = hidden.grad.clone(), weight.grad.clone()
+    try:
+        out.sum().backward()
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e)
+    else:
+        torch.testing.assert_close((hidden.grad, weight.grad), (2 * first[0], 2 * first[1]))
 
 
 def test_a_batch_without_padding_takes_the_causal_fast_path_and_matches_the_masked_one(monkeypatch):
