@@ -199,8 +199,11 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes_it(toy_di
     from conftest import ROOT
     out = tmp_path / "run"
     args = tiny_args(toy_dir, str(out), max_iters=100000, eval_interval=5)
+    # SIGINT as a shell leaves it: a process started with SIGINT ignored (a disposition it inherits
+    # from whatever started it, here the test process) never gets Python's KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "train_sft.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "ckpt.pt").exists() and time.time() < deadline:
         time.sleep(0.2)
