@@ -246,12 +246,19 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_trainable(model: torch.nn.Module, state: dict, where: str) -> None:
     """Load trainable_state's output into a model, sharded (FSDP) or not; every parameter that
-    trains must be in it."""
+    trains must be in it, each a floating-point tensor of the parameter's shape."""
+    if not isinstance(state, dict):
+        raise DataError(f"{where}: the checkpoint holds no weights for this model")
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(trained - set(state)), sorted(set(state) - set(model.state_dict()))
+    expected = model.state_dict()  # under FSDP, DTensors whose shape is the whole tensor's
+    missing, unexpected = sorted(trained - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise DataError(f"{where}: the checkpoint does not fit the model (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}); were the LoRA settings changed?")
+    for name, tensor in state.items():
+        if not (torch.is_tensor(tensor) and tensor.is_floating_point() and tensor.shape == expected[name].shape):
+            raise DataError(f"{where}: {name} is not a floating-point tensor of shape {list(expected[name].shape)}, "
+                            "the model's (a model of another size?)")
     if not is_sharded(model):
         model.load_state_dict(state, strict=False)
         return
@@ -272,8 +279,20 @@ def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, where: str) -> None:
-    """Restore optimizer_state's output (or an older checkpoint's, keyed by position)."""
-    state = keyed_by_name(state, model, optimizer)
+    """Restore optimizer_state's output (or an older checkpoint's, keyed by position), every
+    value checked first: torch copies moment tensors of the wrong shape without a check, and the
+    fused step then writes out of bounds (a crash, not an error)."""
+    state = keyed_by_name(_checked_optimizer_state(state, model, optimizer, where), model, optimizer)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    for name, s in state["state"].items():
+        if name not in shapes or not isinstance(s, dict):
+            raise DataError(f"{where}: the optimizer state holds {name!r}, not a parameter of this model that trains")
+        for key, value in s.items():
+            ok = (torch.is_tensor(value) and value.is_floating_point()
+                  and (value.shape == shapes[name] if key.startswith("exp_avg") else value.numel() == 1))
+            if not ok:
+                raise DataError(f"{where}: the optimizer state's {key} of {name} is not a floating-point tensor of "
+                                f"shape {list(shapes[name]) if key.startswith('exp_avg') else []}")
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
@@ -285,6 +304,22 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, where: 
     optimizer.load_state_dict({"state": {index[name]: s for name, s in state["state"].items()},
                                "param_groups": [{**g, "params": [index[name] for name in g["params"]]}
                                                 for g in state["param_groups"]]})
+
+
+def _checked_optimizer_state(state, model: torch.nn.Module, optimizer, where: str) -> dict:
+    """An optimizer state's layout: {'state': {...}, 'param_groups': [{'params': [...]}, ...]}
+    with as many groups as the optimizer, keyed by this model's parameter names or by positions
+    within its count."""
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
+            and isinstance(groups := state.get("param_groups"), list) and len(groups) == len(optimizer.param_groups)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        raise DataError(f"{where}: the optimizer state is damaged (not the layout an AdamW state dict has)")
+    names = {name for name, _ in model.named_parameters()}
+    count = sum(len(g["params"]) for g in optimizer.param_groups)
+    keys = [k for g in groups for k in g["params"]] + list(state["state"])
+    if not all(k in names if isinstance(k, str) else isinstance(k, int) and 0 <= k < count for k in keys):
+        raise DataError(f"{where}: the optimizer state does not fit the model's parameters")
+    return state
 
 
 def keyed_by_name(state: dict, model: torch.nn.Module, optimizer) -> dict:
@@ -316,18 +351,78 @@ def _gather_rng(dist: Dist) -> list[dict[str, torch.Tensor]]:
     return states
 
 
-def _metric_lines(path: str):
-    """(line, row) for each line of metrics.jsonl up to the first that is not a whole JSON object:
-    a kill or a full disk can leave half a last line, and the valid prefix is what the run logged."""
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                return
-            if not isinstance(row, dict):
-                return
-            yield line.rstrip("\n") + "\n", row
+def _metric_lines(path: str) -> list[tuple[str, dict]]:
+    """(line, row) for each line of metrics.jsonl. A kill or a full disk can leave half a last
+    line, which is dropped; any other line that is not a JSON object with a step is damage that
+    a resume would silently lose rows past, so it is refused, naming the line."""
+    lines, rows = open(path, encoding="utf-8", errors="replace").read().splitlines(keepends=True), []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not (isinstance(row, dict) and type(row.get("step")) is int):
+            if number == len(lines) and not line.endswith("\n"):
+                break
+            raise DataError(f"{path}, line {number}: not a metrics row (a JSON object with a step); "
+                            "fix or remove the line, then resume")
+        rows.append((line, row))
+    return rows
+
+
+def _script_name(cfg) -> str:
+    """The script a config belongs to (train_sft.py, ...), by the module that defines it."""
+    return os.path.basename(sys.modules[type(cfg).__module__].__file__)
+
+
+def _made_by(ckpt: dict, cfg) -> str | None:
+    """The script that wrote a checkpoint, as it records; for one written before that record,
+    None where every setting it holds is one of this script's, else the settings that are not."""
+    if "script" in ckpt:
+        return ckpt["script"]
+    foreign = sorted(set(ckpt["config"]) - {f.name for f in dataclasses.fields(cfg)})
+    return f"another script (its settings include --{', --'.join(foreign[:3])})" if foreign else None
+
+
+def check_resumable(ckpt: dict, path: str, cfg, counts: tuple[str, ...] = ()) -> None:
+    """Everything of a checkpoint that --resume uses besides the weights and the optimizer state
+    (checked against the model in Run.start), and the `counts` a script keeps in it: one
+    DataError line naming the field, before any of it is used and before anything is written."""
+    def damaged(field: str, why: str):
+        raise DataError(f"{path}: '{field}' {why}; the checkpoint is damaged (resume from a copy, or --overwrite)")
+
+    if not isinstance(ckpt.get("config"), dict):
+        damaged("config", "is missing")
+    script, made_by = _script_name(cfg), _made_by(ckpt, cfg)
+    if made_by not in (None, script):
+        raise DataError(f"--resume: {os.path.dirname(path) or '.'} holds a run of {made_by}, not of {script}; "
+                        "a run folder belongs to the script that made it (give this run another --out_dir)")
+    step = ckpt.get("step")
+    if type(step) is not int or step < 0:
+        damaged("step", f"is {step!r}, not a step number")
+    if step > cfg.max_iters:
+        raise DataError(f"--max_iters {cfg.max_iters}: the run in {os.path.dirname(path) or '.'} is at step {step} "
+                        f"already; give --max_iters {step} or more to continue it")
+    for key in counts:
+        if type(ckpt.get(key)) is not int or ckpt[key] < 0:
+            damaged(key, "is not a count")
+    if ckpt.get("optimizer") is None and step > 0:  # None is the state before the first step only
+        damaged("optimizer", f"is missing at step {step}")
+    rng = ckpt.get("rng")
+    if not (isinstance(rng, list) and rng and all(isinstance(r, dict) or torch.is_tensor(r) for r in rng)):
+        damaged("rng", "is not a list of RNG states")
+    mine = torch.get_rng_state()
+    for state in rng:
+        state = state if isinstance(state, dict) else {"cpu": state}  # older checkpoints: the CPU state alone
+        try:  # set, then restored: torch's own check is the one that decides
+            torch.set_rng_state(state["cpu"])
+        except (KeyError, TypeError, RuntimeError):
+            damaged("rng", "holds a state that is not a CPU generator's")
+        finally:
+            torch.set_rng_state(mine)
+        cuda = state.get("cuda")
+        if cuda is not None and not (torch.is_tensor(cuda) and cuda.dtype == torch.uint8):
+            damaged("rng", "holds a CUDA state that is not a generator's")
 
 
 # The run folder's two guards: out_dir/.lock, held by the one process that writes the folder, and
@@ -439,9 +534,10 @@ class Run:
     optimizer, step and every rank's RNG state come back, and metrics logged after the
     checkpoint are dropped, so the resumed curve is the uninterrupted one. The folder is locked
     for the run's life, and a run that --overwrite replaces is kept until the new one's first
-    checkpoint (see LOCK above)."""
+    checkpoint (see LOCK above). A resumed checkpoint is checked whole first (check_resumable;
+    `counts` names the running totals a script keeps in it)."""
 
-    def __init__(self, cfg, dist: Dist):
+    def __init__(self, cfg, dist: Dist, counts: tuple[str, ...] = ()):
         self.cfg, self.dist = cfg, dist
         self.dir = cfg.out_dir
         self.ckpt_path = os.path.join(self.dir, "ckpt.pt")
@@ -460,7 +556,16 @@ class Run:
                             "--overwrite to replace it, or choose another --out_dir")
         if cfg.resume and not os.path.exists(self.ckpt_path):
             raise DataError(f"--resume but {self.ckpt_path} does not exist")
-        self.resumed = load_checkpoint(self.ckpt_path) if cfg.resume else None
+        self.resumed, self.metric_lines = None, []
+        if cfg.resume:
+            self.resumed = load_checkpoint(self.ckpt_path)
+            check_resumable(self.resumed, self.ckpt_path, cfg, counts)
+            if os.path.exists(self.metrics_path):
+                self.metric_lines = [line.rstrip("\n") + "\n" for line, row in _metric_lines(self.metrics_path)
+                                     if row["step"] <= self.resumed["step"]]  # drop rows logged after the checkpoint
+            elif dist.master:
+                print(f"warning: {self.metrics_path} is missing; the resumed run's log starts at step "
+                      f"{self.resumed['step']}", file=sys.stderr)
 
     def evaluates(self, step: int, start: int) -> bool:
         """Whether to evaluate and checkpoint at this step: at step 0, every early_eval_interval
@@ -485,10 +590,6 @@ class Run:
                 write_atomic(self.metrics_path, "")
             return 0
         ckpt = self.resumed  # kept: a script may restore more from it (PPO's critic)
-        changed = {k: (v, getattr(self.cfg, k)) for k, v in ckpt["config"].items()
-                   if k not in ("resume", "overwrite") and getattr(self.cfg, k, v) != v}
-        if changed and self.dist.master:
-            print(f"warning: resuming with changed settings (was, now): {changed}", file=sys.stderr)
         load_trainable(model, ckpt["model"], self.ckpt_path)
         if ckpt["optimizer"] is not None:
             load_optimizer_state(optimized or model, optimizer, ckpt["optimizer"], self.ckpt_path)
@@ -501,9 +602,12 @@ class Run:
         elif self.dist.master:
             print("warning: world size changed since the checkpoint; RNG streams restart", file=sys.stderr)
         step = ckpt["step"]
+        changed = {k: (v, getattr(self.cfg, k)) for k, v in ckpt["config"].items()
+                   if k not in ("resume", "overwrite") and getattr(self.cfg, k, v) != v}
+        if changed and self.dist.master:
+            print(f"warning: resuming with changed settings (was, now): {changed}", file=sys.stderr)
         if self.dist.master:  # drop metrics logged after the checkpoint (a crash between saves)
-            write_atomic(self.metrics_path, "".join(line for line, row in _metric_lines(self.metrics_path)
-                                                    if row["step"] <= step))
+            write_atomic(self.metrics_path, "".join(self.metric_lines))
             print(f"resuming {self.dir} from step {step}")
         return step
 
@@ -557,7 +661,8 @@ class Run:
         failed = self.dist.master and self._write(step, {
             "model": model_state, "model_config": dataclasses.asdict(model.config),
             "optimizer": optim_state, "step": step, "rng": rng,
-            "config": dataclasses.asdict(self.cfg), "tokenizer": tokenizer.state(), **(extra or {}),
+            "config": dataclasses.asdict(self.cfg), "script": _script_name(self.cfg), "tokenizer": tokenizer.state(),
+            **(extra or {}),
         })
         if self.dist.ddp:  # every rank stops when rank 0 could not write
             box = [failed]

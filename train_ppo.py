@@ -406,11 +406,22 @@ def read_prompts(cfg: Config, block_size: int, tok, dist: Dist):
     return prompts, prompt_ids, eval_prompts, tok
 
 
+def check_ppo_records(ckpt: dict, path: str) -> None:
+    """What a PPO checkpoint keeps besides the weights, as --resume reads it: the KL coefficient
+    and the reward normalisation's mean and standard deviation, finite numbers."""
+    def finite(v) -> bool:
+        return type(v) in (int, float) and math.isfinite(v)
+    kl, norm = ckpt.get("kl_coef"), ckpt.get("reward_norm")
+    if not (finite(kl) and kl >= 0 and isinstance(norm, list) and len(norm) == 2 and all(map(finite, norm))
+            and norm[1] > 0):
+        raise DataError(f"{path}: 'kl_coef' or 'reward_norm' is not what PPO records; the checkpoint is damaged")
+
+
 def train(cfg: Config, dist: Dist) -> dict:
     # settings, then every input read and checked before anything is written
     check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
-    run = Run(cfg, dist)
+    run = Run(cfg, dist, counts=("tokens",))
     policy, tok = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
     toy = is_toy_model(cfg.sft_ckpt)  # what the model is, recorded in its checkpoint
     prompts, prompt_ids, eval_prompts, tok = read_prompts(cfg, policy.config.block_size, tok, dist)
@@ -424,12 +435,13 @@ def train(cfg: Config, dist: Dist) -> dict:
     optimizer = make_optimizer(trained, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
-    start = step = run.start(policy, optimizer, optimized=trained)
     tokens = 0  # real tokens of the rollouts, once per PPO epoch that trains on them
-    if run.resumed:
+    if run.resumed:  # PPO's own records, checked before run.start touches the folder
+        check_ppo_records(run.resumed, run.ckpt_path)
         if critic:
-            load_trainable(critic, run.resumed["critic"], run.ckpt_path)
+            load_trainable(critic, run.resumed.get("critic"), run.ckpt_path)
         kl_ctl.value, tokens = run.resumed["kl_coef"], run.resumed["tokens"]
+    start = step = run.start(policy, optimizer, optimized=trained)
     ctx = autocast(dist.device, cfg.dtype)
     reward_mean, reward_std = (run.resumed["reward_norm"] if run.resumed
                                else reward_statistics(policy, reward_model, tok, prompts, prompt_ids, cfg, dist, ctx))
@@ -460,7 +472,7 @@ def train(cfg: Config, dist: Dist) -> dict:
             run.save(step, policy, optimizer, tok, {**critic_state, "kl_coef": kl_ctl.value, "tokens": tokens,
                                                     "reward_norm": [reward_mean, reward_std], "toy_task": toy,
                                                     **lora_record(cfg, cfg.sft_ckpt)}, optimized=trained)
-        if step == cfg.max_iters:
+        if step >= cfg.max_iters:
             break
         t_rollout = time.time()
         lr = set_lr(optimizer, step, cfg)

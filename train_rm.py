@@ -107,7 +107,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     # 1. settings and data, validated before anything is written
     check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
-    run = Run(cfg, dist)
+    run = Run(cfg, dist, counts=("tokens",))
     sft, tok = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
     toy = is_toy_model(cfg.sft_ckpt)  # what the model is, recorded in its checkpoint
     default_max_length(cfg, sft.config.block_size, toy)
@@ -145,7 +145,7 @@ def train(cfg: Config, dist: Dist) -> dict:
             run.log(step, metrics)
         if evaluating:
             run.save(step, raw_model, optimizer, tok, {"tokens": tokens, "toy_task": toy, **lora_record(cfg, cfg.sft_ckpt)})
-        if step == cfg.max_iters:
+        if step >= cfg.max_iters:
             break
         # 3b. this step's learning rate and global batch of pairs; this rank's micro-batches
         lr = set_lr(optimizer, step, cfg)

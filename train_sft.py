@@ -175,7 +175,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     # 1. settings and data (validated before anything is written), model, optimizer, run folder
     check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
-    run = Run(cfg, dist)
+    run = Run(cfg, dist, counts=("tokens",))
     raw_model, tok = load_gpt(cfg.init_from, lora_base=cfg.lora_base) if cfg.init_from else (None, None)
     block_size = raw_model.config.block_size if raw_model else PRESETS[cfg.preset]["block_size"]
     default_max_length(cfg, block_size, toy=not cfg.train_file)
@@ -215,7 +215,7 @@ def train(cfg: Config, dist: Dist) -> dict:
             run.log(step, metrics)
         if evaluating:
             run.save(step, raw_model, optimizer, tok, {"tokens": tokens, "toy_task": not cfg.train_file, **lora_record(cfg, cfg.init_from)})
-        if step == cfg.max_iters:
+        if step >= cfg.max_iters:
             break
         # 2b. this step's learning rate and global batch; this rank's micro-batches
         lr = set_lr(optimizer, step, cfg)

@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import math
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -421,15 +422,36 @@ def n_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def interrupted(cfg, script: str, argv: list[str], dist: Dist) -> str:
-    """What a run stopped by Ctrl-C says: where its last checkpoint is, and the command that
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (what a scheduler sends on preemption, a closed terminal), raised in the
+    main thread where the run is, so it stops as Ctrl-C stops it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    for name in STOP_SIGNALS:  # once: a second signal does not cut the report and the cleanup short
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+STOP_SIGNALS = [s for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s)]  # Windows has no SIGHUP
+
+
+def stopped(cfg, script: str, argv: list[str], dist: Dist, what: str, resumable: bool = True) -> str:
+    """What a run that stops before its end says (`what`: interrupted, stopped by SIGTERM, or a
+    RunStopped error): where its last checkpoint is and, when `resumable`, the command that
     continues it (checkpoints are written at evaluations; the steps since the last are redone)."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if os.path.isdir(os.path.join(cfg.out_dir, OVERWRITTEN)):
-        return f"interrupted before the first checkpoint; {cfg.out_dir} keeps the run --overwrite was replacing"
+        return f"{what}; stopped before the first checkpoint, and {cfg.out_dir} keeps the run --overwrite was replacing"
     if not os.path.exists(path):
-        return f"interrupted before the first checkpoint; nothing in {cfg.out_dir} to resume"
+        return f"{what}; stopped before the first checkpoint, so nothing in {cfg.out_dir} to resume"
     step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    if not resumable:
+        return f"{what}; stopped, the last good checkpoint is {path} (step {step})"
     launch = [f"torchrun --nproc_per_node {dist.world_size}" if dist.ddp else "python", os.path.basename(script)]
     flags, skip = [], False
     for a in argv:  # the same flags without --resume or --overwrite (and a value given after either)
@@ -439,39 +461,49 @@ def interrupted(cfg, script: str, argv: list[str], dist: Dist) -> str:
         skip = a in ("--resume", "--overwrite")
         if not skip and a.split("=")[0] not in ("--resume", "--overwrite"):
             flags.append(a)
-    return (f"interrupted: the last checkpoint is {path} (step {step}); continue with:\n"
+    return (f"{what}: the last checkpoint is {path} (step {step}); continue with:\n"
             f"  {' '.join(launch + flags + ['--resume'])}")
 
 
 def run_script(config_cls, train, argv, description: str) -> int:
     """Every train script's main: flags to config, torchrun setup, train(cfg, dist) -> metrics,
     a summary line, teardown. Bad input exits with status 2 and one line naming file, line and
-    field; a non-finite loss exits with status 1 and names the step."""
+    field; a non-finite loss or a failed write with status 1; Ctrl-C, SIGTERM and SIGHUP with the
+    shell's status for the signal (128 + its number). Each of these says where the last
+    checkpoint is and how to resume, and leaves the folder unlocked."""
     t0 = time.time()
     cfg = parse_config(config_cls, argv, description)
+    argv = sys.argv[1:] if argv is None else argv
+    script = sys.modules[train.__module__].__file__
+    handlers = {s: signal.signal(getattr(signal, s), _raise_terminated) for s in STOP_SIGNALS}
     dist = setup_distributed(cfg.device, cfg.parallel)
-    metrics = None
+    metrics, status = None, 0
     try:
         metrics = train(cfg, dist)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        status = 2
     except RunStopped as e:
         if dist.master:
-            print(f"error: {e}; stopped, the last good checkpoint in {cfg.out_dir} is kept", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+            print(f"error: {stopped(cfg, script, argv, dist, str(e), resumable=False)}", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
         if dist.master:
-            script = sys.modules[train.__module__].__file__
-            print(f"\n{interrupted(cfg, script, sys.argv[1:] if argv is None else argv, dist)}", file=sys.stderr)
-        return 130  # the shell's status for a run stopped by Ctrl-C
+            what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            print(f"\n{stopped(cfg, script, argv, dist, what)}", file=sys.stderr)
+        status = 128 + signum  # the shell's status for a process a signal ended
     finally:
+        for s in handlers:  # nor a signal that comes as the run ends
+            signal.signal(getattr(signal, s), signal.SIG_IGN)
         release_run_folder(cfg.out_dir)
         cleanup_distributed(dist, finished=metrics is not None)
-    if dist.master:
+        for s, handler in handlers.items():
+            signal.signal(getattr(signal, s), handler)
+    if status == 0 and dist.master:
         print(f"done in {time.time() - t0:.0f}s: " + ", ".join(
             f"{k} {number(v)}" for k, v in metrics.items() if k.startswith(("eval/", "objective/"))))
-    return 0
+    return status
 
 
 def progress_bar(total: int, initial: int, dist: Dist, desc: str):

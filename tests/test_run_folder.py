@@ -166,31 +166,49 @@ def test_bad_input_after_the_folder_is_claimed_leaves_no_folder_behind(toy_dir, 
     assert "config.json: invalid JSON" in capsys.readouterr().err and not out.exists()
 
 
+def train_logging_stderr(argv: list[str], stderr: str) -> None:
+    """train_sft.main in a child process, its stderr to a file and its status as the exit code."""
+    with open(stderr, "w") as f:
+        os.dup2(f.fileno(), 2)
+    sys.exit(train_sft.main(argv))
+
+
 @pytest.mark.slow
-def test_ten_kills_at_random_moments_change_nothing_the_resumed_run_computes(toy_dir, tmp_path):
-    """kill -9 ten times, each 1-5 steps and a random fraction of a step past the last checkpoint
-    (in a step, an evaluation or a checkpoint write), resuming after each: every checkpoint on
-    disk loads, and the finished run's weights and metrics.jsonl equal an uninterrupted run's.
-    Checkpoints come every 4 steps, so ten kills advance at most ~40 of the 80 steps. The runs are
-    processes forked from a server that has imported train_sft, to spare ten interpreter starts."""
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_ten_kills_at_random_moments_change_nothing_the_resumed_run_computes(signum, toy_dir, tmp_path):
+    """kill -9 (the OOM killer, a lost node) or SIGTERM (a scheduler's preemption) ten times, each
+    at a random moment (in a step, an evaluation or a checkpoint write), resuming after each:
+    every checkpoint on disk loads, SIGTERM ends the run with status 143 and the line naming the
+    last checkpoint, and the finished run's weights and metrics.jsonl equal an uninterrupted
+    run's. Each kill comes 1-3 steps and a random fraction of a step past the last step logged
+    before it, so ten kills advance at most ~45 of the 80 steps. The runs are processes forked
+    from a server that has imported train_sft, to spare ten interpreter starts."""
     common = dict(max_iters=80, eval_interval=4, dropout=0.1, eval_samples=2, max_new_tokens=8, lr_decay_iters=80)
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     assert train_sft.main(tiny_args(toy_dir, whole, **common)) == 0
     processes = multiprocessing.get_context("forkserver")
     processes.set_forkserver_preload(["train_sft"])
     rng = random.Random(0)
-    ckpt = os.path.join(killed, "ckpt.pt")
+    ckpt, stderr = os.path.join(killed, "ckpt.pt"), str(tmp_path / "stderr")
     for _ in range(10):
         resumed_from = load_checkpoint(ckpt)["step"] if os.path.exists(ckpt) else -1  # never half-written
         argv = tiny_args(toy_dir, killed, **common, **({"resume": True} if resumed_from >= 0 else {}))
-        proc = processes.Process(target=train_sft.main, args=(argv,))
+        # past the steps logged before, which stay in metrics.jsonl until the resumed run has started
+        kill_after = max(logged_steps(killed), default=-1) + rng.randint(1, 3)
+        proc = processes.Process(target=train_logging_stderr, args=(argv, stderr))
         proc.start()
-        kill_after = resumed_from + rng.randint(1, 5)
         assert wait_until(lambda: max(logged_steps(killed), default=-1) >= kill_after, proc)
         time.sleep(rng.uniform(0.0, 0.12))
-        proc.kill()
+        os.kill(proc.pid, signum)
         proc.join()
-        assert proc.exitcode == -signal.SIGKILL, "the run ended before its kill"
+        if signum == signal.SIGKILL:
+            assert proc.exitcode == -signal.SIGKILL, "the run ended before its kill"
+            continue
+        err = open(stderr).read()
+        assert proc.exitcode == 128 + signal.SIGTERM, err
+        step = load_checkpoint(ckpt)["step"]
+        assert f"stopped by SIGTERM: the last checkpoint is {ckpt} (step {step}); continue with:" in err, err
+        assert "Traceback" not in err and sorted(os.listdir(killed)) == ["ckpt.pt", "config.json", "metrics.jsonl"]
     assert train_sft.main(tiny_args(toy_dir, killed, **common, resume=True)) == 0
     assert read_metrics(killed) == read_metrics(whole)
     a, b = load_checkpoint(os.path.join(whole, "ckpt.pt")), load_checkpoint(ckpt)

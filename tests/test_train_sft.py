@@ -68,7 +68,8 @@ def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(toy
     monkeypatch.setattr(train_sft, "sft_loss", loss_that_blows_up_on_step_3)
     assert train_sft.main(tiny_args(toy_dir, str(tmp_path), max_iters=10, eval_interval=2)) == 1
     # the message follows the progress bar's last refresh on stderr, hence a search, not a whole line
-    assert f"error: step 3: loss is nan; stopped, the last good checkpoint in {tmp_path} is kept\n" in capsys.readouterr().err
+    assert (f"error: step 3: loss is nan; stopped, the last good checkpoint is {tmp_path}/ckpt.pt (step 2)\n"
+            in capsys.readouterr().err)
     assert load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))["step"] == 2
     assert max(m["step"] for m in read_metrics(str(tmp_path))) == 2
 
@@ -84,7 +85,7 @@ def test_a_finite_loss_with_an_overflowing_gradient_never_steps_and_never_reache
     assert train_sft.main(tiny_args(toy_dir, str(out), max_iters=30, eval_interval=1, warmup_iters=1, lr=1e3,
                                     val_file=val)) == 1
     err = capsys.readouterr().err
-    assert "gradient norm is" in err and f"stopped, the last good checkpoint in {out} is kept" in err
+    assert "gradient norm is" in err and f"stopped, the last good checkpoint is {out}/ckpt.pt (step " in err
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert ckpt["step"] == max(m["step"] for m in read_metrics(str(out)))
