@@ -467,11 +467,15 @@ def _claim(path: str) -> str | None:
         if current:
             break
         os.close(fd)  # the holder removed this lock file as it ended, after we opened it: take a new one
-    os.ftruncate(fd, 0)
     command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                 f"{command}\n".encode())
     _held[key] = (fd, created)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                     f"{command}\n".encode())
+    except OSError as e:  # a full disk: no lock file left behind, nor a folder made for it
+        release_run_folder(path)
+        return f"--out_dir {path}: cannot write there ({e.strerror})"
     return None
 
 
@@ -680,6 +684,8 @@ class Run:
             replace_atomically(self.ckpt_path, lambda tmp: torch.save(state, tmp))
         except OSError as e:
             return f"step {step}: writing {self.ckpt_path} failed ({e.strerror or e})"
+        except RuntimeError as e:  # torch's writer reports a failed write (a full disk) as a RuntimeError
+            return f"step {step}: writing {self.ckpt_path} failed (is the disk full? torch says: {str(e).splitlines()[0]})"
         if self.replacing:
             shutil.rmtree(os.path.join(self.dir, OVERWRITTEN))
             self.replacing = None

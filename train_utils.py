@@ -10,6 +10,7 @@ Processes and devices are in distributed.py, checkpoints and the run folder in c
 import argparse
 import ast
 import dataclasses
+import errno
 import inspect
 import math
 import os
@@ -484,8 +485,15 @@ def run_script(config_cls, train, argv, description: str) -> int:
         print(f"error: {e}", file=sys.stderr)
         status = 2
     except RunStopped as e:
-        if dist.master:
-            print(f"error: {stopped(cfg, script, argv, dist, str(e), resumable=False)}", file=sys.stderr)
+        if dist.master:  # on a line of its own below the progress bar
+            print(f"\nerror: {stopped(cfg, script, argv, dist, str(e), resumable=False)}", file=sys.stderr)
+        status = 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        if dist.master:  # a full disk wherever a write failed: the writes are atomic, the last checkpoint stands
+            print(f"\nerror: {stopped(cfg, script, argv, dist, f'writing {e.filename} failed ({e.strerror})', False)}",
+                  file=sys.stderr)
         status = 1
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Terminated) else signal.SIGINT

@@ -214,3 +214,39 @@ def test_ten_kills_at_random_moments_change_nothing_the_resumed_run_computes(sig
     a, b = load_checkpoint(os.path.join(whole, "ckpt.pt")), load_checkpoint(ckpt)
     assert all(torch.equal(t, b["model"][n]) for n, t in a["model"].items())
     assert sorted(os.listdir(killed)) == ["ckpt.pt", "config.json", "metrics.jsonl"]
+
+
+def full_disk(max_bytes: int):
+    """A child process's preexec_fn: files it writes stop at max_bytes, each write past that
+    failing with EFBIG as a full disk fails with ENOSPC (SIGXFSZ ignored, so the write returns)."""
+    def limit():
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return limit
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_last_checkpoint_stands(toy_dir, tmp_path):
+    """torch's writer raised a RuntimeError (inline_container.cc ... unexpected pos) past the
+    OSError that Run._write caught: a traceback."""
+    out = str(tmp_path / "run")
+    assert train_sft.main(tiny_args(toy_dir, out, max_iters=2, eval_interval=2)) == 0
+    checkpoint = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    r = subprocess.run([sys.executable, "train_sft.py", *tiny_args(toy_dir, out, max_iters=4, eval_interval=2,
+                                                                   resume=True)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=full_disk(len(checkpoint) // 2))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    err = next(line for line in r.stderr.splitlines() if line.startswith("error:"))  # beside the progress bar
+    assert err.startswith(f"error: step 4: writing {out}/ckpt.pt failed (") and err.endswith(
+        f"stopped, the last good checkpoint is {out}/ckpt.pt (step 2)"), err
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == checkpoint
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "metrics.jsonl"]
+
+
+def test_a_disk_too_full_for_the_lock_file_is_one_line_and_leaves_nothing(toy_dir, tmp_path):
+    """Writing the lock's text raised an OSError traceback and left an empty .lock."""
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "train_sft.py", *tiny_args(toy_dir, str(out))], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, preexec_fn=full_disk(0))
+    assert r.returncode == 2 and r.stderr == f"error: --out_dir {out}: cannot write there (File too large)\n", r.stderr
+    assert not out.exists()
