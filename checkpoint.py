@@ -77,6 +77,24 @@ class NonFiniteLoss(RunStopped):
     """A NaN or infinite loss, gradient norm or weight."""
 
 
+def non_finite_weights(model: torch.nn.Module, dist: Dist) -> bool:
+    """Whether any weight is NaN or infinite, on any rank: under FSDP each holds its shards, so
+    the count is all-reduced and every rank stops together (DDP's replicas agree already)."""
+    local = [p.to_local() if is_dtensor(p) else p for p in model.parameters()]
+    count = torch.stack([~torch.isfinite(p).all() for p in local]).sum().float()
+    if dist.sharded:
+        count = all_reduce_sum(count, dist)
+    return bool(count)
+
+
+def check_finite(model: torch.nn.Module, path: str) -> None:
+    """A loaded model's weights are numbers: NaN or infinite ones would reach the sampler (an
+    IndexError far from the cause) or be exported as they are."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise DataError(f"{path}: the weight {name} holds NaN or infinite values")
+
+
 def is_toy_model(path: str) -> bool:
     """Whether the model at `path` is the toy task's, by what it is, never by the path's shape:
     every stage's checkpoint records it (`toy_task`, passed down from the model the run started
@@ -102,7 +120,9 @@ def load_gpt(path: str, dtype: torch.dtype | None = torch.float32,
     records, or `lora_base` where that base has moved."""
     path = model_file(path)
     if os.path.isdir(path):
-        return load_folder(path, dtype)
+        model, tok = load_folder(path, dtype)
+        check_finite(model, path)
+        return model, tok
     ckpt = load_checkpoint(path)
     if "head.proj.weight" in ckpt["model"]:
         raise DataError(f"{path}: a reward model's checkpoint, not a language model's")
@@ -112,6 +132,7 @@ def load_gpt(path: str, dtype: torch.dtype | None = torch.float32,
         merge_lora(model)
     else:
         model = _checkpointed(GPT, path, _model_config(path, ckpt), ckpt["model"])
+    check_finite(model, path)
     return model.to(dtype), Tokenizer.from_state(ckpt["tokenizer"], path)
 
 
@@ -159,6 +180,7 @@ def load_reward_model(path: str, lora_base: str = "") -> tuple[RewardModel, Toke
     else:
         config = _model_config(path, ckpt)
         model = _checkpointed(RewardModel, path, config, backbone_state(ckpt["model"], config))
+    check_finite(model, path)
     return model, Tokenizer.from_state(ckpt["tokenizer"], path)
 
 
@@ -650,11 +672,7 @@ class Run:
         Whole tensors, keyed by parameter name (the optimizer's state too), whatever --parallel
         and world size wrote them, so any of them resumes it."""
         rng = _gather_rng(self.dist)  # every rank takes part in the gathers
-        local = [p.to_local() if is_dtensor(p) else p for p in model.parameters()]
-        non_finite = float(sum(not bool(torch.isfinite(p).all()) for p in local))
-        if self.dist.ddp:  # summed over ranks (under FSDP each holds its shards), so that all stop together
-            non_finite = all_reduce_sum(torch.tensor(non_finite, device=self.dist.device), self.dist).item()
-        if non_finite:
+        if non_finite_weights(model, self.dist):
             raise NonFiniteLoss(f"step {step}: the model holds non-finite weights, so it is not saved")
         # a replica has nothing rank 0 lacks; under FSDP the gathers below are collective
         gathers = self.dist.master or self.dist.sharded

@@ -460,6 +460,8 @@ class GPT(nn.Module):
             else:
                 h = self.hidden_states(input_ids, attention_mask)
             logits = self.lm_head(h[:, -1]).float()  # (B, V)
+            if not bool(torch.isfinite(logits).all()):  # a diverged model: NaN probabilities sample no token
+                raise FloatingPointError("the model's next-token logits are NaN or infinite (its weights diverged)")
             if logits_processor is not None:
                 logits = logits_processor(input_ids, logits)
             next_id = sample_token(logits, temperature, top_k, top_p, generator)

@@ -162,6 +162,9 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"error: {cfg.ckpt}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -25,7 +25,8 @@ from typing import Literal, Optional, Union, get_args, get_origin, get_type_hint
 
 import torch
 
-from checkpoint import OVERWRITTEN, NonFiniteLoss, RunStopped, fingerprint, is_toy_model, model_file, number, release_run_folder
+from checkpoint import (OVERWRITTEN, NonFiniteLoss, RunStopped, fingerprint, is_toy_model, model_file, non_finite_weights,
+                        number, release_run_folder)
 from data import TOY_PAIRS
 from distributed import Dist, all_reduce_sum, cleanup_distributed, is_dtensor, setup_distributed
 from files import DataError
@@ -382,6 +383,8 @@ def optimizer_step(model, optimizer, sums: dict, n_global: int, grad_clip: float
         raise NonFiniteLoss(f"step {step}: gradient norm is {stats['grad_norm']}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if non_finite_weights(model, dist):  # a learning rate too high for finite weights (--lr 1e39)
+        raise NonFiniteLoss(f"step {step}: the update made weights NaN or infinite (is --lr too high?)")
     return stats
 
 
@@ -484,7 +487,7 @@ def run_script(config_cls, train, argv, description: str) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         status = 2
-    except RunStopped as e:
+    except (RunStopped, FloatingPointError) as e:  # the latter: a diverged model's sampling
         if dist.master:  # on a line of its own below the progress bar
             print(f"\nerror: {stopped(cfg, script, argv, dist, str(e), resumable=False)}", file=sys.stderr)
         status = 1

@@ -1,6 +1,8 @@
 """--resume on a run folder that is not what it should be: a checkpoint past --max_iters, another
 script's run, a metrics log damaged before its last line, and a checkpoint damaged in any field a
 resume reads. Each is one line, exit status 2, and the folder byte for byte as it was, unlocked.
+And a model that is not numbers: NaN weights loaded by any script are one line (status 2), and a
+run that diverges is one line naming its last good checkpoint, or saying there is none (status 1).
 
     python -m pytest -q tests/test_damaged_runs.py
 """
@@ -12,7 +14,10 @@ import sys
 import pytest
 import torch
 
+import export
+import sample
 import train_dpo
+import train_ppo
 import train_sft
 from conftest import ROOT, read_metrics
 from test_train_dpo import dpo_args
@@ -137,3 +142,62 @@ def test_a_damaged_checkpoint_is_refused_naming_what_is_wrong(damage, toy_dir, f
     r = subprocess.run([sys.executable, "train_sft.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and expected in r.stderr, (r.returncode, r.stderr)
     assert files(finished) == before
+
+
+def test_a_run_that_diverges_stops_in_one_line_naming_its_last_checkpoint(toy_dir, tmp_path, capsys):
+    """--lr 1e39: the first update leaves finite weights whose logits overflow, and the next
+    evaluation's sampling ended in an IndexError."""
+    out = str(tmp_path / "run")
+    assert train_sft.main(tiny_args(toy_dir, out, lr=1e39, eval_interval=1, eval_samples=2, max_new_tokens=4)) == 1
+    err = capsys.readouterr().err
+    assert (f"error: the model's next-token logits are NaN or infinite (its weights diverged); stopped, the last "
+            f"good checkpoint is {out}/ckpt.pt (step 0)\n") in err and "Traceback" not in err
+
+
+ATTENTION = "transformer.h.0.attn.c_attn.weight"
+
+
+def with_weights(finished: str, tmp_path, scale: float) -> str:
+    """A copy of the finished run's checkpoint with its first block's attention weights multiplied by scale."""
+    ckpt = torch.load(os.path.join(finished, "ckpt.pt"), weights_only=True)
+    ckpt["model"][ATTENTION] = ckpt["model"][ATTENTION] * scale
+    path = str(tmp_path / "model.pt")
+    torch.save(ckpt, path)
+    return path
+
+
+def test_a_diverged_model_stopping_before_its_first_checkpoint_says_there_is_none(toy_dir, finished, tmp_path, capsys):
+    """DPO said 'the last good checkpoint is kept' when it had written none."""
+    model, out = with_weights(finished, tmp_path, 1e30), str(tmp_path / "diverged")
+    assert train_sft.main(tiny_args(toy_dir, out, init_from=model, train_file=f"{toy_dir}/sft_val.jsonl",
+                                    eval_samples=2, max_new_tokens=4)) == 1
+    assert ("(its weights diverged); stopped before the first checkpoint, so nothing in "
+            f"{out} to resume\n") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["sample", "train_sft", "train_ppo", "export"])
+def test_nan_weights_are_refused_in_one_line_by_every_script_that_loads_them(script, sft_pairs, toy_dir, finished,
+                                                                             tmp_path, capsys):
+    """sample.py, SFT --init_from and PPO --sft_ckpt ended in an IndexError from sampling, and
+    export.py wrote the NaN weights out with status 0."""
+    model, out = with_weights(finished, tmp_path, float("nan")), str(tmp_path / "out")
+    argv = {"sample": ["--ckpt", model, "--prompt", "a", "--device=cpu"],
+            "train_sft": tiny_args(toy_dir, out, init_from=model, train_file=f"{toy_dir}/sft_val.jsonl"),
+            "train_ppo": [f"--sft_ckpt={model}", "--reward=gold", f"--prompts={toy_dir}/prompts_train.jsonl",
+                          f"--out_dir={out}", "--device=cpu"],
+            "export": [f"--ckpt={model}", f"--out_dir={out}"]}[script]
+    main = {"sample": sample.main, "train_sft": train_sft.main, "train_ppo": train_ppo.main, "export": export.main}[script]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"error: {model}: the weight {ATTENTION} holds NaN or infinite values\n"
+    assert not os.path.exists(out) or not os.listdir(out)
+
+
+def test_nan_weights_in_a_model_folder_are_refused_naming_the_folder(finished, tmp_path, capsys):
+    from checkpoint import load_gpt
+    model, tok = load_gpt(finished)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight[0, 0] = float("inf")
+    folder = str(tmp_path / "folder")
+    export.save_folder(model, tok, folder)
+    assert sample.main(["--ckpt", folder, "--prompt", "a", "--device=cpu"]) == 2
+    assert capsys.readouterr().err == f"error: {folder}: the weight {ATTENTION} holds NaN or infinite values\n"
