@@ -10,8 +10,10 @@ from Python's internals but not from using up time or memory, so a render is als
 stops after RENDER_SECONDS (a SIGALRM timer, on the main thread of a Unix process: a thread or
 Windows gets no time bound), `*` and `**` refuse a result past MAX_CHARS items or MAX_INT_BITS
 bits before computing it, `+` and `~` refuse one past MAX_CHARS (so a text cannot double in a
-loop), and the output stops past MAX_CHARS. What the sandbox's filters and methods allocate is
-not bounded (`'a'|center(10**10)` asks for 10 GB at once; where memory lacks, a MemoryError).
+loop), and the output stops past MAX_CHARS. A filter or method call is refused before it runs
+when it is given a number past MAX_CHARS (a width: `'a'|center(10**10)`), a format string with
+such a width, or is a replace or join whose result would pass MAX_CHARS; its result is bounded
+too.
 Every failure, the template's own raise_exception included, is one ChatError line naming where
 the template came from. The built-in Zephyr template (Tunstall et al. 2023) is used when a model
 has none:
@@ -25,7 +27,9 @@ render(messages[:i], add_generation_prompt=True) and render(messages[:i + 1]). T
 template that renders a conversation's earlier turns the same whatever follows them; one that
 does not (some strip earlier reasoning) is refused with a clear error.
 """
+import functools
 import json
+import re
 import signal
 import threading
 from datetime import datetime
@@ -92,9 +96,9 @@ class _CodeGenerator(CodeGenerator):
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """jinja2's immutable sandbox, with `*` and `**` refused before they build something too
-    large, and `+` and `~` just after."""
-    intercepted_binops = frozenset(["*", "**"])
+    """jinja2's immutable sandbox, with `*`, `**`, `%` and calls refused before they build
+    something too large, and `+` and `~` just after."""
+    intercepted_binops = frozenset(["*", "**", "%"])
     code_generator_class = _CodeGenerator
     bounded = staticmethod(_bounded)
 
@@ -103,12 +107,52 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             bits = right * left.bit_length() if operator == "**" else left.bit_length() + right.bit_length()  # at most
             if bits > MAX_INT_BITS:
                 raise _Refused(f"computes a number of more than {MAX_INT_BITS} bits (chat.MAX_INT_BITS)")
+        elif operator == "%":  # a format string: its widths
+            _check_call("%", (left,), {})
         elif operator == "*":  # a text or list repeated
             count, items = (left, right) if isinstance(left, int) else (right, left)
             if isinstance(count, int) and isinstance(items, (str, list, tuple)) and count * len(items) > MAX_CHARS:
                 raise _Refused(f"builds a text or list of {count * len(items)} items, more than {MAX_CHARS} "
                                "(chat.MAX_CHARS)")
         return self.binop_table[operator](left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # every method a template calls: 'a'.center(n), ...
+        bound_to = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # the sandbox wraps str.format
+        _check_call(getattr(__obj, "__name__", "a call"), (bound_to, *args) if isinstance(bound_to, str) else args,
+                    kwargs)
+        return _bounded(super().call(__context, __obj, *args, **kwargs))
+
+
+_WIDTH = re.compile(r"\d{8,}")  # a run of digits in a format string that may be a width past MAX_CHARS
+
+
+def _check_call(name: str, args: tuple, kwargs: dict) -> None:
+    """Refuse a filter or method call that would allocate past MAX_CHARS before it runs: a number
+    past it (a width or count), a format string holding one, a replace or join whose result
+    would be longer (their inputs are bounded; their product is not)."""
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, int) and arg > MAX_CHARS:
+            raise _Refused(f"calls {name} with {arg}, more than {MAX_CHARS} (chat.MAX_CHARS)")
+        if isinstance(arg, str) and any(int(w) > MAX_CHARS for w in _WIDTH.findall(arg)):
+            raise _Refused(f"calls {name} with a format width of more than {MAX_CHARS} (chat.MAX_CHARS)")
+    texts = [a for a in args if isinstance(a, str)]
+    if name == "replace" and len(texts) >= 3:
+        text, old, new = texts[:3]
+        size = len(text) + (text.count(old) if old else len(text) + 1) * (len(new) - len(old))
+    elif name == "join" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], (list, tuple)):
+        size = len(args[0]) * max(0, len(args[1]) - 1) + sum(len(x) for x in args[1] if isinstance(x, str))
+    else:
+        return
+    if size > MAX_CHARS:
+        raise _Refused(f"builds a text of {size} characters with {name}, more than {MAX_CHARS} (chat.MAX_CHARS)")
+
+
+def _bounded_filter(name: str, fn):
+    @functools.wraps(fn)  # keeps jinja2's pass_context marks
+    def bounded(*args, **kwargs):
+        _check_call(name, args, kwargs)
+        return _bounded(fn(*args, **kwargs))
+    return bounded
 
 
 def _expire(signum, frame):
@@ -132,6 +176,7 @@ def _compile(source: str):
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: json.dumps(
         x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+    env.filters = {name: _bounded_filter(name, fn) for name, fn in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)

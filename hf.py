@@ -30,7 +30,8 @@ MAX_TEMPLATE_BYTES = 1 << 20  # chat_template.jinja: real templates are a few ki
 
 def _read_bounded(path: str, limit: int, bound: str) -> bytes:
     """A folder file's bytes, refused past `limit` (the module constant named `bound`) before
-    more than that is read."""
+    more than that is read, and refused where it links out of its folder (_linked_inside)."""
+    _linked_inside(path, os.path.dirname(path))
     with open(path, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
@@ -254,8 +255,9 @@ class _SafetensorsFiles:
             path = os.path.join(folder, file)
             if not os.path.isfile(path):
                 raise DataError(f"{index_path}: shard {_brief(file, 300)} is missing")
-            if not _inside(path, folder):  # an absolute path or ".." (a link is followed, as a cache snapshot's are)
+            if not _inside(path, folder):  # an absolute path or ".."
                 raise DataError(f"{index_path}: shard {_brief(file, 300)} lies outside the folder")
+            _linked_inside(path, folder)
             try:
                 handle = safe_open(path, framework="pt")
                 for name in handle.keys():
@@ -279,10 +281,25 @@ class _SafetensorsFiles:
 
 
 def _inside(path: str, folder: str) -> bool:
-    """Whether `path`, as named, lies in `folder`. Symbolic links are the folder's own files: a
-    Hugging Face cache snapshot links each of its files into the cache's blobs."""
+    """Whether `path`, as named, lies in `folder` (an absolute name or one with .. may not)."""
     root = os.path.abspath(folder)
     return os.path.commonpath([root, os.path.abspath(path)]) == root
+
+
+def _linked_inside(path: str, folder: str) -> None:
+    """The one rule for every file a folder's loader reads: a symbolic link is followed where it
+    ends inside the folder, or, in a Hugging Face cache snapshot (hub/models--org--name/snapshots/
+    <revision>/), inside that model's blobs/, where the cache keeps every file the snapshot links
+    to. Any other link (to a file elsewhere, /dev/zero) is refused: a downloaded folder reads no
+    file outside itself."""
+    root = os.path.abspath(folder)
+    real = os.path.realpath(path)
+    allowed = [os.path.realpath(root)]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":
+        allowed.append(os.path.realpath(os.path.join(root, "..", "..", "blobs")))
+    if not any(os.path.commonpath([a, real]) == a for a in allowed):
+        raise DataError(f"{path}: a link to {real}, outside the folder (only links inside it, or a Hugging Face "
+                        "cache snapshot's into its blobs/, are followed)")
 
 
 def load_folder(folder: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:

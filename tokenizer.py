@@ -10,7 +10,7 @@ import re
 
 import sentencepiece as spm
 
-from chat import ZEPHYR_TEMPLATE, ChatError, render
+from chat import MAX_CHARS, ZEPHYR_TEMPLATE, ChatError, render
 from files import DataError, write_atomic
 
 
@@ -95,6 +95,10 @@ class Tokenizer:
             before = self.render(messages[:1], add_generation_prompt=True)
         except ChatError as e:
             raise DataError(f"{e} (on a test conversation: a user turn and a reply)") from None
+        if "Hi" not in before:  # a prompt rendered to nothing (or without its text) samples from nothing
+            source = f" ({self.template_source})" if self.template_source else ""
+            raise DataError(f"the chat template{source} renders a test prompt without its text: the user turn 'Hi' "
+                            f"with the generation prompt became {before[:100]!r}")
         reply = text.find("Fine", len(before))
         if reply < 0:
             return None
@@ -124,9 +128,11 @@ class Tokenizer:
                 raise DataError(f"--chat_template {choice}: not auto, zephyr, none or a Jinja file")
             try:
                 with open(choice, encoding="utf-8") as f:
-                    template, source = f.read(), f"--chat_template {choice}"
+                    template, source = f.read(MAX_CHARS + 1), f"--chat_template {choice}"
             except (OSError, UnicodeDecodeError) as e:
                 raise DataError(f"--chat_template {choice}: cannot be read as UTF-8 text ({e})") from None
+            if len(template) > MAX_CHARS:  # the bound on any text a template builds bounds its source too
+                raise DataError(f"--chat_template {choice}: more than {MAX_CHARS} characters (chat.MAX_CHARS)")
         if chat_data and template is None:
             raise DataError("the data holds conversations but --chat_template none renders none")
         return Tokenizer(**{**self.state(), "chat_template": template}, template_source=source)

@@ -253,15 +253,44 @@ def test_a_shard_outside_the_folder_is_refused_in_one_line(good, tmp_path, capsy
     refused_in_one_line(folder, f"model.safetensors.index.json: shard {named!r} lies outside the folder", capsys)
 
 
-def test_a_shard_that_is_a_link_in_the_folder_is_read_as_a_cache_snapshot_lays_it_out(good, tmp_path):
-    folder = spoiled(good, tmp_path, "sharded")
-    shard = shard_names(folder)[0]
-    os.makedirs(tmp_path / "blobs")
-    shutil.move(f"{folder}/{shard}", tmp_path / "blobs" / shard)
-    os.symlink(f"../blobs/{shard}", f"{folder}/{shard}")
-    model, _ = load_folder(folder)
-    reference, _ = load_folder(good["sharded"])
+def cache_snapshot(folder: str, root) -> str:
+    """`folder` laid out as the Hugging Face cache keeps a download: every file in
+    hub/models--org--name/blobs/ under a hash, linked from snapshots/<revision>/ by name."""
+    model = root / "hub" / "models--org--name"
+    snapshot, blobs = model / "snapshots" / "0123abcd", model / "blobs"
+    os.makedirs(snapshot)
+    os.makedirs(blobs)
+    for i, name in enumerate(sorted(os.listdir(folder))):
+        shutil.copy(f"{folder}/{name}", blobs / f"blob{i}")
+        os.symlink(f"../../blobs/blob{i}", snapshot / name)
+    return str(snapshot)
+
+
+def test_a_cache_snapshot_whose_files_all_link_into_its_blobs_loads_the_same_weights(good, tmp_path):
+    model, tok = load_folder(cache_snapshot(good["sharded"], tmp_path))
+    reference, reference_tok = load_folder(good["sharded"])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert tok.encode("the film") == reference_tok.encode("the film")
+
+
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors", "tokenizer.model", "shard"])
+def test_a_file_linked_out_of_the_folder_is_refused_in_one_line(file, good, tmp_path, capsys):
+    """config.json, model.safetensors and tokenizer.model linked out of the folder were followed
+    (a shard too, where the folder is not a cache snapshot): a folder reads no file outside itself."""
+    folder = spoiled(good, tmp_path, "sharded" if file == "shard" else "llama")
+    name = shard_names(folder)[0] if file == "shard" else file
+    os.makedirs(tmp_path / "elsewhere")
+    shutil.move(f"{folder}/{name}", tmp_path / "elsewhere" / name)
+    os.symlink(tmp_path / "elsewhere" / name, f"{folder}/{name}")
+    refused_in_one_line(folder, f"{name}: a link to {tmp_path}/elsewhere/{name}, outside the folder", capsys)
+
+
+def test_a_snapshot_link_out_of_its_blobs_is_refused(good, tmp_path, capsys):
+    snapshot = cache_snapshot(good["llama"], tmp_path)
+    os.remove(f"{snapshot}/config.json")
+    shutil.copy(f"{good['llama']}/config.json", tmp_path / "config.json")
+    os.symlink(tmp_path / "config.json", f"{snapshot}/config.json")
+    refused_in_one_line(snapshot, f"config.json: a link to {tmp_path}/config.json, outside the folder", capsys)
 
 
 def test_an_index_whose_shard_names_are_not_strings_is_refused_in_one_line(good, tmp_path, capsys):

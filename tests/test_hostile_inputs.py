@@ -1,6 +1,7 @@
 """A downloaded folder, checkpoint or chat template is untrusted data (issue 24): a chat template
-that loops without end, builds a huge text or number, or does not parse is stopped within its
-bounds, and a checkpoint or DPO cache holding a pickle payload (or garbage) is refused without
+that loops without end, builds a huge text or number (with an operator, a filter or a method),
+renders nothing, or does not parse is stopped within its bounds, a JSONL record past its bound is
+refused before it is tokenized, and a checkpoint or DPO cache holding a pickle payload (or garbage) is refused without
 running it; every script says so in one line and exits with status 2.
 
     python -m pytest -q tests/test_hostile_inputs.py
@@ -40,7 +41,15 @@ HOSTILE = {
                  "builds a text or list of 33554432 items"),
     "flood": ("{% for i in range(100000) %}{% for j in range(100000) %}{{ 'a' * 1000 }}{% endfor %}{% endfor %}",
               "writes more than 16777216 characters"),
-    "huge_range": ("{{ range(10**9) }}", "failed to render: OverflowError: Range too big"),
+    "huge_range": ("{{ range(10**9) }}", "calls safe_range with 1000000000, more than 16777216"),
+    # what a filter or method allocates: refused before it runs (center asked for 10 GB first)
+    "center": ("{{ 'a'|center(10**10) }}", "calls center with 10000000000, more than 16777216"),
+    "method": ("{{ 'a'.ljust(10**10) }}", "calls ljust with 10000000000, more than 16777216"),
+    "format_width": ("{{ '%1000000000s'|format('a') }}", "calls format with a format width of more than 16777216"),
+    "percent_width": ("{{ '%1000000000s' % 'a' }}", "calls % with a format width of more than 16777216"),
+    "str_format_width": ("{{ '{:>1000000000}'.format('a') }}", "calls format with a format width of more than"),
+    "replace": ("{{ ('a' * 1000000)|replace('', 'b' * 1000) }}", "builds a text of 1001001000 characters with replace"),
+    "join": ("{{ ('b' * 100000).join(['a'] * 1000) }}", "builds a text of 99901000 characters with join"),
     "syntax_error": ("{% for m in messages %}{{ m }", "does not parse: unexpected '}' (line 1)"),
     "raise_exception": ("{{ raise_exception('no\nchat here') }}", "refused the conversation: no chat here"),
 }
@@ -173,6 +182,43 @@ def test_a_chat_template_file_that_is_not_text_is_one_line(tok, tmp_path):
     (tmp_path / "t.jinja").write_bytes(b"\xff\xfe{{ x }}")
     with pytest.raises(DataError, match=f"^--chat_template {tmp_path / 't.jinja'}: cannot be read as UTF-8 text"):
         tok.with_chat_template(str(tmp_path / "t.jinja"), chat_data=True)
+
+
+def test_a_chat_template_file_past_the_bound_is_refused_before_it_is_read_whole(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(chat, "MAX_CHARS", 100)
+    monkeypatch.setattr("tokenizer.MAX_CHARS", 100)
+    (tmp_path / "t.jinja").write_text("{# " + "x" * 200 + " #}" + chat.ZEPHYR_TEMPLATE)
+    with pytest.raises(DataError, match=f"^--chat_template {tmp_path / 't.jinja'}: more than 100 characters"):
+        tok.with_chat_template(str(tmp_path / "t.jinja"), chat_data=True)
+
+
+def test_a_template_that_renders_nothing_is_refused_in_one_line_by_sample_and_sft(tok, tmp_path, capsys):
+    """{{ '' }} ended in an IndexError in sample.py (a prompt of no tokens) and a RuntimeError in SFT."""
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", tok, "{{ '' }}")
+    assert sample.main([f"--ckpt={ckpt}", "--prompt=hi", "--device=cpu", "--max_new_tokens=2"]) == 2
+    assert one_error_line(capsys) == (f"error: the chat template ({ckpt}) renders a test prompt without its text: "
+                                      "the user turn 'Hi' with the generation prompt became ''")
+    tok.save(str(tmp_path / "tokenizer.model"))
+    (tmp_path / "empty.jinja").write_text("{{ '' }}")
+    data = tmp_path / "chat.jsonl"
+    record = {"messages": [{"role": "user", "content": "the movie"}, {"role": "assistant", "content": "was great ."}]}
+    data.write_text((json.dumps(record) + "\n") * 4)
+    assert train_sft.main([f"--train_file={data}", f"--tokenizer={tmp_path / 'tokenizer.model'}",
+                           f"--chat_template={tmp_path / 'empty.jinja'}", f"--out_dir={tmp_path / 'run'}",
+                           "--device=cpu", "--max_iters=1"]) == 2
+    assert "renders a test prompt without its text" in one_error_line(capsys) and not (tmp_path / "run").exists()
+
+
+def test_a_record_past_the_bound_is_refused_before_it_is_parsed_or_tokenized(tmp_path, monkeypatch):
+    """A 100 MB line took 165 s and 17 GB to tokenize; --skip_bad drops it and keeps the lines after."""
+    import data
+    monkeypatch.setattr(data, "MAX_RECORD_BYTES", 1000)
+    path = tmp_path / "sft.jsonl"
+    lines = [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": "x" * 5000}, {"prompt": "c", "completion": "d"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(DataError, match=f"^{path}:2: a record of more than 1000 bytes"):
+        data.load_sft(str(path))
+    assert [(e.prompt, e.where) for e in data.load_sft(str(path), skip_bad=True)] == [("a", f"{path}:1"), ("c", f"{path}:3")]
 
 
 # -----------------------------------------------------------------------------
