@@ -151,16 +151,21 @@ def test_a_hostile_template_in_a_model_folder_names_its_file(where, tmp_path, ca
     assert one_error_line(capsys).startswith(f"error: the chat template ({tmp_path / where}) took more than 0.2 s")
 
 
-def test_a_hostile_chat_template_file_stops_train_sft_with_one_line(tok, tmp_path, capsys):
+def sft_on_chat_data(tok, tmp_path, template: str) -> int:
+    """train_sft.py on four conversations with `template` as the --chat_template file t.jinja."""
     tok.save(str(tmp_path / "tokenizer.model"))
-    (tmp_path / "loop.jinja").write_text(LOOP)
+    (tmp_path / "t.jinja").write_text(template)
     data = tmp_path / "chat.jsonl"
     record = {"messages": [{"role": "user", "content": "the movie"}, {"role": "assistant", "content": "was great ."}]}
     data.write_text((json.dumps(record) + "\n") * 4)
-    assert train_sft.main([f"--train_file={data}", f"--tokenizer={tmp_path / 'tokenizer.model'}",
-                           f"--chat_template={tmp_path / 'loop.jinja'}", f"--out_dir={tmp_path / 'run'}",
-                           "--device=cpu", "--max_iters=1"]) == 2
-    assert one_error_line(capsys).startswith(f"error: the chat template (--chat_template {tmp_path / 'loop.jinja'}) "
+    return train_sft.main([f"--train_file={data}", f"--tokenizer={tmp_path / 'tokenizer.model'}",
+                           f"--chat_template={tmp_path / 't.jinja'}", f"--out_dir={tmp_path / 'run'}",
+                           "--device=cpu", "--max_iters=1"])
+
+
+def test_a_hostile_chat_template_file_stops_train_sft_with_one_line(tok, tmp_path, capsys):
+    assert sft_on_chat_data(tok, tmp_path, LOOP) == 2
+    assert one_error_line(capsys).startswith(f"error: the chat template (--chat_template {tmp_path / 't.jinja'}) "
                                              "took more than 0.2 s to render")
     assert not (tmp_path / "run").exists()
 
@@ -198,14 +203,7 @@ def test_a_template_that_renders_nothing_is_refused_in_one_line_by_sample_and_sf
     assert sample.main([f"--ckpt={ckpt}", "--prompt=hi", "--device=cpu", "--max_new_tokens=2"]) == 2
     assert one_error_line(capsys) == (f"error: the chat template ({ckpt}) renders a test prompt without its text: "
                                       "the user turn 'Hi' with the generation prompt became ''")
-    tok.save(str(tmp_path / "tokenizer.model"))
-    (tmp_path / "empty.jinja").write_text("{{ '' }}")
-    data = tmp_path / "chat.jsonl"
-    record = {"messages": [{"role": "user", "content": "the movie"}, {"role": "assistant", "content": "was great ."}]}
-    data.write_text((json.dumps(record) + "\n") * 4)
-    assert train_sft.main([f"--train_file={data}", f"--tokenizer={tmp_path / 'tokenizer.model'}",
-                           f"--chat_template={tmp_path / 'empty.jinja'}", f"--out_dir={tmp_path / 'run'}",
-                           "--device=cpu", "--max_iters=1"]) == 2
+    assert sft_on_chat_data(tok, tmp_path, "{{ '' }}") == 2
     assert "renders a test prompt without its text" in one_error_line(capsys) and not (tmp_path / "run").exists()
 
 
