@@ -250,3 +250,19 @@ def test_a_disk_too_full_for_the_lock_file_is_one_line_and_leaves_nothing(toy_di
                        text=True, timeout=300, preexec_fn=full_disk(0))
     assert r.returncode == 2 and r.stderr == f"error: --out_dir {out}: cannot write there (File too large)\n", r.stderr
     assert not out.exists()
+
+
+def test_any_other_write_that_finds_the_disk_full_is_one_line(toy_dir, tmp_path, monkeypatch, capsys):
+    """Here config.json, as the run starts: status 1, and the folder it made is gone again."""
+    import errno
+    import checkpoint
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(checkpoint, "write_atomic", disk_full)
+    out = tmp_path / "run"
+    assert train_sft.main(tiny_args(toy_dir, str(out))) == 1
+    assert capsys.readouterr().err.endswith(f"\nerror: writing {out}/config.json failed (No space left on device); "
+                                            f"stopped before the first checkpoint, so nothing in {out} to resume\n")
+    assert not out.exists()
