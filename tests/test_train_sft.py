@@ -190,9 +190,11 @@ def test_bad_preference_file_gives_one_clear_line(case, tmp_path, capsys):
     assert "ok: 1 preference records" in out and "skipped 1 bad records" in err
 
 
-def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes_it(toy_dir, tmp_path):
-    """SIGINT (what Ctrl-C sends) during training: exit status 130, no traceback, the last
-    checkpoint's step and a resume command that runs."""
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGHUP"])
+def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes_it(signal_name, toy_dir, tmp_path):
+    """SIGINT (what Ctrl-C sends) or SIGHUP (a closed terminal; SIGTERM: the kill test) during
+    training: exit status 128 + the signal's number, no traceback, the last checkpoint's step and
+    a resume command that runs."""
     import signal
     import subprocess
     import sys
@@ -209,11 +211,13 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes_it(toy_di
     while not (out / "ckpt.pt").exists() and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)  # into the steps after the checkpoint
-    proc.send_signal(signal.SIGINT)
+    signum = getattr(signal, signal_name)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert proc.returncode == 128 + signum and "Traceback" not in err, err
     step = load_checkpoint(str(out / "ckpt.pt"))["step"]
-    assert f"interrupted: the last checkpoint is {out}/ckpt.pt (step {step}); continue with:" in err
+    what = "interrupted" if signal_name == "SIGINT" else f"stopped by {signal_name}"
+    assert f"{what}: the last checkpoint is {out}/ckpt.pt (step {step}); continue with:" in err
     lines = err.splitlines()
     command = lines[next(i for i, line in enumerate(lines) if line.endswith("continue with:")) + 1].split()
     assert command[:2] == ["python", "train_sft.py"] and command[-1] == "--resume" and command[2:-1] == args
