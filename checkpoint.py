@@ -593,14 +593,14 @@ class Run:
                 print(f"warning: {self.metrics_path} is missing; the resumed run's log starts at step "
                       f"{self.resumed['step']}", file=sys.stderr)
 
-    def evaluates(self, step: int, start: int) -> bool:
-        """Whether to evaluate and checkpoint at this step: at step 0, every early_eval_interval
-        steps before early_eval_until, every eval_interval steps after, and at the end; not at the
-        step a resumed run starts from, which was evaluated before its checkpoint."""
+    def evaluates(self, step: int) -> bool:
+        """Whether to evaluate and checkpoint after this step: every early_eval_interval steps
+        before early_eval_until, every eval_interval steps after, and at the end (step 0, the
+        model a run starts from, is evaluated before the loop)."""
         cfg = self.cfg
         early = cfg.early_eval_interval > 0 and step < cfg.early_eval_until
         interval = cfg.early_eval_interval if early else cfg.eval_interval
-        return (step % interval == 0 or step == cfg.max_iters) and not (self.resumed and step == start)
+        return step % interval == 0 or step == cfg.max_iters
 
     def start(self, model: torch.nn.Module, optimizer, optimized: torch.nn.Module | None = None) -> int:
         """Create or restore the run; returns the step to start from. Call after all input has

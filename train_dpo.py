@@ -32,7 +32,11 @@ from evaluate import PolicyEvaluator
 from files import DataError, replace_atomically
 from lora import AdaptersOff
 from toy import gold_reward
-from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, check_batches, check_lengths, check_pair_settings, check_training_settings, default_max_length, frozen_dtype, global_batch, gradient_sync, lora_record, make_optimizer, micro_batches, n_trainable, optimizer_step, prepare_trainable, progress_bar, require_inputs, run_script, set_lr, shard_indices)
+from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, batch_means, check_batches,
+                         check_lengths, check_pair_settings, check_training_settings, check_weights,
+                         clip_grad_norm, default_max_length, frozen_dtype, global_batch, gradient_sync,
+                         lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable,
+                         progress_bar, require_inputs, run_script, set_lr, shard_indices)
 
 
 @dataclass
@@ -224,41 +228,37 @@ def train(cfg: Config, dist: Dist) -> dict:
     ctx = autocast(dist.device, cfg.dtype)
     reference, evaluator = reference_and_evaluator(cfg, policy, train_data, val_data, prompts, tok, dist, ctx)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
-    start = step = run.start(policy, optimizer)
+    start = run.start(policy, optimizer)
     tokens = run.resumed["tokens"] if run.resumed else 0  # real tokens trained on so far
     model.eval()  # dropout off in the policy as in the frozen reference (TRL's default): step 0 is exactly ln 2
     n_pairs = len(train_data["chosen_input_ids"])
+    record = {"toy_task": toy, **lora_record(cfg, cfg.sft_ckpt)}  # what each checkpoint notes
     if dist.master:
         print(f"policy: {policy.num_params() / 1e6:.2f}M parameters ({n_trainable(policy) / 1e6:.2f}M training), "
               f"{n_pairs} training pairs, "
               f"{len(val_data['chosen_input_ids'])} held-out, {dist.world_size} process(es) on {dist.device}, "
               f"reference {'precomputed' if cfg.precompute_ref else 'live'}{', adapters off' if cfg.lora_rank else ''}")
 
-    # 3. the loop: evaluate and checkpoint, then one optimizer step on a batch of pairs
-    bar = progress_bar(cfg.max_iters, step, dist, "dpo")
+    # 3. the model before training, evaluated and checkpointed as step 0 (a resumed run's was, before)
     metrics = {}
-    while True:
-        # 3a. evaluate and checkpoint at step 0, every eval_interval steps (early_eval_interval
-        # before early_eval_until) and at the end (a resumed run was evaluated at its checkpoint already)
-        evaluating = run.evaluates(step, start)
-        if evaluating:
-            eval_metrics, samples = evaluate(model, policy, reference, val_data, evaluator, prompts, cfg, dist, ctx)
-            metrics.update(eval_metrics)
-            run.print(step, metrics, samples)
-        if metrics:
-            run.log(step, metrics)
-        if evaluating:
-            run.save(step, policy, optimizer, tok, {"tokens": tokens, "toy_task": toy, **lora_record(cfg, cfg.sft_ckpt)})
-        if step >= cfg.max_iters:
-            break
-        # 3b. this step's learning rate and global batch of pairs; this rank's micro-batches
+    if not run.resumed:
+        metrics, samples = evaluate(model, policy, reference, val_data, evaluator, prompts, cfg, dist, ctx)
+        run.print(0, metrics, samples)
+        run.log(0, metrics)
+        run.save(0, policy, optimizer, tok, {"tokens": tokens, **record})
+
+    # 4. the loop: one optimizer step on a global batch of pairs each
+    bar = progress_bar(cfg.max_iters, start, dist, "dpo")
+    step = start
+    while step < cfg.max_iters:
+        # 4a. this step's learning rate and global batch of pairs; this rank's micro-batches
         lr = set_lr(optimizer, step, cfg)
         indices = global_batch(n_pairs, cfg.batch_size, step, cfg.seed)
         batches = [take(train_data, idx, dist.device) for idx in micro_batches(indices, dist, cfg.grad_accum)]
-        # 3c. forward and backward of each micro-batch: chosen and rejected through the policy (and
+        step += 1  # counted from 1 from here on: the step's number in messages, logs and checkpoints
+        # 4b. forward and backward of each micro-batch: chosen and rejected through the policy (and
         # the reference) in one forward, the DPO loss summed over its pairs, scaled so that the
         # gradient is the mean over the global batch's pairs (DDP averages over ranks: x world_size)
-        step += 1
         sums = {}
         for i, batch in enumerate(batches):
             with gradient_sync(model, dist, sync=i == len(batches) - 1):
@@ -266,14 +266,27 @@ def train(cfg: Config, dist: Dist) -> dict:
                     loss_sum, metric_sums = dpo_batch_loss(model, batch, reference, cfg)
                 (loss_sum * (dist.world_size / len(indices))).backward()
             sums = add_sums(sums, loss_sum, metric_sums)
-        # 3d. one optimizer step (clip, step, zero) on the gradients of the whole global batch
-        stats = optimizer_step(model, optimizer, sums, len(indices), cfg.grad_clip, dist, step)
+        # 4c. the optimizer step on the gradients of the whole global batch: clip, step, zero
+        stats = batch_means(sums, len(indices), dist, step)
+        stats["grad_norm"] = clip_grad_norm(model, cfg.grad_clip, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        check_weights(model, dist, step)
         tokens += real_tokens(train_data, indices)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
-        # 3e. training metrics every log_interval steps
+        # 4d. training metrics every log_interval steps; evaluate and checkpoint every eval_interval
+        # steps (early_eval_interval before early_eval_until) and at the end; one metrics.jsonl row a step
         logging = step % cfg.log_interval == 0 or step == cfg.max_iters
         metrics = {**stats, "learning_rate": lr, "tokens": tokens} if logging else {}
+        if run.evaluates(step):
+            eval_metrics, samples = evaluate(model, policy, reference, val_data, evaluator, prompts, cfg, dist, ctx)
+            metrics.update(eval_metrics)
+            run.print(step, metrics, samples)
+        if metrics:
+            run.log(step, metrics)
+        if run.evaluates(step):
+            run.save(step, policy, optimizer, tok, {"tokens": tokens, **record})
     bar.close()
     return metrics
 

@@ -39,7 +39,17 @@ from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, 
                  loss_weights, masked_whiten, per_token_rewards, ppo_losses, response_labels, rollout, shaped_scores)
 from reward_model import RewardModel
 from toy import gold_reward
-from train_utils import (TrainConfig, add_sums, autocast, check_lengths, check_training_settings, frozen_dtype, global_batch, gradient_sync, lora_record, make_optimizer, n_trainable, optimizer_step, prepare_trainable, progress_bar, require_inputs, resolve_gold_eval, run_script, set_lr, toy_default)
+from train_utils import (TrainConfig, add_sums, autocast, batch_means, check_lengths,
+                         check_training_settings, check_weights, clip_grad_norm, frozen_dtype,
+                         global_batch, gradient_sync, lora_record, make_optimizer, n_trainable,
+                         prepare_trainable, progress_bar, require_inputs, resolve_gold_eval, run_script,
+                         set_lr, toy_default)
+
+
+# The seeds of an iteration's random streams: a rollout chunk's seed * SEED_STRIDE + iteration *
+# ITERATION_STRIDE + chunk, a minibatch order's seed + MINIBATCH_STRIDE * iteration + epoch. Primes
+# far apart, so that no two chunks or epochs of a run (or of runs a seed apart) share a stream.
+SEED_STRIDE, ITERATION_STRIDE, MINIBATCH_STRIDE = 1_000_003, 1009, 7919
 
 
 @dataclass
@@ -147,7 +157,7 @@ def collect_rollouts(policy, reward_model, tok, prompts: list, prompt_ids: list[
     for c in range(dist.rank, cfg.batch_size // cfg.gen_chunk, dist.world_size):
         chunk = [int(i) for i in indices[c * per_chunk:(c + 1) * per_chunk] for _ in range(k)]
         chunk_prompts = [prompts[i] for i in chunk]
-        generator = torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + c)
+        generator = torch.Generator(dist.device).manual_seed(cfg.seed * SEED_STRIDE + step * ITERATION_STRIDE + c)
         with ctx:
             chunks.append(rollout(policy, [prompt_ids[i] for i in chunk], cfg.max_new_tokens,
                                   tok.stop_ids, tok.pad_id, cfg.temperature, generator))
@@ -248,30 +258,11 @@ def minibatch_rows(n_chunks: int, chunk: int, positions: torch.Tensor) -> torch.
     return (torch.arange(n_chunks)[:, None] * chunk + positions[None, :]).flatten()
 
 
-def ppo_update(model, optimizer, data: dict, P: int, step: int, cfg: Config, dist: Dist, ctx) -> dict[str, float]:
-    """Step 6: ppo_epochs passes over the rollout, each in num_minibatches minibatches, one
-    optimizer step per minibatch; the loss is the mean over the minibatch's response tokens on
-    all ranks, or with --loss_average sequence the mean over its responses of each one's token
-    mean. Returns the statistics averaged over the minibatches."""
-    n_chunks = len(data["input_ids"]) // cfg.gen_chunk  # this rank's chunks
-    per_minibatch = cfg.gen_chunk // cfg.num_minibatches
-    stats = []
-    for epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(cfg.gen_chunk, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch))
-        for m in range(cfg.num_minibatches):
-            rows = minibatch_rows(n_chunks, cfg.gen_chunk, order[m * per_minibatch:(m + 1) * per_minibatch])
-            _, count = loss_weights(data["response_mask"][rows], cfg.loss_average)  # tokens, or responses
-            n_global = int(all_reduce_sum(count, dist).item())  # over every rank: the same whatever the world size
-            batches = [{k: v[r] for k, v in data.items()} for r in rows.chunk(cfg.grad_accum)]
-            sums = {}
-            for i, batch in enumerate(batches):  # forward and backward of each micro-batch
-                with gradient_sync(model, dist, sync=i == len(batches) - 1):
-                    with ctx:
-                        loss_sum, metric_sums = ppo_batch_loss(model, batch, P, cfg)
-                    (loss_sum * (dist.world_size / n_global)).backward()  # DDP averages over ranks
-                sums = add_sums(sums, loss_sum, metric_sums)
-            stats.append(optimizer_step(model, optimizer, sums, n_global, cfg.grad_clip, dist, step + 1))
-    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+def checkpoint_extras(critic, kl_ctl, tokens: int, record: dict) -> dict:
+    """What a PPO checkpoint holds besides the policy: the critic, the KL coefficient as it
+    stands, the tokens trained on, and what stays fixed over the run (`record`)."""
+    return {**({"critic": trainable_state(critic)} if critic else {}), "kl_coef": kl_ctl.value, "tokens": tokens,
+            **record}
 
 
 def check_same_text(reward_tok, tok, cfg: Config) -> None:
@@ -441,7 +432,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         if critic:
             load_trainable(critic, run.resumed.get("critic"), run.ckpt_path)
         kl_ctl.value, tokens = run.resumed["kl_coef"], run.resumed["tokens"]
-    start = step = run.start(policy, optimizer, optimized=trained)
+    start = run.start(policy, optimizer, optimized=trained)
     ctx = autocast(dist.device, cfg.dtype)
     reward_mean, reward_std = (run.resumed["reward_norm"] if run.resumed
                                else reward_statistics(policy, reward_model, tok, prompts, prompt_ids, cfg, dist, ctx))
@@ -454,49 +445,76 @@ def train(cfg: Config, dist: Dist) -> dict:
               f"({n_trainable(trained) / 1e6:.2f}M training), {len(prompts)} prompts, advantage: {cfg.advantage}, "
               f"reward: {cfg.reward}, {dist.world_size} process(es) on {dist.device}")
 
-    bar = progress_bar(cfg.max_iters, step, dist, "ppo")
-    seconds = {"rollout": 0.0, "update": 0.0}  # wall time of steps 1-5 and of step 6, reported at the end
-    metrics = {} if run.resumed else {"reward_norm/mean": reward_mean, "reward_norm/std": reward_std}
-    while True:
-        # 8. evaluate and checkpoint at iteration 0, every eval_interval iterations (early_eval_interval
-        # before early_eval_until) and at the end (a resumed run was evaluated at its checkpoint already)
-        evaluating = run.evaluates(step, start)
-        if evaluating:
-            eval_metrics, samples = evaluate(evaluator, policy, tok, eval_prompts or prompts, cfg, dist, ctx)
-            metrics.update(eval_metrics)
-            run.print(step, metrics, samples)
-        if metrics:
-            run.log(step, metrics)
-        if evaluating:
-            critic_state = {"critic": trainable_state(critic)} if critic else {}
-            run.save(step, policy, optimizer, tok, {**critic_state, "kl_coef": kl_ctl.value, "tokens": tokens,
-                                                    "reward_norm": [reward_mean, reward_std], "toy_task": toy,
-                                                    **lora_record(cfg, cfg.sft_ckpt)}, optimized=trained)
-        if step >= cfg.max_iters:
-            break
+    record = {"reward_norm": [reward_mean, reward_std], "toy_task": toy, **lora_record(cfg, cfg.sft_ckpt)}
+
+    # the policy before training, evaluated and checkpointed as iteration 0 (a resumed run's was, before)
+    metrics = {}
+    if not run.resumed:
+        metrics = {"reward_norm/mean": reward_mean, "reward_norm/std": reward_std}
+        eval_metrics, samples = evaluate(evaluator, policy, tok, eval_prompts or prompts, cfg, dist, ctx)
+        metrics.update(eval_metrics)
+        run.print(0, metrics, samples)
+        run.log(0, metrics)
+        run.save(0, policy, optimizer, tok, checkpoint_extras(critic, kl_ctl, tokens, record), optimized=trained)
+
+    # the loop: one PPO iteration each
+    bar = progress_bar(cfg.max_iters, start, dist, "ppo")
+    seconds = {"rollout": 0.0, "update": 0.0}  # wall time of steps 1-4 and of step 5, reported at the end
+    step = start
+    while step < cfg.max_iters:
         t_rollout = time.time()
         lr = set_lr(optimizer, step, cfg)
-        # 1-2. sample a response for each prompt of this rank's chunks and score it; the score is
-        # normalised by the SFT policy's statistics, and a response that never ends (no stop token)
-        # loses missing_eos_penalty
+        # 1. rollout: a response for each prompt of this rank's chunks of the iteration's global batch,
+        # scored by the reward model (or the toy task's gold reward)
         data, P = collect_rollouts(policy, reward_model, tok, prompts, prompt_ids, step, cfg, dist, ctx)
+        # 2. scores: normalised by the SFT policy's statistics; a response that never ends (no stop
+        # token) loses missing_eos_penalty
         ended = data.pop("ended")
         data["scores"] = shaped_scores(data["scores"], ended, reward_mean, reward_std, cfg.missing_eos_penalty)
-        # 3. log-probs of policy and reference, values of the critic
+        # 3. KL: log-probs of the responses under the policy and the reference (and the critic's
+        # values); per-token rewards, the score at the last token less kl_coef x KL at every token
         logprobs, ref_logprobs, entropy, values = score_tokens(policy, reference, critic, data, P, cfg, ctx)
-        # 4. per-token rewards: the score at the last token, minus kl_coef x KL at every token
         mask = data["response_mask"]
         rewards, kl = per_token_rewards(data["scores"], logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
-        # 5. advantages (gae: and the critic's targets)
+        # 4. advantages (gae: and the critic's targets)
         data.update(old_logprobs=logprobs, **advantages(rewards, values, ref_logprobs, data, cfg, dist))
         t_update = time.time()
-        # 6. PPO epochs over minibatches: the clipped policy and value losses
-        update = ppo_update(model, optimizer, data, P, step, cfg, dist, ctx)
+        # 5. ppo_epochs passes over the rollout, num_minibatches optimizer steps each; a minibatch's loss is
+        # the mean over its response tokens on all ranks (--loss_average sequence: the mean over its
+        # responses of each one's token mean), taken the same whatever the world size
+        n_chunks = len(data["input_ids"]) // cfg.gen_chunk  # this rank's chunks
+        per_minibatch = cfg.gen_chunk // cfg.num_minibatches
+        minibatch_stats = []
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(cfg.gen_chunk, generator=torch.Generator().manual_seed(
+                cfg.seed + MINIBATCH_STRIDE * step + epoch))
+            for m in range(cfg.num_minibatches):
+                rows = minibatch_rows(n_chunks, cfg.gen_chunk, order[m * per_minibatch:(m + 1) * per_minibatch])
+                _, count = loss_weights(data["response_mask"][rows], cfg.loss_average)  # tokens, or responses
+                n_global = int(all_reduce_sum(count, dist).item())  # over every rank
+                batches = [{k: v[r] for k, v in data.items()} for r in rows.chunk(cfg.grad_accum)]
+                sums = {}
+                for i, batch in enumerate(batches):  # forward and backward of each micro-batch
+                    with gradient_sync(model, dist, sync=i == len(batches) - 1):
+                        with ctx:
+                            loss_sum, metric_sums = ppo_batch_loss(model, batch, P, cfg)
+                        (loss_sum * (dist.world_size / n_global)).backward()  # DDP averages over ranks
+                    sums = add_sums(sums, loss_sum, metric_sums)
+                # the optimizer step on the minibatch's gradients: clip, step, zero (step + 1: the iteration's number)
+                stats = batch_means(sums, n_global, dist, step + 1)
+                stats["grad_norm"] = clip_grad_norm(model, cfg.grad_clip, step + 1)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                check_weights(model, dist, step + 1)
+                minibatch_stats.append(stats)
+        update = {k: sum(s[k] for s in minibatch_stats) / len(minibatch_stats) for k in minibatch_stats[0]}
         seconds["rollout"] += t_update - t_rollout
         seconds["update"] += time.time() - t_update
-        # 7. adapt the KL coefficient to the batch's mean sequence KL (over all ranks)
+        # 6. the batch's means over all ranks; the KL coefficient adapted to its mean sequence KL;
+        # training metrics (TRL's names) every log_interval iterations
         seq_stats = all_reduce_sum(torch.stack([data["scores"].sum(), kl.sum(), (entropy * mask).sum(), mask.sum(),
-                                                ended.sum().float(), torch.tensor(float(len(mask)), device=dist.device)]), dist)
+                                                ended.sum().float(), torch.tensor(float(len(mask)), device=dist.device)]),
+                                   dist)
         mean_score, mean_kl, mean_entropy, mean_length, ended_ratio = (seq_stats[:5] / seq_stats[5]).tolist()
         kl_coef_used = kl_ctl.value
         kl_ctl.update(mean_kl, cfg.batch_size)
@@ -504,7 +522,6 @@ def train(cfg: Config, dist: Dist) -> dict:
         step += 1
         bar.update(1)
         bar.set_postfix(score=f"{mean_score:.3f}", kl=f"{mean_kl:.2f}", refresh=False)
-        # 8. training metrics (TRL's names) every log_interval iterations
         metrics = {}
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
             metrics = {"objective/scores": mean_score, "objective/kl": mean_kl,
@@ -517,6 +534,16 @@ def train(cfg: Config, dist: Dist) -> dict:
                 metrics.update({"loss/value_avg": update["value_loss"], "val/clipfrac_avg": update["vf_clipfrac"]})
             if cfg.advantage == "grpo":
                 metrics["loss/kl_avg"] = update["kl_loss"]
+        # 7. evaluate and checkpoint every eval_interval iterations (early_eval_interval before
+        # early_eval_until) and at the end; one metrics.jsonl row an iteration
+        if run.evaluates(step):
+            eval_metrics, samples = evaluate(evaluator, policy, tok, eval_prompts or prompts, cfg, dist, ctx)
+            metrics.update(eval_metrics)
+            run.print(step, metrics, samples)
+        if metrics:
+            run.log(step, metrics)
+        if run.evaluates(step):
+            run.save(step, policy, optimizer, tok, checkpoint_extras(critic, kl_ctl, tokens, record), optimized=trained)
     bar.close()
     if dist.master:
         n = max(1, step - start)

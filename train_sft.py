@@ -26,7 +26,11 @@ from files import DataError
 from model import GPT, IGNORE_INDEX, PRESETS
 from tokenizer import Tokenizer
 from toy import ToyConfig, gold_reward, prepare_toy_data
-from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, check_batches, check_lengths, check_training_settings, default_max_length, global_batch, gradient_sync, lora_record, make_optimizer, micro_batches, n_trainable, optimizer_step, prepare_trainable, progress_bar, require_inputs, run_script, set_lr, shard_indices)
+from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, batch_means, check_batches,
+                         check_lengths, check_training_settings, check_weights, clip_grad_norm,
+                         default_max_length, global_batch, gradient_sync, lora_record, make_optimizer,
+                         micro_batches, n_trainable, prepare_trainable, progress_bar, require_inputs,
+                         run_script, set_lr, shard_indices)
 
 
 @dataclass
@@ -191,39 +195,34 @@ def train(cfg: Config, dist: Dist) -> dict:
     prepare_trainable(raw_model, cfg)
     model = wrap_model(raw_model, dist, cfg.dtype, cfg.compile)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
-    start = step = run.start(raw_model, optimizer)
+    start = run.start(raw_model, optimizer)
     tokens = run.resumed["tokens"] if run.resumed else 0  # real tokens trained on so far
     ctx = autocast(dist.device, cfg.dtype)
     n_examples = len(train_data["input_ids"])
+    record = {"toy_task": not cfg.train_file, **lora_record(cfg, cfg.init_from)}  # what each checkpoint notes
     if dist.master:
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({n_trainable(raw_model) / 1e6:.2f}M training), "
-              f"{n_examples} training sequences, "
-              f"{dist.world_size} process(es) on {dist.device}")
+              f"{n_examples} training sequences, {dist.world_size} process(es) on {dist.device}")
 
-    # 2. the loop: evaluate and checkpoint, then one optimizer step
-    bar = progress_bar(cfg.max_iters, step, dist, "sft")
+    # 2. the model before training, evaluated and checkpointed as step 0 (a resumed run's was, before)
     metrics = {}
-    while True:
-        # 2a. evaluate and checkpoint at step 0, every eval_interval steps (early_eval_interval
-        # before early_eval_until) and at the end (a resumed run was evaluated at its checkpoint already)
-        evaluating = run.evaluates(step, start)
-        if evaluating:
-            eval_metrics, samples = evaluate(model, raw_model, val_data, prompts, tok, cfg, dist, ctx)
-            metrics.update(eval_metrics)
-            run.print(step, metrics, samples)
-        if metrics:
-            run.log(step, metrics)
-        if evaluating:
-            run.save(step, raw_model, optimizer, tok, {"tokens": tokens, "toy_task": not cfg.train_file, **lora_record(cfg, cfg.init_from)})
-        if step >= cfg.max_iters:
-            break
-        # 2b. this step's learning rate and global batch; this rank's micro-batches
+    if not run.resumed:
+        metrics, samples = evaluate(model, raw_model, val_data, prompts, tok, cfg, dist, ctx)
+        run.print(0, metrics, samples)
+        run.log(0, metrics)
+        run.save(0, raw_model, optimizer, tok, {"tokens": tokens, **record})
+
+    # 3. the loop: one optimizer step on a global batch of sequences each
+    bar = progress_bar(cfg.max_iters, start, dist, "sft")
+    step = start
+    while step < cfg.max_iters:
+        # 3a. this step's learning rate and global batch; this rank's micro-batches
         lr = set_lr(optimizer, step, cfg)
         indices = global_batch(n_examples, cfg.batch_size, step, cfg.seed)
         batches = [take(train_data, idx, dist.device) for idx in micro_batches(indices, dist, cfg.grad_accum)]
-        # 2c. forward and backward of each micro-batch: its loss summed over tokens, scaled so that the
+        step += 1  # counted from 1 from here on: the step's number in messages, logs and checkpoints
+        # 3b. forward and backward of each micro-batch: its loss summed over tokens, scaled so that the
         # gradient is the mean over the global batch's tokens (DDP averages over ranks: x world_size)
-        step += 1
         n_tokens = n_labels(train_data["labels"][indices])
         sums = {}
         for i, batch in enumerate(batches):
@@ -232,14 +231,27 @@ def train(cfg: Config, dist: Dist) -> dict:
                     loss_sum, metric_sums = sft_loss(model, batch)
                 (loss_sum * (dist.world_size / n_tokens)).backward()
             sums = add_sums(sums, loss_sum, metric_sums)
-        # 2d. one optimizer step (clip, step, zero) on the gradients of the whole global batch
-        stats = optimizer_step(model, optimizer, sums, n_tokens, cfg.grad_clip, dist, step)
+        # 3c. the optimizer step on the gradients of the whole global batch: clip, step, zero
+        stats = batch_means(sums, n_tokens, dist, step)
+        stats["grad_norm"] = clip_grad_norm(model, cfg.grad_clip, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        check_weights(model, dist, step)
         tokens += real_tokens(train_data, indices)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
-        # 2e. training metrics every log_interval steps
+        # 3d. training metrics every log_interval steps; evaluate and checkpoint every eval_interval
+        # steps (early_eval_interval before early_eval_until) and at the end; one metrics.jsonl row a step
         logging = step % cfg.log_interval == 0 or step == cfg.max_iters
         metrics = {**stats, "learning_rate": lr, "tokens": tokens} if logging else {}
+        if run.evaluates(step):
+            eval_metrics, samples = evaluate(model, raw_model, val_data, prompts, tok, cfg, dist, ctx)
+            metrics.update(eval_metrics)
+            run.print(step, metrics, samples)
+        if metrics:
+            run.log(step, metrics)
+        if run.evaluates(step):
+            run.save(step, raw_model, optimizer, tok, {"tokens": tokens, **record})
     bar.close()
     return metrics
 

@@ -1,10 +1,11 @@
 """
 What every training loop shares, each piece with one obvious meaning: config dataclass to
 command line, the settings checks, mixed precision, the optimizer and its schedule, the data
-order, the gradient-sync context of a micro-batch and the optimizer step (all-reduced means,
-clip, step, zero), the memory settings, and the scripts' main. It holds no loop and takes no
-loss as a closure: each train_X.py shows its own loop, micro-batches, forward, loss and
-loss.backward(), and its loss lives in dpo.py, ppo.py, reward_model.py or the script itself.
+order, the gradient-sync context of a micro-batch, the guards around the optimizer step
+(all-reduced means, the clipped gradient norm, finite weights), the memory settings, and the
+scripts' main. It holds no loop and takes no loss as a closure: each train_X.py shows its own
+loop, micro-batches, forward, loss, loss.backward() and optimizer.step(), and its loss lives in
+dpo.py, ppo.py, reward_model.py or the script itself.
 Processes and devices are in distributed.py, checkpoints and the run folder in checkpoint.py.
 """
 import argparse
@@ -333,7 +334,7 @@ def check_lengths(block_size: int, *parts: tuple[str, int]) -> None:
 
 
 # -----------------------------------------------------------------------------
-# One optimizer step: the pieces each loop puts around its own forward and loss.backward()
+# The pieces each loop puts around its own forward, loss.backward() and optimizer.step()
 
 
 @contextmanager
@@ -364,28 +365,33 @@ def all_reduce_sums(sums: dict, dist: Dist) -> dict[str, float]:
     return dict(zip(sums, all_reduce_sum(torch.stack(list(sums.values())), dist).tolist()))
 
 
-def optimizer_step(model, optimizer, sums: dict, n_global: int, grad_clip: float, dist: Dist,
-                   step: int) -> dict[str, float]:
-    """Optimizer step number `step`, once every micro-batch's loss.backward() has run: the step's
-    loss and metric sums (add_sums) all-reduced and divided by n_global, the number of loss terms
-    in the whole global batch; the gradient norm clipped (under FSDP the norm over every rank's
-    shards); the step; the gradients zeroed. Never steps on a non-finite loss or gradient norm:
-    NonFiniteLoss, the weights untouched. Returns the means and grad_norm (before clipping)."""
+def batch_means(sums: dict, n_global: int, dist: Dist, step: int) -> dict[str, float]:
+    """A step's loss and metric sums (add_sums) all-reduced over ranks and divided by n_global,
+    the number of loss terms in the whole global batch. A non-finite loss stops the run
+    (NonFiniteLoss) before the optimizer steps on it."""
     means = all_reduce_sum(torch.stack(list(sums.values())), dist) / n_global
     stats = dict(zip(sums, means.tolist()))
     if not math.isfinite(stats["loss"]):
-        optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(f"step {step}: loss is {stats['loss']}")
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    stats["grad_norm"] = (norm.full_tensor() if is_dtensor(norm) else norm).item()
-    if not math.isfinite(stats["grad_norm"]):  # a finite loss can still overflow a gradient: never step on it
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"step {step}: gradient norm is {stats['grad_norm']}")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if non_finite_weights(model, dist):  # a learning rate too high for finite weights (--lr 1e39)
-        raise NonFiniteLoss(f"step {step}: the update made weights NaN or infinite (is --lr too high?)")
     return stats
+
+
+def clip_grad_norm(model, grad_clip: float, step: int) -> float:
+    """Clip the global gradient norm to grad_clip (under FSDP the norm over every rank's shards);
+    returns the norm before clipping. A finite loss can still overflow a gradient: a non-finite
+    norm stops the run before the optimizer steps on it."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = (norm.full_tensor() if is_dtensor(norm) else norm).item()
+    if not math.isfinite(norm):
+        raise NonFiniteLoss(f"step {step}: gradient norm is {norm}")
+    return norm
+
+
+def check_weights(model, dist: Dist, step: int) -> None:
+    """After the optimizer step: a learning rate too high for finite weights (--lr 1e39) stops
+    the run at the step that did it."""
+    if non_finite_weights(model, dist):
+        raise NonFiniteLoss(f"step {step}: the update made weights NaN or infinite (is --lr too high?)")
 
 
 # -----------------------------------------------------------------------------

@@ -22,9 +22,9 @@ from train_utils import TrainConfig, make_optimizer
 def test_evaluation_schedule_is_dense_early_then_every_eval_interval_and_at_the_end(tmp_path):
     cfg = TrainConfig(out_dir=str(tmp_path), max_iters=65, eval_interval=10, early_eval_interval=2, early_eval_until=30)
     run = Run(cfg, CPU)
-    assert [s for s in range(66) if run.evaluates(s, 0)] == list(range(0, 30, 2)) + [30, 40, 50, 60, 65]
+    assert [s for s in range(66) if run.evaluates(s)] == list(range(0, 30, 2)) + [30, 40, 50, 60, 65]
     cfg.early_eval_interval = 0  # off: early_eval_until alone changes nothing
-    assert [s for s in range(66) if run.evaluates(s, 0)] == [0, 10, 20, 30, 40, 50, 60, 65]
+    assert [s for s in range(66) if run.evaluates(s)] == [0, 10, 20, 30, 40, 50, 60, 65]
 
 
 class _Tokenizer:

@@ -17,7 +17,8 @@ from checkpoint import NonFiniteLoss
 from conftest import CPU
 from distributed import Dist
 from model import GPT, GPTConfig
-from train_utils import (TrainConfig, add_sums, global_batch, gradient_sync, lr_at, make_optimizer, micro_batches, optimizer_step, set_lr, shard_indices)
+from train_utils import (TrainConfig, add_sums, batch_means, check_weights, clip_grad_norm, global_batch, gradient_sync,
+                         lr_at, make_optimizer, micro_batches, set_lr, shard_indices)
 
 
 def test_lr_schedule_at_its_corners():
@@ -59,7 +60,8 @@ def linear_loss(model, batch):
 
 
 def one_step(batches, n_global, grad_clip, step=1):
-    """A step as the train_X.py loops take it: each micro-batch's backward, then optimizer_step."""
+    """A step as the train_X.py loops take it: each micro-batch's backward, then the means, the
+    clipped norm, optimizer.step() and zero_grad."""
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -69,7 +71,11 @@ def one_step(batches, n_global, grad_clip, step=1):
             loss_sum, metric_sums = linear_loss(model, batch)
             (loss_sum * (CPU.world_size / n_global)).backward()
         sums = add_sums(sums, loss_sum, metric_sums)
-    stats = optimizer_step(model, opt, sums, n_global, grad_clip, CPU, step)
+    stats = batch_means(sums, n_global, CPU, step)
+    stats["grad_norm"] = clip_grad_norm(model, grad_clip, step)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    check_weights(model, CPU, step)
     return model.weight.detach().squeeze(0).tolist(), stats
 
 
@@ -100,8 +106,20 @@ def test_a_nan_loss_raises_before_the_weights_move():
     loss_sum, metric_sums = linear_loss(model, {"x": torch.tensor([[float("nan"), 1.0]])})
     loss_sum.backward()
     with pytest.raises(NonFiniteLoss, match="step 7: loss is nan"):
-        optimizer_step(model, opt, add_sums({}, loss_sum, metric_sums), 1, 1.0, CPU, step=7)
-    assert torch.equal(model.weight, before) and model.weight.grad is None
+        batch_means(add_sums({}, loss_sum, metric_sums), 1, CPU, step=7)
+    assert torch.equal(model.weight, before)
+
+
+def test_an_infinite_gradient_norm_and_an_update_to_infinite_weights_stop_the_run():
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.ones_(model.weight)
+    (model.weight * torch.tensor([[float("inf"), 1.0]])).sum().backward()  # a finite loss can overflow a gradient
+    with pytest.raises(NonFiniteLoss, match="step 3: gradient norm is inf"):
+        clip_grad_norm(model, 1.0, step=3)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLoss, match="step 4: the update made weights NaN or infinite"):
+        check_weights(model, CPU, step=4)
 
 
 def test_gradient_sync_defers_the_ddp_reduction_to_the_last_micro_batch_only_under_ddp():
