@@ -14,6 +14,7 @@ larger learning rate): the DPO paper (Rafailov et al. 2023, appendix B) used bet
 RMSprop at lr 1e-6 with 150 warmup steps; Zephyr-7B (Tunstall et al. 2023) used beta 0.1, Adam
 at lr 5e-7, warmup over the first 10% of steps, batch 32 or more, 1-3 epochs over UltraFeedback.
 """
+import dataclasses
 import hashlib
 import json
 import math
@@ -36,7 +37,8 @@ from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, batch
                          check_lengths, check_pair_settings, check_training_settings, check_weights,
                          clip_grad_norm, default_max_length, frozen_dtype, global_batch, gradient_sync,
                          lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable,
-                         progress_bar, require_inputs, run_script, set_lr, shard_indices)
+                         print_settled, progress_bar, require_inputs, run_script, set_lr,
+                         settle_pair_defaults, shard_indices)
 
 
 @dataclass
@@ -185,8 +187,8 @@ def reference_and_evaluator(cfg: Config, policy, train_data: dict, val_data: dic
 
 
 def check_settings(cfg: Config, dist: Dist) -> None:
-    """Every setting, each refused with one line naming its flag, before anything is read or
-    written; the toy task's files are the defaults only for the toy model on the toy task."""
+    """Every setting, once settle_defaults has settled the derived ones, each refused with one
+    line naming its flag, before anything is read or written."""
     check_training_settings(cfg)
     if cfg.label_smoothing and cfg.loss_type in ("hinge", "ipo"):
         raise DataError(f"--label_smoothing applies to the sigmoid and robust losses; {cfg.loss_type} ignores it")
@@ -195,19 +197,29 @@ def check_settings(cfg: Config, dist: Dist) -> None:
                         "(at 0.5 the labels carry no preference; robust divides by 1 - 2 x it)")
     if not (math.isfinite(cfg.beta) and cfg.beta > 0):
         raise DataError(f"--beta {cfg.beta}: must be a finite number above 0 (the KL strength)")
-    check_pair_settings(cfg, dist)
+    check_pair_settings(cfg)
     for flag in ("max_new_tokens", "eval_samples"):
         if getattr(cfg, flag) < (1 if flag == "max_new_tokens" else 0):
             raise DataError(f"--{flag} {getattr(cfg, flag)}: out of range")
     if cfg.gold_eval and cfg.temperature <= 0:
         raise DataError("--temperature must be above 0: the evaluation's KL is that of the sampled distributions")
+    require_inputs(cfg, "eval_prompts")
+
+
+def settle_defaults(cfg: Config, dist: Dist) -> None:
+    """Every setting derived from others, settled in one place before anything is read, and
+    printed: the toy task's pairs and held-out prompts are the defaults for the toy model only,
+    and its gold evaluation is on for it (--max_length follows once the model's context is known)."""
+    before = dataclasses.asdict(cfg)
+    settle_pair_defaults(cfg, dist)
     if cfg.gold_eval:
         cfg.eval_prompts = cfg.eval_prompts or TOY_PROMPTS[1]
-        require_inputs(cfg, "eval_prompts")
+    print_settled(before, cfg, dist)
 
 
 def train(cfg: Config, dist: Dist) -> dict:
     # 1. data, validated before anything is written
+    settle_defaults(cfg, dist)
     check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist, counts=("tokens",))

@@ -19,6 +19,7 @@ num_minibatches minibatches; 7. adapt kl_coef; 8. log, evaluate, checkpoint. RLO
 share every step but 5 and the loss, so they live here rather than in a script of their own.
 The math of each step is ppo.py's; this file holds their order, the rollout and the update loop.
 """
+import dataclasses
 import math
 import sys
 import time
@@ -42,8 +43,8 @@ from toy import gold_reward
 from train_utils import (TrainConfig, add_sums, autocast, batch_means, check_lengths,
                          check_training_settings, check_weights, clip_grad_norm, frozen_dtype,
                          global_batch, gradient_sync, lora_record, make_optimizer, n_trainable,
-                         prepare_trainable, progress_bar, require_inputs, resolve_gold_eval, run_script,
-                         set_lr, toy_default)
+                         prepare_trainable, print_settled, progress_bar, require_inputs, resolve_gold_eval,
+                         run_script, set_lr, toy_default)
 
 
 # The seeds of an iteration's random streams: a rollout chunk's seed * SEED_STRIDE + iteration *
@@ -323,8 +324,8 @@ def evaluate(evaluator, policy, tok, eval_prompts: list, cfg: Config, dist: Dist
 
 
 def check_settings(cfg: Config, dist: Dist) -> None:
-    """Every setting, each refused with one line naming its flag, before anything is read or
-    written; the toy task's files are the defaults only for the toy model on the toy task."""
+    """Every setting, once settle_defaults has settled the derived ones, each refused with one
+    line naming its flag, before anything is read or written."""
     check_training_settings(cfg)
     if (cfg.batch_size % (cfg.gen_chunk * dist.world_size) or cfg.gen_chunk % cfg.num_minibatches
             or (cfg.gen_chunk // cfg.num_minibatches) % cfg.grad_accum):
@@ -341,6 +342,15 @@ def check_settings(cfg: Config, dist: Dist) -> None:
                         "advantage; gae's advantages and value targets are per token")
     if not (math.isfinite(cfg.kl_coef) and cfg.kl_coef >= 0) or cfg.max_new_tokens < 1 or cfg.ppo_epochs < 1:
         raise DataError("--kl_coef must be a finite number, 0 or more; --max_new_tokens and --ppo_epochs at least 1")
+    require_inputs(cfg, "sft_ckpt", "prompts", "reward_ckpt", "eval_prompts")
+
+
+def settle_defaults(cfg: Config, dist: Dist) -> None:
+    """Every setting derived from others, settled in one place before anything is read, and
+    printed: the toy task's prompts and reward model are the defaults for the toy model only, and
+    its gold evaluation is on for it (--max_prompt_length follows once the model's context is
+    known, in read_prompts)."""
+    before = dataclasses.asdict(cfg)
     require_inputs(cfg, "sft_ckpt")
     toy, user_prompts = is_toy_model(cfg.sft_ckpt), bool(cfg.prompts)
     cfg.prompts = toy_default(cfg.prompts, TOY_PROMPTS[0], "prompts", cfg.sft_ckpt, toy)
@@ -349,7 +359,7 @@ def check_settings(cfg: Config, dist: Dist) -> None:
     resolve_gold_eval(cfg, toy and (not user_prompts or bool(cfg.eval_prompts)), dist)
     if cfg.gold_eval:
         cfg.eval_prompts = cfg.eval_prompts or TOY_PROMPTS[1]
-    require_inputs(cfg, "prompts", "reward_ckpt", "eval_prompts")
+    print_settled(before, cfg, dist)
 
 
 def encode_prompts(tok, prompts: list, limit: int, verbose: bool, source: str = "") -> list[list[int]]:
@@ -410,6 +420,7 @@ def check_ppo_records(ckpt: dict, path: str) -> None:
 
 def train(cfg: Config, dist: Dist) -> dict:
     # settings, then every input read and checked before anything is written
+    settle_defaults(cfg, dist)
     check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist, counts=("tokens",))

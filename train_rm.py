@@ -10,6 +10,7 @@ model and its loss are reward_model.py's; this file holds the run and its loop.
 InstructGPT (Ouyang et al. 2022) trained its reward model for a single epoch, since it overfits
 fast; the defaults here make about two passes over the toy pairs.
 """
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ from toy import gold_reward
 from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, batch_means, check_batches,
                          check_lengths, check_pair_settings, check_training_settings, check_weights,
                          clip_grad_norm, default_max_length, global_batch, gradient_sync, lora_record,
-                         make_optimizer, micro_batches, n_trainable, prepare_trainable, progress_bar,
-                         run_script, set_lr, shard_indices)
+                         make_optimizer, micro_batches, n_trainable, prepare_trainable, print_settled,
+                         progress_bar, run_script, set_lr, settle_pair_defaults, shard_indices)
 
 
 @dataclass
@@ -99,16 +100,26 @@ def evaluate(model, val_data, cfg: Config, dist: Dist, ctx) -> dict:
 
 
 def check_settings(cfg: Config, dist: Dist) -> None:
-    """Every setting, each refused with one line naming its flag, before anything is read or
-    written; the toy task's files are the defaults only for the toy model on the toy task."""
+    """Every setting, once settle_defaults has settled the derived ones, each refused with one
+    line naming its flag, before anything is read or written."""
     check_training_settings(cfg)
     if not (math.isfinite(cfg.margin) and math.isfinite(cfg.center_coef) and cfg.center_coef >= 0):
         raise DataError("--margin must be a finite number, --center_coef a finite number, 0 or more")
-    check_pair_settings(cfg, dist)
+    check_pair_settings(cfg)
+
+
+def settle_defaults(cfg: Config, dist: Dist) -> None:
+    """Every setting derived from others, settled in one place before anything is read, and
+    printed: the toy task's pairs are the defaults for the toy model only, and its gold
+    evaluation is on for it (--max_length follows once the model's context is known)."""
+    before = dataclasses.asdict(cfg)
+    settle_pair_defaults(cfg, dist)
+    print_settled(before, cfg, dist)
 
 
 def train(cfg: Config, dist: Dist) -> dict:
     # 1. settings and data, validated before anything is written
+    settle_defaults(cfg, dist)
     check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist, counts=("tokens",))

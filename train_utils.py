@@ -295,19 +295,32 @@ def require_inputs(cfg, *flags: str) -> None:
             raise DataError(f"--{flag} {path}: no such file or folder")
 
 
-def check_pair_settings(cfg, dist: Dist) -> None:
-    """The inputs of a DPO or reward-model run: the SFT model, and the pair files, which are the
-    toy task's only for the toy model given none; its gold evaluation is on for the toy task."""
+def settle_pair_defaults(cfg, dist: Dist) -> None:
+    """The derived settings of a DPO or reward-model run, settled before anything is read: the
+    pair files are the toy task's only for the toy model given none, and the gold evaluation is
+    on for the toy task."""
     require_inputs(cfg, "sft_ckpt")
     toy, user_data = is_toy_model(cfg.sft_ckpt), bool(cfg.train_file)
     cfg.train_file = toy_default(cfg.train_file, TOY_PAIRS[0], "train_file", cfg.sft_ckpt, toy)
     if not user_data and not cfg.val_file:
         cfg.val_file = TOY_PAIRS[1]
-    require_inputs(cfg, "train_file", "val_file")
+    resolve_gold_eval(cfg, toy and (not user_data or bool(getattr(cfg, "eval_prompts", ""))), dist)
+
+
+def check_pair_settings(cfg) -> None:
+    """The inputs of a DPO or reward-model run, once settle_pair_defaults has settled them."""
+    require_inputs(cfg, "sft_ckpt", "train_file", "val_file")
     for flag in ("max_length", "max_prompt_length"):
         if getattr(cfg, flag) is not None and getattr(cfg, flag) < 2:
             raise DataError(f"--{flag} {getattr(cfg, flag)}: must be at least 2")
-    resolve_gold_eval(cfg, toy and (not user_data or bool(getattr(cfg, "eval_prompts", ""))), dist)
+
+
+def print_settled(before: dict, cfg, dist: Dist) -> None:
+    """The settings a script's settle_defaults chose, against `before` (dataclasses.asdict of the
+    config as given), on one line: what the run uses without having been told."""
+    chosen = [f"--{k} {v}" for k, v in dataclasses.asdict(cfg).items() if v != before[k]]
+    if chosen and dist.master:
+        print(f"settled: {', '.join(chosen)}")
 
 
 def resolve_gold_eval(cfg, toy: bool, dist: Dist) -> None:
