@@ -481,7 +481,8 @@ def _claim(path: str) -> str | None:
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            return f"--out_dir {path} is in use by another run ({holder}); wait for it to end or choose another --out_dir"
+            return (f"--out_dir {path} is in use by another run ({holder}); wait for it to end or choose another "
+                    "--out_dir")
         try:
             current = os.stat(lock).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -703,7 +704,8 @@ class Run:
         except OSError as e:
             return f"step {step}: writing {self.ckpt_path} failed ({e.strerror or e})"
         except RuntimeError as e:  # torch's writer reports a failed write (a full disk) as a RuntimeError
-            return f"step {step}: writing {self.ckpt_path} failed (is the disk full? torch says: {str(e).splitlines()[0]})"
+            return (f"step {step}: writing {self.ckpt_path} failed (is the disk full? torch says: "
+                    f"{str(e).splitlines()[0]})")
         if self.replacing:
             shutil.rmtree(os.path.join(self.dir, OVERWRITTEN))
             self.replacing = None

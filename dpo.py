@@ -1,7 +1,7 @@
 """
 Direct Preference Optimization as pure functions: per-sequence log-probs (the labelled tokens'
-log-probs the model returns, summed), the concatenated chosen/rejected forward pass, the DPO loss and its variants, and the
-metrics TRL logs. On model.py alone: the loop, the reference and the data are train_dpo.py's.
+log-probs the model returns, summed), the concatenated chosen/rejected forward pass, the DPO loss
+and its variants, and the metrics TRL logs. On model.py alone: the loop, the reference and the data are train_dpo.py's.
 
 DPO (Rafailov et al. 2023, eq. 7) fits the policy to preference pairs directly:
     L = -log sigmoid( beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ] )
@@ -15,19 +15,20 @@ from model import IGNORE_INDEX, concatenate_pairs
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
-def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def sequence_logps(logps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probability of each sequence's labelled tokens.
 
-    token_logps (B, T - 1), each next token's log-prob (model.token_logps, or the model called
-    with labels, both 0 where the label is IGNORE_INDEX), and labels (B, T), IGNORE_INDEX on
-    prompt and pad tokens. Returns (B,): the sum over labelled tokens."""
-    return token_logps.sum(-1)
+    logps (B, T - 1), each next token's log-prob (model.token_logps, or the model called with
+    labels, both 0 where the label is IGNORE_INDEX), and labels (B, T), IGNORE_INDEX on prompt
+    and pad tokens. Returns (B,): the sum over labelled tokens."""
+    return logps.sum(-1)
 
 
 def response_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) labelled tokens of each pair, (B,) each, at least 1: the lengths IPO's
     loss divides the log-ratios by. A label on the first token, which nothing predicts, never counts."""
-    return tuple((batch[f"{side}_labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1) for side in ("chosen", "rejected"))
+    return tuple((batch[f"{side}_labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+                 for side in ("chosen", "rejected"))
 
 
 def concatenated_forward(model, batch: dict[str, torch.Tensor]):

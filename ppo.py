@@ -121,7 +121,8 @@ def gae(rewards, values, response_mask, gamma: float, lam: float):
     for t in reversed(range(R)):
         next_mask, next_value = (mask[:, t + 1], values[:, t + 1]) if t + 1 < R else (zeros, zeros)
         delta = rewards[:, t] + gamma * next_value * next_mask - values[:, t]  # TD residual delta_t
-        next_advantage = delta + gamma * lam * next_mask * next_advantage  # A_t = delta_t + gamma lam A_{t+1}: eq. 16 as a recursion
+        # A_t = delta_t + gamma lam A_{t+1}: eq. 16 as a recursion
+        next_advantage = delta + gamma * lam * next_mask * next_advantage
         advantages[:, t] = next_advantage
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
@@ -187,14 +188,14 @@ def loss_weights(response_mask: torch.Tensor, average: str) -> tuple[torch.Tenso
     return response_mask / lengths.clamp(min=1), (lengths > 0).sum()
 
 
-def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, response_mask,
+def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, weights,
                cliprange: float, cliprange_value: float) -> dict[str, torch.Tensor]:
     """Clipped surrogate policy loss (Schulman et al. 2017, eq. 7) and clipped value loss, per
     token, and the statistics TRL logs; every entry is a sum over the response tokens, each
-    weighted by response_mask: the 0/1 mask (divide by the number of tokens for means) or
+    weighted by `weights`: the 0/1 response mask (divide by the number of tokens for means) or
     loss_weights' weights. All inputs (B, R); values None (RLOO, GRPO: no critic) leaves the
     value terms out."""
-    mask = response_mask.float()
+    mask = weights.float()
     log_ratio = logprobs - old_logprobs
     ratio = log_ratio.exp()
     # L^CLIP (Schulman et al. 2017, eq. 7) as a loss: max of the negated terms = min of the objectives

@@ -46,7 +46,8 @@ class Config(PairsConfig, TrainConfig):
     out_dir: str = "out/dpo"
     """folder for config.json, metrics.jsonl, ckpt.pt (and reference_logps.pt)"""
     sft_ckpt: str = "out/sft/ckpt.pt"
-    """SFT checkpoint (ckpt.pt or Hugging Face folder): the initial policy and the frozen reference (its tokenizer reads the pairs)"""
+    """SFT checkpoint (ckpt.pt or Hugging Face folder): the initial policy and the frozen reference (its
+    tokenizer reads the pairs)"""
     # DPO
     beta: float = 0.1
     """KL strength: the implicit reward is beta * log(pi / pi_ref)"""
@@ -60,7 +61,8 @@ class Config(PairsConfig, TrainConfig):
     """compute the reference log-probs of every pair once, cache them in out_dir, free the reference"""
     # evaluation
     gold_eval: Optional[bool] = None
-    """sample held-out toy prompts at each evaluation: gold reward, KL to the reference, win rate; none: on for the toy model on the toy pairs (or with --eval_prompts), off for your model or data"""
+    """sample held-out toy prompts at each evaluation: gold reward, KL to the reference, win rate; none: on
+    for the toy model on the toy pairs (or with --eval_prompts), off for your model or data"""
     eval_prompts: str = ""
     """held-out prompts for --gold_eval; empty: data/toy/prompts_val.jsonl"""
     eval_samples: int = 256
@@ -156,26 +158,26 @@ def evaluate(model, policy, reference, val_data, evaluator, prompts, cfg: Config
         with ctx:
             sample_metrics, texts = evaluator(policy)
         metrics.update(sample_metrics)
-        samples = [f"[{p}] {t}   (gold reward {gold_reward(t, p):.2f})" for p, t in list(zip(prompts, texts))[:cfg.print_samples]]
+        samples = [f"[{p}] {t}   (gold reward {gold_reward(t, p):.2f})"
+                   for p, t in list(zip(prompts, texts))[:cfg.print_samples]]
     return metrics, samples
 
 
 def reference_and_evaluator(cfg: Config, policy, train_data: dict, val_data: dict, prompts: list, tok,
                             dist: Dist, ctx):
     """The frozen reference, from the SFT checkpoint as the policy: under LoRA the policy with its
-    adapters off, else a frozen copy. With --precompute_ref its log-probs of every pair are
-    computed once (or read from the cache) into the pairs' tensors, and a separate reference
-    waits on the CPU after. And the gold evaluator (None without held-out prompts), which samples
-    the reference once."""
+    adapters off, else a frozen copy. With --precompute_ref its log-probs of every pair, computed
+    once (or read from the cache): {"train": (N, 2), "val": (M, 2)} chosen and rejected, else
+    None; a separate reference then waits on the CPU. And the gold evaluator (None without
+    held-out prompts), which samples the reference once."""
     if cfg.lora_rank:
         reference = AdaptersOff(policy)
     else:
         reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg), cfg.lora_base)[0], dist, cfg.dtype)
     offload = cfg.precompute_ref and not cfg.lora_rank and not dist.sharded
+    logps = None
     if cfg.precompute_ref:
         logps = cached_reference_logps(cfg, reference, {"train": train_data, "val": val_data}, dist, ctx)
-        for data, name in ((train_data, "train"), (val_data, "val")):
-            data["reference_chosen_logps"], data["reference_rejected_logps"] = logps[name].unbind(1)
     evaluator = None
     if prompts and (dist.master or dist.sharded):  # under FSDP every rank samples the policy with rank 0
         with ctx:
@@ -183,7 +185,7 @@ def reference_and_evaluator(cfg: Config, policy, train_data: dict, val_data: dic
                                         cfg.seed, offload=offload)
     if offload:
         reference.cpu()  # off the accelerator: training never runs it again, evaluation borrows it
-    return reference, evaluator
+    return reference, logps, evaluator
 
 
 def check_settings(cfg: Config, dist: Dist) -> None:
@@ -223,30 +225,35 @@ def train(cfg: Config, dist: Dist) -> dict:
     check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist, counts=("tokens",))
-    policy, tok = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
+    raw_model, tok = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
     toy = is_toy_model(cfg.sft_ckpt)  # what the model is, recorded in its checkpoint
-    default_max_length(cfg, policy.config.block_size, toy)
-    check_lengths(policy.config.block_size, ("--max_length", cfg.max_length))
+    default_max_length(cfg, raw_model.config.block_size, toy)
+    check_lengths(raw_model.config.block_size, ("--max_length", cfg.max_length))
     train_data, _, val_data, tok = load_pairs(cfg, tok, cfg.chat_template, dist.master)
     check_batches(len(train_data["chosen_input_ids"]), "training pairs", cfg, dist)
     prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval else []
     longest_prompt = max((len(tok.encode_prompt(p)) for p in prompts), default=0)
-    check_lengths(policy.config.block_size, ("the longest held-out prompt", longest_prompt),
+    check_lengths(raw_model.config.block_size, ("the longest held-out prompt", longest_prompt),
                   ("--max_new_tokens", cfg.max_new_tokens))
 
-    # 2. policy and frozen reference, both from the SFT checkpoint: under LoRA the reference is the
-    # policy with its adapters off, else a frozen copy; its log-probs of every pair computed once if asked
-    model = wrap_model(prepare_trainable(policy, cfg), dist, cfg.dtype, cfg.compile)
+    # 2. the policy (raw_model; model is it wrapped for DDP/FSDP) and the frozen reference, both from the
+    # SFT checkpoint: under LoRA the reference is the policy with its adapters off, else a frozen copy;
+    # its log-probs of every pair computed once if asked
+    model = wrap_model(prepare_trainable(raw_model, cfg), dist, cfg.dtype, cfg.compile)
     ctx = autocast(dist.device, cfg.dtype)
-    reference, evaluator = reference_and_evaluator(cfg, policy, train_data, val_data, prompts, tok, dist, ctx)
-    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
-    start = run.start(policy, optimizer)
+    reference, precomputed, evaluator = reference_and_evaluator(cfg, raw_model, train_data, val_data, prompts, tok,
+                                                                dist, ctx)
+    if precomputed:  # --precompute_ref: each pair's reference log-probs go with it, for dpo_batch_loss
+        for data, name in ((train_data, "train"), (val_data, "val")):
+            data["reference_chosen_logps"], data["reference_rejected_logps"] = precomputed[name].unbind(1)
+    optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
+    start = run.start(raw_model, optimizer)
     tokens = run.resumed["tokens"] if run.resumed else 0  # real tokens trained on so far
     model.eval()  # dropout off in the policy as in the frozen reference (TRL's default): step 0 is exactly ln 2
     n_pairs = len(train_data["chosen_input_ids"])
     record = {"toy_task": toy, **lora_record(cfg, cfg.sft_ckpt)}  # what each checkpoint notes
     if dist.master:
-        print(f"policy: {policy.num_params() / 1e6:.2f}M parameters ({n_trainable(policy) / 1e6:.2f}M training), "
+        print(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters ({n_trainable(raw_model) / 1e6:.2f}M training), "
               f"{n_pairs} training pairs, "
               f"{len(val_data['chosen_input_ids'])} held-out, {dist.world_size} process(es) on {dist.device}, "
               f"reference {'precomputed' if cfg.precompute_ref else 'live'}{', adapters off' if cfg.lora_rank else ''}")
@@ -254,10 +261,10 @@ def train(cfg: Config, dist: Dist) -> dict:
     # 3. the model before training, evaluated and checkpointed as step 0 (a resumed run's was, before)
     metrics = {}
     if not run.resumed:
-        metrics, samples = evaluate(model, policy, reference, val_data, evaluator, prompts, cfg, dist, ctx)
+        metrics, samples = evaluate(model, raw_model, reference, val_data, evaluator, prompts, cfg, dist, ctx)
         run.print(0, metrics, samples)
         run.log(0, metrics)
-        run.save(0, policy, optimizer, tok, {"tokens": tokens, **record})
+        run.save(0, raw_model, optimizer, tok, {"tokens": tokens, **record})
 
     # 4. the loop: one optimizer step on a global batch of pairs each
     bar = progress_bar(cfg.max_iters, start, dist, "dpo")
@@ -292,13 +299,13 @@ def train(cfg: Config, dist: Dist) -> dict:
         logging = step % cfg.log_interval == 0 or step == cfg.max_iters
         metrics = {**stats, "learning_rate": lr, "tokens": tokens} if logging else {}
         if run.evaluates(step):
-            eval_metrics, samples = evaluate(model, policy, reference, val_data, evaluator, prompts, cfg, dist, ctx)
+            eval_metrics, samples = evaluate(model, raw_model, reference, val_data, evaluator, prompts, cfg, dist, ctx)
             metrics.update(eval_metrics)
             run.print(step, metrics, samples)
         if metrics:
             run.log(step, metrics)
         if run.evaluates(step):
-            run.save(step, policy, optimizer, tok, {"tokens": tokens, **record})
+            run.save(step, raw_model, optimizer, tok, {"tokens": tokens, **record})
     bar.close()
     return metrics
 

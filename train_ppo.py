@@ -62,31 +62,42 @@ class Config(TrainConfig):
     reward: Literal["model", "gold"] = "model"
     """score responses with the reward model, or with the toy gold reward (PPO-GT)"""
     reward_ckpt: str = ""
-    """reward model checkpoint (train_rm.py); empty: the toy task's out/rm/ckpt.pt (not with a Hugging Face model)"""
+    """reward model checkpoint (train_rm.py); empty: the toy task's out/rm/ckpt.pt (not with a Hugging Face
+    model)"""
     critic_init: Literal["auto", "reward", "sft"] = "auto"
-    """critic backbone and head from the reward model, or SFT backbone with a new head; auto: reward model if --reward model"""
+    """critic backbone and head from the reward model, or SFT backbone with a new head; auto: reward model if
+    --reward model"""
     prompts: str = ""
-    """training prompts JSONL, one {"prompt"} a line (a string, or a conversation: a list of messages ending with a user turn); empty: the toy task's data/toy/prompts_train.jsonl (not with a Hugging Face model)"""
+    """training prompts JSONL, one {"prompt"} a line (a string, or a conversation: a list of messages ending
+    with a user turn); empty: the toy task's data/toy/prompts_train.jsonl (not with a Hugging Face model)"""
     max_prompt_length: Optional[int] = None
-    """longest prompt in tokens; a longer one keeps its last tokens (a conversation its system message, its newest turns and the end of its last user turn), as pairs' prompts do. none: the model's context less max_new_tokens"""
+    """longest prompt in tokens; a longer one keeps its last tokens (a conversation its system message, its
+    newest turns and the end of its last user turn), as pairs' prompts do. none: the model's context less
+    max_new_tokens"""
     max_new_tokens: int = 40
     """longest response"""
     temperature: float = 1.0
     """sampling temperature of rollouts (log-probs are computed at the same temperature)"""
     reward_norm: bool = True
-    """score = (raw - mean) / std with the mean and std of the SFT policy's raw scores, for the reward model and the gold reward alike"""
+    """score = (raw - mean) / std with the mean and std of the SFT policy's raw scores, for the reward model
+    and the gold reward alike"""
     reward_norm_batches: int = 4
     """rollout batches of the SFT policy that give reward_norm its mean and std"""
     missing_eos_penalty: float = 1.0
-    """subtracted from the (normalised) score of a response that never emits a stop token (eos or end of turn)"""
+    """subtracted from the (normalised) score of a response that never emits a stop token (eos or end of
+    turn)"""
     gen_chunk: int = 32
     """responses per generate call; chunks are spread over processes, and each chunk has its own seed"""
     advantage: Literal["gae", "rloo", "grpo"] = "gae"
-    """gae: PPO with a critic; rloo: leave-one-out baseline, KL in the reward; grpo: group-normalised, k3 KL in the loss (no critic for either)"""
+    """gae: PPO with a critic; rloo: leave-one-out baseline, KL in the reward; grpo: group-normalised, k3 KL
+    in the loss (no critic for either)"""
     samples_per_prompt: int = 1
-    """responses sampled for each prompt (k); rloo and grpo compare a prompt's k responses, so they need k >= 2"""
+    """responses sampled for each prompt (k); rloo and grpo compare a prompt's k responses, so they need k >=
+    2"""
     loss_average: Literal["token", "sequence"] = "token"
-    """rloo and grpo: sequence takes each response's token mean, then the mean over responses (DeepSeekMath eq. 3); token (the default, as TRL's) weighs every token alike, since the per-response mean gives a long response's tokens less weight each, a length bias (Dr. GRPO, Liu et al. 2025)"""
+    """rloo and grpo: sequence takes each response's token mean, then the mean over responses (DeepSeekMath
+    eq. 3); token (the default, as TRL's) weighs every token alike, since the per-response mean gives a
+    long response's tokens less weight each, a length bias (Dr. GRPO, Liu et al. 2025)"""
     # PPO
     ppo_epochs: int = 4
     """passes over each rollout batch"""
@@ -103,9 +114,12 @@ class Config(TrainConfig):
     lam: float = 0.95
     """GAE lambda"""
     kl_coef: float = 0.05
-    """KL penalty coefficient (initial value with --adaptive_kl); GRPO's beta, the weight of the KL term in its loss"""
+    """KL penalty coefficient (initial value with --adaptive_kl); GRPO's beta, the weight of the KL term in
+    its loss"""
     kl_estimator: Literal["k1", "k3"] = "k1"
-    """per-token KL estimate in the reward: k1, whose policy gradient is KL's, or k3, lower-variance as a value but as a reward its expected gradient is not that of KL(pi || pi_ref) (see ppo.per_token_rewards)"""
+    """per-token KL estimate in the reward: k1, whose policy gradient is KL's, or k3, lower-variance as a
+    value but as a reward its expected gradient is not that of KL(pi || pi_ref) (see
+    ppo.per_token_rewards)"""
     adaptive_kl: bool = False
     """adapt kl_coef towards --kl_target (Ziegler et al. 2019)"""
     kl_target: float = 6.0
@@ -114,16 +128,20 @@ class Config(TrainConfig):
     """horizon of the adaptive controller, in samples"""
     # evaluation
     gold_eval: Optional[bool] = None
-    """sample held-out toy prompts at each evaluation: gold reward, KL to the reference, win rate; none: on for the toy model on the toy prompts (or with --eval_prompts), off for your model or data"""
+    """sample held-out toy prompts at each evaluation: gold reward, KL to the reference, win rate; none: on
+    for the toy model on the toy prompts (or with --eval_prompts), off for your model or data"""
     eval_prompts: str = ""
-    """held-out prompts: the gold evaluation's (empty: data/toy/prompts_val.jsonl), or without it the first print_samples are sampled and printed at each evaluation"""
+    """held-out prompts: the gold evaluation's (empty: data/toy/prompts_val.jsonl), or without it the first
+    print_samples are sampled and printed at each evaluation"""
     eval_samples: int = 256
     """held-out prompts sampled at each evaluation"""
     eval_temperature: float = 1.0
-    """temperature of the evaluation samples and their KL, the same for every method whatever --temperature trains at"""
+    """temperature of the evaluation samples and their KL, the same for every method whatever --temperature
+    trains at"""
     # optimisation defaults for the toy task
     batch_size: int = 64
-    """responses per PPO iteration (rollout batch: batch_size / samples_per_prompt prompts), over all processes"""
+    """responses per PPO iteration (rollout batch: batch_size / samples_per_prompt prompts), over all
+    processes"""
     max_iters: int = 100
     """PPO iterations"""
     lr: float = 1e-4
@@ -212,7 +230,7 @@ def score_tokens(policy, reference, critic, batch, P: int, cfg: Config, ctx):
 
 
 def ppo_batch_loss(model, batch, n_prompt: int, cfg: Config):
-    """Step 6's loss of a minibatch, summed over response tokens weighted by loss_weights (1, or
+    """Step 5's loss of a minibatch, summed over response tokens weighted by loss_weights (1, or
     1/|o_i| with --loss_average sequence), and the statistics TRL logs, summed alike: the clipped
     policy loss, plus vf_coef times the clipped value loss (gae), or plus kl_coef times the k3 KL
     to the reference (grpo: DeepSeekMath eq. 3's beta term); rloo has the KL in its reward and
@@ -236,20 +254,22 @@ def ppo_batch_loss(model, batch, n_prompt: int, cfg: Config):
     return sums["policy_loss"], sums
 
 
-def advantages(rewards, values, ref_logprobs, data: dict, cfg: Config, dist: Dist) -> dict[str, torch.Tensor]:
-    """Step 5, from the per-token rewards (B, R): what the loss needs besides the old log-probs.
+def advantages_and_targets(rewards, values, ref_logprobs, data: dict, cfg: Config,
+                           dist: Dist) -> dict[str, torch.Tensor]:
+    """Step 4, from the per-token rewards (B, R): what the loss needs besides the old log-probs.
     gae: advantages by GAE, whitened over every rank's tokens, and the returns, the critic's
     targets. rloo and grpo: one advantage per response from its group of samples_per_prompt;
     RLOO's sequence reward is the score less kl_coef x its KL (the per-token rewards summed),
     GRPO's the score alone, as its KL is a term of the loss, which takes the reference's log-probs."""
     mask = data["response_mask"]
     if cfg.advantage == "gae":
-        advantages, returns = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask, lambda t: all_reduce_sum(t, dist))
-        return {"old_values": values, "returns": returns, "advantages": advantages}
+        per_token, returns = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
+        return {"old_values": values, "returns": returns,
+                "advantages": masked_whiten(per_token, mask, lambda t: all_reduce_sum(t, dist))}
     sequence_rewards = rewards.sum(1) if cfg.advantage == "rloo" else data["scores"]
-    advantages = group_advantages(sequence_rewards, cfg.samples_per_prompt, cfg.advantage)[:, None] * mask
-    return {"ref_logprobs": ref_logprobs, "advantages": advantages} if cfg.advantage == "grpo" else {"advantages": advantages}
+    per_response = group_advantages(sequence_rewards, cfg.samples_per_prompt, cfg.advantage)[:, None] * mask
+    grpo = {"ref_logprobs": ref_logprobs} if cfg.advantage == "grpo" else {}
+    return {**grpo, "advantages": per_response}
 
 
 def minibatch_rows(n_chunks: int, chunk: int, positions: torch.Tensor) -> torch.Tensor:
@@ -269,7 +289,8 @@ def checkpoint_extras(critic, kl_ctl, tokens: int, record: dict) -> dict:
 def check_same_text(reward_tok, tok, cfg: Config) -> None:
     """The reward model scores the policy's token ids as they are, so it must read them as the
     policy does: the same tokenizer and, for prompts rendered as chat, the same template."""
-    same_tokenizer = all(reward_tok.state()[k] == tok.state()[k] for k in ("kind", "data", "bos_id", "eos_id", "pad_id"))
+    same_tokenizer = all(reward_tok.state()[k] == tok.state()[k]
+                         for k in ("kind", "data", "bos_id", "eos_id", "pad_id"))
     if not same_tokenizer:
         raise DataError(f"--reward_ckpt {cfg.reward_ckpt} reads text with another tokenizer than --sft_ckpt "
                         f"{cfg.sft_ckpt}: it would score token ids it cannot read (train it from that SFT model)")
@@ -330,7 +351,8 @@ def check_settings(cfg: Config, dist: Dist) -> None:
     if (cfg.batch_size % (cfg.gen_chunk * dist.world_size) or cfg.gen_chunk % cfg.num_minibatches
             or (cfg.gen_chunk // cfg.num_minibatches) % cfg.grad_accum):
         raise DataError("--batch_size must be a multiple of --gen_chunk x world size, --gen_chunk a multiple of "
-                        "--num_minibatches (else rows would be skipped), and gen_chunk / num_minibatches of --grad_accum")
+                        "--num_minibatches (else rows would be skipped), and gen_chunk / num_minibatches of "
+                        "--grad_accum")
     if not (math.isfinite(cfg.temperature) and cfg.temperature > 0 and cfg.eval_temperature > 0):
         raise DataError("--temperature and --eval_temperature must be above 0: PPO samples from the policy")
     if cfg.gen_chunk % cfg.samples_per_prompt or (cfg.advantage != "gae" and cfg.samples_per_prompt < 2):
@@ -403,7 +425,8 @@ def read_prompts(cfg: Config, block_size: int, tok, dist: Dist):
                         f"the {len(prompts)} prompts of {cfg.prompts}")
     if eval_prompts:
         longest = max(len(ids) for ids in encode_prompts(tok, eval_prompts, block_size, False, cfg.eval_prompts))
-        check_lengths(block_size, ("the longest --eval_prompts prompt", longest), ("--max_new_tokens", cfg.max_new_tokens))
+        check_lengths(block_size, ("the longest --eval_prompts prompt", longest),
+                      ("--max_new_tokens", cfg.max_new_tokens))
     return prompts, prompt_ids, eval_prompts, tok
 
 
@@ -428,13 +451,14 @@ def train(cfg: Config, dist: Dist) -> dict:
     toy = is_toy_model(cfg.sft_ckpt)  # what the model is, recorded in its checkpoint
     prompts, prompt_ids, eval_prompts, tok = read_prompts(cfg, policy.config.block_size, tok, dist)
 
-    # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic (gae)
+    # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic (gae), as
+    # raw_model, the module the optimizer steps, and model, it wrapped for DDP/FSDP
     prepare_trainable(policy, cfg)
     reference, reward_model, critic = frozen_models_and_critic(cfg, policy, tok, dist)
-    trained = PolicyAndCritic(policy, critic) if critic else policy
-    trained.eval()  # dropout off in policy and critic, in rollouts and updates alike
-    model = wrap_model(trained, dist, cfg.dtype, cfg.compile)
-    optimizer = make_optimizer(trained, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
+    raw_model = PolicyAndCritic(policy, critic) if critic else policy
+    raw_model.eval()  # dropout off in policy and critic, in rollouts and updates alike
+    model = wrap_model(raw_model, dist, cfg.dtype, cfg.compile)
+    optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     tokens = 0  # real tokens of the rollouts, once per PPO epoch that trains on them
@@ -443,17 +467,18 @@ def train(cfg: Config, dist: Dist) -> dict:
         if critic:
             load_trainable(critic, run.resumed.get("critic"), run.ckpt_path)
         kl_ctl.value, tokens = run.resumed["kl_coef"], run.resumed["tokens"]
-    start = run.start(policy, optimizer, optimized=trained)
+    start = run.start(policy, optimizer, optimized=raw_model)
     ctx = autocast(dist.device, cfg.dtype)
     reward_mean, reward_std = (run.resumed["reward_norm"] if run.resumed
                                else reward_statistics(policy, reward_model, tok, prompts, prompt_ids, cfg, dist, ctx))
     evaluator = None
     if cfg.gold_eval and eval_prompts and (dist.master or dist.sharded):  # under FSDP every rank samples with rank 0
         with ctx:
-            evaluator = PolicyEvaluator(reference, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, cfg.seed)
+            evaluator = PolicyEvaluator(reference, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature,
+                                        cfg.seed)
     if dist.master:
         print(f"{'policy and critic: 2 x ' if critic else 'policy: '}{policy.num_params() / 1e6:.2f}M parameters "
-              f"({n_trainable(trained) / 1e6:.2f}M training), {len(prompts)} prompts, advantage: {cfg.advantage}, "
+              f"({n_trainable(raw_model) / 1e6:.2f}M training), {len(prompts)} prompts, advantage: {cfg.advantage}, "
               f"reward: {cfg.reward}, {dist.world_size} process(es) on {dist.device}")
 
     record = {"reward_norm": [reward_mean, reward_std], "toy_task": toy, **lora_record(cfg, cfg.sft_ckpt)}
@@ -466,7 +491,8 @@ def train(cfg: Config, dist: Dist) -> dict:
         metrics.update(eval_metrics)
         run.print(0, metrics, samples)
         run.log(0, metrics)
-        run.save(0, policy, optimizer, tok, checkpoint_extras(critic, kl_ctl, tokens, record), optimized=trained)
+        run.save(0, policy, optimizer, tok, checkpoint_extras(critic, kl_ctl, tokens, record),
+                 optimized=raw_model)
 
     # the loop: one PPO iteration each
     bar = progress_bar(cfg.max_iters, start, dist, "ppo")
@@ -488,7 +514,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         mask = data["response_mask"]
         rewards, kl = per_token_rewards(data["scores"], logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
         # 4. advantages (gae: and the critic's targets)
-        data.update(old_logprobs=logprobs, **advantages(rewards, values, ref_logprobs, data, cfg, dist))
+        data.update(old_logprobs=logprobs, **advantages_and_targets(rewards, values, ref_logprobs, data, cfg, dist))
         t_update = time.time()
         # 5. ppo_epochs passes over the rollout, num_minibatches optimizer steps each; a minibatch's loss is
         # the mean over its response tokens on all ranks (--loss_average sequence: the mean over its
@@ -523,9 +549,9 @@ def train(cfg: Config, dist: Dist) -> dict:
         seconds["update"] += time.time() - t_update
         # 6. the batch's means over all ranks; the KL coefficient adapted to its mean sequence KL;
         # training metrics (TRL's names) every log_interval iterations
+        n_responses = torch.tensor(float(len(mask)), device=dist.device)
         seq_stats = all_reduce_sum(torch.stack([data["scores"].sum(), kl.sum(), (entropy * mask).sum(), mask.sum(),
-                                                ended.sum().float(), torch.tensor(float(len(mask)), device=dist.device)]),
-                                   dist)
+                                                ended.sum().float(), n_responses]), dist)
         mean_score, mean_kl, mean_entropy, mean_length, ended_ratio = (seq_stats[:5] / seq_stats[5]).tolist()
         kl_coef_used = kl_ctl.value
         kl_ctl.update(mean_kl, cfg.batch_size)
@@ -554,7 +580,8 @@ def train(cfg: Config, dist: Dist) -> dict:
         if metrics:
             run.log(step, metrics)
         if run.evaluates(step):
-            run.save(step, policy, optimizer, tok, checkpoint_extras(critic, kl_ctl, tokens, record), optimized=trained)
+            run.save(step, policy, optimizer, tok, checkpoint_extras(critic, kl_ctl, tokens, record),
+                     optimized=raw_model)
     bar.close()
     if dist.master:
         n = max(1, step - start)

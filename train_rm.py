@@ -36,14 +36,16 @@ class Config(PairsConfig, TrainConfig):
     out_dir: str = "out/rm"
     """folder for config.json, metrics.jsonl and ckpt.pt"""
     sft_ckpt: str = "out/sft/ckpt.pt"
-    """SFT checkpoint (ckpt.pt or Hugging Face folder) whose backbone the reward model starts from (its tokenizer reads the pairs)"""
+    """SFT checkpoint (ckpt.pt or Hugging Face folder) whose backbone the reward model starts from (its
+    tokenizer reads the pairs)"""
     # loss
     margin: float = 0.0
     """the score difference the chosen response must clear"""
     center_coef: float = 0.0
     """weight of the (r_chosen + r_rejected)^2 term that keeps scores centred at 0"""
     gold_eval: Optional[bool] = None
-    """also report how often the model orders held-out pairs as the toy gold reward does; none: on for the toy model on the toy pairs, off for your model or data"""
+    """also report how often the model orders held-out pairs as the toy gold reward does; none: on for the
+    toy model on the toy pairs, off for your model or data"""
     # optimisation defaults for the toy task's pairs
     batch_size: int = 64
     """pairs per optimizer step, over all processes and micro-batches"""

@@ -39,14 +39,18 @@ class Config(TrainConfig):
     """folder for config.json, metrics.jsonl and ckpt.pt"""
     # data
     data_dir: Optional[str] = None
-    """the toy task's folder, written on first use (ignored with --train_file); none: data/toy, or data/toy_chat with --chat"""
+    """the toy task's folder, written on first use (ignored with --train_file); none: data/toy, or
+    data/toy_chat with --chat"""
     chat: bool = False
-    """the toy task as conversations (python toy.py --chat): a user turn, the assistant's reply, the Zephyr template"""
+    """the toy task as conversations (python toy.py --chat): a user turn, the assistant's reply, the Zephyr
+    template"""
     train_file: str = ""
-    """your own SFT JSONL, {"prompt","completion"}, {"text"} or {"messages"} records; empty: the toy task (not with a Hugging Face --init_from)"""
+    """your own SFT JSONL, {"prompt","completion"}, {"text"} or {"messages"} records; empty: the toy task
+    (not with a Hugging Face --init_from)"""
     val_file: str = ""
     """held-out JSONL; empty: the last 5% of --train_file's records, or the toy task's sft_val.jsonl"""
-    format: Literal["auto", "prompt_completion", "text", "messages", "conversational_prompt_completion", "sharegpt"] = "auto"
+    format: Literal["auto", "prompt_completion", "text", "messages", "conversational_prompt_completion",
+                    "sharegpt"] = "auto"
     """record format; auto recognises it from the first record"""
     skip_bad: bool = False
     """skip invalid records (and report how many) instead of stopping at the first"""
@@ -55,19 +59,23 @@ class Config(TrainConfig):
     vocab_size: int = 8000
     """vocabulary cap when a tokenizer is trained on --train_file"""
     max_length: Optional[int] = None
-    """longest sequence in tokens, prompt and completion together; longer ones are truncated. none: 64 on the toy task, else the model's context up to 1024"""
+    """longest sequence in tokens, prompt and completion together; longer ones are truncated. none: 64 on the
+    toy task, else the model's context up to 1024"""
     max_prompt_length: Optional[int] = None
-    """longest prompt; a longer one keeps its last tokens (a conversation its system message, its newest turns and the end of its last user turn). none: max_length less one"""
+    """longest prompt; a longer one keeps its last tokens (a conversation its system message, its newest
+    turns and the end of its last user turn). none: max_length less one"""
     # model
     preset: Literal["tiny", "small", "medium", "gpt2"] = "tiny"
     """model size (see model.PRESETS)"""
     init_from: str = ""
-    """start from this checkpoint instead of a fresh model: a ckpt.pt, or a Hugging Face model folder (its tokenizer too)"""
+    """start from this checkpoint instead of a fresh model: a ckpt.pt, or a Hugging Face model folder (its
+    tokenizer too)"""
     dropout: float = 0.0
     """dropout probability"""
     # evaluation
     eval_samples: int = 128
-    """held-out prompts sampled at each evaluation (toy task: gold reward, well-formedness; yours: stop rate, samples printed)"""
+    """held-out prompts sampled at each evaluation (toy task: gold reward, well-formedness; yours: stop rate,
+    samples printed)"""
     max_new_tokens: int = 40
     """longest sampled completion"""
     temperature: float = 1.0

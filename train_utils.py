@@ -26,8 +26,8 @@ from typing import Literal, Optional, Union, get_args, get_origin, get_type_hint
 
 import torch
 
-from checkpoint import (OVERWRITTEN, NonFiniteLoss, RunStopped, fingerprint, is_toy_model, model_file, non_finite_weights,
-                        number, release_run_folder)
+from checkpoint import (OVERWRITTEN, NonFiniteLoss, RunStopped, fingerprint, is_toy_model, model_file,
+                        non_finite_weights, number, release_run_folder)
 from data import TOY_PAIRS
 from distributed import Dist, all_reduce_sum, cleanup_distributed, is_dtensor, setup_distributed
 from files import DataError
@@ -122,7 +122,8 @@ class TrainConfig:
     eval_interval: int = 250
     """steps between held-out evaluations and checkpoints"""
     early_eval_interval: int = 0
-    """steps between evaluations before early_eval_until, where a run moves fastest (0: eval_interval throughout)"""
+    """steps between evaluations before early_eval_until, where a run moves fastest (0: eval_interval
+    throughout)"""
     early_eval_until: int = 0
     """the step from which evaluations are eval_interval apart"""
     print_samples: int = 3
@@ -134,14 +135,16 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model"""
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    """under torchrun: ddp keeps a whole copy of the model on every process; fsdp shards weights, gradients and optimizer state (FSDP2)"""
+    """under torchrun: ddp keeps a whole copy of the model on every process; fsdp shards weights, gradients
+    and optimizer state (FSDP2)"""
     seed: int = 1337
     """seeds the initialisation, the data order and the samples"""
     # memory
     grad_checkpoint: bool = False
     """recompute each block's activations in the backward pass instead of keeping them"""
     lora_rank: int = 0
-    """train LoRA adapters of this rank instead of every weight (0: full fine-tuning); the checkpoint holds the adapters"""
+    """train LoRA adapters of this rank instead of every weight (0: full fine-tuning); the checkpoint holds
+    the adapters"""
     lora_alpha: float = 16.0
     """LoRA scale: an adapter adds (lora_alpha / lora_rank) B A x"""
     lora_dropout: float = 0.0
@@ -149,12 +152,15 @@ class TrainConfig:
     lora_targets: str = ",".join(TARGETS)
     """comma-separated projections that get adapters (Llama's names)"""
     lora_base: str = ""
-    """where the base model of a LoRA checkpoint this run reads (the input model, PPO's reward model) now is, if it has moved (empty: the path each records)"""
+    """where the base model of a LoRA checkpoint this run reads (the input model, PPO's reward model) now is,
+    if it has moved (empty: the path each records)"""
     frozen_dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the weights that do not train (reference, reward model, LoRA's base); bfloat16 needs --dtype bfloat16"""
+    """dtype of the weights that do not train (reference, reward model, LoRA's base); bfloat16 needs --dtype
+    bfloat16"""
     # chat
     chat_template: str = "auto"
-    """auto: the model's own template, or Zephyr's for conversation data when it has none; zephyr; none; or a Jinja file"""
+    """auto: the model's own template, or Zephyr's for conversation data when it has none; zephyr; none; or a
+    Jinja file"""
 
 
 # -----------------------------------------------------------------------------

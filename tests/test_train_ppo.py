@@ -287,16 +287,16 @@ def test_step_5_advantages_rloo_charges_the_kl_grpo_scores_alone_gae_whitens():
     rewards = torch.tensor([[-0.5, 1.0], [-0.5, 0.0], [2.0, 0.0], [-1.0, 2.0]])  # sums 0.5, -0.5, 2, 1
     data = {"response_mask": mask, "scores": scores}
     ref = torch.zeros(4, 2)
-    rloo = train_ppo.advantages(rewards, None, ref, data, train_ppo.Config(advantage="rloo", samples_per_prompt=2), None)
+    rloo = train_ppo.advantages_and_targets(rewards, None, ref, data, train_ppo.Config(advantage="rloo", samples_per_prompt=2), None)
     assert set(rloo) == {"advantages"}
     torch.testing.assert_close(rloo["advantages"][:, 0], torch.tensor([1.0, -1.0, 1.0, -1.0]))  # r_i - r_j
     torch.testing.assert_close(rloo["advantages"] * mask, rloo["advantages"])  # zero past the response
-    grpo = train_ppo.advantages(rewards, None, ref, data, train_ppo.Config(advantage="grpo", samples_per_prompt=2), None)
+    grpo = train_ppo.advantages_and_targets(rewards, None, ref, data, train_ppo.Config(advantage="grpo", samples_per_prompt=2), None)
     assert set(grpo) == {"advantages", "ref_logprobs"}
     # scores (1, 0): +-1 / (std 0.7071 + 1e-4); scores (2, 2): no preference, 0
     torch.testing.assert_close(grpo["advantages"][:, 0], torch.tensor([0.7070, -0.7070, 0.0, 0.0]), atol=1e-4, rtol=0)
     one = Dist(False, 0, 0, 1, torch.device("cpu"))
-    gae = train_ppo.advantages(rewards, torch.zeros(4, 2), ref, data, train_ppo.Config(advantage="gae"), one)
+    gae = train_ppo.advantages_and_targets(rewards, torch.zeros(4, 2), ref, data, train_ppo.Config(advantage="gae"), one)
     assert set(gae) == {"old_values", "returns", "advantages"}
     real = gae["advantages"][mask.bool()]
     assert abs(real.mean().item()) < 1e-5 and real.var().item() == pytest.approx(1.0, abs=0.2)
