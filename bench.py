@@ -44,7 +44,8 @@ from train_dpo import dpo_batch_loss
 from train_ppo import ppo_batch_loss
 from train_rm import rm_batch_loss
 from train_sft import sft_loss
-from train_utils import add_sums, autocast, make_optimizer, optimizer_step, parse_config
+from train_utils import (add_sums, autocast, batch_means, check_weights, clip_grad_norm, make_optimizer,
+                         parse_config)
 
 
 @dataclass
@@ -167,12 +168,18 @@ class FullLogits(torch.nn.Module):
 
 def one_step(model, optimizer, n: int, ctx, loss, *inputs) -> dict[str, float]:
     """One optimizer step as the train_X.py loops take it, on one process and one micro-batch:
-    the script's loss summed over n terms, loss.backward() of its mean, optimizer_step."""
+    the script's loss summed over n terms, loss.backward() of its mean, then the means, the
+    clipped norm, optimizer.step(), zero_grad and the finite-weights guard."""
     with ctx:
         loss_sum, metric_sums = loss(model, *inputs)
     (loss_sum * (1 / n)).backward()
-    return optimizer_step(model, optimizer, add_sums({}, loss_sum, metric_sums), n, 1.0,
-                          Dist(False, 0, 0, 1, loss_sum.device), 1)
+    dist = Dist(False, 0, 0, 1, loss_sum.device)
+    stats = batch_means(add_sums({}, loss_sum, metric_sums), n, dist, 1)
+    stats["grad_norm"] = clip_grad_norm(model, 1.0, 1)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    check_weights(model, dist, 1)
+    return stats
 
 
 def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[dict]:
