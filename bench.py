@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-import model as model_module
+import head
 import train_dpo
 import train_ppo
 import train_rm
@@ -92,7 +92,7 @@ class Config:
     """an SFT and a DPO step (live reference) at --memory_shape, batch 2 x --memory_batch rows (DPO: that many
     pairs' rows), the labelled log-probs from the full (B, T, V) logits (the path before model.label_logps) against
     the model's own labelled log-probs, and DPO's with --grad_checkpoint, DPO's also with none of the head's softmax
-    kept for the backward (model.HEAD_KEEP 0): peak memory and step time, each in fresh processes, and their ratios"""
+    kept for the backward (head.HEAD_KEEP 0): peak memory and step time, each in fresh processes, and their ratios"""
     memory_case: str = ""
     """(internal) one --memory configuration as JSON, measured in this process"""
 
@@ -436,7 +436,7 @@ def memory_case(case: dict, device) -> dict:
         reference = AdaptersOff(policy)
     policy.grad_checkpoint = case["grad_checkpoint"]
     if "head_keep" in case:  # this process's bound on the head's softmax kept for the backward
-        model_module.HEAD_KEEP = case["head_keep"]
+        head.HEAD_KEEP = case["head_keep"]
     optimizer = make_optimizer(policy, 1e-5, 0.0, (0.9, 0.95), device)
     trained = policy
     if case.get("head") == "full":
@@ -478,12 +478,12 @@ def logps_table(cfg: Config, device, name: str) -> list[str]:
     processes: one for the peak memory (freed blocks unmapped), one for the time; the ratios are
     over the first row."""
     B, T = 2 * cfg.memory_batch, cfg.memory_seq_len
-    lines = [f"Labelled log-probs without the full logits (model.label_logps) against from them (token_logps of "
+    lines = [f"Labelled log-probs without the full logits (head.label_logps) against from them (token_logps of "
              f"(B, T, V) logits), {cfg.memory_shape} shape on {name}, {cfg.dtype}, full fine-tuning, one optimizer "
              f"step of {B} rows x {T} tokens (DPO: {B // 2} pairs, live reference, a copy); the peak memory is "
              "the process's less what it held before the model, with freed blocks given back to the system; the "
              f"time the second of two steps, in another process. label_logps keeps at most "
-             f"{model_module.HEAD_KEEP * 4 / 2**20:.0f} MB of the head's softmax for the backward (model.HEAD_KEEP), "
+             f"{head.HEAD_KEEP * 4 / 2**20:.0f} MB of the head's softmax for the backward (head.HEAD_KEEP), "
              "none kept computes every chunk again there:", "",
              "| stage | log-probs from | grad checkpoint | peak memory MB | step s | memory ratio | time ratio |",
              "|---|---|---|---|---|---|---|"]
@@ -493,9 +493,9 @@ def logps_table(cfg: Config, device, name: str) -> list[str]:
     for stage, variants in (("SFT", [(full, False), (kept, False)]),
                             ("DPO", [(full, False), (kept, False), (recomputed, False), (kept, True), (recomputed, True)])):
         rows = []
-        for (what, head), grad_checkpoint in variants:
+        for (what, logps_from), grad_checkpoint in variants:
             case = dict(shape=cfg.memory_shape, stage=stage, lora=False, grad_checkpoint=grad_checkpoint,
-                        reference="copy", B=B, T=T, dtype=cfg.dtype, **head)
+                        reference="copy", B=B, T=T, dtype=cfg.dtype, **logps_from)
             rows.append({**measure_case(case, device), "seconds": measure_case(case, device, False)["seconds"]})
             r = rows[-1]
             ratios = f"{r['peak_mb'] / rows[0]['peak_mb']:.2f} | {r['seconds'] / rows[0]['seconds']:.2f}"

@@ -25,7 +25,7 @@ import torch.distributed as torch_dist
 
 from distributed import Dist, all_reduce_sum, barrier, is_dtensor, is_sharded
 from files import DataError, make_out_dir, replace_atomically, write_atomic
-from hf import load_folder
+from hf import check_config, load_folder
 from lora import attach_lora, merge_lora
 from model import GPT, GPTConfig
 from reward_model import RewardModel, backbone_state
@@ -139,7 +139,7 @@ def load_gpt(path: str, dtype: torch.dtype | None = torch.float32,
 def _model_config(path: str, ckpt: dict) -> GPTConfig:
     """A checkpoint's model_config, every value checked before anything is built."""
     try:
-        return GPTConfig(**ckpt["model_config"])
+        return check_config(ckpt["model_config"])
     except (TypeError, ValueError) as e:  # an unknown key or a bad value
         raise DataError(f"{path}: model_config: {e}") from None
 

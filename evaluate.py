@@ -9,7 +9,8 @@ import statistics
 import torch
 
 from data import collate
-from model import HEAD_CHUNK, IGNORE_INDEX
+from head import HEAD_CHUNK
+from model import IGNORE_INDEX
 from tokenizer import Tokenizer
 from toy import gold_reward, is_well_formed
 
@@ -60,7 +61,8 @@ def sequence_kl(policy, reference, prompt_ids: list[list[int]], completion_ids: 
     for batch in completion_batches(policy, prompt_ids, completion_ids, pad_id, batch_size):
         logits = policy(batch["input_ids"], batch["attention_mask"])[:, :-1].float()  # (B, T-1, V)
         logp = (logits / temperature).log_softmax(-1)
-        logq = (reference(batch["input_ids"], batch["attention_mask"])[:, :-1].float() / temperature).log_softmax(-1)
+        logq = (reference(batch["input_ids"], batch["attention_mask"])[:, :-1].float()
+                / temperature).log_softmax(-1)
         token_kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, T-1): the logits at t score token t+1
         kls.append((token_kl * (batch["labels"][:, 1:] != IGNORE_INDEX)).sum(-1))
     return torch.cat(kls).cpu()
@@ -74,7 +76,8 @@ def sample_metrics(prompts: list[str], texts: list[str], ended: list[bool]) -> d
         "eval/gold_reward": statistics.fmean(rewards),
         "eval/gold_reward_std": statistics.pstdev(rewards),
         "eval/eos_rate": statistics.fmean(ended),
-        "eval/well_formed": statistics.fmean(e and is_well_formed(f"{p} {t}") for p, t, e in zip(prompts, texts, ended)),
+        "eval/well_formed": statistics.fmean(e and is_well_formed(f"{p} {t}")
+                                             for p, t, e in zip(prompts, texts, ended)),
     }
 
 
@@ -84,13 +87,14 @@ class PolicyEvaluator:
     The reference is frozen, so its samples and their gold rewards are drawn once, here. The
     policy is sampled with the same seed at every call, and the same seed as the reference
     (common random numbers): evaluations differ only through the policy, and a policy equal
-    to the reference ties every prompt (win rate 0.5, KL 0). Win rate counts a tie as half. With offload=True the reference waits on
-    the CPU and visits the policy's device only for the KL."""
+    to the reference ties every prompt (win rate 0.5, KL 0). Win rate counts a tie as half. With
+    offload=True the reference waits on the CPU and visits the policy's device only for the KL."""
 
     def __init__(self, reference, tok: Tokenizer, prompts: list[str], max_new_tokens: int,
                  temperature: float = 1.0, seed: int = 0, offload: bool = False):
         if temperature <= 0:
-            raise SystemExit("error: the evaluation samples at a temperature > 0 (its KL is that of the sampled distributions)")
+            raise SystemExit("error: the evaluation samples at a temperature > 0 (its KL is that of the "
+                             "sampled distributions)")
         self.reference, self.tok, self.prompts, self.offload = reference, tok, prompts, offload
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
         self.prompt_ids = [tok.encode_prompt(p) for p in prompts]
@@ -105,7 +109,8 @@ class PolicyEvaluator:
                                                self.temperature, self.seed)
         rewards = [gold_reward(t, p) for p, t in zip(self.prompts, texts)]
         self.reference.to(next(policy.parameters()).device)
-        kl = sequence_kl(policy, self.reference, self.prompt_ids, ids, self.tok.pad_id, temperature=self.temperature)
+        kl = sequence_kl(policy, self.reference, self.prompt_ids, ids, self.tok.pad_id,
+                         temperature=self.temperature)
         if self.offload:
             self.reference.cpu()
         wins = [1.0 if r > q else 0.5 if r == q else 0.0 for r, q in zip(rewards, self.reference_rewards)]

@@ -7,23 +7,29 @@ loads in transformers. Nothing here downloads: fetch a folder yourself (docs/rea
 Weights map one to one onto model.py's modules, except that the separate query, key and value
 projections are concatenated into one `c_attn` matrix, the gate and up projections of SwiGLU into
 one `c_fc`, and GPT-2's Conv1D weights (stored input-major) are transposed.
+
+Every model config read from a file is checked here, a checkpoint's model_config too
+(check_config): model.py's GPTConfig trusts the code that builds it.
 """
+import dataclasses
 import json
 import math
 import os
 import re
+from collections.abc import Mapping
 
 import torch
 
 from files import DataError, write_atomic
-from model import GPT, MAX_SIZE, GPTConfig, is_int, is_real
+from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gpt2")  # config.json model_type values this file reads
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 # A downloaded folder is untrusted data: each file is read up to a bound far above real ones, so a
 # huge or endless file (a link to /dev/zero) is one error line instead of all the memory there is.
-MAX_JSON_BYTES = 16 << 20  # config, tokenizer_config, generation_config, the shard index: kilobytes in real folders
+# config, tokenizer_config, generation_config, the shard index: kilobytes in real folders
+MAX_JSON_BYTES = 16 << 20
 MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.json or .model: Gemma 3's 262k-token tokenizer.json is about 33 MB
 MAX_TEMPLATE_BYTES = 1 << 20  # chat_template.jinja: real templates are a few kilobytes
 
@@ -35,7 +41,8 @@ def _read_bounded(path: str, limit: int, bound: str) -> bytes:
     with open(path, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise DataError(f"{path}: more than {limit} bytes (hf.{bound}), far beyond any real model folder's file")
+        raise DataError(f"{path}: more than {limit} bytes (hf.{bound}), far beyond any real model "
+                        "folder's file")
     return data
 
 
@@ -68,6 +75,56 @@ def _brief(value, limit: int = 60) -> str:
 
 
 # -----------------------------------------------------------------------------
+# A config read from a file, checked: config.json's, or a checkpoint's model_config
+
+# Upper bounds on a configuration's sizes, far above any published model's (Llama-3.1-405B: 126
+# layers, n_embd 16384, 128256 tokens; Qwen2.5-1M: 1010000 positions): a checkpoint or config.json
+# is untrusted data, and a size no model has is refused before anything is built from it
+MAX_SIZE = dict(vocab_size=2**24, block_size=2**22, n_layer=1024, n_head=2**12, n_kv_head=2**12, n_embd=2**16,
+                head_dim=2**12, intermediate_size=2**18)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_config(fields: dict) -> GPTConfig:
+    """The GPTConfig of keyword arguments read from a file (a checkpoint's model_config, or what
+    config_from_hf makes of a config.json), every value checked before anything is built of them:
+    a ValueError naming the field, for what would otherwise crash later or build without bound.
+    Anything but a mapping of GPTConfig's fields meets GPTConfig's own TypeError."""
+    if not (isinstance(fields, Mapping) and set(fields) <= set(_DEFAULTS)):
+        return GPTConfig(**fields)  # its TypeError: not a mapping, or a field it does not have
+    values = {**_DEFAULTS, **fields}
+    for name, top in MAX_SIZE.items():
+        value = values[name]
+        if not (value is None and name in ("n_kv_head", "head_dim", "intermediate_size")
+                or is_int(value) and 1 <= value <= top):
+            raise ValueError(f"{name} must be an integer from 1 to {top}, got {value!r}")
+    config = GPTConfig(**fields)  # refuses a head split its defaults cannot be filled in from
+    if config.pos == "rope" and config.head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotary positions, got {config.head_dim}")
+    for name in ("norm_eps", "rope_theta"):
+        if not (is_real(getattr(config, name)) and 0 < getattr(config, name) < math.inf):
+            raise ValueError(f"{name} must be a positive finite number, got {getattr(config, name)!r}")
+    if not (is_real(config.dropout) and 0 <= config.dropout < 1):
+        raise ValueError(f"dropout must be a number from 0 to below 1, got {config.dropout!r}")
+    for name in ("bias", "qkv_bias", "tie_embeddings"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(config, name)!r}")
+    for name, choices in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gelu_tanh", "swiglu")),
+                          ("pos", ("learned", "rope"))):
+        if getattr(config, name) not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+    return config
+
+
+# -----------------------------------------------------------------------------
 # config.json -> GPTConfig
 
 
@@ -84,7 +141,8 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     file is untrusted: every value is checked (type, range, consistency) with one line naming it."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED:
-        raise DataError(f"{where}: model_type {_brief(model_type)} is not supported (supported: {', '.join(SUPPORTED)})")
+        raise DataError(f"{where}: model_type {_brief(model_type)} is not supported "
+                        f"(supported: {', '.join(SUPPORTED)})")
 
     def check(name, value, want):
         ok, description = want
@@ -106,35 +164,40 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     names = dict(vocab_size="vocab_size", block_size="n_positions", n_layer="n_layer", n_head="n_head",
                  n_embd="n_embd", intermediate_size="n_inner") if gpt2 else dict(
         vocab_size="vocab_size", block_size="max_position_embeddings", n_layer="num_hidden_layers",
-        n_head="num_attention_heads", n_embd="hidden_size", n_kv_head="num_key_value_heads", head_dim="head_dim",
-        intermediate_size="intermediate_size")
+        n_head="num_attention_heads", n_embd="hidden_size", n_kv_head="num_key_value_heads",
+        head_dim="head_dim", intermediate_size="intermediate_size")
     optional = ("n_kv_head", "head_dim") + (("intermediate_size",) if gpt2 else ())
-    sizes = {ours: field(theirs, None if ours in optional else KeyError, _size(ours)) for ours, theirs in names.items()}
-    n_embd, n_head, n_kv_head, head_dim = (sizes.get(k) for k in ("n_embd", "n_head", "n_kv_head", "head_dim"))
+    sizes = {ours: field(theirs, None if ours in optional else KeyError, _size(ours))
+             for ours, theirs in names.items()}
+    n_embd, n_head, n_kv_head, head_dim = (sizes.get(k)
+                                           for k in ("n_embd", "n_head", "n_kv_head", "head_dim"))
     if head_dim is None and n_embd % n_head:
         raise DataError(f"{where}: field {names['n_embd']!r}: {n_embd} is not a multiple of "
                         f"{names['n_head']} ({n_head}), and there is no head_dim")
     if n_kv_head is not None and n_head % n_kv_head:
-        raise DataError(f"{where}: field 'num_key_value_heads': {n_kv_head} does not divide num_attention_heads ({n_head})")
+        raise DataError(f"{where}: field 'num_key_value_heads': {n_kv_head} does not divide "
+                        f"num_attention_heads ({n_head})")
 
     if gpt2:
         act = field("activation_function", "gelu_new")
-        mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(act) if isinstance(
-            act, str) else None
+        mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
+            act) if isinstance(act, str) else None
         if mlp is None:
             unsupported(f"activation_function {_brief(act)}")
-        if not field("scale_attn_weights", True, _FLAG) or field("scale_attn_by_inverse_layer_idx", False, _FLAG):
+        if (not field("scale_attn_weights", True, _FLAG)
+                or field("scale_attn_by_inverse_layer_idx", False, _FLAG)):
             unsupported("attention scaling other than 1/sqrt(head_dim)")
-        return GPTConfig(**sizes, bias=True, norm="layernorm", norm_eps=field("layer_norm_epsilon", 1e-5, _POSITIVE),
-                         mlp=mlp, pos="learned", tie_embeddings=field("tie_word_embeddings", True, _FLAG))
+        return check_config(dict(
+            **sizes, bias=True, norm="layernorm", norm_eps=field("layer_norm_epsilon", 1e-5, _POSITIVE),
+            mlp=mlp, pos="learned", tie_embeddings=field("tie_word_embeddings", True, _FLAG)))
 
     if field("hidden_act", "silu") != "silu":
         unsupported(f"hidden_act {_brief(hf['hidden_act'])}")
     if model_type == "llama" and (field("attention_bias", False, _FLAG) or field("mlp_bias", False, _FLAG)):
         unsupported("attention_bias or mlp_bias in a llama config")
     if (head_dim or n_embd // n_head) % 2:
-        raise DataError(f"{where}: field {'head_dim' if head_dim else 'hidden_size'!r}: rotary positions need an "
-                        f"even head size, not {head_dim or n_embd // n_head}")
+        raise DataError(f"{where}: field {'head_dim' if head_dim else 'hidden_size'!r}: rotary positions "
+                        f"need an even head size, not {head_dim or n_embd // n_head}")
     # rotary settings: transformers 5 writes rope_parameters, older versions rope_theta and rope_scaling
     objects = ((lambda v: isinstance(v, dict)), "a JSON object")
     rope = {**field("rope_scaling", {}, objects), **field("rope_parameters", {}, objects)}
@@ -149,14 +212,18 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     slides = model_type == "mistral"
     if model_type == "qwen2" and field("use_sliding_window", False, _FLAG):
         layers = field("layer_types", None, ((lambda v: isinstance(v, list)), "a list"))
+        layer_count = (lambda v: is_int(v) and v >= 0), "a count of layers"
         slides = ("sliding_attention" in layers if layers else
-                  field("max_window_layers", 28, ((lambda v: is_int(v) and v >= 0), "a count of layers")) < sizes["n_layer"])
-    window = (field("sliding_window", None, _size("block_size")) if "sliding_window" in hf else 4096) if slides else None
+                  field("max_window_layers", 28, layer_count) < sizes["n_layer"])
+    window = None
+    if slides:
+        window = field("sliding_window", None, _size("block_size")) if "sliding_window" in hf else 4096
     if window:
         sizes["block_size"] = min(sizes["block_size"], window)
-    return GPTConfig(
+    return check_config(dict(
         **sizes, norm="rmsnorm", norm_eps=field("rms_norm_eps", 1e-6, _POSITIVE), mlp="swiglu", pos="rope",
-        rope_theta=float(rope_theta), qkv_bias=model_type == "qwen2", tie_embeddings=field("tie_word_embeddings", False, _FLAG))
+        rope_theta=float(rope_theta), qkv_bias=model_type == "qwen2",
+        tie_embeddings=field("tie_word_embeddings", False, _FLAG)))
 
 
 def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
@@ -171,7 +238,8 @@ def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
                     activation_function={"gelu": "gelu", "gelu_tanh": "gelu_new"}[c.mlp],
                     layer_norm_epsilon=c.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
     model_type = "qwen2" if c.qkv_bias else "llama"
-    return dict(model_type=model_type, architectures=["Qwen2ForCausalLM" if c.qkv_bias else "LlamaForCausalLM"],
+    architecture = "Qwen2ForCausalLM" if c.qkv_bias else "LlamaForCausalLM"
+    return dict(model_type=model_type, architectures=[architecture],
                 max_position_embeddings=c.block_size, num_hidden_layers=c.n_layer,
                 num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
                 hidden_size=c.n_embd, intermediate_size=c.intermediate_size, hidden_act="silu",
@@ -245,7 +313,8 @@ class _SafetensorsFiles:
         elif os.path.isfile(index_path):
             weight_map = _read_json(index_path).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-                raise DataError(f"{index_path}: field 'weight_map' is not an object of tensor names to shard files")
+                raise DataError(f"{index_path}: field 'weight_map' is not an object of tensor names to "
+                                "shard files")
             files = sorted(set(weight_map.values()))
         else:
             raise DataError(f"{folder}: no model.safetensors or model.safetensors.index.json "
@@ -277,7 +346,8 @@ class _SafetensorsFiles:
         try:
             return self.handles[path].get_tensor(stored)
         except Exception as e:
-            raise DataError(f"{path}: tensor {stored} cannot be read, the file may be truncated ({e})") from None
+            raise DataError(f"{path}: tensor {stored} cannot be read, the file may be truncated "
+                            f"({e})") from None
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -298,8 +368,8 @@ def _linked_inside(path: str, folder: str) -> None:
     if os.path.basename(os.path.dirname(root)) == "snapshots":
         allowed.append(os.path.realpath(os.path.join(root, "..", "..", "blobs")))
     if not any(os.path.commonpath([a, real]) == a for a in allowed):
-        raise DataError(f"{path}: a link to {real}, outside the folder (only links inside it, or a Hugging Face "
-                        "cache snapshot's into its blobs/, are followed)")
+        raise DataError(f"{path}: a link to {real}, outside the folder (only links inside it, or a "
+                        "Hugging Face cache snapshot's into its blobs/, are followed)")
 
 
 def load_folder(folder: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
@@ -316,10 +386,13 @@ def load_folder(folder: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tok
         raise DataError(f"{folder}: the tokenizer has {tok.vocab_size} tokens, more than the "
                         f"embedding's {config.vocab_size} rows")
     files = _SafetensorsFiles(folder, model_type)
-    layers = {int(m[1]) for n in files.where if (m := re.match(r"(?:model\.layers|transformer\.h)\.(\d+)\.", n))}
-    if config.n_layer != len(layers):  # before a model is built: config.json may claim far more layers than there are
-        raise DataError(f"{config_path}: field {'n_layer' if model_type == 'gpt2' else 'num_hidden_layers'!r}: "
-                        f"{config.n_layer} layers, and the weights hold {len(layers)}")
+    layers = {int(m[1]) for n in files.where
+              if (m := re.match(r"(?:model\.layers|transformer\.h)\.(\d+)\.", n))}
+    # before a model is built: config.json may claim far more layers than there are
+    if config.n_layer != len(layers):
+        name = "n_layer" if model_type == "gpt2" else "num_hidden_layers"
+        raise DataError(f"{config_path}: field {name!r}: {config.n_layer} layers, and the weights hold "
+                        f"{len(layers)}")
     table = weight_table(config, model_type)
     wanted = {n for _, names, _ in table for n in names}
     missing = sorted(n for n in wanted if n not in files.where)
@@ -337,7 +410,8 @@ def load_folder(folder: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tok
             shape, stored_dtype = files.header(n)
             part = want[::-1] if how == "T" else [tensor_rows(config, n), *want[1:]] if how == "cat" else want
             if shape != part:
-                raise DataError(f"{folder}: tensor {n} has shape {shape}, config.json implies {part} (for {ours})")
+                raise DataError(f"{folder}: tensor {n} has shape {shape}, config.json implies {part} "
+                                f"(for {ours})")
             if stored_dtype not in ("F16", "BF16", "F32", "F64"):
                 raise DataError(f"{folder}: tensor {n} has dtype {stored_dtype}, not a floating-point type")
     state = {}
@@ -394,13 +468,15 @@ def load_tokenizer(folder: str, hf_config: dict) -> Tokenizer:
         value = value if isinstance(value, list) else [] if value is None else [value]
         for i in value:
             if not is_int(i) or not 0 <= i < n_tokens:
-                raise DataError(f"{folder}/{file}: field {name!r}: {_brief(i)} is not a token id below {n_tokens}")
+                raise DataError(f"{folder}/{file}: field {name!r}: {_brief(i)} is not a token id "
+                                f"below {n_tokens}")
         return value
 
     def special(name):
         text = _token_text(tok_config.get(f"{name}_token"))
         if text is not None and not isinstance(text, str):
-            raise DataError(f"{folder}/tokenizer_config.json: field '{name}_token': {_brief(text)} is not a string")
+            raise DataError(f"{folder}/tokenizer_config.json: field '{name}_token': {_brief(text)} "
+                            "is not a string")
         if text is not None and token_to_id(text) is not None:
             return token_to_id(text)
         for file, source in (("generation_config.json", gen_config), ("config.json", hf_config)):
@@ -410,19 +486,24 @@ def load_tokenizer(folder: str, hf_config: dict) -> Tokenizer:
 
     bos, eos, pad = special("bos"), special("eos"), special("pad")
     if eos is None:
-        raise DataError(f"{folder}: no eos token in tokenizer_config.json, generation_config.json or config.json")
+        raise DataError(f"{folder}: no eos token in tokenizer_config.json, generation_config.json or "
+                        "config.json")
     # transformers' generate stops at any of generation_config.json's eos ids (config.json's without one)
-    file, source = ("generation_config.json", gen_config) if "eos_token_id" in gen_config else ("config.json", hf_config)
+    file, source = (("generation_config.json", gen_config) if "eos_token_id" in gen_config
+                    else ("config.json", hf_config))
     eos_ids = {eos, *ids(file, source, "eos_token_id")}
     if kind == "tokenizers":  # transformers adds bos as the tokenizer.json's post-processor says
         add_bos = bos is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos]
     else:  # LlamaTokenizer's default
         add_bos = tok_config.get("add_bos_token", True)
         if not isinstance(add_bos, bool):
-            raise DataError(f"{folder}/tokenizer_config.json: field 'add_bos_token': {_brief(add_bos)} is not true or false")
-    jinja = os.path.join(folder, "chat_template.jinja")  # the file chat_template() reads first, named in template errors
-    return Tokenizer(kind, data, bos, eos, eos if pad is None else pad, add_bos, chat_template(folder, tok_config),
-                     sorted(eos_ids), os.path.join(folder, "tokenizer_config.json") if not os.path.isfile(jinja) else jinja)
+            raise DataError(f"{folder}/tokenizer_config.json: field 'add_bos_token': {_brief(add_bos)} "
+                            "is not true or false")
+    # the file chat_template() reads first, named in template errors
+    jinja = os.path.join(folder, "chat_template.jinja")
+    template_file = os.path.join(folder, "tokenizer_config.json") if not os.path.isfile(jinja) else jinja
+    return Tokenizer(kind, data, bos, eos, eos if pad is None else pad, add_bos,
+                     chat_template(folder, tok_config), sorted(eos_ids), template_file)
 
 
 def chat_template(folder: str, tok_config: dict) -> str | None:
@@ -433,7 +514,8 @@ def chat_template(folder: str, tok_config: dict) -> str | None:
         return _read_text(path, MAX_TEMPLATE_BYTES, "MAX_TEMPLATE_BYTES")
     template = tok_config.get("chat_template")
     if isinstance(template, list):
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
     if template is not None and not isinstance(template, str):
         raise DataError(f"{folder}/tokenizer_config.json: field 'chat_template': expected a Jinja string")
     return template
@@ -448,9 +530,11 @@ def tokenizer_files(tok: Tokenizer) -> dict[str, bytes | str]:
         config["chat_template"] = tok.chat_template
     if tok.kind == "sentencepiece":
         return {"tokenizer.model": tok.data,
-                "tokenizer_config.json": json.dumps(dict(tokenizer_class="LlamaTokenizer", **config), indent=2)}
+                "tokenizer_config.json": json.dumps(dict(tokenizer_class="LlamaTokenizer", **config),
+                                                    indent=2)}
     return {"tokenizer.json": tok.data,
-            "tokenizer_config.json": json.dumps(dict(tokenizer_class="PreTrainedTokenizerFast", **config), indent=2)}
+            "tokenizer_config.json": json.dumps(dict(tokenizer_class="PreTrainedTokenizerFast", **config),
+                                                indent=2)}
 
 
 # -----------------------------------------------------------------------------
@@ -483,7 +567,8 @@ def save_folder(model: GPT, tok: Tokenizer, out_dir: str) -> list[str]:
             tensors[hf_names[0]] = w.contiguous()
     os.makedirs(out_dir, exist_ok=True)
     tok_files = tokenizer_files(tok)
-    stale = _stale_files(out_dir, {"model.safetensors", *tok_files})  # before writing: an old index may name them
+    # before writing: an old index may name them
+    stale = _stale_files(out_dir, {"model.safetensors", *tok_files})
     tmp = os.path.join(out_dir, f"model.safetensors.tmp{os.getpid()}")
     save_file({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
     umask = os.umask(0)  # reading the umask means setting it

@@ -9,8 +9,10 @@ how it is padded or batched. `generate` samples with a preallocated KV cache.
 
 Beside the model, the batch layouts every algorithm shares (left-padded prompts, a pair batch
 as chosen then rejected rows, IGNORE_INDEX labels) and `token_logps`, the one next-token
-log-prob function of every loss and estimate. It imports nothing of the project: no training,
-no data files, no file formats (hf.py reads folders, checkpoint.py checkpoints).
+log-prob function of every loss and estimate. Given labels, the model takes their log-probs
+from head.py without the full logits; a ragged batch is packed by packing.py. It imports nothing
+else of the project: no training, no data files, no file formats (hf.py reads folders and checks
+any config read from a file).
 """
 import math
 import sys
@@ -21,71 +23,41 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding), as in torch's cross_entropy
-
-# Upper bounds on a configuration's sizes, far above any published model's (Llama-3.1-405B: 126
-# layers, n_embd 16384, 128256 tokens; Qwen2.5-1M: 1010000 positions): a checkpoint or config.json
-# is untrusted data, and a size no model has is refused before anything is built from it
-MAX_SIZE = dict(vocab_size=2**24, block_size=2**22, n_layer=1024, n_head=2**12, n_kv_head=2**12, n_embd=2**16,
-                head_dim=2**12, intermediate_size=2**18)
-
-
-def is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def is_real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+from head import IGNORE_INDEX, label_logps  # IGNORE_INDEX: defined with the head, which skips its rows
+from packing import Packing
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 512
+    """A model's shape and family. Built in code it is trusted; a config read from a file (a
+    checkpoint's model_config, a config.json) is checked by hf.check_config before it is built."""
+    vocab_size: int = 512  # token ids, and rows of the embedding and the output head
     block_size: int = 128  # longest sequence, prompt and completion together
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # query heads
+    n_embd: int = 128  # width of the residual stream
+    dropout: float = 0.0  # probability, after the embeddings, attention and each residual branch
     bias: bool = False  # biases in every Linear and LayerNorm layer (GPT-2)
     n_kv_head: int | None = None  # key/value heads for grouped-query attention; None: n_head
     head_dim: int | None = None  # None: n_embd // n_head
     intermediate_size: int | None = None  # MLP width; None: 4 * n_embd
     norm: str = "layernorm"  # "layernorm" or "rmsnorm"
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # added to the variance in every norm
     mlp: str = "gelu"  # "gelu", "gelu_tanh" (GPT-2's approximation) or "swiglu" (Llama)
     pos: str = "learned"  # "learned" (a position embedding table) or "rope" (rotary)
     rope_theta: float = 10000.0  # rotary base frequency
     qkv_bias: bool = False  # biases on the query, key and value projections alone (Qwen2)
     tie_embeddings: bool = True  # the output head shares the token embedding's weights
 
-    def __post_init__(self):
-        # a message naming the field for what would otherwise crash later, or build without bound
-        for name, top in MAX_SIZE.items():
-            value = getattr(self, name)
-            if not (value is None and name in ("n_kv_head", "head_dim", "intermediate_size")
-                    or is_int(value) and 1 <= value <= top):
-                raise ValueError(f"{name} must be an integer from 1 to {top}, got {value!r}")
+    def __post_init__(self):  # the defaults, and a head split they can be computed from
         if self.head_dim is None and self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}) unless head_dim is given")
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}) "
+                             "unless head_dim is given")
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         self.intermediate_size = self.intermediate_size or 4 * self.n_embd
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
-        if self.pos == "rope" and self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
-        for name in ("norm_eps", "rope_theta"):
-            if not (is_real(getattr(self, name)) and 0 < getattr(self, name) < math.inf):
-                raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)!r}")
-        if not (is_real(self.dropout) and 0 <= self.dropout < 1):
-            raise ValueError(f"dropout must be a number from 0 to below 1, got {self.dropout!r}")
-        for name in ("bias", "qkv_bias", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name, choices in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gelu_tanh", "swiglu")),
-                              ("pos", ("learned", "rope"))):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
 
 # Named sizes. Parameter counts are for a 512-piece vocabulary (the toy task's tokenizer);
@@ -172,7 +144,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.split_sizes, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, n_kv, T, hs)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+                for t in (k, v))  # (B, n_kv, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
@@ -257,62 +230,13 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, T: int, de
     return allowed[:, None]
 
 
-class Packing:
-    """Where the real tokens of a padded batch (B, T) go when packed into fewer rows of the same
-    width T, each packed row holding whole sequences one after another (first-fit decreasing by
-    length). A token keeps its position, the number of real tokens before it in its own row,
-    and attends only to its own sequence's earlier tokens, so the hidden states of real tokens
-    are the padded batch's, up to rounding, while pads cost no compute. Ragged batches of short
-    completions (PPO's rollouts, SFT and DPO batches) are a third to a half padding."""
-
-    def __init__(self, attention_mask: torch.Tensor, row_of: list[int], start_of: list[int], shape: tuple[int, int]):
-        real = attention_mask.bool()
-        self.batch_shape, self.shape = tuple(real.shape), shape
-        self.source = real.nonzero(as_tuple=True)  # (row, column) of every real token in the padded batch
-        positions = real.long().cumsum(1) - 1  # (B, T)
-        sequence, device = self.source[0], real.device
-        self.target = (torch.tensor(row_of, device=device)[sequence],
-                       torch.tensor(start_of, device=device)[sequence] + positions[self.source])  # and in the packed rows
-        self.positions = self.pack(positions)  # (R, W)
-        segments = self.pack(torch.arange(1, len(real) + 1, device=device)[:, None].expand_as(positions))  # 0: a pad
-        causal = torch.ones(shape[1], shape[1], dtype=torch.bool, device=device).tril()
-        # a token attends its own sequence; trailing pads (segment 0) attend each other, so no
-        # softmax row is empty, and their output is garbage that nothing reads
-        self.attn_mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # (R, 1, W, W)
-
-    @classmethod
-    def of(cls, attention_mask: torch.Tensor) -> "Packing | None":
-        """The packing of a padded batch, or None when it would not save a row."""
-        B, T = attention_mask.shape
-        lengths = attention_mask.bool().sum(1).tolist()
-        fill, row_of, start_of = [], [0] * B, [0] * B  # tokens used in each packed row; each sequence's row and start
-        for b in sorted(range(B), key=lambda b: -lengths[b]):
-            r = next((r for r, used in enumerate(fill) if used + lengths[b] <= T), len(fill))
-            if r == len(fill):
-                fill.append(0)
-            row_of[b], start_of[b] = r, fill[r]
-            fill[r] += lengths[b]
-        return cls(attention_mask, row_of, start_of, (len(fill), max(max(fill), 1))) if len(fill) < B else None
-
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, ...) in the padded layout to (R, W, ...), the real tokens only."""
-        out = x.new_zeros(self.shape + x.shape[2:])
-        out[self.target] = x[self.source]
-        return out
-
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """(R, W, ...) back to (B, T, ...), zero at the pads; differentiable."""
-        out = x.new_zeros(self.batch_shape + x.shape[2:])
-        out[self.source] = x[self.target]
-        return out
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
-        if config.pos == "learned":  # registered in this order, so a seed gives the toy GPT its old initial weights
+        # registered in this order, so a seed gives the toy GPT its old initial weights
+        if config.pos == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
             **modules,
@@ -322,7 +246,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.grad_checkpoint = False  # recompute each block's activations in the backward pass
-        self.packing = True  # run a padded batch without a KV cache as Packing's fewer rows (not when compiled)
+        self.packing = True  # a padded batch without a KV cache runs as Packing's fewer rows (not compiled)
         self.tie_weights()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -375,10 +299,12 @@ class GPT(nn.Module):
             attention_mask = None  # no padding: plain causal attention, SDPA's is_causal fast path
         # not under torch.compile: a packed batch's row count varies with its lengths, and each
         # new one would be compiled anew
-        packable = self.packing and attention_mask is not None and kv_cache is None and not torch.compiler.is_compiling()
+        packable = (self.packing and attention_mask is not None and kv_cache is None
+                    and not torch.compiler.is_compiling())
         packing = Packing.of(attention_mask) if packable else None
         if packing is not None:
-            input_ids, pos, mask = packing.pack(input_ids), packing.positions, packing.attn_mask  # (R, W) rows
+            # (R, W) rows
+            input_ids, pos, mask = packing.pack(input_ids), packing.positions, packing.attn_mask
         else:
             if attention_mask is None:
                 pos = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
@@ -420,7 +346,8 @@ class GPT(nn.Module):
     def all_done(self, done: torch.Tensor) -> bool:
         """Whether every sequence has ended: on every rank when the model is sharded (FSDP), whose
         forward is collective, so that all ranks run the same number of steps."""
-        fsdp = sys.modules.get("torch.distributed.fsdp")  # a second to import; nothing is sharded before it is
+        # a second to import; nothing is sharded before it is
+        fsdp = sys.modules.get("torch.distributed.fsdp")
         if fsdp is None or not isinstance(self, fsdp.FSDPModule):
             return bool(done.all())
         pending = (~done).sum()
@@ -461,7 +388,8 @@ class GPT(nn.Module):
                 h = self.hidden_states(input_ids, attention_mask)
             logits = self.lm_head(h[:, -1]).float()  # (B, V)
             if not bool(torch.isfinite(logits).all()):  # a diverged model: NaN probabilities sample no token
-                raise FloatingPointError("the model's next-token logits are NaN or infinite (its weights diverged)")
+                raise FloatingPointError("the model's next-token logits are NaN or infinite "
+                                         "(its weights diverged)")
             if logits_processor is not None:
                 logits = logits_processor(input_ids, logits)
             next_id = sample_token(logits, temperature, top_k, top_p, generator)
@@ -497,102 +425,9 @@ def sample_token(logits, temperature: float, top_k: int | None, top_p: float | N
     cdf = logits.softmax(-1).double().cumsum(-1)  # (B, V)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=torch.float64) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: never past the last token
+    # u < total: never past the last token
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(1)  # cdf[i - 1] <= u < cdf[i]: p[i] > 0
-
-
-HEAD_CHUNK = 2**24  # the most logits label_logps holds at once (64 MB in float32): rows x vocabulary
-# the most softmax probabilities HeadLogps keeps from the forward for the backward (256 MB in float32), whole
-# chunks in order; past it, chunks are computed again in the backward (one more head matmul each). It holds a
-# batch of 4 x 256 labelled tokens at a 50k vocabulary (200 MB), so a common small step does no more matmuls
-# than the full logits would, while a larger batch or vocabulary adds at most this much to the step's peak
-HEAD_KEEP = 2**26
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul of x runs in: autocast's where it is on, else x's own."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-def _chunk_logits(hidden, weight, dtype, temperature: float) -> torch.Tensor:
-    """(n, V) float32 logits of hidden rows (n, C) under the head (V, C), matmul in `dtype`."""
-    with torch.autocast(hidden.device.type, enabled=False):
-        logits = F.linear(hidden.to(dtype), weight.to(dtype)).float()
-    return logits / temperature if temperature != 1.0 else logits
-
-
-class HeadLogps(torch.autograd.Function):
-    """log p(target) of each row of hidden (N, C) under the head `weight` (V, C), (N,) float32,
-    n rows (HEAD_CHUNK logits) at a time, so the (N, V) logits never exist whole. The forward
-    keeps each row's logsumexp and the softmax of its first chunks, up to `keep` probabilities;
-    the backward computes the other chunks' logits again, and takes d log p / d logits =
-    onehot - softmax (times the incoming gradient) straight from the softmax. Only the gradients
-    that are needed are computed: a frozen head (LoRA) costs one matmul a chunk, not two."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature: float, n: int, keep: int):
-        dtype, logps, lses, probs = _compute_dtype(hidden), [], [], []
-        for i in range(0, max(1, len(hidden)), n):
-            logits = _chunk_logits(hidden[i:i + n], weight, dtype, temperature)
-            lse = logits.logsumexp(1)
-            logps.append(logits.gather(1, targets[i:i + n, None]).squeeze(1) - lse)
-            lses.append(lse)
-            if (len(probs) + 1) * n * weight.size(0) <= keep:
-                probs.append(logits.sub_(lse[:, None]).exp_())  # (n, V) softmax, in place
-        ctx.save_for_backward(hidden, weight, targets, torch.cat(lses), *probs)
-        ctx.dtype, ctx.temperature, ctx.n = dtype, temperature, n
-        return torch.cat(logps)
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, targets, lse, *probs = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, device=weight.device) if need_weight else None
-        for j, i in enumerate(range(0, len(hidden), ctx.n)):
-            h, g = hidden[i:i + ctx.n], grad[i:i + ctx.n] / ctx.temperature  # d logits / d (h W^T) = 1 / T
-            if j < len(probs):  # overwritten in place: a fresh (n, V) tensor a chunk cost 5-10% of the
-                d_logits = probs[j]  # head's time; a second backward (retain_graph=True) is refused by torch
-            else:
-                d_logits = _chunk_logits(h, weight, ctx.dtype, ctx.temperature).sub_(lse[i:i + ctx.n, None]).exp_()
-            d_logits.mul_(-g[:, None])
-            d_logits[torch.arange(len(h), device=h.device), targets[i:i + ctx.n]] += g  # -softmax x g + onehot x g
-            d_logits = d_logits.to(ctx.dtype)
-            if need_hidden:
-                grad_hidden[i:i + ctx.n] = d_logits @ weight.to(ctx.dtype)
-            if need_weight:
-                grad_weight += d_logits.T @ h.to(ctx.dtype)  # summed over chunks in float32
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None
-
-
-def _head_logps(hidden, weight, targets, temperature: float):
-    """Each row's log-prob of its target and its distribution's entropy, from the (n, V) logits."""
-    logq = _chunk_logits(hidden, weight, _compute_dtype(hidden), temperature).log_softmax(1)
-    return logq.gather(1, targets[:, None]).squeeze(1), -(logq.exp() * logq).sum(1)
-
-
-def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                entropy: bool = False):
-    """token_logps computed from the final hidden states (B, T, C) and the head's weight, without
-    the full (B, T, V) logits: only labelled positions meet the head (prompt and pad rows are
-    skipped), HEAD_CHUNK logits at a time (HeadLogps), at most HEAD_KEEP of them kept for the
-    backward. Returns (B, T - 1) float32, 0 where the label is IGNORE_INDEX; with entropy=True
-    (without a gradient) also the entropy (B, T - 1) of each labelled position's distribution,
-    0 elsewhere."""
-    B, T, C = hidden.shape
-    targets = labels[:, 1:]
-    labelled = targets != IGNORE_INDEX  # (B, T-1)
-    rows, y = hidden[:, :-1][labelled], targets[labelled]  # (N, C), (N,)
-    n = max(1, HEAD_CHUNK // weight.size(0))
-    zeros = torch.zeros(B, T - 1, device=hidden.device)
-    if not entropy:
-        keep = HEAD_KEEP if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad) else 0
-        return zeros.masked_scatter(labelled, HeadLogps.apply(rows, weight, y, temperature, n, keep))
-    if torch.is_grad_enabled():
-        raise ValueError("label_logps: entropy is for passes without a gradient")
-    parts = [_head_logps(rows[i:i + n], weight, y[i:i + n], temperature) for i in range(0, max(1, len(rows)), n)]
-    return tuple(zeros.masked_scatter(labelled, torch.cat(p)) for p in zip(*parts))
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -607,9 +442,11 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 if __name__ == "__main__":  # the preset table of docs/real-models.md
-    print("| preset | n_layer | n_head | n_embd | block_size | parameters (512-piece vocab) | training GFLOPs/token at block_size |")
+    print("| preset | n_layer | n_head | n_embd | block_size | parameters (512-piece vocab) "
+          "| training GFLOPs/token at block_size |")
     print("|---|---|---|---|---|---|---|")
     for name, preset in PRESETS.items():
         m = GPT(GPTConfig(vocab_size=512, **preset))
-        print(f"| {name} | {preset['n_layer']} | {preset['n_head']} | {preset['n_embd']} | {preset['block_size']} "
-              f"| {m.num_params() / 1e6:.2f}M | {m.flops_per_token(preset['block_size']) / 1e9:.3f} |")
+        print(f"| {name} | {preset['n_layer']} | {preset['n_head']} | {preset['n_embd']} "
+              f"| {preset['block_size']} | {m.num_params() / 1e6:.2f}M "
+              f"| {m.flops_per_token(preset['block_size']) / 1e9:.3f} |")

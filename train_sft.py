@@ -178,6 +178,8 @@ def check_settings(cfg: Config, dist: Dist) -> None:
     for flag in ("max_length", "max_prompt_length", "max_new_tokens"):
         if getattr(cfg, flag) is not None and getattr(cfg, flag) < 1:
             raise DataError(f"--{flag} {getattr(cfg, flag)}: must be at least 1")
+    if not 0 <= cfg.dropout < 1:  # a new model's; a loaded config is checked where it is read (hf.check_config)
+        raise DataError(f"--dropout {cfg.dropout}: must be in [0, 1)")
     if cfg.eval_samples < 0 or cfg.temperature < 0:
         raise DataError("--eval_samples and --temperature must be 0 or more")
     require_inputs(cfg, "init_from", "train_file", "val_file", "tokenizer")

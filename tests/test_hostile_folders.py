@@ -1,6 +1,6 @@
 """A downloaded model folder is untrusted data (issue 24): every config value is checked before a
 model is built, weights are read only from inside the folder, and each refusal is one line that
-names the file and the field. GPTConfig checks a checkpoint's model_config the same way. Export
+names the file and the field. hf.check_config checks a checkpoint's model_config the same way. Export
 leaves no earlier model's files that a loader would read instead of the new ones."""
 import json
 import math
@@ -18,7 +18,7 @@ import export
 import sample
 from conftest import ROOT
 from files import DataError
-from hf import load_folder
+from hf import check_config, load_folder
 from model import GPTConfig
 from test_hf import CORPUS, FAMILIES, train_bpe_tokenizer_json, train_sentencepiece_model, write_model
 
@@ -71,17 +71,21 @@ def refused_in_one_line(folder, message, capsys):
 
 NAN, INF = float("nan"), float("inf")
 BAD_CONFIG = [  # (folder, config.json changes, what the one line says)
-    ("llama", dict(num_hidden_layers=10**9), "config.json: field 'num_hidden_layers': 1000000000 is not an integer from 1 to 1024"),
+    ("llama", dict(num_hidden_layers=10**9),
+     "config.json: field 'num_hidden_layers': 1000000000 is not an integer from 1 to 1024"),
     ("llama", dict(num_hidden_layers=10**4), "field 'num_hidden_layers': 10000 is not an integer"),
     ("llama", dict(num_hidden_layers=1e9), "field 'num_hidden_layers': 1000000000.0 is not an integer"),
-    ("llama", dict(num_hidden_layers=1000), "config.json: field 'num_hidden_layers': 1000 layers, and the weights hold 2"),
+    ("llama", dict(num_hidden_layers=1000),
+     "config.json: field 'num_hidden_layers': 1000 layers, and the weights hold 2"),
     ("llama", dict(num_attention_heads=0), "config.json: field 'num_attention_heads': 0 is not an integer"),
     ("llama", dict(num_attention_heads=-4), "field 'num_attention_heads': -4 is not an integer"),
     ("llama", dict(num_attention_heads=4.0), "field 'num_attention_heads': 4.0 is not an integer"),
     ("llama", dict(num_attention_heads="4"), "field 'num_attention_heads': '4' is not an integer"),
     ("llama", dict(num_attention_heads=True), "field 'num_attention_heads': True is not an integer"),
-    ("llama", dict(num_key_value_heads=3), "field 'num_key_value_heads': 3 does not divide num_attention_heads (4)"),
-    ("llama", dict(hidden_size=30, head_dim=None), "field 'hidden_size': 30 is not a multiple of num_attention_heads (4)"),
+    ("llama", dict(num_key_value_heads=3),
+     "field 'num_key_value_heads': 3 does not divide num_attention_heads (4)"),
+    ("llama", dict(hidden_size=30, head_dim=None),
+     "field 'hidden_size': 30 is not a multiple of num_attention_heads (4)"),
     ("llama", dict(head_dim=7), "field 'head_dim': rotary positions need an even head size, not 7"),
     ("llama", dict(head_dim=[8]), "field 'head_dim': [8] is not an integer"),
     ("llama", dict(vocab_size=2**30), "field 'vocab_size': 1073741824 is not an integer from 1 to 16777216"),
@@ -91,7 +95,8 @@ BAD_CONFIG = [  # (folder, config.json changes, what the one line says)
     ("llama", dict(rms_norm_eps=-1e-6), "field 'rms_norm_eps': -1e-06 is not a positive finite number"),
     ("llama", dict(rms_norm_eps=INF), "field 'rms_norm_eps': inf is not a positive finite number"),
     ("llama", dict(rms_norm_eps="1e-6"), "field 'rms_norm_eps': '1e-6' is not a positive finite number"),
-    ("llama", dict(rope_parameters=dict(rope_type="default", rope_theta=0)), "field 'rope_theta': 0 is not a positive"),
+    ("llama", dict(rope_parameters=dict(rope_type="default", rope_theta=0)),
+     "field 'rope_theta': 0 is not a positive"),
     ("llama", dict(rope_parameters=None, rope_theta=-1e4), "field 'rope_theta': -10000.0 is not a positive"),
     ("llama", dict(rope_parameters=None, rope_theta="big"), "field 'rope_theta': 'big' is not a positive"),
     ("llama", dict(rope_scaling=[1, 2]), "field 'rope_scaling': [1, 2] is not a JSON object"),
@@ -99,16 +104,20 @@ BAD_CONFIG = [  # (folder, config.json changes, what the one line says)
     ("llama", dict(attention_bias=1), "field 'attention_bias': 1 is not true or false"),
     ("llama", dict(model_type="qwen2", use_sliding_window=True, max_window_layers="x"),
      "field 'max_window_layers': 'x' is not a count of layers"),
-    ("llama", dict(model_type="qwen2", use_sliding_window=True, layer_types=5), "field 'layer_types': 5 is not a list"),
+    ("llama", dict(model_type="qwen2", use_sliding_window=True, layer_types=5),
+     "field 'layer_types': 5 is not a list"),
     ("llama", dict(model_type="mistral", sliding_window=-1), "field 'sliding_window': -1 is not an integer"),
-    ("llama", dict(model_type="mistral", sliding_window="4096"), "field 'sliding_window': '4096' is not an integer"),
+    ("llama", dict(model_type="mistral", sliding_window="4096"),
+     "field 'sliding_window': '4096' is not an integer"),
     ("gpt2", dict(n_head=0), "config.json: field 'n_head': 0 is not an integer"),
     ("gpt2", dict(n_layer=10**6), "config.json: field 'n_layer': 1000000 is not an integer"),
     ("gpt2", dict(n_layer=5), "config.json: field 'n_layer': 5 layers, and the weights hold 2"),
     ("gpt2", dict(n_embd=30), "field 'n_embd': 30 is not a multiple of n_head (4)"),
-    ("gpt2", dict(layer_norm_epsilon=-1e-5), "field 'layer_norm_epsilon': -1e-05 is not a positive finite number"),
+    ("gpt2", dict(layer_norm_epsilon=-1e-5),
+     "field 'layer_norm_epsilon': -1e-05 is not a positive finite number"),
     ("gpt2", dict(layer_norm_epsilon=NAN), "field 'layer_norm_epsilon': nan is not a positive finite number"),
-    ("gpt2", dict(activation_function=["gelu"]), "config.json: activation_function ['gelu'] is not supported"),
+    ("gpt2", dict(activation_function=["gelu"]),
+     "config.json: activation_function ['gelu'] is not supported"),
     ("gpt2", dict(scale_attn_weights="no"), "field 'scale_attn_weights': 'no' is not true or false"),
 ]
 
@@ -128,12 +137,14 @@ def test_a_billion_layers_is_refused_at_once_through_the_command_line(good, tmp_
     r = subprocess.run([sys.executable, "sample.py", f"--ckpt={folder}", "--prompt=hi", "--device=cpu"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"error: {folder}/config.json: field 'num_hidden_layers': 1000000000 is not an integer from 1 to 1024"], r.stderr
+        f"error: {folder}/config.json: field 'num_hidden_layers': 1000000000 is not an integer "
+        "from 1 to 1024"], r.stderr
 
 
 @pytest.mark.parametrize("file", ["config.json", "generation_config.json", "tokenizer_config.json"])
 @pytest.mark.parametrize("text, message", [
-    ("[1, 2]", "not a JSON object but [1, 2]"), ("42", "not a JSON object but 42"), ("null", "not a JSON object"),
+    ("[1, 2]", "not a JSON object but [1, 2]"), ("42", "not a JSON object but 42"),
+    ("null", "not a JSON object"),
     ('"llama"', "not a JSON object but 'llama'"), ("[" * 100_000, "invalid JSON (maximum recursion depth"),
     ('{"vocab_size": ' + "9" * 5000 + "}", "invalid JSON (Exceeds the limit (4300 digits)")],
     ids=["list", "number", "null", "string", "deep nesting", "5000 digits"])
@@ -144,7 +155,8 @@ def test_a_json_file_that_is_no_object_is_refused_in_one_line(good, tmp_path, ca
     refused_in_one_line(folder, f"{file}: {message}", capsys)
 
 
-@pytest.mark.parametrize("file, bound", [("config.json", "MAX_JSON_BYTES"), ("tokenizer_config.json", "MAX_JSON_BYTES"),
+@pytest.mark.parametrize("file, bound", [("config.json", "MAX_JSON_BYTES"),
+                                         ("tokenizer_config.json", "MAX_JSON_BYTES"),
                                          ("tokenizer.model", "MAX_TOKENIZER_BYTES"),
                                          ("chat_template.jinja", "MAX_TEMPLATE_BYTES")])
 def test_a_file_past_its_size_bound_is_refused_before_it_is_read_whole(good, tmp_path, capsys, file, bound):
@@ -172,22 +184,33 @@ def without_special_tokens(folder):
 
 
 BAD_IDS = [  # (file, changes, what the one line says)
-    ("generation_config.json", dict(eos_token_id=10**6), "generation_config.json: field 'eos_token_id': 1000000 is not a token id below"),
-    ("generation_config.json", dict(eos_token_id=[2, -1]), "generation_config.json: field 'eos_token_id': -1 is not a token id"),
-    ("generation_config.json", dict(eos_token_id="2"), "generation_config.json: field 'eos_token_id': '2' is not a token id"),
-    ("generation_config.json", dict(eos_token_id=2.0), "generation_config.json: field 'eos_token_id': 2.0 is not a token id"),
-    ("generation_config.json", dict(bos_token_id=True), "generation_config.json: field 'bos_token_id': True is not a token id"),
-    ("config.json", dict(eos_token_id=10**5), "/config.json: field 'eos_token_id': 100000 is not a token id below"),
-    ("config.json", dict(pad_token_id=10**6), "/config.json: field 'pad_token_id': 1000000 is not a token id"),
+    ("generation_config.json", dict(eos_token_id=10**6),
+     "generation_config.json: field 'eos_token_id': 1000000 is not a token id below"),
+    ("generation_config.json", dict(eos_token_id=[2, -1]),
+     "generation_config.json: field 'eos_token_id': -1 is not a token id"),
+    ("generation_config.json", dict(eos_token_id="2"),
+     "generation_config.json: field 'eos_token_id': '2' is not a token id"),
+    ("generation_config.json", dict(eos_token_id=2.0),
+     "generation_config.json: field 'eos_token_id': 2.0 is not a token id"),
+    ("generation_config.json", dict(bos_token_id=True),
+     "generation_config.json: field 'bos_token_id': True is not a token id"),
+    ("config.json", dict(eos_token_id=10**5),
+     "/config.json: field 'eos_token_id': 100000 is not a token id below"),
+    ("config.json", dict(pad_token_id=10**6),
+     "/config.json: field 'pad_token_id': 1000000 is not a token id"),
     ("config.json", dict(bos_token_id=-1), "/config.json: field 'bos_token_id': -1 is not a token id"),
-    ("tokenizer_config.json", dict(eos_token=["</s>"]), "tokenizer_config.json: field 'eos_token': ['</s>'] is not a string"),
-    ("tokenizer_config.json", dict(bos_token={"content": 1}), "tokenizer_config.json: field 'bos_token': 1 is not a string"),
-    ("tokenizer_config.json", dict(add_bos_token="no"), "tokenizer_config.json: field 'add_bos_token': 'no' is not true or false"),
+    ("tokenizer_config.json", dict(eos_token=["</s>"]),
+     "tokenizer_config.json: field 'eos_token': ['</s>'] is not a string"),
+    ("tokenizer_config.json", dict(bos_token={"content": 1}),
+     "tokenizer_config.json: field 'bos_token': 1 is not a string"),
+    ("tokenizer_config.json", dict(add_bos_token="no"),
+     "tokenizer_config.json: field 'add_bos_token': 'no' is not true or false"),
 ]
 
 
 @pytest.mark.parametrize("file, changes, message", BAD_IDS, ids=[f"{f}-{c}"[:60] for f, c, _ in BAD_IDS])
-def test_a_special_token_id_outside_the_vocabulary_is_refused_in_one_line(good, tmp_path, capsys, file, changes, message):
+def test_a_special_token_id_outside_the_vocabulary_is_refused_in_one_line(good, tmp_path, capsys, file,
+                                                                           changes, message):
     folder = spoiled(good, tmp_path)
     if file != "tokenizer_config.json":
         without_special_tokens(folder)
@@ -220,7 +243,8 @@ def edit_weights(folder, edit):
     ("model.layers.1.mlp.down_proj.weight", torch.zeros(32, 48, dtype=torch.int32),
      "tensor model.layers.1.mlp.down_proj.weight has dtype I32, not a floating-point type"),
     ("model.norm.weight", torch.zeros(32, dtype=torch.bool), "tensor model.norm.weight has dtype BOOL")])
-def test_a_tensor_of_the_wrong_shape_or_dtype_is_refused_in_one_line(good, tmp_path, capsys, name, value, message):
+def test_a_tensor_of_the_wrong_shape_or_dtype_is_refused_in_one_line(good, tmp_path, capsys, name, value,
+                                                                     message):
     folder = spoiled(good, tmp_path)
     edit_weights(folder, lambda t: t.update({name: value}))
     refused_in_one_line(folder, message, capsys)
@@ -250,7 +274,8 @@ def test_a_shard_outside_the_folder_is_refused_in_one_line(good, tmp_path, capsy
     shutil.move(f"{folder}/{shard}", outside)
     named = outside if how == "absolute" else f"../outside/{shard}"
     point_index(folder, shard, named)
-    refused_in_one_line(folder, f"model.safetensors.index.json: shard {named!r} lies outside the folder", capsys)
+    refused_in_one_line(folder, f"model.safetensors.index.json: shard {named!r} lies outside the folder",
+                        capsys)
 
 
 def cache_snapshot(folder: str, root) -> str:
@@ -269,7 +294,8 @@ def cache_snapshot(folder: str, root) -> str:
 def test_a_cache_snapshot_whose_files_all_link_into_its_blobs_loads_the_same_weights(good, tmp_path):
     model, tok = load_folder(cache_snapshot(good["sharded"], tmp_path))
     reference, reference_tok = load_folder(good["sharded"])
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
     assert tok.encode("the film") == reference_tok.encode("the film")
 
 
@@ -290,14 +316,15 @@ def test_a_snapshot_link_out_of_its_blobs_is_refused(good, tmp_path, capsys):
     os.remove(f"{snapshot}/config.json")
     shutil.copy(f"{good['llama']}/config.json", tmp_path / "config.json")
     os.symlink(tmp_path / "config.json", f"{snapshot}/config.json")
-    refused_in_one_line(snapshot, f"config.json: a link to {tmp_path}/config.json, outside the folder", capsys)
+    refused_in_one_line(snapshot, f"config.json: a link to {tmp_path}/config.json, outside the folder",
+                        capsys)
 
 
 def test_an_index_whose_shard_names_are_not_strings_is_refused_in_one_line(good, tmp_path, capsys):
     folder = spoiled(good, tmp_path, "sharded")
     point_index(folder, shard_names(folder)[0], 5)
-    refused_in_one_line(folder, "model.safetensors.index.json: field 'weight_map' is not an object of tensor names "
-                                "to shard files", capsys)
+    refused_in_one_line(folder, "model.safetensors.index.json: field 'weight_map' is not an object of "
+                                "tensor names to shard files", capsys)
 
 
 def test_model_safetensors_wins_over_an_index_as_in_transformers(good, tmp_path):
@@ -307,8 +334,9 @@ def test_model_safetensors_wins_over_an_index_as_in_transformers(good, tmp_path)
     write_model(str(tmp_path / "other"), FAMILIES["llama_gqa_untied"](), seed=1)
     shutil.copy(tmp_path / "other" / "model.safetensors", folder)
     ours = load_folder(folder)[0].state_dict()["transformer.wte.weight"]
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()["model.embed_tokens.weight"]
-    assert torch.equal(ours, theirs) and torch.equal(ours, load_file(f"{folder}/model.safetensors")["model.embed_tokens.weight"])
+    name = "model.embed_tokens.weight"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()[name]
+    assert torch.equal(ours, theirs) and torch.equal(ours, load_file(f"{folder}/model.safetensors")[name])
 
 
 # -----------------------------------------------------------------------------
@@ -330,8 +358,8 @@ def test_export_overwrite_of_a_sharded_folder_leaves_no_stale_weights(good, tmp_
     (tmp_path / "out" / "notes.txt").write_text("mine")
     assert export.main([f"--ckpt={good['llama']}", f"--out_dir={out}", "--overwrite"]) == 0
     assert "removed the earlier model's model.safetensors.index.json" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors", "notes.txt",
-                                       "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
+                                       "notes.txt", "tokenizer.model", "tokenizer_config.json"]
     assert (tmp_path / "elsewhere.safetensors").read_bytes() == b"not mine"
     source, _ = load_folder(good["llama"])
     exported, tok = load_folder(out)
@@ -343,7 +371,7 @@ def test_export_overwrite_of_a_sharded_folder_leaves_no_stale_weights(good, tmp_
 
 
 # -----------------------------------------------------------------------------
-# GPTConfig: a checkpoint's model_config
+# check_config: a checkpoint's model_config
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -366,7 +394,26 @@ def test_export_overwrite_of_a_sharded_folder_leaves_no_stale_weights(good, tmp_
     (dict(bias="yes"), "bias must be true or false, got 'yes'"),
     (dict(norm="batchnorm"), "norm must be one of layernorm, rmsnorm, got 'batchnorm'"),
     (dict(mlp=None), "mlp must be one of gelu, gelu_tanh, swiglu, got None")])
-def test_gptconfig_refuses_a_bad_value_naming_the_field(changes, message):
+def test_check_config_refuses_a_bad_value_naming_the_field(changes, message):
     with pytest.raises(ValueError) as e:
-        GPTConfig(**{**dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32), **changes})
+        check_config({**dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32), **changes})
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("fields, message", [
+    ([1, 2], "model.GPTConfig() argument after ** must be a mapping, not list"),
+    (None, "model.GPTConfig() argument after ** must be a mapping, not NoneType"),
+    ({1: 2}, "keywords must be strings"),
+    (dict(n_experts=8), "GPTConfig.__init__() got an unexpected keyword argument 'n_experts'"),
+    (dict(n_head=0, n_experts=8), "GPTConfig.__init__() got an unexpected keyword argument 'n_experts'")])
+def test_check_config_leaves_what_is_not_gptconfigs_fields_to_gptconfigs_own_type_error(fields, message):
+    """Not a mapping of GPTConfig's fields: GPTConfig's own TypeError, before any value is read."""
+    with pytest.raises(TypeError) as e:
+        check_config(fields)
+    assert str(e.value) == message
+
+
+def test_check_config_builds_the_config_of_good_fields():
+    fields = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, pos="rope")
+    assert check_config(fields) == GPTConfig(**fields)
+    assert check_config({}) == GPTConfig()

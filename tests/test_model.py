@@ -2,10 +2,13 @@
 
     python -m pytest -q tests/test_model.py
 """
+import ast
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import head
 import model as model_module
 from model import GPT, IGNORE_INDEX, GPTConfig, KVCache, token_logps
 
@@ -87,7 +90,8 @@ def _prompts():
 
 def test_greedy_generation_with_cache_equals_without(model):
     out_cached, mask_cached = model.generate(_prompts(), 12, stop_ids=[3], pad_id=0, temperature=0)
-    out_full, mask_full = model.generate(_prompts(), 12, stop_ids=[3], pad_id=0, temperature=0, use_cache=False)
+    out_full, mask_full = model.generate(_prompts(), 12, stop_ids=[3], pad_id=0, temperature=0,
+                                         use_cache=False)
     assert torch.equal(out_cached, out_full) and torch.equal(mask_cached, mask_full)
     # and it continues each prompt exactly as an unpadded greedy loop over the plain forward does
     for i, p in enumerate(_prompts()):
@@ -149,11 +153,33 @@ def test_flops_per_token_matches_hand_count():
     assert m.flops_per_token(32) == 6 * n + 12 * 2 * 16 * 32
 
 
+@pytest.mark.parametrize("changes, message", [
+    (dict(n_embd=30), "n_embd (30) must be a multiple of n_head (4) unless head_dim is given"),
+    (dict(n_kv_head=3), "n_head (4) must be a multiple of n_kv_head (3)")])
+def test_a_config_built_in_code_refuses_a_head_split_it_cannot_fill_its_defaults_from(changes, message):
+    """GPTConfig itself checks only what its defaults need; a config read from a file meets
+    hf.check_config (tests/test_hostile_folders.py)."""
+    with pytest.raises(ValueError) as e:
+        GPTConfig(**{**dict(n_head=4, n_embd=32), **changes})
+    assert str(e.value) == message
+    assert GPTConfig(n_head=4, n_kv_head=2, n_embd=32).head_dim == 8
+
+
+def test_the_head_module_imports_nothing_of_the_project():
+    """head.py sits below model.py: model.py imports it, never the other way, and it needs torch alone."""
+    tree = ast.parse(open(head.__file__).read())
+    imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    imported = {node.module if isinstance(node, ast.ImportFrom) else alias.name
+                for node in imports for alias in node.names}
+    assert {name.split(".")[0] for name in imported} == {"torch"}
+
+
 def test_token_logps_is_the_shifted_log_softmax_at_each_label_and_zero_where_ignored():
     """Against a float64 loop over rows and positions: the logits at t score the label at t + 1."""
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7) * 3
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 6, 0], [IGNORE_INDEX, 1, 2, IGNORE_INDEX, IGNORE_INDEX]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 6, 0],
+                           [IGNORE_INDEX, 1, 2, IGNORE_INDEX, IGNORE_INDEX]])
     out = token_logps(logits, labels)
     assert out.shape == (2, 4) and out.dtype == torch.float32
     for b in range(2):
@@ -164,16 +190,17 @@ def test_token_logps_is_the_shifted_log_softmax_at_each_label_and_zero_where_ign
     assert token_logps(logits.bfloat16(), labels).dtype == torch.float32  # bfloat16 logits, float32 log-probs
 
 
-@pytest.mark.parametrize("chunk, keep", [(2**24, 2**26), (2**24, 0),  # one chunk, kept or recomputed
-                                         (64 * 3, 2**26), (64 * 3, 64 * 3 * 2), (64 * 3, 0),  # 3 rows a chunk: 6
-                                         (64, 64 * 5)])  # one row a chunk, the first five kept
+@pytest.mark.parametrize("chunk, keep", [
+    (2**24, 2**26), (2**24, 0),  # one chunk, kept or recomputed
+    (64 * 3, 2**26), (64 * 3, 64 * 3 * 2), (64 * 3, 0),  # 3 rows a chunk: 6
+    (64, 64 * 5)])  # one row a chunk, the first five kept
 def test_label_logps_equal_the_full_softmax_in_value_and_gradient_in_any_chunking(monkeypatch, chunk, keep):
     """The model given labels (the head a chunk at a time, each chunk's softmax kept for the
     backward pass or computed again there, all, none or the first ones) against token_logps of
     its full logits in float64: values, and the gradients of a weighted sum with respect to the
     head and a block's weight."""
-    monkeypatch.setattr(model_module, "HEAD_CHUNK", chunk)
-    monkeypatch.setattr(model_module, "HEAD_KEEP", keep)
+    monkeypatch.setattr(head, "HEAD_CHUNK", chunk)
+    monkeypatch.setattr(head, "HEAD_KEEP", keep)
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False))
     ids = torch.randint(0, 64, (3, 10))
@@ -192,7 +219,7 @@ def test_label_logps_equal_the_full_softmax_in_value_and_gradient_in_any_chunkin
     got_grads = grads(got)
     m.double()
     full = -torch.nn.functional.cross_entropy(m(ids, mask)[:, :-1].transpose(1, 2), labels[:, 1:],
-                                              ignore_index=IGNORE_INDEX, reduction="none")  # float64 throughout
+                                              ignore_index=IGNORE_INDEX, reduction="none")  # all float64
     assert got.dtype == torch.float32 and got.shape == (3, 9)
     assert (got[labels[:, 1:] == IGNORE_INDEX] == 0).all()
     torch.testing.assert_close(got.double(), full, rtol=0, atol=1e-5)
@@ -200,12 +227,13 @@ def test_label_logps_equal_the_full_softmax_in_value_and_gradient_in_any_chunkin
         torch.testing.assert_close(g.double(), expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk, keep", [(2**24, 2**26), (64 * 5, 64 * 5)])  # one piece; 5 rows a chunk, 1 kept
+# one piece; 5 rows a chunk, 1 kept
+@pytest.mark.parametrize("chunk, keep", [(2**24, 2**26), (64 * 5, 64 * 5)])
 def test_label_logps_under_bfloat16_autocast_match_the_full_softmax_path(monkeypatch, chunk, keep):
     """bfloat16 matmuls in the forward and in the backward's recomputed chunks alike: values and
     gradients within bfloat16's precision of token_logps over the same autocast logits."""
-    monkeypatch.setattr(model_module, "HEAD_CHUNK", chunk)
-    monkeypatch.setattr(model_module, "HEAD_KEEP", keep)
+    monkeypatch.setattr(head, "HEAD_CHUNK", chunk)
+    monkeypatch.setattr(head, "HEAD_KEEP", keep)
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False))
     ids = torch.randint(0, 64, (2, 12))
@@ -216,7 +244,8 @@ def test_label_logps_under_bfloat16_autocast_match_the_full_softmax_path(monkeyp
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logps = m(ids, mask, labels=ids) if use_labels else token_logps(m(ids, mask), ids)
         logps.sum().backward()
-        out.append((logps.detach(), m.lm_head.weight.grad.clone(), m.transformer.h[0].mlp.c_fc.weight.grad.clone()))
+        out.append((logps.detach(), m.lm_head.weight.grad.clone(),
+                    m.transformer.h[0].mlp.c_fc.weight.grad.clone()))
     (got, got_head, got_block), (full, full_head, full_block) = out
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, full, rtol=0, atol=2e-2)
@@ -240,27 +269,30 @@ class CountMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("trained", ["both", "hidden", "head"])  # full fine-tuning; LoRA's frozen head; a frozen body
-def test_the_head_backward_computes_only_the_needed_gradients_and_recomputes_only_unkept_chunks(monkeypatch, trained):
+# full fine-tuning; LoRA's frozen head; a frozen body
+@pytest.mark.parametrize("trained", ["both", "hidden", "head"])
+def test_the_head_backward_computes_only_the_needed_gradients_and_recomputes_only_unkept_chunks(
+        monkeypatch, trained):
     """12 labelled rows in chunks of 3 at temperature 0.7, the first two chunks' softmax kept:
     the backward pass multiplies once a chunk for each gradient that is needed, plus once for
     each chunk computed again; that gradient equals the float64 full softmax's, and the other
     is None."""
-    monkeypatch.setattr(model_module, "HEAD_CHUNK", 3 * 16)
-    monkeypatch.setattr(model_module, "HEAD_KEEP", 2 * 3 * 16)
+    monkeypatch.setattr(head, "HEAD_CHUNK", 3 * 16)
+    monkeypatch.setattr(head, "HEAD_KEEP", 2 * 3 * 16)
     torch.manual_seed(0)
     hidden = torch.randn(2, 7, 8, requires_grad=trained != "head")
     weight = torch.randn(16, 8, requires_grad=trained != "hidden")
     labels = torch.randint(0, 16, (2, 7))
     weights = torch.rand(2, 6)
-    out = model_module.label_logps(hidden, weight, labels, temperature=0.7)
+    out = head.label_logps(hidden, weight, labels, temperature=0.7)
     with CountMatmuls() as counted:
         (out * weights).sum().backward()
     chunks, recomputed = 4, 2
     assert counted.count == recomputed + chunks * (2 if trained == "both" else 1)
     h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    full = -torch.nn.functional.cross_entropy((torch.nn.functional.linear(h, w) / 0.7)[:, :-1].transpose(1, 2),
-                                              labels[:, 1:], reduction="none")  # float64 throughout
+    logits = torch.nn.functional.linear(h, w) / 0.7
+    full = -torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                              reduction="none")  # float64 throughout
     (full * weights).sum().backward()
     torch.testing.assert_close(out.double(), full, rtol=0, atol=1e-5)
     for got, expected in ((hidden, h), (weight, w)):
@@ -274,24 +306,24 @@ def test_the_head_keeps_softmax_for_the_backward_only_where_a_gradient_will_flow
     """What label_logps lets HeadLogps keep: HEAD_KEEP probabilities when a gradient flows to
     the hidden states or the head, none under no_grad (DPO's reference, PPO's rollout scoring)
     or with nothing to train, where a kept softmax would only add to the peak."""
-    keeps, apply = [], model_module.HeadLogps.apply
-    monkeypatch.setattr(model_module.HeadLogps, "apply", lambda *args: keeps.append(args[-1]) or apply(*args))
+    keeps, apply = [], head.HeadLogps.apply
+    monkeypatch.setattr(head.HeadLogps, "apply", lambda *args: keeps.append(args[-1]) or apply(*args))
     hidden, weight, labels = torch.randn(1, 4, 8), torch.randn(16, 8), torch.randint(0, 16, (1, 4))
-    model_module.label_logps(hidden.requires_grad_(), weight, labels)
-    model_module.label_logps(hidden, weight.requires_grad_(), labels)
+    head.label_logps(hidden.requires_grad_(), weight, labels)
+    head.label_logps(hidden, weight.requires_grad_(), labels)
     with torch.no_grad():
-        model_module.label_logps(hidden, weight, labels)
-    model_module.label_logps(hidden.detach(), weight.detach(), labels)
-    assert keeps == [model_module.HEAD_KEEP, model_module.HEAD_KEEP, 0, 0]
+        head.label_logps(hidden, weight, labels)
+    head.label_logps(hidden.detach(), weight.detach(), labels)
+    assert keeps == [head.HEAD_KEEP, head.HEAD_KEEP, 0, 0]
 
 
 def test_a_second_backward_through_the_kept_softmax_is_refused_or_equal(monkeypatch):
     """The backward pass overwrites the kept softmax in place: a second backward through the same
     graph (retain_graph=True) must then fail, never give another gradient."""
-    monkeypatch.setattr(model_module, "HEAD_CHUNK", 2 * 16)
+    monkeypatch.setattr(head, "HEAD_CHUNK", 2 * 16)
     torch.manual_seed(0)
     hidden, weight = torch.randn(1, 5, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True)
-    out = model_module.label_logps(hidden, weight, torch.randint(0, 16, (1, 5)))
+    out = head.label_logps(hidden, weight, torch.randint(0, 16, (1, 5)))
     out.sum().backward(retain_graph=True)
     first = hidden.grad.clone(), weight.grad.clone()
     try:
@@ -306,8 +338,8 @@ def test_a_batch_without_padding_takes_the_causal_fast_path_and_matches_the_mask
     """An all-ones attention mask goes to SDPA as is_causal with no mask; the same rows inside a
     padded batch take the masked path, and both give the same logits."""
     torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16, pos="rope", norm="rmsnorm",
-                      mlp="swiglu", n_kv_head=1))
+    m = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16, pos="rope",
+                      norm="rmsnorm", mlp="swiglu", n_kv_head=1))
     ids = torch.randint(0, 32, (3, 10))
     mask = torch.ones_like(ids)
     mask[2, 6:] = 0  # the third row is padded
@@ -395,7 +427,8 @@ def test_packed_rows_give_the_padded_batch_log_probs_values_and_gradients_in_flo
         hidden = m.hidden_states(ids, mask)
         logps = m(ids, mask, labels=labels)  # (B, T - 1)
         (logps * torch.linspace(0.5, 2, ids.size(1) - 1, dtype=torch.float64)).sum().backward()
-        results.append((hidden[mask.bool()].detach(), logps.detach(), [p.grad.clone() for p in m.parameters()]))
+        results.append((hidden[mask.bool()].detach(), logps.detach(),
+                        [p.grad.clone() for p in m.parameters()]))
     (h0, l0, g0), (h1, l1, g1) = results
     torch.testing.assert_close(h1, h0, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
@@ -408,7 +441,8 @@ def test_sampling_draws_each_token_at_its_probability_and_never_one_of_probabili
     five standard errors of its probability (the seed is fixed, so the check is deterministic)."""
     p = torch.tensor([0.5, 0.0, 0.2, 0.05, 0.25, 0.0])
     n = 200_000
-    draws = model_module.sample_token(p.log()[None].expand(n, -1), 1.0, None, None, torch.Generator().manual_seed(0))
+    draws = model_module.sample_token(p.log()[None].expand(n, -1), 1.0, None, None,
+                                      torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=len(p)).double() / n
     assert freq[p == 0].sum() == 0
     assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt()).all(), freq

@@ -19,6 +19,7 @@ MAINS = {"sft": train_sft.main, "dpo": train_dpo.main, "rm": train_rm.main, "ppo
 BAD = {  # case -> (script, flags, what the one line says)
     "batch_size 0": ("sft", ["--batch_size=0"], "--batch_size 0: must be at least 1"),
     "lr nan": ("sft", ["--lr=nan"], "--lr nan: must be a finite number above 0"),
+    "dropout 1": ("sft", ["--dropout=1.0"], "--dropout 1.0: must be in [0, 1)"),
     "max_length above the context": ("sft", ["--max_length=1000"], "--max_length 1000 exceeds the model's context of 128"),
     "beta 0": ("dpo", ["--beta=0"], "--beta 0.0: must be a finite number above 0"),
     "batch larger than the data": ("dpo", ["--batch_size=100000"], "--batch_size 100000: more than the"),
