@@ -100,9 +100,9 @@ def test_gradient_clipping_rescales_to_the_clip_norm_and_reports_the_norm_before
 
 
 def test_a_nan_loss_raises_before_the_weights_move():
+    """batch_means comes before optimizer.step() in every loop: it raises, the step never runs."""
     model = torch.nn.Linear(2, 1, bias=False)
     before = model.weight.detach().clone()
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
     loss_sum, metric_sums = linear_loss(model, {"x": torch.tensor([[float("nan"), 1.0]])})
     loss_sum.backward()
     with pytest.raises(NonFiniteLoss, match="step 7: loss is nan"):
