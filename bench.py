@@ -101,13 +101,16 @@ class Config:
 REAL_SHAPES = {
     "SmolLM2-135M": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+                         max_position_embeddings=8192, rope_theta=100000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True),
     "Qwen2.5-0.5B": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+                         max_position_embeddings=32768, rope_theta=1000000.0,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True),
     "TinyLlama-1.1B": dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                            num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                           max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+                           max_position_embeddings=2048, rope_theta=10000.0,
+                           rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
 
 
@@ -187,7 +190,8 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
     V = 512
     ctx = autocast(device, cfg.dtype)
     B = cfg.batch_size
-    policy = GPT(GPTConfig(vocab_size=V, **{**PRESETS[preset], "block_size": max(PRESETS[preset]["block_size"], T + 128)})).to(device)
+    shape = {**PRESETS[preset], "block_size": max(PRESETS[preset]["block_size"], T + 128)}
+    policy = GPT(GPTConfig(vocab_size=V, **shape)).to(device)
     reference = GPT(policy.config).to(device).eval().requires_grad_(False)
     flops_tok = policy.flops_per_token(T)  # forward + backward
     opt = make_optimizer(policy, 1e-4, 0.0, (0.9, 0.95), device)
@@ -199,7 +203,8 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
         if model_seconds is not None:  # share of the step spent outside the model's forward and backward
             row["overhead"] = max(0.0, 1 - model_seconds / seconds)
         rows.append(row)
-        print(f"  {preset:6s} T={T:4d} {name:34s} {row['ms']:9.1f} ms  {row['tokens_per_s']:10.0f} tok/s  MFU {row['mfu']:.1%}", flush=True)
+        print(f"  {preset:6s} T={T:4d} {name:34s} {row['ms']:9.1f} ms  {row['tokens_per_s']:10.0f} tok/s  "
+              f"MFU {row['mfu']:.1%}", flush=True)
 
     # SFT: one optimizer step; and the bare forward + backward, to see the overhead around it
     def model_only(model, loss, *inputs):
@@ -263,8 +268,8 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
     n_real = int(ragged["attention_mask"].sum())
     for packing in (False, True):
         policy.packing = both.critic.backbone.packing = packing
-        seconds = timed(lambda: one_step(both, both_opt, int(ragged_mask.sum()), ctx, ppo_batch_loss, ragged, P, ppo_cfg),
-                        device, cfg.steps, cfg.warmup)
+        seconds = timed(lambda: one_step(both, both_opt, int(ragged_mask.sum()), ctx, ppo_batch_loss, ragged, P,
+                                         ppo_cfg), device, cfg.steps, cfg.warmup)
         add(f"ppo step, ragged rollout, {'packed' if packing else 'padded'}", seconds, n_real, 2 * flops_tok * n_real)
 
     # generation: tokens per second with and without the KV cache
@@ -284,8 +289,8 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
 def real_shape_table() -> list[str]:
     """Parameters and bf16 memory of each REAL_SHAPES model, computed (a model on the meta device
     allocates nothing). Activations are left out: they depend on batch and length."""
-    lines = ["| model | parameters | bf16 weights (inference) | KV cache per 1k tokens | full fine-tuning, bf16 + AdamW | "
-             "the same, float32 master weights |", "|---|---|---|---|---|---|"]
+    lines = ["| model | parameters | bf16 weights (inference) | KV cache per 1k tokens "
+             "| full fine-tuning, bf16 + AdamW | the same, float32 master weights |", "|---|---|---|---|---|---|"]
     for name, shape in REAL_SHAPES.items():
         with torch.device("meta"):
             model = GPT(config_from_hf(shape, name))
@@ -300,7 +305,8 @@ SCALE_SHAPES = {
     "TinyLlama-1.1B": REAL_SHAPES["TinyLlama-1.1B"],
     "Mistral-7B": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+                       max_position_embeddings=32768, rope_theta=1000000.0,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
 WORLD_SIZES = [1, 2, 4, 8, 16]
 
@@ -340,7 +346,8 @@ def sharding_table() -> list[str]:
         for stage, (trained, frozen) in STAGES.items():
             for parallel in ("ddp", "fsdp"):
                 cells = [sharded_memory(n, block, root, w, parallel, trained, frozen) / 1e9 for w in WORLD_SIZES]
-                lines.append(f"| {name} ({n / 1e9:.2f}B) | {stage} | {parallel} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+                lines.append(f"| {name} ({n / 1e9:.2f}B) | {stage} | {parallel} | "
+                             + " | ".join(f"{c:.1f}" for c in cells) + " |")
     return lines
 
 
@@ -387,8 +394,9 @@ def bench_vs_transformers(cfg: Config, device, peak: float) -> list[dict]:
                                min_new_tokens=32, do_sample=False, pad_token_id=0)
 
     flops = ours.flops_per_token(T)
+    generation_flops = ours.flops_per_token(48) / 3 * B * 32  # forward only: a third of forward + backward
     for name, fn, tokens, work in (("forward+backward", step, B * T, flops * B * T),
-                                   ("generate 32 tokens, KV cache", generate, B * 32, ours.flops_per_token(48) / 3 * B * 32)):
+                                   ("generate 32 tokens, KV cache", generate, B * 32, generation_flops)):
         # the two libraries take turns, step by step, so that a machine whose speed drifts during
         # the run (a shared CPU's does, by tens of percent) slows both alike and the ratio holds
         times = {"this project": [], "transformers": []}
@@ -412,7 +420,8 @@ def bench_vs_transformers(cfg: Config, device, peak: float) -> list[dict]:
 
 # (stage, LoRA, gradient checkpointing, reference) of the --memory table
 MEMORY_CASES = [(stage, lora, ckpt, ref) for stage, lora, ref in [
-    ("SFT", False, "-"), ("SFT", True, "-"), ("DPO", False, "copy"), ("DPO", True, "copy"), ("DPO", True, "adapters off")]
+    ("SFT", False, "-"), ("SFT", True, "-"), ("DPO", False, "copy"), ("DPO", True, "copy"),
+    ("DPO", True, "adapters off")]
     for ckpt in (False, True)]
 LORA_RANK = 16  # the alignment-handbook's Zephyr LoRA recipe: r 16, alpha 16, every linear projection
 
@@ -491,7 +500,8 @@ def logps_table(cfg: Config, device, name: str) -> list[str]:
     kept = "label_logps", dict(head="labels")
     recomputed = "label_logps, none kept", dict(head="labels", head_keep=0)
     for stage, variants in (("SFT", [(full, False), (kept, False)]),
-                            ("DPO", [(full, False), (kept, False), (recomputed, False), (kept, True), (recomputed, True)])):
+                            ("DPO", [(full, False), (kept, False), (recomputed, False), (kept, True),
+                                     (recomputed, True)])):
         rows = []
         for (what, logps_from), grad_checkpoint in variants:
             case = dict(shape=cfg.memory_shape, stage=stage, lora=False, grad_checkpoint=grad_checkpoint,
@@ -532,18 +542,19 @@ def memory_table(cfg: Config, device, name: str) -> list[str]:
 
     shapes = [cfg.memory_shape] + [s for s in REAL_SHAPES if s != cfg.memory_shape]
     lines = [f"Peak memory of an optimizer step, batch {cfg.memory_batch} x {cfg.memory_seq_len} tokens "
-             f"({cfg.memory_batch // 2} pairs for DPO), float32 weights, {cfg.dtype} compute, LoRA rank {LORA_RANK} on every "
-             f"projection. {cfg.memory_shape}: measured on {name}; the others computed from it.", "",
-             "| stage | method | grad checkpoint | reference | " + " | ".join(shapes) + " | smallest laptop GPU for the largest |",
+             f"({cfg.memory_batch // 2} pairs for DPO), float32 weights, {cfg.dtype} compute, LoRA rank {LORA_RANK} "
+             f"on every projection. {cfg.memory_shape}: measured on {name}; the others computed from it.", "",
+             "| stage | method | grad checkpoint | reference | " + " | ".join(shapes)
+             + " | smallest laptop GPU for the largest |",
              "|---|---|---|---|" + "---|" * (len(shapes) + 1)]
     for r in rows:
         activations = r["peak_mb"] - static_mb(cfg.memory_shape, r["lora"], r["reference"])
-        gib = [r["peak_mb"] / 1024] + [(static_mb(s, r["lora"], r["reference"]) + activations * activation_scale(s)) / 1024
-                                       for s in shapes[1:]]
+        gib = [r["peak_mb"] / 1024] + [
+            (static_mb(s, r["lora"], r["reference"]) + activations * activation_scale(s)) / 1024 for s in shapes[1:]]
         fits = next((f"{size} GB" for size in (8, 12, 16, 24) if gib[-1] * 2 ** 30 <= size * 1e9), "none of 8-24 GB")
         lines.append(f"| {r['stage']} | {'LoRA' if r['lora'] else 'full'} | {'yes' if r['grad_checkpoint'] else 'no'} "
-                     f"| {r['reference']} | {gib[0]:.2f} GiB | " + " | ".join(f"{g:.2f} GiB (computed)" for g in gib[1:])
-                     + f" | {fits} |")
+                     f"| {r['reference']} | {gib[0]:.2f} GiB | "
+                     + " | ".join(f"{g:.2f} GiB (computed)" for g in gib[1:]) + f" | {fits} |")
     return lines
 
 
@@ -588,9 +599,9 @@ def main(argv=None) -> int:
                   "buckets 4 more; FSDP divides by N and adds each trained model's root and two blocks unsharded, "
                   "6 bytes a parameter; activations not included):", "", *sharding_table()]
     if cfg.real_shapes:
-        lines += ["", "Real shapes (computed; bf16 is 2 bytes a parameter; full fine-tuning with AdamW is bf16 weights and "
-                  "gradients plus two float32 moments, 12 bytes a parameter, and 16 with float32 master weights as "
-                  "this project's trainers keep them; activations not included):", "", *real_shape_table()]
+        lines += ["", "Real shapes (computed; bf16 is 2 bytes a parameter; full fine-tuning with AdamW is bf16 "
+                  "weights and gradients plus two float32 moments, 12 bytes a parameter, and 16 with float32 master "
+                  "weights as this project's trainers keep them; activations not included):", "", *real_shape_table()]
     table = "\n".join(lines)
     print("\n" + table)
     os.makedirs(os.path.dirname(cfg.json) or ".", exist_ok=True)

@@ -15,7 +15,8 @@ this process.
     python compare.py                     # the reduced study, one seed (about 10 minutes on 2 CPU cores)
     python compare.py --full              # the full sweep with the gold-reward twins, 3 seeds
     python compare.py --seeds 3           # the reduced study with 3 training seeds
-    python compare.py --gold_twins --ceiling_samples 2048 --ceiling_check_samples 128   # the reduced study with its settings before 2026-11-30
+    python compare.py --gold_twins --ceiling_samples 2048 --ceiling_check_samples 128
+                                          # the reduced study with its settings before 2026-11-30
 
 Writes to out_dir: results.md, results.csv and results.json (a row per method, setting and
 seed, and the KL-matched table), frontier.png, kl_traces.png, curves.png, and one folder per
@@ -54,9 +55,11 @@ class Config:
     out_dir: str = "out/study"
     """folder for the results and one subfolder per stage"""
     full: bool = False
-    """the full sweep: DPO beta in {0.05, 0.1, 1, 5}, KL targets {1, 2, 4, 8} for PPO and RLOO, the gold-reward twins"""
+    """the full sweep: DPO beta in {0.05, 0.1, 1, 5}, KL targets {1, 2, 4, 8} for PPO and RLOO, the
+    gold-reward twins"""
     gold_twins: bool = False
-    """also train PPO, RLOO and GRPO on the gold reward itself (-GT, the DPO paper's upper reference); on with --full"""
+    """also train PPO, RLOO and GRPO on the gold reward itself (-GT, the DPO paper's upper reference); on
+    with --full"""
     seeds: int = 0
     """training seeds; the toy data and the held-out prompts stay the same; 0: 1, or 3 with --full"""
     data_dir: str = "data/toy"
@@ -90,14 +93,17 @@ def sweeps(cfg: Config) -> dict:
     if cfg.tiny:
         return dict(betas=[0.1, 1.0], kl_targets={"model": [2.0], "gold": [2.0]},
                     grpo_coefs={"model": [0.05], "gold": [0.05]}, sft=dict(max_iters=20, eval_interval=20),
-                    dpo=dict(max_iters=4, eval_interval=2, batch_size=4), rm=dict(max_iters=4, eval_interval=4, batch_size=4),
+                    dpo=dict(max_iters=4, eval_interval=2, batch_size=4),
+                    rm=dict(max_iters=4, eval_interval=4, batch_size=4),
                     rl=dict(max_iters=2, eval_interval=1, batch_size=32, gen_chunk=16, reward_norm_batches=1),
-                    pft=dict(max_iters=4, eval_interval=4, batch_size=1), pairs=dict(n_train_prompts=64, n_val_prompts=32))
+                    pft=dict(max_iters=4, eval_interval=4, batch_size=1),
+                    pairs=dict(n_train_prompts=64, n_val_prompts=32))
     return dict(
         betas=[0.05, 0.1, 1.0, 5.0] if cfg.full else [0.05, 1.0],
         kl_targets={"model": [1.0, 2.0, 4.0, 8.0], "gold": [1.0, 2.0, 4.0, 8.0]} if cfg.full
         else {"model": [2.0, 8.0], "gold": [2.0, 8.0]},
-        grpo_coefs={"model": [0.02, 0.05, 0.1], "gold": [0.02, 0.05, 0.1]} if cfg.full else {"model": [0.05], "gold": [0.05]},
+        grpo_coefs=({"model": [0.02, 0.05, 0.1], "gold": [0.02, 0.05, 0.1]} if cfg.full
+                    else {"model": [0.05], "gold": [0.05]}),
         # evaluations every 2 RL iterations and 10 DPO steps over the first half, where paths cross
         # KL 1-8 fastest (an adaptive run for KL 8 goes from 1.2 to 10 in 10 iterations), so that
         # the KL-matched table interpolates over short segments
@@ -227,10 +233,12 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
 
     # 2. DPO over beta
     for beta in S["betas"]:
-        train(f"dpo beta={beta}", train_dpo.main, d(f"dpo_beta{beta}"), beta=beta, **pair_files, **evaluation, **S["dpo"])
+        train(f"dpo beta={beta}", train_dpo.main, d(f"dpo_beta{beta}"), beta=beta, **pair_files, **evaluation,
+              **S["dpo"])
     # 3. the reward model, then PPO, RLOO and GRPO on it and on the gold reward
     train("reward model", train_rm.main, d("rm"), **pair_files, gold_eval=True, **S["rm"])
-    rl_common = dict(sft_ckpt=sft_ckpt, prompts=os.path.join(cfg.data_dir, "prompts_train.jsonl"), **evaluation, **S["rl"])
+    rl_common = dict(sft_ckpt=sft_ckpt, prompts=os.path.join(cfg.data_dir, "prompts_train.jsonl"), **evaluation,
+                     **S["rl"])
     for method, setting, folder, kwargs in rl_runs(S, cfg.gold_twins):
         reward_ckpt = dict(reward_ckpt=rm_ckpt) if kwargs["reward"] == "model" else {}
         train(f"{method} {setting}", train_ppo.main, d(folder), **kwargs, **reward_ckpt, **rl_common)
@@ -239,7 +247,8 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     chosen_file = os.path.join(root, "chosen.jsonl")  # rewritten from the current pairs every time
     chosen = {(p.prompt, p.chosen) for p in load_preferences(pair_files["train_file"])}
     write_atomic(chosen_file, "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in sorted(chosen)))
-    train("preferred-ft", train_sft.main, d("pft"), init_from=sft_ckpt, train_file=chosen_file, eval_samples=0, **S["pft"])
+    train("preferred-ft", train_sft.main, d("pft"), init_from=sft_ckpt, train_file=chosen_file, eval_samples=0,
+          **S["pft"])
 
     # 5. the shared evaluation of the runs without one of their own, and the ceiling: deep on a
     # subset of the prompts, and shallow on all of them to measure the subset's offset
@@ -258,11 +267,13 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     for beta in S["betas"]:
         name = f"dpo_beta{beta}"
         rows.append(row("DPO", f"beta={beta}", last_eval(d(name)), wall(name), tokens(d(name)), path(d(name)), n))
-    for method, setting, folder, kwargs in rl_runs(S, cfg.gold_twins):  # wall time and tokens on the reward model include its training
+    # wall time and tokens on the reward model include its training
+    for method, setting, folder, kwargs in rl_runs(S, cfg.gold_twins):
         rm_cost = kwargs["reward"] == "model"
         rows.append(row(method, setting, last_eval(d(folder)), wall(folder) + rm_cost * wall("rm"),
                         tokens(d(folder)) + rm_cost * tokens(d("rm")), path(d(folder)), n))
-    rows.append(row("preferred-FT", f"{S['pft']['max_iters']} steps", pft_metrics, wall("pft"), tokens(d("pft")), [], n))
+    rows.append(row("preferred-FT", f"{S['pft']['max_iters']} steps", pft_metrics, wall("pft"), tokens(d("pft")), [],
+                    n))
     for N, gold, kl, win in bon:
         rows.append({"method": "best-of-N", "setting": f"N={N}", "gold_reward": gold, "ci95": None, "kl": kl,
                      "win_rate": win, "wall_s": None, "tokens": None, "path": []})
@@ -296,7 +307,8 @@ def best_of_n_study(cfg, reference, reward_model, tok, prompts, reference_reward
     gold = torch.tensor([gold_reward(t, p) for t, p in zip(texts, repeated)]).view(len(prompts), K)
     scores = []
     for i in range(0, len(repeated), 256):
-        batch = collate([(tok.encode_prompt(p) + c, 0) for p, c in zip(repeated[i:i + 256], ids[i:i + 256])], tok.pad_id)
+        batch = collate([(tok.encode_prompt(p) + c, 0) for p, c in zip(repeated[i:i + 256], ids[i:i + 256])],
+                        tok.pad_id)
         scores.append(reward_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
     scores = torch.cat(scores).view(len(prompts), K)
     ns = [2 ** i for i in range(int(math.log2(K)) + 1)]
@@ -332,9 +344,11 @@ def ceiling_study(reference, tok, prompts: list[str], samples: int, seed: int) -
         ids += tilt_ids
         rewards.append(torch.tensor([gold_reward(t, p) for t, p in zip(texts, repeated)]).view(len(prompts), per_tilt))
     prompt_ids = [tok.encode_prompt(p) for p in repeated] * len(tilts)
-    logp = completion_logprobs(reference, prompt_ids, ids, tok.pad_id, batch_size=256, tilts=tilts).double()  # (C, C M per_tilt)
+    # (C, C M per_tilt)
+    logp = completion_logprobs(reference, prompt_ids, ids, tok.pad_id, batch_size=256, tilts=tilts).double()
     log_ratio = mixture_log_ratio(logp[0], logp).view(len(tilts), len(prompts), per_tilt)
-    return optimal_frontier(torch.cat(rewards, dim=1), CEILING_BETAS, torch.cat(log_ratio.unbind(0), dim=1))  # (M, C per_tilt)
+    return optimal_frontier(torch.cat(rewards, dim=1), CEILING_BETAS,
+                            torch.cat(log_ratio.unbind(0), dim=1))  # (M, C per_tilt)
 
 
 def ceiling_rows(cfg, reference, tok, prompts: list[str], seed: int) -> list[dict]:
@@ -493,14 +507,16 @@ def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: l
              f"reaches KL(pi || pi_SFT) = 1, 2, 4 and 8 nats (its best setting there), ± the 95% t-interval over "
              f"{cfg.seeds} seed(s). Best-of-N is read at its KL bound log N - (N-1)/N; † marks a ceiling read "
              "beyond its estimator's reach (fewer than 16 effective samples for the median prompt). The optimal "
-             f"row is estimated on the first {deep['prompts']} prompts with {deep['samples']} samples each; " + offset, "",
+             f"row is estimated on the first {deep['prompts']} prompts with {deep['samples']} samples each; "
+             + offset, "",
              *matched_table(matched)]
     lines += ["", "## Seeds on which each method beats DPO at matched KL", "",
               "wins/n: of the n seeds on which both it and DPO reach the KL, on how many its gold reward there is "
               f"higher; {cfg.seeds}/{cfg.seeds} is a claim that holds on every seed.", "",
               "| method | " + " | ".join(f"KL {kl:g}" for kl in KL_POINTS) + " |", "|---|" + "---|" * len(KL_POINTS)]
     for m in seeds_beating(matched, "DPO"):
-        lines.append(f"| {m['method']} | " + " | ".join(f"{w}/{n}" if n else "-" for w, n in (m[kl] for kl in KL_POINTS)) + " |")
+        cells = (f"{w}/{n}" if n else "-" for w, n in (m[kl] for kl in KL_POINTS))
+        lines.append(f"| {m['method']} | " + " | ".join(cells) + " |")
     lines += ["", "## Every run at its end", "",
               f"ci95 is the 95% interval of the mean gold reward over prompts; seed std the spread across seeds. "
               "The optimal rows are the ceiling pi* = pi_ref exp(r/beta) / Z (beta in gold-reward units), from "
@@ -509,10 +525,12 @@ def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: l
               "their mixture. Tokens are the real tokens of the "
               "training batches (DPO: chosen and rejected; RL: rollouts once per epoch); wall time and tokens of "
               "a run on the reward model include the reward model's.", "",
-              "| method | setting | gold reward | ci95 | seed std | KL | win rate vs SFT | wall s | tokens trained on |",
+              "| method | setting | gold reward | ci95 | seed std | KL | win rate vs SFT | wall s "
+              "| tokens trained on |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
-        lines.append(f"| {r['method']} | {r['setting']} | {fmt(r['gold_reward'])} | {fmt(r['ci95'])} | {fmt(r['seed_std'])} "
+        lines.append(f"| {r['method']} | {r['setting']} | {fmt(r['gold_reward'])} | {fmt(r['ci95'])} "
+                     f"| {fmt(r['seed_std'])} "
                      f"| {fmt(r['kl'], 2)} | {fmt(r['win_rate'])} | {fmt(r['wall_s'], 0)} | {fmt(r['tokens'], 0)} |")
     write_atomic(os.path.join(cfg.out_dir, "results.md"), "\n".join(lines) + "\n")
     write_atomic(os.path.join(cfg.out_dir, "results.json"), json.dumps(rows, indent=1))

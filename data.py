@@ -38,7 +38,8 @@ class Example:
     where: str  # "file:line", for error messages
     messages: Optional[list[dict]] = None  # a conversation: loss on every assistant turn
     prompt_turns: int = 0  # a conversation's leading messages that carry no loss (a prompt-completion record's prompt)
-    text: Optional[str] = None  # a {"text"} record: never rendered by a chat template, as TRL never templates plain text
+    # a {"text"} record: never rendered by a chat template, as TRL never templates plain text
+    text: Optional[str] = None
 
 
 @dataclass
@@ -62,7 +63,8 @@ def read_jsonl(path: str):
             if len(raw) > MAX_RECORD_BYTES:  # refused before it is parsed or tokenized; the rest of the line skipped
                 while raw and not raw.endswith(b"\n"):
                     raw = f.readline(1 << 20)
-                yield where, DataError(f"{where}: a record of more than {MAX_RECORD_BYTES} bytes (data.MAX_RECORD_BYTES), "
+                yield where, DataError(f"{where}: a record of more than {MAX_RECORD_BYTES} bytes "
+                                       "(data.MAX_RECORD_BYTES), "
                                        "far longer than any model's context")
                 continue
             try:
@@ -104,7 +106,8 @@ def _messages(record: dict, field: str, where: str) -> list[dict]:
             raise DataError(f"{where}: field '{field}[{j}]': expected {{\"role\", \"content\"}} strings"
                             + (f" ('{missing[0]}' missing)" if missing else ""))
         if m["role"] not in ROLES:
-            raise DataError(f"{where}: field '{field}[{j}].role': unknown role {m['role']!r} (expected {', '.join(ROLES)})")
+            raise DataError(f"{where}: field '{field}[{j}].role': unknown role {m['role']!r} "
+                            f"(expected {', '.join(ROLES)})")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -140,7 +143,8 @@ def _ultrafeedback(record: dict, where: str) -> tuple[list[dict], str, str]:
     chosen, rejected = (_messages(record, f, where) for f in ("chosen", "rejected"))
     responses = [_ends_with_assistant(m, f, where) for m, f in ((chosen, "chosen"), (rejected, "rejected"))]
     if chosen[:-1] != rejected[:-1]:
-        raise DataError(f"{where}: field 'rejected': its conversation differs from 'chosen' before the last assistant turn")
+        raise DataError(f"{where}: field 'rejected': its conversation differs from 'chosen' before the last "
+                        "assistant turn")
     if len(chosen) > 1:
         prompt_messages = chosen[:-1]
     elif isinstance(record.get("prompt"), list):
@@ -178,7 +182,8 @@ def _split_implicit(record: dict, where: str) -> tuple[str, str, str]:
                         "so the prompt is the text both start with)")
     for field, text in (("chosen", chosen), ("rejected", rejected)):
         if not text[n:].strip():
-            raise DataError(f"{where}: field '{field}': empty response after the prompt both start with ({chosen[:n]!r})")
+            raise DataError(f"{where}: field '{field}': empty response after the prompt both start with "
+                            f"({chosen[:n]!r})")
     return chosen[:n], chosen[n:], rejected[n:]
 
 
@@ -218,7 +223,8 @@ def _parse_pair(record: dict, fmt: str, where: str) -> Pair:
     elif fmt == "implicit":
         prompt, chosen, rejected = _split_implicit(record, where)
     elif fmt in ("ultrafeedback", "sharegpt"):
-        prompt_messages, chosen, rejected = (_ultrafeedback if fmt == "ultrafeedback" else _sharegpt_pair)(record, where)
+        split = _ultrafeedback if fmt == "ultrafeedback" else _sharegpt_pair
+        prompt_messages, chosen, rejected = split(record, where)
         if chosen == rejected:
             raise DataError(f"{where}: field 'rejected': identical to 'chosen'")
         return Pair(prompt_messages[-1]["content"], chosen, rejected, where, prompt_messages)
@@ -379,7 +385,8 @@ def collate(sequences: list[tuple[list[int], int | list[bool]]], pad_id: int) ->
         if isinstance(loss_on, int):
             labels[i, loss_on:len(ids)] = input_ids[i, loss_on:len(ids)]
         else:
-            labels[i, :len(ids)] = torch.where(torch.tensor(loss_on, dtype=torch.bool), input_ids[i, :len(ids)], IGNORE_INDEX)
+            labels[i, :len(ids)] = torch.where(torch.tensor(loss_on, dtype=torch.bool), input_ids[i, :len(ids)],
+                                               IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -404,7 +411,8 @@ def report_cuts(records: list, cut: list[bool], max_length: int, max_prompt_leng
     data show before training rather than as a worse model after it."""
     if any(cut):
         files = ", ".join(sorted({r.where.rsplit(":", 1)[0] for r in records}))
-        limits = f"--max_length {max_length}" + (f" / --max_prompt_length {max_prompt_length}" if max_prompt_length else "")
+        limits = f"--max_length {max_length}" + (f" / --max_prompt_length {max_prompt_length}"
+                                                 if max_prompt_length else "")
         print(f"note: {sum(cut)} of {len(records)} records in {files} were cut to fit {limits}", file=sys.stderr)
 
 
@@ -467,17 +475,21 @@ def hold_out(records: list, path: str, verbose: bool) -> tuple[list, list]:
 class PairsConfig:
     """The preference-data settings of train_dpo.py and train_rm.py."""
     train_file: str = ""
-    """preference pairs (plain, HH-RLHF, TRL implicit-prompt, UltraFeedback-binarized or ShareGPT JSONL); empty: the toy task's out/pairs/pairs_train.jsonl (not with a Hugging Face model)"""
+    """preference pairs (plain, HH-RLHF, TRL implicit-prompt, UltraFeedback-binarized or ShareGPT JSONL);
+    empty: the toy task's out/pairs/pairs_train.jsonl (not with a Hugging Face model)"""
     val_file: str = ""
-    """held-out preference pairs; empty: out/pairs/pairs_val.jsonl on the toy task, else the last 5% of --train_file"""
+    """held-out preference pairs; empty: out/pairs/pairs_val.jsonl on the toy task, else the last 5% of
+    --train_file"""
     format: Literal["auto", "plain", "hh", "implicit", "ultrafeedback", "sharegpt"] = "auto"
     """record format; auto recognises it from the first record"""
     skip_bad: bool = False
     """skip invalid records (and report how many) instead of stopping at the first"""
     max_length: Optional[int] = None
-    """longest sequence in tokens, prompt and response together; longer ones are truncated. none: 64 on the toy task, else the model's context up to 1024"""
+    """longest sequence in tokens, prompt and response together; longer ones are truncated. none: 64 on the
+    toy task, else the model's context up to 1024"""
     max_prompt_length: Optional[int] = None
-    """longest prompt; a longer one keeps its last tokens (a conversation its system message and the end of its last user turn). none: max_length less one"""
+    """longest prompt; a longer one keeps its last tokens (a conversation its system message and the end of
+    its last user turn). none: max_length less one"""
 
 
 TOY_PAIRS = ("out/pairs/pairs_train.jsonl", "out/pairs/pairs_val.jsonl")  # what `python sample.py --pairs` writes

@@ -34,8 +34,10 @@ class LoRALinear(nn.Linear):
         self.slices, self.scaling, self.enabled = slices, alpha / rank, True
         self.lora_dropout = nn.Dropout(dropout)
         device = base.weight.device
-        self.lora_A = nn.ParameterList([nn.Parameter(torch.empty(rank, self.in_features, device=device)) for _ in slices])
-        self.lora_B = nn.ParameterList([nn.Parameter(torch.zeros(end - start, rank, device=device)) for start, end in slices])
+        self.lora_A = nn.ParameterList([nn.Parameter(torch.empty(rank, self.in_features, device=device))
+                                        for _ in slices])
+        self.lora_B = nn.ParameterList([nn.Parameter(torch.zeros(end - start, rank, device=device))
+                                        for start, end in slices])
         for A in self.lora_A:  # PEFT's initialisation: A as nn.Linear's default, B zero
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
 

@@ -121,7 +121,8 @@ def frontier(results_json: str, out: str) -> None:
         labelled.add(r["method"])
         ax.annotate(r["setting"].split("=")[-1] if r["method"] != "SFT" else "SFT",  # the knob's value
                     (r["kl"], r["gold_reward"]), fontsize=7, xytext=(3, -8), textcoords="offset points")
-    ax.set_xlim(-0.3, min(ax.get_xlim()[1], 16))  # a run far past the compared KLs (GRPO at a small weight) leaves the frame
+    # a run far past the compared KLs (GRPO at a small weight) leaves the frame
+    ax.set_xlim(-0.3, min(ax.get_xlim()[1], 16))
     ax.set_xlabel("KL(pi || pi_SFT), nats per completion")
     ax.set_ylabel("mean gold reward (held-out prompts)")
     ax.set_title("Paths along training and final points (seed 0; labels: beta, KL target or weight)", fontsize=10)

@@ -51,7 +51,8 @@ class Config:
     pairing: Literal["all", "best_vs_rest"] = "all"
     """all: every pair of the K; best_vs_rest: the best completion against each other one"""
     label: Literal["gold", "bradley_terry"] = "gold"
-    """gold: the higher gold reward is chosen; bradley_terry: chosen with P = sigmoid(bt_scale * (logit r_a - logit r_b))"""
+    """gold: the higher gold reward is chosen; bradley_terry: chosen with P = sigmoid(bt_scale * (logit r_a -
+    logit r_b))"""
     bt_scale: float = 1.0
     """Bradley-Terry sharpness; on the toy task logit r is the net sentiment-word count"""
     n_train_prompts: Optional[int] = None

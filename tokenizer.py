@@ -42,7 +42,8 @@ class Tokenizer:
             controls = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
                         if self.sp.is_control(i) or self.sp.is_unknown(i)}
             self._controls = controls
-            self._control_re = re.compile("|".join(re.escape(p) for p in sorted(controls, key=len, reverse=True)) or "(?!)")
+            longest_first = sorted(controls, key=len, reverse=True)
+            self._control_re = re.compile("|".join(re.escape(p) for p in longest_first) or "(?!)")
         else:
             from tokenizers import Tokenizer as HFTokenizer  # only for Hugging Face folders
             self.hf = HFTokenizer.from_str(data)

@@ -171,7 +171,8 @@ def prepare_toy_data(out_dir: str, cfg: ToyConfig = ToyConfig(), verbose: bool =
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", default=None, help="folder for the toy task files (default data/toy, or data/toy_chat with --chat)")
+    parser.add_argument("--out_dir", default=None,
+                        help="folder for the toy task files (default data/toy, or data/toy_chat with --chat)")
     parser.add_argument("--chat", action="store_true", help="write the SFT data as conversations (user: the review's "
                         "first words; assistant: the rest) with a tokenizer that knows the Zephyr template's markers")
     parser.add_argument("--seed", type=int, default=0, help="seed of the toy review generator")
