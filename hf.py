@@ -26,6 +26,8 @@ from tokenizer import Tokenizer
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gpt2")  # config.json model_type values this file reads
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+# the fields of a "llama3" rope scaling, in the order model.GPTConfig.rope_scaling holds them
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # A downloaded folder is untrusted data: each file is read up to a bound far above real ones, so a
 # huge or endless file (a link to /dev/zero) is one error line instead of all the memory there is.
 # config, tokenizer_config, generation_config, the shard index: kilobytes in real folders
@@ -112,6 +114,13 @@ def check_config(fields: dict) -> GPTConfig:
     for name in ("norm_eps", "rope_theta"):
         if not (is_real(getattr(config, name)) and 0 < getattr(config, name) < math.inf):
             raise ValueError(f"{name} must be a positive finite number, got {getattr(config, name)!r}")
+    scaling = config.rope_scaling
+    if scaling is not None and not (
+            isinstance(scaling, (list, tuple)) and len(scaling) == 4 and all(is_real(v) for v in scaling)
+            and all(0 < v < math.inf for v in scaling) and scaling[0] >= 1 and scaling[1] < scaling[2]
+            and is_int(scaling[3])):
+        raise ValueError("rope_scaling must be (factor >= 1, low_freq_factor, high_freq_factor above it, an "
+                         f"original context in tokens), positive numbers, got {scaling!r}")
     if not (is_real(config.dropout) and 0 <= config.dropout < 1):
         raise ValueError(f"dropout must be a number from 0 to below 1, got {config.dropout!r}")
     for name in ("bias", "qkv_bias", "tie_embeddings"):
@@ -202,8 +211,15 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     objects = ((lambda v: isinstance(v, dict)), "a JSON object")
     rope = {**field("rope_scaling", {}, objects), **field("rope_parameters", {}, objects)}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    if rope_type not in ("default", "llama3"):
         unsupported(f"rope scaling {_brief(rope_type)}")
+    rope_scaling = None
+    if rope_type == "llama3":  # Llama 3.1 and 3.2: every frequency rescaled (model.llama3_frequencies)
+        wants = [_POSITIVE, _POSITIVE, _POSITIVE, _size("block_size")]
+        rope_scaling = tuple(check(f"rope_scaling.{k}", rope.get(k), want) for k, want in zip(LLAMA3_ROPE, wants))
+        if rope_scaling[0] < 1 or rope_scaling[1] >= rope_scaling[2]:
+            raise DataError(f"{where}: rope scaling 'llama3' needs a factor of 1 or more and low_freq_factor "
+                            f"below high_freq_factor, not {rope_scaling[:3]}")
     rope_theta = check("rope_theta", rope["rope_theta"], _POSITIVE) if "rope_theta" in rope else field(
         "rope_theta", 10000.0, _POSITIVE)
     # sliding-window attention is not implemented: within the window it is plain causal attention, so
@@ -222,7 +238,7 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
         sizes["block_size"] = min(sizes["block_size"], window)
     return check_config(dict(
         **sizes, norm="rmsnorm", norm_eps=field("rms_norm_eps", 1e-6, _POSITIVE), mlp="swiglu", pos="rope",
-        rope_theta=float(rope_theta), qkv_bias=model_type == "qwen2",
+        rope_theta=float(rope_theta), rope_scaling=rope_scaling, qkv_bias=model_type == "qwen2",
         tie_embeddings=field("tie_word_embeddings", False, _FLAG)))
 
 
@@ -243,7 +259,9 @@ def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
                 max_position_embeddings=c.block_size, num_hidden_layers=c.n_layer,
                 num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
                 hidden_size=c.n_embd, intermediate_size=c.intermediate_size, hidden_act="silu",
-                rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, attention_bias=False, **common)
+                rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, attention_bias=False, **common,
+                **({"rope_scaling": {"rope_type": "llama3", **dict(zip(LLAMA3_ROPE, c.rope_scaling))}}
+                   if c.rope_scaling else {}))
 
 
 # -----------------------------------------------------------------------------

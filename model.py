@@ -46,6 +46,8 @@ class GPTConfig:
     mlp: str = "gelu"  # "gelu", "gelu_tanh" (GPT-2's approximation) or "swiglu" (Llama)
     pos: str = "learned"  # "learned" (a position embedding table) or "rope" (rotary)
     rope_theta: float = 10000.0  # rotary base frequency
+    # Llama 3's rotary frequency scaling: (factor, low_freq_factor, high_freq_factor, original context); None: none
+    rope_scaling: tuple | None = None
     qkv_bias: bool = False  # biases on the query, key and value projections alone (Qwen2)
     tie_embeddings: bool = True  # the output head shares the token embedding's weights
 
@@ -111,10 +113,27 @@ def make_norm(config: GPTConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)  # Ba et al. 2016
 
 
-def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                       original_context: int) -> torch.Tensor:
+    """Llama 3's rotary frequencies (Meta's reference code; transformers' "llama3" rope type): a
+    wavelength longer than original_context / low_freq_factor is slowed by `factor`, one shorter
+    than original_context / high_freq_factor kept, and those between interpolated linearly in
+    original_context / wavelength. It changes every position's angles, not only long ones'."""
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    between = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelength > original_context / low_freq_factor, inv_freq / factor,
+                       torch.where(wavelength < original_context / high_freq_factor, inv_freq, between))
+
+
+def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype,
+                 scaling: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding (Su et al. 2021, RoFormer eq. 34) angles pos * theta^(-2i/d) for positions
-    (B, T), as cos and sin of shape (B, 1, T, head_dim), in float32 then cast to `dtype`."""
+    (B, T), as cos and sin of shape (B, 1, T, head_dim), in float32 then cast to `dtype`; with
+    `scaling`, Llama 3's frequencies (llama3_frequencies)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
+    if scaling:
+        inv_freq = llama3_frequencies(inv_freq, *scaling)
     angles = pos[..., None].float() * inv_freq  # (B, T, hs/2)
     # Hugging Face's half layout: frequency i rotates dims i and i + hs/2 (not 2i and 2i+1, as in
     # the paper), so checkpoints converted for transformers load with no permutation of q and k
@@ -316,7 +335,7 @@ class GPT(nn.Module):
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(pos)
         else:
-            rope = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+            rope = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype, self.config.rope_scaling)
         x = self.transformer.drop(x)
         # gradient checkpointing (Chen et al. 2016) keeps only each block's input for the backward
         # pass and runs the block again there: memory of one block's activations, a third more compute.

@@ -27,6 +27,11 @@ FAMILIES = {  # tiny random configurations of each supported family
         num_key_value_heads=2, tie_word_embeddings=False, **_LLAMA_SIZE),
     "llama_tied_rope_theta": lambda: transformers.LlamaConfig(  # SmolLM's shape of config
         num_key_value_heads=4, tie_word_embeddings=True, rope_theta=50000.0, **_LLAMA_SIZE),
+    "llama3_rope_scaling": lambda: transformers.LlamaConfig(  # Llama 3.2's: llama3 frequencies, tied; its
+        # wavelengths (6.3, 19.9, 62.8, 199 tokens at theta 100) fall in each of the scaling's three bands
+        num_key_value_heads=2, tie_word_embeddings=True, rope_theta=100.0, **_LLAMA_SIZE,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=32)),
     "mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, sliding_window=64, **_LLAMA_SIZE),
     "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **_LLAMA_SIZE),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,

@@ -100,6 +100,20 @@ BAD_CONFIG = [  # (folder, config.json changes, what the one line says)
     ("llama", dict(rope_parameters=None, rope_theta=-1e4), "field 'rope_theta': -10000.0 is not a positive"),
     ("llama", dict(rope_parameters=None, rope_theta="big"), "field 'rope_theta': 'big' is not a positive"),
     ("llama", dict(rope_scaling=[1, 2]), "field 'rope_scaling': [1, 2] is not a JSON object"),
+    ("llama", dict(rope_parameters=dict(rope_type="yarn", factor=4.0)),
+     "config.json: rope scaling 'yarn' is not supported"),
+    ("llama", dict(rope_parameters=dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
+                                        original_max_position_embeddings=32)),
+     "field 'rope_scaling.factor': None is not a positive finite number"),
+    ("llama", dict(rope_parameters=None, rope_scaling=dict(  # how transformers 4 wrote it
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=2.5)),
+     "field 'rope_scaling.original_max_position_embeddings': 2.5 is not an integer"),
+    ("llama", dict(rope_parameters=None, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=4.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32)),
+     "rope scaling 'llama3' needs a factor of 1 or more and low_freq_factor below high_freq_factor, "
+     "not (8.0, 4.0, 4.0)"),
     ("llama", dict(tie_word_embeddings="yes"), "field 'tie_word_embeddings': 'yes' is not true or false"),
     ("llama", dict(attention_bias=1), "field 'attention_bias': 1 is not true or false"),
     ("llama", dict(model_type="qwen2", use_sliding_window=True, max_window_layers="x"),
@@ -391,6 +405,10 @@ def test_export_overwrite_of_a_sharded_folder_leaves_no_stale_weights(good, tmp_
     (dict(rope_theta=-1.0), "rope_theta must be a positive finite number, got -1.0"),
     (dict(rope_theta=math.inf), "rope_theta must be a positive finite number, got inf"),
     (dict(dropout=1.0), "dropout must be a number from 0 to below 1, got 1.0"),
+    (dict(pos="rope", rope_scaling=[8.0, 1.0, 4.0]), "rope_scaling must be (factor >= 1, low_freq_factor, "
+     "high_freq_factor above it, an original context in tokens), positive numbers, got [8.0, 1.0, 4.0]"),
+    (dict(pos="rope", rope_scaling=[8.0, 4.0, 1.0, 32]), "rope_scaling must be (factor >= 1, low_freq_factor, "
+     "high_freq_factor above it, an original context in tokens), positive numbers, got [8.0, 4.0, 1.0, 32]"),
     (dict(bias="yes"), "bias must be true or false, got 'yes'"),
     (dict(norm="batchnorm"), "norm must be one of layernorm, rmsnorm, got 'batchnorm'"),
     (dict(mlp=None), "mlp must be one of gelu, gelu_tanh, swiglu, got None")])
