@@ -24,8 +24,8 @@ from files import DataError, write_atomic
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
-SUPPORTED = ("llama", "mistral", "qwen2", "gpt2")  # config.json model_type values this file reads
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2")  # config.json model_type values this file reads
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 # the fields of a "llama3" rope scaling, in the order model.GPTConfig.rope_scaling holds them
 LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # A downloaded folder is untrusted data: each file is read up to a bound far above real ones, so a
@@ -123,7 +123,7 @@ def check_config(fields: dict) -> GPTConfig:
                          f"original context in tokens), positive numbers, got {scaling!r}")
     if not (is_real(config.dropout) and 0 <= config.dropout < 1):
         raise ValueError(f"dropout must be a number from 0 to below 1, got {config.dropout!r}")
-    for name in ("bias", "qkv_bias", "tie_embeddings"):
+    for name in ("bias", "qkv_bias", "qk_norm", "tie_embeddings"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"{name} must be true or false, got {getattr(config, name)!r}")
     for name, choices in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gelu_tanh", "swiglu")),
@@ -202,8 +202,8 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
 
     if field("hidden_act", "silu") != "silu":
         unsupported(f"hidden_act {_brief(hf['hidden_act'])}")
-    if model_type == "llama" and (field("attention_bias", False, _FLAG) or field("mlp_bias", False, _FLAG)):
-        unsupported("attention_bias or mlp_bias in a llama config")
+    if model_type in ("llama", "qwen3") and (field("attention_bias", False, _FLAG) or field("mlp_bias", False, _FLAG)):
+        unsupported(f"attention_bias or mlp_bias in a {model_type} config")
     if (head_dim or n_embd // n_head) % 2:
         raise DataError(f"{where}: field {'head_dim' if head_dim else 'hidden_size'!r}: rotary positions "
                         f"need an even head size, not {head_dim or n_embd // n_head}")
@@ -226,7 +226,7 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     # the window caps the context. As in transformers, a missing sliding_window is 4096 (null: none),
     # and Qwen2 slides only with use_sliding_window, in the layers from max_window_layers on
     slides = model_type == "mistral"
-    if model_type == "qwen2" and field("use_sliding_window", False, _FLAG):
+    if model_type in ("qwen2", "qwen3") and field("use_sliding_window", False, _FLAG):
         layers = field("layer_types", None, ((lambda v: isinstance(v, list)), "a list"))
         layer_count = (lambda v: is_int(v) and v >= 0), "a count of layers"
         slides = ("sliding_attention" in layers if layers else
@@ -238,7 +238,8 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
         sizes["block_size"] = min(sizes["block_size"], window)
     return check_config(dict(
         **sizes, norm="rmsnorm", norm_eps=field("rms_norm_eps", 1e-6, _POSITIVE), mlp="swiglu", pos="rope",
-        rope_theta=float(rope_theta), rope_scaling=rope_scaling, qkv_bias=model_type == "qwen2",
+        rope_theta=float(rope_theta), rope_scaling=rope_scaling,
+        qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
         tie_embeddings=field("tie_word_embeddings", False, _FLAG)))
 
 
@@ -253,8 +254,9 @@ def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
                     n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=c.intermediate_size,
                     activation_function={"gelu": "gelu", "gelu_tanh": "gelu_new"}[c.mlp],
                     layer_norm_epsilon=c.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
-    model_type = "qwen2" if c.qkv_bias else "llama"
-    architecture = "Qwen2ForCausalLM" if c.qkv_bias else "LlamaForCausalLM"
+    model_type = "qwen3" if c.qk_norm else "qwen2" if c.qkv_bias else "llama"
+    architecture = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "llama": "LlamaForCausalLM"}[model_type]
     return dict(model_type=model_type, architectures=[architecture],
                 max_position_embeddings=c.block_size, num_hidden_layers=c.n_layer,
                 num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
@@ -299,6 +301,8 @@ def weight_table(c: GPTConfig, model_type: str) -> list[tuple[str, list[str], st
                  (p + "mlp.c_proj.weight", [hf + "mlp.down_proj.weight"], "copy")]
         if c.qkv_bias:
             rows.append((p + "attn.c_attn.bias", [hf + f"self_attn.{x}_proj.bias" for x in "qkv"], "cat"))
+        if c.qk_norm:
+            rows += [(p + f"attn.{x}_norm.weight", [hf + f"self_attn.{x}_norm.weight"], "copy") for x in "qk"]
     if not c.tie_embeddings:
         rows.append(("lm_head.weight", ["lm_head.weight"], "copy"))
     return rows

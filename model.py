@@ -49,6 +49,7 @@ class GPTConfig:
     # Llama 3's rotary frequency scaling: (factor, low_freq_factor, high_freq_factor, original context); None: none
     rope_scaling: tuple | None = None
     qkv_bias: bool = False  # biases on the query, key and value projections alone (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over each head's query and key, before the rotation (Qwen3)
     tie_embeddings: bool = True  # the output head shares the token embedding's weights
 
     def __post_init__(self):  # the defaults, and a head split they can be computed from
@@ -156,6 +157,10 @@ class CausalSelfAttention(nn.Module):
         # query, key and value projections in one matmul; loaders concatenate separate q/k/v weights
         self.c_attn = nn.Linear(config.n_embd, q_size + 2 * kv_size, bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(q_size, config.n_embd, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -165,6 +170,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
                 for t in (k, v))  # (B, n_kv, T, hs)
+        if self.qk_norm:  # over each head's hs features
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:

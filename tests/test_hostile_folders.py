@@ -116,6 +116,8 @@ BAD_CONFIG = [  # (folder, config.json changes, what the one line says)
      "not (8.0, 4.0, 4.0)"),
     ("llama", dict(tie_word_embeddings="yes"), "field 'tie_word_embeddings': 'yes' is not true or false"),
     ("llama", dict(attention_bias=1), "field 'attention_bias': 1 is not true or false"),
+    ("llama", dict(model_type="qwen3", attention_bias=True),
+     "config.json: attention_bias or mlp_bias in a qwen3 config is not supported"),
     ("llama", dict(model_type="qwen2", use_sliding_window=True, max_window_layers="x"),
      "field 'max_window_layers': 'x' is not a count of layers"),
     ("llama", dict(model_type="qwen2", use_sliding_window=True, layer_types=5),
