@@ -24,8 +24,8 @@ from files import DataError, write_atomic
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2")  # config.json model_type values this file reads
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gpt2")  # config.json model_type values this file reads
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 # the fields of a "llama3" rope scaling, in the order model.GPTConfig.rope_scaling holds them
 LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # A downloaded folder is untrusted data: each file is read up to a bound far above real ones, so a
@@ -114,6 +114,10 @@ def check_config(fields: dict) -> GPTConfig:
     for name in ("norm_eps", "rope_theta"):
         if not (is_real(getattr(config, name)) and 0 < getattr(config, name) < math.inf):
             raise ValueError(f"{name} must be a positive finite number, got {getattr(config, name)!r}")
+    layers = config.rope_layers
+    if layers is not None and not (isinstance(layers, (list, tuple)) and len(layers) == config.n_layer
+                                   and all(v in (0, 1) and not isinstance(v, float) for v in layers)):
+        raise ValueError(f"rope_layers must hold a 0 or 1 for each of the {config.n_layer} layers, got {layers!r}")
     scaling = config.rope_scaling
     if scaling is not None and not (
             isinstance(scaling, (list, tuple)) and len(scaling) == 4 and all(is_real(v) for v in scaling)
@@ -202,7 +206,8 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
 
     if field("hidden_act", "silu") != "silu":
         unsupported(f"hidden_act {_brief(hf['hidden_act'])}")
-    if model_type in ("llama", "qwen3") and (field("attention_bias", False, _FLAG) or field("mlp_bias", False, _FLAG)):
+    biases = field("attention_bias", False, _FLAG) or field("mlp_bias", False, _FLAG)
+    if model_type in ("llama", "qwen3", "smollm3") and biases:
         unsupported(f"attention_bias or mlp_bias in a {model_type} config")
     if (head_dim or n_embd // n_head) % 2:
         raise DataError(f"{where}: field {'head_dim' if head_dim else 'hidden_size'!r}: rotary positions "
@@ -226,6 +231,16 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     # the window caps the context. As in transformers, a missing sliding_window is 4096 (null: none),
     # and Qwen2 slides only with use_sliding_window, in the layers from max_window_layers on
     slides = model_type == "mistral"
+    rope_layers = None
+    if model_type == "smollm3":  # 1: the layer rotates queries and keys; 0: no positions (NoPE)
+        interval = field("no_rope_layer_interval", 4, _size("n_layer"))
+        rope_layers = field("no_rope_layers", None, (
+            (lambda v: isinstance(v, list) and len(v) == sizes["n_layer"] and all(x in (0, 1) for x in v)
+             and not any(isinstance(x, (bool, float)) for x in v)),
+            f"a 0 or 1 for each of the {sizes['n_layer']} layers"))
+        rope_layers = tuple(rope_layers or [int((i + 1) % interval != 0) for i in range(sizes["n_layer"])])
+        # its sliding windows are on the NoPE layers, and off in the released models: capped as Qwen2's
+        slides = field("use_sliding_window", False, _FLAG) and 0 in rope_layers
     if model_type in ("qwen2", "qwen3") and field("use_sliding_window", False, _FLAG):
         layers = field("layer_types", None, ((lambda v: isinstance(v, list)), "a list"))
         layer_count = (lambda v: is_int(v) and v >= 0), "a count of layers"
@@ -239,7 +254,7 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     return check_config(dict(
         **sizes, norm="rmsnorm", norm_eps=field("rms_norm_eps", 1e-6, _POSITIVE), mlp="swiglu", pos="rope",
         rope_theta=float(rope_theta), rope_scaling=rope_scaling,
-        qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+        qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", rope_layers=rope_layers,
         tie_embeddings=field("tie_word_embeddings", False, _FLAG)))
 
 
@@ -254,8 +269,9 @@ def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
                     n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=c.intermediate_size,
                     activation_function={"gelu": "gelu", "gelu_tanh": "gelu_new"}[c.mlp],
                     layer_norm_epsilon=c.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
-    model_type = "qwen3" if c.qk_norm else "qwen2" if c.qkv_bias else "llama"
-    architecture = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    model_type = ("smollm3" if c.rope_layers and 0 in c.rope_layers else "qwen3" if c.qk_norm
+                  else "qwen2" if c.qkv_bias else "llama")
+    architecture = {"smollm3": "SmolLM3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
                     "llama": "LlamaForCausalLM"}[model_type]
     return dict(model_type=model_type, architectures=[architecture],
                 max_position_embeddings=c.block_size, num_hidden_layers=c.n_layer,
@@ -263,7 +279,8 @@ def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
                 hidden_size=c.n_embd, intermediate_size=c.intermediate_size, hidden_act="silu",
                 rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, attention_bias=False, **common,
                 **({"rope_scaling": {"rope_type": "llama3", **dict(zip(LLAMA3_ROPE, c.rope_scaling))}}
-                   if c.rope_scaling else {}))
+                   if c.rope_scaling else {}),
+                **({"no_rope_layers": list(c.rope_layers)} if model_type == "smollm3" else {}))
 
 
 # -----------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class GPTConfig:
     rope_theta: float = 10000.0  # rotary base frequency
     # Llama 3's rotary frequency scaling: (factor, low_freq_factor, high_freq_factor, original context); None: none
     rope_scaling: tuple | None = None
+    rope_layers: tuple | None = None  # per layer, whether it rotates queries and keys (SmolLM3: 0, no positions)
     qkv_bias: bool = False  # biases on the query, key and value projections alone (Qwen2)
     qk_norm: bool = False  # an RMSNorm over each head's query and key, before the rotation (Qwen3)
     tie_embeddings: bool = True  # the output head shares the token embedding's weights
@@ -349,10 +350,12 @@ class GPT(nn.Module):
         # The recomputation replays the same dropout masks (the RNG state is saved with the input).
         recompute = self.grad_checkpoint and torch.is_grad_enabled() and kv_cache is None
         for layer, block in enumerate(self.transformer.h):
+            rotates = self.config.rope_layers is None or self.config.rope_layers[layer]
+            layer_rope = rope if rotates else None  # a layer without positions (SmolLM3's NoPE layers)
             if recompute:
-                x = checkpoint(block, x, mask, rope, None, layer, use_reentrant=False)
+                x = checkpoint(block, x, mask, layer_rope, None, layer, use_reentrant=False)
             else:
-                x = block(x, mask, rope, kv_cache, layer)
+                x = block(x, mask, layer_rope, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.transformer.ln_f(x)
