@@ -8,8 +8,10 @@ speed beside transformers.
     python bench.py                                   # tiny and small presets on this machine
     python bench.py --presets tiny --steps 3 --json out/bench.json
     python bench.py --presets none --real_shapes --vs_transformers   # real shapes; needs transformers
-    python bench.py --presets none --memory           # peak memory of SFT and DPO steps at SmolLM2-135M's shape
-    python bench.py --presets none --sharding         # per-GPU memory under DDP and FSDP, 1.1B and 7B (computed)
+    python bench.py --presets none --memory           # peak memory of SFT and DPO steps at
+                                                      # SmolLM2-135M's shape
+    python bench.py --presets none --sharding         # per-GPU memory under DDP and FSDP, 1.1B and 7B
+                                                      # (computed)
 
 MFU = model FLOPs per second / a matrix-multiply peak that this script measures itself, on the
 same device and dtype, in the same run (a large square matmul, median of repeats); never a
@@ -89,10 +91,11 @@ class Config:
     memory_seq_len: int = 256
     """sequence length for --memory"""
     logps: bool = False
-    """an SFT and a DPO step (live reference) at --memory_shape, batch 2 x --memory_batch rows (DPO: that many
-    pairs' rows), the labelled log-probs from the full (B, T, V) logits (the path before model.label_logps) against
-    the model's own labelled log-probs, and DPO's with --grad_checkpoint, DPO's also with none of the head's softmax
-    kept for the backward (head.HEAD_KEEP 0): peak memory and step time, each in fresh processes, and their ratios"""
+    """an SFT and a DPO step (live reference) at --memory_shape, batch 2 x --memory_batch rows (DPO: that
+    many pairs' rows), the labelled log-probs from the full (B, T, V) logits (the path before
+    model.label_logps) against the model's own labelled log-probs, and DPO's with --grad_checkpoint, DPO's
+    also with none of the head's softmax kept for the backward (head.HEAD_KEEP 0): peak memory and step
+    time, each in fresh processes, and their ratios"""
     memory_case: str = ""
     """(internal) one --memory configuration as JSON, measured in this process"""
 
@@ -153,7 +156,8 @@ def random_batch(B: int, T: int, V: int, device, prefix: str = "") -> dict:
     ids = torch.randint(4, V, (B, T), device=device)
     labels = ids.clone()
     labels[:, : T // 4] = IGNORE_INDEX  # a prompt quarter carries no loss
-    return {f"{prefix}input_ids": ids, f"{prefix}attention_mask": torch.ones_like(ids), f"{prefix}labels": labels}
+    return {f"{prefix}input_ids": ids, f"{prefix}attention_mask": torch.ones_like(ids),
+            f"{prefix}labels": labels}
 
 
 class FullLogits(torch.nn.Module):
@@ -199,7 +203,8 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
 
     def add(name, seconds, tokens, flops, model_seconds=None):
         row = {"preset": preset, "seq_len": T, "benchmark": name, "ms": 1000 * seconds,
-               "tokens_per_s": tokens / seconds, "mfu": flops / seconds / peak, "peak_mem_mb": peak_memory_mb(device)}
+               "tokens_per_s": tokens / seconds, "mfu": flops / seconds / peak,
+               "peak_mem_mb": peak_memory_mb(device)}
         if model_seconds is not None:  # share of the step spent outside the model's forward and backward
             row["overhead"] = max(0.0, 1 - model_seconds / seconds)
         rows.append(row)
@@ -224,20 +229,23 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
     # log-probs precomputed
     pairs = {**random_batch(B, T, V, device, "chosen_"), **random_batch(B, T, V, device, "rejected_")}
     with torch.no_grad():
-        pairs["reference_chosen_logps"], pairs["reference_rejected_logps"] = concatenated_forward(reference, pairs)
+        (pairs["reference_chosen_logps"],
+         pairs["reference_rejected_logps"]) = concatenated_forward(reference, pairs)
     n = 2 * B * T
     for live in (True, False):
         dpo_cfg = train_dpo.Config(precompute_ref=not live)
         seconds = timed(lambda: one_step(policy, opt, B, ctx, dpo_batch_loss, pairs, reference, dpo_cfg),
                         device, cfg.steps, cfg.warmup)
         add(f"dpo step, {'live reference' if live else 'precomputed ref'}", seconds, n,
-            flops_tok * n * (4 / 3 if live else 1), model_only(policy, dpo_batch_loss, pairs, reference, dpo_cfg))
+            flops_tok * n * (4 / 3 if live else 1),
+            model_only(policy, dpo_batch_loss, pairs, reference, dpo_cfg))
 
     # reward model: train_rm.py's Bradley-Terry loss on pairs
     rm = RewardModel(policy.config).to(device)
     rm_opt = make_optimizer(rm, 1e-4, 0.0, (0.9, 0.95), device)
-    add("reward model step", timed(lambda: one_step(rm, rm_opt, B, ctx, rm_batch_loss, pairs, train_rm.Config()),
-                                   device, cfg.steps, cfg.warmup), n, flops_tok * n)
+    add("reward model step",
+        timed(lambda: one_step(rm, rm_opt, B, ctx, rm_batch_loss, pairs, train_rm.Config()),
+              device, cfg.steps, cfg.warmup), n, flops_tok * n)
 
     # PPO: one minibatch step of train_ppo.py's clipped policy and value losses (ppo_losses), through
     # policy and critic together; the response is the last three quarters of each row
@@ -261,16 +269,18 @@ def bench_preset(cfg: Config, preset: str, T: int, device, peak: float) -> list[
     R = 4 * B
     lengths = torch.randint(1, T - P + 1, (R,), generator=g, device=device)
     ragged_mask = (torch.arange(T - P, device=device)[None] < lengths[:, None]).float()
-    ragged = {"input_ids": torch.randint(4, V, (R, T), generator=g, device=device), "response_mask": ragged_mask,
+    ragged = {"input_ids": torch.randint(4, V, (R, T), generator=g, device=device),
+              "response_mask": ragged_mask,
               "attention_mask": torch.cat([torch.ones(R, P, device=device), ragged_mask], 1).long(),
               **{k: torch.randn(R, T - P, generator=g, device=device)
                  for k in ("old_logprobs", "old_values", "advantages", "returns")}}
     n_real = int(ragged["attention_mask"].sum())
     for packing in (False, True):
         policy.packing = both.critic.backbone.packing = packing
-        seconds = timed(lambda: one_step(both, both_opt, int(ragged_mask.sum()), ctx, ppo_batch_loss, ragged, P,
-                                         ppo_cfg), device, cfg.steps, cfg.warmup)
-        add(f"ppo step, ragged rollout, {'packed' if packing else 'padded'}", seconds, n_real, 2 * flops_tok * n_real)
+        seconds = timed(lambda: one_step(both, both_opt, int(ragged_mask.sum()), ctx, ppo_batch_loss,
+                                         ragged, P, ppo_cfg), device, cfg.steps, cfg.warmup)
+        add(f"ppo step, ragged rollout, {'packed' if packing else 'padded'}", seconds, n_real,
+            2 * flops_tok * n_real)
 
     # generation: tokens per second with and without the KV cache
     prompts = [torch.randint(4, V, (16,)).tolist() for _ in range(cfg.gen_batch)]
@@ -290,13 +300,15 @@ def real_shape_table() -> list[str]:
     """Parameters and bf16 memory of each REAL_SHAPES model, computed (a model on the meta device
     allocates nothing). Activations are left out: they depend on batch and length."""
     lines = ["| model | parameters | bf16 weights (inference) | KV cache per 1k tokens "
-             "| full fine-tuning, bf16 + AdamW | the same, float32 master weights |", "|---|---|---|---|---|---|"]
+             "| full fine-tuning, bf16 + AdamW | the same, float32 master weights |",
+             "|---|---|---|---|---|---|"]
     for name, shape in REAL_SHAPES.items():
         with torch.device("meta"):
             model = GPT(config_from_hf(shape, name))
         n, c = model.num_params(non_embedding=False), model.config
         kv_per_token = 2 * c.n_layer * c.n_kv_head * c.head_dim * 2  # keys and values, bf16
-        lines.append(f"| {name} | {n / 1e6:.1f}M | {2 * n / 2**30:.2f} GiB | {kv_per_token * 1024 / 2**20:.0f} MiB "
+        lines.append(f"| {name} | {n / 1e6:.1f}M | {2 * n / 2**30:.2f} GiB | "
+                     f"{kv_per_token * 1024 / 2**20:.0f} MiB "
                      f"| {12 * n / 2**30:.2f} GiB | {16 * n / 2**30:.2f} GiB |")
     return lines
 
@@ -345,7 +357,8 @@ def sharding_table() -> list[str]:
         root = n - block * len(model.transformer.h)
         for stage, (trained, frozen) in STAGES.items():
             for parallel in ("ddp", "fsdp"):
-                cells = [sharded_memory(n, block, root, w, parallel, trained, frozen) / 1e9 for w in WORLD_SIZES]
+                cells = [sharded_memory(n, block, root, w, parallel, trained, frozen) / 1e9
+                         for w in WORLD_SIZES]
                 lines.append(f"| {name} ({n / 1e9:.2f}B) | {stage} | {parallel} | "
                              + " | ".join(f"{c:.1f}" for c in cells) + " |")
     return lines
@@ -363,9 +376,10 @@ def bench_vs_transformers(cfg: Config, device, peak: float) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         theirs.save_pretrained(folder)
         with open(os.path.join(folder, "tokenizer.json"), "w") as f:  # a stand-in: the loader wants one
-            f.write('{"version": "1.0", "added_tokens": [{"id": 0, "content": "<|endoftext|>", "special": true, '
-                    '"single_word": false, "lstrip": false, "rstrip": false, "normalized": false}], '
-                    '"model": {"type": "WordLevel", "vocab": {"<|endoftext|>": 0}, "unk_token": "<|endoftext|>"}}')
+            f.write('{"version": "1.0", "added_tokens": [{"id": 0, "content": "<|endoftext|>", '
+                    '"special": true, "single_word": false, "lstrip": false, "rstrip": false, '
+                    '"normalized": false}], "model": {"type": "WordLevel", '
+                    '"vocab": {"<|endoftext|>": 0}, "unk_token": "<|endoftext|>"}}')
         with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
             f.write('{"eos_token": "<|endoftext|>"}')
         ours, _ = load_folder(folder)
@@ -407,8 +421,10 @@ def bench_vs_transformers(cfg: Config, device, peak: float) -> list[dict]:
                     times[who].append(seconds)
         for who, seconds in times.items():
             seconds = statistics.median(seconds)
-            rows.append({"preset": f"SmolLM2-135M shape, {who}", "seq_len": T if name == "forward+backward" else 48,
-                         "benchmark": f"{name}, batch {B}", "ms": 1000 * seconds, "tokens_per_s": tokens / seconds,
+            rows.append({"preset": f"SmolLM2-135M shape, {who}",
+                         "seq_len": T if name == "forward+backward" else 48,
+                         "benchmark": f"{name}, batch {B}", "ms": 1000 * seconds,
+                         "tokens_per_s": tokens / seconds,
                          "mfu": work / seconds / peak, "peak_mem_mb": peak_memory_mb(device)})
             print(f"  {who:13s} {name:30s} {1000 * seconds:9.1f} ms", flush=True)
         ratio = rows[-1]["ms"] / rows[-2]["ms"]
@@ -454,7 +470,8 @@ def memory_case(case: dict, device) -> dict:
     if case["stage"] == "SFT":
         n, loss, inputs = B * T, sft_loss, [random_batch(B, T, V, device)]
     else:
-        pairs = {**random_batch(B // 2, T, V, device, "chosen_"), **random_batch(B // 2, T, V, device, "rejected_")}
+        pairs = {**random_batch(B // 2, T, V, device, "chosen_"),
+                 **random_batch(B // 2, T, V, device, "rejected_")}
         n, loss, inputs = B // 2, dpo_batch_loss, [pairs, reference, train_dpo.Config()]
     if case["stage"] == "DPO":
         inputs[1] = reference
@@ -475,7 +492,8 @@ def measure_case(case: dict, device, unmap_freed: bool = True) -> dict:
     shape): a step's time is measured without it."""
     import subprocess
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if unmap_freed else None
-    out = subprocess.run([sys.executable, __file__, f"--device={device.type}", f"--memory_case={json.dumps(case)}"],
+    out = subprocess.run([sys.executable, __file__, f"--device={device.type}",
+                          f"--memory_case={json.dumps(case)}"],
                          capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -487,14 +505,16 @@ def logps_table(cfg: Config, device, name: str) -> list[str]:
     processes: one for the peak memory (freed blocks unmapped), one for the time; the ratios are
     over the first row."""
     B, T = 2 * cfg.memory_batch, cfg.memory_seq_len
-    lines = [f"Labelled log-probs without the full logits (head.label_logps) against from them (token_logps of "
-             f"(B, T, V) logits), {cfg.memory_shape} shape on {name}, {cfg.dtype}, full fine-tuning, one optimizer "
-             f"step of {B} rows x {T} tokens (DPO: {B // 2} pairs, live reference, a copy); the peak memory is "
-             "the process's less what it held before the model, with freed blocks given back to the system; the "
+    lines = [f"Labelled log-probs without the full logits (head.label_logps) against from them "
+             f"(token_logps of (B, T, V) logits), {cfg.memory_shape} shape on {name}, {cfg.dtype}, "
+             f"full fine-tuning, one optimizer step of {B} rows x {T} tokens (DPO: {B // 2} pairs, "
+             "live reference, a copy); the peak memory is the process's less what it held before the "
+             "model, with freed blocks given back to the system; the "
              f"time the second of two steps, in another process. label_logps keeps at most "
              f"{head.HEAD_KEEP * 4 / 2**20:.0f} MB of the head's softmax for the backward (head.HEAD_KEEP), "
              "none kept computes every chunk again there:", "",
-             "| stage | log-probs from | grad checkpoint | peak memory MB | step s | memory ratio | time ratio |",
+             "| stage | log-probs from | grad checkpoint | peak memory MB | step s | memory ratio "
+             "| time ratio |",
              "|---|---|---|---|---|---|---|"]
     full = "full logits (before)", dict(head="full")
     kept = "label_logps", dict(head="labels")
@@ -506,13 +526,14 @@ def logps_table(cfg: Config, device, name: str) -> list[str]:
         for (what, logps_from), grad_checkpoint in variants:
             case = dict(shape=cfg.memory_shape, stage=stage, lora=False, grad_checkpoint=grad_checkpoint,
                         reference="copy", B=B, T=T, dtype=cfg.dtype, **logps_from)
-            rows.append({**measure_case(case, device), "seconds": measure_case(case, device, False)["seconds"]})
+            rows.append({**measure_case(case, device),
+                         "seconds": measure_case(case, device, False)["seconds"]})
             r = rows[-1]
             ratios = f"{r['peak_mb'] / rows[0]['peak_mb']:.2f} | {r['seconds'] / rows[0]['seconds']:.2f}"
             lines.append(f"| {stage} | {what} | {'yes' if grad_checkpoint else 'no'} | {r['peak_mb']:.0f} | "
                          f"{r['seconds']:.2f} | {ratios} |")
-            print(f"  {stage} {what} grad_checkpoint={grad_checkpoint}: {r['peak_mb']:.0f} MB, {r['seconds']:.2f} s",
-                  flush=True)
+            print(f"  {stage} {what} grad_checkpoint={grad_checkpoint}: {r['peak_mb']:.0f} MB, "
+                  f"{r['seconds']:.2f} s", flush=True)
     return lines
 
 
@@ -526,13 +547,15 @@ def memory_table(cfg: Config, device, name: str) -> list[str]:
         case = dict(shape=cfg.memory_shape, stage=stage, lora=lora, grad_checkpoint=ckpt, reference=ref,
                     B=cfg.memory_batch, T=cfg.memory_seq_len, dtype=cfg.dtype)
         rows.append(measure_case(case, device))
-        print(f"  {stage} lora={lora} grad_checkpoint={ckpt} reference={ref}: {rows[-1]['peak_mb']:.0f} MB", flush=True)
+        print(f"  {stage} lora={lora} grad_checkpoint={ckpt} reference={ref}: "
+              f"{rows[-1]['peak_mb']:.0f} MB", flush=True)
 
     def static_mb(shape: str, lora: bool, reference: str) -> float:
         with torch.device("meta"):
             model = GPT(config_from_hf(REAL_SHAPES[shape], shape))
             n = model.num_params(non_embedding=False)
-            trained = sum(p.numel() for p in attach_lora(model, LORA_RANK, LORA_RANK, list(TARGETS)).parameters()
+            trained = sum(p.numel()
+                          for p in attach_lora(model, LORA_RANK, LORA_RANK, list(TARGETS)).parameters()
                           if p.requires_grad) if lora else n
         return (4 * n + 12 * trained + (4 * n if reference == "copy" else 0)) / 2 ** 20
 
@@ -542,17 +565,21 @@ def memory_table(cfg: Config, device, name: str) -> list[str]:
 
     shapes = [cfg.memory_shape] + [s for s in REAL_SHAPES if s != cfg.memory_shape]
     lines = [f"Peak memory of an optimizer step, batch {cfg.memory_batch} x {cfg.memory_seq_len} tokens "
-             f"({cfg.memory_batch // 2} pairs for DPO), float32 weights, {cfg.dtype} compute, LoRA rank {LORA_RANK} "
-             f"on every projection. {cfg.memory_shape}: measured on {name}; the others computed from it.", "",
+             f"({cfg.memory_batch // 2} pairs for DPO), float32 weights, {cfg.dtype} compute, "
+             f"LoRA rank {LORA_RANK} on every projection. {cfg.memory_shape}: measured on {name}; "
+             "the others computed from it.", "",
              "| stage | method | grad checkpoint | reference | " + " | ".join(shapes)
              + " | smallest laptop GPU for the largest |",
              "|---|---|---|---|" + "---|" * (len(shapes) + 1)]
     for r in rows:
         activations = r["peak_mb"] - static_mb(cfg.memory_shape, r["lora"], r["reference"])
         gib = [r["peak_mb"] / 1024] + [
-            (static_mb(s, r["lora"], r["reference"]) + activations * activation_scale(s)) / 1024 for s in shapes[1:]]
-        fits = next((f"{size} GB" for size in (8, 12, 16, 24) if gib[-1] * 2 ** 30 <= size * 1e9), "none of 8-24 GB")
-        lines.append(f"| {r['stage']} | {'LoRA' if r['lora'] else 'full'} | {'yes' if r['grad_checkpoint'] else 'no'} "
+            (static_mb(s, r["lora"], r["reference"]) + activations * activation_scale(s)) / 1024
+            for s in shapes[1:]]
+        fits = next((f"{size} GB" for size in (8, 12, 16, 24) if gib[-1] * 2 ** 30 <= size * 1e9),
+                    "none of 8-24 GB")
+        lines.append(f"| {r['stage']} | {'LoRA' if r['lora'] else 'full'} | "
+                     f"{'yes' if r['grad_checkpoint'] else 'no'} "
                      f"| {r['reference']} | {gib[0]:.2f} GiB | "
                      + " | ".join(f"{g:.2f} GiB (computed)" for g in gib[1:]) + f" | {fits} |")
     return lines
@@ -569,7 +596,8 @@ def main(argv=None) -> int:
     if len(presets) != len(lengths):
         raise SystemExit("error: --presets and --seq_len need the same number of entries")
     peak = matmul_peak(device, cfg.dtype)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = (torch.cuda.get_device_name() if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads")
     print(f"matmul peak on {name}, {cfg.dtype}: {peak / 1e9:.1f} GFLOP/s")
     rows = []
     for preset, T in zip(presets, lengths):
@@ -583,25 +611,28 @@ def main(argv=None) -> int:
                   "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "speedup" in r:  # a ratio row of --vs_transformers
-            lines.append(f"| {r['preset']} | {r['seq_len']} | {r['benchmark']} | {r['speedup']:.2f}x | - | - | - | - |")
+            lines.append(f"| {r['preset']} | {r['seq_len']} | {r['benchmark']} | {r['speedup']:.2f}x "
+                         "| - | - | - | - |")
             continue
         overhead = f"{r['overhead']:.0%}" if "overhead" in r else "-"
-        lines.append(f"| {r['preset']} | {r['seq_len']} | {r['benchmark']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} "
-                     f"| {r['mfu']:.1%} | {overhead} | {r['peak_mem_mb']:.0f} |")
+        lines.append(f"| {r['preset']} | {r['seq_len']} | {r['benchmark']} | {r['ms']:.1f} "
+                     f"| {r['tokens_per_s']:.0f} | {r['mfu']:.1%} | {overhead} | {r['peak_mem_mb']:.0f} |")
     if cfg.memory:
         lines += ["", *memory_table(cfg, device, name)]
     if cfg.logps:
         lines += ["", *logps_table(cfg, device, name)]
     if cfg.sharding:
-        lines += ["", "Per-GPU memory of the model states in GB, computed (bench.sharded_memory: float32 weights, "
-                  "gradients and AdamW moments, 16 bytes a trained parameter (PPO trains policy and critic), a "
-                  "bfloat16 frozen model 2 (DPO's reference; PPO's reference and reward model); DDP's gradient "
-                  "buckets 4 more; FSDP divides by N and adds each trained model's root and two blocks unsharded, "
-                  "6 bytes a parameter; activations not included):", "", *sharding_table()]
+        lines += ["", "Per-GPU memory of the model states in GB, computed (bench.sharded_memory: "
+                  "float32 weights, gradients and AdamW moments, 16 bytes a trained parameter (PPO "
+                  "trains policy and critic), a bfloat16 frozen model 2 (DPO's reference; PPO's "
+                  "reference and reward model); DDP's gradient buckets 4 more; FSDP divides by N and "
+                  "adds each trained model's root and two blocks unsharded, 6 bytes a parameter; "
+                  "activations not included):", "", *sharding_table()]
     if cfg.real_shapes:
-        lines += ["", "Real shapes (computed; bf16 is 2 bytes a parameter; full fine-tuning with AdamW is bf16 "
-                  "weights and gradients plus two float32 moments, 12 bytes a parameter, and 16 with float32 master "
-                  "weights as this project's trainers keep them; activations not included):", "", *real_shape_table()]
+        lines += ["", "Real shapes (computed; bf16 is 2 bytes a parameter; full fine-tuning with AdamW is "
+                  "bf16 weights and gradients plus two float32 moments, 12 bytes a parameter, and 16 with "
+                  "float32 master weights as this project's trainers keep them; activations not included):",
+                  "", *real_shape_table()]
     table = "\n".join(lines)
     print("\n" + table)
     os.makedirs(os.path.dirname(cfg.json) or ".", exist_ok=True)

@@ -104,22 +104,25 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def call_binop(self, context, operator, left, right):
         if isinstance(left, int) and isinstance(right, int):
-            bits = right * left.bit_length() if operator == "**" else left.bit_length() + right.bit_length()  # at most
+            bits = (right * left.bit_length() if operator == "**"
+                    else left.bit_length() + right.bit_length())  # at most
             if bits > MAX_INT_BITS:
                 raise _Refused(f"computes a number of more than {MAX_INT_BITS} bits (chat.MAX_INT_BITS)")
         elif operator == "%":  # a format string: its widths
             _check_call("%", (left,), {})
         elif operator == "*":  # a text or list repeated
             count, items = (left, right) if isinstance(left, int) else (right, left)
-            if isinstance(count, int) and isinstance(items, (str, list, tuple)) and count * len(items) > MAX_CHARS:
+            if (isinstance(count, int) and isinstance(items, (str, list, tuple))
+                    and count * len(items) > MAX_CHARS):
                 raise _Refused(f"builds a text or list of {count * len(items)} items, more than {MAX_CHARS} "
                                "(chat.MAX_CHARS)")
         return self.binop_table[operator](left, right)
 
     def call(__self, __context, __obj, *args, **kwargs):  # every method a template calls: 'a'.center(n), ...
-        bound_to = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # the sandbox wraps str.format
-        _check_call(getattr(__obj, "__name__", "a call"), (bound_to, *args) if isinstance(bound_to, str) else args,
-                    kwargs)
+        # the sandbox wraps str.format
+        bound_to = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
+        _check_call(getattr(__obj, "__name__", "a call"),
+                    (bound_to, *args) if isinstance(bound_to, str) else args, kwargs)
         return _bounded(super().call(__context, __obj, *args, **kwargs))
 
 
@@ -139,12 +142,14 @@ def _check_call(name: str, args: tuple, kwargs: dict) -> None:
     if name == "replace" and len(texts) >= 3:
         text, old, new = texts[:3]
         size = len(text) + (text.count(old) if old else len(text) + 1) * (len(new) - len(old))
-    elif name == "join" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], (list, tuple)):
+    elif (name == "join" and len(args) >= 2 and isinstance(args[0], str)
+          and isinstance(args[1], (list, tuple))):
         size = len(args[0]) * max(0, len(args[1]) - 1) + sum(len(x) for x in args[1] if isinstance(x, str))
     else:
         return
     if size > MAX_CHARS:
-        raise _Refused(f"builds a text of {size} characters with {name}, more than {MAX_CHARS} (chat.MAX_CHARS)")
+        raise _Refused(f"builds a text of {size} characters with {name}, more than {MAX_CHARS} "
+                       "(chat.MAX_CHARS)")
 
 
 def _bounded_filter(name: str, fn):
@@ -174,26 +179,29 @@ def _timer_available() -> bool:
 @lru_cache(maxsize=8)
 def _compile(source: str):
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: json.dumps(
-        x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+    env.filters["tojson"] = (
+        lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: json.dumps(
+            x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys))
     env.filters = {name: _bounded_filter(name, fn) for name, fn in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
 
 
-def render(template: str, messages: list[dict], special_tokens: dict[str, str], add_generation_prompt: bool = False,
-           source: str | None = None) -> str:
+def render(template: str, messages: list[dict], special_tokens: dict[str, str],
+           add_generation_prompt: bool = False, source: str | None = None) -> str:
     """The template applied to `messages`; special_tokens gives bos_token, eos_token, ... as text.
     Any failure is a ChatError of one line naming `source`, where the template came from."""
     name = f"the chat template ({source})" if source else "the chat template"
     timed = _timer_available()
     try:
         try:
-            if timed:  # a timer signal, not checks in the sandbox's hooks: a loop over a range made earlier calls none
+            # a timer signal, not checks in the sandbox's hooks: a loop over a range made earlier calls none
+            if timed:
                 signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
             parts, size = [], 0
-            for part in _compile(template).generate(messages=messages, add_generation_prompt=add_generation_prompt,
+            for part in _compile(template).generate(messages=messages,
+                                                    add_generation_prompt=add_generation_prompt,
                                                     **special_tokens):
                 size += len(part)
                 if size > MAX_CHARS:
@@ -209,7 +217,8 @@ def render(template: str, messages: list[dict], special_tokens: dict[str, str], 
         problem = str(e)
     except jinja2.TemplateSyntaxError as e:
         problem = f"does not parse: {e.message} (line {e.lineno})"
-    except Exception as e:  # a template is code: whatever it raises (undefined, sandbox, overflow) is its failure
+    except Exception as e:  # a template is code: whatever it raises (undefined, sandbox, overflow) is
+                            # its failure
         problem = f"failed to render: {type(e).__name__}: {e}"
     problem = " ".join(problem.split())  # one line, whatever the template's message holds
     raise ChatError(f"{name} {problem[:500]}{'...' if len(problem) > 500 else ''}") from None
@@ -225,7 +234,8 @@ def assistant_spans(tok, messages: list[dict]):
         if message["role"] == "assistant":
             before = tok.render(messages[:i], add_generation_prompt=True)
             if not done.startswith(before):
-                raise ChatError(f"the chat template's generation prompt is not how it begins assistant turn {i}")
+                raise ChatError(f"the chat template's generation prompt is not how it begins assistant "
+                                f"turn {i}")
             spans.append((len(before), len(done)))
         if not text.startswith(done):
             raise ChatError(f"the chat template renders turn {i} differently when later turns follow it, "
@@ -276,17 +286,19 @@ def fit_prompt(messages: list[dict], fits, limit: int) -> tuple[list[dict], bool
         return messages, False
     head = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(head):]
-    while not fits(head + turns) and (later := [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]):
+    while not fits(head + turns) and (later := [i for i, m in enumerate(turns)
+                                                if m["role"] == "user" and i > 0]):
         turns = turns[later[0]:]
     if fits(head + turns):
         return head + turns, True
     if not turns or turns[-1]["role"] != "user":
-        raise ChatError(f"the prompt is longer than {limit} tokens and ends in no user turn that could be cut")
+        raise ChatError(f"the prompt is longer than {limit} tokens and ends in no user turn that could "
+                        "be cut")
     with_user = lambda content: [*head, *turns[:-1], {**turns[-1], "content": content}]  # noqa: E731
     content = _keep_end(turns[-1]["content"], lambda c: fits(with_user(c)))
     if content is None:
-        raise ChatError(f"the prompt is longer than {limit} tokens (max_prompt_length, and max_length less one "
-                        "response token) even with its last user turn emptied")
+        raise ChatError(f"the prompt is longer than {limit} tokens (max_prompt_length, and max_length "
+                        "less one response token) even with its last user turn emptied")
     return with_user(content), True
 
 
@@ -327,7 +339,8 @@ def encode_conversation(tok, messages: list[dict], max_length: int, max_prompt_l
         return next((j for j, on in enumerate(labelled) if on), len(labelled))
 
     limit = prompt_limit(max_length, max_prompt_length)
-    prompt, cut = fit_prompt(messages[:reply], lambda p: n_prompt(p) <= limit, limit) if reply else ([], False)
+    prompt, cut = (fit_prompt(messages[:reply], lambda p: n_prompt(p) <= limit, limit) if reply
+                   else ([], False))
     ids, starts, spans, labelled = encode(prompt)
     if len(ids) > max_length:
         cut = True

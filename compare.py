@@ -71,7 +71,8 @@ class Config:
     ceiling_prompts: int = 64
     """held-out prompts used to estimate the optimal frontier (the first of the evaluation's)"""
     ceiling_samples: int = 512
-    """samples per prompt for the optimal frontier, in equal numbers from the reference and each of its tilts"""
+    """samples per prompt for the optimal frontier, in equal numbers from the reference and each of its
+    tilts"""
     ceiling_check_samples: int = 0
     """samples per prompt for the same frontier on all eval_samples prompts, to measure the subset's offset
     (0: not estimated; at 128 it put the offset at 0.001 or less at KL 1 and 2)"""
@@ -109,14 +110,16 @@ def sweeps(cfg: Config) -> dict:
         # the KL-matched table interpolates over short segments
         # held-out pairs from the first 64 evaluation prompts (about 320): DPO's held-out loss at each
         # of its 18 evaluations cost as much as 7 training steps on all 256 prompts' pairs
-        sft=dict(), rm=dict(), pairs=dict(n_val_prompts=64), dpo=dict(early_eval_interval=10, early_eval_until=150),
+        sft=dict(), rm=dict(), pairs=dict(n_val_prompts=64),
+        dpo=dict(early_eval_interval=10, early_eval_until=150),
         rl=dict(max_iters=60, eval_interval=10, early_eval_interval=2, early_eval_until=30),
         pft=dict(max_iters=300, eval_interval=100, lr=1e-4, min_lr=1e-5, warmup_iters=30),
     )
 
 
 KL_HORIZON = 256
-"""the adaptive controller's horizon in samples: 4 batches of 64, so kl_coef moves by at most 5% an iteration"""
+"""the adaptive controller's horizon in samples: 4 batches of 64, so kl_coef moves by at most 5% an
+iteration"""
 
 
 def starting_kl_coef(target: float) -> float:
@@ -177,9 +180,11 @@ class Study:
         if os.path.exists(marker):
             os.remove(marker)
         write_atomic(config_path, json.dumps(args))
-        print(f"[{time.time() - self.t0:6.0f}s] {name}: {'resuming' if resume else 'running'} -> {out_dir}", flush=True)
+        print(f"[{time.time() - self.t0:6.0f}s] {name}: {'resuming' if resume else 'running'} -> {out_dir}",
+              flush=True)
         t = time.time()
-        if run(args + (["--resume"] if resume else ["--overwrite"] if os.path.exists(ckpt) else [])) not in (0, None):
+        if run(args + (["--resume"] if resume
+                       else ["--overwrite"] if os.path.exists(ckpt) else [])) not in (0, None):
             raise SystemExit(f"error: stage {name} failed")
         self.times[out_dir] = (self.times.get(out_dir, 0.0) if resume else 0.0) + time.time() - t
         write_atomic(self.times_path, json.dumps(self.times, indent=1))
@@ -218,7 +223,8 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     S = sweeps(cfg)
     root = os.path.join(cfg.out_dir, f"seed{seed}")
     common = dict(device=cfg.device, dtype=cfg.dtype, seed=1337 + seed)
-    evaluation = dict(eval_prompts=os.path.join(cfg.data_dir, "prompts_val.jsonl"), eval_samples=cfg.eval_samples)
+    evaluation = dict(eval_prompts=os.path.join(cfg.data_dir, "prompts_val.jsonl"),
+                      eval_samples=cfg.eval_samples)
     d = lambda name: os.path.join(root, name)
     rm_ckpt, pairs = os.path.join(d("rm"), "ckpt.pt"), d("pairs")
 
@@ -229,7 +235,8 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     sft_ckpt = sft_stage(cfg, study, seed)
     study.stage("pairs", pairs, flags(ckpt=sft_ckpt, pairs=True, data_dir=cfg.data_dir, out_dir=pairs,
                                       device=cfg.device, seed=seed, **S["pairs"]), sample.main)
-    pair_files = dict(sft_ckpt=sft_ckpt, train_file=f"{pairs}/pairs_train.jsonl", val_file=f"{pairs}/pairs_val.jsonl")
+    pair_files = dict(sft_ckpt=sft_ckpt, train_file=f"{pairs}/pairs_train.jsonl",
+                      val_file=f"{pairs}/pairs_val.jsonl")
 
     # 2. DPO over beta
     for beta in S["betas"]:
@@ -237,8 +244,8 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
               **S["dpo"])
     # 3. the reward model, then PPO, RLOO and GRPO on it and on the gold reward
     train("reward model", train_rm.main, d("rm"), **pair_files, gold_eval=True, **S["rm"])
-    rl_common = dict(sft_ckpt=sft_ckpt, prompts=os.path.join(cfg.data_dir, "prompts_train.jsonl"), **evaluation,
-                     **S["rl"])
+    rl_common = dict(sft_ckpt=sft_ckpt, prompts=os.path.join(cfg.data_dir, "prompts_train.jsonl"),
+                     **evaluation, **S["rl"])
     for method, setting, folder, kwargs in rl_runs(S, cfg.gold_twins):
         reward_ckpt = dict(reward_ckpt=rm_ckpt) if kwargs["reward"] == "model" else {}
         train(f"{method} {setting}", train_ppo.main, d(folder), **kwargs, **reward_ckpt, **rl_common)
@@ -246,9 +253,10 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     # 4. preferred-FT: SFT continued on the chosen responses
     chosen_file = os.path.join(root, "chosen.jsonl")  # rewritten from the current pairs every time
     chosen = {(p.prompt, p.chosen) for p in load_preferences(pair_files["train_file"])}
-    write_atomic(chosen_file, "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in sorted(chosen)))
-    train("preferred-ft", train_sft.main, d("pft"), init_from=sft_ckpt, train_file=chosen_file, eval_samples=0,
-          **S["pft"])
+    write_atomic(chosen_file, "".join(json.dumps({"prompt": p, "completion": c}) + "\n"
+                                      for p, c in sorted(chosen)))
+    train("preferred-ft", train_sft.main, d("pft"), init_from=sft_ckpt, train_file=chosen_file,
+          eval_samples=0, **S["pft"])
 
     # 5. the shared evaluation of the runs without one of their own, and the ceiling: deep on a
     # subset of the prompts, and shallow on all of them to measure the subset's offset
@@ -266,14 +274,15 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     rows = [row("SFT", "-", last_eval_of_sft(evaluator), wall("sft"), tokens(d("sft")), [], n)]
     for beta in S["betas"]:
         name = f"dpo_beta{beta}"
-        rows.append(row("DPO", f"beta={beta}", last_eval(d(name)), wall(name), tokens(d(name)), path(d(name)), n))
+        rows.append(row("DPO", f"beta={beta}", last_eval(d(name)), wall(name), tokens(d(name)),
+                        path(d(name)), n))
     # wall time and tokens on the reward model include its training
     for method, setting, folder, kwargs in rl_runs(S, cfg.gold_twins):
         rm_cost = kwargs["reward"] == "model"
         rows.append(row(method, setting, last_eval(d(folder)), wall(folder) + rm_cost * wall("rm"),
                         tokens(d(folder)) + rm_cost * tokens(d("rm")), path(d(folder)), n))
-    rows.append(row("preferred-FT", f"{S['pft']['max_iters']} steps", pft_metrics, wall("pft"), tokens(d("pft")), [],
-                    n))
+    rows.append(row("preferred-FT", f"{S['pft']['max_iters']} steps", pft_metrics, wall("pft"),
+                    tokens(d("pft")), [], n))
     for N, gold, kl, win in bon:
         rows.append({"method": "best-of-N", "setting": f"N={N}", "gold_reward": gold, "ci95": None, "kl": kl,
                      "win_rate": win, "wall_s": None, "tokens": None, "path": []})
@@ -309,7 +318,8 @@ def best_of_n_study(cfg, reference, reward_model, tok, prompts, reference_reward
     for i in range(0, len(repeated), 256):
         batch = collate([(tok.encode_prompt(p) + c, 0) for p, c in zip(repeated[i:i + 256], ids[i:i + 256])],
                         tok.pad_id)
-        scores.append(reward_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
+        scores.append(reward_model(batch["input_ids"].to(device),
+                                   batch["attention_mask"].to(device)).float().cpu())
     scores = torch.cat(scores).view(len(prompts), K)
     ns = [2 ** i for i in range(int(math.log2(K)) + 1)]
     out = []
@@ -342,7 +352,8 @@ def ceiling_study(reference, tok, prompts: list[str], samples: int, seed: int) -
         tilt_ids, texts, _ = sample_completions(reference, tok, repeated, 40, 1.0, seed=11 + 2 * i + seed,
                                                 batch_size=256, logits_processor=tilt)
         ids += tilt_ids
-        rewards.append(torch.tensor([gold_reward(t, p) for t, p in zip(texts, repeated)]).view(len(prompts), per_tilt))
+        rewards.append(torch.tensor([gold_reward(t, p) for t, p in zip(texts, repeated)]).view(
+            len(prompts), per_tilt))
     prompt_ids = [tok.encode_prompt(p) for p in repeated] * len(tilts)
     # (C, C M per_tilt)
     logp = completion_logprobs(reference, prompt_ids, ids, tok.pad_id, batch_size=256, tilts=tilts).double()
@@ -361,9 +372,9 @@ def ceiling_rows(cfg, reference, tok, prompts: list[str], seed: int) -> list[dic
         if samples == 0:
             continue
         for beta, gold, kl, reached in ceiling_study(reference, tok, subset, samples, seed):
-            rows.append({"method": method, "setting": f"beta={beta:g}", "gold_reward": gold, "ci95": None, "kl": kl,
-                         "win_rate": None, "wall_s": None, "tokens": None, "path": [], "reached": reached,
-                         "prompts": len(subset), "samples": samples})
+            rows.append({"method": method, "setting": f"beta={beta:g}", "gold_reward": gold, "ci95": None,
+                         "kl": kl, "win_rate": None, "wall_s": None, "tokens": None, "path": [],
+                         "reached": reached, "prompts": len(subset), "samples": samples})
     return rows
 
 
@@ -422,16 +433,18 @@ def kl_matched(rows: list[dict], n_seeds: int) -> list[dict]:
             per_seed, beyond = [], False
             for seed in range(n_seeds):
                 runs = [r for r in rows if r["method"] == method and r["seed"] == seed]
-                if method == "best-of-N" or method.startswith("optimal"):  # one curve through the settings' points
+                # one curve through the settings' points
+                if method == "best-of-N" or method.startswith("optimal"):
                     value, out_of_reach = curve_at_kl(runs, kl)
                     beyond |= out_of_reach
                 else:
-                    value = max((v for r in runs if (v := gold_at_kl(r["path"], kl)) is not None), default=None)
+                    value = max((v for r in runs if (v := gold_at_kl(r["path"], kl)) is not None),
+                                default=None)
                 per_seed.append(value)
             values = [v for v in per_seed if v is not None]
             mean, half = interval(values) if values else (None, None)
-            out[kl] = {"gold_reward": mean, "ci95": half, "seeds": len(values), "of": n_seeds, "beyond_reach": beyond,
-                       "per_seed": per_seed}
+            out[kl] = {"gold_reward": mean, "ci95": half, "seeds": len(values), "of": n_seeds,
+                       "beyond_reach": beyond, "per_seed": per_seed}
         table.append(out)
     return table
 
@@ -447,7 +460,8 @@ def seeds_beating(matched: list[dict], baseline: str) -> list[dict]:
             continue
         row = {"method": m["method"]}
         for kl in KL_POINTS:
-            pairs = [(a, b) for a, b in zip(m[kl]["per_seed"], base[kl]["per_seed"]) if a is not None and b is not None]
+            pairs = [(a, b) for a, b in zip(m[kl]["per_seed"], base[kl]["per_seed"])
+                     if a is not None and b is not None]
             row[kl] = (sum(a > b for a, b in pairs), len(pairs))
         out.append(row)
     return out
@@ -464,7 +478,8 @@ def kl_cell(c: dict) -> str:
 
 def matched_table(matched: list[dict]) -> list[str]:
     """The markdown lines of the KL-matched table."""
-    return ["| method | " + " | ".join(f"KL {kl:g}" for kl in KL_POINTS) + " |", "|---|" + "---|" * len(KL_POINTS),
+    return ["| method | " + " | ".join(f"KL {kl:g}" for kl in KL_POINTS) + " |",
+            "|---|" + "---|" * len(KL_POINTS),
             *(f"| {m['method']} | " + " | ".join(kl_cell(m[kl]) for kl in KL_POINTS) + " |" for m in matched)]
 
 
@@ -477,9 +492,9 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (method, setting), rs in groups.items():
         mean = lambda k: statistics.fmean(r[k] for r in rs) if rs[0][k] is not None else None
         spread = statistics.stdev(r["gold_reward"] for r in rs) if len(rs) > 1 else None
-        out.append({"method": method, "setting": setting, "gold_reward": mean("gold_reward"), "ci95": mean("ci95"),
-                    "seed_std": spread, "kl": mean("kl"), "win_rate": mean("win_rate"), "wall_s": mean("wall_s"),
-                    "tokens": mean("tokens"), "seeds": len(rs)})
+        out.append({"method": method, "setting": setting, "gold_reward": mean("gold_reward"),
+                    "ci95": mean("ci95"), "seed_std": spread, "kl": mean("kl"), "win_rate": mean("win_rate"),
+                    "wall_s": mean("wall_s"), "tokens": mean("tokens"), "seeds": len(rs)})
     return out
 
 
@@ -489,49 +504,56 @@ def fmt(x, digits=3):
 
 def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: list[dict], seconds: float,
                   stage_seconds: float) -> None:
-    fields = ["method", "setting", "gold_reward", "ci95", "seed_std", "kl", "win_rate", "wall_s", "tokens", "seeds"]
+    fields = ["method", "setting", "gold_reward", "ci95", "seed_std", "kl", "win_rate", "wall_s", "tokens",
+              "seeds"]
     with open(os.path.join(cfg.out_dir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows({k: r[k] for k in fields} for r in summary)
-    deep, check = (next((r for r in rows if r["method"] == m), None) for m in ("optimal", "optimal (all prompts)"))
-    offset = (f"the row below it on all {check['prompts']} with {check['samples']} each: where both are within "
-              "reach, their difference is the subset's offset." if check else
+    deep, check = (next((r for r in rows if r["method"] == m), None)
+                   for m in ("optimal", "optimal (all prompts)"))
+    offset = (f"the row below it on all {check['prompts']} with {check['samples']} each: "
+              "where both are within reach, their difference is the subset's offset." if check else
               "its offset from all the prompts' is not estimated here (--ceiling_check_samples).")
     lines = [f"# DPO vs RLHF on the toy task ({'full' if cfg.full else 'reduced'} study"
-             f"{' with the gold-reward twins' if cfg.gold_twins and not cfg.full else ''}, {cfg.seeds} seed(s), "
+             f"{' with the gold-reward twins' if cfg.gold_twins and not cfg.full else ''}, "
+             f"{cfg.seeds} seed(s), "
              f"{time.strftime('%Y-%m-%d')}; training stages {stage_seconds / 60:.0f} min in all, this run "
              f"{seconds / 60:.0f} min)", "",
              "## Gold reward at matched KL", "",
-             f"Mean gold reward on {cfg.eval_samples} held-out prompts where each method's evaluated path first "
-             f"reaches KL(pi || pi_SFT) = 1, 2, 4 and 8 nats (its best setting there), ± the 95% t-interval over "
-             f"{cfg.seeds} seed(s). Best-of-N is read at its KL bound log N - (N-1)/N; † marks a ceiling read "
-             "beyond its estimator's reach (fewer than 16 effective samples for the median prompt). The optimal "
+             f"Mean gold reward on {cfg.eval_samples} held-out prompts where each method's evaluated path "
+             "first reaches KL(pi || pi_SFT) = 1, 2, 4 and 8 nats (its best setting there), ± the 95% "
+             f"t-interval over {cfg.seeds} seed(s). Best-of-N is read at its KL bound log N - (N-1)/N; † "
+             "marks a ceiling read beyond its estimator's reach (fewer than 16 effective samples for the "
+             "median prompt). The optimal "
              f"row is estimated on the first {deep['prompts']} prompts with {deep['samples']} samples each; "
              + offset, "",
              *matched_table(matched)]
     lines += ["", "## Seeds on which each method beats DPO at matched KL", "",
-              "wins/n: of the n seeds on which both it and DPO reach the KL, on how many its gold reward there is "
-              f"higher; {cfg.seeds}/{cfg.seeds} is a claim that holds on every seed.", "",
-              "| method | " + " | ".join(f"KL {kl:g}" for kl in KL_POINTS) + " |", "|---|" + "---|" * len(KL_POINTS)]
+              "wins/n: of the n seeds on which both it and DPO reach the KL, on how many its gold reward "
+              f"there is higher; {cfg.seeds}/{cfg.seeds} is a claim that holds on every seed.", "",
+              "| method | " + " | ".join(f"KL {kl:g}" for kl in KL_POINTS) + " |",
+              "|---|" + "---|" * len(KL_POINTS)]
     for m in seeds_beating(matched, "DPO"):
         cells = (f"{w}/{n}" if n else "-" for w, n in (m[kl] for kl in KL_POINTS))
         lines.append(f"| {m['method']} | " + " | ".join(cells) + " |")
     lines += ["", "## Every run at its end", "",
-              f"ci95 is the 95% interval of the mean gold reward over prompts; seed std the spread across seeds. "
-              "The optimal rows are the ceiling pi* = pi_ref exp(r/beta) / Z (beta in gold-reward units), from "
+              f"ci95 is the 95% interval of the mean gold reward over prompts; seed std the spread across "
+              "seeds. The optimal rows are the ceiling pi* = pi_ref exp(r/beta) / Z (beta in gold-reward "
+              "units), from "
               f"equal numbers of samples of the reference and of its sentiment tilts of strengths "
               f"{', '.join(f'{b:g}' for b in CEILING_TILTS[1:])} (evaluate.SentimentTilt), weighted against "
               "their mixture. Tokens are the real tokens of the "
-              "training batches (DPO: chosen and rejected; RL: rollouts once per epoch); wall time and tokens of "
-              "a run on the reward model include the reward model's.", "",
+              "training batches (DPO: chosen and rejected; RL: rollouts once per epoch); wall time and "
+              "tokens of a run on the reward model include the reward model's.", "",
               "| method | setting | gold reward | ci95 | seed std | KL | win rate vs SFT | wall s "
               "| tokens trained on |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         lines.append(f"| {r['method']} | {r['setting']} | {fmt(r['gold_reward'])} | {fmt(r['ci95'])} "
                      f"| {fmt(r['seed_std'])} "
-                     f"| {fmt(r['kl'], 2)} | {fmt(r['win_rate'])} | {fmt(r['wall_s'], 0)} | {fmt(r['tokens'], 0)} |")
+                     f"| {fmt(r['kl'], 2)} | {fmt(r['win_rate'])} | {fmt(r['wall_s'], 0)} "
+                     f"| {fmt(r['tokens'], 0)} |")
     write_atomic(os.path.join(cfg.out_dir, "results.md"), "\n".join(lines) + "\n")
     write_atomic(os.path.join(cfg.out_dir, "results.json"), json.dumps(rows, indent=1))
     write_atomic(os.path.join(cfg.out_dir, "kl_matched.json"), json.dumps(matched, indent=1))
@@ -543,7 +565,8 @@ def ceiling_only(cfg: Config, study: Study, prompts: list[str], device) -> int:
     for seed in range(cfg.seeds):
         reference, tok = load_gpt(sft_stage(cfg, study, seed))
         with autocast(device, cfg.dtype):
-            rows += [dict(r, seed=seed) for r in ceiling_rows(cfg, reference.to(device).eval(), tok, prompts, seed)]
+            rows += [dict(r, seed=seed)
+                     for r in ceiling_rows(cfg, reference.to(device).eval(), tok, prompts, seed)]
     lines = [f"# The ceiling ({cfg.seeds} seed(s), {time.time() - study.t0:.0f} s)", "",
              *matched_table(kl_matched(rows, cfg.seeds))]
     write_atomic(os.path.join(cfg.out_dir, "ceiling.md"), "\n".join(lines) + "\n")
@@ -556,7 +579,8 @@ def main(argv=None) -> int:
     cfg = parse_config(Config, argv, __doc__)
     if cfg.ceiling_samples < len(CEILING_TILTS) or 0 < cfg.ceiling_check_samples < len(CEILING_TILTS):
         print(f"error: --ceiling_samples (and --ceiling_check_samples unless 0) must be at least "
-              f"{len(CEILING_TILTS)}, one sample from the reference and from each of its tilts", file=sys.stderr)
+              f"{len(CEILING_TILTS)}, one sample from the reference and from each of its tilts",
+              file=sys.stderr)
         return 2
     os.makedirs(cfg.out_dir, exist_ok=True)
     device = pick_device(cfg.device)
@@ -571,7 +595,8 @@ def main(argv=None) -> int:
     for seed in range(cfg.seeds):
         rows += run_seed(cfg, study, seed, prompts, device)
     write_results(cfg, summarise(rows), kl_matched(rows, cfg.seeds), rows, time.time() - study.t0,
-                  sum(study.times.values()))  # stages reused from an earlier run count with the time they took then
+                  sum(study.times.values()))  # stages reused from an earlier run count with the time they
+                                              # took then
     print(open(os.path.join(cfg.out_dir, "results.md")).read())
     import plot  # imports matplotlib only when drawing; without it, one line says how to get it
     plot.study_figures(cfg.out_dir)

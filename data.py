@@ -37,7 +37,8 @@ class Example:
     completion: str
     where: str  # "file:line", for error messages
     messages: Optional[list[dict]] = None  # a conversation: loss on every assistant turn
-    prompt_turns: int = 0  # a conversation's leading messages that carry no loss (a prompt-completion record's prompt)
+    # a conversation's leading messages that carry no loss (a prompt-completion record's prompt)
+    prompt_turns: int = 0
     # a {"text"} record: never rendered by a chat template, as TRL never templates plain text
     text: Optional[str] = None
 
@@ -48,7 +49,8 @@ class Pair:
     chosen: str
     rejected: str
     where: str
-    prompt_messages: Optional[list[dict]] = None  # the conversation before the responses, if the record has one
+    # the conversation before the responses, if the record has one
+    prompt_messages: Optional[list[dict]] = None
 
 
 def read_jsonl(path: str):
@@ -60,7 +62,8 @@ def read_jsonl(path: str):
     with open(path, "rb") as f:
         for i, raw in enumerate(iter(lambda: f.readline(MAX_RECORD_BYTES + 1), b""), start=1):
             where = f"{path}:{i}"
-            if len(raw) > MAX_RECORD_BYTES:  # refused before it is parsed or tokenized; the rest of the line skipped
+            # refused before it is parsed or tokenized; the rest of the line skipped
+            if len(raw) > MAX_RECORD_BYTES:
                 while raw and not raw.endswith(b"\n"):
                     raw = f.readline(1 << 20)
                 yield where, DataError(f"{where}: a record of more than {MAX_RECORD_BYTES} bytes "
@@ -70,7 +73,8 @@ def read_jsonl(path: str):
             try:
                 line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                yield where, DataError(f"{where}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})")
+                yield where, DataError(f"{where}: invalid UTF-8 (byte 0x{raw[e.start]:02x} "
+                                       f"at byte {e.start + 1})")
                 continue
             if not line.strip():
                 continue
@@ -120,10 +124,13 @@ def _sharegpt(record: dict, where: str) -> list[dict]:
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field 'conversations': expected a non-empty list of ShareGPT turns")
-    messages = [{"role": "system", "content": _text_field(record, "system", where)}] if record.get("system") else []
+    messages = ([{"role": "system", "content": _text_field(record, "system", where)}]
+                if record.get("system") else [])
     for j, turn in enumerate(turns):
-        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
-            raise DataError(f"{where}: field 'conversations[{j}]': expected ShareGPT {{\"from\", \"value\"}} strings")
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str)
+                and isinstance(turn.get("value"), str)):
+            raise DataError(f"{where}: field 'conversations[{j}]': expected ShareGPT "
+                            f"{{\"from\", \"value\"}} strings")
         if turn["from"] not in SHAREGPT_ROLES:
             raise DataError(f"{where}: field 'conversations[{j}].from': unknown speaker {turn['from']!r} "
                             f"(ShareGPT's are {', '.join(SHAREGPT_ROLES)})")
@@ -152,7 +159,8 @@ def _ultrafeedback(record: dict, where: str) -> tuple[list[dict], str, str]:
     else:
         prompt_messages = [{"role": "user", "content": _text_field(record, "prompt", where)}]
     if prompt_messages[-1]["role"] != "user":
-        raise DataError(f"{where}: field 'prompt': the conversation before the responses does not end with a user turn")
+        raise DataError(f"{where}: field 'prompt': the conversation before the responses does not end "
+                        "with a user turn")
     return prompt_messages, *responses
 
 
@@ -191,8 +199,8 @@ def _sharegpt_pair(record: dict, where: str) -> tuple[list[dict], str, str]:
     """LLaMA-Factory's ShareGPT pairs: "conversations" ending in a human turn, and "chosen" and
     "rejected" each one {"from": "gpt", "value"} reply."""
     if "chosen" not in record or "rejected" not in record:
-        raise DataError(f"{where}: field 'conversations': a ShareGPT conversation without 'chosen' and 'rejected' "
-                        "replies is SFT data, not a preference pair")
+        raise DataError(f"{where}: field 'conversations': a ShareGPT conversation without 'chosen' and "
+                        "'rejected' replies is SFT data, not a preference pair")
     prompt_messages = _sharegpt(record, where)
     if prompt_messages[-1]["role"] != "user":
         raise DataError(f"{where}: field 'conversations': last turn is not from the human")
@@ -200,7 +208,8 @@ def _sharegpt_pair(record: dict, where: str) -> tuple[list[dict], str, str]:
     for field in ("chosen", "rejected"):
         reply = record[field]
         if not (isinstance(reply, dict) and reply.get("from") == "gpt"):
-            raise DataError(f"{where}: field '{field}': expected a ShareGPT reply {{\"from\": \"gpt\", \"value\"}}")
+            raise DataError(f"{where}: field '{field}': expected a ShareGPT reply "
+                            f"{{\"from\": \"gpt\", \"value\"}}")
         replies.append(_text_field(reply, "value", f"{where}: field '{field}'"))
     return prompt_messages, *replies
 
@@ -247,8 +256,10 @@ def _parse_example(record: dict, fmt: str, where: str) -> Example:
     if fmt == "conversational_prompt_completion":
         prompt, completion = (_messages(record, f, where) for f in ("prompt", "completion"))
         if completion[0]["role"] != "assistant":
-            raise DataError(f"{where}: field 'completion[0].role': expected 'assistant', got {completion[0]['role']!r}")
-        return Example("", "", where, prompt + completion, prompt_turns=len(prompt))  # loss on the completion's turns
+            raise DataError(f"{where}: field 'completion[0].role': expected 'assistant', "
+                            f"got {completion[0]['role']!r}")
+        return Example("", "", where, prompt + completion,
+                       prompt_turns=len(prompt))  # loss on the completion's turns
     return Example(_text_field(record, "prompt", where), _text_field(record, "completion", where), where)
 
 
@@ -268,7 +279,8 @@ def _detect(kind: str, record: dict) -> str:
     return "hh" if HH_SEPARATOR in str(record.get("chosen")) else "implicit"
 
 
-SFT_FORMATS = ["auto", "prompt_completion", "text", "messages", "conversational_prompt_completion", "sharegpt"]
+SFT_FORMATS = ["auto", "prompt_completion", "text", "messages", "conversational_prompt_completion",
+               "sharegpt"]
 PREFERENCE_FORMATS = ["auto", "plain", "hh", "implicit", "ultrafeedback", "sharegpt"]
 
 
@@ -357,8 +369,8 @@ def encode_example(tok: Tokenizer, prompt: str, response: str, max_length: int,
     truncation cut it."""
     if tok.chat_template:
         try:
-            return encode_prompt_response(tok, prompt_messages or [{"role": "user", "content": prompt}], response,
-                                          max_length, max_prompt_length)
+            return encode_prompt_response(tok, prompt_messages or [{"role": "user", "content": prompt}],
+                                          response, max_length, max_prompt_length)
         except ChatError as e:
             raise DataError(f"{where}: field 'prompt': {e}") from None
     prompt_ids, prompt_cut = encode_prompt(tok, prompt, prompt_limit(max_length, max_prompt_length))
@@ -385,8 +397,8 @@ def collate(sequences: list[tuple[list[int], int | list[bool]]], pad_id: int) ->
         if isinstance(loss_on, int):
             labels[i, loss_on:len(ids)] = input_ids[i, loss_on:len(ids)]
         else:
-            labels[i, :len(ids)] = torch.where(torch.tensor(loss_on, dtype=torch.bool), input_ids[i, :len(ids)],
-                                               IGNORE_INDEX)
+            labels[i, :len(ids)] = torch.where(torch.tensor(loss_on, dtype=torch.bool),
+                                               input_ids[i, :len(ids)], IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -399,7 +411,8 @@ def encode_sft(tok: Tokenizer, e: Example, max_length: int, max_prompt_length: i
     if e.messages is None:
         return encode_example(tok, e.prompt, e.completion, max_length, max_prompt_length, e.where)
     if not tok.chat_template:
-        raise DataError(f"{e.where}: field 'messages': a conversation needs a chat template (--chat_template)")
+        raise DataError(f"{e.where}: field 'messages': a conversation needs a chat template "
+                        "(--chat_template)")
     try:
         return encode_conversation(tok, e.messages, max_length, max_prompt_length, e.prompt_turns)
     except ChatError as err:
@@ -413,7 +426,8 @@ def report_cuts(records: list, cut: list[bool], max_length: int, max_prompt_leng
         files = ", ".join(sorted({r.where.rsplit(":", 1)[0] for r in records}))
         limits = f"--max_length {max_length}" + (f" / --max_prompt_length {max_prompt_length}"
                                                  if max_prompt_length else "")
-        print(f"note: {sum(cut)} of {len(records)} records in {files} were cut to fit {limits}", file=sys.stderr)
+        print(f"note: {sum(cut)} of {len(records)} records in {files} were cut to fit {limits}",
+              file=sys.stderr)
 
 
 def tokenize_sft(examples: list[Example], tok: Tokenizer, max_length: int, max_prompt_length: int | None,
@@ -431,7 +445,8 @@ def tokenize_pairs(pairs: list[Pair], tok: Tokenizer, max_length: int, max_promp
     """Every pair tokenised once: chosen_ and rejected_ input_ids, attention_mask and labels,
     all (N, T) with one T, so a batch's chosen and rejected rows stack into one forward pass.
     verbose: print how many pairs were cut (under torchrun, on one process)."""
-    encoded = [encode_example(tok, p.prompt, response, max_length, max_prompt_length, p.where, p.prompt_messages)
+    encoded = [encode_example(tok, p.prompt, response, max_length, max_prompt_length, p.where,
+                              p.prompt_messages)
                for p in pairs for response in (p.chosen, p.rejected)]  # rows alternate chosen, rejected
     if verbose:
         report_cuts(pairs, [encoded[i][2] or encoded[i + 1][2] for i in range(0, len(encoded), 2)],
@@ -446,7 +461,8 @@ def take(tensors: dict[str, torch.Tensor], index: torch.Tensor, device=None) -> 
     the same rows of per-example (N,) tensors; moved to `device` if one is given. An empty index
     gives empty (0, 1) rows: the batch a rank with fewer held-out rows runs under FSDP, where every
     forward is collective."""
-    T = max(int(v[index].sum(1).max()) if len(index) else 1 for k, v in tensors.items() if k.endswith("attention_mask"))
+    T = max(int(v[index].sum(1).max()) if len(index) else 1
+            for k, v in tensors.items() if k.endswith("attention_mask"))
     return {k: (v[index, :T] if v.dim() == 2 else v[index]).to(device) for k, v in tensors.items()}
 
 
@@ -492,7 +508,8 @@ class PairsConfig:
     its last user turn). none: max_length less one"""
 
 
-TOY_PAIRS = ("out/pairs/pairs_train.jsonl", "out/pairs/pairs_val.jsonl")  # what `python sample.py --pairs` writes
+TOY_PAIRS = ("out/pairs/pairs_train.jsonl",
+             "out/pairs/pairs_val.jsonl")  # what `python sample.py --pairs` writes
 TOY_PROMPTS = ("data/toy/prompts_train.jsonl", "data/toy/prompts_val.jsonl")  # what `python toy.py` writes
 
 
@@ -515,9 +532,11 @@ def load_pairs(cfg: PairsConfig, tok: Tokenizer, chat_template: str, verbose: bo
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", metavar="FILE", required=True, help="the JSONL file to validate")
-    parser.add_argument("--kind", choices=["sft", "preference", "prompts"], default="sft", help="what the file holds")
+    parser.add_argument("--kind", choices=["sft", "preference", "prompts"], default="sft",
+                        help="what the file holds")
     parser.add_argument("--format", default="auto", choices=sorted(set(SFT_FORMATS + PREFERENCE_FORMATS)),
                         help="record format; auto recognises it from the first record")
     parser.add_argument("--skip_bad", action="store_true", help="skip and count bad records")
@@ -529,7 +548,8 @@ def main(argv=None) -> int:
         if args.kind == "prompts":
             records = load_prompts(args.check, args.skip_bad)
         else:
-            records = (load_sft if args.kind == "sft" else load_preferences)(args.check, args.format, args.skip_bad)
+            records = (load_sft if args.kind == "sft" else load_preferences)(
+                args.check, args.format, args.skip_bad)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

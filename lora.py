@@ -27,7 +27,8 @@ class LoRALinear(nn.Linear):
     unchanged) plus one adapter per output slice: rows start:end of the output gain
     scaling * B_s A_s x."""
 
-    def __init__(self, base: nn.Linear, slices: list[tuple[int, int]], rank: int, alpha: float, dropout: float):
+    def __init__(self, base: nn.Linear, slices: list[tuple[int, int]], rank: int, alpha: float,
+                 dropout: float):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # shared, not copied

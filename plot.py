@@ -1,7 +1,8 @@
-"""
+r"""
 Plots: training curves from metrics.jsonl files, and the reward-KL frontier of a study.
 
-    python plot.py curves out/dpo/metrics.jsonl out/ppo/metrics.jsonl --keys loss eval/gold_reward --out curves.png
+    python plot.py curves out/dpo/metrics.jsonl out/ppo/metrics.jsonl --keys loss eval/gold_reward \
+        --out curves.png
     python plot.py frontier out/study/results.json --out frontier.png
 
 matplotlib is imported here only, and only when drawing, so everything else runs without it.
@@ -21,8 +22,8 @@ def _pyplot():
         import matplotlib.pyplot as plt
         return plt
     except ImportError:
-        print("plot: matplotlib is not installed (pip install matplotlib); tables are written, figures are not",
-              file=sys.stderr)
+        print("plot: matplotlib is not installed (pip install matplotlib); tables are written, figures "
+              "are not", file=sys.stderr)
         return None
 
 
@@ -83,8 +84,8 @@ def curves(paths: list[str], keys: list[str], out: str, smooth: float = 0.0) -> 
 
 
 METHOD_STYLE = {"DPO": "tab:blue", "PPO": "tab:orange", "PPO-GT": "tab:green", "RLOO": "tab:red",
-                "RLOO-GT": "tab:pink", "GRPO": "tab:olive", "GRPO-GT": "tab:cyan", "preferred-FT": "tab:purple",
-                "best-of-N": "tab:brown", "SFT": "black", "optimal": "gray",
+                "RLOO-GT": "tab:pink", "GRPO": "tab:olive", "GRPO-GT": "tab:cyan",
+                "preferred-FT": "tab:purple", "best-of-N": "tab:brown", "SFT": "black", "optimal": "gray",
                 "optimal (all prompts)": "silver"}
 
 
@@ -104,11 +105,14 @@ def frontier(results_json: str, out: str) -> None:
     optimal = sorted((r["kl"], r["gold_reward"], r["reached"]) for r in rows if r["method"] == "optimal")
     if optimal:
         kl, gold, reached = zip(*optimal)
-        ax.plot(kl, gold, color="gray", linestyle="--", label="optimal pi* (importance-weighted; hollow: beyond reach)")
-        ax.scatter(kl, gold, s=16, color="gray", facecolors=["gray" if r else "none" for r in reached], zorder=3)
+        ax.plot(kl, gold, color="gray", linestyle="--",
+                label="optimal pi* (importance-weighted; hollow: beyond reach)")
+        ax.scatter(kl, gold, s=16, color="gray", facecolors=["gray" if r else "none" for r in reached],
+                   zorder=3)
     bon = [(r["kl"], r["gold_reward"]) for r in rows if r["method"] == "best-of-N"]
     if bon:
-        ax.plot(*zip(*bon), color=METHOD_STYLE["best-of-N"], marker="s", markersize=4, label="best-of-N (KL bound)")
+        ax.plot(*zip(*bon), color=METHOD_STYLE["best-of-N"], marker="s", markersize=4,
+                label="best-of-N (KL bound)")
     labelled = set()
     for r in rows:
         if r["method"] == "best-of-N" or r["method"].startswith("optimal"):
@@ -125,7 +129,8 @@ def frontier(results_json: str, out: str) -> None:
     ax.set_xlim(-0.3, min(ax.get_xlim()[1], 16))
     ax.set_xlabel("KL(pi || pi_SFT), nats per completion")
     ax.set_ylabel("mean gold reward (held-out prompts)")
-    ax.set_title("Paths along training and final points (seed 0; labels: beta, KL target or weight)", fontsize=10)
+    ax.set_title("Paths along training and final points (seed 0; labels: beta, KL target or weight)",
+                 fontsize=10)
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     ax.grid(alpha=0.3)
     for i, m in enumerate(matched):  # methods side by side at each KL, so their intervals do not overlap
@@ -176,7 +181,8 @@ def kl_traces(out_dir: str, out: str) -> None:
     for col, target in enumerate(sorted(traces)):
         for label, rows in traces[target]:
             steps = [r["step"] for r in rows if "objective/kl" in r]
-            axes[0][col].plot(steps, [r["objective/kl"] for r in rows if "objective/kl" in r], label=label, lw=1)
+            axes[0][col].plot(steps, [r["objective/kl"] for r in rows if "objective/kl" in r], label=label,
+                              lw=1)
             axes[1][col].plot(steps, [r["kl_coef"] for r in rows if "kl_coef" in r], label=label, lw=1)
         axes[0][col].axhline(target, color="black", linestyle="--", lw=1)
         axes[0][col].axhspan(0.75 * target, 1.25 * target, color="gray", alpha=0.15)
@@ -200,7 +206,8 @@ def study_figures(out_dir: str) -> None:
     root = os.path.join(out_dir, "seed0")
     runs = {name: read_metrics(os.path.join(root, name, "metrics.jsonl")) for name in sorted(os.listdir(root))
             if os.path.exists(os.path.join(root, name, "metrics.jsonl"))}
-    panels = [("DPO", ("dpo",), ["loss", "rewards/accuracies"]), ("reward model", ("rm",), ["loss", "accuracy"]),
+    panels = [("DPO", ("dpo",), ["loss", "rewards/accuracies"]),
+              ("reward model", ("rm",), ["loss", "accuracy"]),
               ("PPO", ("ppo",), ["objective/scores", "objective/kl", "kl_coef"]),
               ("RLOO and GRPO", ("rloo", "grpo"), ["objective/scores", "objective/kl", "kl_coef"])]
     fig, axes = plt.subplots(len(panels), 3, figsize=(13, 3.2 * len(panels)), squeeze=False)
@@ -218,7 +225,8 @@ def study_figures(out_dir: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("curves", help="metrics against step, one panel per key")
     c.add_argument("metrics", nargs="+", help="metrics.jsonl files, one line each in every panel")

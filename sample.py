@@ -121,14 +121,16 @@ def write_pairs(cfg: Config, model, tok, split: str, prompts: list[str], rng: ra
         group = slice(i * cfg.k, (i + 1) * cfg.k)
         scores = [gold_reward(c, prompt) for c in texts[group]]
         scores_all += scores
-        new, *counts = make_pairs(prompt, texts[group], scores, ended[group], cfg.pairing, cfg.label, cfg.bt_scale, rng)
+        new, *counts = make_pairs(prompt, texts[group], scores, ended[group], cfg.pairing, cfg.label,
+                                  cfg.bt_scale, rng)
         records += new
         dropped = [d + c for d, c in zip(dropped, counts)]
     path = os.path.join(cfg.out_dir, f"pairs_{split}.jsonl")
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
     agree = sum(r["chosen_score"] > r["rejected_score"] for r in records) / max(1, len(records))
     print(f"{path}: {len(records)} pairs from {len(prompts)} prompts x {cfg.k} completions, "
-          f"{dropped[0]} ties, {dropped[1]} with an empty completion and {dropped[2]} with a completion cut at "
+          f"{dropped[0]} ties, {dropped[1]} with an empty completion and {dropped[2]} with a completion "
+          "cut at "
           f"max_new_tokens dropped; completion gold reward mean {sum(scores_all) / len(scores_all):.3f}; "
           f"labels agreeing with the gold reward {agree:.3f}")
 
@@ -155,7 +157,8 @@ def main(argv=None) -> int:
                 _, texts, _ = sample_completions(model, tok, [cfg.prompt] * cfg.n, cfg.max_new_tokens,
                                                  cfg.temperature, cfg.seed, cfg.top_k, cfg.top_p)
                 for t in texts:
-                    print(f"[{cfg.prompt}] {t}" + (f"   (gold reward {gold_reward(t, cfg.prompt):.2f})" if toy else ""))
+                    print(f"[{cfg.prompt}] {t}"
+                          + (f"   (gold reward {gold_reward(t, cfg.prompt):.2f})" if toy else ""))
                 return 0
             rng = random.Random(cfg.seed)
             write_pairs(cfg, model, tok, "train", train, rng)

@@ -23,22 +23,27 @@ class Tokenizer:
     exactly (no normalisation, whitespace kept)."""
 
     TOY_IDS = dict(pad_id=0, unk_id=1, bos_id=2, eos_id=3)  # the toy tokenizer's special pieces
-    CHAT_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "\n"]  # one piece each in the chat toy's tokenizer
+    # one piece each in the chat toy's tokenizer
+    CHAT_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "\n"]
 
     def __init__(self, kind: str, data: bytes | str, bos_id: int | None, eos_id: int, pad_id: int,
                  add_bos: bool = True, chat_template: str | None = None, eos_ids: list[int] | None = None,
                  template_source: str | None = None):
         self.kind, self.data = kind, data  # data travels inside checkpoints, so a checkpoint samples alone
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self.eos_ids = sorted({eos_id, *(eos_ids or ())})  # every id the model may end with (generation_config's list)
+        # every id the model may end with (generation_config's list)
+        self.eos_ids = sorted({eos_id, *(eos_ids or ())})
         self.add_bos = add_bos and bos_id is not None  # whether a prompt starts with bos
-        self.chat_template = chat_template  # Jinja source; when set, every prompt is a user turn of a conversation
-        self.template_source = template_source  # where the template came from (a file, a flag), named in its errors
+        # Jinja source; when set, every prompt is a user turn of a conversation
+        self.chat_template = chat_template
+        # where the template came from (a file, a flag), named in its errors
+        self.template_source = template_source
         if kind == "sentencepiece":
             self.sp = spm.SentencePieceProcessor(model_proto=data)
             self.vocab_size = self.sp.get_piece_size()
             self.unk_id = self.sp.unk_id()
-            # control pieces (<s>, </s>, ...) written in a template's text are those tokens, as in transformers
+            # control pieces (<s>, </s>, ...) written in a template's text are those tokens, as in
+            # transformers
             controls = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
                         if self.sp.is_control(i) or self.sp.is_unknown(i)}
             self._controls = controls
@@ -50,8 +55,10 @@ class Tokenizer:
             self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
             self.unk_id = None
         self.end_of_turn_id = self._end_of_turn() if chat_template else None
-        self.stop_ids = sorted({*self.eos_ids, *([self.end_of_turn_id] if self.end_of_turn_id is not None else [])})
-        self.special_ids = {i for i in (bos_id, pad_id, *self.stop_ids) if i is not None}  # never decoded to text
+        self.stop_ids = sorted({*self.eos_ids,
+                                *([self.end_of_turn_id] if self.end_of_turn_id is not None else [])})
+        # never decoded to text
+        self.special_ids = {i for i in (bos_id, pad_id, *self.stop_ids) if i is not None}
 
     @classmethod
     def toy(cls, model_proto: bytes) -> "Tokenizer":
@@ -82,7 +89,8 @@ class Tokenizer:
     def state(self) -> dict:
         """Everything needed to rebuild this tokenizer, as plain values for a checkpoint."""
         return dict(kind=self.kind, data=self.data, bos_id=self.bos_id, eos_id=self.eos_id,
-                    pad_id=self.pad_id, add_bos=self.add_bos, chat_template=self.chat_template, eos_ids=self.eos_ids)
+                    pad_id=self.pad_id, add_bos=self.add_bos, chat_template=self.chat_template,
+                    eos_ids=self.eos_ids)
 
     def _end_of_turn(self) -> int | None:
         """The special token the chat template ends an assistant turn with (Zephyr: eos;
@@ -98,8 +106,8 @@ class Tokenizer:
             raise DataError(f"{e} (on a test conversation: a user turn and a reply)") from None
         if "Hi" not in before:  # a prompt rendered to nothing (or without its text) samples from nothing
             source = f" ({self.template_source})" if self.template_source else ""
-            raise DataError(f"the chat template{source} renders a test prompt without its text: the user turn 'Hi' "
-                            f"with the generation prompt became {before[:100]!r}")
+            raise DataError(f"the chat template{source} renders a test prompt without its text: "
+                            f"the user turn 'Hi' with the generation prompt became {before[:100]!r}")
         reply = text.find("Fine", len(before))
         if reply < 0:
             return None
@@ -133,14 +141,16 @@ class Tokenizer:
             except (OSError, UnicodeDecodeError) as e:
                 raise DataError(f"--chat_template {choice}: cannot be read as UTF-8 text ({e})") from None
             if len(template) > MAX_CHARS:  # the bound on any text a template builds bounds its source too
-                raise DataError(f"--chat_template {choice}: more than {MAX_CHARS} characters (chat.MAX_CHARS)")
+                raise DataError(f"--chat_template {choice}: more than {MAX_CHARS} characters "
+                                "(chat.MAX_CHARS)")
         if chat_data and template is None:
             raise DataError("the data holds conversations but --chat_template none renders none")
         return Tokenizer(**{**self.state(), "chat_template": template}, template_source=source)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The chat template applied to `messages`, with this tokenizer's special tokens."""
-        return render(self.chat_template, messages, self.special_tokens(), add_generation_prompt, self.template_source)
+        return render(self.chat_template, messages, self.special_tokens(), add_generation_prompt,
+                      self.template_source)
 
     @classmethod
     def from_state(cls, state: dict | bytes, where: str) -> "Tokenizer":
@@ -162,9 +172,11 @@ class Tokenizer:
             raise
         except Exception as e:  # sentencepiece or tokenizers refusing the data
             raise DataError(f"{where}: its tokenizer cannot be read ({type(e).__name__})") from None
-        outside = [i for i in (tok.bos_id, tok.pad_id, *tok.eos_ids) if i is not None and not 0 <= i < tok.vocab_size]
+        outside = [i for i in (tok.bos_id, tok.pad_id, *tok.eos_ids)
+                   if i is not None and not 0 <= i < tok.vocab_size]
         if outside:
-            raise DataError(f"{where}: special token ids {outside} lie outside the tokenizer's {tok.vocab_size} tokens")
+            raise DataError(f"{where}: special token ids {outside} lie outside the tokenizer's "
+                            f"{tok.vocab_size} tokens")
         return tok
 
     def save(self, path: str) -> None:

@@ -155,7 +155,8 @@ def prepare_toy_data(out_dir: str, cfg: ToyConfig = ToyConfig(), verbose: bool =
     write_atomic(os.path.join(out_dir, "corpus.txt"), "".join(f"{p} {c}\n" for p, c in splits[0]))
     def sft_record(prompt: str, completion: str) -> dict:
         if cfg.chat:
-            return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+            return {"messages": [{"role": "user", "content": prompt},
+                                 {"role": "assistant", "content": completion}]}
         return {"prompt": prompt, "completion": completion}
 
     write_jsonl("sft_train.jsonl", [sft_record(p, c) for p, c in splits[0]])
@@ -170,11 +171,13 @@ def prepare_toy_data(out_dir: str, cfg: ToyConfig = ToyConfig(), verbose: bool =
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=None,
                         help="folder for the toy task files (default data/toy, or data/toy_chat with --chat)")
-    parser.add_argument("--chat", action="store_true", help="write the SFT data as conversations (user: the review's "
-                        "first words; assistant: the rest) with a tokenizer that knows the Zephyr template's markers")
+    parser.add_argument("--chat", action="store_true",
+                        help="write the SFT data as conversations (user: the review's first words; "
+                        "assistant: the rest) with a tokenizer that knows the Zephyr template's markers")
     parser.add_argument("--seed", type=int, default=0, help="seed of the toy review generator")
     parser.add_argument("--vocab_size", type=int, default=512, help="tokenizer vocabulary cap")
     args = parser.parse_args(argv)

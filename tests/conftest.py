@@ -11,7 +11,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ["HF_HUB_OFFLINE"] = "1"  # transformers, the tests' reference, reads only the folders the tests write
+# transformers, the tests' reference, reads only the folders the tests write
+os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, ROOT)
 
 from data import Pair, tokenize_pairs  # noqa: E402
@@ -33,7 +34,8 @@ def run_python(*args, env=None):
     """python ARGS from the repository root, as a user would type it; OMP_NUM_THREADS=1 under torchrun."""
     if args[:2] == ("-m", "torch.distributed.run"):
         env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=600)
 
 
 def run_ranks(nproc: int, *args, env=None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -47,14 +49,15 @@ def run_ranks(nproc: int, *args, env=None, timeout: float = 600) -> subprocess.C
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    base = {**(env or os.environ), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": "1"}
+    base = {**(env or os.environ), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as logs:
         procs, files = [], []
         for rank in range(nproc):
             out, err = (open(os.path.join(logs, f"{rank}.{k}"), "w+") for k in ("out", "err"))
             files.append((out, err))
-            procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=out, stderr=err, text=True,
+            procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=out, stderr=err,
+                                          text=True,
                                           env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
         deadline, failed = time.monotonic() + timeout, None
         while any(p.poll() is None for p in procs):

@@ -16,5 +16,5 @@ try:
 except SystemExit as exit_:
     if exit_.code not in (0, None):
         raise
-print(f"peak_rss_mib {os.environ.get('RANK', '0')} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}",
-      flush=True)
+print(f"peak_rss_mib {os.environ.get('RANK', '0')} "
+      f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}", flush=True)

@@ -8,7 +8,8 @@ import math
 import bench
 
 BENCHMARKS = ["sft step", "dpo step, live reference", "dpo step, precomputed ref", "reward model step",
-              "ppo minibatch step (policy+critic)", "ppo step, ragged rollout, padded", "ppo step, ragged rollout, packed",
+              "ppo minibatch step (policy+critic)", "ppo step, ragged rollout, padded",
+              "ppo step, ragged rollout, packed",
               "generate 32 tokens, KV cache", "generate 32 tokens, no cache",
               "generate 128 tokens, KV cache", "generate 128 tokens, no cache"]
 
@@ -24,7 +25,8 @@ def test_bench_smoke_table_is_complete_and_finite(tmp_path, capsys):
         for key in ("ms", "tokens_per_s", "mfu", "peak_mem_mb"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["benchmark"], key)
     with_overhead = [r["benchmark"] for r in result["rows"] if "overhead" in r]
-    assert with_overhead == ["sft step", "dpo step, live reference", "dpo step, precomputed ref", "ppo minibatch step (policy+critic)"]
+    assert with_overhead == ["sft step", "dpo step, live reference", "dpo step, precomputed ref",
+                             "ppo minibatch step (policy+critic)"]
     assert all(0 <= r["overhead"] < 1 for r in result["rows"] if "overhead" in r)
     table = capsys.readouterr().out
     assert table.count("| tiny | 16 |") == len(BENCHMARKS)
@@ -65,12 +67,15 @@ def test_sharded_memory_of_tinyllama_matches_the_hand_arithmetic():
     32000 x 2048, final norm): 1,100,048,384 in all."""
     n, block, root = 1_100_048_384, 44_044_288, 131_074_048
     assert 22 * block + root == n
-    dpo_fsdp_4 = 18 * n / 4 + 6 * (root + 2 * block)  # 16 trained + 2 reference bytes, sharded 4 ways; 3 units unsharded
+    # 16 trained + 2 reference bytes, sharded 4 ways; 3 units unsharded
+    dpo_fsdp_4 = 18 * n / 4 + 6 * (root + 2 * block)
     assert bench.sharded_memory(n, block, root, 4, "fsdp", trained=1, frozen=1) == dpo_fsdp_4
     # PPO: policy and critic train (2 x 16), reference and reward model frozen (2 x 2); both roots gathered
-    assert bench.sharded_memory(n, block, root, 8, "fsdp", trained=2, frozen=2) == 36 * n / 8 + 6 * (2 * root + 2 * block)
+    assert (bench.sharded_memory(n, block, root, 8, "fsdp", trained=2, frozen=2)
+            == 36 * n / 8 + 6 * (2 * root + 2 * block))
     assert bench.sharded_memory(n, block, root, 8, "ddp", trained=2, frozen=2) == (36 + 8) * n
     assert bench.sharded_memory(n, block, root, 8, "ddp") == 20 * n  # replicated, buckets included
     assert bench.sharded_memory(n, block, root, 1, "ddp") == 16 * n  # one process: no buckets
-    row = next(line for line in bench.sharding_table() if line.startswith("| TinyLlama-1.1B (1.10B) | DPO | fsdp |"))
+    row = next(line for line in bench.sharding_table()
+               if line.startswith("| TinyLlama-1.1B (1.10B) | DPO | fsdp |"))
     assert row.split(" | ")[5] == f"{dpo_fsdp_4 / 1e9:.1f}"  # the N=4 column

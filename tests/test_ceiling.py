@@ -33,7 +33,8 @@ def test_importance_weighted_frontier_matches_the_exact_optimal_policy():
 def test_frontier_at_large_beta_is_the_reference_and_kl_is_capped_by_log_k():
     rewards = torch.rand(3, 50, generator=torch.Generator().manual_seed(0))
     (_, gold, kl, reached), (_, _, kl_sharp, reached_sharp) = optimal_frontier(rewards, [1e6, 1e-6])
-    assert gold == pytest.approx(rewards.double().mean().item(), abs=1e-6) and kl == pytest.approx(0, abs=1e-9)
+    assert (gold == pytest.approx(rewards.double().mean().item(), abs=1e-6)
+            and kl == pytest.approx(0, abs=1e-9))
     assert kl_sharp == pytest.approx(math.log(50), abs=1e-6)  # all weight on one of 50 samples
     assert reached and not reached_sharp  # effective sample size 50, then 1
 
@@ -62,7 +63,8 @@ def test_a_proposal_near_the_optimum_extends_the_frontier_where_reference_sample
         pi /= pi.sum()
         exact_gold, exact_kl = (pi * r).sum().item(), (pi * (pi / p).log()).sum().item()
         _, gold, kl, reached = mix_point
-        assert reached and gold == pytest.approx(exact_gold, abs=0.006) and kl == pytest.approx(exact_kl, rel=0.02)
+        assert (reached and gold == pytest.approx(exact_gold, abs=0.006)
+                and kl == pytest.approx(exact_kl, rel=0.02))
         _, gold, kl, reached = ref_point
         if beta <= 0.05:
             assert not reached and kl < exact_kl - 0.5  # beyond the reference samples' reach, and marked
@@ -85,7 +87,8 @@ def test_a_ladder_of_proposals_covers_the_kls_between_the_reference_and_one_far_
 
     def frontier(policies):
         per_policy = K // len(policies)
-        draws = torch.cat([torch.multinomial(q, M * per_policy, replacement=True, generator=generator).view(M, per_policy)
+        draws = torch.cat([torch.multinomial(q, M * per_policy, replacement=True,
+                                             generator=generator).view(M, per_policy)
                            for q in policies], dim=1)  # (M, K), as the rewards in ceiling_study
         log_ratio = mixture_log_ratio(p.log(), torch.stack([q.log() for q in policies]))
         return optimal_frontier(r[draws], betas, log_ratio=log_ratio[draws])
@@ -94,7 +97,8 @@ def test_a_ladder_of_proposals_covers_the_kls_between_the_reference_and_one_far_
     for beta, (_, gold, kl, reached) in zip(betas, ladder, strict=True):
         pi = tilted(beta)
         exact_gold, exact_kl = (pi * r).sum().item(), (pi * (pi / p).log()).sum().item()
-        assert reached and gold == pytest.approx(exact_gold, abs=0.008) and kl == pytest.approx(exact_kl, rel=0.02, abs=0.03)
+        assert (reached and gold == pytest.approx(exact_gold, abs=0.008)
+                and kl == pytest.approx(exact_kl, rel=0.02, abs=0.03))
     _, gold, _, reached = far[2]
     assert not reached and gold < (tilted(0.1) * r).sum().item() - 0.01
 
@@ -108,7 +112,8 @@ def test_completion_logprobs_match_a_float64_loop_over_each_sequence_alone(model
     for i, (p, c) in enumerate(zip(prompts, completions)):
         with torch.no_grad():
             logp = model(torch.tensor([p + c]))[0].double().log_softmax(-1)
-        assert got[i].item() == pytest.approx(sum(logp[len(p) - 1 + t, c[t]].item() for t in range(len(c))), rel=1e-5)
+        assert got[i].item() == pytest.approx(sum(logp[len(p) - 1 + t, c[t]].item() for t in range(len(c))),
+                                              rel=1e-5)
 
 
 def word_signs(tok: Tokenizer, prompt: str, completion_ids: list[int]) -> list[dict[int, int]]:
@@ -119,7 +124,8 @@ def word_signs(tok: Tokenizer, prompt: str, completion_ids: list[int]) -> list[d
         negated = (negated or word == "not") and word != "."
     signs = []
     for token in completion_ids:
-        signs.append({tok.encode(w)[0]: -s if negated else s for w, s in POLARITY.items() if len(tok.encode(w)) == 1})
+        signs.append({tok.encode(w)[0]: -s if negated else s for w, s in POLARITY.items()
+                      if len(tok.encode(w)) == 1})
         word = tok.decode([token]).strip()
         negated = (negated or word == "not") and word != "."
     return signs
@@ -160,13 +166,14 @@ def test_generation_with_a_tilt_samples_the_tilted_distribution(tiny_gpt, toy_di
     tilt = SentimentTilt(tok, 2.0)
     positive = [tok.encode(w)[0] for w, s in POLARITY.items() if s > 0]
     for prompt in ["the film was", "the film was not"]:
-        ids, _, _ = sample_completions(tiny_gpt, tok, [prompt] * 4000, 1, seed=0, batch_size=1000, logits_processor=tilt)
+        ids, _, _ = sample_completions(tiny_gpt, tok, [prompt] * 4000, 1, seed=0, batch_size=1000,
+                                       logits_processor=tilt)
         share = sum(c[0] in positive for c in ids) / len(ids)
-        logp = completion_logprobs(tiny_gpt, [tok.encode_prompt(prompt)] * len(positive), [[w] for w in positive],
-                                   tok.pad_id, tilts=[tilt])[0]
+        logp = completion_logprobs(tiny_gpt, [tok.encode_prompt(prompt)] * len(positive),
+                                   [[w] for w in positive], tok.pad_id, tilts=[tilt])[0]
         expected = logp.exp().sum().item()
-        untilted = completion_logprobs(tiny_gpt, [tok.encode_prompt(prompt)] * len(positive), [[w] for w in positive],
-                                       tok.pad_id).exp().sum().item()
+        untilted = completion_logprobs(tiny_gpt, [tok.encode_prompt(prompt)] * len(positive),
+                                       [[w] for w in positive], tok.pad_id).exp().sum().item()
         assert abs(share - expected) < 4 * math.sqrt(expected * (1 - expected) / len(ids))
         assert expected > 2 * untilted if prompt.endswith("was") else expected < untilted / 2
 

@@ -20,32 +20,40 @@ from tokenizer import Tokenizer
 # HuggingFaceH4/zephyr-7b-beta's template as its tokenizer_config.json publishes it: the reference
 # for the built-in one
 ZEPHYR_PUBLISHED = (
-    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
     "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n"
     "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
 # SmolLM2-Instruct's ChatML template, with its default system message
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\n' }}{% endif %}"
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 # Llama-2-chat's way of refusing a conversation: raise_exception from inside the template
 STRICT = ("{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+          "{% endif %}"
           "{{ bos_token + message['content'] + eos_token }}{% endfor %}")
 
 CONVERSATIONS = {
-    "one_turn": [{"role": "user", "content": "Hello, how are you?"}, {"role": "assistant", "content": "I am fine."}],
-    "system": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The capital of France?"},
+    "one_turn": [{"role": "user", "content": "Hello, how are you?"},
+                 {"role": "assistant", "content": "I am fine."}],
+    "system": [{"role": "system", "content": "Be brief."},
+               {"role": "user", "content": "The capital of France?"},
                {"role": "assistant", "content": "Paris."}],
     "multi_turn": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"},
-                   {"role": "assistant", "content": "Hello! How are you?"}, {"role": "user", "content": "I am fine."},
+                   {"role": "assistant", "content": "Hello! How are you?"},
+                   {"role": "user", "content": "I am fine."},
                    {"role": "assistant", "content": "The capital of France is Paris. Café, déjà vu 😀"}],
 }
 EOS = {"zephyr": "</s>", "chatml": "<|im_end|>", "qwen": "<|endoftext|>"}  # the folder's eos token
 END_OF_TURN = {"zephyr": "</s>", "chatml": "<|im_end|>", "qwen": "<|im_end|>"}  # where an assistant turn ends
-TEMPLATES = {"zephyr": chat.ZEPHYR_TEMPLATE, "chatml": CHATML, "qwen": CHATML}  # qwen: Qwen2.5 base, eos != end of turn
+# qwen: Qwen2.5 base, eos != end of turn
+TEMPLATES = {"zephyr": chat.ZEPHYR_TEMPLATE, "chatml": CHATML, "qwen": CHATML}
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +63,22 @@ def folders(tmp_path_factory):
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
     root = tmp_path_factory.mktemp("chat")
     corpus = root / "corpus.txt"
-    corpus.write_text(" ".join(m["content"] for c in CONVERSATIONS.values() for m in c) * 30 + "\nsystem user assistant\n")
+    corpus.write_text(" ".join(m["content"] for c in CONVERSATIONS.values() for m in c) * 30
+                      + "\nsystem user assistant\n")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train([str(corpus)], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     out = {}
     for name, template in (("zephyr", ZEPHYR_PUBLISHED), ("chatml", CHATML), ("qwen", CHATML)):
         folder = root / name
         folder.mkdir()
         tok.save(str(folder / "tokenizer.json"))
         (folder / "tokenizer_config.json").write_text(json.dumps(dict(
-            tokenizer_class="PreTrainedTokenizerFast", bos_token="<s>", eos_token=EOS[name], chat_template=template)))
+            tokenizer_class="PreTrainedTokenizerFast", bos_token="<s>", eos_token=EOS[name],
+            chat_template=template)))
         out[name] = str(folder)
     return out
 
@@ -90,8 +101,10 @@ def test_rendering_and_token_ids_equal_apply_chat_template(folders, name, conver
     for prefix in (messages, messages[:-1]):  # the whole conversation, and the prompt before the last reply
         for generation_prompt in (False, True):
             text = chat.render(tok.chat_template, prefix, tok.special_tokens(), generation_prompt)
-            assert text == hf_tok.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
-            assert tok.encode_with_offsets(text)[0] == reference_ids(hf_tok, prefix, add_generation_prompt=generation_prompt)
+            assert text == hf_tok.apply_chat_template(prefix, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
+            assert tok.encode_with_offsets(text)[0] == reference_ids(hf_tok, prefix,
+                                                                     add_generation_prompt=generation_prompt)
 
 
 def test_the_folders_own_template_is_read_and_rendered_as_transformers_renders_it(folders):
@@ -99,8 +112,10 @@ def test_the_folders_own_template_is_read_and_rendered_as_transformers_renders_i
     assert tok.chat_template == ZEPHYR_PUBLISHED
     hf_tok = transformers.AutoTokenizer.from_pretrained(folders["zephyr"])
     messages = CONVERSATIONS["multi_turn"]
-    assert chat.render(tok.chat_template, messages, tok.special_tokens()) == hf_tok.apply_chat_template(messages, tokenize=False)
-    assert tok.encode_prompt("Hello world") == reference_ids(hf_tok, [{"role": "user", "content": "Hello world"}],
+    assert (chat.render(tok.chat_template, messages, tok.special_tokens())
+            == hf_tok.apply_chat_template(messages, tokenize=False))
+    assert tok.encode_prompt("Hello world") == reference_ids(hf_tok,
+                                                             [{"role": "user", "content": "Hello world"}],
                                                              add_generation_prompt=True)
 
 
@@ -109,7 +124,8 @@ def test_the_folders_own_template_is_read_and_rendered_as_transformers_renders_i
 def test_labels_cover_exactly_the_assistant_turns(folders, name, conversation):
     messages = CONVERSATIONS[conversation]
     tok = ours(folders[name], name)
-    ids, labelled, _ = encode_sft(tok, Example("", "", "x:1", messages), max_length=1000, max_prompt_length=None)
+    ids, labelled, _ = encode_sft(tok, Example("", "", "x:1", messages), max_length=1000,
+                                  max_prompt_length=None)
     runs, current = [], []
     for i, on in zip(ids, labelled):
         if on:
@@ -136,7 +152,8 @@ def test_prompt_plus_response_is_the_whole_conversation_up_to_eos(folders, name)
     chosen = data["chosen_input_ids"][0, :n].tolist()
     end_of_turn = tok.hf.token_to_id(END_OF_TURN[name])
     assert chosen == whole[:whole.index(end_of_turn, len(prompt)) + 1]  # what follows is never generated
-    assert (data["chosen_labels"][0, :n] == -100).sum() == len(prompt)  # the generation prompt ends the prompt
+    # the generation prompt ends the prompt
+    assert (data["chosen_labels"][0, :n] == -100).sum() == len(prompt)
     if name == "zephyr":
         assert hf_tok.decode(prompt).endswith("<|assistant|>\n")
 
@@ -150,7 +167,8 @@ def test_stop_ids_are_the_eos_and_the_templates_end_of_turn_token(folders, tmp_p
     assert tok.stop_ids == sorted([eos, end_of_turn])
     assert load_tokenizer(folders["zephyr"], {}).stop_ids == [load_tokenizer(folders["zephyr"], {}).eos_id]
     assert Tokenizer(**{**tok.state(), "chat_template": None}).stop_ids == [eos]  # no template: eos alone
-    assert tok.decode([tok.hf.token_to_id("<|im_start|>"), end_of_turn]) == "<|im_start|>"  # stops never decode
+    # stops never decode
+    assert tok.decode([tok.hf.token_to_id("<|im_start|>"), end_of_turn]) == "<|im_start|>"
 
 
 def test_a_conversational_prompt_completion_record_carries_loss_on_its_completion_only(folders):
@@ -181,33 +199,40 @@ def test_truncation_keeps_whole_turns(folders):
     # a prompt too long for max_prompt_length loses its oldest turns, the system message kept
     pair = Pair("", "Paris.", "Rome.", "x:1", messages[:4])
     kept = [messages[0], messages[3]]
-    kept_prompt = tok.encode_with_offsets(chat.render(tok.chat_template, kept, special, add_generation_prompt=True))[0]
+    kept_prompt = tok.encode_with_offsets(chat.render(tok.chat_template, kept, special,
+                                                      add_generation_prompt=True))[0]
     data = tokenize_pairs([pair], tok, max_length=1000, max_prompt_length=len(kept_prompt))
     n = int(data["chosen_attention_mask"].sum())
+    # the newline after eos goes
     assert data["chosen_input_ids"][0, :n].tolist() == tok.encode_with_offsets(chat.render(
-        tok.chat_template, kept + [{"role": "assistant", "content": "Paris."}], special))[0][:-1]  # the newline after eos goes
+        tok.chat_template, kept + [{"role": "assistant", "content": "Paris."}], special))[0][:-1]
     # turns go one exchange at a time, oldest first: with three user turns the limit that fits the
     # last two keeps both
     three = messages[:4] + [{"role": "assistant", "content": "Good."}, {"role": "user", "content": "Bye."}]
     last_two = [three[0]] + three[3:]
-    limit = len(tok.encode_with_offsets(chat.render(tok.chat_template, last_two, special, add_generation_prompt=True))[0])
-    data = tokenize_pairs([Pair("", "Paris.", "Rome.", "x:1", three)], tok, max_length=1000, max_prompt_length=limit)
+    limit = len(tok.encode_with_offsets(chat.render(tok.chat_template, last_two, special,
+                                                    add_generation_prompt=True))[0])
+    data = tokenize_pairs([Pair("", "Paris.", "Rome.", "x:1", three)], tok, max_length=1000,
+                          max_prompt_length=limit)
     assert (data["chosen_labels"][0] == -100).sum() - (data["chosen_attention_mask"][0] == 0).sum() == limit
 
 
 def test_export_writes_the_template_and_transformers_renders_it(folders, tmp_path):
     tok = ours(folders["chatml"], "chatml")
     for name, content in tokenizer_files(tok).items():
-        (tmp_path / name).write_text(content) if isinstance(content, str) else (tmp_path / name).write_bytes(content)
+        ((tmp_path / name).write_text(content) if isinstance(content, str)
+         else (tmp_path / name).write_bytes(content))
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     messages = CONVERSATIONS["system"]
-    assert hf_tok.apply_chat_template(messages, tokenize=False) == chat.render(CHATML, messages, tok.special_tokens())
+    assert (hf_tok.apply_chat_template(messages, tokenize=False)
+            == chat.render(CHATML, messages, tok.special_tokens()))
     assert load_tokenizer(str(tmp_path), {}).chat_template == CHATML
 
 
 def test_the_chat_toy_task_is_conversations_whose_reply_is_labelled(tmp_path):
     from toy import ToyConfig, prepare_toy_data
-    prepare_toy_data(str(tmp_path), ToyConfig(n_sft_train=200, n_sft_val=20, n_prompts_train=10, n_prompts_val=10, chat=True),
+    prepare_toy_data(str(tmp_path), ToyConfig(n_sft_train=200, n_sft_val=20, n_prompts_train=10,
+                                              n_prompts_val=10, chat=True),
                      verbose=False)
     example = load_sft(str(tmp_path / "sft_train.jsonl"))[0]
     assert [m["role"] for m in example.messages] == ["user", "assistant"]
@@ -215,7 +240,8 @@ def test_the_chat_toy_task_is_conversations_whose_reply_is_labelled(tmp_path):
     ids, labelled, _ = encode_sft(tok, example, 200, None)
     reply = [i for i, on in zip(ids, labelled) if on]
     assert tok.decode(reply) == example.messages[1]["content"]  # eos is special: decode drops it
-    assert reply[-1] == tok.eos_id  # Zephyr's end of turn; the newline after it is not generated, so not labelled
+    # Zephyr's end of turn; the newline after it is not generated, so not labelled
+    assert reply[-1] == tok.eos_id
     assert ids[len(ids) - 1] == tok.encode("\n")[0] and not labelled[-1]
     prompt = ids[:labelled.index(True)]
     assert prompt == tok.encode_prompt(example.messages[0]["content"])  # what sampling feeds the model
@@ -224,17 +250,25 @@ def test_the_chat_toy_task_is_conversations_whose_reply_is_labelled(tmp_path):
 
 
 BAD_SFT = {
-    "missing_role": ('{"messages": [{"content": "hi"}]}', "field 'messages[0]': expected {\"role\", \"content\"} strings ('role' missing)"),
-    "unknown_role": ('{"messages": [{"role": "bot", "content": "hi"}]}', "field 'messages[0].role': unknown role 'bot'"),
-    "no_assistant": ('{"messages": [{"role": "user", "content": "hi"}]}', "field 'messages': no assistant turn"),
+    "missing_role": ('{"messages": [{"content": "hi"}]}',
+                     "field 'messages[0]': expected {\"role\", \"content\"} strings ('role' missing)"),
+    "unknown_role": ('{"messages": [{"role": "bot", "content": "hi"}]}',
+                     "field 'messages[0].role': unknown role 'bot'"),
+    "no_assistant": ('{"messages": [{"role": "user", "content": "hi"}]}',
+                     "field 'messages': no assistant turn"),
     "not_a_list": ('{"messages": "hi"}', "field 'messages': expected a non-empty list of messages"),
 }
 BAD_PAIRS = {
-    "not_ending_with_assistant": ('{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, '
-                                  '{"role": "user", "content": "b"}], "rejected": [{"role": "user", "content": "q"}, '
-                                  '{"role": "assistant", "content": "c"}]}', "field 'chosen': last message is not from the assistant"),
-    "different_prompts": ('{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
-                          '"rejected": [{"role": "user", "content": "r"}, {"role": "assistant", "content": "c"}]}',
+    "not_ending_with_assistant": ('{"chosen": [{"role": "user", "content": "q"}, '
+                                  '{"role": "assistant", "content": "a"}, '
+                                  '{"role": "user", "content": "b"}], '
+                                  '"rejected": [{"role": "user", "content": "q"}, '
+                                  '{"role": "assistant", "content": "c"}]}',
+                                  "field 'chosen': last message is not from the assistant"),
+    "different_prompts": ('{"chosen": [{"role": "user", "content": "q"}, '
+                          '{"role": "assistant", "content": "a"}], '
+                          '"rejected": [{"role": "user", "content": "r"}, '
+                          '{"role": "assistant", "content": "c"}]}',
                           "field 'rejected': its conversation differs from 'chosen'"),
 }
 
@@ -243,7 +277,8 @@ BAD_PAIRS = {
 def test_bad_chat_sft_records_name_file_line_and_field(case, tmp_path):
     record, message = BAD_SFT[case]
     path = tmp_path / "x.jsonl"
-    path.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n' + record + "\n")
+    path.write_text('{"messages": [{"role": "user", "content": "q"}, '
+                    '{"role": "assistant", "content": "a"}]}\n' + record + "\n")
     with pytest.raises(DataError) as e:
         load_sft(str(path))
     assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value)
@@ -261,27 +296,33 @@ def test_bad_chat_preference_records_name_file_line_and_field(case, tmp_path):
 def test_a_template_that_refuses_a_conversation_stops_train_sft_with_one_line(tmp_path, toy_dir):
     (tmp_path / "strict.jinja").write_text(STRICT)
     data = tmp_path / "chat.jsonl"
-    good = {"messages": [{"role": "user", "content": "the movie"}, {"role": "assistant", "content": "was great ."}]}
+    good = {"messages": [{"role": "user", "content": "the movie"},
+                         {"role": "assistant", "content": "was great ."}]}
     bad = {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"},
                         {"role": "assistant", "content": "was great ."}]}
     data.write_text("\n".join(json.dumps(r) for r in [good] * 30 + [bad]) + "\n")
     out = tmp_path / "run"
     result = run_python("train_sft.py", f"--train_file={data}", f"--tokenizer={toy_dir}/tokenizer.model",
-                        f"--chat_template={tmp_path / 'strict.jinja'}", f"--out_dir={out}", "--device=cpu", "--max_iters=1")
+                        f"--chat_template={tmp_path / 'strict.jinja'}", f"--out_dir={out}", "--device=cpu",
+                        "--max_iters=1")
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: {data}:31: field 'messages': the chat template (--chat_template "
-                                     f"{tmp_path / 'strict.jinja'}) refused the conversation: "
+    assert result.stderr.strip() == (f"error: {data}:31: field 'messages': the chat template "
+                                     f"(--chat_template {tmp_path / 'strict.jinja'}) refused the "
+                                     "conversation: "
                                      "Conversation roles must alternate user/assistant/user/assistant/...")
     assert not os.path.exists(out)
 
 
 def test_a_template_whose_generation_prompt_does_not_begin_the_reply_is_refused(folders):
-    odd = ("{% for m in messages %}{{ ('<|bot|>' if m['role'] == 'assistant' else '<|user|>') + m['content'] }}{% endfor %}"
+    odd = ("{% for m in messages %}"
+           "{{ ('<|bot|>' if m['role'] == 'assistant' else '<|user|>') + m['content'] }}{% endfor %}"
            "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
     tok = Tokenizer(**{**load_tokenizer(folders["zephyr"], {}).state(), "chat_template": odd})
-    with pytest.raises(DataError, match="x:1: field 'prompt': the chat template's generation prompt is not how it begins"):
+    with pytest.raises(DataError, match="x:1: field 'prompt': the chat template's generation prompt is not "
+                                        "how it begins"):
         tokenize_pairs([Pair("Hello", "Hi.", "No.", "x:1")], tok, 100, None)
-    with pytest.raises(DataError, match="x:1: field 'messages': the chat template's generation prompt is not how it begins"):
+    with pytest.raises(DataError, match="x:1: field 'messages': the chat template's generation prompt is not "
+                                        "how it begins"):
         encode_sft(tok, Example("", "", "x:1", CONVERSATIONS["one_turn"]), 100, None)
 
 
@@ -308,7 +349,8 @@ def test_a_template_saved_by_transformers_as_chat_template_jinja_is_read(folders
 
 
 def test_an_ultrafeedback_conversation_keeps_every_turn_before_the_responses(tmp_path):
-    turns = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]
+    turns = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+             {"role": "user", "content": "q2"}]
     path = tmp_path / "uf.jsonl"
     path.write_text(json.dumps({"prompt": "q2", "chosen": turns + [{"role": "assistant", "content": "good"}],
                                 "rejected": turns + [{"role": "assistant", "content": "bad"}]}) + "\n")
@@ -318,7 +360,8 @@ def test_an_ultrafeedback_conversation_keeps_every_turn_before_the_responses(tmp
 
 def _fits_whole(tok, messages, limit) -> bool:
     """Whether the prompt `messages` renders to at most `limit` tokens."""
-    return len(tok.encode_with_offsets(chat.render(tok.chat_template, messages, tok.special_tokens(), True))[0]) <= limit
+    return len(tok.encode_with_offsets(chat.render(tok.chat_template, messages, tok.special_tokens(),
+                                                   True))[0]) <= limit
 
 
 @pytest.mark.parametrize("name", ["zephyr", "chatml"])
@@ -327,55 +370,68 @@ def test_a_last_user_turn_too_long_is_cut_on_the_left_the_system_message_kept(fo
     system, reply = {"role": "system", "content": "Be brief."}, "Paris."
     content = "Hello world, how are you? I am fine. The capital of France?"
     user = lambda text: {"role": "user", "content": text}
-    empty = len(tok.encode_with_offsets(chat.render(tok.chat_template, [system, user("")], tok.special_tokens(), True))[0])
+    empty = len(tok.encode_with_offsets(chat.render(tok.chat_template, [system, user("")],
+                                                    tok.special_tokens(), True))[0])
     limit = empty + 5  # room for a few tokens of the user's text
     data = tokenize_pairs([Pair("", reply, "Rome.", "x:1", [system, user(content)])], tok, 1000, limit)
     n = int(data["chosen_attention_mask"][0].sum())
-    ids, n_prompt = data["chosen_input_ids"][0, :n].tolist(), int((data["chosen_labels"][0, :n] == -100).sum())
+    ids, n_prompt = (data["chosen_input_ids"][0, :n].tolist(),
+                     int((data["chosen_labels"][0, :n] == -100).sum()))
     # the kept text is the longest end of the user's text that fits, and the sequence is exactly the
     # template's rendering of the conversation with that text, up to the reply's end-of-turn token
-    kept = next(content[j:] for j in range(len(content) + 1) if _fits_whole(tok, [system, user(content[j:])], limit))
+    kept = next(content[j:] for j in range(len(content) + 1)
+                if _fits_whole(tok, [system, user(content[j:])], limit))
     assert 0 < len(kept) < len(content)
-    whole = tok.encode_with_offsets(chat.render(tok.chat_template, [system, user(kept), {"role": "assistant", "content": reply}],
+    whole = tok.encode_with_offsets(chat.render(tok.chat_template,
+                                                [system, user(kept), {"role": "assistant", "content": reply}],
                                                 tok.special_tokens()))[0]
     assert ids == whole[:whole.index(tok.hf.token_to_id(END_OF_TURN[name]), n_prompt) + 1]
     assert n_prompt <= limit
-    assert tok.hf.decode(ids, skip_special_tokens=False).startswith(chat.render(tok.chat_template, [system], tok.special_tokens()))
-    assert capsys.readouterr().err == f"note: 1 of 1 records in x were cut to fit --max_length 1000 / --max_prompt_length {limit}\n"
+    assert tok.hf.decode(ids, skip_special_tokens=False).startswith(
+        chat.render(tok.chat_template, [system], tok.special_tokens()))
+    assert capsys.readouterr().err == (f"note: 1 of 1 records in x were cut to fit --max_length 1000 / "
+                                       f"--max_prompt_length {limit}\n")
 
 
-def test_a_chat_prompt_that_cannot_fit_even_with_its_user_turn_emptied_is_refused_naming_the_line(folders, tmp_path):
+def test_a_chat_prompt_that_cannot_fit_even_with_its_user_turn_emptied_is_refused_naming_the_line(
+        folders, tmp_path):
     tok = ours(folders["chatml"], "chatml")
     system = {"role": "system", "content": "Be brief. " * 20}
-    turns = lambda reply: [system, {"role": "user", "content": "Hello"}, {"role": "assistant", "content": reply}]
+    turns = lambda reply: [system, {"role": "user", "content": "Hello"},
+                           {"role": "assistant", "content": reply}]
     path = tmp_path / "uf.jsonl"
-    path.write_text("\n".join(json.dumps({"chosen": turns("Yes."), "rejected": turns(r)}) for r in ("No.", "Maybe.")) + "\n")
-    with pytest.raises(DataError, match=f"{path}:1: field 'prompt': the prompt is longer than 20 tokens .* even with "
-                                        "its last user turn emptied"):
+    path.write_text("\n".join(json.dumps({"chosen": turns("Yes."), "rejected": turns(r)})
+                              for r in ("No.", "Maybe.")) + "\n")
+    with pytest.raises(DataError, match=f"{path}:1: field 'prompt': the prompt is longer than 20 tokens .* "
+                                        "even with its last user turn emptied"):
         tokenize_pairs(load_preferences(str(path)), tok, 1000, 20)
 
 
 @pytest.mark.parametrize("name", ["zephyr", "chatml"])
-def test_a_conversation_whose_first_reply_starts_past_max_length_has_its_user_turn_cut(folders, name, tmp_path):
+def test_a_conversation_whose_first_reply_starts_past_max_length_has_its_user_turn_cut(folders, name,
+                                                                                       tmp_path):
     tok = ours(folders[name], name)
     special = tok.special_tokens()
     system, reply = {"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Paris."}
     content = "Hello world, how are you? I am fine. The capital of France?"
     user = lambda text: {"role": "user", "content": text}
-    prompt_tokens = lambda text: len(tok.encode_with_offsets(chat.render(tok.chat_template, [system, user(text)], special, True))[0])
+    prompt_tokens = lambda text: len(tok.encode_with_offsets(
+        chat.render(tok.chat_template, [system, user(text)], special, True))[0])
     max_length = prompt_tokens("") + 6
     path = tmp_path / "sft.jsonl"
     path.write_text(json.dumps({"messages": [system, user(content), reply]}) + "\n"
-                    + json.dumps({"messages": [{"role": "system", "content": "Be brief. " * 20}, user("Hi"), reply]}) + "\n")
+                    + json.dumps({"messages": [{"role": "system", "content": "Be brief. " * 20},
+                                               user("Hi"), reply]}) + "\n")
     first, second = load_sft(str(path))
     ids, labelled, cut = encode_sft(tok, first, max_length, None)
     # the longest end of the user's text after which the reply starts within max_length, system kept
     kept = next(content[j:] for j in range(len(content) + 1) if prompt_tokens(content[j:]) < max_length)
     assert cut and 0 < len(kept) < len(content)
-    assert ids == tok.encode_with_offsets(chat.render(tok.chat_template, [system, user(kept), reply], special))[0][:max_length]
+    assert ids == tok.encode_with_offsets(chat.render(tok.chat_template, [system, user(kept), reply],
+                                                      special))[0][:max_length]
     assert labelled.index(True) == prompt_tokens(kept) < max_length
-    with pytest.raises(DataError, match=f"{path}:2: field 'messages': the prompt is longer than {max_length - 1} "
-                                        "tokens .* even with its last user turn emptied"):
+    with pytest.raises(DataError, match=f"{path}:2: field 'messages': the prompt is longer than "
+                                        f"{max_length - 1} tokens .* even with its last user turn emptied"):
         encode_sft(tok, second, max_length, None)
 
 
@@ -388,7 +444,8 @@ def test_a_plain_text_record_is_never_templated_and_carries_loss_on_all_of_it(fo
     path.write_text(json.dumps({"text": text}) + "\n")
     (record,) = load_sft(str(path))
     ids, no_loss, cut = encode_sft(tok, record, 1000, None)
-    assert ids == [tok.bos_id] * tok.add_bos + tok.encode(text) + [tok.eos_id] and no_loss == tok.add_bos and not cut
+    assert (ids == [tok.bos_id] * tok.add_bos + tok.encode(text) + [tok.eos_id] and no_loss == tok.add_bos
+            and not cut)
     assert encode_sft(tok, record, 5, None) == (ids[:5], no_loss, True)
 
 
@@ -412,13 +469,14 @@ def test_pairs_sft_conversations_and_ppo_prompts_cut_a_long_prompt_one_way(folde
     full = tok.encode_prompt(prompt)
     assert (len(full) > limit) == (limit < 500)
     pair_ids, n_prompt, pair_cut = chat.encode_prompt_response(tok, prompt, reply["content"], 1000, limit)
-    sft_ids, labelled, sft_cut = encode_sft(tok, Example("", "", "x:1", prompt + [reply], prompt_turns=len(prompt)),
-                                            1000, limit)
+    sft_ids, labelled, sft_cut = encode_sft(tok, Example("", "", "x:1", prompt + [reply],
+                                                         prompt_turns=len(prompt)), 1000, limit)
     (ppo_ids,) = train_ppo.encode_prompts(tok, [prompt], limit, verbose=False)
     assert pair_cut == sft_cut == (limit < 500) and len(ppo_ids) <= limit and n_prompt <= limit
     assert ppo_ids == pair_ids[:n_prompt] == sft_ids[:n_prompt] and labelled.index(True) == n_prompt
     assert sft_ids[:len(pair_ids)] == pair_ids
-    text = tok.hf.decode(ppo_ids, skip_special_tokens=False)  # never lost: the system message, the reply's header
+    # never lost: the system message, the reply's header
+    text = tok.hf.decode(ppo_ids, skip_special_tokens=False)
     assert text.startswith(chat.render(tok.chat_template, prompt[:1], tok.special_tokens()))
     assert text.endswith("France?<|im_end|>\n<|im_start|>assistant\n")
     # whole turns go first: the system and the most of the newest turns that fit, rendered anew

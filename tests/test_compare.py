@@ -31,7 +31,8 @@ def test_the_ceiling_at_a_huge_beta_is_the_reference_though_most_samples_come_fr
     _, texts, _ = sample_completions(tiny_gpt, tok, prompts * 500, 40, seed=1, batch_size=500)
     rewards = torch.tensor([compare.gold_reward(t, p) for t, p in zip(texts, prompts * 500)])
     assert reached and abs(kl) < 0.05
-    assert gold == pytest.approx(rewards.mean().item(), abs=4 * rewards.std().item() / math.sqrt(100 * len(prompts)))
+    assert gold == pytest.approx(rewards.mean().item(),
+                                 abs=4 * rewards.std().item() / math.sqrt(100 * len(prompts)))
 
 
 def test_plot_without_matplotlib_prints_one_line(monkeypatch, capsys, tmp_path):
@@ -71,8 +72,8 @@ def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
     args = ["--tiny", f"--out_dir={out}", f"--data_dir={toy_dir}", "--device=cpu", "--eval_samples=32",
             "--bon_max=4", "--ceiling_prompts=8", "--ceiling_samples=32", "--ceiling_check_samples=18"]
     assert compare.main(args) == 0
-    for name in ["results.md", "results.csv", "results.json", "kl_matched.json", "frontier.png", "kl_traces.png",
-                 "curves.png"]:
+    for name in ["results.md", "results.csv", "results.json", "kl_matched.json", "frontier.png",
+                 "kl_traces.png", "curves.png"]:
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "results.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -97,12 +98,14 @@ def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
     assert "reused" in capsys.readouterr().out
     with open(os.path.join(out, "results.json")) as f, open(os.path.join(out, "ceiling.json")) as g:
         study_rows, ceiling_rows = ([{k: r[k] for k in ("method", "setting", "gold_reward", "kl", "reached")}
-                                     for r in json.load(h) if r["method"].startswith("optimal")] for h in (f, g))
+                                     for r in json.load(h) if r["method"].startswith("optimal")]
+                                    for h in (f, g))
     assert ceiling_rows == study_rows and len(study_rows) == 2 * len(compare.CEILING_BETAS)
 
 
 @pytest.mark.parametrize("check", [0, 9])
-def test_the_ceilings_check_on_all_prompts_is_estimated_only_with_its_samples(tiny_gpt, toy_dir, monkeypatch, check):
+def test_the_ceilings_check_on_all_prompts_is_estimated_only_with_its_samples(tiny_gpt, toy_dir,
+                                                                              monkeypatch, check):
     tok = Tokenizer.load(f"{toy_dir}/tokenizer.model")
     monkeypatch.setattr(compare, "CEILING_BETAS", [1.0])
     cfg = compare.Config(ceiling_prompts=1, ceiling_samples=9, ceiling_check_samples=check)
@@ -151,17 +154,22 @@ def run_row(method, seed, path, setting="s"):
 
 
 def test_kl_matched_table_takes_the_best_setting_per_seed_and_a_t_interval_over_seeds():
-    rows = [run_row("DPO", 0, [(0.0, 0.5), (2.0, 0.7)], "a"), run_row("DPO", 0, [(0.0, 0.5), (1.0, 0.8), (9.0, 0.9)], "b"),
-            run_row("DPO", 1, [(0.0, 0.5), (2.0, 0.6), (4.0, 0.9)], "a"), run_row("DPO", 2, [(0.0, 0.5), (2.0, 0.7)], "a")]
-    rows += [{"method": "optimal", "setting": f"beta={b}", "seed": 0, "kl": k, "gold_reward": g, "reached": ok, "path": []}
+    rows = [run_row("DPO", 0, [(0.0, 0.5), (2.0, 0.7)], "a"),
+            run_row("DPO", 0, [(0.0, 0.5), (1.0, 0.8), (9.0, 0.9)], "b"),
+            run_row("DPO", 1, [(0.0, 0.5), (2.0, 0.6), (4.0, 0.9)], "a"),
+            run_row("DPO", 2, [(0.0, 0.5), (2.0, 0.7)], "a")]
+    rows += [{"method": "optimal", "setting": f"beta={b}", "seed": 0, "kl": k, "gold_reward": g,
+              "reached": ok, "path": []}
              for b, k, g, ok in [(1, 0.5, 0.6, True), (0.1, 3.0, 0.8, True), (0.01, 6.0, 0.95, False)]]
     dpo, optimal = compare.kl_matched(rows, n_seeds=3)
     at1 = [0.8, 0.55, 0.6]  # seed 0: setting b (0.8) beats a (0.6)
     assert dpo[1.0]["gold_reward"] == pytest.approx(sum(at1) / 3)
     sd = math.sqrt(sum((v - sum(at1) / 3) ** 2 for v in at1) / 2)
     assert dpo[1.0]["ci95"] == pytest.approx(4.303 * sd / math.sqrt(3))  # t with 2 degrees of freedom
-    assert dpo[4.0]["seeds"] == 2 and dpo[4.0]["gold_reward"] == pytest.approx((0.8375 + 0.9) / 2)  # seed 2 never gets there
-    assert dpo[8.0]["seeds"] == 1 and dpo[8.0]["gold_reward"] == pytest.approx(0.8875) and dpo[8.0]["ci95"] is None
+    # seed 2 never gets there
+    assert dpo[4.0]["seeds"] == 2 and dpo[4.0]["gold_reward"] == pytest.approx((0.8375 + 0.9) / 2)
+    assert (dpo[8.0]["seeds"] == 1 and dpo[8.0]["gold_reward"] == pytest.approx(0.8875)
+            and dpo[8.0]["ci95"] is None)
     assert optimal[2.0]["gold_reward"] == pytest.approx(0.72) and not optimal[2.0]["beyond_reach"]
     assert optimal[4.0]["beyond_reach"] and optimal[8.0]["gold_reward"] is None
     assert "(2/3 seeds)" in compare.kl_cell(dpo[4.0]) and "†" in compare.kl_cell(optimal[4.0])
@@ -174,5 +182,6 @@ def test_seeds_beating_counts_wins_only_on_seeds_where_both_methods_reach_the_kl
             run_row("PPO", 2, [(0.0, 0.5), (4.0, 0.99)])]
     (ppo,) = compare.seeds_beating(compare.kl_matched(rows, n_seeds=3), "DPO")
     assert ppo[1.0] == (2, 3)  # at KL 1: PPO 0.575 < 0.6, 0.575 > 0.55, 0.6225 > 0.567
-    assert ppo[2.0] == (1, 2)  # DPO's seed 2 stops at 1.5: PPO loses seed 0 (0.65 < 0.7), wins seed 1 (0.65 > 0.6)
+    assert ppo[2.0] == (1, 2)  # DPO's seed 2 stops at 1.5: PPO loses seed 0 (0.65 < 0.7), wins seed 1
+                               # (0.65 > 0.6)
     assert ppo[8.0] == (0, 0)

@@ -56,7 +56,8 @@ def test_a_resume_below_the_checkpoints_step_is_refused_not_run_past_it(toy_dir,
     """The loops stop on step == max_iters: a resume from step 4 with --max_iters 2 ran on for ever,
     overwriting the finished checkpoint."""
     err = refused(train_sft.main, tiny_args(toy_dir, finished, max_iters=2, resume=True), finished, capsys)
-    assert err == f"error: --max_iters 2: the run in {finished} is at step 4 already; give --max_iters 4 or more to continue it\n"
+    assert err == (f"error: --max_iters 2: the run in {finished} is at step 4 already; give --max_iters 4 or "
+                   "more to continue it\n")
 
 
 def test_a_run_folder_belongs_to_the_script_that_made_it(sft_pairs, toy_dir, finished, capsys):
@@ -65,12 +66,14 @@ def test_a_run_folder_belongs_to_the_script_that_made_it(sft_pairs, toy_dir, fin
     assert f"{finished} holds a run of train_sft.py, not of train_dpo.py" in err
 
 
-def test_a_checkpoint_written_before_the_script_record_is_judged_by_its_settings(sft_pairs, toy_dir, finished, capsys):
+def test_a_checkpoint_written_before_the_script_record_is_judged_by_its_settings(sft_pairs, toy_dir,
+                                                                                 finished, capsys):
     path = os.path.join(finished, "ckpt.pt")
     ckpt = torch.load(path, weights_only=True)
     del ckpt["script"]
     torch.save(ckpt, path)
-    assert "holds a run of another script (its settings include --chat, --data_dir, --dropout), not of train_dpo.py" in refused(
+    assert ("holds a run of another script (its settings include --chat, --data_dir, --dropout), "
+            "not of train_dpo.py") in refused(
         train_dpo.main, dpo_args(sft_pairs, toy_dir, finished, resume=True), finished, capsys)
     assert train_sft.main(tiny_args(toy_dir, finished, max_iters=5, eval_interval=2, resume=True)) == 0
 
@@ -108,7 +111,8 @@ DAMAGE = {  # what is done to the checkpoint: the field the line must name
     "optimizer {}": (lambda c: c.update(optimizer={}), "the optimizer state is damaged"),
     "optimizer a list": (lambda c: c.update(optimizer=[1, 2]), "the optimizer state is damaged"),
     "optimizer keyed past the parameters": (
-        lambda c: c["optimizer"]["param_groups"][0]["params"].append(10_000), "does not fit the model's parameters"),
+        lambda c: c["optimizer"]["param_groups"][0]["params"].append(10_000),
+        "does not fit the model's parameters"),
     "an exp_avg of another shape": (wrong_moment, "exp_avg of"),
     "a model of another width": (wrong_width, "is not a floating-point tensor of shape"),
     "no step": (lambda c: c.pop("step"), "'step' is None"),
@@ -116,7 +120,8 @@ DAMAGE = {  # what is done to the checkpoint: the field the line must name
     "step negative": (lambda c: c.update(step=-1), "'step' is -1"),
     "step 10**18": (lambda c: c.update(step=10**18), "the run in"),
     "no config": (lambda c: c.pop("config"), "'config' is missing"),
-    "garbage rng": (lambda c: c.update(rng=[{"cpu": torch.zeros(7, dtype=torch.uint8)}]), "'rng' holds a state"),
+    "garbage rng": (lambda c: c.update(rng=[{"cpu": torch.zeros(7, dtype=torch.uint8)}]),
+                    "'rng' holds a state"),
     "rng not a list": (lambda c: c.update(rng="seed"), "'rng' is not a list"),
     "tokens missing": (lambda c: c.pop("tokens"), "'tokens' is not a count"),
     "model not a dict": (lambda c: c.update(model=[1]), "not a checkpoint this project wrote"),
@@ -139,7 +144,8 @@ def test_a_damaged_checkpoint_is_refused_naming_what_is_wrong(damage, toy_dir, f
         assert expected in refused(train_sft.main, argv, finished, capsys)
         return
     before = files(finished)
-    r = subprocess.run([sys.executable, "train_sft.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "train_sft.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and expected in r.stderr, (r.returncode, r.stderr)
     assert files(finished) == before
 
@@ -148,17 +154,19 @@ def test_a_run_that_diverges_stops_in_one_line_naming_its_last_checkpoint(toy_di
     """--lr 1e39: the first update leaves finite weights whose logits overflow, and the next
     evaluation's sampling ended in an IndexError."""
     out = str(tmp_path / "run")
-    assert train_sft.main(tiny_args(toy_dir, out, lr=1e39, eval_interval=1, eval_samples=2, max_new_tokens=4)) == 1
+    assert train_sft.main(tiny_args(toy_dir, out, lr=1e39, eval_interval=1, eval_samples=2,
+                                    max_new_tokens=4)) == 1
     err = capsys.readouterr().err
-    assert (f"error: the model's next-token logits are NaN or infinite (its weights diverged); stopped, the last "
-            f"good checkpoint is {out}/ckpt.pt (step 0)\n") in err and "Traceback" not in err
+    assert (f"error: the model's next-token logits are NaN or infinite (its weights diverged); stopped, "
+            f"the last good checkpoint is {out}/ckpt.pt (step 0)\n") in err and "Traceback" not in err
 
 
 ATTENTION = "transformer.h.0.attn.c_attn.weight"
 
 
 def with_weights(finished: str, tmp_path, scale: float) -> str:
-    """A copy of the finished run's checkpoint with its first block's attention weights multiplied by scale."""
+    """A copy of the finished run's checkpoint with its first block's attention weights multiplied by
+    scale."""
     ckpt = torch.load(os.path.join(finished, "ckpt.pt"), weights_only=True)
     ckpt["model"][ATTENTION] = ckpt["model"][ATTENTION] * scale
     path = str(tmp_path / "model.pt")
@@ -166,7 +174,8 @@ def with_weights(finished: str, tmp_path, scale: float) -> str:
     return path
 
 
-def test_a_diverged_model_stopping_before_its_first_checkpoint_says_there_is_none(toy_dir, finished, tmp_path, capsys):
+def test_a_diverged_model_stopping_before_its_first_checkpoint_says_there_is_none(toy_dir, finished,
+                                                                                  tmp_path, capsys):
     """DPO said 'the last good checkpoint is kept' when it had written none."""
     model, out = with_weights(finished, tmp_path, 1e30), str(tmp_path / "diverged")
     assert train_sft.main(tiny_args(toy_dir, out, init_from=model, train_file=f"{toy_dir}/sft_val.jsonl",
@@ -176,8 +185,8 @@ def test_a_diverged_model_stopping_before_its_first_checkpoint_says_there_is_non
 
 
 @pytest.mark.parametrize("script", ["sample", "train_sft", "train_ppo", "export"])
-def test_nan_weights_are_refused_in_one_line_by_every_script_that_loads_them(script, sft_pairs, toy_dir, finished,
-                                                                             tmp_path, capsys):
+def test_nan_weights_are_refused_in_one_line_by_every_script_that_loads_them(script, sft_pairs, toy_dir,
+                                                                             finished, tmp_path, capsys):
     """sample.py, SFT --init_from and PPO --sft_ckpt ended in an IndexError from sampling, and
     export.py wrote the NaN weights out with status 0."""
     model, out = with_weights(finished, tmp_path, float("nan")), str(tmp_path / "out")
@@ -186,7 +195,8 @@ def test_nan_weights_are_refused_in_one_line_by_every_script_that_loads_them(scr
             "train_ppo": [f"--sft_ckpt={model}", "--reward=gold", f"--prompts={toy_dir}/prompts_train.jsonl",
                           f"--out_dir={out}", "--device=cpu"],
             "export": [f"--ckpt={model}", f"--out_dir={out}"]}[script]
-    main = {"sample": sample.main, "train_sft": train_sft.main, "train_ppo": train_ppo.main, "export": export.main}[script]
+    main = {"sample": sample.main, "train_sft": train_sft.main, "train_ppo": train_ppo.main,
+            "export": export.main}[script]
     assert main(argv) == 2
     assert capsys.readouterr().err == f"error: {model}: the weight {ATTENTION} holds NaN or infinite values\n"
     assert not os.path.exists(out) or not os.listdir(out)
@@ -200,4 +210,5 @@ def test_nan_weights_in_a_model_folder_are_refused_naming_the_folder(finished, t
     folder = str(tmp_path / "folder")
     export.save_folder(model, tok, folder)
     assert sample.main(["--ckpt", folder, "--prompt", "a", "--device=cpu"]) == 2
-    assert capsys.readouterr().err == f"error: {folder}: the weight {ATTENTION} holds NaN or infinite values\n"
+    assert capsys.readouterr().err == (f"error: {folder}: the weight {ATTENTION} holds NaN or infinite "
+                                       "values\n")

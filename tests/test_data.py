@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from data import IGNORE_INDEX, Example, collate, encode_example, load_preferences, load_prompts, load_sft, take, tokenize_sft
+from data import (IGNORE_INDEX, Example, collate, encode_example, load_preferences, load_prompts, load_sft,
+                  take, tokenize_sft)
 from files import DataError
 
 
@@ -19,12 +20,15 @@ def _write(path, records):
 
 
 def test_the_three_preference_formats_read_to_the_same_pairs(tmp_path):
-    plain = _write(tmp_path / "plain.jsonl", [{"prompt": "Human: hi?", "chosen": "hello!", "rejected": "go away"}])
+    plain = _write(tmp_path / "plain.jsonl",
+                   [{"prompt": "Human: hi?", "chosen": "hello!", "rejected": "go away"}])
     hh = _write(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: hi?\n\nAssistant: hello!",
                                          "rejected": "\n\nHuman: hi?\n\nAssistant: go away"}])
     uf = _write(tmp_path / "uf.jsonl", [{"prompt": "hi?",
-                                         "chosen": [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "hello!"}],
-                                         "rejected": [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "go away"}]}])
+                                         "chosen": [{"role": "user", "content": "hi?"},
+                                                    {"role": "assistant", "content": "hello!"}],
+                                         "rejected": [{"role": "user", "content": "hi?"},
+                                                      {"role": "assistant", "content": "go away"}]}])
     for path, prompt in [(plain, "Human: hi?"), (hh, "\n\nHuman: hi?\n\nAssistant:"), (uf, "hi?")]:
         (pair,) = load_preferences(path)
         assert (pair.prompt, pair.chosen, pair.rejected) == (prompt, "hello!", "go away")
@@ -55,27 +59,37 @@ def test_sharegpt_pairs_read_as_a_prompt_conversation_and_two_replies(tmp_path):
 
 
 GOOD_PAIR = {"implicit": {"chosen": "Q: a b", "rejected": "Q: a c"},
-             "sharegpt": {"conversations": [{"from": "human", "value": "hi?"}], "chosen": {"from": "gpt", "value": "a"},
+             "sharegpt": {"conversations": [{"from": "human", "value": "hi?"}],
+                          "chosen": {"from": "gpt", "value": "a"},
                           "rejected": {"from": "gpt", "value": "b"}}}
 BAD_PAIRS = {
-    "no_shared_prefix": ("implicit", {"chosen": "yes", "rejected": "no"}, "field 'rejected': shares no prompt"),
-    "shared_whitespace_only": ("implicit", {"chosen": "\n yes", "rejected": "\n no"}, "field 'rejected': shares no prompt"),
-    "chosen_is_the_prefix": ("implicit", {"chosen": "Q: a", "rejected": "Q: a b"}, "field 'chosen': empty response after"),
-    "rejected_is_the_prefix": ("implicit", {"chosen": "Q: a b", "rejected": "Q: a "}, "field 'rejected': empty response after"),
-    "sharegpt_sft_record": ("sharegpt", {"conversations": [{"from": "human", "value": "hi?"}, {"from": "gpt", "value": "yo"}]},
+    "no_shared_prefix": ("implicit", {"chosen": "yes", "rejected": "no"},
+                         "field 'rejected': shares no prompt"),
+    "shared_whitespace_only": ("implicit", {"chosen": "\n yes", "rejected": "\n no"},
+                               "field 'rejected': shares no prompt"),
+    "chosen_is_the_prefix": ("implicit", {"chosen": "Q: a", "rejected": "Q: a b"},
+                             "field 'chosen': empty response after"),
+    "rejected_is_the_prefix": ("implicit", {"chosen": "Q: a b", "rejected": "Q: a "},
+                               "field 'rejected': empty response after"),
+    "sharegpt_sft_record": ("sharegpt", {"conversations": [{"from": "human", "value": "hi?"},
+                                                           {"from": "gpt", "value": "yo"}]},
                             "field 'conversations': a ShareGPT conversation without 'chosen' and 'rejected'"),
-    "sharegpt_reply_not_gpt": ("sharegpt", {**GOOD_PAIR["sharegpt"], "chosen": {"from": "human", "value": "a"}},
+    "sharegpt_reply_not_gpt": ("sharegpt",
+                               {**GOOD_PAIR["sharegpt"], "chosen": {"from": "human", "value": "a"}},
                                "field 'chosen': expected a ShareGPT reply"),
-    "sharegpt_unknown_speaker": ("sharegpt", {**GOOD_PAIR["sharegpt"], "conversations": [{"from": "bot", "value": "hi?"}]},
+    "sharegpt_unknown_speaker": ("sharegpt", {**GOOD_PAIR["sharegpt"],
+                                              "conversations": [{"from": "bot", "value": "hi?"}]},
                                  "field 'conversations\\[0\\].from': unknown speaker 'bot'"),
-    "sharegpt_in_a_plain_file": ("plain", GOOD_PAIR["sharegpt"], "field 'conversations': a ShareGPT record in a file read as plain"),
+    "sharegpt_in_a_plain_file": ("plain", GOOD_PAIR["sharegpt"],
+                                 "field 'conversations': a ShareGPT record in a file read as plain"),
 }
 
 
 @pytest.mark.parametrize("case", BAD_PAIRS)
 def test_bad_implicit_and_sharegpt_pairs_are_refused_naming_line_and_field(case, tmp_path):
     fmt, record, message = BAD_PAIRS[case]
-    first = GOOD_PAIR.get(fmt, {"prompt": "a", "chosen": "b", "rejected": "c"})  # the first record sets the format
+    # the first record sets the format
+    first = GOOD_PAIR.get(fmt, {"prompt": "a", "chosen": "b", "rejected": "c"})
     path = _write(tmp_path / "p.jsonl", [first, record])
     with pytest.raises(DataError, match=rf"p.jsonl:2: {message}"):
         load_preferences(path)
@@ -85,18 +99,26 @@ def test_conversational_prompt_completion_and_sharegpt_sft_records_are_conversat
     reply = {"role": "assistant", "content": "hello!"}
     pc = _write(tmp_path / "pc.jsonl", [{"prompt": USER_HI, "completion": [reply]}])
     sharegpt = _write(tmp_path / "sharegpt.jsonl", [{"conversations": [
-        {"from": "system", "value": "be kind"}, {"from": "human", "value": "hi?"}, {"from": "gpt", "value": "hello!"}]}])
+        {"from": "system", "value": "be kind"}, {"from": "human", "value": "hi?"},
+        {"from": "gpt", "value": "hello!"}]}])
     assert load_sft(pc) == [Example("", "", f"{pc}:1", USER_HI + [reply], prompt_turns=1)]
-    assert load_sft(sharegpt) == [Example("", "", f"{sharegpt}:1", [{"role": "system", "content": "be kind"}, *USER_HI, reply])]
+    assert load_sft(sharegpt) == [Example("", "", f"{sharegpt}:1",
+                                          [{"role": "system", "content": "be kind"}, *USER_HI, reply])]
 
 
 BAD_SFT = {
-    "completion_from_the_user": ({"prompt": USER_HI, "completion": USER_HI}, "field 'completion\\[0\\].role': expected 'assistant'"),
-    "completion_a_string": ({"prompt": USER_HI, "completion": "hello!"}, "field 'completion': expected a non-empty list"),
-    "sharegpt_unknown_speaker": ({"conversations": [{"from": "human", "value": "hi?"}, {"from": "bot", "value": "yo"}]},
-                                 "field 'conversations\\[1\\].from': unknown speaker 'bot' \\(ShareGPT's are human, gpt, system\\)"),
-    "sharegpt_no_value": ({"conversations": [{"from": "human"}]}, "field 'conversations\\[0\\]': expected ShareGPT"),
-    "sharegpt_no_reply": ({"conversations": [{"from": "human", "value": "hi?"}]}, "field 'conversations': no assistant turn"),
+    "completion_from_the_user": ({"prompt": USER_HI, "completion": USER_HI},
+                                 "field 'completion\\[0\\].role': expected 'assistant'"),
+    "completion_a_string": ({"prompt": USER_HI, "completion": "hello!"},
+                            "field 'completion': expected a non-empty list"),
+    "sharegpt_unknown_speaker": ({"conversations": [{"from": "human", "value": "hi?"},
+                                                    {"from": "bot", "value": "yo"}]},
+                                 "field 'conversations\\[1\\].from': unknown speaker 'bot' "
+                                 "\\(ShareGPT's are human, gpt, system\\)"),
+    "sharegpt_no_value": ({"conversations": [{"from": "human"}]},
+                          "field 'conversations\\[0\\]': expected ShareGPT"),
+    "sharegpt_no_reply": ({"conversations": [{"from": "human", "value": "hi?"}]},
+                          "field 'conversations': no assistant turn"),
 }
 
 
@@ -135,9 +157,10 @@ def test_truncation_keeps_the_end_of_the_prompt_and_the_start_of_the_response(to
     assert encode_example(tok, prompt, response, max_length=8, max_prompt_length=4, where="x") == (
         [tok.bos_id] + p[-3:] + r[:4], 4, True)  # bos kept, the prompt's end, the response's start
     # no max_prompt_length: the prompt keeps max_length less one tokens, so the response keeps one
-    assert encode_example(tok, prompt, response, max_length=len(p) + 1, max_prompt_length=None, where="x") == (
-        [tok.bos_id] + p[-(len(p) - 1):] + r[:1], len(p), True)
-    with pytest.raises(DataError, match="x: field 'prompt': 1 tokens leave no room"):  # bos alone fills max_length
+    assert encode_example(tok, prompt, response, max_length=len(p) + 1, max_prompt_length=None,
+                          where="x") == ([tok.bos_id] + p[-(len(p) - 1):] + r[:1], len(p), True)
+    # bos alone fills max_length
+    with pytest.raises(DataError, match="x: field 'prompt': 1 tokens leave no room"):
         encode_example(tok, prompt, response, max_length=1, max_prompt_length=None, where="x")
 
 
@@ -177,7 +200,8 @@ def bom_then_bad_byte(path, record: dict, bad_line: bool = True) -> str:
 @pytest.mark.parametrize("kind", RECORD_OF_KIND)
 def test_check_accepts_a_byte_order_mark_and_names_the_line_of_a_bad_byte(kind, tmp_path, capsys):
     import data
-    assert data.main(["--check", bom_then_bad_byte(tmp_path / "good.jsonl", RECORD_OF_KIND[kind], bad_line=False),
+    assert data.main(["--check", bom_then_bad_byte(tmp_path / "good.jsonl", RECORD_OF_KIND[kind],
+                                                   bad_line=False),
                       "--kind", kind]) == 0
     assert f"ok: 2 {kind} records" in capsys.readouterr().out
     path = bom_then_bad_byte(tmp_path / "bad.jsonl", RECORD_OF_KIND[kind])
@@ -194,15 +218,19 @@ def test_check_through_the_shell_exits_2_with_one_line(tmp_path):
 
 def test_the_count_of_cut_records_is_printed_once_per_dataset(tmp_path, tok, capsys):
     from data import tokenize_pairs
-    sft = _write(tmp_path / "sft.jsonl", [{"prompt": "the movie", "completion": "was great ."},  # fits in 8
-                                          {"prompt": "i loved the film . the plot was", "completion": "great ."},  # prompt cut
-                                          {"prompt": "i saw", "completion": "the film . the acting was dull ."}])  # response cut
-    pairs = _write(tmp_path / "pairs.jsonl", [{"prompt": "the movie", "chosen": "was great .", "rejected": "was dull ."},
-                                              {"prompt": "the movie", "chosen": "was fun . i loved it .", "rejected": "was dull . i hated it ."}])
+    sft = _write(tmp_path / "sft.jsonl", [
+        {"prompt": "the movie", "completion": "was great ."},  # fits in 8
+        {"prompt": "i loved the film . the plot was", "completion": "great ."},  # prompt cut
+        {"prompt": "i saw", "completion": "the film . the acting was dull ."}])  # response cut
+    pairs = _write(tmp_path / "pairs.jsonl", [
+        {"prompt": "the movie", "chosen": "was great .", "rejected": "was dull ."},
+        {"prompt": "the movie", "chosen": "was fun . i loved it .", "rejected": "was dull . i hated it ."}])
     tokenize_sft(load_sft(sft), tok, 8, 4)
     tokenize_pairs(load_preferences(pairs), tok, 8, None)
-    assert capsys.readouterr().err == (f"note: 2 of 3 records in {sft} were cut to fit --max_length 8 / --max_prompt_length 4\n"
+    assert capsys.readouterr().err == (f"note: 2 of 3 records in {sft} were cut to fit --max_length 8 / "
+                                       "--max_prompt_length 4\n"
                                        f"note: 1 of 2 records in {pairs} were cut to fit --max_length 8\n")
     tokenize_sft(load_sft(sft), tok, 64, None)  # nothing cut: nothing to say
-    tokenize_pairs(load_preferences(pairs), tok, 8, None, verbose=False)  # under torchrun, every process but one
+    # under torchrun, every process but one
+    tokenize_pairs(load_preferences(pairs), tok, 8, None, verbose=False)
     assert capsys.readouterr().err == ""

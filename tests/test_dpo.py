@@ -27,15 +27,18 @@ def softplus(x):  # -log sigmoid(-x) = log(1 + e^x)
 
 @pytest.mark.parametrize("loss_type, eps, expected", [
     ("sigmoid", 0.0, [softplus(-0.75), softplus(0.5)]),  # [0.38687, 0.97408]
-    ("sigmoid", 0.1, [0.9 * softplus(-0.75) + 0.1 * softplus(0.75), 0.9 * softplus(0.5) + 0.1 * softplus(-0.5)]),
-    ("robust", 0.1, [(0.9 * softplus(-0.75) - 0.1 * softplus(0.75)) / 0.8, (0.9 * softplus(0.5) - 0.1 * softplus(-0.5)) / 0.8]),
+    ("sigmoid", 0.1, [0.9 * softplus(-0.75) + 0.1 * softplus(0.75),
+                      0.9 * softplus(0.5) + 0.1 * softplus(-0.5)]),
+    ("robust", 0.1, [(0.9 * softplus(-0.75) - 0.1 * softplus(0.75)) / 0.8,
+                     (0.9 * softplus(0.5) - 0.1 * softplus(-0.5)) / 0.8]),
     ("hinge", 0.0, [1 - 0.75, 1 + 0.5]),
     ("ipo", 0.0, [(1.5 - 1.0) ** 2, (-1.0 - 1.0) ** 2]),  # 1 / (2 beta) = 1
 ])
 def test_dpo_loss_matches_hand_computed_values(loss_type, eps, expected):
     ones = (torch.ones(2), torch.ones(2))  # one-token responses: IPO's length normalisation changes nothing
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA, loss_type, eps, lengths=ones)
+        POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, BETA, loss_type, eps,
+        lengths=ones)
     torch.testing.assert_close(losses, torch.tensor(expected), rtol=0, atol=1e-6)
     torch.testing.assert_close(chosen_rewards, torch.tensor([0.5, 0.0]))  # beta * log-ratio
     torch.testing.assert_close(rejected_rewards, torch.tensor([-0.25, 0.5]))
@@ -47,10 +50,12 @@ def test_ipo_normalises_its_loss_by_length_and_logs_the_summed_rewards_as_trl():
     (2.0 > 1.0), as TRL logs them, so the pair counts as ordered right."""
     policy_chosen, policy_rejected = torch.tensor([-8.0]), torch.tensor([-3.0])
     ref_chosen, ref_rejected = torch.tensor([-10.0]), torch.tensor([-4.0])
-    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                        BETA, "ipo", lengths=(torch.tensor([10]), torch.tensor([2])))
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, BETA, "ipo",
+        lengths=(torch.tensor([10]), torch.tensor([2])))
     assert losses.item() == pytest.approx((0.2 - 0.5 - 1 / (2 * BETA)) ** 2)
-    assert chosen_rewards.item() == pytest.approx(BETA * 2.0) and rejected_rewards.item() == pytest.approx(BETA * 1.0)
+    assert (chosen_rewards.item() == pytest.approx(BETA * 2.0)
+            and rejected_rewards.item() == pytest.approx(BETA * 1.0))
     metrics = dpo_metric_sums(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
     assert metrics["rewards/accuracies"] == 1 and metrics["logps/chosen"] == -8.0
     with pytest.raises(ValueError, match="lengths"):
@@ -82,7 +87,8 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(model, pair_batch)
 
 def test_sequence_logps_sums_only_the_response_tokens(model, pair_batch):
     batch, _ = pair_batch
-    ids, mask, labels = batch["rejected_input_ids"], batch["rejected_attention_mask"], batch["rejected_labels"]
+    ids, mask, labels = (batch["rejected_input_ids"], batch["rejected_attention_mask"],
+                         batch["rejected_labels"])
     with torch.no_grad():
         logits = model(ids, mask).double()
         got = sequence_logps(model(ids, mask, labels=labels), labels)  # the model's labelled log-probs
@@ -120,7 +126,8 @@ def test_concatenated_forward_equals_separate_forwards(model, pair_batch):
             mask = batch[f"{side}_attention_mask"]
             T = int(mask.sum(1).max())  # each side trimmed to its own length
             labels = batch[f"{side}_labels"][:, :T]
-            alone = sequence_logps(token_logps(model(batch[f"{side}_input_ids"][:, :T], mask[:, :T]), labels), labels)
+            alone = sequence_logps(
+                token_logps(model(batch[f"{side}_input_ids"][:, :T], mask[:, :T]), labels), labels)
             torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
 
 
@@ -151,4 +158,5 @@ def _two_action_policy(loss_type, steps, lr):
 
 def test_dpo_drives_the_preferred_action_to_certainty_and_ipo_stops_short():
     assert _two_action_policy("sigmoid", 2000, 1.0) > 0.99  # DPO overfits a deterministic preference
-    assert _two_action_policy("ipo", 2000, 0.1) == pytest.approx(1 / (1 + math.exp(-0.5)), abs=0.01)  # 0.622 at tau=1
+    assert _two_action_policy("ipo", 2000, 0.1) == pytest.approx(1 / (1 + math.exp(-0.5)),
+                                                                 abs=0.01)  # 0.622 at tau=1

@@ -24,13 +24,15 @@ from train_utils import TrainConfig, lora_record, lora_targets
 V = 64
 CONFIGS = {
     "gpt": dict(),
-    "llama_gqa": dict(norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head=1, intermediate_size=48, tie_embeddings=False),
+    "llama_gqa": dict(norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head=1, intermediate_size=48,
+                      tie_embeddings=False),
 }
 
 
 def tiny(kind: str, **overrides) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=32, **{**CONFIGS[kind], **overrides}))
+    return GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=32,
+                         **{**CONFIGS[kind], **overrides}))
 
 
 def randomize_adapters(model):
@@ -193,12 +195,14 @@ def test_adapters_are_refused_on_changed_base_weights_and_load_on_a_moved_base(l
     with torch.no_grad():  # pointed to its new place, the base gives the same model
         torch.testing.assert_close(load_gpt(ckpt, lora_base=moved)[0].eval()(ids), expected, rtol=0, atol=0)
         assert export.main([f"--ckpt={ckpt}", f"--out_dir={tmp_path / 'hf'}", f"--lora_base={moved}"]) == 0
-        torch.testing.assert_close(load_folder(str(tmp_path / "hf"))[0].eval()(ids), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(load_folder(str(tmp_path / "hf"))[0].eval()(ids), expected, rtol=0,
+                                   atol=1e-5)
     base_folder(base, tok, seed=1)  # other weights where the base was
     with pytest.raises(DataError) as refused:
         load_gpt(ckpt)
-    assert str(refused.value) == (f"{ckpt}: its LoRA adapters were trained on the base model at {base}, and {base} "
-                                  "holds other weights (give the original's place with --lora_base)")
+    assert str(refused.value) == (f"{ckpt}: its LoRA adapters were trained on the base model at {base}, "
+                                  f"and {base} holds other weights (give the original's place with "
+                                  "--lora_base)")
     with pytest.raises(DataError, match=f"and {base} holds other weights"):
         load_gpt(ckpt, lora_base=base)
 
@@ -213,7 +217,8 @@ def test_one_lora_base_serves_a_lora_reward_model_on_a_lora_policy(lora_on_a_fol
     attach_lora(rm.backbone, cfg.lora_rank, cfg.lora_alpha, lora_targets(cfg))
     randomize_adapters(rm)
     rm_ckpt = str(tmp_path / "rm.pt")
-    torch.save({"model": trainable_state(rm), "tokenizer": tok.state(), **lora_record(cfg, policy_ckpt)}, rm_ckpt)
+    torch.save({"model": trainable_state(rm), "tokenizer": tok.state(), **lora_record(cfg, policy_ckpt)},
+               rm_ckpt)
     ids = torch.arange(4, 14)[None]
     with torch.no_grad():
         expected = merge_lora(rm).eval()(ids, torch.ones_like(ids))
@@ -222,7 +227,9 @@ def test_one_lora_base_serves_a_lora_reward_model_on_a_lora_policy(lora_on_a_fol
     with pytest.raises(DataError, match="which does not exist"):
         load_reward_model(rm_ckpt)
     with torch.no_grad():
-        torch.testing.assert_close(load_reward_model(rm_ckpt, lora_base=moved)[0].eval()(ids, torch.ones_like(ids)), expected, rtol=0, atol=0)
+        torch.testing.assert_close(
+            load_reward_model(rm_ckpt, lora_base=moved)[0].eval()(ids, torch.ones_like(ids)), expected,
+            rtol=0, atol=0)
 
 
 def test_a_lora_checkpoint_without_a_base_fingerprint_loads_with_a_warning(lora_on_a_folder, capsys):
@@ -232,5 +239,7 @@ def test_a_lora_checkpoint_without_a_base_fingerprint_loads_with_a_warning(lora_
     del old["lora"]["fingerprint"]
     torch.save(old, ckpt)
     with torch.no_grad():
-        torch.testing.assert_close(load_gpt(ckpt)[0].eval()(torch.arange(4, 14)[None]), expected, rtol=0, atol=0)
-    assert f"warning: {ckpt} records no fingerprint of its LoRA base; assuming {base} holds" in capsys.readouterr().err
+        torch.testing.assert_close(load_gpt(ckpt)[0].eval()(torch.arange(4, 14)[None]), expected, rtol=0,
+                                   atol=0)
+    assert (f"warning: {ckpt} records no fingerprint of its LoRA base; assuming {base} holds"
+            in capsys.readouterr().err)

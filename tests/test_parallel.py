@@ -39,14 +39,17 @@ def flags(**kwargs):
 
 
 def sft_args(toy_dir, out_dir, **overrides):
-    # grad_clip 0.05 binds at every step (the norm starts near 1), so the clip's global norm over shards is tested
-    return flags(**{**dict(data_dir=toy_dir, out_dir=out_dir, device="cpu", batch_size=16, max_iters=3, grad_clip=0.05,
-                           eval_interval=3, eval_samples=6, print_samples=0, log_interval=1), **overrides})
+    # grad_clip 0.05 binds at every step (the norm starts near 1), so the clip's global norm over shards is
+    # tested
+    return flags(**{**dict(data_dir=toy_dir, out_dir=out_dir, device="cpu", batch_size=16, max_iters=3,
+                           grad_clip=0.05, eval_interval=3, eval_samples=6, print_samples=0,
+                           log_interval=1), **overrides})
 
 
 def pair_args(sft_pairs, toy_dir, out_dir, **overrides):
     ckpt, pairs = sft_pairs
-    return flags(**{**dict(sft_ckpt=ckpt, train_file=f"{pairs}/pairs_train.jsonl", val_file=f"{pairs}/pairs_val.jsonl",
+    return flags(**{**dict(sft_ckpt=ckpt, train_file=f"{pairs}/pairs_train.jsonl",
+                           val_file=f"{pairs}/pairs_val.jsonl",
                            out_dir=out_dir, device="cpu", batch_size=16, max_iters=3, grad_clip=0.05,
                            eval_interval=3, print_samples=0, log_interval=1), **overrides})
 
@@ -65,22 +68,24 @@ def assert_same_run(a, b, atol=1e-5):
 
 
 @pytest.mark.parametrize("script", ["train_sft.py", "train_dpo.py", "train_rm.py"])
-def test_two_fsdp_processes_train_the_weights_of_one_process_and_of_two_ddp_processes(script, toy_dir, sft_pairs,
-                                                                                       tmp_path):
+def test_two_fsdp_processes_train_the_weights_of_one_process_and_of_two_ddp_processes(script, toy_dir,
+                                                                                      sft_pairs, tmp_path):
     """The global batch of 16 in 4 micro-batches: 1 process x grad_accum 4, 2 DDP processes x 2,
     2 FSDP processes x 2 (the first micro-batch's gradients kept unsharded, reduced with the
     second's). DPO's frozen reference is sharded too, and evaluations sample on the sharded policy."""
     if script == "train_sft.py":
         args = lambda out, **kw: sft_args(toy_dir, out, **kw)
     else:
-        extra = dict(eval_prompts=f"{toy_dir}/prompts_val.jsonl", eval_samples=6) if script == "train_dpo.py" else {}
+        extra = (dict(eval_prompts=f"{toy_dir}/prompts_val.jsonl", eval_samples=6)
+                 if script == "train_dpo.py" else {})
         args = lambda out, **kw: pair_args(sft_pairs, toy_dir, out, **extra, **kw)
     one, ddp, fsdp = (str(tmp_path / name) for name in ("one", "ddp", "fsdp"))
     launch(script, args(one, grad_accum=4))
     launch(script, args(ddp, grad_accum=2), nproc=2)
     launch(script, args(fsdp, grad_accum=2), nproc=2, parallel="fsdp")
     assert all(m["grad_norm"] > 0.05 for m in read_metrics(one) if "grad_norm" in m)  # the clip binds
-    assert any(k.startswith("eval/") and k != "eval/loss" for k in read_metrics(one)[-1])  # sampled evaluation
+    # sampled evaluation
+    assert any(k.startswith("eval/") and k != "eval/loss" for k in read_metrics(one)[-1])
     assert_same_run(one, ddp)
     assert_same_run(one, fsdp)
 
@@ -94,7 +99,8 @@ def test_fsdp_checkpoint_loads_in_one_process_and_resumes_under_any_world_size(t
     common = dict(eval_interval=2, lr_decay_iters=4, grad_accum=2)
     launch("train_sft.py", sft_args(toy_dir, whole, max_iters=4, **common), nproc=2, parallel="fsdp")
     ckpt = load_checkpoint(os.path.join(whole, "ckpt.pt"))  # weights_only, one process, whole tensors
-    assert ckpt["model"]["lm_head.weight"].shape == (ckpt["model_config"]["vocab_size"], ckpt["model_config"]["n_embd"])
+    assert ckpt["model"]["lm_head.weight"].shape == (ckpt["model_config"]["vocab_size"],
+                                                     ckpt["model_config"]["n_embd"])
     folder = str(tmp_path / "hf")
     r = run_python("export.py", f"--ckpt={whole}/ckpt.pt", f"--out_dir={folder}")
     assert r.returncode == 0, r.stderr
@@ -114,18 +120,19 @@ def test_fsdp_checkpoint_loads_in_one_process_and_resumes_under_any_world_size(t
         assert_same_run(whole, split)
 
 
-def test_lora_trains_the_adapters_of_one_process_under_ddp_and_under_fsdp_with_checkpointing(toy_dir, sft_pairs,
-                                                                                            tmp_path):
+def test_lora_trains_the_adapters_of_one_process_under_ddp_and_under_fsdp_with_checkpointing(
+        toy_dir, sft_pairs, tmp_path):
     """DPO with LoRA adapters, whose reference is the policy with its adapters off: 2 DDP
     processes, and 2 FSDP processes that recompute each block in the backward pass (FSDP gathers
     its weights again), train the adapters of one process that keeps its activations; the
     adapters moved far more than the tolerance."""
     one, ddp, fsdp = (str(tmp_path / name) for name in ("one", "ddp", "fsdp"))
-    common = dict(lora_rank=4, lr=2e-3, warmup_iters=1, eval_prompts=f"{toy_dir}/prompts_val.jsonl", eval_samples=6)
+    common = dict(lora_rank=4, lr=2e-3, warmup_iters=1, eval_prompts=f"{toy_dir}/prompts_val.jsonl",
+                  eval_samples=6)
     launch("train_dpo.py", pair_args(sft_pairs, toy_dir, one, grad_accum=4, **common))
     launch("train_dpo.py", pair_args(sft_pairs, toy_dir, ddp, grad_accum=2, **common), nproc=2)
-    launch("train_dpo.py", pair_args(sft_pairs, toy_dir, fsdp, grad_accum=2, grad_checkpoint=True, **common), nproc=2,
-           parallel="fsdp")
+    launch("train_dpo.py", pair_args(sft_pairs, toy_dir, fsdp, grad_accum=2, grad_checkpoint=True, **common),
+           nproc=2, parallel="fsdp")
     assert_same_run(one, ddp)
     assert_same_run(one, fsdp)
     adapters = load_checkpoint(os.path.join(one, "ckpt.pt"))["model"]
@@ -141,18 +148,21 @@ def test_fsdp_holds_less_memory_per_process_than_ddp(toy_dir, tmp_path):
     also gathers the whole checkpoint to write it, so its peak is not compared. glibc is told to
     return freed blocks (as bench.py --memory does), or its cache of FSDP's gathered weights
     would hide the saving."""
-    params = GPT.from_preset("small", Tokenizer.load(f"{toy_dir}/tokenizer.model").vocab_size).num_params(False)
+    params = GPT.from_preset("small",
+                             Tokenizer.load(f"{toy_dir}/tokenizer.model").vocab_size).num_params(False)
     val_file = tmp_path / "val.jsonl"
     with open(f"{toy_dir}/sft_val.jsonl") as f:
         val_file.write_text("".join(f.readlines()[:8]))  # one held-out batch
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     peaks = {}
     for parallel in ("ddp", "fsdp"):
-        args = sft_args(toy_dir, str(tmp_path / parallel), preset="small", val_file=val_file, batch_size=8, max_iters=2,
-                        eval_interval=2, eval_samples=0, grad_clip=1.0, parallel=parallel)
-        r = run_python(*TORCHRUN, "--nproc_per_node=2", "tests/peak_memory.py", "train_sft.py", *args, env=env)
+        args = sft_args(toy_dir, str(tmp_path / parallel), preset="small", val_file=val_file, batch_size=8,
+                        max_iters=2, eval_interval=2, eval_samples=0, grad_clip=1.0, parallel=parallel)
+        r = run_python(*TORCHRUN, "--nproc_per_node=2", "tests/peak_memory.py", "train_sft.py", *args,
+                       env=env)
         assert r.returncode == 0, r.stderr[-3000:]
-        peaks[parallel] = {int(rank): int(mib) for rank, mib in re.findall(r"peak_rss_mib (\d+) (\d+)", r.stdout)}
+        peaks[parallel] = {int(rank): int(mib)
+                           for rank, mib in re.findall(r"peak_rss_mib (\d+) (\d+)", r.stdout)}
     assert set(peaks["ddp"]) == set(peaks["fsdp"]) == {0, 1}
     saving_mib = 16 * params / 2 / 2**20
     assert peaks["fsdp"][1] < peaks["ddp"][1] - saving_mib / 2, (peaks, saving_mib)
@@ -196,7 +206,8 @@ def test_fsdp_under_bfloat16_computes_in_bfloat16_and_keeps_float32_shards(tmp_p
     torch.manual_seed(0)
     reference = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
     for name, tensor in reference.state_dict().items():
-        assert torch.equal(runs[0]["full"][name], tensor), name  # float32 master weights, untouched by the casts
+        # float32 master weights, untouched by the casts
+        assert torch.equal(runs[0]["full"][name], tensor), name
     reference.to(torch.bfloat16)
     grads = []
     for rank, run in enumerate(runs):

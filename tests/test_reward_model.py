@@ -30,7 +30,8 @@ def test_reward_model_score_is_the_value_at_the_last_real_token_whatever_the_pad
     seq = torch.randint(4, 64, (7,))
     with torch.no_grad():
         alone = rm(seq[None], torch.ones(1, 7, dtype=torch.long))
-        right = rm(torch.cat([seq, torch.zeros(3, dtype=torch.long)])[None], torch.tensor([[1] * 7 + [0] * 3]))
+        right = rm(torch.cat([seq, torch.zeros(3, dtype=torch.long)])[None],
+                   torch.tensor([[1] * 7 + [0] * 3]))
         left = rm(torch.cat([torch.zeros(3, dtype=torch.long), seq])[None], torch.tensor([[0] * 3 + [1] * 7]))
         other = torch.randint(4, 64, (10,))
         batch = torch.stack([torch.cat([seq, torch.zeros(3, dtype=torch.long)]), other])
@@ -46,12 +47,13 @@ def test_every_trainable_weight_of_a_reward_model_and_a_critic_gets_a_gradient(t
     """DDP fails at its first step on a trainable weight without a gradient: an untied model's
     lm_head (TinyLlama, Mistral, Llama) was one in the reward model and the critic."""
     torch.manual_seed(0)
-    gpt = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, norm="rmsnorm", pos="rope",
-                        mlp="swiglu", bias=False, tie_embeddings=tied))
+    gpt = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, norm="rmsnorm",
+                        pos="rope", mlp="swiglu", bias=False, tie_embeddings=tied))
     ids, mask = torch.randint(0, 64, (2, 6)), torch.ones(2, 6, dtype=torch.long)
     rm = RewardModel.from_gpt(gpt)
     assert ("backbone.lm_head.weight" in rm.state_dict()) == tied  # tied: it is the embedding
-    torch.testing.assert_close(rm.backbone.hidden_states(ids, mask), gpt.hidden_states(ids, mask), atol=0, rtol=0)
+    torch.testing.assert_close(rm.backbone.hidden_states(ids, mask), gpt.hidden_states(ids, mask), atol=0,
+                               rtol=0)
     rm(ids, mask).sum().backward()
     assert [name for name, p in rm.named_parameters() if p.grad is None] == []
     critic = RewardModel.from_gpt(gpt)

@@ -144,7 +144,8 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_anything_is_loaded(
 
 
 @pytest.mark.parametrize("script", ["export", "sample"])
-def test_export_and_sample_refuse_an_out_dir_that_cannot_be_written_before_loading(script, sft_pairs, tmp_path, capsys):
+def test_export_and_sample_refuse_an_out_dir_that_cannot_be_written_before_loading(script, sft_pairs,
+                                                                                   tmp_path, capsys):
     """export's checkpoint is never read; sample --pairs reads the toy model's record first (the
     toy task's gold reward labels only its samples), then refuses before loading the weights."""
     import export
@@ -153,7 +154,8 @@ def test_export_and_sample_refuse_an_out_dir_that_cannot_be_written_before_loadi
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     out = str(tmp_path / "a_file" / "out")
     ckpt = sft_pairs[0] if script == "sample" else tmp_path / "bad.pt"
-    argv = [f"--ckpt={ckpt}", f"--out_dir={out}"] + (["--pairs", "--device=cpu"] if script == "sample" else [])
+    argv = ([f"--ckpt={ckpt}", f"--out_dir={out}"]
+            + (["--pairs", "--device=cpu"] if script == "sample" else []))
     assert {"export": export, "sample": sample}[script].main(argv) == 2
     assert capsys.readouterr().err == f"error: --out_dir {out}: cannot write there (Not a directory)\n"
 
@@ -162,7 +164,8 @@ def test_bad_input_after_the_folder_is_claimed_leaves_no_folder_behind(toy_dir, 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{")
     out = tmp_path / "run"
-    assert train_sft.main(tiny_args(toy_dir, str(out), init_from=str(tmp_path / "model"), train_file=f"{toy_dir}/sft_train.jsonl")) == 2
+    assert train_sft.main(tiny_args(toy_dir, str(out), init_from=str(tmp_path / "model"),
+                                    train_file=f"{toy_dir}/sft_train.jsonl")) == 2
     assert "config.json: invalid JSON" in capsys.readouterr().err and not out.exists()
 
 
@@ -183,7 +186,8 @@ def test_ten_kills_at_random_moments_change_nothing_the_resumed_run_computes(sig
     run's. Each kill comes 1-3 steps and a random fraction of a step past the last step logged
     before it, so ten kills advance at most ~45 of the 80 steps. The runs are processes forked
     from a server that has imported train_sft, to spare ten interpreter starts."""
-    common = dict(max_iters=80, eval_interval=4, dropout=0.1, eval_samples=2, max_new_tokens=8, lr_decay_iters=80)
+    common = dict(max_iters=80, eval_interval=4, dropout=0.1, eval_samples=2, max_new_tokens=8,
+                  lr_decay_iters=80)
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     assert train_sft.main(tiny_args(toy_dir, whole, **common)) == 0
     processes = multiprocessing.get_context("forkserver")
@@ -208,7 +212,8 @@ def test_ten_kills_at_random_moments_change_nothing_the_resumed_run_computes(sig
         assert proc.exitcode == 128 + signal.SIGTERM, err
         step = load_checkpoint(ckpt)["step"]
         assert f"stopped by SIGTERM: the last checkpoint is {ckpt} (step {step}); continue with:" in err, err
-        assert "Traceback" not in err and sorted(os.listdir(killed)) == ["ckpt.pt", "config.json", "metrics.jsonl"]
+        assert ("Traceback" not in err
+                and sorted(os.listdir(killed)) == ["ckpt.pt", "config.json", "metrics.jsonl"])
     assert train_sft.main(tiny_args(toy_dir, killed, **common, resume=True)) == 0
     assert read_metrics(killed) == read_metrics(whole)
     a, b = load_checkpoint(os.path.join(whole, "ckpt.pt")), load_checkpoint(ckpt)
@@ -234,7 +239,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_last_checkpoint_stands(
     checkpoint = open(os.path.join(out, "ckpt.pt"), "rb").read()
     r = subprocess.run([sys.executable, "train_sft.py", *tiny_args(toy_dir, out, max_iters=4, eval_interval=2,
                                                                    resume=True)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=full_disk(len(checkpoint) // 2))
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       preexec_fn=full_disk(len(checkpoint) // 2))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     err = next(line for line in r.stderr.splitlines() if line.startswith("error:"))  # beside the progress bar
     assert err.startswith(f"error: step 4: writing {out}/ckpt.pt failed (") and err.endswith(
@@ -246,9 +252,10 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_last_checkpoint_stands(
 def test_a_disk_too_full_for_the_lock_file_is_one_line_and_leaves_nothing(toy_dir, tmp_path):
     """Writing the lock's text raised an OSError traceback and left an empty .lock."""
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "train_sft.py", *tiny_args(toy_dir, str(out))], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, preexec_fn=full_disk(0))
-    assert r.returncode == 2 and r.stderr == f"error: --out_dir {out}: cannot write there (File too large)\n", r.stderr
+    r = subprocess.run([sys.executable, "train_sft.py", *tiny_args(toy_dir, str(out))], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, preexec_fn=full_disk(0))
+    assert (r.returncode == 2
+            and r.stderr == f"error: --out_dir {out}: cannot write there (File too large)\n"), r.stderr
     assert not out.exists()
 
 
@@ -263,6 +270,7 @@ def test_any_other_write_that_finds_the_disk_full_is_one_line(toy_dir, tmp_path,
     monkeypatch.setattr(checkpoint, "write_atomic", disk_full)
     out = tmp_path / "run"
     assert train_sft.main(tiny_args(toy_dir, str(out))) == 1
-    assert capsys.readouterr().err.endswith(f"\nerror: writing {out}/config.json failed (No space left on device); "
-                                            f"stopped before the first checkpoint, so nothing in {out} to resume\n")
+    assert capsys.readouterr().err.endswith(f"\nerror: writing {out}/config.json failed (No space left "
+                                            "on device); stopped before the first checkpoint, so "
+                                            f"nothing in {out} to resume\n")
     assert not out.exists()

@@ -20,14 +20,17 @@ def test_tokenizer_has_fixed_special_ids_and_each_toy_word_is_one_piece(tok):
     assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
     assert [tok.sp.id_to_piece(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]
     assert len(tok.encode("the dialogue was not truly delightful .")) == 7
-    assert tok.decode([tok.bos_id] + tok.encode("i saw the film .") + [tok.eos_id, tok.pad_id]) == "i saw the film ."
+    assert (tok.decode([tok.bos_id] + tok.encode("i saw the film .") + [tok.eos_id, tok.pad_id])
+            == "i saw the film .")
 
 
 def test_a_conversation_prompt_renders_as_a_string_prompt_does_and_needs_a_template(tok):
     import chat
     zephyr = Tokenizer(**{**tok.state(), "chat_template": chat.ZEPHYR_TEMPLATE})
     assert zephyr.encode_prompt([{"role": "user", "content": "hi"}]) == zephyr.encode_prompt("hi")
-    text = zephyr.decode(zephyr.encode_prompt([{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}]))
-    assert text.startswith("<|system|>\nbe kind") and text.endswith("<|user|>\nhi \n<|assistant|>\n")  # " ": the toy's word-boundary piece after eos
+    text = zephyr.decode(zephyr.encode_prompt([{"role": "system", "content": "be kind"},
+                                               {"role": "user", "content": "hi"}]))
+    # " ": the toy's word-boundary piece after eos
+    assert text.startswith("<|system|>\nbe kind") and text.endswith("<|user|>\nhi \n<|assistant|>\n")
     with pytest.raises(DataError, match="needs a chat template"):
         tok.encode_prompt([{"role": "user", "content": "hi"}])

@@ -23,7 +23,8 @@ def test_toy_data_is_identical_for_a_seed_and_differs_for_another(toy_dir, tmp_p
         assert filecmp.cmp(os.path.join(toy_dir, name), os.path.join(again, name), shallow=False)
         assert not filecmp.cmp(os.path.join(toy_dir, name), os.path.join(other, name), shallow=False)
     # the model file records its training file's path, so compare the vocabularies
-    pieces = lambda d: [Tokenizer.load(os.path.join(d, "tokenizer.model")).sp.id_to_piece(i) for i in range(512)]
+    pieces = lambda d: [Tokenizer.load(os.path.join(d, "tokenizer.model")).sp.id_to_piece(i)
+                        for i in range(512)]
     assert pieces(toy_dir) == pieces(again)
 
 
@@ -47,7 +48,8 @@ def test_toy_completions_spread_over_the_reward_range(toy_dir):
 def test_gold_reward_by_hand():
     sig = lambda x: 1 / (1 + math.exp(-x))
     assert gold_reward("the movie was great .") == pytest.approx(sig(1))
-    assert gold_reward("i loved the plot . the music was awful . i would recommend it .") == pytest.approx(sig(1))
+    assert (gold_reward("i loved the plot . the music was awful . i would recommend it .")
+            == pytest.approx(sig(1)))
     assert gold_reward("the movie was not great . i would not recommend it .") == pytest.approx(sig(-2))
     assert gold_reward("the plot was slow . i watched the film .") == 0.5
     assert gold_reward("") == 0.5

@@ -31,12 +31,14 @@ from train_utils import prepare_trainable
 LORA = dict(lora_rank=4, lora_alpha=8, lr=5e-3)
 
 
-def test_dpo_with_adapters_off_as_reference_starts_at_ln2_and_saves_only_adapters(sft_pairs, toy_dir, tmp_path):
+def test_dpo_with_adapters_off_as_reference_starts_at_ln2_and_saves_only_adapters(sft_pairs, toy_dir,
+                                                                                  tmp_path):
     out = str(tmp_path)
     assert train_dpo.main(dpo_args(sft_pairs, toy_dir, out, eval_interval=3, **LORA)) == 0
     start, first_step = read_metrics(out)[0], read_metrics(out)[1]
     # a fresh adapter (B = 0) leaves the policy equal to the reference: loss ln 2, zero implicit rewards
-    assert start["eval/loss"] == pytest.approx(math.log(2), abs=1e-6) and first_step["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert (start["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+            and first_step["loss"] == pytest.approx(math.log(2), abs=1e-6))
     for k in ("eval/rewards/chosen", "eval/rewards/rejected", "rewards/chosen", "rewards/margins"):
         assert {**start, **first_step}[k] == 0.0, k
     assert read_metrics(out)[-1]["eval/rewards/margins"] != 0  # and the adapters did train
@@ -62,7 +64,8 @@ def test_merged_export_equals_the_unmerged_lora_forward(sft_pairs, toy_dir, tmp_
         expected = unmerged.eval()(ids)
         torch.testing.assert_close(merged.eval()(ids), expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(reference(ids).logits, expected, rtol=0, atol=1e-5)
-        assert not torch.allclose(load_gpt(sft_pairs[0])[0].eval()(ids), expected, atol=1e-3)  # the adapters count
+        # the adapters count
+        assert not torch.allclose(load_gpt(sft_pairs[0])[0].eval()(ids), expected, atol=1e-3)
 
 
 def test_resumed_lora_run_equals_the_uninterrupted_one(sft_pairs, toy_dir, tmp_path):
@@ -78,14 +81,16 @@ def test_frozen_weights_in_bfloat16_train_under_autocast_and_need_it(sft_pairs, 
     cfg = train_dpo.Config(lora_rank=4, dtype="bfloat16", frozen_dtype="bfloat16", grad_checkpoint=True)
     model = prepare_trainable(load_gpt(sft_pairs[0])[0], cfg)
     assert model.grad_checkpoint
-    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # adapters: master weights
+    # adapters: master weights
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}  # the frozen base
     for lora in ({}, LORA):
         out = str(tmp_path / f"run{len(lora)}")
-        assert train_dpo.main(dpo_args(sft_pairs, toy_dir, out, max_iters=2, dtype="bfloat16", frozen_dtype="bfloat16",
-                                       **lora)) == 0
+        assert train_dpo.main(dpo_args(sft_pairs, toy_dir, out, max_iters=2, dtype="bfloat16",
+                                       frozen_dtype="bfloat16", **lora)) == 0
         assert all(math.isfinite(m.get("loss", 0.0)) for m in read_metrics(out))
-    r = run_python("train_dpo.py", *dpo_args(sft_pairs, toy_dir, str(tmp_path / "bad"), frozen_dtype="bfloat16"))
+    r = run_python("train_dpo.py", *dpo_args(sft_pairs, toy_dir, str(tmp_path / "bad"),
+                                             frozen_dtype="bfloat16"))
     assert r.returncode != 0 and "--frozen_dtype bfloat16 needs --dtype bfloat16" in r.stderr
 
 
@@ -100,8 +105,9 @@ def chat_pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat_pipeline")
     data_dir, sft_dir, pairs = str(root / "toy_chat"), str(root / "sft"), str(root / "pairs")
     prepare_toy_data(data_dir, ToyConfig(n_sft_train=6000, chat=True), verbose=False)
-    assert train_sft.main([f"--data_dir={data_dir}", "--chat", f"--out_dir={sft_dir}", "--device=cpu", "--max_iters=200",
-                           "--eval_interval=200", "--eval_samples=0", "--print_samples=0"]) == 0
+    assert train_sft.main([f"--data_dir={data_dir}", "--chat", f"--out_dir={sft_dir}", "--device=cpu",
+                           "--max_iters=200", "--eval_interval=200", "--eval_samples=0",
+                           "--print_samples=0"]) == 0
     ckpt = os.path.join(sft_dir, "ckpt.pt")
     assert load_checkpoint(ckpt)["tokenizer"]["chat_template"]  # the template travels with the checkpoint
     assert sample.main([f"--ckpt={ckpt}", "--pairs", f"--data_dir={data_dir}", f"--out_dir={pairs}",
@@ -120,7 +126,8 @@ def _pairs_args(chat_pipeline, out_dir, **overrides):
 def _gold_raised(out_dir, by: float):
     start, end = read_metrics(out_dir)[0], read_metrics(out_dir)[-1]
     assert start["eval/kl"] == 0 and start["eval/win_rate"] == 0.5
-    assert end["eval/gold_reward"] > start["eval/gold_reward"] + by, (start["eval/gold_reward"], end["eval/gold_reward"])
+    assert end["eval/gold_reward"] > start["eval/gold_reward"] + by, (start["eval/gold_reward"],
+                                                                      end["eval/gold_reward"])
 
 
 @pytest.mark.slow
@@ -128,8 +135,9 @@ def _gold_raised(out_dir, by: float):
 def test_chat_sft_then_dpo_raises_the_gold_reward(chat_pipeline, tmp_path, lora):
     data_dir = chat_pipeline[0]
     extra = dict(lora_rank=8, lr=2e-3) if lora else dict(lr=2e-4)
-    assert train_dpo.main(_pairs_args(chat_pipeline, str(tmp_path), max_iters=40, eval_interval=40, eval_samples=64,
-                                      eval_prompts=f"{data_dir}/prompts_val.jsonl", **extra)) == 0
+    assert train_dpo.main(_pairs_args(chat_pipeline, str(tmp_path), max_iters=40, eval_interval=40,
+                                      eval_samples=64, eval_prompts=f"{data_dir}/prompts_val.jsonl",
+                                      **extra)) == 0
     _gold_raised(str(tmp_path), 0.04)
 
 
@@ -139,13 +147,14 @@ def test_chat_sft_then_rm_then_ppo_with_lora_raises_the_gold_reward(chat_pipelin
     chat template runs in tests/test_your_model.py (under 2 processes, on a Qwen2-style folder)."""
     data_dir = chat_pipeline[0]
     rm = str(tmp_path / "rm")
-    assert train_rm.main(_pairs_args(chat_pipeline, rm, max_iters=80, eval_interval=80, batch_size=64, gold_eval=True,
-                                     lr=3e-3, lora_rank=8)) == 0
+    assert train_rm.main(_pairs_args(chat_pipeline, rm, max_iters=80, eval_interval=80, batch_size=64,
+                                     gold_eval=True, lr=3e-3, lora_rank=8)) == 0
     assert read_metrics(rm)[-1]["eval/gold_agreement"] > 0.6
     ppo = str(tmp_path / "ppo")
-    assert train_ppo.main([f"--sft_ckpt={chat_pipeline[1]}", f"--reward_ckpt={rm}/ckpt.pt", f"--out_dir={ppo}",
-                           f"--prompts={data_dir}/prompts_train.jsonl", f"--eval_prompts={data_dir}/prompts_val.jsonl",
-                           "--device=cpu", "--max_iters=8", "--eval_interval=8", "--eval_samples=64", "--print_samples=0",
+    assert train_ppo.main([f"--sft_ckpt={chat_pipeline[1]}", f"--reward_ckpt={rm}/ckpt.pt",
+                           f"--out_dir={ppo}", f"--prompts={data_dir}/prompts_train.jsonl",
+                           f"--eval_prompts={data_dir}/prompts_val.jsonl", "--device=cpu", "--max_iters=8",
+                           "--eval_interval=8", "--eval_samples=64", "--print_samples=0",
                            "--lr=1e-3", "--lora_rank=8"]) == 0
     _gold_raised(ppo, 0.04)
 
@@ -156,5 +165,6 @@ def test_a_checkpoint_missing_a_trained_weight_is_refused_by_name(sft_pairs):
     assert state and all("lora_" in k for k in state)
     load_trainable(model, state, "ok")  # every trained weight present: loads
     missing = sorted(state)[0]
-    with pytest.raises(DataError, match=f"x: the checkpoint does not fit the model \\(missing \\['{missing}'\\]"):
+    with pytest.raises(DataError,
+                       match=f"x: the checkpoint does not fit the model \\(missing \\['{missing}'\\]"):
         load_trainable(model, {k: v for k, v in state.items() if k != missing}, "x")

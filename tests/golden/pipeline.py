@@ -61,17 +61,18 @@ def run_rest(root: str, data: str, sft_ckpt: str, seed: int = 1337, stages=("dpo
     (the reward model's use is tested elsewhere; the gold reward keeps these runs independent of it)."""
     common = [f"--seed={seed}", "--device=cpu", f"--sft_ckpt={sft_ckpt}"]
     evaluation = [f"--eval_prompts={data}/prompts_val.jsonl", "--eval_samples=32", "--print_samples=0"]
-    pairs = [f"--train_file={PAIRS['train']}", f"--val_file={PAIRS['val']}", "--batch_size=16", "--max_iters=20",
-             "--eval_interval=10"]
+    pairs = [f"--train_file={PAIRS['train']}", f"--val_file={PAIRS['val']}", "--batch_size=16",
+             "--max_iters=20", "--eval_interval=10"]
     if "dpo" in stages:
         assert train_dpo.main([*common, *pairs, *evaluation, f"--out_dir={root}/dpo"]) == 0
     if "rm" in stages:
         assert train_rm.main([*common, *pairs, "--gold_eval=true", f"--out_dir={root}/rm"]) == 0
     for stage in RL_STAGES:
         if stage in stages:
-            assert train_ppo.main([*common, *evaluation, *RL_FLAGS[stage], f"--out_dir={root}/{stage}", "--reward=gold",
-                                   f"--prompts={data}/prompts_train.jsonl", "--batch_size=32", "--gen_chunk=16",
-                                   "--max_iters=6", "--eval_interval=3", "--reward_norm_batches=1"]) == 0
+            assert train_ppo.main([*common, *evaluation, *RL_FLAGS[stage], f"--out_dir={root}/{stage}",
+                                   "--reward=gold", f"--prompts={data}/prompts_train.jsonl",
+                                   "--batch_size=32", "--gen_chunk=16", "--max_iters=6", "--eval_interval=3",
+                                   "--reward_norm_batches=1"]) == 0
 
 
 def run(root: str) -> dict[str, dict[str, list[list[float]]]]:
@@ -108,14 +109,17 @@ def out_of_tolerance(golden: dict, curves: dict) -> list[str]:
         for key, g in keys.items():
             new = dict(map(tuple, curves.get(stage, {}).get(key, [])))
             if sorted(new) != [step for step, _ in g["points"]]:
-                problems.append(f"{stage} {key}: logged at steps {sorted(new)}, golden {[s for s, _ in g['points']]}")
+                problems.append(f"{stage} {key}: logged at steps {sorted(new)}, "
+                                f"golden {[s for s, _ in g['points']]}")
                 continue
             worst = max(abs(new[step] - value) - (g["tolerance"] if g["kind"] == "sampled"
-                                                  else (g["tolerance"] or ATOL_FIXED) + RTOL_FIXED * abs(value))
+                                                  else (g["tolerance"] or ATOL_FIXED)
+                                                  + RTOL_FIXED * abs(value))
                         for step, value in g["points"])
             if worst > 0:
                 diffs = max(abs(new[step] - value) for step, value in g["points"])
-                problems.append(f"{stage} {key} ({g['kind']}): moved by up to {diffs:.4g}, beyond its tolerance")
+                problems.append(f"{stage} {key} ({g['kind']}): moved by up to {diffs:.4g}, beyond its "
+                                "tolerance")
         for key in set(curves.get(stage, {})) - set(keys):
             problems.append(f"{stage} {key}: logged but not in the golden file")
     return problems

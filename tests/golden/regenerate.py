@@ -58,7 +58,8 @@ def fixed_tolerances(curves: dict, runs: list[dict]) -> dict[tuple[str, str], fl
     for stage in pipeline.FIXED_STAGES:
         for key, points in curves[stage].items():
             if pipeline.kind(stage, key) == "fixed":
-                moved = max(abs(dict(map(tuple, run[stage][key]))[step] - value) for run in runs for step, value in points)
+                moved = max(abs(dict(map(tuple, run[stage][key]))[step] - value)
+                            for run in runs for step, value in points)
                 out[stage, key] = max(pipeline.ATOL_FIXED, pipeline.FIXED_MARGIN * moved)
     return out
 
@@ -77,11 +78,13 @@ def tolerances(runs: list[dict]) -> dict[tuple[str, str], float]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", action="store_true", help="resample pairs_train/val.jsonl from the new SFT model")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", action="store_true",
+                        help="resample pairs_train/val.jsonl from the new SFT model")
     parser.add_argument("--fixed_tolerances", action="store_true",
-                        help="only rerun the fixed stages under ROUNDING_VARIANTS and rewrite the fixed curves' "
-                             "tolerances; every curve's points are kept")
+                        help="only rerun the fixed stages under ROUNDING_VARIANTS and rewrite the fixed "
+                             "curves' tolerances; every curve's points are kept")
     args = parser.parse_args(argv)
     root = tempfile.mkdtemp(prefix="golden")
     try:
@@ -97,8 +100,9 @@ def main(argv=None) -> int:
             return 0
         sft_ckpt = pipeline.run_sft(root)
         if args.pairs or not all(map(os.path.exists, pipeline.PAIRS.values())):
-            assert sample.main([f"--ckpt={sft_ckpt}", "--pairs", f"--data_dir={root}/toy", f"--out_dir={root}/pairs",
-                                "--n_train_prompts=100", "--n_val_prompts=16", "--device=cpu"]) == 0
+            assert sample.main([f"--ckpt={sft_ckpt}", "--pairs", f"--data_dir={root}/toy",
+                                f"--out_dir={root}/pairs", "--n_train_prompts=100", "--n_val_prompts=16",
+                                "--device=cpu"]) == 0
             for split, path in pipeline.PAIRS.items():
                 shutil.copy(os.path.join(root, "pairs", f"pairs_{split}.jsonl"), path)
         pipeline.run_rest(root, f"{root}/toy", sft_ckpt)
