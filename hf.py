@@ -24,8 +24,9 @@ from files import DataError, write_atomic
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gpt2")  # config.json model_type values this file reads
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+# config.json model_type values this file reads
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gpt2")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2")
 # the fields of a "llama3" rope scaling, in the order model.GPTConfig.rope_scaling holds them
 LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # A downloaded folder is untrusted data: each file is read up to a bound far above real ones, so a
@@ -127,13 +128,13 @@ def check_config(fields: dict) -> GPTConfig:
                          f"original context in tokens), positive numbers, got {scaling!r}")
     if not (is_real(config.dropout) and 0 <= config.dropout < 1):
         raise ValueError(f"dropout must be a number from 0 to below 1, got {config.dropout!r}")
-    for name in ("bias", "qkv_bias", "qk_norm", "tie_embeddings"):
+    for name in ("bias", "qkv_bias", "norm_after", "tie_embeddings"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"{name} must be true or false, got {getattr(config, name)!r}")
-    for name, choices in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gelu_tanh", "swiglu")),
-                          ("pos", ("learned", "rope"))):
+    for name, choices in (("qk_norm", (None, "head", "projection")), ("norm", ("layernorm", "rmsnorm")),
+                          ("mlp", ("gelu", "gelu_tanh", "swiglu")), ("pos", ("learned", "rope"))):
         if getattr(config, name) not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+            raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {getattr(config, name)!r}")
     return config
 
 
@@ -207,7 +208,7 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     if field("hidden_act", "silu") != "silu":
         unsupported(f"hidden_act {_brief(hf['hidden_act'])}")
     biases = field("attention_bias", False, _FLAG) or field("mlp_bias", False, _FLAG)
-    if model_type in ("llama", "qwen3", "smollm3") and biases:
+    if model_type in ("llama", "qwen3", "smollm3", "olmo2") and biases:
         unsupported(f"attention_bias or mlp_bias in a {model_type} config")
     if (head_dim or n_embd // n_head) % 2:
         raise DataError(f"{where}: field {'head_dim' if head_dim else 'hidden_size'!r}: rotary positions "
@@ -254,7 +255,8 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     return check_config(dict(
         **sizes, norm="rmsnorm", norm_eps=field("rms_norm_eps", 1e-6, _POSITIVE), mlp="swiglu", pos="rope",
         rope_theta=float(rope_theta), rope_scaling=rope_scaling,
-        qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", rope_layers=rope_layers,
+        qkv_bias=model_type == "qwen2", qk_norm={"qwen3": "head", "olmo2": "projection"}.get(model_type),
+        norm_after=model_type == "olmo2", rope_layers=rope_layers,
         tie_embeddings=field("tie_word_embeddings", False, _FLAG)))
 
 
@@ -269,10 +271,10 @@ def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
                     n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=c.intermediate_size,
                     activation_function={"gelu": "gelu", "gelu_tanh": "gelu_new"}[c.mlp],
                     layer_norm_epsilon=c.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
-    model_type = ("smollm3" if c.rope_layers and 0 in c.rope_layers else "qwen3" if c.qk_norm
-                  else "qwen2" if c.qkv_bias else "llama")
-    architecture = {"smollm3": "SmolLM3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "llama": "LlamaForCausalLM"}[model_type]
+    model_type = ("olmo2" if c.norm_after else "smollm3" if c.rope_layers and 0 in c.rope_layers
+                  else "qwen3" if c.qk_norm else "qwen2" if c.qkv_bias else "llama")
+    architecture = {"olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[model_type]
     return dict(model_type=model_type, architectures=[architecture],
                 max_position_embeddings=c.block_size, num_hidden_layers=c.n_layer,
                 num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
@@ -310,8 +312,10 @@ def weight_table(c: GPTConfig, model_type: str) -> list[tuple[str, list[str], st
              ("transformer.ln_f.weight", ["model.norm.weight"], "copy")]
     for i in range(c.n_layer):
         p, hf = f"transformer.h.{i}.", f"model.layers.{i}."
-        rows += [(p + "ln_1.weight", [hf + "input_layernorm.weight"], "copy"),
-                 (p + "ln_2.weight", [hf + "post_attention_layernorm.weight"], "copy"),
+        # OLMo 2's norms are on the outputs of attention and MLP (norm_after)
+        norms = ("post_attention", "post_feedforward") if c.norm_after else ("input", "post_attention")
+        rows += [(p + "ln_1.weight", [hf + f"{norms[0]}_layernorm.weight"], "copy"),
+                 (p + "ln_2.weight", [hf + f"{norms[1]}_layernorm.weight"], "copy"),
                  (p + "attn.c_attn.weight", [hf + f"self_attn.{x}_proj.weight" for x in "qkv"], "cat"),
                  (p + "attn.c_proj.weight", [hf + "self_attn.o_proj.weight"], "copy"),
                  (p + "mlp.c_fc.weight", [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"], "cat"),

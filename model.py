@@ -50,7 +50,10 @@ class GPTConfig:
     rope_scaling: tuple | None = None
     rope_layers: tuple | None = None  # per layer, whether it rotates queries and keys (SmolLM3: 0, no positions)
     qkv_bias: bool = False  # biases on the query, key and value projections alone (Qwen2)
-    qk_norm: bool = False  # an RMSNorm over each head's query and key, before the rotation (Qwen3)
+    # an RMSNorm over queries and keys before the rotation: "head", each head's (Qwen3); "projection", the
+    # whole projection's (OLMo 2); None: none
+    qk_norm: str | None = None
+    norm_after: bool = False  # a block's norms on the outputs of attention and MLP, not their inputs (OLMo 2)
     tie_embeddings: bool = True  # the output head shares the token embedding's weights
 
     def __post_init__(self):  # the defaults, and a head split they can be computed from
@@ -159,8 +162,9 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, q_size + 2 * kv_size, bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(q_size, config.n_embd, bias=config.bias)
         if config.qk_norm:
-            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
-            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+            per_head = config.qk_norm == "head"
+            self.q_norm = RMSNorm(config.head_dim if per_head else q_size, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim if per_head else kv_size, config.norm_eps)
         self.qk_norm = config.qk_norm
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -168,10 +172,12 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, attn_mask, rope, kv_cache, layer):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.split_sizes, dim=2)
+        if self.qk_norm == "projection":  # over all n_head * hs (n_kv * hs) features
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
                 for t in (k, v))  # (B, n_kv, T, hs)
-        if self.qk_norm:  # over each head's hs features
+        if self.qk_norm == "head":  # over each head's hs features
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -208,7 +214,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block (GPT-2, Radford et al. 2019): x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block (GPT-2, Radford et al. 2019): x + attn(norm(x)), then x + mlp(norm(x));
+    with norm_after (OLMo 2), x + norm(attn(x)), then x + norm(mlp(x))."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -216,8 +223,12 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        self.norm_after = config.norm_after
 
     def forward(self, x, attn_mask, rope, kv_cache, layer):
+        if self.norm_after:
+            x = x + self.ln_1(self.attn(x, attn_mask, rope, kv_cache, layer))
+            return x + self.ln_2(self.mlp(x))
         x = x + self.attn(self.ln_1(x), attn_mask, rope, kv_cache, layer)
         return x + self.mlp(self.ln_2(x))
 

@@ -120,6 +120,8 @@ BAD_CONFIG = [  # (folder, config.json changes, what the one line says)
      "field 'no_rope_layers': [1, 0, 1] is not a 0 or 1 for each of the 2 layers"),
     ("llama", dict(model_type="smollm3", no_rope_layers=[1, 0.0]),
      "field 'no_rope_layers': [1, 0.0] is not a 0 or 1 for each of the 2 layers"),
+    ("llama", dict(model_type="olmo2", attention_bias=True),
+     "config.json: attention_bias or mlp_bias in a olmo2 config is not supported"),
     ("llama", dict(model_type="qwen3", attention_bias=True),
      "config.json: attention_bias or mlp_bias in a qwen3 config is not supported"),
     ("llama", dict(model_type="qwen2", use_sliding_window=True, max_window_layers="x"),
@@ -411,6 +413,8 @@ def test_export_overwrite_of_a_sharded_folder_leaves_no_stale_weights(good, tmp_
     (dict(rope_theta=-1.0), "rope_theta must be a positive finite number, got -1.0"),
     (dict(rope_theta=math.inf), "rope_theta must be a positive finite number, got inf"),
     (dict(dropout=1.0), "dropout must be a number from 0 to below 1, got 1.0"),
+    (dict(qk_norm=True), "qk_norm must be one of None, head, projection, got True"),
+    (dict(norm_after="yes"), "norm_after must be true or false, got 'yes'"),
     (dict(rope_layers=[1, 0, 1]), "rope_layers must hold a 0 or 1 for each of the 2 layers, got [1, 0, 1]"),
     (dict(rope_layers=[True, 2]), "rope_layers must hold a 0 or 1 for each of the 2 layers, got [True, 2]"),
     (dict(pos="rope", rope_scaling=[8.0, 1.0, 4.0]), "rope_scaling must be (factor >= 1, low_freq_factor, "
