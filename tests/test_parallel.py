@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from checkpoint import load_checkpoint
 from conftest import read_metrics, run_python, run_ranks
-from distributed import shard
+from distributed import Dist, cleanup_distributed, shard
 from hf import load_folder
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
@@ -188,7 +188,9 @@ def _shard_in_bfloat16_on_rank(rank, store, out):
                 "grad": (weight.grad.dtype, weight.grad.to_local().shape), "logits": logits.detach(),
                 "full": {k: v.full_tensor() for k, v in model.state_dict().items()},
                 "full_grad": {k: p.grad.full_tensor() for k, p in model.named_parameters()}}, f"{out}.{rank}")
-    torch_dist.destroy_process_group()
+    # as distributed.cleanup_distributed does: every rank done before any closes its connections (once, under
+    # a loaded machine, a rank aborted in gloo's threads: "terminate called without an active exception")
+    cleanup_distributed(Dist(True, rank, rank, 2, torch.device("cpu")), finished=True)
 
 
 def test_fsdp_under_bfloat16_computes_in_bfloat16_and_keeps_float32_shards(tmp_path):

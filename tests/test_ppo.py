@@ -13,6 +13,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
+from distributed import Dist, cleanup_distributed
 from model import GPT, IGNORE_INDEX, GPTConfig
 from ppo import (AdaptiveKLController, FixedKLController, gae, group_advantages, k3_kl, masked_whiten, per_token_rewards, ppo_losses, response_labels, rollout, shaped_scores)
 
@@ -57,7 +58,7 @@ def _whiten_on_rank(rank, store, out):
         torch_dist.all_reduce(t)
         return t
     torch.save(masked_whiten(x[rows], mask[rows], all_reduce), f"{out}.{rank}")
-    torch_dist.destroy_process_group()
+    cleanup_distributed(Dist(True, rank, rank, 2, torch.device("cpu")), finished=True)  # every rank done first
 
 
 def test_masked_whitening_over_two_processes_equals_one(tmp_path):
