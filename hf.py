@@ -25,8 +25,8 @@ from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
 # config.json model_type values this file reads
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gpt2")
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gpt2")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "phi3")
 # the fields of a "llama3" rope scaling, in the order model.GPTConfig.rope_scaling holds them
 LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # A downloaded folder is untrusted data: each file is read up to a bound far above real ones, so a
@@ -115,6 +115,10 @@ def check_config(fields: dict) -> GPTConfig:
     for name in ("norm_eps", "rope_theta"):
         if not (is_real(getattr(config, name)) and 0 < getattr(config, name) < math.inf):
             raise ValueError(f"{name} must be a positive finite number, got {getattr(config, name)!r}")
+    if config.rotary_dim is not None and not (is_int(config.rotary_dim) and config.rotary_dim % 2 == 0
+                                              and 2 <= config.rotary_dim <= config.head_dim):
+        raise ValueError(f"rotary_dim must be an even number of dims from 2 to head_dim ({config.head_dim}), "
+                         f"got {config.rotary_dim!r}")
     layers = config.rope_layers
     if layers is not None and not (isinstance(layers, (list, tuple)) and len(layers) == config.n_layer
                                    and all(v in (0, 1) and not isinstance(v, float) for v in layers)):
@@ -208,7 +212,7 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     if field("hidden_act", "silu") != "silu":
         unsupported(f"hidden_act {_brief(hf['hidden_act'])}")
     biases = field("attention_bias", False, _FLAG) or field("mlp_bias", False, _FLAG)
-    if model_type in ("llama", "qwen3", "smollm3", "olmo2") and biases:
+    if model_type in ("llama", "qwen3", "smollm3", "olmo2", "phi3") and biases:
         unsupported(f"attention_bias or mlp_bias in a {model_type} config")
     if (head_dim or n_embd // n_head) % 2:
         raise DataError(f"{where}: field {'head_dim' if head_dim else 'hidden_size'!r}: rotary positions "
@@ -219,6 +223,14 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         unsupported(f"rope scaling {_brief(rope_type)}")
+    # Phi-3 and Phi-4-mini rotate the first partial_rotary_factor of each head's dims (under rope_parameters
+    # in transformers 5, at the top level before)
+    factor = rope.get("partial_rotary_factor", field("partial_rotary_factor", 1.0, _POSITIVE))
+    factor = check("partial_rotary_factor", factor, ((lambda v: is_real(v) and 0 < v <= 1), "a number in (0, 1]"))
+    rotary_dim = int((head_dim or n_embd // n_head) * factor)
+    if rotary_dim % 2 or rotary_dim < 2:
+        raise DataError(f"{where}: field 'partial_rotary_factor': {factor} rotates {rotary_dim} dims of each head, "
+                        "not an even number")
     rope_scaling = None
     if rope_type == "llama3":  # Llama 3.1 and 3.2: every frequency rescaled (model.llama3_frequencies)
         wants = [_POSITIVE, _POSITIVE, _POSITIVE, _size("block_size")]
@@ -231,7 +243,7 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     # sliding-window attention is not implemented: within the window it is plain causal attention, so
     # the window caps the context. As in transformers, a missing sliding_window is 4096 (null: none),
     # and Qwen2 slides only with use_sliding_window, in the layers from max_window_layers on
-    slides = model_type == "mistral"
+    slides = model_type == "mistral" or model_type == "phi3" and hf.get("sliding_window") is not None
     rope_layers = None
     if model_type == "smollm3":  # 1: the layer rotates queries and keys; 0: no positions (NoPE)
         interval = field("no_rope_layer_interval", 4, _size("n_layer"))
@@ -257,6 +269,7 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
         rope_theta=float(rope_theta), rope_scaling=rope_scaling,
         qkv_bias=model_type == "qwen2", qk_norm={"qwen3": "head", "olmo2": "projection"}.get(model_type),
         norm_after=model_type == "olmo2", rope_layers=rope_layers,
+        rotary_dim=rotary_dim if rotary_dim != (head_dim or n_embd // n_head) else None,
         tie_embeddings=field("tie_word_embeddings", False, _FLAG)))
 
 
@@ -271,10 +284,11 @@ def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
                     n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=c.intermediate_size,
                     activation_function={"gelu": "gelu", "gelu_tanh": "gelu_new"}[c.mlp],
                     layer_norm_epsilon=c.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
-    model_type = ("olmo2" if c.norm_after else "smollm3" if c.rope_layers and 0 in c.rope_layers
+    model_type = ("phi3" if c.rotary_dim else "olmo2" if c.norm_after
+                  else "smollm3" if c.rope_layers and 0 in c.rope_layers
                   else "qwen3" if c.qk_norm else "qwen2" if c.qkv_bias else "llama")
-    architecture = {"olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                    "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[model_type]
+    architecture = {"phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[model_type]
     return dict(model_type=model_type, architectures=[architecture],
                 max_position_embeddings=c.block_size, num_hidden_layers=c.n_layer,
                 num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
@@ -282,7 +296,8 @@ def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
                 rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, attention_bias=False, **common,
                 **({"rope_scaling": {"rope_type": "llama3", **dict(zip(LLAMA3_ROPE, c.rope_scaling))}}
                    if c.rope_scaling else {}),
-                **({"no_rope_layers": list(c.rope_layers)} if model_type == "smollm3" else {}))
+                **({"no_rope_layers": list(c.rope_layers)} if model_type == "smollm3" else {}),
+                **({"partial_rotary_factor": c.rotary_dim / c.head_dim} if model_type == "phi3" else {}))
 
 
 # -----------------------------------------------------------------------------
@@ -312,13 +327,16 @@ def weight_table(c: GPTConfig, model_type: str) -> list[tuple[str, list[str], st
              ("transformer.ln_f.weight", ["model.norm.weight"], "copy")]
     for i in range(c.n_layer):
         p, hf = f"transformer.h.{i}.", f"model.layers.{i}."
+        fused = model_type == "phi3"  # Phi-3 stores q, k, v and gate, up fused, in this project's order
         # OLMo 2's norms are on the outputs of attention and MLP (norm_after)
         norms = ("post_attention", "post_feedforward") if c.norm_after else ("input", "post_attention")
         rows += [(p + "ln_1.weight", [hf + f"{norms[0]}_layernorm.weight"], "copy"),
                  (p + "ln_2.weight", [hf + f"{norms[1]}_layernorm.weight"], "copy"),
-                 (p + "attn.c_attn.weight", [hf + f"self_attn.{x}_proj.weight" for x in "qkv"], "cat"),
+                 (p + "attn.c_attn.weight", [hf + "self_attn.qkv_proj.weight"] if fused
+                  else [hf + f"self_attn.{x}_proj.weight" for x in "qkv"], "copy" if fused else "cat"),
                  (p + "attn.c_proj.weight", [hf + "self_attn.o_proj.weight"], "copy"),
-                 (p + "mlp.c_fc.weight", [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"], "cat"),
+                 (p + "mlp.c_fc.weight", [hf + "mlp.gate_up_proj.weight"] if fused
+                  else [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"], "copy" if fused else "cat"),
                  (p + "mlp.c_proj.weight", [hf + "mlp.down_proj.weight"], "copy")]
         if c.qkv_bias:
             rows.append((p + "attn.c_attn.bias", [hf + f"self_attn.{x}_proj.bias" for x in "qkv"], "cat"))

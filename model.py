@@ -48,6 +48,7 @@ class GPTConfig:
     rope_theta: float = 10000.0  # rotary base frequency
     # Llama 3's rotary frequency scaling: (factor, low_freq_factor, high_freq_factor, original context); None: none
     rope_scaling: tuple | None = None
+    rotary_dim: int | None = None  # the leading dims of each head that rotate (Phi's partial rotary); None: all
     rope_layers: tuple | None = None  # per layer, whether it rotates queries and keys (SmolLM3: 0, no positions)
     qkv_bias: bool = False  # biases on the query, key and value projections alone (Qwen2)
     # an RMSNorm over queries and keys before the rotation: "head", each head's (Qwen3); "projection", the
@@ -147,7 +148,10 @@ def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, nh, T, hs) queries or keys by their positions' angles."""
+    """Rotate (B, nh, T, hs) queries or keys by their positions' angles; where the angles cover
+    fewer than hs dims (a partial rotary), the first ones only, the rest passed through."""
+    if cos.size(-1) < x.size(-1):
+        return torch.cat([apply_rope(x[..., :cos.size(-1)], cos, sin), x[..., cos.size(-1):]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -354,7 +358,8 @@ class GPT(nn.Module):
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(pos)
         else:
-            rope = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype, self.config.rope_scaling)
+            rope = rope_cos_sin(pos, self.config.rotary_dim or self.config.head_dim, self.config.rope_theta, x.dtype,
+                                self.config.rope_scaling)
         x = self.transformer.drop(x)
         # gradient checkpointing (Chen et al. 2016) keeps only each block's input for the backward
         # pass and runs the block again there: memory of one block's activations, a third more compute.

@@ -40,6 +40,8 @@ FAMILIES = {  # tiny random configurations of each supported family
         num_key_value_heads=2, no_rope_layers=[1, 0], tie_word_embeddings=True, pad_token_id=None, **_LLAMA_SIZE),
     "olmo2": lambda: transformers.Olmo2Config(  # norms after attention and MLP, q/k norms over the projections
         num_key_value_heads=2, pad_token_id=None, **_LLAMA_SIZE),
+    "phi3": lambda: transformers.Phi3Config(  # fused projections; half of each head rotates (Phi-4-mini: 3/4)
+        num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=None, **_LLAMA_SIZE),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                             initializer_range=0.1, bos_token_id=0, eos_token_id=0),
 }
@@ -337,7 +339,7 @@ def _truncate(path):
 BAD_FOLDERS = {  # case -> (how to spoil a good llama folder, what the one line must say)
     "no config.json": (lambda d: os.remove(f"{d}/config.json"), "config.json: no such file"),
     "unsupported model_type": (lambda d: _edit_config(d, model_type="bert"),
-                               "model_type 'bert' is not supported (supported: llama, mistral, qwen2, qwen3, smollm3, olmo2, gpt2)"),
+                               "model_type 'bert' is not supported (supported: llama, mistral, qwen2, qwen3, smollm3, olmo2, phi3, gpt2)"),
     "missing tensor": (lambda d: _edit_weights(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
                        "missing ['model.layers.1.mlp.up_proj.weight']"),
     "unexpected tensor": (lambda d: _edit_weights(d, lambda t: t.update({"model.extra.weight": torch.zeros(2)})),
