@@ -232,7 +232,7 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
         raise DataError(f"{where}: field 'partial_rotary_factor': {factor} rotates {rotary_dim} dims of each head, "
                         "not an even number")
     rope_scaling = None
-    if rope_type == "llama3":  # Llama 3.1 and 3.2: every frequency rescaled (model.llama3_frequencies)
+    if rope_type == "llama3":  # Llama 3.1 and 3.2: every frequency rescaled (rope.llama3_frequencies)
         wants = [_POSITIVE, _POSITIVE, _POSITIVE, _size("block_size")]
         rope_scaling = tuple(check(f"rope_scaling.{k}", rope.get(k), want) for k, want in zip(LLAMA3_ROPE, wants))
         if rope_scaling[0] < 1 or rope_scaling[1] >= rope_scaling[2]:
