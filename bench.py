@@ -39,7 +39,8 @@ from distributed import Dist, pick_device
 from dpo import concatenated_forward
 from hf import config_from_hf, load_folder
 from lora import TARGETS, AdaptersOff, attach_lora
-from model import GPT, GPTConfig, IGNORE_INDEX, PRESETS, token_logps
+from head import token_logps
+from model import GPT, GPTConfig, IGNORE_INDEX, PRESETS
 from ppo import PolicyAndCritic
 from reward_model import RewardModel
 from train_dpo import dpo_batch_loss

@@ -9,7 +9,7 @@ import math
 import torch
 
 from evaluate import completion_batches
-from model import token_logps
+from head import token_logps
 from tokenizer import Tokenizer
 from toy import POLARITY
 

@@ -18,7 +18,7 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 def sequence_logps(logps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probability of each sequence's labelled tokens.
 
-    logps (B, T - 1), each next token's log-prob (model.token_logps, or the model called with
+    logps (B, T - 1), each next token's log-prob (head.token_logps, or the model called with
     labels, both 0 where the label is IGNORE_INDEX), and labels (B, T), IGNORE_INDEX on prompt
     and pad tokens. Returns (B,): the sum over labelled tokens."""
     return logps.sum(-1)

@@ -2,7 +2,7 @@
 The output head's log-probs of the labels, straight from the final hidden states: only labelled
 positions meet the head, a chunk of rows at a time, so the full (B, T, vocab_size) logits never
 exist. `label_logps` is what GPT.forward returns given labels, the log-prob of every loss and
-estimate; model.token_logps, from full logits, is the definition it is tested against.
+estimate; token_logps, from full logits, is the definition it is tested against.
 """
 import torch
 import torch.nn.functional as F
@@ -105,3 +105,14 @@ def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     parts = [_head_logps(rows[i:i + n], weight, y[i:i + n], temperature)
              for i in range(0, max(1, len(rows)), n)]
     return tuple(zeros.masked_scatter(labelled, torch.cat(p)) for p in zip(*parts))
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The log-probability of each labelled next token, from full logits: logits (B, T, V) at t
+    score labels (B, T) at t + 1, so both are shifted by one. Returns (B, T - 1) in float32, 0
+    where the label is IGNORE_INDEX (prompt and pad tokens). The definition the model's own
+    labelled log-probs (label_logps, which every loss uses) are tested against; the ceiling's
+    tilted logits take it directly."""
+    B, T, V = logits.shape
+    return -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                            ignore_index=IGNORE_INDEX, reduction="none").view(B, T - 1)

@@ -24,9 +24,25 @@ from files import DataError, write_atomic
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
+# Llama and its descendants, a row a family: the GPTConfig fields every folder of it has (the rest are read from
+# its config.json by config_from_hf), and the norms of its blocks, this project's module: the family's name
+_PRE_NORMS = dict(ln_1="input_layernorm", ln_2="post_attention_layernorm")
+FAMILIES = {
+    "llama": dict(fields={}, norms=_PRE_NORMS),
+    "mistral": dict(fields={}, norms=_PRE_NORMS),  # sliding windows in every layer
+    "qwen2": dict(fields=dict(qkv_bias=True), norms=_PRE_NORMS),
+    "qwen3": dict(fields=dict(qk_norm="head"), norms=_PRE_NORMS),
+    "smollm3": dict(fields={}, norms=_PRE_NORMS),  # rope_layers: layers without positions
+    "phi3": dict(fields={}, norms=_PRE_NORMS),  # fused q/k/v and gate/up weights; rotary_dim: a partial rotary
+    "olmo2": dict(fields=dict(qk_norm="projection", norm_after=True, norm_before=False),
+                  norms=dict(ln_attn_out="post_attention_layernorm", ln_mlp_out="post_feedforward_layernorm")),
+    "gemma3_text": dict(fields=dict(qk_norm="head", norm_before=True, norm_after=True, norm_offset=True,
+                                    embed_scale=True, mlp="geglu"),
+                        norms=dict(ln_1="input_layernorm", ln_attn_out="post_attention_layernorm",
+                                   ln_2="pre_feedforward_layernorm", ln_mlp_out="post_feedforward_layernorm")),
+}
 # config.json model_type values this file reads
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gpt2")
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "phi3")
+SUPPORTED = (*FAMILIES, "gpt2")
 # the fields of a "llama3" rope scaling, in the order model.GPTConfig.rope_scaling holds them
 LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # A downloaded folder is untrusted data: each file is read up to a bound far above real ones, so a
@@ -112,9 +128,16 @@ def check_config(fields: dict) -> GPTConfig:
     config = GPTConfig(**fields)  # refuses a head split its defaults cannot be filled in from
     if config.pos == "rope" and config.head_dim % 2:
         raise ValueError(f"head_dim must be even for rotary positions, got {config.head_dim}")
-    for name in ("norm_eps", "rope_theta"):
-        if not (is_real(getattr(config, name)) and 0 < getattr(config, name) < math.inf):
-            raise ValueError(f"{name} must be a positive finite number, got {getattr(config, name)!r}")
+    for name in ("norm_eps", "rope_theta", "attn_scale", "rope_local_theta"):
+        value = getattr(config, name)
+        optional = value is None and name in ("attn_scale", "rope_local_theta")
+        if not (optional or is_real(value) and 0 < value < math.inf):
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    windows = config.layer_windows
+    if windows is not None and not (isinstance(windows, (list, tuple)) and len(windows) == config.n_layer
+                                    and all(is_int(w) and 0 <= w <= MAX_SIZE["block_size"] for w in windows)):
+        raise ValueError(f"layer_windows must hold a window in tokens (0: none) for each of the {config.n_layer} "
+                         f"layers, got {_brief(windows)}")
     if config.rotary_dim is not None and not (is_int(config.rotary_dim) and config.rotary_dim % 2 == 0
                                               and 2 <= config.rotary_dim <= config.head_dim):
         raise ValueError(f"rotary_dim must be an even number of dims from 2 to head_dim ({config.head_dim}), "
@@ -132,11 +155,11 @@ def check_config(fields: dict) -> GPTConfig:
                          f"original context in tokens), positive numbers, got {scaling!r}")
     if not (is_real(config.dropout) and 0 <= config.dropout < 1):
         raise ValueError(f"dropout must be a number from 0 to below 1, got {config.dropout!r}")
-    for name in ("bias", "qkv_bias", "norm_after", "tie_embeddings"):
+    for name in ("bias", "qkv_bias", "norm_after", "norm_before", "norm_offset", "embed_scale", "tie_embeddings"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"{name} must be true or false, got {getattr(config, name)!r}")
     for name, choices in (("qk_norm", (None, "head", "projection")), ("norm", ("layernorm", "rmsnorm")),
-                          ("mlp", ("gelu", "gelu_tanh", "swiglu")), ("pos", ("learned", "rope"))):
+                          ("mlp", ("gelu", "gelu_tanh", "swiglu", "geglu")), ("pos", ("learned", "rope"))):
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {getattr(config, name)!r}")
     return config
@@ -158,6 +181,10 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
     """The GPTConfig of a transformers config.json (model_type llama, mistral, qwen2 or gpt2). The
     file is untrusted: every value is checked (type, range, consistency) with one line naming it."""
     model_type = hf.get("model_type")
+    if model_type == "gemma3":
+        raise DataError(f"{where}: model_type 'gemma3' is Gemma 3's image-and-text model (4B and up), whose text "
+                        "tower is not read here (its long-context layers scale rotary positions linearly); "
+                        "gemma-3-270m and gemma-3-1b are text models (gemma3_text) and load")
     if model_type not in SUPPORTED:
         raise DataError(f"{where}: model_type {_brief(model_type)} is not supported "
                         f"(supported: {', '.join(SUPPORTED)})")
@@ -209,73 +236,101 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
             **sizes, bias=True, norm="layernorm", norm_eps=field("layer_norm_epsilon", 1e-5, _POSITIVE),
             mlp=mlp, pos="learned", tie_embeddings=field("tie_word_embeddings", True, _FLAG)))
 
-    if field("hidden_act", "silu") != "silu":
-        unsupported(f"hidden_act {_brief(hf['hidden_act'])}")
+    family, gemma = FAMILIES[model_type], model_type == "gemma3_text"
+    act_name, act = ("hidden_activation", "gelu_pytorch_tanh") if gemma else ("hidden_act", "silu")
+    if field(act_name, act) != act:
+        unsupported(f"{act_name} {_brief(hf[act_name])}")
     biases = field("attention_bias", False, _FLAG) or field("mlp_bias", False, _FLAG)
-    if model_type in ("llama", "qwen3", "smollm3", "olmo2", "phi3") and biases:
+    if model_type not in ("mistral", "qwen2") and biases:
         unsupported(f"attention_bias or mlp_bias in a {model_type} config")
-    if (head_dim or n_embd // n_head) % 2:
+    if gemma:  # Gemma 3 configs name what Gemma 2 used and Gemma 3 leaves off: each is refused where set
+        for name in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"):
+            if hf.get(name):
+                unsupported(f"{name} {_brief(hf[name])}")
+        head_dim = sizes["head_dim"] = head_dim or 256  # transformers' default for Gemma 3
+    head_size = head_dim or n_embd // n_head
+    if head_size % 2:
         raise DataError(f"{where}: field {'head_dim' if head_dim else 'hidden_size'!r}: rotary positions "
-                        f"need an even head size, not {head_dim or n_embd // n_head}")
-    # rotary settings: transformers 5 writes rope_parameters, older versions rope_theta and rope_scaling
+                        f"need an even head size, not {head_size}")
+    # rotary settings: transformers 5 writes rope_parameters, older versions rope_theta and rope_scaling;
+    # Gemma 3's rope_parameters hold one for each kind of layer
     objects = ((lambda v: isinstance(v, dict)), "a JSON object")
     rope = {**field("rope_scaling", {}, objects), **field("rope_parameters", {}, objects)}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        unsupported(f"rope scaling {_brief(rope_type)}")
+    local_rope = {"rope_theta": field("rope_local_base_freq", 10000.0, _POSITIVE)} if gemma else {}
+    if gemma and ("full_attention" in rope or "sliding_attention" in rope):
+        local_rope = check("rope_parameters.sliding_attention", rope.get("sliding_attention", local_rope), objects)
+        rope = check("rope_parameters.full_attention", rope.get("full_attention", {}), objects)
+    for kind in (rope, local_rope):
+        rope_type = kind.get("rope_type", kind.get("type", "default"))
+        if rope_type not in ("default", "llama3") or gemma and rope_type != "default":
+            unsupported(f"rope scaling {_brief(rope_type)}")
     # Phi-3 and Phi-4-mini rotate the first partial_rotary_factor of each head's dims (under rope_parameters
     # in transformers 5, at the top level before)
     factor = rope.get("partial_rotary_factor", field("partial_rotary_factor", 1.0, _POSITIVE))
     factor = check("partial_rotary_factor", factor, ((lambda v: is_real(v) and 0 < v <= 1), "a number in (0, 1]"))
-    rotary_dim = int((head_dim or n_embd // n_head) * factor)
+    rotary_dim = int(head_size * factor)
     if rotary_dim % 2 or rotary_dim < 2:
         raise DataError(f"{where}: field 'partial_rotary_factor': {factor} rotates {rotary_dim} dims of each head, "
                         "not an even number")
     rope_scaling = None
-    if rope_type == "llama3":  # Llama 3.1 and 3.2: every frequency rescaled (rope.llama3_frequencies)
+    if rope.get("rope_type", rope.get("type")) == "llama3":  # Llama 3.1 and 3.2: every frequency rescaled
         wants = [_POSITIVE, _POSITIVE, _POSITIVE, _size("block_size")]
         rope_scaling = tuple(check(f"rope_scaling.{k}", rope.get(k), want) for k, want in zip(LLAMA3_ROPE, wants))
         if rope_scaling[0] < 1 or rope_scaling[1] >= rope_scaling[2]:
             raise DataError(f"{where}: rope scaling 'llama3' needs a factor of 1 or more and low_freq_factor "
                             f"below high_freq_factor, not {rope_scaling[:3]}")
+    theta_default = 1e6 if gemma else 10000.0
     rope_theta = check("rope_theta", rope["rope_theta"], _POSITIVE) if "rope_theta" in rope else field(
-        "rope_theta", 10000.0, _POSITIVE)
-    # sliding-window attention is not implemented: within the window it is plain causal attention, so
-    # the window caps the context. As in transformers, a missing sliding_window is 4096 (null: none),
-    # and Qwen2 slides only with use_sliding_window, in the layers from max_window_layers on
-    slides = model_type == "mistral" or model_type == "phi3" and hf.get("sliding_window") is not None
+        "rope_theta", theta_default, _POSITIVE)
+    n = sizes["n_layer"]
     rope_layers = None
     if model_type == "smollm3":  # 1: the layer rotates queries and keys; 0: no positions (NoPE)
         interval = field("no_rope_layer_interval", 4, _size("n_layer"))
         rope_layers = field("no_rope_layers", None, (
-            (lambda v: isinstance(v, list) and len(v) == sizes["n_layer"] and all(x in (0, 1) for x in v)
+            (lambda v: isinstance(v, list) and len(v) == n and all(x in (0, 1) for x in v)
              and not any(isinstance(x, (bool, float)) for x in v)),
-            f"a 0 or 1 for each of the {sizes['n_layer']} layers"))
-        rope_layers = tuple(rope_layers or [int((i + 1) % interval != 0) for i in range(sizes["n_layer"])])
-        # its sliding windows are on the NoPE layers, and off in the released models: capped as Qwen2's
-        slides = field("use_sliding_window", False, _FLAG) and 0 in rope_layers
-    if model_type in ("qwen2", "qwen3") and field("use_sliding_window", False, _FLAG):
-        layers = field("layer_types", None, ((lambda v: isinstance(v, list)), "a list"))
-        layer_count = (lambda v: is_int(v) and v >= 0), "a count of layers"
-        slides = ("sliding_attention" in layers if layers else
-                  field("max_window_layers", 28, layer_count) < sizes["n_layer"])
-    window = None
-    if slides:
-        window = field("sliding_window", None, _size("block_size")) if "sliding_window" in hf else 4096
-    if window:
-        sizes["block_size"] = min(sizes["block_size"], window)
-    return check_config(dict(
+            f"a 0 or 1 for each of the {n} layers"))
+        rope_layers = tuple(rope_layers or [int((i + 1) % interval != 0) for i in range(n)])
+    # Sliding-window attention, as transformers decides it: which layers slide (every layer of Mistral and
+    # Phi-3; config.json's layer_types, else each family's default), and the window, where config.json has
+    # no sliding_window, the family's default (an explicit null: no window)
+    kinds = ("full_attention", "sliding_attention")
+    layer_types = field("layer_types", None, ((lambda v: isinstance(v, list) and len(v) == n and all(
+        t in kinds for t in v)), f"a list of {n} layer types, each {' or '.join(kinds)}"))
+    slides = layer_types and [t == "sliding_attention" for t in layer_types]
+    window = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "gemma3_text": 4096}.get(model_type)
+    if model_type in ("mistral", "phi3"):
+        slides = [True] * n
+    elif model_type in ("qwen2", "qwen3"):
+        if not field("use_sliding_window", False, _FLAG):
+            slides = None
+        elif not slides:
+            first = field("max_window_layers", 28, ((lambda v: is_int(v) and v >= 0), "a count of layers"))
+            slides = [i >= first for i in range(n)]
+    elif model_type == "smollm3":  # its windows are on the NoPE layers, and off in the released models
+        slides = field("use_sliding_window", False, _FLAG) and (slides or [not r for r in rope_layers])
+    elif gemma and not slides:  # five sliding layers, then a full one
+        pattern = field("sliding_window_pattern", field("_sliding_window_pattern", 6, _size("n_layer")),
+                        _size("n_layer"))
+        slides = [(i + 1) % pattern != 0 for i in range(n)]
+    elif not gemma:
+        slides = None
+    if "sliding_window" in hf:
+        window = field("sliding_window", None, _size("block_size"))
+    layer_windows = tuple(window if s else 0 for s in slides) if window and slides and any(slides) else None
+    attn_scale = field("query_pre_attn_scalar", 256, _POSITIVE) ** -0.5 if gemma else None
+    return check_config(dict(dict(
         **sizes, norm="rmsnorm", norm_eps=field("rms_norm_eps", 1e-6, _POSITIVE), mlp="swiglu", pos="rope",
-        rope_theta=float(rope_theta), rope_scaling=rope_scaling,
-        qkv_bias=model_type == "qwen2", qk_norm={"qwen3": "head", "olmo2": "projection"}.get(model_type),
-        norm_after=model_type == "olmo2", rope_layers=rope_layers,
-        rotary_dim=rotary_dim if rotary_dim != (head_dim or n_embd // n_head) else None,
-        tie_embeddings=field("tie_word_embeddings", False, _FLAG)))
+        rope_theta=float(rope_theta), rope_scaling=rope_scaling, rope_layers=rope_layers,
+        rotary_dim=rotary_dim if rotary_dim != head_size else None, layer_windows=layer_windows,
+        rope_local_theta=float(check("rope_local_base_freq", local_rope.get("rope_theta", 1e4), _POSITIVE))
+        if gemma else None,
+        attn_scale=attn_scale, tie_embeddings=field("tie_word_embeddings", gemma, _FLAG)), **family["fields"]))
 
 
 def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
     """A config.json for `c`: gpt2 for learned positions (the toy model included: its missing
-    biases are written as zeros), qwen2 for rotary models with q/k/v biases, llama otherwise."""
+    biases are written as zeros), else the family it has the fields of (family_of)."""
     ids = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     common = dict(vocab_size=c.vocab_size, tie_word_embeddings=c.tie_embeddings,
                   dtype=str(dtype).removeprefix("torch."), **ids)
@@ -284,20 +339,53 @@ def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
                     n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=c.intermediate_size,
                     activation_function={"gelu": "gelu", "gelu_tanh": "gelu_new"}[c.mlp],
                     layer_norm_epsilon=c.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
-    model_type = ("phi3" if c.rotary_dim else "olmo2" if c.norm_after
-                  else "smollm3" if c.rope_layers and 0 in c.rope_layers
-                  else "qwen3" if c.qk_norm else "qwen2" if c.qkv_bias else "llama")
-    architecture = {"phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
-                    "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[model_type]
+    model_type = family_of(c)
+    windows = sorted(set(c.layer_windows or ()) - {0})
+    every_layer = model_type in ("phi3", "mistral")  # whose configs slide every layer or none
+    if len(windows) > 1 or windows and (every_layer and 0 in c.layer_windows or model_type == "olmo2"):
+        raise ValueError(f"sliding windows {c.layer_windows} cannot be written as a {model_type} config.json")
+    architecture = {"gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                    "smollm3": "SmolLM3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}[model_type]
+    rope = dict(rope_type="default", rope_theta=c.rope_theta)
+    if c.rope_scaling:
+        rope = dict(rope, rope_type="llama3", **dict(zip(LLAMA3_ROPE, c.rope_scaling)))
+    if model_type == "phi3":
+        rope["partial_rotary_factor"] = c.rotary_dim / c.head_dim
+    if model_type == "gemma3_text":
+        rope = dict(full_attention=rope, sliding_attention=dict(rope_type="default", rope_theta=c.rope_local_theta))
+    sliding = {}
+    if windows:
+        sliding = dict(sliding_window=windows[0], use_sliding_window=True,
+                       layer_types=["sliding_attention" if w else "full_attention" for w in c.layer_windows])
+        if every_layer:
+            sliding = dict(sliding_window=windows[0])
+    elif model_type == "mistral":  # whose config slides by default
+        sliding = dict(sliding_window=None)
+    elif model_type == "gemma3_text":  # and Gemma 3's
+        sliding = dict(sliding_window=None, layer_types=["full_attention"] * c.n_layer)
     return dict(model_type=model_type, architectures=[architecture],
                 max_position_embeddings=c.block_size, num_hidden_layers=c.n_layer,
                 num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
-                hidden_size=c.n_embd, intermediate_size=c.intermediate_size, hidden_act="silu",
-                rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, attention_bias=False, **common,
-                **({"rope_scaling": {"rope_type": "llama3", **dict(zip(LLAMA3_ROPE, c.rope_scaling))}}
-                   if c.rope_scaling else {}),
+                hidden_size=c.n_embd, intermediate_size=c.intermediate_size, rms_norm_eps=c.norm_eps,
+                rope_parameters=rope, attention_bias=False, **sliding, **common,
                 **({"no_rope_layers": list(c.rope_layers)} if model_type == "smollm3" else {}),
-                **({"partial_rotary_factor": c.rotary_dim / c.head_dim} if model_type == "phi3" else {}))
+                # transformers takes an integer query_pre_attn_scalar; every released Gemma 3 has one
+                **(dict(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=round(c.attn_scale ** -2))
+                   if model_type == "gemma3_text" else dict(hidden_act="silu")))
+
+
+def family_of(c: GPTConfig) -> str:
+    """The model_type a rotary model is written as: the family whose fixed fields it has (FAMILIES),
+    Mistral for a Llama that slides, Llama where nothing else distinguishes it."""
+    if c.rotary_dim:
+        return "phi3"
+    if c.rope_layers and 0 in c.rope_layers:
+        return "smollm3"
+    for model_type in ("gemma3_text", "olmo2", "qwen3", "qwen2"):
+        if all(getattr(c, k) == v for k, v in FAMILIES[model_type]["fields"].items()):
+            return model_type
+    return "mistral" if c.layer_windows else "llama"
 
 
 # -----------------------------------------------------------------------------
@@ -328,11 +416,9 @@ def weight_table(c: GPTConfig, model_type: str) -> list[tuple[str, list[str], st
     for i in range(c.n_layer):
         p, hf = f"transformer.h.{i}.", f"model.layers.{i}."
         fused = model_type == "phi3"  # Phi-3 stores q, k, v and gate, up fused, in this project's order
-        # OLMo 2's norms are on the outputs of attention and MLP (norm_after)
-        norms = ("post_attention", "post_feedforward") if c.norm_after else ("input", "post_attention")
-        rows += [(p + "ln_1.weight", [hf + f"{norms[0]}_layernorm.weight"], "copy"),
-                 (p + "ln_2.weight", [hf + f"{norms[1]}_layernorm.weight"], "copy"),
-                 (p + "attn.c_attn.weight", [hf + "self_attn.qkv_proj.weight"] if fused
+        rows += [(p + f"{ours}.weight", [hf + f"{theirs}.weight"], "copy")
+                 for ours, theirs in FAMILIES[model_type]["norms"].items()]
+        rows += [(p + "attn.c_attn.weight", [hf + "self_attn.qkv_proj.weight"] if fused
                   else [hf + f"self_attn.{x}_proj.weight" for x in "qkv"], "copy" if fused else "cat"),
                  (p + "attn.c_proj.weight", [hf + "self_attn.o_proj.weight"], "copy"),
                  (p + "mlp.c_fc.weight", [hf + "mlp.gate_up_proj.weight"] if fused

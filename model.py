@@ -1,18 +1,19 @@
 """
 One decoder-only transformer, configured to be any of the families this project loads: the toy
 GPT (pre-LayerNorm blocks, learned positions, GELU, tied embeddings, GPT-2 initialisation),
-GPT-2 itself, and the Llama family (Llama, Mistral, Qwen2, SmolLM, TinyLlama: RMSNorm, rotary
-positions, SwiGLU, grouped-query attention). Attention goes through
-scaled_dot_product_attention. The forward pass is padding-aware (positions come from the
-attention mask and pad tokens are never attended to), so a sequence's logits do not depend on
-how it is padded or batched. `generate` samples with a preallocated KV cache.
+GPT-2 itself, and the Llama family and its descendants (Llama 3, Mistral, Qwen2 and 3, SmolLM,
+Phi-3, OLMo 2, Gemma 3: RMSNorm, rotary positions, gated MLPs, grouped-query attention), each
+difference a named GPTConfig field. Attention goes through scaled_dot_product_attention. The
+forward pass is padding-aware (positions come from the attention mask and pad tokens are never
+attended to), so a sequence's logits do not depend on how it is padded or batched. `generate`
+samples with a preallocated KV cache.
 
 Beside the model, the batch layouts every algorithm shares (left-padded prompts, a pair batch
-as chosen then rejected rows, IGNORE_INDEX labels) and `token_logps`, the one next-token
-log-prob function of every loss and estimate. Given labels, the model takes their log-probs
-from head.py without the full logits; a ragged batch is packed by packing.py; rotary positions
-are rope.py's. It imports nothing else of the project: no training, no data files, no file
-formats (hf.py reads folders and checks any config read from a file).
+as chosen then rejected rows, IGNORE_INDEX labels). Given labels, the model takes their
+log-probs from head.py without the full logits (head.token_logps is the definition from
+logits); a ragged batch is packed by packing.py; masks are masks.py's and rotary positions
+rope.py's. It imports nothing else of the project: no training, no data files, no file formats
+(hf.py reads folders and checks any config read from a file).
 """
 import math
 import sys
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from head import IGNORE_INDEX, label_logps  # IGNORE_INDEX: defined with the head, which skips its rows
+from masks import attention_mask_4d, sliding_window
 from packing import Packing
 from rope import apply_rope, rope_cos_sin
 
@@ -55,7 +57,13 @@ class GPTConfig:
     # an RMSNorm over queries and keys before the rotation: "head", each head's (Qwen3); "projection", the
     # whole projection's (OLMo 2); None: none
     qk_norm: str | None = None
-    norm_after: bool = False  # a block's norms on the outputs of attention and MLP, not their inputs (OLMo 2)
+    norm_after: bool = False  # norms on the outputs of attention and MLP (OLMo 2, Gemma 3)
+    norm_before: bool | None = None  # norms on their inputs; None: unless norm_after (Gemma 3: both, four a block)
+    norm_offset: bool = False  # RMSNorm scales by 1 + weight, in float32 (Gemma, whose weights are stored around 0)
+    embed_scale: bool = False  # token embeddings times sqrt(n_embd), rounded to their dtype (Gemma)
+    attn_scale: float | None = None  # attention logits' scale; None: 1 / sqrt(head_dim)
+    layer_windows: tuple | None = None  # per layer, its sliding window in tokens, 0: full attention; None: all full
+    rope_local_theta: float | None = None  # rotary base of the sliding-window layers (Gemma 3); None: rope_theta
     tie_embeddings: bool = True  # the output head shares the token embedding's weights
 
     def __post_init__(self):  # the defaults, and a head split they can be computed from
@@ -65,6 +73,7 @@ class GPTConfig:
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         self.intermediate_size = self.intermediate_size or 4 * self.n_embd
+        self.norm_before = not self.norm_after if self.norm_before is None else self.norm_before
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
 
@@ -101,22 +110,25 @@ class KVCache:
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019): rescale, no mean subtraction, no bias.
-    Normalised in float32 and cast back before the weight, as the Llama reference code does."""
+    Normalised in float32 and cast back before the weight, as the Llama reference code does;
+    with `offset`, scaled by 1 + weight before the cast, as Gemma's code does."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
-def make_norm(config: GPTConfig) -> nn.Module:
+def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, config.norm_eps)
+        return RMSNorm(dim or config.n_embd, config.norm_eps, config.norm_offset)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)  # Ba et al. 2016
 
 
@@ -131,9 +143,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(q_size, config.n_embd, bias=config.bias)
         if config.qk_norm:
             per_head = config.qk_norm == "head"
-            self.q_norm = RMSNorm(config.head_dim if per_head else q_size, config.norm_eps)
-            self.k_norm = RMSNorm(config.head_dim if per_head else kv_size, config.norm_eps)
-        self.qk_norm = config.qk_norm
+            self.q_norm = make_norm(config, config.head_dim if per_head else q_size)
+            self.k_norm = make_norm(config, config.head_dim if per_head else kv_size)
+        self.qk_norm, self.scale = config.qk_norm, config.attn_scale
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -155,7 +167,8 @@ class CausalSelfAttention(nn.Module):
         # h // (n_head / n_kv_head)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+            enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
@@ -165,40 +178,40 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = config.mlp
         width = config.intermediate_size
-        # SwiGLU (Shazeer 2020, eq. 6) has two input projections, gate and up: one matmul here
-        n_in = 2 * width if self.kind == "swiglu" else width
+        # SwiGLU and GeGLU (Shazeer 2020, eq. 6) have two input projections, gate and up: one matmul here
+        n_in = 2 * width if self.kind in ("swiglu", "geglu") else width
         self.c_fc = nn.Linear(config.n_embd, n_in, bias=config.bias)
         self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.kind == "swiglu":
+        if self.kind in ("swiglu", "geglu"):
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            # Gemma's GeGLU gates with GELU's tanh approximation
+            h = (F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")) * up
         else:  # GELU (Hendrycks & Gimpel 2016); GPT-2 uses its tanh approximation
             h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    """Pre-norm residual block (GPT-2, Radford et al. 2019): x + attn(norm(x)), then x + mlp(norm(x));
-    with norm_after (OLMo 2), x + norm(attn(x)), then x + norm(mlp(x))."""
+    """Pre-norm residual block (GPT-2, Radford et al. 2019): x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+    With norm_after, the outputs are normed too: x + ln_attn_out(attn(ln_1(x))) and the same for
+    the MLP (Gemma 3's four norms), or only the outputs, where norm_before is off (OLMo 2)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = make_norm(config)
+        before = make_norm if config.norm_before else lambda config: nn.Identity()
+        after = make_norm if config.norm_after else lambda config: nn.Identity()
+        self.ln_1, self.ln_attn_out = before(config), after(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = make_norm(config)
+        self.ln_2, self.ln_mlp_out = before(config), after(config)
         self.mlp = MLP(config)
-        self.norm_after = config.norm_after
 
     def forward(self, x, attn_mask, rope, kv_cache, layer):
-        if self.norm_after:
-            x = x + self.ln_1(self.attn(x, attn_mask, rope, kv_cache, layer))
-            return x + self.ln_2(self.mlp(x))
-        x = x + self.attn(self.ln_1(x), attn_mask, rope, kv_cache, layer)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.ln_attn_out(self.attn(self.ln_1(x), attn_mask, rope, kv_cache, layer))
+        return x + self.ln_mlp_out(self.mlp(self.ln_2(x)))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,22 +231,6 @@ def concatenate_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
     (2B, T). DPO and the reward model run chosen and rejected through one forward pass."""
     return tuple(torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
                  for k in ("input_ids", "attention_mask", "labels"))
-
-
-def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, T: int, device) -> torch.Tensor | None:
-    """Boolean (B, 1, T, past + T) mask, True where query t may attend key s: s is not after t and
-    s is a real token. A pad query also attends itself, so no softmax row is empty (NaN); its
-    output is garbage that no loss or sample ever reads. None when plain causal attention does."""
-    if attention_mask is None and past == 0:
-        return None  # lets SDPA take its is_causal fast path
-    S = past + T
-    query_pos = torch.arange(past, S, device=device)[:, None]
-    key_pos = torch.arange(S, device=device)[None, :]
-    allowed = key_pos <= query_pos  # (T, S)
-    if attention_mask is None:
-        return allowed[None, None]
-    allowed = (allowed[None] & attention_mask[:, None, :].bool()) | (key_pos == query_pos)  # (B, T, S)
-    return allowed[:, None]
 
 
 class GPT(nn.Module):
@@ -311,31 +308,42 @@ class GPT(nn.Module):
         if packing is not None:
             # (R, W) rows
             input_ids, pos, mask = packing.pack(input_ids), packing.positions, packing.attn_mask
+            key_pos = pos
         else:
             if attention_mask is None:
-                pos = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
+                key_pos = torch.arange(past + T, device=input_ids.device)[None]  # (1, past + T)
             else:  # a token's position is the number of real tokens before it, whatever the padding
-                pos = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, T)
+                key_pos = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, past + T)
+            pos = key_pos[:, past:]  # (B, T)
             mask = attention_mask_4d(attention_mask, past, T, input_ids.device)
+        c = self.config
+        windows = c.layer_windows or (0,) * c.n_layer
+        # each layer's mask by its window: 0 (full attention) and a window the sequence fits in leave it as it is
+        masks = {w: mask if w == 0 or key_pos.size(-1) <= w else sliding_window(mask, pos, key_pos, w)
+                 for w in set(windows)}
         x = self.transformer.wte(input_ids)
-        rope = None
-        if self.config.pos == "learned":
+        if c.embed_scale:  # Gemma: the scale rounded to the weights' dtype, as its reference code does
+            x = x * torch.tensor(c.n_embd ** 0.5, dtype=x.dtype)
+        ropes = {}
+        if c.pos == "learned":
             x = x + self.transformer.wpe(pos)
-        else:
-            rope = rope_cos_sin(pos, self.config.rotary_dim or self.config.head_dim, self.config.rope_theta, x.dtype,
-                                self.config.rope_scaling)
+        else:  # the sliding-window layers may have their own base (Gemma 3's local layers)
+            for w in set(windows):
+                local = w and c.rope_local_theta
+                theta, scaling = (c.rope_local_theta, None) if local else (c.rope_theta, c.rope_scaling)
+                ropes[w] = rope_cos_sin(pos, c.rotary_dim or c.head_dim, theta, x.dtype, scaling)
         x = self.transformer.drop(x)
         # gradient checkpointing (Chen et al. 2016) keeps only each block's input for the backward
         # pass and runs the block again there: memory of one block's activations, a third more compute.
         # The recomputation replays the same dropout masks (the RNG state is saved with the input).
         recompute = self.grad_checkpoint and torch.is_grad_enabled() and kv_cache is None
-        for layer, block in enumerate(self.transformer.h):
-            rotates = self.config.rope_layers is None or self.config.rope_layers[layer]
-            layer_rope = rope if rotates else None  # a layer without positions (SmolLM3's NoPE layers)
+        for layer, (block, w) in enumerate(zip(self.transformer.h, windows)):
+            rotates = c.rope_layers is None or c.rope_layers[layer]
+            rope = ropes.get(w) if rotates else None  # a layer without positions (SmolLM3's NoPE layers)
             if recompute:
-                x = checkpoint(block, x, mask, layer_rope, None, layer, use_reentrant=False)
+                x = checkpoint(block, x, masks[w], rope, None, layer, use_reentrant=False)
             else:
-                x = block(x, mask, layer_rope, kv_cache, layer)
+                x = block(x, masks[w], rope, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.transformer.ln_f(x)
@@ -437,17 +445,6 @@ def sample_token(logits, temperature: float, top_k: int | None, top_p: float | N
     # u < total: never past the last token
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(1)  # cdf[i - 1] <= u < cdf[i]: p[i] > 0
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The log-probability of each labelled next token, from full logits: logits (B, T, V) at t
-    score labels (B, T) at t + 1, so both are shifted by one. Returns (B, T - 1) in float32, 0
-    where the label is IGNORE_INDEX (prompt and pad tokens). The definition the model's own
-    labelled log-probs (label_logps, which every loss uses) are tested against; the ceiling's
-    tilted logits take it directly."""
-    B, T, V = logits.shape
-    return -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                            ignore_index=IGNORE_INDEX, reduction="none").view(B, T - 1)
 
 
 if __name__ == "__main__":  # the preset table of docs/real-models.md

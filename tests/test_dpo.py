@@ -10,7 +10,7 @@ import torch
 
 from distributed import Dist
 from dpo import concatenated_forward, dpo_loss, dpo_metric_sums, response_lengths, sequence_logps
-from model import token_logps
+from head import token_logps
 from train_dpo import reference_logps
 
 # Two pairs. Row 0: log-ratios chosen 1.0, rejected -0.5, so h = 1.5. Row 1: chosen 0, rejected 1, h = -1.

@@ -32,7 +32,8 @@ FAMILIES = {  # tiny random configurations of each supported family
         num_key_value_heads=2, tie_word_embeddings=True, rope_theta=100.0, **_LLAMA_SIZE,
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=32)),
-    "mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, sliding_window=64, **_LLAMA_SIZE),
+    "mistral": lambda: transformers.MistralConfig(  # a window of 4, shorter than the tests' sequences
+        num_key_value_heads=2, sliding_window=4, **_LLAMA_SIZE),
     "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **_LLAMA_SIZE),
     "qwen3": lambda: transformers.Qwen3Config(  # q/k norms; head_dim 16, not hidden_size / heads (8)
         num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, **_LLAMA_SIZE),
@@ -42,6 +43,11 @@ FAMILIES = {  # tiny random configurations of each supported family
         num_key_value_heads=2, pad_token_id=None, **_LLAMA_SIZE),
     "phi3": lambda: transformers.Phi3Config(  # fused projections; half of each head rotates (Phi-4-mini: 3/4)
         num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=None, **_LLAMA_SIZE),
+    "gemma3": lambda: transformers.Gemma3TextConfig(  # sliding and full layers, each with its own rotary base
+        **{**_LLAMA_SIZE, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        pad_token_id=0, sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters=dict(full_attention=dict(rope_type="default", rope_theta=1000.0),
+                             sliding_attention=dict(rope_type="default", rope_theta=100.0))),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                             initializer_range=0.1, bos_token_id=0, eos_token_id=0),
 }
@@ -102,13 +108,14 @@ def corpus_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, corpus_file):
-    """name -> (folder, the transformers model saved in it), one per family; Llama-family folders
-    get the sentencepiece tokenizer, the others a tokenizer.json."""
+    """name -> (folder, the transformers model saved in it), one per family; Llama folders get the
+    sentencepiece tokenizer, the others a tokenizer.json (transformers 5 converts a Mistral folder's
+    lone tokenizer.model differently from sentencepiece; real ones ship a tokenizer.json)."""
     out = {}
     for name, make_config in FAMILIES.items():
         folder = str(tmp_path_factory.mktemp(name))
         model = write_model(folder, make_config())
-        if name.startswith(("llama", "mistral")):
+        if name.startswith("llama"):
             train_sentencepiece_model(folder, corpus_file)
         else:
             train_bpe_tokenizer_json(folder, corpus_file, bos_template=False)
@@ -158,6 +165,21 @@ def test_greedy_generation_equals_transformers(folders, family, use_cache):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_batch_gives_the_padded_batchs_logits(folders, family):
+    """Three sequences (10, 3 and 6 tokens) packed into two rows: the sliding windows, q/k norms and
+    rotary bases of each family see the same positions as in the padded batch."""
+    model, _ = load_folder(folders[family][0])
+    ids = torch.randint(3, 250, (3, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1] * 10, [1] * 3 + [0] * 7, [0] * 4 + [1] * 6])
+    with torch.no_grad():
+        packed = model.eval()(ids, mask)
+        model.packing = False
+        padded = model(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(packed[real], padded[real], atol=1e-5, rtol=0)
+
+
 def test_sharded_index_loads_the_same_weights(folders, tmp_path):
     folder, _ = folders["llama_gqa_untied"]
     sharded = str(tmp_path / "sharded")
@@ -187,11 +209,15 @@ def test_load_keeps_the_stored_dtype_unless_asked(folders, tmp_path):
     ("qwen2", dict(use_sliding_window=True, max_window_layers=0)),  # every layer slides
     ("qwen2", dict(use_sliding_window=True, max_window_layers=1)),  # the last layer slides
     ("qwen2", dict(use_sliding_window=True, max_window_layers=2)),  # none slides
-    ("qwen2", dict(use_sliding_window=False))])
+    ("qwen2", dict(use_sliding_window=False)),
+    ("qwen3", dict(use_sliding_window=True, max_window_layers=1)),
+    ("gemma3", dict(num_hidden_layers=7)),  # five sliding layers, a full one, a sliding one
+    ("gemma3", dict(num_hidden_layers=2, sliding_window_pattern=2))])
 def test_a_sliding_window_missing_from_config_json_is_transformers_default(family, settings, tmp_path):
-    """A config.json without sliding_window (or Qwen2's layer_types) gets transformers' default,
-    4096, where a layer slides; the window caps the context, as attention within it is causal."""
-    config = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[family](
+    """A config.json without sliding_window (or layer_types) gets transformers' defaults: a window
+    of 4096 in the layers that slide."""
+    config = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+              "qwen3": transformers.Qwen3Config, "gemma3": transformers.Gemma3TextConfig}[family](
         **{**_LLAMA_SIZE, "max_position_embeddings": 8192, "num_key_value_heads": 2, **settings})
     config.save_pretrained(tmp_path)
     with open(tmp_path / "config.json") as f:
@@ -201,9 +227,11 @@ def test_a_sliding_window_missing_from_config_json_is_transformers_default(famil
             hf.pop(key, None)
     (tmp_path / "config.json").write_text(json.dumps(hf))
     theirs = transformers.AutoConfig.from_pretrained(tmp_path)
-    slides = family == "mistral" or "sliding_attention" in theirs.layer_types
-    window = theirs.sliding_window if slides else None
-    assert config_from_hf(hf, "config.json").block_size == min(8192, window or 8192)
+    kinds = ["sliding_attention"] * theirs.num_hidden_layers if family == "mistral" else theirs.layer_types
+    windows = tuple(theirs.sliding_window if kind == "sliding_attention" else 0 for kind in kinds)
+    ours = config_from_hf(hf, "config.json")
+    assert ours.layer_windows == (windows if theirs.sliding_window and any(windows) else None)
+    assert ours.block_size == 8192
 
 
 # -----------------------------------------------------------------------------
@@ -339,7 +367,7 @@ def _truncate(path):
 BAD_FOLDERS = {  # case -> (how to spoil a good llama folder, what the one line must say)
     "no config.json": (lambda d: os.remove(f"{d}/config.json"), "config.json: no such file"),
     "unsupported model_type": (lambda d: _edit_config(d, model_type="bert"),
-                               "model_type 'bert' is not supported (supported: llama, mistral, qwen2, qwen3, smollm3, olmo2, phi3, gpt2)"),
+                               "model_type 'bert' is not supported (supported: llama, mistral, qwen2, qwen3, smollm3, phi3, olmo2, gemma3_text, gpt2)"),
     "missing tensor": (lambda d: _edit_weights(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
                        "missing ['model.layers.1.mlp.up_proj.weight']"),
     "unexpected tensor": (lambda d: _edit_weights(d, lambda t: t.update({"model.extra.weight": torch.zeros(2)})),

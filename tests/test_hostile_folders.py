@@ -128,6 +128,19 @@ BAD_CONFIG = [  # (folder, config.json changes, what the one line says)
      "config.json: attention_bias or mlp_bias in a olmo2 config is not supported"),
     ("llama", dict(model_type="qwen3", attention_bias=True),
      "config.json: attention_bias or mlp_bias in a qwen3 config is not supported"),
+    ("llama", dict(model_type="gemma3_text", final_logit_softcapping=30.0),
+     "config.json: final_logit_softcapping 30.0 is not supported"),
+    ("llama", dict(model_type="gemma3_text", attn_logit_softcapping=50.0),
+     "config.json: attn_logit_softcapping 50.0 is not supported"),
+    ("llama", dict(model_type="gemma3_text", use_bidirectional_attention=True),
+     "config.json: use_bidirectional_attention True is not supported"),
+    ("llama", dict(model_type="gemma3_text", hidden_activation="gelu"), "config.json: hidden_activation 'gelu' is not supported"),
+    ("llama", dict(model_type="gemma3_text", rope_parameters=dict(  # Gemma 3 4B's long-context full layers
+        full_attention=dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+        sliding_attention=dict(rope_type="default", rope_theta=1e4))), "config.json: rope scaling 'linear' is not supported"),
+    ("llama", dict(model_type="gemma3_text", layer_types=["sliding_attention", "local"]),
+     "field 'layer_types': ['sliding_attention', 'local'] is not a list of 2 layer types"),
+    ("llama", dict(model_type="gemma3", text_config={}), "model_type 'gemma3' is Gemma 3's image-and-text model"),
     ("llama", dict(model_type="qwen2", use_sliding_window=True, max_window_layers="x"),
      "field 'max_window_layers': 'x' is not a count of layers"),
     ("llama", dict(model_type="qwen2", use_sliding_window=True, layer_types=5),
@@ -428,7 +441,14 @@ def test_export_overwrite_of_a_sharded_folder_leaves_no_stale_weights(good, tmp_
      "high_freq_factor above it, an original context in tokens), positive numbers, got [8.0, 4.0, 1.0, 32]"),
     (dict(bias="yes"), "bias must be true or false, got 'yes'"),
     (dict(norm="batchnorm"), "norm must be one of layernorm, rmsnorm, got 'batchnorm'"),
-    (dict(mlp=None), "mlp must be one of gelu, gelu_tanh, swiglu, got None")])
+    (dict(mlp=None), "mlp must be one of gelu, gelu_tanh, swiglu, geglu, got None"),
+    (dict(norm_offset=1), "norm_offset must be true or false, got 1"),
+    (dict(norm_before="yes"), "norm_before must be true or false, got 'yes'"),
+    (dict(attn_scale=-0.5), "attn_scale must be a positive finite number, got -0.5"),
+    (dict(rope_local_theta=0), "rope_local_theta must be a positive finite number, got 0"),
+    (dict(layer_windows=[4]), "layer_windows must hold a window in tokens (0: none) for each of the 2 layers, got [4]"),
+    (dict(layer_windows=[4, -1]),
+     "layer_windows must hold a window in tokens (0: none) for each of the 2 layers, got [4, -1]")])
 def test_check_config_refuses_a_bad_value_naming_the_field(changes, message):
     with pytest.raises(ValueError) as e:
         check_config({**dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32), **changes})

@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import head
 import model as model_module
-from model import GPT, IGNORE_INDEX, GPTConfig, KVCache, token_logps
+from head import token_logps
+from model import GPT, IGNORE_INDEX, GPTConfig, KVCache
 
 V = 64
 
