@@ -22,10 +22,11 @@ has none:
 
 with the model's eos in place of </s>. Its generation prompt is "<|assistant|>\\n".
 
-Labels come from rendering prefixes of the conversation: assistant turn i is the text between
-render(messages[:i], add_generation_prompt=True) and render(messages[:i + 1]). That needs a
-template that renders a conversation's earlier turns the same whatever follows them; one that
-does not (some strip earlier reasoning) is refused with a clear error.
+Labels come from rendering the whole conversation once: assistant turn i starts where
+render(messages[:i], add_generation_prompt=True) ends, and runs to the end of its text in the
+whole rendering and the stop token after it. A template that rewrites earlier turns once later
+ones follow (Qwen3's drops earlier reasoning) gets each turn labelled as the whole rendering
+writes it.
 """
 import functools
 import json
@@ -225,21 +226,33 @@ def render(template: str, messages: list[dict], special_tokens: dict[str, str],
 
 
 def assistant_spans(tok, messages: list[dict]):
-    """The conversation rendered by tok's chat template and the (start, end) character span of each
-    assistant turn (what the template writes for it after the generation prompt)."""
+    """The conversation rendered once by tok's chat template, and the (start, end) character span of
+    each assistant turn as that rendering writes it: from the end of the generation prompt before it
+    (the conversation up to the turn, rendered with add_generation_prompt) to the end of its text
+    (a reasoning block before the text included). A template may render a turn
+    differently once later turns follow it (Qwen3's drops the reasoning block of every reply but the
+    last): each turn is labelled as it appears in the whole conversation, as apply_chat_template's
+    assistant mask is."""
     text = tok.render(messages)
+    prompts = {i: tok.render(messages[:i], add_generation_prompt=True)
+               for i, m in enumerate(messages) if m["role"] == "assistant"}
     spans = []
-    for i, message in enumerate(messages):
-        done = tok.render(messages[:i + 1])
-        if message["role"] == "assistant":
-            before = tok.render(messages[:i], add_generation_prompt=True)
-            if not done.startswith(before):
-                raise ChatError(f"the chat template's generation prompt is not how it begins assistant "
-                                f"turn {i}")
-            spans.append((len(before), len(done)))
-        if not text.startswith(done):
-            raise ChatError(f"the chat template renders turn {i} differently when later turns follow it, "
-                            "so prompts and responses cannot be cut apart")
+    for i, prompt in prompts.items():
+        if not text.startswith(prompt):
+            raise ChatError(f"the chat template's generation prompt is not how it begins assistant turn {i} "
+                            "in the whole conversation")
+        start = len(prompt)
+        following = [len(p) for j, p in prompts.items() if j > i]
+        region = text[start:following[0] if following else len(text)]
+        content = messages[i]["content"]
+        at = region.find(content)
+        if at < 0:  # templates that trim a reply's whitespace (Llama 3's, Gemma's)
+            content = content.strip()
+            at = region.find(content)
+        if at < 0:
+            raise ChatError(f"the chat template does not write the text of assistant turn {i} as it is, "
+                            "so its tokens cannot be found")
+        spans.append((start, start + at + len(content)))
     return text, spans
 
 
@@ -326,25 +339,26 @@ def encode_conversation(tok, messages: list[dict], max_length: int, max_prompt_l
         turns = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
         spans = [span for span, i in zip(spans, turns) if i >= len(prompt)]
         ids, starts = tok.encode_with_offsets(text)
-        labelled = [False] * len(ids)
-        for a, b in spans:  # a turn's tokens up to and including its first stop token (what generation emits)
-            for j in (j for j, s in enumerate(starts) if a <= s < b):
-                labelled[j] = True
+        labelled, turn_ends = [False] * len(ids), []
+        for a, b in spans:  # a turn's tokens, and the stop token right after them (what generation emits)
+            end = sum(s < a for s in starts)  # the token index after the turn
+            for j in (j for j, s in enumerate(starts) if a <= s < b or s == b and ids[j] in tok.stop_ids):
+                labelled[j], end = True, j + 1
                 if ids[j] in tok.stop_ids:
                     break
-        return ids, starts, spans, labelled
+            turn_ends.append(end)
+        return ids, turn_ends, labelled
 
     def n_prompt(prompt):  # tokens before the first labelled one
-        labelled = encode(prompt)[3]
+        labelled = encode(prompt)[2]
         return next((j for j, on in enumerate(labelled) if on), len(labelled))
 
     limit = prompt_limit(max_length, max_prompt_length)
     prompt, cut = (fit_prompt(messages[:reply], lambda p: n_prompt(p) <= limit, limit) if reply
                    else ([], False))
-    ids, starts, spans, labelled = encode(prompt)
+    ids, turn_ends, labelled = encode(prompt)
     if len(ids) > max_length:
         cut = True
-        turn_ends = [sum(s < end for s in starts) for _, end in spans]  # token index after each labelled turn
         end = max([end for end in turn_ends if end <= max_length], default=max_length)
         ids, labelled = ids[:end], labelled[:end]
     return ids, labelled, cut

@@ -189,13 +189,16 @@ def test_truncation_keeps_whole_turns(folders):
     special = tok.special_tokens()
     full, *_ = encode_sft(tok, Example("", "", "x:1", messages), 1000, None)
     first_three = tok.encode_with_offsets(chat.render(tok.chat_template, messages[:3], special))[0]
-    # a conversation too long for max_length ends with the last assistant turn that fits whole
+    # a conversation too long for max_length ends with the last assistant turn that fits whole, up to
+    # its stop token: the newline the template writes after it is not part of the turn
     ids, labelled, _ = encode_sft(tok, Example("", "", "x:1", messages), len(full) - 1, None)
-    assert ids == first_three and any(labelled)
+    assert ids == full[:-1] and labelled[-1]
+    ids, labelled, _ = encode_sft(tok, Example("", "", "x:1", messages), len(full) - 2, None)
+    assert ids == first_three[:-1] and labelled[-1] and ids[-1] == tok.eos_id
     longer = messages + [{"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "Bye."}]
     full_longer, *_ = encode_sft(tok, Example("", "", "x:1", longer), 1000, None)
-    ids, *_ = encode_sft(tok, Example("", "", "x:1", longer), len(full_longer) - 1, None)
-    assert ids == full  # two of three assistant turns fit whole: both are kept
+    ids, *_ = encode_sft(tok, Example("", "", "x:1", longer), len(full_longer) - 2, None)
+    assert ids == full[:-1]  # two of three assistant turns fit whole: both are kept
     # a prompt too long for max_prompt_length loses its oldest turns, the system message kept
     pair = Pair("", "Paris.", "Rome.", "x:1", messages[:4])
     kept = [messages[0], messages[3]]
