@@ -177,9 +177,20 @@ def _timer_available() -> bool:
     return handler is _expire
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """{% generation %}...{% endgeneration %}, transformers' mark of the assistant's text (SmolLM3's
+    template has it): rendered as its body, as apply_chat_template renders it. Labels do not need
+    it (assistant_spans finds every turn)."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 @lru_cache(maxsize=8)
 def _compile(source: str):
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag])
     env.filters["tojson"] = (
         lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: json.dumps(
             x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys))

@@ -38,6 +38,9 @@ class Config:
     """where a LoRA checkpoint's base model is now, if it moved since training (its files are checked)"""
     prompt: str = ""
     """a prompt to continue (without --pairs)"""
+    chat_template: str = "auto"
+    """auto: the model's own template (the prompt becomes a user turn), if it has one; zephyr; none: the prompt
+    as plain text; or a Jinja file"""
     n: int = 4
     """samples of --prompt"""
     pairs: bool = False
@@ -148,6 +151,7 @@ def main(argv=None) -> int:
         if cfg.pairs:
             make_out_dir(cfg.out_dir)
         model, tok = load_gpt(cfg.ckpt, dtype=None, lora_base=cfg.lora_base)
+        tok = tok.with_chat_template(cfg.chat_template, chat_data=False)
         if cfg.pairs:
             train = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"))[:cfg.n_train_prompts]
             val = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"))[:cfg.n_val_prompts]

@@ -38,6 +38,8 @@ class Tokenizer:
         self.chat_template = chat_template
         # where the template came from (a file, a flag), named in its errors
         self.template_source = template_source
+        # why a folder's own template was left out (hf.load_tokenizer), said where a run asks for it
+        self.template_problem = None
         if kind == "sentencepiece":
             self.sp = spm.SentencePieceProcessor(model_proto=data)
             self.vocab_size = self.sp.get_piece_size()
@@ -127,6 +129,9 @@ class Tokenizer:
         model's own, or takes Zephyr's for conversation records when the model has none; zephyr is
         the built-in one; none renders no conversation; anything else is a Jinja file to read."""
         builtin = (ZEPHYR_TEMPLATE, "built-in Zephyr")
+        if choice == "auto" and self.template_problem:
+            raise DataError(f"{self.template_problem}; --chat_template none (or zephyr, or a Jinja file) "
+                            "runs without it")
         if choice == "auto":
             template, source = ((self.chat_template, self.template_source) if self.chat_template
                                 else builtin if chat_data else (None, None))

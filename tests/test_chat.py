@@ -6,6 +6,7 @@ templates read from and written to folders, and one-line errors for bad chat rec
 """
 import json
 import os
+from pathlib import Path
 
 import pytest
 import transformers
@@ -39,6 +40,57 @@ STRICT = ("{% for message in messages %}{% if (message['role'] == 'user') != (lo
           "{% endif %}"
           "{{ bos_token + message['content'] + eos_token }}{% endfor %}")
 
+# Today's families, each in the style of its published template (these are the tests' own, written
+# to render what the real ones render for these conversations). Llama 3.1/3.2: a header per turn, a
+# system turn with the date always, turns trimmed, ended by <|eot_id|>
+LLAMA3 = (
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] | trim %}{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\nToday Date: ' + strftime_now('%d %b %Y') + '\n\n' }}"
+    "{{- system_message + '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+# Gemma 3: no system role (its text is folded into the first user turn), roles must alternate, the
+# assistant is "model", turns end with <end_of_turn>
+GEMMA3 = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
+# Phi-4-mini: <|role|>text<|end|>, and an eos closing a conversation that asks for no reply
+PHI4 = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+# Qwen3: ChatML, and a reasoning block in the replies after the last user turn only, so a reply
+# renders differently once a later user turn follows it; its text marked as the assistant's with
+# transformers' {% generation %} tag, as SmolLM3's template marks it
+QWEN3 = (
+    "{%- set ns = namespace(last_query_index=0) %}"
+    "{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_query_index = loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or message.role == 'system' %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{%- else %}{%- set content = message.content %}{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}"
+    "{{- '<|im_start|>assistant\n' }}{% generation %}"
+    "{%- if loop.index0 > ns.last_query_index %}{{- '<think>\n' + reasoning + '\n</think>\n\n' }}{%- endif %}"
+    "{{- content + '<|im_end|>' }}{% endgeneration %}{{- '\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+FAMILY_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                  "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<|system|>", "<|user|>", "<|assistant|>",
+                  "<|end|>"]
+
 CONVERSATIONS = {
     "one_turn": [{"role": "user", "content": "Hello, how are you?"},
                  {"role": "assistant", "content": "I am fine."}],
@@ -50,10 +102,16 @@ CONVERSATIONS = {
                    {"role": "user", "content": "I am fine."},
                    {"role": "assistant", "content": "The capital of France is Paris. Café, déjà vu 😀"}],
 }
-EOS = {"zephyr": "</s>", "chatml": "<|im_end|>", "qwen": "<|endoftext|>"}  # the folder's eos token
-END_OF_TURN = {"zephyr": "</s>", "chatml": "<|im_end|>", "qwen": "<|im_end|>"}  # where an assistant turn ends
+# the folder's eos token and bos token, as the base models' folders have them
+EOS = {"zephyr": "</s>", "chatml": "<|im_end|>", "qwen": "<|endoftext|>", "llama3": "<|end_of_text|>", "gemma3": "<eos>",
+       "phi4": "<|endoftext|>", "qwen3": "<|endoftext|>"}
+BOS = dict(llama3="<|begin_of_text|>", gemma3="<bos>")
+# where an assistant turn ends
+END_OF_TURN = {"zephyr": "</s>", "chatml": "<|im_end|>", "qwen": "<|im_end|>", "llama3": "<|eot_id|>",
+               "gemma3": "<end_of_turn>", "phi4": "<|end|>", "qwen3": "<|im_end|>"}
 # qwen: Qwen2.5 base, eos != end of turn
-TEMPLATES = {"zephyr": chat.ZEPHYR_TEMPLATE, "chatml": CHATML, "qwen": CHATML}
+TEMPLATES = {"zephyr": chat.ZEPHYR_TEMPLATE, "chatml": CHATML, "qwen": CHATML, "llama3": LLAMA3, "gemma3": GEMMA3,
+             "phi4": PHI4, "qwen3": QWEN3}
 
 
 @pytest.fixture(scope="module")
@@ -65,21 +123,25 @@ def folders(tmp_path_factory):
     corpus = root / "corpus.txt"
     corpus.write_text(" ".join(m["content"] for c in CONVERSATIONS.values() for m in c) * 30
                       + "\nsystem user assistant\n")
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train([str(corpus)], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     out = {}
-    for name, template in (("zephyr", ZEPHYR_PUBLISHED), ("chatml", CHATML), ("qwen", CHATML)):
-        folder = root / name
-        folder.mkdir()
-        tok.save(str(folder / "tokenizer.json"))
-        (folder / "tokenizer_config.json").write_text(json.dumps(dict(
-            tokenizer_class="PreTrainedTokenizerFast", bos_token="<s>", eos_token=EOS[name],
-            chat_template=template)))
-        out[name] = str(folder)
+    for family in (False, True):  # the older templates' tokenizer, and one with today's families' tokens
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        special = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"] + FAMILY_SPECIAL * family
+        tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=300, special_tokens=special,
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        if family:
+            tok.add_tokens(["<think>", "</think>"])  # Qwen3's: added tokens, not special ones
+        names = ("llama3", "gemma3", "phi4", "qwen3") if family else ("zephyr", "chatml", "qwen")
+        for name in names:
+            folder = root / name
+            folder.mkdir()
+            tok.save(str(folder / "tokenizer.json"))
+            (folder / "tokenizer_config.json").write_text(json.dumps(dict(
+                tokenizer_class="PreTrainedTokenizerFast", bos_token=BOS.get(name, "<s>"), eos_token=EOS[name],
+                chat_template=ZEPHYR_PUBLISHED if name == "zephyr" else TEMPLATES[name])))
+            out[name] = str(folder)
     return out
 
 
@@ -135,8 +197,10 @@ def test_labels_cover_exactly_the_assistant_turns(folders, name, conversation):
     runs += [current] if current else []
     # every assistant turn, as the template writes it after the generation prompt, up to and including its
     # end-of-turn token: the newline the template writes after it is never generated, so carries no loss
-    assert [tok.hf.decode(r, skip_special_tokens=False) for r in runs] == [
-        m["content"] + END_OF_TURN[name] for m in messages if m["role"] == "assistant"]
+    replies = [m["content"] + END_OF_TURN[name] for m in messages if m["role"] == "assistant"]
+    if name == "qwen3":  # the reply after the last user turn has a reasoning block, empty here
+        replies[-1] = "<think>\n\n</think>\n\n" + replies[-1]
+    assert [tok.hf.decode(r, skip_special_tokens=False) for r in runs] == replies
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -489,3 +553,56 @@ def test_pairs_sft_conversations_and_ppo_prompts_cut_a_long_prompt_one_way(folde
         assert ppo_ids == tok.encode_prompt(kept) and (len(kept) < len(prompt)) == (limit < 500)
     else:  # then the last user turn's text, from its start
         assert text.count("<|im_start|>user") == 1 and "The capital" not in text and limit == 40
+
+
+@pytest.mark.parametrize("name", ["llama3", "gemma3", "phi4", "qwen3"])
+def test_each_familys_end_of_turn_token_joins_its_eos_in_the_stop_set(folders, name):
+    """Found by rendering the probe conversation with the folder's own template: Llama 3's <|eot_id|>,
+    Gemma's <end_of_turn>, Phi's <|end|>, Qwen3's <|im_end|>, each beside the base model's eos."""
+    tok = load_tokenizer(folders[name], {})
+    eos, end_of_turn = tok.hf.token_to_id(EOS[name]), tok.hf.token_to_id(END_OF_TURN[name])
+    assert (tok.eos_id, tok.end_of_turn_id) == (eos, end_of_turn) and eos != end_of_turn
+    assert tok.stop_ids == sorted([eos, end_of_turn])
+
+
+def test_multi_turn_labels_under_qwen3s_template_are_transformers_assistant_mask(folders):
+    """Qwen3's template drops the reasoning block of a reply once a user turn follows it, so a reply
+    cannot be cut out of a rendering of the conversation up to it; labelled in the whole rendering,
+    the tokens are those transformers marks from the template's {% generation %} blocks."""
+    messages = CONVERSATIONS["multi_turn"] + [{"role": "user", "content": "Thanks."},
+                                              {"role": "assistant", "content": "<think>\nEasy.\n</think>\n\nBye."}]
+    tok = load_tokenizer(folders["qwen3"], {})
+    ids, labelled, _ = encode_sft(tok, Example("", "", "x:1", messages), max_length=1000, max_prompt_length=None)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folders["qwen3"])
+    reference = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                           return_assistant_tokens_mask=True)
+    assert ids == list(reference["input_ids"])
+    assert labelled == [bool(m) for m in reference["assistant_masks"]]
+    assert "<think>\nEasy.\n</think>" in hf_tok.decode([i for i, on in zip(ids, labelled) if on])
+
+
+SYSTEM_REQUIRED = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('A system message is required') }}"
+                   "{% endif %}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}")
+
+
+def test_a_template_that_fails_the_stop_token_probe_is_one_line_and_chat_template_none_still_loads(folders, tmp_path,
+                                                                                                     capsys):
+    import sample
+    from test_hf import write_model, FAMILIES
+    folder = tmp_path / "model"
+    write_model(str(folder), FAMILIES["qwen2"]())
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / file).write_text((Path(folders["chatml"]) / file).read_text())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": SYSTEM_REQUIRED}))
+    tok = load_tokenizer(str(folder), {})
+    with pytest.raises(DataError, match="A system message is required.*--chat_template none"):
+        tok.with_chat_template("auto", chat_data=True)
+    assert tok.with_chat_template("none", chat_data=False).chat_template is None
+    assert tok.with_chat_template("zephyr", chat_data=True).chat_template == chat.ZEPHYR_TEMPLATE
+    capsys.readouterr()
+    assert sample.main([f"--ckpt={folder}", "--prompt=Hello", "--device=cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "A system message is required" in err[0]
+    assert sample.main([f"--ckpt={folder}", "--prompt=Hello", "--n=1", "--max_new_tokens=2", "--device=cpu",
+                        "--chat_template=none"]) == 0
