@@ -158,7 +158,7 @@ def check_config(fields: dict) -> GPTConfig:
     for name in ("bias", "qkv_bias", "norm_after", "norm_before", "norm_offset", "embed_scale", "tie_embeddings"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"{name} must be true or false, got {getattr(config, name)!r}")
-    for name, choices in (("qk_norm", (None, "head", "projection")), ("norm", ("layernorm", "rmsnorm")),
+    for name, choices in (("family", (None, *SUPPORTED)), ("qk_norm", (None, "head", "projection")), ("norm", ("layernorm", "rmsnorm")),
                           ("mlp", ("gelu", "gelu_tanh", "swiglu", "geglu")), ("pos", ("learned", "rope"))):
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {getattr(config, name)!r}")
@@ -233,7 +233,7 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
                 or field("scale_attn_by_inverse_layer_idx", False, _FLAG)):
             unsupported("attention scaling other than 1/sqrt(head_dim)")
         return check_config(dict(
-            **sizes, bias=True, norm="layernorm", norm_eps=field("layer_norm_epsilon", 1e-5, _POSITIVE),
+            **sizes, family="gpt2", bias=True, norm="layernorm", norm_eps=field("layer_norm_epsilon", 1e-5, _POSITIVE),
             mlp=mlp, pos="learned", tie_embeddings=field("tie_word_embeddings", True, _FLAG)))
 
     family, gemma = FAMILIES[model_type], model_type == "gemma3_text"
@@ -325,7 +325,8 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
         rotary_dim=rotary_dim if rotary_dim != head_size else None, layer_windows=layer_windows,
         rope_local_theta=float(check("rope_local_base_freq", local_rope.get("rope_theta", 1e4), _POSITIVE))
         if gemma else None,
-        attn_scale=attn_scale, tie_embeddings=field("tie_word_embeddings", gemma, _FLAG)), **family["fields"]))
+        attn_scale=attn_scale, tie_embeddings=field("tie_word_embeddings", gemma, _FLAG), family=model_type),
+        **family["fields"]))
 
 
 def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
@@ -351,7 +352,7 @@ def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
     if c.rope_scaling:
         rope = dict(rope, rope_type="llama3", **dict(zip(LLAMA3_ROPE, c.rope_scaling)))
     if model_type == "phi3":
-        rope["partial_rotary_factor"] = c.rotary_dim / c.head_dim
+        rope["partial_rotary_factor"] = (c.rotary_dim or c.head_dim) / c.head_dim
     if model_type == "gemma3_text":
         rope = dict(full_attention=rope, sliding_attention=dict(rope_type="default", rope_theta=c.rope_local_theta))
     sliding = {}
@@ -376,8 +377,11 @@ def config_to_hf(c: GPTConfig, dtype: torch.dtype, tok: Tokenizer) -> dict:
 
 
 def family_of(c: GPTConfig) -> str:
-    """The model_type a rotary model is written as: the family whose fixed fields it has (FAMILIES),
-    Mistral for a Llama that slides, Llama where nothing else distinguishes it."""
+    """The model_type a rotary model is written as: the one it was read as, else the family whose
+    fixed fields it has (FAMILIES), Mistral for a Llama that slides, Llama where nothing else
+    distinguishes it."""
+    if c.family in FAMILIES:
+        return c.family
     if c.rotary_dim:
         return "phi3"
     if c.rope_layers and 0 in c.rope_layers:

@@ -4,11 +4,12 @@ projections, W x + (alpha / r) B A x with A (r, in) and B (out, r). B starts at 
 adapter leaves the model exactly as it was. Switching the adapters off gives back the frozen
 model itself: DPO's and PPO's reference at no memory cost. Merging folds B A into W for export.
 
-Targets are named as in Llama (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
-model.py fuses q/k/v into one matmul (c_attn) and gate/up into another (c_fc); each targeted
-slice of a fused projection gets its own A and B, so an adapter here is the same function as
-PEFT's adapter on the separate projection. On GPT-2 blocks the MLP's input projection is up_proj
-and there is no gate_proj.
+Targets are named as in Llama (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj),
+and as Phi-3 stores its fused ones (qkv_proj, gate_up_proj); "all" is every projection under its
+family's names. model.py fuses q/k/v into one matmul (c_attn) and gate/up into another (c_fc);
+each targeted slice of a fused projection gets its own A and B, so an adapter here is the same
+function as PEFT's adapter on the projection of that name. On GPT-2 blocks the MLP's input
+projection is up_proj and there is no gate_proj.
 """
 import math
 from contextlib import contextmanager
@@ -20,6 +21,12 @@ import torch.nn.functional as F
 from model import GPT
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's projections
+
+
+def family_targets(model: GPT) -> tuple[str, ...]:
+    """Every projection of the model, named as its family's checkpoints name them (what "all" adapts)."""
+    return FUSED_TARGETS if model.config.family == "phi3" else TARGETS
 
 
 class LoRALinear(nn.Linear):
@@ -71,20 +78,29 @@ def _target_slices(model: GPT, targets: list[str]) -> dict[str, list[tuple[int, 
     c = model.config
     q, kv, w = c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.intermediate_size
     where = {"q_proj": ("attn.c_attn", (0, q)), "k_proj": ("attn.c_attn", (q, q + kv)),
-             "v_proj": ("attn.c_attn", (q + kv, q + 2 * kv)), "o_proj": ("attn.c_proj", (0, c.n_embd)),
-             "down_proj": ("mlp.c_proj", (0, c.n_embd))}
-    if c.mlp == "swiglu":  # c_fc is [gate; up]
-        where.update(gate_proj=("mlp.c_fc", (0, w)), up_proj=("mlp.c_fc", (w, 2 * w)))
+             "v_proj": ("attn.c_attn", (q + kv, q + 2 * kv)), "qkv_proj": ("attn.c_attn", (0, q + 2 * kv)),
+             "o_proj": ("attn.c_proj", (0, c.n_embd)), "down_proj": ("mlp.c_proj", (0, c.n_embd))}
+    if c.mlp in ("swiglu", "geglu"):  # c_fc is [gate; up]
+        where.update(gate_proj=("mlp.c_fc", (0, w)), up_proj=("mlp.c_fc", (w, 2 * w)),
+                     gate_up_proj=("mlp.c_fc", (0, 2 * w)))
     else:
         where.update(up_proj=("mlp.c_fc", (0, w)))
+    if targets == ["all"]:
+        targets = list(family_targets(model))
     slices = {}
     for name in targets:
-        if name not in TARGETS:
-            raise ValueError(f"unknown LoRA target {name!r}; choose from {', '.join(TARGETS)}")
+        if name not in (*TARGETS, *FUSED_TARGETS):
+            raise ValueError(f"unknown LoRA target {name!r}; choose from all, {', '.join(TARGETS)}, qkv_proj, "
+                             "gate_up_proj")
         if name in where:  # gate_proj on a GELU MLP: nothing to adapt
             module, piece = where[name]
             slices.setdefault(module, []).append(piece)
-    return {module: sorted(pieces) for module, pieces in slices.items()}
+    for module, pieces in slices.items():
+        pieces.sort()
+        if any(a[1] > b[0] for a, b in zip(pieces, pieces[1:])):
+            raise ValueError(f"two targets adapt part of {module} (qkv_proj holds q_proj, k_proj and v_proj; "
+                             "gate_up_proj holds gate_proj and up_proj)")
+    return slices
 
 
 def attach_lora(model: GPT, rank: int, alpha: float, targets: list[str], dropout: float = 0.0) -> GPT:

@@ -65,6 +65,7 @@ class GPTConfig:
     layer_windows: tuple | None = None  # per layer, its sliding window in tokens, 0: full attention; None: all full
     rope_local_theta: float | None = None  # rotary base of the sliding-window layers (Gemma 3); None: rope_theta
     tie_embeddings: bool = True  # the output head shares the token embedding's weights
+    family: str | None = None  # the model_type of the folder it was read from: names, not computation; None: ours
 
     def __post_init__(self):  # the defaults, and a head split they can be computed from
         if self.head_dim is None and self.n_embd % self.n_head:

@@ -31,7 +31,7 @@ from checkpoint import (OVERWRITTEN, NonFiniteLoss, RunStopped, fingerprint, is_
 from data import TOY_PAIRS
 from distributed import Dist, all_reduce_sum, cleanup_distributed, is_dtensor, setup_distributed
 from files import DataError
-from lora import TARGETS, attach_lora
+from lora import attach_lora
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -149,8 +149,9 @@ class TrainConfig:
     """LoRA scale: an adapter adds (lora_alpha / lora_rank) B A x"""
     lora_dropout: float = 0.0
     """dropout on the adapters' input"""
-    lora_targets: str = ",".join(TARGETS)
-    """comma-separated projections that get adapters (Llama's names)"""
+    lora_targets: str = "all"
+    """comma-separated projections that get adapters, by Llama's names (q_proj, ..., down_proj) or Phi-3's fused
+    ones (qkv_proj, gate_up_proj); all: every projection, by its family's names"""
     lora_base: str = ""
     """where the base model of a LoRA checkpoint this run reads (the input model, PPO's reward model) now is,
     if it has moved (empty: the path each records)"""
@@ -422,7 +423,10 @@ def prepare_trainable(model: GPT, cfg: TrainConfig) -> GPT:
     and with lora_rank LoRA adapters on a frozen base held in frozen_dtype."""
     model.grad_checkpoint = cfg.grad_checkpoint
     if cfg.lora_rank:
-        attach_lora(model, cfg.lora_rank, cfg.lora_alpha, lora_targets(cfg), cfg.lora_dropout)
+        try:
+            attach_lora(model, cfg.lora_rank, cfg.lora_alpha, lora_targets(cfg), cfg.lora_dropout)
+        except ValueError as e:  # an unknown or overlapping target
+            raise DataError(f"--lora_targets {cfg.lora_targets}: {e}") from None
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(frozen_dtype(cfg))

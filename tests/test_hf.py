@@ -460,3 +460,42 @@ def test_your_models_checkpoint_is_not_the_toy_model_whatever_its_path(folders, 
     for ckpt, toy in ((str(sft), False), (sft_pairs[0], True)):
         assert sample.main([f"--ckpt={ckpt}", "--prompt=the plot", "--n=1", "--max_new_tokens=3", "--device=cpu"]) == 0
         assert ("gold reward" in capsys.readouterr().out) == toy
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_lora_dpo_step_on_each_family_lowers_the_loss_and_trains_only_adapters(folders, family):
+    """LoRA on every projection under the family's names ("all": Phi-3's fused qkv_proj and
+    gate_up_proj as one adapter each), reference = adapters off, one DPO step on two pairs
+    (padded, each longer than the 4-token windows): the first loss is log 2, the step lowers it,
+    and no base weight moves."""
+    from dpo import concatenated_forward, dpo_loss
+    from lora import AdaptersOff, LoRALinear, attach_lora
+    model, _ = load_folder(folders[family][0])
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    attach_lora(model, rank=2, alpha=4, targets=["all"])
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    slices = {len(m.slices) for m in lora if m.out_features > model.config.n_embd}  # c_attn and a gated c_fc
+    assert slices == ({1} if family == "phi3" else {3, 2} if family != "gpt2" else {3, 1})
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 250, (4, 12), generator=g)
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[1, 9:] = mask[3, 7:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :5] = -100  # a 5-token prompt
+    batch = {f"{side}_{k}": v[rows] for side, rows in (("chosen", [0, 1]), ("rejected", [2, 3]))
+             for k, v in (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    reference = AdaptersOff(model)
+    losses = []
+    for _ in range(2):
+        with torch.no_grad():
+            ref = concatenated_forward(reference, batch)
+        loss = dpo_loss(*concatenated_forward(model.train(), batch), *ref, beta=0.5)[0].mean()
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[1] < losses[0] - 1e-3
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, base[name]), name

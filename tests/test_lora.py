@@ -160,6 +160,14 @@ def test_unknown_target_is_refused():
         attach_lora(tiny("gpt"), rank=2, alpha=2, targets=["qproj"])
 
 
+@pytest.mark.parametrize("targets", ["q_proj,qkv_proj", "gate_up_proj,up_proj", "qproj"])
+def test_overlapping_or_unknown_targets_are_one_line_before_anything_trains(targets):
+    from files import DataError
+    from train_utils import prepare_trainable
+    with pytest.raises(DataError, match=f"--lora_targets {targets}: (two targets adapt part of|unknown)"):
+        prepare_trainable(tiny("llama_gqa"), TrainConfig(lora_rank=2, lora_targets=targets))
+
+
 def base_folder(folder: str, tok: Tokenizer, seed: int) -> None:
     """A tiny Llama-style Hugging Face folder with random weights: a LoRA run's base model."""
     torch.manual_seed(seed)
