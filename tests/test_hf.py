@@ -499,3 +499,36 @@ def test_one_lora_dpo_step_on_each_family_lowers_the_loss_and_trains_only_adapte
     for name, p in model.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, base[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma3", "phi3"])
+def test_sft_dpo_reward_model_and_ppo_run_on_todays_families(folders, toy_dir, sft_pairs, tmp_path, family):
+    """The pipeline on the two families furthest from Llama (Gemma 3: four norms a block, sliding
+    layers, GeGLU; Phi-3: fused projections, a partial rotary): SFT, DPO with LoRA on the family's
+    projections, the reward model with gradient checkpointing, and PPO (GAE with a critic) scored
+    by that reward model, one step each; each writes a checkpoint that loads."""
+    import train_dpo
+    import train_ppo
+    import train_rm
+    import train_sft
+    from checkpoint import load_checkpoint
+    folder, out = folders[family][0], tmp_path
+    quiet = ["--device=cpu", "--max_iters=1", "--eval_interval=1", "--print_samples=0", "--lr=1e-3", "--warmup_iters=0"]
+    assert train_sft.main([f"--init_from={folder}", f"--train_file={toy_dir}/sft_val.jsonl", f"--out_dir={out}/sft",
+                           "--max_length=48", "--max_new_tokens=8", "--eval_samples=0", *quiet]) == 0
+    _, pairs = sft_pairs
+    data = [f"--sft_ckpt={out}/sft", f"--train_file={pairs}/pairs_train.jsonl", f"--val_file={pairs}/pairs_val.jsonl",
+            "--batch_size=4", "--max_length=48", *quiet]
+    assert train_dpo.main([*data, f"--out_dir={out}/dpo", "--lora_rank=2"]) == 0
+    assert train_rm.main([*data, f"--out_dir={out}/rm", "--grad_checkpoint=true"]) == 0
+    assert train_ppo.main([f"--sft_ckpt={out}/sft", f"--reward_ckpt={out}/rm", f"--prompts={toy_dir}/prompts_val.jsonl",
+                           f"--out_dir={out}/ppo", "--batch_size=4", "--gen_chunk=4", "--max_new_tokens=6",
+                           "--eval_samples=0", "--ppo_epochs=1", *quiet]) == 0
+    adapters = load_checkpoint(f"{out}/dpo/ckpt.pt")["model"]
+    n_layer = load_checkpoint(f"{out}/sft/ckpt.pt")["model_config"]["n_layer"]
+    # every projection of every layer; Phi-3's fused ones with one adapter each, not one per slice
+    assert all("lora" in k for k in adapters) and len({k.split(".lora")[0] for k in adapters}) == 4 * n_layer
+    assert any(".c_attn.lora_A.1" in k for k in adapters) == (family != "phi3")
+    for stage in ("sft", "ppo"):
+        assert read_metrics(f"{out}/{stage}")[-1]["step"] == 1

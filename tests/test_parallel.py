@@ -140,6 +140,29 @@ def test_lora_trains_the_adapters_of_one_process_under_ddp_and_under_fsdp_with_c
     assert max(t.abs().max().item() for name, t in adapters.items() if "lora_B" in name) > 1e-3
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_two_fsdp_processes_train_todays_families_as_one_process_does(family, toy_dir, tmp_path):
+    """A Qwen3 folder (per-head q/k norms) and a Gemma 3 folder (four norms a block, sliding and full
+    layers) built by transformers: one SFT step of 2 FSDP processes, recomputing each block in the
+    backward pass, trains the weights of one process."""
+    from test_hf import FAMILIES, train_bpe_tokenizer_json, write_model
+    folder = str(tmp_path / family)
+    write_model(folder, FAMILIES[family]())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(open(os.path.join(toy_dir, "sft_train.jsonl")).read()[:20000])
+    train_bpe_tokenizer_json(folder, str(corpus), bos_template=False)
+    one, fsdp = str(tmp_path / "one"), str(tmp_path / "fsdp")
+    common = flags(init_from=folder, train_file=f"{toy_dir}/sft_val.jsonl", device="cpu", batch_size=8, max_iters=1,
+                   max_length=48, max_new_tokens=8, eval_interval=1, eval_samples=0, print_samples=0, log_interval=1,
+                   lr=1e-3, warmup_iters=0)
+    launch("train_sft.py", [*common, f"--out_dir={one}", "--grad_accum=2"])
+    launch("train_sft.py", [*common, f"--out_dir={fsdp}", "--grad_accum=1", "--grad_checkpoint=true"], nproc=2,
+           parallel="fsdp")
+    assert_same_run(one, fsdp)
+    start, trained = load_folder(folder)[0].state_dict(), load_checkpoint(os.path.join(one, "ckpt.pt"))["model"]
+    assert max((trained[k] - start[k]).abs().max().item() for k in trained) > 1e-4  # the step moved the weights
+
+
 def test_fsdp_holds_less_memory_per_process_than_ddp(toy_dir, tmp_path):
     """Peak resident memory of 2 processes training the "small" preset (10.8M parameters) for 2
     steps in float32 with AdamW: DDP keeps whole weights, gradients and both AdamW moments on
