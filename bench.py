@@ -72,7 +72,8 @@ class Config:
     json: str = "out/bench.json"
     """where the table goes as JSON"""
     real_shapes: bool = False
-    """print parameters and bf16 memory (inference, full fine-tuning) of REAL_SHAPES"""
+    """print parameters and bf16 memory (inference, full fine-tuning) of REAL_SHAPES, and the memory of SFT, DPO
+    and DPO with LoRA for the smallest model of each family (FAMILY_SHAPES)"""
     vs_transformers: bool = False
     """time a forward+backward step and KV-cache generation at SmolLM2-135M's shape, this project's
     model against transformers' with the same weights (imports transformers)"""
@@ -116,6 +117,51 @@ REAL_SHAPES = {
                            max_position_embeddings=2048, rope_theta=10000.0,
                            rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
+
+
+# the smallest published model of each family the loader reads, its config.json values (rope scaling
+# left out: it changes no size); Phi-4-mini's longrope is refused, so Phi-3-mini stands for Phi-3
+FAMILY_SHAPES = {
+    "Llama-3.2-1B": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True),
+    "Qwen3-0.6B": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=True),
+    "gemma-3-270m": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048,
+                         num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                         max_position_embeddings=32768, sliding_window=512),
+    "SmolLM3-3B": dict(model_type="smollm3", vocab_size=128256, hidden_size=2048, intermediate_size=11008,
+                       num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=4,
+                       max_position_embeddings=65536, tie_word_embeddings=True),
+    "Phi-3-mini-4k": dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                          max_position_embeddings=4096, sliding_window=2047, tie_word_embeddings=False),
+    "OLMo-2-0425-1B": dict(model_type="olmo2", vocab_size=100352, hidden_size=2048, intermediate_size=8192,
+                           num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+                           max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=False),
+}
+
+
+def family_memory_table() -> list[str]:
+    """Model-state memory of an SFT step, a DPO step and a DPO step with LoRA (rank LORA_RANK on every
+    projection) for each FAMILY_SHAPES model, computed from parameter counts as this project's
+    trainers hold them: float32 weights (4 bytes a parameter), and for each trained one a float32
+    gradient and two AdamW moments (12 more); DPO's reference a frozen float32 copy (4), or
+    bfloat16 with --frozen_dtype bfloat16 (2); with LoRA the reference is the base with its
+    adapters off, no copy. Activations not included."""
+    lines = ["| model | model_type | parameters | SFT | DPO | DPO, bf16 reference | DPO with LoRA | the same, "
+             "bf16 base |", "|---|---|---|---|---|---|---|---|"]
+    for name, shape in FAMILY_SHAPES.items():
+        with torch.device("meta"):
+            model = GPT(config_from_hf(shape, name))
+            n = model.num_params(non_embedding=False)
+            lora = sum(p.numel() for p in attach_lora(model, LORA_RANK, LORA_RANK, ["all"]).parameters()
+                       if p.requires_grad)
+        gib = [x / 2 ** 30 for x in (16 * n, 20 * n, 18 * n, 4 * n + 16 * lora, 2 * n + 16 * lora)]
+        lines.append(f"| {name} | {shape['model_type']} | {n / 1e6:.0f}M | "
+                     + " | ".join(f"{g:.2f} GiB" for g in gib) + " |")
+    return lines
 
 
 def sync(device):
@@ -633,7 +679,8 @@ def main(argv=None) -> int:
         lines += ["", "Real shapes (computed; bf16 is 2 bytes a parameter; full fine-tuning with AdamW is "
                   "bf16 weights and gradients plus two float32 moments, 12 bytes a parameter, and 16 with "
                   "float32 master weights as this project's trainers keep them; activations not included):",
-                  "", *real_shape_table()]
+                  "", *real_shape_table(), "", "Each family's smallest model, model states only (computed, "
+                  "bench.family_memory_table):", "", *family_memory_table()]
     table = "\n".join(lines)
     print("\n" + table)
     os.makedirs(os.path.dirname(cfg.json) or ".", exist_ok=True)

@@ -158,8 +158,9 @@ def check_config(fields: dict) -> GPTConfig:
     for name in ("bias", "qkv_bias", "norm_after", "norm_before", "norm_offset", "embed_scale", "tie_embeddings"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"{name} must be true or false, got {getattr(config, name)!r}")
-    for name, choices in (("family", (None, *SUPPORTED)), ("qk_norm", (None, "head", "projection")), ("norm", ("layernorm", "rmsnorm")),
-                          ("mlp", ("gelu", "gelu_tanh", "swiglu", "geglu")), ("pos", ("learned", "rope"))):
+    for name, choices in (("family", (None, *SUPPORTED)), ("qk_norm", (None, "head", "projection")),
+                          ("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gelu_tanh", "swiglu", "geglu")),
+                          ("pos", ("learned", "rope"))):
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {getattr(config, name)!r}")
     return config

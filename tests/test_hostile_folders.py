@@ -443,6 +443,8 @@ def test_export_overwrite_of_a_sharded_folder_leaves_no_stale_weights(good, tmp_
     (dict(norm="batchnorm"), "norm must be one of layernorm, rmsnorm, got 'batchnorm'"),
     (dict(mlp=None), "mlp must be one of gelu, gelu_tanh, swiglu, geglu, got None"),
     (dict(norm_offset=1), "norm_offset must be true or false, got 1"),
+    (dict(family="bert"), "family must be one of None, llama, mistral, qwen2, qwen3, smollm3, phi3, olmo2, gemma3_text, "
+     "gpt2, got 'bert'"),
     (dict(norm_before="yes"), "norm_before must be true or false, got 'yes'"),
     (dict(attn_scale=-0.5), "attn_scale must be a positive finite number, got -0.5"),
     (dict(rope_local_theta=0), "rope_local_theta must be a positive finite number, got 0"),
