@@ -654,9 +654,9 @@ def load_tokenizer(folder: str, hf_config: dict) -> Tokenizer:
     # the file chat_template() reads first, named in template errors
     jinja = os.path.join(folder, "chat_template.jinja")
     template_file = os.path.join(folder, "tokenizer_config.json") if not os.path.isfile(jinja) else jinja
-    args = (kind, data, bos, eos, eos if pad is None else pad, add_bos)
+    args, template = (kind, data, bos, eos, eos if pad is None else pad, add_bos), chat_template(folder, tok_config)
     try:
-        return Tokenizer(*args, chat_template(folder, tok_config), sorted(eos_ids), template_file)
+        return Tokenizer(*args, template, sorted(eos_ids), template_file)
     except DataError as e:  # its template fails the stop-token probe: refused where a run takes it (auto),
         tok = Tokenizer(*args, None, sorted(eos_ids), template_file)  # so --chat_template none still loads
         tok.template_problem = str(e)

@@ -142,14 +142,17 @@ def test_a_template_that_fails_only_on_the_prompt_stops_sample_with_one_line(tok
 
 @pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja"])
 def test_a_hostile_template_in_a_model_folder_names_its_file(where, tmp_path, capsys):
-    """Refused as its tokenizer is loaded, before any weights are read (the folder has none)."""
+    """Refused where sample.py takes the folder's own template (--chat_template auto); with
+    --chat_template none the folder samples."""
+    import transformers
     from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
     backend = HFTokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "hi": 2}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "config.json").write_text(json.dumps(dict(
-        model_type="llama", vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32, eos_token_id=1)))
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, eos_token_id=1)).save_pretrained(tmp_path)
+    capsys.readouterr()
     config = {"eos_token": "</s>"}
     if where == "chat_template.jinja":
         (tmp_path / where).write_text(LOOP)
@@ -159,6 +162,8 @@ def test_a_hostile_template_in_a_model_folder_names_its_file(where, tmp_path, ca
     assert sample.main([f"--ckpt={tmp_path}", "--prompt=hi", "--device=cpu"]) == 2
     assert one_error_line(capsys).startswith(f"error: the chat template ({tmp_path / where}) took more "
                                              "than 0.2 s")
+    assert sample.main([f"--ckpt={tmp_path}", "--prompt=hi", "--device=cpu", "--chat_template=none", "--n=1",
+                        "--max_new_tokens=2"]) == 0
 
 
 def sft_on_chat_data(tok, tmp_path, template: str) -> int:
