@@ -87,6 +87,13 @@ QWEN3 = (
     "{{- content + '<|im_end|>' }}{% endgeneration %}{{- '\n' }}"
     "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+# OLMo 2 Instruct (Tulu's): <|role|> lines, a reply ended by eos, with a newline after it unless last
+OLMO2 = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+         "{{ '<|system|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'user' %}"
+         "{{ '<|user|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'assistant' %}"
+         "{% if not loop.last %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+         "{% else %}{{ '<|assistant|>\n' + message['content'] + eos_token }}{% endif %}{% endif %}"
+         "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}")
 FAMILY_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                   "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<|system|>", "<|user|>", "<|assistant|>",
                   "<|end|>"]
@@ -104,14 +111,14 @@ CONVERSATIONS = {
 }
 # the folder's eos token and bos token, as the base models' folders have them
 EOS = {"zephyr": "</s>", "chatml": "<|im_end|>", "qwen": "<|endoftext|>", "llama3": "<|end_of_text|>", "gemma3": "<eos>",
-       "phi4": "<|endoftext|>", "qwen3": "<|endoftext|>"}
+       "phi4": "<|endoftext|>", "qwen3": "<|endoftext|>", "olmo2": "<|endoftext|>"}
 BOS = dict(llama3="<|begin_of_text|>", gemma3="<bos>")
 # where an assistant turn ends
 END_OF_TURN = {"zephyr": "</s>", "chatml": "<|im_end|>", "qwen": "<|im_end|>", "llama3": "<|eot_id|>",
-               "gemma3": "<end_of_turn>", "phi4": "<|end|>", "qwen3": "<|im_end|>"}
+               "gemma3": "<end_of_turn>", "phi4": "<|end|>", "qwen3": "<|im_end|>", "olmo2": "<|endoftext|>"}
 # qwen: Qwen2.5 base, eos != end of turn
 TEMPLATES = {"zephyr": chat.ZEPHYR_TEMPLATE, "chatml": CHATML, "qwen": CHATML, "llama3": LLAMA3, "gemma3": GEMMA3,
-             "phi4": PHI4, "qwen3": QWEN3}
+             "phi4": PHI4, "qwen3": QWEN3, "olmo2": OLMO2}
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +140,7 @@ def folders(tmp_path_factory):
                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
         if family:
             tok.add_tokens(["<think>", "</think>"])  # Qwen3's: added tokens, not special ones
-        names = ("llama3", "gemma3", "phi4", "qwen3") if family else ("zephyr", "chatml", "qwen")
+        names = ("llama3", "gemma3", "phi4", "qwen3", "olmo2") if family else ("zephyr", "chatml", "qwen")
         for name in names:
             folder = root / name
             folder.mkdir()
@@ -555,14 +562,15 @@ def test_pairs_sft_conversations_and_ppo_prompts_cut_a_long_prompt_one_way(folde
         assert text.count("<|im_start|>user") == 1 and "The capital" not in text and limit == 40
 
 
-@pytest.mark.parametrize("name", ["llama3", "gemma3", "phi4", "qwen3"])
+@pytest.mark.parametrize("name", ["llama3", "gemma3", "phi4", "qwen3", "olmo2"])
 def test_each_familys_end_of_turn_token_joins_its_eos_in_the_stop_set(folders, name):
     """Found by rendering the probe conversation with the folder's own template: Llama 3's <|eot_id|>,
-    Gemma's <end_of_turn>, Phi's <|end|>, Qwen3's <|im_end|>, each beside the base model's eos."""
+    Gemma's <end_of_turn>, Phi's <|end|>, Qwen3's <|im_end|>, each beside the base model's eos;
+    OLMo 2's replies end with its eos, the one stop."""
     tok = load_tokenizer(folders[name], {})
     eos, end_of_turn = tok.hf.token_to_id(EOS[name]), tok.hf.token_to_id(END_OF_TURN[name])
-    assert (tok.eos_id, tok.end_of_turn_id) == (eos, end_of_turn) and eos != end_of_turn
-    assert tok.stop_ids == sorted([eos, end_of_turn])
+    assert (tok.eos_id, tok.end_of_turn_id) == (eos, end_of_turn) and (eos != end_of_turn) == (name != "olmo2")
+    assert tok.stop_ids == sorted({eos, end_of_turn})
 
 
 def test_multi_turn_labels_under_qwen3s_template_are_transformers_assistant_mask(folders):
