@@ -25,7 +25,7 @@ import torch.distributed as torch_dist
 
 from distributed import Dist, all_reduce_sum, barrier, is_dtensor, is_sharded
 from files import DataError, make_out_dir, replace_atomically, write_atomic
-from hf import check_config, load_folder
+from hf import check_config, load_folder, load_reward_folder
 from lora import attach_lora, merge_lora
 from model import GPT, GPTConfig
 from reward_model import RewardModel, backbone_state
@@ -169,8 +169,13 @@ def _checkpointed(cls, path: str, config: GPTConfig, state: dict) -> torch.nn.Mo
 
 def load_reward_model(path: str, lora_base: str = "") -> tuple[RewardModel, Tokenizer]:
     """A reward model and its tokenizer from train_rm.py's ckpt.pt (LoRA adapters merged on the
-    base it records, or on `lora_base` where that base has moved)."""
+    base it records, or on `lora_base` where that base has moved), or from a downloaded
+    XForSequenceClassification folder (in float32, as the trainers' master weights)."""
     path = model_file(path)
+    if os.path.isdir(path):
+        model, tok = load_reward_folder(path, torch.float32)
+        check_finite(model, path)
+        return model, tok
     ckpt = load_checkpoint(path)
     if "lora" in ckpt:
         model = RewardModel.from_gpt(_lora_base(path, ckpt, lora_base))

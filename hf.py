@@ -22,6 +22,7 @@ import torch
 
 from files import DataError, write_atomic
 from model import GPT, GPTConfig
+from reward_model import RewardModel
 from tokenizer import Tokenizer
 
 # Llama and its descendants, a row a family: the GPTConfig fields every folder of it has (the rest are read from
@@ -397,9 +398,15 @@ def family_of(c: GPTConfig) -> str:
 # Weight names: one table, read in both directions
 
 
-def weight_table(c: GPTConfig, model_type: str) -> list[tuple[str, list[str], str]]:
+def weight_table(c: GPTConfig, model_type: str, reward: bool = False) -> list[tuple[str, list[str], str]]:
     """(this project's name, the Hugging Face names it is made of, how): how is "copy", "cat"
-    (concatenated along the output dimension) or "T" (GPT-2's Conv1D, stored transposed)."""
+    (concatenated along the output dimension) or "T" (GPT-2's Conv1D, stored transposed). With
+    reward, a RewardModel's: the backbone without a language-model head, and transformers'
+    XForSequenceClassification head, `score` (one label, no bias), as the scalar head."""
+    if reward:
+        rows = [("backbone." + ours, theirs, how) for ours, theirs, how in weight_table(c, model_type)
+                if ours != "lm_head.weight"]
+        return rows + [("head.proj.weight", ["score.weight"], "copy")]
     rows = []
     if model_type == "gpt2":
         rows += [("transformer.wte.weight", ["transformer.wte.weight"], "copy"),
@@ -440,16 +447,16 @@ def weight_table(c: GPTConfig, model_type: str) -> list[tuple[str, list[str], st
 
 def _hf_name(name: str, model_type: str) -> str:
     """GPT-2 checkpoints come with and without the "transformer." prefix; use one spelling."""
-    if model_type == "gpt2" and not name.startswith(("transformer.", "lm_head.")):
+    if model_type == "gpt2" and not name.startswith(("transformer.", "lm_head.", "score.")):
         return "transformer." + name
     return name
 
 
-def _ignored(name: str, model_type: str, c: GPTConfig) -> bool:
+def _ignored(name: str, model_type: str, c: GPTConfig, reward: bool = False) -> bool:
     """Stored tensors that are not weights: GPT-2's causal-mask buffers, Llama's rotary inv_freq,
-    and a tied model's copy of the output head."""
+    and a tied model's copy of the output head (any, in a reward model's folder)."""
     return (name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))
-            or (name == "lm_head.weight" and c.tie_embeddings))
+            or (name == "lm_head.weight" and (c.tie_embeddings or reward)))
 
 
 class _SafetensorsFiles:
@@ -529,10 +536,41 @@ def load_folder(folder: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tok
     is given. The model is built on the meta device and the loaded tensors are assigned to it,
     so a billion-parameter model never exists twice in memory. The folder is untrusted: its
     config.json is checked against the weight files' headers before anything is built or read."""
+    return _load(folder, dtype, reward=False)
+
+
+def load_reward_folder(folder: str, dtype: torch.dtype | None = None) -> tuple[RewardModel, Tokenizer]:
+    """A downloaded reward model: a transformers XForSequenceClassification folder with one label,
+    of any family load_folder reads, as a RewardModel that scores where transformers does (the
+    last token that is not config.json's pad_token_id)."""
+    return _load(folder, dtype, reward=True)
+
+
+def is_reward_folder(folder: str) -> bool:
+    """Whether a folder's config.json names a sequence-classification model (a reward model's)."""
+    architectures = _read_json(os.path.join(folder, "config.json")).get("architectures")
+    return isinstance(architectures, list) and any(
+        isinstance(a, str) and a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def _load(folder: str, dtype: torch.dtype | None, reward: bool):
     config_path = os.path.join(folder, "config.json")
     hf = _read_json(config_path)
     config = config_from_hf(hf, config_path)
     model_type = hf["model_type"]
+    pad_id = None
+    if reward:
+        if not is_reward_folder(folder):
+            raise DataError(f"{config_path}: not a reward model (its architectures name no ...ForSequenceClassification)")
+        labels = hf.get("id2label", {"0": "LABEL_0"})
+        if not isinstance(labels, dict) or len(labels) != 1:
+            raise DataError(f"{config_path}: field 'id2label': a reward model scores with one label, not "
+                            f"{len(labels) if isinstance(labels, dict) else _brief(labels)}")
+        pad_id = hf.get("pad_token_id")
+        if pad_id is not None and not (is_int(pad_id) and 0 <= pad_id < config.vocab_size):
+            raise DataError(f"{config_path}: field 'pad_token_id': {_brief(pad_id)} is not a token id")
+    elif is_reward_folder(folder):
+        raise DataError(f"{folder}: a reward model (sequence classification), not a language model")
     tok = load_tokenizer(folder, hf)
     if tok.vocab_size > config.vocab_size:
         raise DataError(f"{folder}: the tokenizer has {tok.vocab_size} tokens, more than the "
@@ -545,16 +583,16 @@ def load_folder(folder: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tok
         name = "n_layer" if model_type == "gpt2" else "num_hidden_layers"
         raise DataError(f"{config_path}: field {name!r}: {config.n_layer} layers, and the weights hold "
                         f"{len(layers)}")
-    table = weight_table(config, model_type)
+    table = weight_table(config, model_type, reward)
     wanted = {n for _, names, _ in table for n in names}
     missing = sorted(n for n in wanted if n not in files.where)
-    unexpected = sorted(n for n in files.where if n not in wanted and not _ignored(n, model_type, config))
+    unexpected = sorted(n for n in files.where if n not in wanted and not _ignored(n, model_type, config, reward))
     if missing or unexpected:
         raise DataError(f"{folder}: weights do not match config.json: missing {missing[:8] or 'none'}"
                         f"{' ...' if len(missing) > 8 else ''}; unexpected {unexpected[:8] or 'none'}"
                         f"{' ...' if len(unexpected) > 8 else ''}")
     with torch.device("meta"):
-        model = GPT(config)
+        model = RewardModel(config, pad_id) if reward else GPT(config)
     expected = dict(model.state_dict())
     for ours, names, how in table:  # every shape and dtype, from the headers, before a tensor is read
         want = list(expected[ours].shape)
@@ -571,10 +609,14 @@ def load_folder(folder: str, dtype: torch.dtype | None = None) -> tuple[GPT, Tok
         parts = [files.get(n) for n in names]
         tensor = parts[0].t() if how == "T" else torch.cat(parts) if how == "cat" else parts[0]
         state[ours] = tensor.contiguous().to(dtype or tensor.dtype)
+    backbone = model.backbone if reward else model
+    prefix = "backbone." if reward else ""
+    if reward:
+        state["head.proj.bias"] = torch.zeros(1, dtype=state["head.proj.weight"].dtype)  # transformers' has none
     if config.tie_embeddings:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
+        state[prefix + "lm_head.weight"] = state[prefix + "transformer.wte.weight"]
     model.load_state_dict(state, assign=True)
-    model.tie_weights()
+    backbone.tie_weights()
     return model, tok
 
 

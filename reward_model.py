@@ -31,10 +31,13 @@ class ScalarHead(nn.Module):
 class RewardModel(nn.Module):
     """GPT backbone + scalar head. `forward` scores a sequence at its last real token, so the
     score does not depend on padding or batching; `values` gives a scalar at every position
-    (the critic's use)."""
+    (the critic's use). A downloaded reward model (hf.load_reward_folder) scores where
+    transformers' XForSequenceClassification does: at the last token that is not `pad_id`, its
+    config's pad_token_id, a real token or not (a text ending in that id is scored before it)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, pad_id: int | None = None):
         super().__init__()
+        self.pad_id = pad_id
         self.backbone = GPT(config)
         if not config.tie_embeddings:
             # an untied language-model head is never used by a score: left in, it would be a
@@ -64,7 +67,8 @@ class RewardModel(nn.Module):
         """(B,) score of each sequence, read at its last real token (left or right padding)."""
         values = self.values(input_ids, attention_mask)  # (B, T)
         positions = torch.arange(input_ids.size(1), device=input_ids.device)
-        last = (attention_mask.bool() * positions).argmax(1)  # index of the last 1 in each row
+        scored = attention_mask.bool() if self.pad_id is None else input_ids != self.pad_id
+        last = (scored * positions).argmax(1)  # index of the last scored token in each row
         return values[torch.arange(len(values), device=values.device), last]
 
 

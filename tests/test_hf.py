@@ -86,11 +86,12 @@ def train_sentencepiece_model(folder, corpus_file):
                        add_bos_token=True), f)
 
 
-def write_model(folder, hf_config, seed=0, **save_kwargs):
-    """A random transformers model saved with save_pretrained; every 1-d weight (norms, biases) is
-    moved away from its initial value so that a loader that drops one gives different logits."""
+def write_model(folder, hf_config, seed=0, auto=transformers.AutoModelForCausalLM, **save_kwargs):
+    """A random transformers model (an `auto` class's) saved with save_pretrained; every 1-d
+    weight (norms, biases) is moved away from its initial value so that a loader that drops one
+    gives different logits."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    model = auto.from_config(hf_config).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:
