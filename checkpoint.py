@@ -25,7 +25,7 @@ import torch.distributed as torch_dist
 
 from distributed import Dist, all_reduce_sum, barrier, is_dtensor, is_sharded
 from files import DataError, make_out_dir, replace_atomically, write_atomic
-from hf import check_config, load_folder, load_reward_folder
+from hf import check_config, is_reward_folder, load_folder, load_reward_folder
 from lora import attach_lora, merge_lora
 from model import GPT, GPTConfig
 from reward_model import RewardModel, backbone_state
@@ -165,6 +165,15 @@ def _checkpointed(cls, path: str, config: GPTConfig, state: dict) -> torch.nn.Mo
     model = cls(config)  # initialised, then overwritten: its random draws keep every seeded run's numbers
     model.load_state_dict(state)
     return model
+
+
+def is_reward_checkpoint(path: str) -> bool:
+    """Whether a model flag's path holds a reward model: train_rm.py's checkpoint (a scalar head
+    among its weights) or a sequence-classification folder. Reads no weights."""
+    path = model_file(path)
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "config.json")) and is_reward_folder(path)
+    return os.path.isfile(path) and "head.proj.weight" in load_checkpoint(path, mmap=True)["model"]
 
 
 def load_reward_model(path: str, lora_base: str = "") -> tuple[RewardModel, Tokenizer]:

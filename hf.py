@@ -740,19 +740,25 @@ def tokenizer_files(tok: Tokenizer) -> dict[str, bytes | str]:
 # Export
 
 
-def save_folder(model: GPT, tok: Tokenizer, out_dir: str) -> list[str]:
+def save_folder(model: GPT | RewardModel, tok: Tokenizer, out_dir: str) -> list[str]:
     """Write `model` and `tok` as a Hugging Face folder: config.json, model.safetensors, the
-    tokenizer files and generation_config.json. Biases the model does not have (the toy GPT
-    written as gpt2) are written as zeros, which computes the same function. Returns the files
+    tokenizer files and, for a language model, generation_config.json; a RewardModel as the
+    family's XForSequenceClassification with one label (its head's bias, which transformers'
+    score has not, left out: it shifts every score alike). Biases the model does not have (the toy
+    GPT written as gpt2) are written as zeros, which computes the same function. Returns the files
     of an earlier model it removed from out_dir (_stale_files); other files are left alone."""
     from safetensors.torch import save_file
-    c = model.config
+    c, reward = model.config, isinstance(model, RewardModel)
     dtype = next(model.parameters()).dtype
     hf_config = config_to_hf(c, dtype, tok)
     model_type = hf_config["model_type"]
+    if reward:  # transformers' sequence classifier reads one score at the last token that is not pad
+        name = hf_config["architectures"][0].replace("LMHeadModel", "ForCausalLM")
+        hf_config.update(architectures=[name.replace("ForCausalLM", "ForSequenceClassification")],
+                         id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     ours = model.state_dict()
     tensors = {}
-    for name, hf_names, how in weight_table(c, model_type):
+    for name, hf_names, how in weight_table(c, model_type, reward):
         w = ours.get(name)
         if w is None:  # a bias the toy model leaves out: LayerNorm's is zero, as are Linear's
             w = torch.zeros(_zero_bias_size(model, name), dtype=dtype)
@@ -777,9 +783,9 @@ def save_folder(model: GPT, tok: Tokenizer, out_dir: str) -> list[str]:
     for file in stale:  # after model.safetensors is in place, which every loader reads before an index
         os.remove(os.path.join(out_dir, file))
     write_atomic(os.path.join(out_dir, "config.json"), json.dumps(hf_config, indent=2) + "\n")
-    # every stop id, so transformers' generate stops where ours does (at the end-of-turn token too)
-    generation = dict(bos_token_id=tok.bos_id, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id)
-    write_atomic(os.path.join(out_dir, "generation_config.json"), json.dumps(generation, indent=2) + "\n")
+    if not reward:  # every stop id, so transformers' generate stops where ours does (at the end-of-turn token too)
+        generation = dict(bos_token_id=tok.bos_id, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id)
+        write_atomic(os.path.join(out_dir, "generation_config.json"), json.dumps(generation, indent=2) + "\n")
     for file, content in tok_files.items():
         write_atomic(os.path.join(out_dir, file), content)
     return stale

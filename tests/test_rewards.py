@@ -82,3 +82,53 @@ def test_a_reward_folder_is_not_a_language_model_nor_the_other_way(reward_folder
         json.dump({**config, "id2label": {"0": "bad", "1": "good"}}, f)
     with pytest.raises(DataError, match="field 'id2label': a reward model scores with one label, not 2"):
         load_reward_folder(bad)
+
+
+def scores_both_ways(folder, ids, mask):
+    """This project's reward model and transformers' of one folder, on one batch."""
+    ours, _ = load_reward_model(folder)
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return ours.eval()(ids, mask), theirs(input_ids=ids, attention_mask=mask).logits[:, 0]
+
+
+def test_a_reward_model_trained_here_exports_as_a_sequence_classifier_transformers_scores_alike(
+        sft_pairs, toy_dir, tmp_path):
+    """train_rm.py's checkpoint (the toy GPT, written as GPT2ForSequenceClassification) and a
+    downloaded Qwen3 reward model written back: transformers loads each and gives our scores."""
+    import export
+    import train_rm
+    _, pairs = sft_pairs
+    rm = tmp_path / "rm"
+    assert train_rm.main([f"--sft_ckpt={sft_pairs[0]}", f"--train_file={pairs}/pairs_train.jsonl",
+                          f"--val_file={pairs}/pairs_val.jsonl", f"--out_dir={rm}", "--device=cpu", "--max_iters=2",
+                          "--batch_size=8", "--eval_interval=2", "--lr=1e-3", "--warmup_iters=0"]) == 0
+    assert export.main([f"--ckpt={rm}/ckpt.pt", f"--out_dir={tmp_path}/rm_hf"]) == 0
+    model, tok = load_reward_model(f"{rm}/ckpt.pt")
+    texts = ["the plot was great . i loved it .", "a dull film ."]
+    rows = [tok.encode_prompt(t) for t in texts]
+    ids = torch.zeros(2, max(map(len, rows)), dtype=torch.long) + tok.pad_id
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):  # right-padded with the tokenizer's pad id
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    with torch.no_grad():
+        trained = model.eval()(ids, mask)
+    exported, theirs = scores_both_ways(f"{tmp_path}/rm_hf", ids, mask)
+    bias = float(model.head.proj.bias.detach())  # left out: transformers' score has no bias
+    torch.testing.assert_close(exported, trained - bias, atol=1e-6, rtol=0)
+    torch.testing.assert_close(theirs, trained - bias, atol=1e-4, rtol=0)
+    assert json.load(open(f"{tmp_path}/rm_hf/config.json"))["architectures"] == ["GPT2ForSequenceClassification"]
+
+
+def test_a_downloaded_reward_model_written_back_scores_alike(reward_folders, tmp_path):
+    from hf import save_folder
+    folder, reference = reward_folders["qwen3"]
+    model, tok = load_reward_folder(folder)
+    save_folder(model, tok, str(tmp_path))
+    ids, mask, _ = padded_batch("right")
+    ids = ids.masked_fill(mask == 0, 0)
+    ours, theirs = scores_both_ways(str(tmp_path), ids, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs, reference(input_ids=ids, attention_mask=mask).logits[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert not os.path.exists(tmp_path / "generation_config.json")
