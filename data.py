@@ -331,7 +331,14 @@ def _parse_prompt(record: dict, _, where: str) -> str | list[dict]:
 def load_prompts(path: str, skip_bad: bool = False) -> list[str | list[dict]]:
     """Prompts, one {"prompt"} record a line (other fields are ignored): a string, or TRL's
     conversational prompt, a list of {"role", "content"} messages ending in a user turn."""
-    return _load(path, "prompts", "prompt", skip_bad, _parse_prompt)
+    return [prompt for prompt, _ in load_prompt_records(path, skip_bad)]
+
+
+def load_prompt_records(path: str, skip_bad: bool = False) -> list[tuple[str | list[dict], dict]]:
+    """Prompts as load_prompts reads them, each with the record's other fields (what a reward
+    function takes as keyword lists: an "answer" to check against)."""
+    return _load(path, "prompts", "prompt", skip_bad, lambda record, fmt, where: (
+        _parse_prompt(record, fmt, where), {k: v for k, v in record.items() if k != "prompt"}))
 
 
 # -----------------------------------------------------------------------------

@@ -14,9 +14,10 @@ it was read as (llama where it has none). A reward model (train_rm.py's checkpoi
 the family's XForSequenceClassification with one label, which transformers and TRL's trainers
 load: AutoModelForSequenceClassification.from_pretrained("out/rm_hf"). transformers scores a text at
 its last token that is not pad_token_id, this project's reward model at its last real token: the
-two agree unless a text ends in the pad id (a tokenizer padding with eos, on text that ends in eos). transformers' LlamaTokenizer reads a sentencepiece
-tokenizer.model with one difference from sentencepiece itself: it adds no extra word-boundary
-piece before text that already starts with a space.
+two agree unless a text ends in the pad id (a tokenizer padding with eos, on text that ends in eos).
+transformers' LlamaTokenizer reads a sentencepiece tokenizer.model with one difference from
+sentencepiece itself: it adds no extra word-boundary piece before text that already starts with a
+space.
 """
 import os
 import sys

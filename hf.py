@@ -561,7 +561,8 @@ def _load(folder: str, dtype: torch.dtype | None, reward: bool):
     pad_id = None
     if reward:
         if not is_reward_folder(folder):
-            raise DataError(f"{config_path}: not a reward model (its architectures name no ...ForSequenceClassification)")
+            raise DataError(f"{config_path}: not a reward model (its architectures name no "
+                            "...ForSequenceClassification)")
         labels = hf.get("id2label", {"0": "LABEL_0"})
         if not isinstance(labels, dict) or len(labels) != 1:
             raise DataError(f"{config_path}: field 'id2label': a reward model scores with one label, not "

@@ -21,6 +21,7 @@ The math of each step is ppo.py's; this file holds their order, the rollout and 
 """
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from checkpoint import Run, is_toy_model, load_gpt, load_reward_model, load_trainable, trainable_state
 from chat import ChatError
-from data import TOY_PROMPTS, encode_prompt, load_prompts
+from data import TOY_PROMPTS, encode_prompt, load_prompt_records, load_prompts
 from distributed import Dist, all_reduce_sum, place_frozen, seed_everything, wrap_model
 from evaluate import PolicyEvaluator, sample_completions
 from files import DataError
@@ -39,6 +40,7 @@ from lora import AdaptersOff
 from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, group_advantages, k3_kl,
                  loss_weights, masked_whiten, per_token_rewards, ppo_losses, response_labels, rollout, shaped_scores)
 from reward_model import RewardModel
+from rewards import Rewards, TextHandoff, load_reward_function, toy_gold_reward
 from toy import gold_reward
 from train_utils import (TrainConfig, add_sums, autocast, batch_means, check_lengths,
                          check_training_settings, check_weights, clip_grad_norm, frozen_dtype,
@@ -59,11 +61,18 @@ class Config(TrainConfig):
     """folder for config.json, metrics.jsonl and ckpt.pt (policy, critic, optimizer, kl_coef)"""
     sft_ckpt: str = "out/sft/ckpt.pt"
     """SFT checkpoint (ckpt.pt or Hugging Face folder): the initial policy and the frozen reference"""
-    reward: Literal["model", "gold"] = "model"
-    """score responses with the reward model, or with the toy gold reward (PPO-GT)"""
+    reward: Literal["model", "gold", "functions"] = "model"
+    """score responses with the reward model, the toy gold reward (PPO-GT), or --reward_fn alone; --reward_fn
+    adds to either of the first two"""
     reward_ckpt: str = ""
-    """reward model checkpoint (train_rm.py); empty: the toy task's out/rm/ckpt.pt (not with a Hugging Face
-    model)"""
+    """reward model: train_rm.py's checkpoint or a downloaded XForSequenceClassification folder (another tokenizer
+    or chat template is handed each completion as text); empty: the toy task's out/rm/ckpt.pt (toy model only)"""
+    reward_fn: tuple[str, ...] = ()
+    """a Python reward function, FILE.py:NAME, with TRL's signature f(prompts, completions, **columns) ->
+    list[float | None] (columns: the prompt file's other fields, as lists); give the flag once for each"""
+    reward_weights: tuple[float, ...] = ()
+    """a weight for each reward source: the reward model or gold reward first, then each --reward_fn in order;
+    empty: 1 each. A completion's score is the weighted sum, a None score left out"""
     critic_init: Literal["auto", "reward", "sft"] = "auto"
     """critic backbone and head from the reward model, or SFT backbone with a new head; auto: reward model if
     --reward model"""
@@ -159,7 +168,7 @@ class Config(TrainConfig):
 
 
 @torch.no_grad()
-def collect_rollouts(policy, reward_model, tok, prompts: list, prompt_ids: list[list[int]], step: int, cfg: Config,
+def collect_rollouts(policy, scorer: Rewards, tok, prompts: list, prompt_ids: list[list[int]], step: int, cfg: Config,
                      dist: Dist, ctx):
     """Steps 1-2: samples_per_prompt responses for each of this rank's prompts of the iteration's
     global batch, and their scores. The global batch is cut into chunks of gen_chunk responses
@@ -167,39 +176,36 @@ def collect_rollouts(policy, reward_model, tok, prompts: list, prompt_ids: list[
     with its own seed, so the samples do not depend on the world size.
 
     Returns the rollout as a dict of this rank's rows (input_ids, attention_mask (B, P + R),
-    response_mask (B, R), the raw scores (B,) and whether each response ended with a stop token (B,)),
-    and P, the prompt width."""
+    response_mask (B, R), the raw scores (B,), each reward source's (S, B), NaN where a function gave
+    None, and whether each response ended with a stop token (B,)), and P, the prompt width."""
     k = cfg.samples_per_prompt
     indices = global_batch(len(prompts), cfg.batch_size // k, step, cfg.seed)
     per_chunk = cfg.gen_chunk // k  # prompts per chunk
-    my_prompts, chunks = [], []
+    my_indices, chunks = [], []
     for c in range(dist.rank, cfg.batch_size // cfg.gen_chunk, dist.world_size):
         chunk = [int(i) for i in indices[c * per_chunk:(c + 1) * per_chunk] for _ in range(k)]
-        chunk_prompts = [prompts[i] for i in chunk]
         generator = torch.Generator(dist.device).manual_seed(cfg.seed * SEED_STRIDE + step * ITERATION_STRIDE + c)
         with ctx:
             chunks.append(rollout(policy, [prompt_ids[i] for i in chunk], cfg.max_new_tokens,
                                   tok.stop_ids, tok.pad_id, cfg.temperature, generator))
-        my_prompts += chunk_prompts
+        my_indices += chunk
     P = max(r.n_prompt for r in chunks)  # left-pad every chunk's prompts to one width
     input_ids = torch.cat([F.pad(r.input_ids, (P - r.n_prompt, 0), value=tok.pad_id) for r in chunks])
     attention_mask = torch.cat([F.pad(r.attention_mask, (P - r.n_prompt, 0), value=0) for r in chunks])
     response_mask = torch.cat([r.response_mask for r in chunks]).float()
     responses = input_ids[:, P:]
-    # 2. score: the reward model at the last real token, or the toy task's gold reward of the text
-    if reward_model is not None:
-        with ctx:
-            scores = reward_model(input_ids, attention_mask).float()
-    else:
-        texts = [tok.decode(row[:int(n)]) for row, n in zip(responses.tolist(), response_mask.sum(1).tolist())]
-        scores = torch.tensor([gold_reward(t, p) for t, p in zip(texts, my_prompts)], device=dist.device)
+    # 2. score: the reward model at the last real token (of its own reading of the text, where it reads text
+    # otherwise), and reward functions of the text, summed with their weights
+    texts = [tok.decode(row[:int(n)]) for row, n in zip(responses.tolist(), response_mask.sum(1).tolist())]
+    scores, per_source = scorer.score(my_indices, [prompts[i] for i in my_indices], texts, input_ids, attention_mask,
+                                       ctx)
     ended = torch.isin(responses, torch.tensor(tok.stop_ids, device=responses.device)).any(1)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-            "scores": scores, "ended": ended}, P
+            "scores": scores, "per_source": per_source, "ended": ended}, P
 
 
-def reward_statistics(policy, reward_model, tok, prompts: list, prompt_ids: list[list[int]], cfg: Config, dist: Dist,
-                      ctx) -> tuple[float, float]:
+def reward_statistics(policy, scorer: Rewards, tok, prompts: list, prompt_ids: list[list[int]], cfg: Config,
+                      dist: Dist, ctx) -> tuple[float, float]:
     """Mean and standard deviation of the raw scores of the first reward_norm_batches rollout
     batches, sampled before any update, so from the SFT policy (the reward normalisation of
     lm-human-preferences, Ziegler et al. 2019; detail 3 of Huang et al. 2024, "The N
@@ -207,7 +213,7 @@ def reward_statistics(policy, reward_model, tok, prompts: list, prompt_ids: list
     of the SFT policy's rewards, so one kl_coef means the same pressure for any reward scale."""
     if not cfg.reward_norm:
         return 0.0, 1.0
-    raw = torch.cat([collect_rollouts(policy, reward_model, tok, prompts, prompt_ids, step, cfg, dist, ctx)[0]["scores"]
+    raw = torch.cat([collect_rollouts(policy, scorer, tok, prompts, prompt_ids, step, cfg, dist, ctx)[0]["scores"]
                      for step in range(cfg.reward_norm_batches)]).double()
     n, total, squares = all_reduce_sum(torch.stack([torch.tensor(float(len(raw)), device=raw.device, dtype=raw.dtype),
                                                     raw.sum(), (raw ** 2).sum()]), dist).tolist()
@@ -286,43 +292,52 @@ def checkpoint_extras(critic, kl_ctl, tokens: int, record: dict) -> dict:
             **record}
 
 
-def check_same_text(reward_tok, tok, cfg: Config) -> None:
-    """The reward model scores the policy's token ids as they are, so it must read them as the
-    policy does: the same tokenizer and, for prompts rendered as chat, the same template."""
-    same_tokenizer = all(reward_tok.state()[k] == tok.state()[k]
-                         for k in ("kind", "data", "bos_id", "eos_id", "pad_id"))
-    if not same_tokenizer:
-        raise DataError(f"--reward_ckpt {cfg.reward_ckpt} reads text with another tokenizer than --sft_ckpt "
-                        f"{cfg.sft_ckpt}: it would score token ids it cannot read (train it from that SFT model)")
-    if reward_tok.chat_template != tok.chat_template:
-        raise DataError(f"--reward_ckpt {cfg.reward_ckpt} was trained on text rendered with another chat template than "
-                        f"the policy's (--sft_ckpt {cfg.sft_ckpt}, --chat_template {cfg.chat_template}): it would "
-                        "score conversations laid out as it never saw them")
+def reads_as_policy(reward_tok, tok) -> bool:
+    """Whether the reward model reads the policy's token ids as they are: the same tokenizer and,
+    for prompts rendered as chat, the same template. Otherwise it is handed each completion as text."""
+    return (all(reward_tok.state()[k] == tok.state()[k] for k in ("kind", "data", "bos_id", "eos_id", "pad_id"))
+            and reward_tok.chat_template == tok.chat_template)
 
 
 def frozen_models_and_critic(cfg: Config, policy, tok, dist: Dist):
     """The reference (the policy with its LoRA adapters off, or a frozen copy of the SFT policy),
-    the frozen reward model (None with --reward gold), and the critic (None for rloo and grpo):
-    the reward model's backbone and head, or the SFT backbone with a new head (under LoRA,
-    adapters on the backbone). The frozen models are placed (under FSDP sharded); policy and
-    critic stay on the CPU for wrap_model."""
+    the frozen reward model (None without --reward model) with the TextHandoff it reads completions
+    through when it reads text otherwise than the policy (else None), and the critic (None for
+    rloo and grpo): the reward model's backbone and head where it reads the policy's ids, or the
+    SFT backbone with a new head (under LoRA, adapters on the backbone). The frozen models are
+    placed (under FSDP sharded); policy and critic stay on the CPU for wrap_model."""
     if cfg.lora_rank:
         reference = AdaptersOff(policy)
     else:
         reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg), cfg.lora_base)[0], dist, cfg.dtype)
-    reward_model = None
+    reward_model = handoff = None
     if cfg.reward == "model":
         reward_model, reward_tok = load_reward_model(cfg.reward_ckpt, cfg.lora_base)
-        check_same_text(reward_tok, tok, cfg)
+        if not reads_as_policy(reward_tok, tok):
+            reader = reward_tok.with_chat_template("auto", chat_data=False)  # its own template, if it has one
+            handoff = TextHandoff(reader, reward_model.config.block_size)
         reward_model = place_frozen(reward_model.to(frozen_dtype(cfg)), dist, cfg.dtype)
     if cfg.advantage != "gae":
-        return reference, reward_model, None
-    if cfg.critic_init == "reward" or (cfg.critic_init == "auto" and cfg.reward == "model"):
+        return reference, reward_model, handoff, None
+    if cfg.critic_init == "reward" and handoff:
+        raise DataError(f"--critic_init reward: the critic reads the policy's token ids, and --reward_ckpt "
+                        f"{cfg.reward_ckpt} reads text with another tokenizer or chat template "
+                        "(give --critic_init sft)")
+    if cfg.critic_init == "reward" or (cfg.critic_init == "auto" and cfg.reward == "model" and not handoff):
         critic = load_reward_model(cfg.reward_ckpt, cfg.lora_base)[0]
     else:
         critic = RewardModel.from_gpt(load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)[0])
     prepare_trainable(critic.backbone, cfg)
-    return reference, reward_model, critic
+    return reference, reward_model, handoff, critic
+
+
+def reward_sources(cfg: Config, reward_model, handoff, columns: list[dict]) -> Rewards:
+    """The run's Rewards: the reward model (or the toy gold reward as a function), then each --reward_fn."""
+    functions = [load_reward_function(spec) for spec in cfg.reward_fn]
+    if cfg.reward == "gold":
+        functions.insert(0, ("gold", toy_gold_reward))
+    path = cfg.reward_ckpt.removesuffix("/ckpt.pt").rstrip("/")
+    return Rewards(reward_model, handoff, functions, cfg.reward_weights, columns, os.path.basename(path))
 
 
 def evaluate(evaluator, policy, tok, eval_prompts: list, cfg: Config, dist: Dist, ctx):
@@ -362,6 +377,10 @@ def check_settings(cfg: Config, dist: Dist) -> None:
     if cfg.advantage == "gae" and cfg.loss_average == "sequence":
         raise DataError("--loss_average sequence is for rloo and grpo, where a response's tokens share one "
                         "advantage; gae's advantages and value targets are per token")
+    if cfg.reward == "functions" and not cfg.reward_fn:
+        raise DataError("--reward functions: give the functions with --reward_fn FILE.py:NAME")
+    if not all(map(math.isfinite, cfg.reward_weights)):
+        raise DataError(f"--reward_weights {' '.join(map(str, cfg.reward_weights))}: not finite numbers")
     if not (math.isfinite(cfg.kl_coef) and cfg.kl_coef >= 0) or cfg.max_new_tokens < 1 or cfg.ppo_epochs < 1:
         raise DataError("--kl_coef must be a finite number, 0 or more; --max_new_tokens and --ppo_epochs at least 1")
     require_inputs(cfg, "sft_ckpt", "prompts", "reward_ckpt", "eval_prompts")
@@ -404,10 +423,12 @@ def encode_prompts(tok, prompts: list, limit: int, verbose: bool, source: str = 
 
 
 def read_prompts(cfg: Config, block_size: int, tok, dist: Dist):
-    """The training prompts, their token ids (cut to --max_prompt_length), the held-out prompts
-    and the tokenizer with the chat template the prompts need, every length checked against the
+    """The training prompts, their records' other fields (what reward functions take), their token
+    ids (cut to --max_prompt_length), the held-out prompts and the tokenizer with the chat template
+    the prompts need, every length checked against the
     model's context; DataError, before anything is written, on bad input."""
-    prompts = load_prompts(cfg.prompts)
+    prompts, columns = zip(*load_prompt_records(cfg.prompts))
+    prompts, columns = list(prompts), list(columns)
     eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.eval_prompts else []
     conversations = any(isinstance(p, list) for p in prompts + eval_prompts)
     if conversations and (cfg.reward == "gold" or cfg.gold_eval):
@@ -427,7 +448,22 @@ def read_prompts(cfg: Config, block_size: int, tok, dist: Dist):
         longest = max(len(ids) for ids in encode_prompts(tok, eval_prompts, block_size, False, cfg.eval_prompts))
         check_lengths(block_size, ("the longest --eval_prompts prompt", longest),
                       ("--max_new_tokens", cfg.max_new_tokens))
-    return prompts, prompt_ids, eval_prompts, tok
+    return prompts, columns, prompt_ids, eval_prompts, tok
+
+
+def source_metrics(names: list[str], per_source: torch.Tensor, dist: Dist) -> dict:
+    """rewards/NAME/mean and rewards/NAME/std of each source's scores (S, B) over every rank's
+    responses, a NaN (a function's None) left out."""
+    given = ~per_source.isnan()
+    values = per_source.nan_to_num()
+    sums = all_reduce_sum(torch.stack([given.sum(1).double(), values.sum(1).double(), (values ** 2).sum(1).double()]),
+                          dist)
+    metrics = {}
+    for (n, total, squares), name in zip(sums.T.tolist(), names):
+        if n:  # a source that scored nothing in this batch logs nothing
+            metrics[f"rewards/{name}/mean"] = total / n
+            metrics[f"rewards/{name}/std"] = max(squares / n - (total / n) ** 2, 0.0) ** 0.5
+    return metrics
 
 
 def check_ppo_records(ckpt: dict, path: str) -> None:
@@ -449,12 +485,13 @@ def train(cfg: Config, dist: Dist) -> dict:
     run = Run(cfg, dist, counts=("tokens",))
     policy, tok = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
     toy = is_toy_model(cfg.sft_ckpt)  # what the model is, recorded in its checkpoint
-    prompts, prompt_ids, eval_prompts, tok = read_prompts(cfg, policy.config.block_size, tok, dist)
+    prompts, columns, prompt_ids, eval_prompts, tok = read_prompts(cfg, policy.config.block_size, tok, dist)
 
     # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic (gae), as
     # raw_model, the module the optimizer steps, and model, it wrapped for DDP/FSDP
     prepare_trainable(policy, cfg)
-    reference, reward_model, critic = frozen_models_and_critic(cfg, policy, tok, dist)
+    reference, reward_model, handoff, critic = frozen_models_and_critic(cfg, policy, tok, dist)
+    scorer = reward_sources(cfg, reward_model, handoff, columns)
     raw_model = PolicyAndCritic(policy, critic) if critic else policy
     raw_model.eval()  # dropout off in policy and critic, in rollouts and updates alike
     model = wrap_model(raw_model, dist, cfg.dtype, cfg.compile)
@@ -470,7 +507,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     start = run.start(policy, optimizer, optimized=raw_model)
     ctx = autocast(dist.device, cfg.dtype)
     reward_mean, reward_std = (run.resumed["reward_norm"] if run.resumed
-                               else reward_statistics(policy, reward_model, tok, prompts, prompt_ids, cfg, dist, ctx))
+                               else reward_statistics(policy, scorer, tok, prompts, prompt_ids, cfg, dist, ctx))
     evaluator = None
     if cfg.gold_eval and eval_prompts and (dist.master or dist.sharded):  # under FSDP every rank samples with rank 0
         with ctx:
@@ -479,7 +516,11 @@ def train(cfg: Config, dist: Dist) -> dict:
     if dist.master:
         print(f"{'policy and critic: 2 x ' if critic else 'policy: '}{policy.num_params() / 1e6:.2f}M parameters "
               f"({n_trainable(raw_model) / 1e6:.2f}M training), {len(prompts)} prompts, advantage: {cfg.advantage}, "
-              f"reward: {cfg.reward}, {dist.world_size} process(es) on {dist.device}")
+              f"reward: {' + '.join(f'{w:g} x {n}' for w, n in zip(scorer.weights, scorer.names))}, "
+              f"{dist.world_size} process(es) on {dist.device}")
+        if handoff:  # what the reward model reads, one prompt rendered its way
+            print(f"the reward model reads another tokenizer or template; it is handed each completion as text, "
+                  f"for example: {handoff.text(prompts[0], '<completion>')!r}")
 
     record = {"reward_norm": [reward_mean, reward_std], "toy_task": toy, **lora_record(cfg, cfg.sft_ckpt)}
 
@@ -503,7 +544,8 @@ def train(cfg: Config, dist: Dist) -> dict:
         lr = set_lr(optimizer, step, cfg)
         # 1. rollout: a response for each prompt of this rank's chunks of the iteration's global batch,
         # scored by the reward model (or the toy task's gold reward)
-        data, P = collect_rollouts(policy, reward_model, tok, prompts, prompt_ids, step, cfg, dist, ctx)
+        data, P = collect_rollouts(policy, scorer, tok, prompts, prompt_ids, step, cfg, dist, ctx)
+        per_source = data.pop("per_source")
         # 2. scores: normalised by the SFT policy's statistics; a response that never ends (no stop
         # token) loses missing_eos_penalty
         ended = data.pop("ended")
@@ -571,6 +613,10 @@ def train(cfg: Config, dist: Dist) -> dict:
                 metrics.update({"loss/value_avg": update["value_loss"], "val/clipfrac_avg": update["vf_clipfrac"]})
             if cfg.advantage == "grpo":
                 metrics["loss/kl_avg"] = update["kl_loss"]
+            if cfg.reward_fn:  # each source's raw scores, None left out (TRL's names)
+                metrics.update(source_metrics(scorer.names, per_source, dist))
+            if handoff:
+                metrics["reward_model/texts_cut"] = handoff.cut
         # 7. evaluate and checkpoint every eval_interval iterations (early_eval_interval before
         # early_eval_until) and at the end; one metrics.jsonl row an iteration
         if run.evaluates(step):

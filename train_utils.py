@@ -64,14 +64,22 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def parse_config(cls, argv=None, description: str | None = None):
     """Build `cls` from command-line flags. Supports int, float, str, bool (`--flag` alone means
-    true), Literal choices, and Optional[...] (the word none gives None)."""
+    true), Literal choices, Optional[...] (the word none gives None) and tuple[X, ...] (the flag
+    given once for each item)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     hints, docs = get_type_hints(cls), _field_docs(cls)
+    repeated = set()
     for f in dataclasses.fields(cls):
         typ, optional = hints[f.name], False
         if get_origin(typ) is Union:  # Optional[X]
             typ, optional = next(a for a in get_args(typ) if a is not type(None)), True
         kwargs = dict(default=f.default, help=docs.get(f.name, "").replace("%", "%%"))
+        if get_origin(typ) is tuple:  # --flag A --flag B
+            typ = get_args(typ)[0]
+            kwargs.update(action="append", default=None, type=typ, metavar=typ.__name__.upper())
+            parser.add_argument(f"--{f.name}", **kwargs)
+            repeated.add(f.name)
+            continue
         if get_origin(typ) is Literal:
             kwargs.update(choices=get_args(typ), type=type(get_args(typ)[0]))
         elif typ is bool:
@@ -82,7 +90,8 @@ def parse_config(cls, argv=None, description: str | None = None):
             convert = kwargs["type"]
             kwargs["type"] = lambda text, convert=convert: None if text.lower() == "none" else convert(text)
         parser.add_argument(f"--{f.name}", **kwargs)
-    return cls(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
+    return cls(**{k: tuple(v or ()) if k in repeated else v for k, v in values.items()})
 
 
 @dataclass

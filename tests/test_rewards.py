@@ -132,3 +132,95 @@ def test_a_downloaded_reward_model_written_back_scores_alike(reward_folders, tmp
         torch.testing.assert_close(theirs, reference(input_ids=ids, attention_mask=mask).logits[:, 0], atol=1e-5, rtol=0)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     assert not os.path.exists(tmp_path / "generation_config.json")
+
+
+# -----------------------------------------------------------------------------
+# Scores from a reward model of another tokenizer, and from reward functions
+
+
+def test_the_text_handoff_gives_the_reward_models_own_score_of_the_text(reward_folders, tok):
+    """A policy of the toy tokenizer, a reward model of a byte-level one: the completion is decoded,
+    put after its prompt (or rendered with the prompt by the reward model's template) and encoded
+    by the reward model's tokenizer; the score is the reward model's of exactly that text."""
+    from rewards import Rewards, TextHandoff
+    from test_your_model import CHATML  # Qwen2.5's, shortened
+    from tokenizer import Tokenizer
+    folder, _ = reward_folders["qwen3"]
+    model, reward_tok = load_reward_folder(folder)
+    prompts, completions = ["the plot was", "a film about"], [" great . i loved it .", " nothing"]
+    for template in (None, CHATML):
+        reader, cut = Tokenizer(**{**reward_tok.state(), "chat_template": template}), 0
+        handoff = TextHandoff(reader, model.config.block_size)
+        policy_ids = torch.tensor([tok.encode_prompt(p + c)[:8] for p, c in zip(prompts, completions)])  # not read
+        scores, per_source = Rewards(model.eval(), handoff).score([0, 1], prompts, completions, policy_ids,
+                                                                  torch.ones_like(policy_ids), torch.no_grad())
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            text = (reader.render([{"role": "user", "content": p}, {"role": "assistant", "content": c}]) if template
+                    else p + c)
+            ids = reader.encode_with_offsets(text)[0] if template else reader.encode_prompt(text)
+            cut += len(ids) > model.config.block_size  # cut on the right to the reward model's context, counted
+            ids = torch.tensor([ids[:model.config.block_size]])
+            with torch.no_grad():
+                assert scores[i].item() == pytest.approx(model(ids, torch.ones_like(ids)).item(), abs=1e-5)
+        assert torch.equal(scores, per_source[0]) and handoff.cut == cut
+
+
+def write_functions(path):
+    path.write_text(
+        "def exact(prompts, completions, answer, **kwargs):\n"
+        "    return [None if a is None else float(c.strip() == a) for c, a in zip(completions, answer)]\n\n"
+        "def length(prompts, completions, **kwargs):\n"
+        "    return [float(len(c if isinstance(c, str) else c[0]['content'])) for c in completions]\n\n"
+        "def broken(prompts, completions, **kwargs):\n"
+        "    return [1.0 / (len(c) - 3) for c in completions]\n")
+    return str(path)
+
+
+def test_reward_functions_take_columns_skip_none_weigh_and_fail_in_one_line(tmp_path):
+    from rewards import Rewards, load_reward_function
+    path = write_functions(tmp_path / "fns.py")
+    functions = [load_reward_function(f"{path}:exact"), load_reward_function(f"{path}:length")]
+    columns = [{"answer": "42"}, {"answer": None}, {"answer": "7", "level": 3}]
+    rewards = Rewards(functions=functions, weights=[2.0, 0.5], columns=columns)
+    ids = torch.zeros(3, 4, dtype=torch.long)
+    scores, per_source = rewards.score([0, 1, 2], ["1+41=", "2+2=", "3+4="], ["42", "4", " 8"], ids, ids, None)
+    assert per_source[0, 1].isnan() and per_source[0].nan_to_num().tolist() == [1.0, 0.0, 0.0]
+    assert scores.tolist() == [2.0 * 1 + 0.5 * 2, 0.5 * 1, 0.5 * 2]  # the None left out of the sum
+    conversational = [[{"role": "user", "content": "1+41="}]] * 3  # completions come as assistant messages
+    lengths = Rewards(functions=functions[1:]).score([0, 1, 2], conversational, ["42", "4", " 8"], ids, ids, None)
+    assert lengths[0].tolist() == [2, 1, 2]
+    broken = Rewards(functions=[load_reward_function(f"{path}:broken")])
+    with pytest.raises(DataError, match=r"reward function broken raised on prompt 5: ZeroDivisionError"):
+        broken.score([4, 5, 6], ["a", "b", "c"], ["ab", "abc", "abcd"], ids, ids, None)
+    with pytest.raises(DataError, match="--reward_fn .*:missing: .* defines no function missing"):
+        load_reward_function(f"{path}:missing")
+    with pytest.raises(DataError, match="--reward_weights: 1 weights for 2 reward sources"):
+        Rewards(functions=functions, weights=[1.0])
+
+
+@pytest.mark.slow
+def test_two_processes_score_with_a_downloaded_reward_model_and_a_reward_function_as_one_does(
+        reward_folders, sft_pairs, toy_dir, tmp_path):
+    """GRPO on the toy policy, scored by a Qwen3 reward folder of another tokenizer (handed text)
+    plus 0.01 x a length function taking the prompt file's columns: 2 DDP processes log the
+    same per-source means as 1 process, and the same scores."""
+    from conftest import read_metrics, run_python, run_ranks
+    fns = write_functions(tmp_path / "fns.py")
+    args = lambda out: [  # noqa: E731
+        "train_ppo.py", f"--sft_ckpt={sft_pairs[0]}", f"--prompts={toy_dir}/prompts_train.jsonl", f"--out_dir={out}",
+        f"--reward_ckpt={reward_folders['qwen3'][0]}", f"--reward_fn={fns}:length", "--reward_weights=1",
+        "--reward_weights=0.01", "--advantage=grpo", "--samples_per_prompt=4", "--batch_size=16", "--gen_chunk=8",
+        "--max_iters=1", "--max_new_tokens=8", "--device=cpu", "--gold_eval=false", "--print_samples=0",
+        "--reward_norm=false", "--eval_interval=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = run_python(*args(one))
+    assert r.returncode == 0 and "handed each completion as text" in r.stdout, r.stderr[-2000:]
+    assert "reward: 1 x rm_qwen3" in r.stdout and " + 0.01 x length" in r.stdout
+    r = run_ranks(2, *args(two))
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = read_metrics(one)[-1], read_metrics(two)[-1]
+    for key in ("rewards/length/mean", "rewards/length/std", "objective/scores"):
+        assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    assert [k for k in a if k.startswith("rewards/")] == [
+        f"rewards/{n}/{s}" for n in (os.path.basename(reward_folders["qwen3"][0]), "length") for s in ("mean", "std")]
+    assert a["rewards/length/mean"] > 0

@@ -16,6 +16,9 @@ from checkpoint import load_checkpoint
 from conftest import read_metrics, run_python, run_ranks
 from distributed import Dist
 from model import GPT, GPTConfig
+from rewards import Rewards, toy_gold_reward
+
+GOLD = Rewards(functions=[("gold", toy_gold_reward)])  # the toy task's gold reward as the run's scorer
 
 
 GROUP = dict(samples_per_prompt=4)  # rloo and grpo: 4 responses a prompt, 8 prompts an iteration
@@ -109,19 +112,20 @@ def test_minibatches_that_would_skip_rollout_rows_are_refused(sft_pairs, toy_dir
     assert not (tmp_path / "out").exists()
 
 
-def test_a_reward_model_that_reads_another_template_or_tokenizer_is_refused(sft_pairs, toy_dir, reward_ckpt, tmp_path,
-                                                                           capsys):
-    """The reward model scores the policy's token ids as they are: trained on plain text, it cannot
-    read prompts rendered with the Zephyr template; trained with another tokenizer, nothing."""
-    args = ppo_args(sft_pairs, toy_dir, str(tmp_path / "out"), reward="model", reward_ckpt=f"{reward_ckpt}/ckpt.pt")
-    assert train_ppo.main(args + ["--chat_template=zephyr"]) == 2
-    assert "another chat template" in capsys.readouterr().err and not (tmp_path / "out").exists()
-    ckpt = load_checkpoint(f"{reward_ckpt}/ckpt.pt")
-    ckpt["tokenizer"]["bos_id"] = 1  # as if another tokenizer's
-    torch.save(ckpt, tmp_path / "other_rm.pt")
-    assert train_ppo.main(ppo_args(sft_pairs, toy_dir, str(tmp_path / "out"), reward="model",
-                                   reward_ckpt=str(tmp_path / "other_rm.pt"))) == 2
-    assert "another tokenizer" in capsys.readouterr().err and not (tmp_path / "out").exists()
+def test_a_reward_model_that_reads_another_template_is_handed_text_and_cannot_be_the_critic(
+        sft_pairs, toy_dir, reward_ckpt, tmp_path, capsys):
+    """Trained on plain text, the reward model reads the policy's Zephyr-rendered prompts as text:
+    each completion is handed to it as prompt + completion, one example printed first. Its critic,
+    which would read the policy's token ids, is refused in one line before anything is written."""
+    args = ppo_args(sft_pairs, toy_dir, str(tmp_path / "out"), reward="model", reward_ckpt=f"{reward_ckpt}/ckpt.pt",
+                    max_iters=1, eval_interval=1)
+    assert train_ppo.main(args + ["--chat_template=zephyr", "--critic_init=reward"]) == 2
+    assert "--critic_init reward: the critic reads the policy's token ids" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert train_ppo.main(args + ["--chat_template=zephyr"]) == 0
+    out = capsys.readouterr().out
+    assert "it is handed each completion as text, for example: '" in out and "<|assistant|>" not in out.split(
+        "for example: ")[1].splitlines()[0]
 
 
 def _final(out_dir):
@@ -239,7 +243,7 @@ def test_a_prompts_responses_are_one_group_in_consecutive_rows(sft_pairs, toy_di
     policy, tok = load_gpt(sft_pairs[0])
     cfg = train_ppo.Config(reward="gold", batch_size=16, gen_chunk=8, samples_per_prompt=4)
     prompts = load_prompts(f"{toy_dir}/prompts_train.jsonl")
-    data, P = train_ppo.collect_rollouts(policy, None, tok, prompts, [tok.encode_prompt(p) for p in prompts], 0, cfg,
+    data, P = train_ppo.collect_rollouts(policy, GOLD, tok, prompts, [tok.encode_prompt(p) for p in prompts], 0, cfg,
                                          Dist(False, 0, 0, 1, torch.device("cpu")), torch.autocast("cpu", enabled=False))
     prompts = data["input_ids"][:, :P].view(4, 4, P)  # 4 groups of 4 rows
     assert (prompts == prompts[:, :1]).all()  # the same prompt within a group
@@ -272,9 +276,9 @@ def test_reward_statistics_are_the_mean_and_std_of_the_sft_samples_in_float64(sf
     prompts, dist, ctx = load_prompts(f"{toy_dir}/prompts_train.jsonl"), Dist(False, 0, 0, 1, torch.device("cpu")), \
         torch.autocast("cpu", enabled=False)
     prompt_ids = [tok.encode_prompt(p) for p in prompts]
-    raw = np.concatenate([train_ppo.collect_rollouts(policy.eval(), None, tok, prompts, prompt_ids, step, cfg, dist,
+    raw = np.concatenate([train_ppo.collect_rollouts(policy.eval(), GOLD, tok, prompts, prompt_ids, step, cfg, dist,
                                                      ctx)[0]["scores"].double().numpy() for step in range(3)])
-    mean, std = train_ppo.reward_statistics(policy, None, tok, prompts, prompt_ids, cfg, dist, ctx)
+    mean, std = train_ppo.reward_statistics(policy, GOLD, tok, prompts, prompt_ids, cfg, dist, ctx)
     assert len(raw) == 48 and mean == pytest.approx(raw.mean(), abs=1e-9) and std == pytest.approx(raw.std(), abs=1e-9)
 
 

@@ -1,0 +1,146 @@
+"""
+Where a score comes from, for PPO, RLOO and GRPO: a reward model, and Python reward functions.
+
+- A reward model that reads text as the policy does (the same tokenizer and chat template) scores
+  the policy's token ids as they are.
+- One with another tokenizer or template (a downloaded reward model) is handed each completion as
+  text, as TRL hands it over (TextHandoff): decoded, rendered with its prompt by the reward
+  model's own template (plain prompt + completion when it has none), encoded by its tokenizer.
+- A reward function has TRL's signature, f(prompts, completions, **columns) -> list[float | None]:
+  completions are texts, or [{"role": "assistant", "content": text}] for conversational prompts,
+  and the prompt file's other fields (say "answer") come as keyword lists. None is no score.
+
+The score of a completion is the weighted sum of its sources' scores, a None left out, as TRL's
+nansum leaves it. The toy task's gold reward is one such function (toy_gold_reward).
+"""
+import importlib.util
+import math
+import os
+
+import torch
+
+from files import DataError
+from toy import gold_reward
+
+
+def toy_gold_reward(prompts, completions, **columns) -> list[float]:
+    """The toy task's gold reward (toy.gold_reward) as a reward function."""
+    return [gold_reward(c, p) for c, p in zip(completions, prompts)]
+
+
+def load_reward_function(spec: str):
+    """The function NAME of the Python file FILE, from "FILE.py:NAME" (--reward_fn)."""
+    path, _, name = spec.rpartition(":")
+    if not (path.endswith(".py") and name.isidentifier()):
+        raise DataError(f"--reward_fn {spec}: not FILE.py:NAME")
+    if not os.path.isfile(path):
+        raise DataError(f"--reward_fn {spec}: no such file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"reward_fn_{name}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # the user's file: whatever it raises on import is its failure
+        raise DataError(f"--reward_fn {spec}: importing {path} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise DataError(f"--reward_fn {spec}: {path} defines no function {name}")
+    return name, fn
+
+
+class TextHandoff:
+    """A completion as the reward model reads text: decoded by the policy's tokenizer, rendered
+    with its prompt by the reward model's chat template (its tokenizer's bos where it adds one and
+    plain prompt + completion without a template), encoded by the reward model's tokenizer and cut
+    on the right to its context, counted in `cut`."""
+
+    def __init__(self, reward_tok, block_size: int):
+        self.tok, self.block_size, self.cut = reward_tok, block_size, 0
+
+    def text(self, prompt, completion: str) -> str:
+        if self.tok.chat_template:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            return self.tok.render(messages + [{"role": "assistant", "content": completion}])
+        if isinstance(prompt, list):
+            raise DataError("the reward model has no chat template to render a conversational prompt with")
+        return prompt + completion
+
+    def ids(self, prompt, completion: str) -> list[int]:
+        if self.tok.chat_template:
+            return self.tok.encode_with_offsets(self.text(prompt, completion))[0]
+        return self.tok.encode_prompt(self.text(prompt, completion))
+
+    def batch(self, prompts: list, completions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (B, T) ids and mask of the reward model's reading of each completion."""
+        rows = [self.ids(p, c) for p, c in zip(prompts, completions)]
+        self.cut += sum(len(r) > self.block_size for r in rows)
+        rows = [r[:self.block_size] for r in rows]
+        T = max(map(len, rows))
+        ids = torch.full((len(rows), T), self.tok.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(rows), T), dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, device=device)
+            mask[i, :len(r)] = 1
+        return ids, mask
+
+
+class Rewards:
+    """Every source of a run's scores, with their weights: the reward model first (if any), then the
+    reward functions in the order given. `columns` are the prompt file's other fields, a dict a
+    prompt."""
+
+    def __init__(self, reward_model=None, handoff: TextHandoff | None = None, functions=(), weights=(),
+                 columns=None, model_name: str = "reward_model"):
+        self.reward_model, self.handoff, self.functions = reward_model, handoff, list(functions)
+        self.names = ([model_name] if reward_model is not None else []) + [name for name, _ in self.functions]
+        self.weights = list(weights) or [1.0] * len(self.names)
+        if len(self.weights) != len(self.names):
+            raise DataError(f"--reward_weights: {len(self.weights)} weights for {len(self.names)} reward sources "
+                            f"({', '.join(self.names)})")
+        self.columns = columns
+
+    def score(self, indices: list[int], prompts: list, completions: list[str], input_ids, attention_mask, ctx):
+        """(B,) weighted scores of one batch of completions of the prompts at `indices`, and each
+        source's (S, B) scores, NaN where a function gave None. input_ids and attention_mask are the
+        policy's rows, prompt and completion, which a reward model of the policy's tokenizer reads."""
+        device = input_ids.device
+        parts = []
+        if self.reward_model is not None:
+            if self.handoff is not None:
+                input_ids, attention_mask = self.handoff.batch(prompts, completions, device)
+            with ctx:
+                parts.append(self.reward_model(input_ids, attention_mask).float())
+        conversational = any(isinstance(p, list) for p in prompts)
+        given = [[{"role": "assistant", "content": c}] for c in completions] if conversational else completions
+        columns = {}
+        if self.columns is not None:
+            keys = dict.fromkeys(k for i in indices for k in self.columns[i])
+            columns = {k: [self.columns[i].get(k) for i in indices] for k in keys}
+        for name, fn in self.functions:
+            parts.append(self._call(name, fn, indices, prompts, given, columns, device))
+        per_source = torch.stack(parts)  # (S, B)
+        weights = torch.tensor(self.weights, device=device)[:, None]
+        return (per_source * weights).nansum(0), per_source
+
+    @staticmethod
+    def _call(name, fn, indices, prompts, completions, columns, device) -> torch.Tensor:
+        try:
+            values = fn(prompts=prompts, completions=completions, **columns)
+        except Exception as e:  # the user's function: one line naming it and the first prompt it fails on
+            for j, i in enumerate(indices):
+                try:
+                    fn(prompts=prompts[j:j + 1], completions=completions[j:j + 1],
+                       **{k: v[j:j + 1] for k, v in columns.items()})
+                except Exception as single:
+                    e = single
+                    break
+            else:
+                i = f"{indices[0]}..{indices[-1]} (together)"
+            raise DataError(f"reward function {name} raised on prompt {i}: {type(e).__name__}: {e}") from None
+        if not isinstance(values, (list, tuple)) or len(values) != len(prompts):
+            raise DataError(f"reward function {name} returned {type(values).__name__} "
+                            f"{len(values) if hasattr(values, '__len__') else ''}, not a list of {len(prompts)} "
+                            "scores (floats or None)")
+        for i, v in zip(indices, values):
+            if not (v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise DataError(f"reward function {name} gave prompt {i} the score {v!r}, not a finite number or None")
+        return torch.tensor([math.nan if v is None else float(v) for v in values], device=device)
