@@ -188,6 +188,26 @@ def loss_weights(response_mask: torch.Tensor, average: str) -> tuple[torch.Tenso
     return response_mask / lengths.clamp(min=1), (lengths > 0).sum()
 
 
+def sequence_ratio_losses(logprobs, old_logprobs, advantages, response_mask, cliprange: float) -> dict:
+    """RLOO's clipped surrogate with the whole response as one action, as its paper (Ahmadian et
+    al. 2024) and TRL's RLOOTrainer take it: one ratio a response, exp of its summed log-prob
+    change, clipped per response; sums over responses (divide by their number). logprobs,
+    old_logprobs and response_mask (B, R); advantages (B, R), one value a response (its first
+    token's is read). At ratio 1 its gradient is |o_i| times the per-token form's with
+    --loss_average sequence, and off-policy it clips whole responses, not tokens."""
+    mask = response_mask.float()
+    log_ratio = ((logprobs - old_logprobs) * mask).sum(1)  # (B,)
+    ratio = log_ratio.exp()
+    advantage = advantages[:, 0]
+    pg_unclipped = -advantage * ratio
+    pg_clipped = -advantage * ratio.clamp(1 - cliprange, 1 + cliprange)
+    real = (mask.sum(1) > 0).float()  # an empty response is no action
+    return {"policy_loss": (torch.max(pg_unclipped, pg_clipped) * real).sum(),
+            "approxkl": (0.5 * log_ratio.detach() ** 2 * real).sum(),
+            "clipfrac": ((pg_clipped > pg_unclipped).float().detach() * real).sum(),
+            "ratio": (ratio.detach() * real).sum()}
+
+
 def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, weights,
                cliprange: float, cliprange_value: float) -> dict[str, torch.Tensor]:
     """Clipped surrogate policy loss (Schulman et al. 2017, eq. 7) and clipped value loss, per

@@ -38,7 +38,8 @@ from evaluate import PolicyEvaluator, sample_completions
 from files import DataError
 from lora import AdaptersOff
 from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, group_advantages, k3_kl,
-                 loss_weights, masked_whiten, per_token_rewards, ppo_losses, response_labels, rollout, shaped_scores)
+                 loss_weights, masked_whiten, per_token_rewards, ppo_losses, response_labels, rollout,
+                 sequence_ratio_losses, shaped_scores)
 from reward_model import RewardModel
 from rewards import Rewards, TextHandoff, load_reward_function, toy_gold_reward
 from toy import gold_reward
@@ -103,6 +104,11 @@ class Config(TrainConfig):
     samples_per_prompt: int = 1
     """responses sampled for each prompt (k); rloo and grpo compare a prompt's k responses, so they need k >=
     2"""
+    ratio: Literal["token", "sequence"] = "token"
+    """rloo: token takes a ratio per token, clipped per token (as PPO and GRPO do); sequence one ratio per
+    response from its summed log-probs, clipped and averaged per response, as RLOO's paper and TRL's RLOOTrainer
+    take it (sets --loss_average sequence). token is the default: the study's results and golden curves were
+    recorded with it"""
     loss_average: Literal["token", "sequence"] = "token"
     """rloo and grpo: sequence takes each response's token mean, then the mean over responses (DeepSeekMath
     eq. 3); token (the default, as TRL's) weighs every token alike, since the per-response mean gives a
@@ -250,6 +256,10 @@ def ppo_batch_loss(model, batch, n_prompt: int, cfg: Config):
         labelled_logprobs, new_values = model(batch["input_ids"], batch["attention_mask"], **policy_inputs), None
     new_logprobs = labelled_logprobs[:, n_prompt - 1:]  # (B, R)
     weights, _ = loss_weights(batch["response_mask"], cfg.loss_average)  # (B, R)
+    if cfg.ratio == "sequence":  # rloo, a response one action
+        sums = sequence_ratio_losses(new_logprobs, batch["old_logprobs"], batch["advantages"], batch["response_mask"],
+                                     cfg.cliprange)
+        return sums["policy_loss"], sums
     sums = ppo_losses(new_logprobs, batch["old_logprobs"], batch["advantages"], new_values, batch.get("old_values"),
                       batch.get("returns"), weights, cfg.cliprange, cfg.cliprange_value)
     if cfg.advantage == "gae":
@@ -377,6 +387,9 @@ def check_settings(cfg: Config, dist: Dist) -> None:
     if cfg.advantage == "gae" and cfg.loss_average == "sequence":
         raise DataError("--loss_average sequence is for rloo and grpo, where a response's tokens share one "
                         "advantage; gae's advantages and value targets are per token")
+    if cfg.ratio == "sequence" and (cfg.advantage != "rloo" or cfg.loss_average != "sequence"):
+        raise DataError("--ratio sequence is RLOO's (--advantage rloo), averaged over responses (--loss_average "
+                        "sequence)")
     if cfg.reward == "functions" and not cfg.reward_fn:
         raise DataError("--reward functions: give the functions with --reward_fn FILE.py:NAME")
     if not all(map(math.isfinite, cfg.reward_weights)):
@@ -395,6 +408,8 @@ def settle_defaults(cfg: Config, dist: Dist) -> None:
     require_inputs(cfg, "sft_ckpt")
     toy, user_prompts = is_toy_model(cfg.sft_ckpt), bool(cfg.prompts)
     cfg.prompts = toy_default(cfg.prompts, TOY_PROMPTS[0], "prompts", cfg.sft_ckpt, toy)
+    if cfg.ratio == "sequence":  # a response is one action: its loss is averaged over responses
+        cfg.loss_average = "sequence"
     if cfg.reward == "model":
         cfg.reward_ckpt = toy_default(cfg.reward_ckpt, "out/rm/ckpt.pt", "reward_ckpt", cfg.sft_ckpt, toy)
     resolve_gold_eval(cfg, toy and (not user_prompts or bool(cfg.eval_prompts)), dist)

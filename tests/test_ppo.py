@@ -226,3 +226,38 @@ def test_sequence_average_is_each_responses_token_mean_then_the_mean_over_respon
         assert count.item() == {"sequence": 2, "token": 4}[average]
         assert (sums["policy_loss"] / count).item() == pytest.approx(want, rel=0, abs=1e-6), average
         assert (sums["ratio"] / count).item() == pytest.approx(1.0, abs=1e-6)  # the statistics are means alike
+
+
+def test_rloos_sequence_ratio_is_one_ratio_a_response_clipped_whole():
+    """TRL's RLOO: ratio_i = exp(sum_t (logp - old_logp)) over response i's tokens, the clipped
+    surrogate per response, summed over responses; a loop in float64 gives the same loss. At ratio
+    1 its gradient on each token's log-prob is -A_i, |o_i| times the per-token form's under the
+    per-response average; a response whose ratio passed 1 + eps with A > 0 gets no gradient."""
+    from ppo import loss_weights, ppo_losses, sequence_ratio_losses
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    old = -torch.rand(3, 4, generator=g, dtype=torch.float64)
+    new = (old + 0.1 * torch.randn(3, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    adv = torch.tensor([0.7, -1.2, 0.4], dtype=torch.float64)[:, None] * mask
+    eps = 0.2
+    sums = sequence_ratio_losses(new, old, adv, mask, eps)
+    expected = 0.0
+    for i in range(3):
+        r = math.exp(sum((new[i, t] - old[i, t]).item() for t in range(4) if mask[i, t]))
+        a = adv[i, 0].item()
+        expected += max(-a * r, -a * min(max(r, 1 - eps), 1 + eps))
+    assert sums["policy_loss"].item() == pytest.approx(expected, abs=1e-12)
+    # at ratio 1: -A_i on every token of response i, and |o_i| times the per-token form's gradient
+    at_one = old.clone().requires_grad_()
+    sequence_ratio_losses(at_one, old, adv, mask, eps)["policy_loss"].backward()
+    torch.testing.assert_close(at_one.grad, -adv)
+    per_token = old.clone().requires_grad_()
+    weights, _ = loss_weights(mask, "sequence")
+    ppo_losses(per_token, old, adv, None, None, None, weights, eps, eps)["policy_loss"].backward()
+    torch.testing.assert_close(at_one.grad, per_token.grad * mask.sum(1, keepdim=True))
+    # a response pushed past 1 + eps with a positive advantage is clipped whole
+    pushed = old.clone()
+    pushed[0, :3] += 0.1  # ratio e^0.3 > 1.2
+    pushed.requires_grad_()
+    sequence_ratio_losses(pushed, old, adv, mask, eps)["policy_loss"].backward()
+    assert pushed.grad[0].abs().sum() == 0 and pushed.grad[1].abs().sum() > 0

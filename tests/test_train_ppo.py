@@ -4,6 +4,8 @@ PPO, RLOO and GRPO raise the gold reward, the first iteration's ratio is one, 2 
 
     python -m pytest -q tests/test_train_ppo.py          # add -m "not slow" to skip the runs
 """
+import json
+import math
 import os
 
 import numpy as np
@@ -308,3 +310,18 @@ def test_step_5_advantages_rloo_charges_the_kl_grpo_scores_alone_gae_whitens():
     assert gae["advantages"][2, 0] == real.max() and gae["advantages"][1, 0] == real.min()
     # values 0, gamma 1, lambda 0.95: the return is the lambda-return, r_0 + 0.95 r_1 = -0.5 + 0.95
     torch.testing.assert_close(gae["returns"][0], torch.tensor([0.45, 1.0]))
+
+
+def test_rloo_with_one_ratio_a_response_runs_and_is_rloos_alone(sft_pairs, toy_dir, tmp_path, capsys):
+    """--ratio sequence settles --loss_average sequence (printed) and trains; with grpo it is one line."""
+    args = ppo_args(sft_pairs, toy_dir, str(tmp_path / "grpo"), reward="gold", advantage="grpo", ratio="sequence",
+                    **GROUP)
+    assert train_ppo.main(args) == 2
+    assert "--ratio sequence is RLOO's" in capsys.readouterr().err and not (tmp_path / "grpo").exists()
+    out = str(tmp_path / "rloo")
+    assert train_ppo.main(ppo_args(sft_pairs, toy_dir, out, reward="gold", advantage="rloo", ratio="sequence",
+                                   max_iters=1, **GROUP)) == 0
+    assert "loss_average" in capsys.readouterr().out
+    last = read_metrics(out)[-1]
+    assert math.isfinite(last["loss/policy_avg"]) and 0.5 < last["val/ratio"] < 2
+    assert json.load(open(f"{out}/config.json"))["loss_average"] == "sequence"
