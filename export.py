@@ -54,12 +54,12 @@ def main(argv=None) -> int:
         print(f"error: {cfg.out_dir} already holds files; give --overwrite to replace them", file=sys.stderr)
         return 2
     try:
+        make_out_dir(cfg.out_dir)  # first: a folder that cannot be written is said before a model is read
         if is_reward_checkpoint(cfg.ckpt):
             model, tok = load_reward_model(cfg.ckpt, cfg.lora_base)
             model = model.to(getattr(torch, cfg.dtype))
         else:
             model, tok = load_gpt(cfg.ckpt, dtype=getattr(torch, cfg.dtype), lora_base=cfg.lora_base)
-        make_out_dir(cfg.out_dir)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
