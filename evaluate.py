@@ -91,15 +91,22 @@ class PolicyEvaluator:
     offload=True the reference waits on the CPU and visits the policy's device only for the KL."""
 
     def __init__(self, reference, tok: Tokenizer, prompts: list[str], max_new_tokens: int,
-                 temperature: float = 1.0, seed: int = 0, offload: bool = False):
+                 temperature: float = 1.0, seed: int = 0, offload: bool = False, judge=None):
         if temperature <= 0:
             raise SystemExit("error: the evaluation samples at a temperature > 0 (its KL is that of the "
                              "sampled distributions)")
         self.reference, self.tok, self.prompts, self.offload = reference, tok, prompts, offload
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
         self.prompt_ids = [tok.encode_prompt(p) for p in prompts]
+        # judge(prompts, texts) -> scores; None: the toy task's gold reward, with its statistics
+        self.judge = judge
         _, texts, _ = sample_completions(reference, tok, prompts, max_new_tokens, temperature, seed)
-        self.reference_rewards = [gold_reward(t, p) for p, t in zip(prompts, texts)]
+        self.reference_rewards = self.scores(texts)
+
+    def scores(self, texts: list[str]) -> list[float]:
+        if self.judge is None:
+            return [gold_reward(t, p) for p, t in zip(self.prompts, texts)]
+        return self.judge(self.prompts, texts)
 
     def __call__(self, policy) -> tuple[dict[str, float], list[str]]:
         """Metrics, and the policy's sample texts (to print a few)."""
@@ -107,7 +114,7 @@ class PolicyEvaluator:
         policy.eval()
         ids, texts, ended = sample_completions(policy, self.tok, self.prompts, self.max_new_tokens,
                                                self.temperature, self.seed)
-        rewards = [gold_reward(t, p) for p, t in zip(self.prompts, texts)]
+        rewards = self.scores(texts)
         self.reference.to(next(policy.parameters()).device)
         kl = sequence_kl(policy, self.reference, self.prompt_ids, ids, self.tok.pad_id,
                          temperature=self.temperature)
@@ -115,6 +122,8 @@ class PolicyEvaluator:
             self.reference.cpu()
         wins = [1.0 if r > q else 0.5 if r == q else 0.0 for r, q in zip(rewards, self.reference_rewards)]
         policy.train(was_training)
-        metrics = sample_metrics(self.prompts, texts, ended)
+        metrics = (sample_metrics(self.prompts, texts, ended) if self.judge is None else
+                   {"eval/score": statistics.fmean(rewards), "eval/score_std": statistics.pstdev(rewards),
+                    "eval/eos_rate": statistics.fmean(ended)})
         metrics.update({"eval/kl": kl.mean().item(), "eval/win_rate": statistics.fmean(wins)})
         return metrics, texts

@@ -83,6 +83,24 @@ class TextHandoff:
         return ids, mask
 
 
+class TextJudge:
+    """A run's reward sources scoring finished completions from their text alone (the held-out
+    evaluation's judge): a reward model reads each through a TextHandoff, its own tokenizer and
+    template or, where they are the policy's, the policy's (the text encoded again, which may split
+    a token differently where the completion meets its prompt)."""
+
+    def __init__(self, rewards: "Rewards", tok, columns: list[dict], ctx):
+        model = rewards.reward_model
+        handoff = rewards.handoff or (TextHandoff(tok, model.config.block_size) if model is not None else None)
+        self.rewards = Rewards(model, handoff, rewards.functions, rewards.weights, columns, rewards.names[0])
+        self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
+        self.ctx = ctx
+
+    def __call__(self, prompts: list, texts: list[str]) -> list[float]:
+        unread = torch.zeros((len(texts), 1), dtype=torch.long, device=self.device)  # every source reads the text
+        return self.rewards.score(list(range(len(texts))), prompts, texts, unread, unread, self.ctx)[0].tolist()
+
+
 class Rewards:
     """Every source of a run's scores, with their weights: the reward model first (if any), then the
     reward functions in the order given. `columns` are the prompt file's other fields, a dict a
@@ -120,6 +138,10 @@ class Rewards:
         per_source = torch.stack(parts)  # (S, B)
         weights = torch.tensor(self.weights, device=device)[:, None]
         return (per_source * weights).nansum(0), per_source
+
+    def judge(self, tok, columns: list[dict], ctx) -> "TextJudge":
+        """These sources as a judge of finished texts, for held-out prompts with `columns`."""
+        return TextJudge(self, tok, columns, ctx)
 
     @staticmethod
     def _call(name, fn, indices, prompts, completions, columns, device) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from checkpoint import Run, is_toy_model, load_gpt, load_reward_model, load_trainable, trainable_state
 from chat import ChatError
-from data import TOY_PROMPTS, encode_prompt, load_prompt_records, load_prompts
+from data import TOY_PROMPTS, encode_prompt, load_prompt_records
 from distributed import Dist, all_reduce_sum, place_frozen, seed_everything, wrap_model
 from evaluate import PolicyEvaluator, sample_completions
 from files import DataError
@@ -364,7 +364,7 @@ def evaluate(evaluator, policy, tok, eval_prompts: list, cfg: Config, dist: Dist
             metrics, texts = {}, sample_completions(policy, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature,
                                                     cfg.seed)[1]
     shown = (f"[{p if isinstance(p, str) else p[-1]['content']}] {t}" for p, t in zip(eval_prompts, texts))
-    if evaluator is not None:
+    if evaluator is not None and evaluator.judge is None:
         shown = (f"{line}   (gold reward {gold_reward(t, p):.2f})" for line, p, t in zip(shown, eval_prompts, texts))
     return metrics, list(shown)[:cfg.print_samples]
 
@@ -444,7 +444,8 @@ def read_prompts(cfg: Config, block_size: int, tok, dist: Dist):
     model's context; DataError, before anything is written, on bad input."""
     prompts, columns = zip(*load_prompt_records(cfg.prompts))
     prompts, columns = list(prompts), list(columns)
-    eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.eval_prompts else []
+    eval_records = load_prompt_records(cfg.eval_prompts)[:cfg.eval_samples] if cfg.eval_prompts else []
+    eval_prompts, eval_columns = [p for p, _ in eval_records], [c for _, c in eval_records]
     conversations = any(isinstance(p, list) for p in prompts + eval_prompts)
     if conversations and (cfg.reward == "gold" or cfg.gold_eval):
         raise DataError("--reward gold and --gold_eval score the toy task's text prompts, not conversations")
@@ -463,7 +464,7 @@ def read_prompts(cfg: Config, block_size: int, tok, dist: Dist):
         longest = max(len(ids) for ids in encode_prompts(tok, eval_prompts, block_size, False, cfg.eval_prompts))
         check_lengths(block_size, ("the longest --eval_prompts prompt", longest),
                       ("--max_new_tokens", cfg.max_new_tokens))
-    return prompts, columns, prompt_ids, eval_prompts, tok
+    return prompts, columns, prompt_ids, eval_prompts, eval_columns, tok
 
 
 def source_metrics(names: list[str], per_source: torch.Tensor, dist: Dist) -> dict:
@@ -500,7 +501,8 @@ def train(cfg: Config, dist: Dist) -> dict:
     run = Run(cfg, dist, counts=("tokens",))
     policy, tok = load_gpt(cfg.sft_ckpt, lora_base=cfg.lora_base)
     toy = is_toy_model(cfg.sft_ckpt)  # what the model is, recorded in its checkpoint
-    prompts, columns, prompt_ids, eval_prompts, tok = read_prompts(cfg, policy.config.block_size, tok, dist)
+    prompts, columns, prompt_ids, eval_prompts, eval_columns, tok = read_prompts(cfg, policy.config.block_size, tok,
+                                                                                dist)
 
     # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic (gae), as
     # raw_model, the module the optimizer steps, and model, it wrapped for DDP/FSDP
@@ -524,10 +526,12 @@ def train(cfg: Config, dist: Dist) -> dict:
     reward_mean, reward_std = (run.resumed["reward_norm"] if run.resumed
                                else reward_statistics(policy, scorer, tok, prompts, prompt_ids, cfg, dist, ctx))
     evaluator = None
-    if cfg.gold_eval and eval_prompts and (dist.master or dist.sharded):  # under FSDP every rank samples with rank 0
+    if eval_prompts and (dist.master or dist.sharded):  # under FSDP every rank samples with rank 0
+        # the toy gold reward, or the run's own reward sources judging the held-out samples' texts
+        judge = None if cfg.gold_eval else scorer.judge(tok, eval_columns, ctx)
         with ctx:
             evaluator = PolicyEvaluator(reference, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature,
-                                        cfg.seed)
+                                        cfg.seed, judge=judge)
     if dist.master:
         print(f"{'policy and critic: 2 x ' if critic else 'policy: '}{policy.num_params() / 1e6:.2f}M parameters "
               f"({n_trainable(raw_model) / 1e6:.2f}M training), {len(prompts)} prompts, advantage: {cfg.advantage}, "

@@ -224,3 +224,23 @@ def test_two_processes_score_with_a_downloaded_reward_model_and_a_reward_functio
     assert [k for k in a if k.startswith("rewards/")] == [
         f"rewards/{n}/{s}" for n in (os.path.basename(reward_folders["qwen3"][0]), "length") for s in ("mean", "std")]
     assert a["rewards/length/mean"] > 0
+
+
+def test_the_held_out_evaluation_is_judged_by_the_runs_own_reward_sources(sft_pairs, toy_dir, tmp_path):
+    """Without the toy gold evaluation, PPO's held-out prompts are scored by the run's reward
+    function: eval/score and eval/win_rate against the SFT model beside eval/kl. At iteration 0
+    the policy is the SFT model sampled with its seed: every prompt ties (0.5) at KL 0."""
+    import train_ppo
+    from conftest import read_metrics
+    fns = write_functions(tmp_path / "fns.py")
+    out = tmp_path / "ppo"
+    assert train_ppo.main([f"--sft_ckpt={sft_pairs[0]}", f"--prompts={toy_dir}/prompts_train.jsonl",
+                           f"--eval_prompts={toy_dir}/prompts_val.jsonl", "--eval_samples=8", f"--out_dir={out}",
+                           "--reward=functions", f"--reward_fn={fns}:length", "--advantage=rloo",
+                           "--samples_per_prompt=4", "--batch_size=16", "--gen_chunk=8", "--max_iters=1",
+                           "--max_new_tokens=8", "--device=cpu", "--gold_eval=false", "--print_samples=0",
+                           "--eval_interval=1"]) == 0
+    start, end = read_metrics(out)[0], read_metrics(out)[-1]
+    assert start["eval/win_rate"] == 0.5 and start["eval/kl"] == pytest.approx(0, abs=1e-6)
+    assert start["eval/score"] > 0 and "eval/gold_reward" not in start
+    assert {"eval/score", "eval/win_rate", "eval/kl", "rewards/length/mean"} <= set(end)
