@@ -96,9 +96,14 @@ class TextJudge:
         self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
         self.ctx = ctx
 
-    def __call__(self, prompts: list, texts: list[str]) -> list[float]:
+    def __call__(self, prompts: list, texts: list[str], columns: list[dict] | None = None) -> list[float]:
+        """Scores of texts completing prompts, with the held-out prompts' columns or, given, these."""
+        rewards = self.rewards
+        if columns is not None:
+            rewards = Rewards(rewards.reward_model, rewards.handoff, rewards.functions, rewards.weights, columns,
+                              rewards.names[0])
         unread = torch.zeros((len(texts), 1), dtype=torch.long, device=self.device)  # every source reads the text
-        return self.rewards.score(list(range(len(texts))), prompts, texts, unread, unread, self.ctx)[0].tolist()
+        return rewards.score(list(range(len(texts))), prompts, texts, unread, unread, self.ctx)[0].tolist()
 
 
 class Rewards:

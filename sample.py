@@ -11,6 +11,13 @@ from Bradley-Terry probabilities (label noise). Ties carry no preference and are
 counted, and so are pairs with a completion cut at max_new_tokens before its eos: a pair's
 response is trained with an eos appended, an ending that was never sampled. Training pairs
 come from prompts_train.jsonl, held-out pairs from prompts_val.jsonl.
+
+With your own model, --pairs labels its samples of --prompts by a judge, as UltraFeedback's were
+labelled by a stronger model: a reward model (--reward_ckpt, trained here or downloaded; one of
+another tokenizer is handed the text) and Python reward functions (--reward_fn), summed with
+--reward_weights. The last 5% of the prompts give the held-out pairs.
+
+    python sample.py --ckpt out/smol_sft --pairs --prompts my_prompts.jsonl --reward_ckpt Skywork-Reward-V2-Qwen3-0.6B
 """
 import itertools
 import json
@@ -21,11 +28,12 @@ import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from checkpoint import is_toy_model, load_gpt
-from data import load_prompts
+from checkpoint import is_toy_model, load_gpt, load_reward_model
+from data import load_prompt_records, load_prompts
 from distributed import pick_device
 from evaluate import sample_completions
 from files import DataError, make_out_dir, write_atomic
+from rewards import Rewards, TextHandoff, load_reward_function
 from toy import gold_reward
 from train_utils import autocast, parse_config
 
@@ -44,7 +52,17 @@ class Config:
     n: int = 4
     """samples of --prompt"""
     pairs: bool = False
-    """write preference pairs for the toy prompts instead of printing samples"""
+    """write preference pairs instead of printing samples: of the toy prompts, labelled by the gold reward, or of
+    --prompts, labelled by --reward_ckpt and --reward_fn"""
+    prompts: str = ""
+    """your prompts JSONL for --pairs, one {"prompt"} a line (other fields go to reward functions); the last 5%
+    give the held-out pairs"""
+    reward_ckpt: str = ""
+    """the judge of --prompts' samples: a reward model (train_rm.py's, or a downloaded sequence classifier)"""
+    reward_fn: tuple[str, ...] = ()
+    """a judging reward function FILE.py:NAME, TRL's signature; give the flag once for each"""
+    reward_weights: tuple[float, ...] = ()
+    """a weight for each judge, the reward model first; empty: 1 each"""
     data_dir: str = "data/toy"
     """the toy task's folder (prompts_train.jsonl, prompts_val.jsonl)"""
     out_dir: str = "out/pairs"
@@ -54,8 +72,8 @@ class Config:
     pairing: Literal["all", "best_vs_rest"] = "all"
     """all: every pair of the K; best_vs_rest: the best completion against each other one"""
     label: Literal["gold", "bradley_terry"] = "gold"
-    """gold: the higher gold reward is chosen; bradley_terry: chosen with P = sigmoid(bt_scale * (logit r_a -
-    logit r_b))"""
+    """gold: the higher score is chosen; bradley_terry: chosen with P = sigmoid(bt_scale * (logit r_a - logit
+    r_b)) on the gold reward, sigmoid(bt_scale * (r_a - r_b)) on a judge's scores"""
     bt_scale: float = 1.0
     """Bradley-Terry sharpness; on the toy task logit r is the net sentiment-word count"""
     n_train_prompts: Optional[int] = None
@@ -85,7 +103,8 @@ def _logit(r: float) -> float:
 
 
 def make_pairs(prompt: str, completions: list[str], scores: list[float], ended: list[bool], pairing: str,
-               label: str, bt_scale: float, rng: random.Random) -> tuple[list[dict], int, int, int]:
+               label: str, bt_scale: float, rng: random.Random,
+               logit=_logit) -> tuple[list[dict], int, int, int]:
     """Preference records for one prompt's scored completions, and the numbers of pairs dropped
     as ties, because a completion is empty (eos at once: no response text), and because a
     completion did not end (cut at max_new_tokens)."""
@@ -108,24 +127,28 @@ def make_pairs(prompt: str, completions: list[str], scores: list[float], ended: 
         if label == "gold":
             a_wins = scores[a] > scores[b]
         else:  # Bradley-Terry (1952) on the reward's logit
-            a_wins = rng.random() < 1 / (1 + math.exp(-bt_scale * (_logit(scores[a]) - _logit(scores[b]))))
+            a_wins = rng.random() < 1 / (1 + math.exp(-bt_scale * (logit(scores[a]) - logit(scores[b]))))
         w, l = (a, b) if a_wins else (b, a)
         records.append({"prompt": prompt, "chosen": completions[w], "rejected": completions[l],
                         "chosen_score": scores[w], "rejected_score": scores[l]})
     return records, ties, empty, cut
 
 
-def write_pairs(cfg: Config, model, tok, split: str, prompts: list[str], rng: random.Random) -> None:
+def write_pairs(cfg: Config, model, tok, split: str, prompts: list, rng: random.Random, judge=None,
+                columns: list[dict] | None = None) -> None:
+    """Pairs of `prompts`' samples, scored by the toy gold reward, or by `judge(prompts, texts,
+    columns)` with each prompt's columns (its record's other fields)."""
     repeated = [p for p in prompts for _ in range(cfg.k)]
     _, texts, ended = sample_completions(model, tok, repeated, cfg.max_new_tokens, cfg.temperature,
                                          cfg.seed + (split == "val"), cfg.top_k, cfg.top_p, cfg.batch_size)
     records, dropped, scores_all = [], [0, 0, 0], []
     for i, prompt in enumerate(prompts):
         group = slice(i * cfg.k, (i + 1) * cfg.k)
-        scores = [gold_reward(c, prompt) for c in texts[group]]
+        scores = ([gold_reward(c, prompt) for c in texts[group]] if judge is None
+                  else judge([prompt] * cfg.k, texts[group], [columns[i]] * cfg.k))
         scores_all += scores
         new, *counts = make_pairs(prompt, texts[group], scores, ended[group], cfg.pairing, cfg.label,
-                                  cfg.bt_scale, rng)
+                                  cfg.bt_scale, rng, _logit if judge is None else float)
         records += new
         dropped = [d + c for d, c in zip(dropped, counts)]
     path = os.path.join(cfg.out_dir, f"pairs_{split}.jsonl")
@@ -134,8 +157,8 @@ def write_pairs(cfg: Config, model, tok, split: str, prompts: list[str], rng: ra
     print(f"{path}: {len(records)} pairs from {len(prompts)} prompts x {cfg.k} completions, "
           f"{dropped[0]} ties, {dropped[1]} with an empty completion and {dropped[2]} with a completion "
           "cut at "
-          f"max_new_tokens dropped; completion gold reward mean {sum(scores_all) / len(scores_all):.3f}; "
-          f"labels agreeing with the gold reward {agree:.3f}")
+          f"max_new_tokens dropped; completion {'gold reward' if judge is None else 'score'} mean "
+          f"{sum(scores_all) / len(scores_all):.3f}; labels agreeing with it {agree:.3f}")
 
 
 def main(argv=None) -> int:
@@ -145,14 +168,35 @@ def main(argv=None) -> int:
         if not cfg.pairs and not cfg.prompt:
             raise DataError("give --prompt, or --pairs to write preference pairs")
         toy = is_toy_model(cfg.ckpt)  # the toy task's gold reward scores only the toy model's text
-        if cfg.pairs and not toy:
-            raise DataError(f"--pairs labels samples of the toy prompts with the toy task's gold reward; "
-                            f"{cfg.ckpt} is not the toy task's model (give your own pairs to train_dpo.py)")
+        judged = bool(cfg.reward_ckpt or cfg.reward_fn)
+        if judged and not (cfg.pairs and cfg.prompts):
+            raise DataError("--reward_ckpt and --reward_fn label --pairs of --prompts: give both")
+        if cfg.pairs and not (toy or judged):
+            raise DataError(f"--pairs: {cfg.ckpt} is not the toy task's model, whose gold reward labels toy samples; "
+                            "label yours with a judge: --prompts, and --reward_ckpt or --reward_fn")
         if cfg.pairs:
             make_out_dir(cfg.out_dir)
         model, tok = load_gpt(cfg.ckpt, dtype=None, lora_base=cfg.lora_base)
-        tok = tok.with_chat_template(cfg.chat_template, chat_data=False)
-        if cfg.pairs:
+        conversations = False
+        if judged:  # your prompts, the last 5% held out, and the judge: every source reads the text
+            records = load_prompt_records(cfg.prompts)
+            if len(records) < 2:
+                raise DataError(f"--prompts {cfg.prompts}: one prompt; --pairs holds out the last 5% (at least one)")
+            held_out = max(1, len(records) // 20)
+            train, val = records[:len(records) - held_out], records[len(records) - held_out:]
+            conversations = any(isinstance(p, list) for p, _ in records)
+            reward_model = None
+            if cfg.reward_ckpt:
+                reward_model, reward_tok = load_reward_model(cfg.reward_ckpt, cfg.lora_base)
+                reward_model.to(device).eval()
+            functions = [load_reward_function(spec) for spec in cfg.reward_fn]
+            handoff = None if reward_model is None else TextHandoff(
+                reward_tok.with_chat_template("auto", chat_data=False), reward_model.config.block_size)
+            judge = Rewards(reward_model, handoff, functions, cfg.reward_weights, [],
+                            os.path.basename(cfg.reward_ckpt.removesuffix("/ckpt.pt").rstrip("/"))).judge(
+                tok, [], autocast(device, cfg.dtype))
+        tok = tok.with_chat_template(cfg.chat_template, chat_data=conversations)
+        if cfg.pairs and not judged:
             train = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"))[:cfg.n_train_prompts]
             val = load_prompts(os.path.join(cfg.data_dir, "prompts_val.jsonl"))[:cfg.n_val_prompts]
         model.to(device).eval()
@@ -165,8 +209,11 @@ def main(argv=None) -> int:
                           + (f"   (gold reward {gold_reward(t, cfg.prompt):.2f})" if toy else ""))
                 return 0
             rng = random.Random(cfg.seed)
-            write_pairs(cfg, model, tok, "train", train, rng)
-            write_pairs(cfg, model, tok, "val", val, rng)
+            for split, prompts in (("train", train), ("val", val)):
+                if judged:
+                    write_pairs(cfg, model, tok, split, [p for p, _ in prompts], rng, judge, [c for _, c in prompts])
+                else:
+                    write_pairs(cfg, model, tok, split, prompts, rng)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -244,3 +244,33 @@ def test_the_held_out_evaluation_is_judged_by_the_runs_own_reward_sources(sft_pa
     assert start["eval/win_rate"] == 0.5 and start["eval/kl"] == pytest.approx(0, abs=1e-6)
     assert start["eval/score"] > 0 and "eval/gold_reward" not in start
     assert {"eval/score", "eval/win_rate", "eval/kl", "rewards/length/mean"} <= set(end)
+
+
+def test_sample_pairs_of_your_prompts_are_labelled_by_a_judge(reward_folders, sft_pairs, toy_dir, tmp_path, capsys):
+    """sample.py --pairs --prompts with judges: a length function (0.01) plus a downloaded reward
+    model of another tokenizer. Every pair's chosen completion has the higher judged score, which
+    is the judges' weighted sum of its text; the last 5% of the prompts give the held-out pairs."""
+    import sample
+    from tokenizer import Tokenizer
+    fns = write_functions(tmp_path / "fns.py")
+    prompts = tmp_path / "prompts.jsonl"
+    lines = open(f"{toy_dir}/prompts_val.jsonl").read().splitlines()[:20]
+    prompts.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "pairs"
+    folder = reward_folders["qwen3"][0]
+    assert sample.main([f"--ckpt={sft_pairs[0]}", "--pairs", f"--prompts={prompts}", f"--out_dir={out}",
+                        f"--reward_ckpt={folder}", f"--reward_fn={fns}:length", "--reward_weights=1",
+                        "--reward_weights=0.01", "--max_new_tokens=12", "--device=cpu"]) == 0
+    train = [json.loads(line) for line in open(out / "pairs_train.jsonl")]
+    val = [json.loads(line) for line in open(out / "pairs_val.jsonl")]
+    assert train and {r["prompt"] for r in val} <= {json.loads(line)["prompt"] for line in lines[19:]}
+    model, reward_tok = load_reward_model(folder)
+    for r in train[:3]:
+        for side in ("chosen", "rejected"):
+            ids = reward_tok.encode_prompt(r["prompt"] + r[side])[:model.config.block_size]
+            with torch.no_grad():
+                own = model.eval()(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+            assert r[f"{side}_score"] == pytest.approx(own + 0.01 * len(r[side]), abs=1e-4)
+    assert all(r["chosen_score"] > r["rejected_score"] for r in train + val)
+    assert sample.main([f"--ckpt={sft_pairs[0]}", "--prompt=hi", f"--reward_fn={fns}:length", "--device=cpu"]) == 2
+    assert "label --pairs of --prompts" in capsys.readouterr().err
