@@ -81,11 +81,15 @@ class Tokenizer:
         word-boundary piece (a template's text is cut at its special tokens)."""
         proto = io.BytesIO()
         extra = dict(user_defined_symbols=cls.CHAT_MARKERS, add_dummy_prefix=False) if chat else {}
-        spm.SentencePieceTrainer.train(
-            input=text_file, model_writer=proto, vocab_size=vocab_size, model_type="bpe",
-            byte_fallback=True, hard_vocab_limit=False, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, num_threads=1, minloglevel=2, **cls.TOY_IDS, **extra,
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                input=text_file, model_writer=proto, vocab_size=vocab_size, model_type="bpe",
+                byte_fallback=True, hard_vocab_limit=False, normalization_rule_name="identity",
+                remove_extra_whitespaces=False, num_threads=1, minloglevel=2, **cls.TOY_IDS, **extra,
+            )
+        except RuntimeError as e:  # a vocabulary below the 256 byte pieces and the text's characters
+            reason = str(e).split("] ")[-1].split(" Increase")[0]
+            raise DataError(f"--vocab_size {vocab_size}: sentencepiece cannot train on this text: {reason}") from None
         return cls.toy(proto.getvalue())
 
     def state(self) -> dict:

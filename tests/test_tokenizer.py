@@ -34,3 +34,15 @@ def test_a_conversation_prompt_renders_as_a_string_prompt_does_and_needs_a_templ
     assert text.startswith("<|system|>\nbe kind") and text.endswith("<|user|>\nhi \n<|assistant|>\n")
     with pytest.raises(DataError, match="needs a chat template"):
         tok.encode_prompt([{"role": "user", "content": "hi"}])
+
+
+def test_a_vocabulary_too_small_to_train_is_one_line_naming_the_flag(tmp_path):
+    """byte fallback needs 256 pieces and each character of the text one more: sentencepiece's
+    RuntimeError (a traceback from train_sft.py on a small --vocab_size) becomes one DataError."""
+    from files import DataError
+    corpus = tmp_path / "sums.txt"
+    corpus.write_text("1+2= 3\n4+5= 9\n" * 50)
+    with pytest.raises(DataError, match=r"--vocab_size 64: sentencepiece cannot train on this text: Vocabulary size is "
+                                        r"smaller than required_chars. 64 vs \d+"):
+        Tokenizer.train(str(corpus), 64)
+    assert Tokenizer.train(str(corpus), 300).vocab_size <= 300
