@@ -83,6 +83,21 @@ class TextHandoff:
         return ids, mask
 
 
+def load_judge(reward_ckpt: str, reward_fns, weights, tok, columns: list[dict], device, ctx,
+               lora_base: str = "") -> "TextJudge":
+    """The judge of held-out samples that --reward_ckpt, --reward_fn and --reward_weights name (a
+    reward model, frozen on `device`, and functions), for the policy's tokenizer `tok`."""
+    from checkpoint import load_reward_model  # checkpoint.py imports the model stack; the functions need none of it
+    reward_model = handoff = None
+    if reward_ckpt:
+        reward_model, reward_tok = load_reward_model(reward_ckpt, lora_base)
+        reward_model.to(device).eval().requires_grad_(False)
+        handoff = TextHandoff(reward_tok.with_chat_template("auto", chat_data=False), reward_model.config.block_size)
+    name = os.path.basename(reward_ckpt.removesuffix("/ckpt.pt").rstrip("/"))
+    functions = [load_reward_function(spec) for spec in reward_fns]
+    return Rewards(reward_model, handoff, functions, weights, columns, name).judge(tok, columns, ctx)
+
+
 class TextJudge:
     """A run's reward sources scoring finished completions from their text alone (the held-out
     evaluation's judge): a reward model reads each through a TextHandoff, its own tokenizer and

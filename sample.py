@@ -28,12 +28,12 @@ import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from checkpoint import is_toy_model, load_gpt, load_reward_model
+from checkpoint import is_toy_model, load_gpt
 from data import load_prompt_records, load_prompts
 from distributed import pick_device
 from evaluate import sample_completions
 from files import DataError, make_out_dir, write_atomic
-from rewards import Rewards, TextHandoff, load_reward_function
+from rewards import load_judge
 from toy import gold_reward
 from train_utils import autocast, parse_config
 
@@ -185,16 +185,8 @@ def main(argv=None) -> int:
             held_out = max(1, len(records) // 20)
             train, val = records[:len(records) - held_out], records[len(records) - held_out:]
             conversations = any(isinstance(p, list) for p, _ in records)
-            reward_model = None
-            if cfg.reward_ckpt:
-                reward_model, reward_tok = load_reward_model(cfg.reward_ckpt, cfg.lora_base)
-                reward_model.to(device).eval()
-            functions = [load_reward_function(spec) for spec in cfg.reward_fn]
-            handoff = None if reward_model is None else TextHandoff(
-                reward_tok.with_chat_template("auto", chat_data=False), reward_model.config.block_size)
-            judge = Rewards(reward_model, handoff, functions, cfg.reward_weights, [],
-                            os.path.basename(cfg.reward_ckpt.removesuffix("/ckpt.pt").rstrip("/"))).judge(
-                tok, [], autocast(device, cfg.dtype))
+            judge = load_judge(cfg.reward_ckpt, cfg.reward_fn, cfg.reward_weights, tok, [], device,
+                               autocast(device, cfg.dtype), cfg.lora_base)
         tok = tok.with_chat_template(cfg.chat_template, chat_data=conversations)
         if cfg.pairs and not judged:
             train = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"))[:cfg.n_train_prompts]

@@ -26,13 +26,14 @@ from typing import Literal, Optional
 import torch
 
 from checkpoint import Run, fingerprint, is_toy_model, load_gpt
-from data import TOY_PROMPTS, PairsConfig, load_pairs, load_prompts, real_tokens, take
+from data import TOY_PROMPTS, PairsConfig, load_pairs, load_prompt_records, real_tokens, take
 from distributed import Dist, all_reduce_sum, place_frozen, seed_everything, wrap_model
 from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums, response_lengths
 from evaluate import PolicyEvaluator
 from files import DataError, replace_atomically
 from lora import AdaptersOff
 from toy import gold_reward
+from rewards import load_judge
 from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, batch_means, check_batches,
                          check_lengths, check_pair_settings, check_training_settings, check_weights,
                          clip_grad_norm, default_max_length, frozen_dtype, global_batch, gradient_sync,
@@ -64,7 +65,14 @@ class Config(PairsConfig, TrainConfig):
     """sample held-out toy prompts at each evaluation: gold reward, KL to the reference, win rate; none: on
     for the toy model on the toy pairs (or with --eval_prompts), off for your model or data"""
     eval_prompts: str = ""
-    """held-out prompts for --gold_eval; empty: data/toy/prompts_val.jsonl"""
+    """held-out prompts for --gold_eval or the judges below; empty: data/toy/prompts_val.jsonl (toy model only)"""
+    reward_ckpt: str = ""
+    """judge of your model's samples of --eval_prompts: a reward model (train_rm.py's, or downloaded); logs
+    eval/score and eval/win_rate against the SFT model beside eval/kl"""
+    reward_fn: tuple[str, ...] = ()
+    """a judging reward function, FILE.py:NAME with TRL's signature; the flag once for each"""
+    reward_weights: tuple[float, ...] = ()
+    """the judges' weights, the reward model's first; empty: 1 each"""
     eval_samples: int = 256
     """held-out prompts sampled at each evaluation"""
     max_new_tokens: int = 40
@@ -146,8 +154,9 @@ def dpo_batch_loss(model, batch, reference, cfg: Config):
 
 
 def evaluate(model, policy, reference, val_data, evaluator, prompts, cfg: Config, dist: Dist, ctx):
-    """Held-out DPO metrics on every rank's shard of the pairs; on rank 0, gold reward, KL and
-    win rate of samples for held-out prompts. Returns the metrics and a few samples to print."""
+    """Held-out DPO metrics on every rank's shard of the pairs; on rank 0, the gold reward (or the
+    judges' score), KL and win rate of samples for held-out prompts. Returns the metrics and a few
+    samples to print."""
     sums = {}
     for idx in shard_indices(len(val_data["chosen_input_ids"]), dist, cfg.batch_size):
         with torch.no_grad(), ctx:
@@ -158,18 +167,18 @@ def evaluate(model, policy, reference, val_data, evaluator, prompts, cfg: Config
         with ctx:
             sample_metrics, texts = evaluator(policy)
         metrics.update(sample_metrics)
-        samples = [f"[{p}] {t}   (gold reward {gold_reward(t, p):.2f})"
+        samples = [f"[{p}] {t}" + (f"   (gold reward {gold_reward(t, p):.2f})" if evaluator.judge is None else "")
                    for p, t in list(zip(prompts, texts))[:cfg.print_samples]]
     return metrics, samples
 
 
 def reference_and_evaluator(cfg: Config, policy, train_data: dict, val_data: dict, prompts: list, tok,
-                            dist: Dist, ctx):
+                            dist: Dist, ctx, judge=None):
     """The frozen reference, from the SFT checkpoint as the policy: under LoRA the policy with its
     adapters off, else a frozen copy. With --precompute_ref its log-probs of every pair, computed
     once (or read from the cache): {"train": (N, 2), "val": (M, 2)} chosen and rejected, else
-    None; a separate reference then waits on the CPU. And the gold evaluator (None without
-    held-out prompts), which samples the reference once."""
+    None; a separate reference then waits on the CPU. And the evaluator (None without held-out
+    prompts), which samples the reference once: the toy gold reward's, or `judge`'s."""
     if cfg.lora_rank:
         reference = AdaptersOff(policy)
     else:
@@ -182,7 +191,7 @@ def reference_and_evaluator(cfg: Config, policy, train_data: dict, val_data: dic
     if prompts and (dist.master or dist.sharded):  # under FSDP every rank samples the policy with rank 0
         with ctx:
             evaluator = PolicyEvaluator(reference, tok, prompts, cfg.max_new_tokens, cfg.temperature,
-                                        cfg.seed, offload=offload)
+                                        cfg.seed, offload=offload, judge=judge)
     if offload:
         reference.cpu()  # off the accelerator: training never runs it again, evaluation borrows it
     return reference, logps, evaluator
@@ -203,7 +212,11 @@ def check_settings(cfg: Config, dist: Dist) -> None:
     for flag in ("max_new_tokens", "eval_samples"):
         if getattr(cfg, flag) < (1 if flag == "max_new_tokens" else 0):
             raise DataError(f"--{flag} {getattr(cfg, flag)}: out of range")
-    if cfg.gold_eval and cfg.temperature <= 0:
+    judged = bool(cfg.reward_ckpt or cfg.reward_fn)
+    if judged and (cfg.gold_eval or not cfg.eval_prompts):
+        raise DataError("--reward_ckpt and --reward_fn judge the samples of --eval_prompts, in place of --gold_eval: "
+                        "give --eval_prompts (and not --gold_eval)")
+    if (cfg.gold_eval or judged) and cfg.temperature <= 0:
         raise DataError("--temperature must be above 0: the evaluation's KL is that of the sampled distributions")
     require_inputs(cfg, "eval_prompts")
 
@@ -231,7 +244,9 @@ def train(cfg: Config, dist: Dist) -> dict:
     check_lengths(raw_model.config.block_size, ("--max_length", cfg.max_length))
     train_data, _, val_data, tok = load_pairs(cfg, tok, cfg.chat_template, dist.master)
     check_batches(len(train_data["chosen_input_ids"]), "training pairs", cfg, dist)
-    prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval else []
+    judged = bool(cfg.reward_ckpt or cfg.reward_fn)
+    records = load_prompt_records(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval or judged else []
+    prompts = [p for p, _ in records]
     longest_prompt = max((len(tok.encode_prompt(p)) for p in prompts), default=0)
     check_lengths(raw_model.config.block_size, ("the longest held-out prompt", longest_prompt),
                   ("--max_new_tokens", cfg.max_new_tokens))
@@ -241,8 +256,10 @@ def train(cfg: Config, dist: Dist) -> dict:
     # its log-probs of every pair computed once if asked
     model = wrap_model(prepare_trainable(raw_model, cfg), dist, cfg.dtype, cfg.compile)
     ctx = autocast(dist.device, cfg.dtype)
+    judge = (load_judge(cfg.reward_ckpt, cfg.reward_fn, cfg.reward_weights, tok, [c for _, c in records], dist.device,
+                        ctx, cfg.lora_base) if judged else None)  # None: the toy gold reward judges
     reference, precomputed, evaluator = reference_and_evaluator(cfg, raw_model, train_data, val_data, prompts, tok,
-                                                                dist, ctx)
+                                                                dist, ctx, judge)
     if precomputed:  # --precompute_ref: each pair's reference log-probs go with it, for dpo_batch_loss
         for data, name in ((train_data, "train"), (val_data, "val")):
             data["reference_chosen_logps"], data["reference_rejected_logps"] = precomputed[name].unbind(1)

@@ -299,3 +299,22 @@ def test_grpo_on_the_verifiable_example_raises_held_out_exact_match(tmp_path):
                            "--device=cpu", "--print_samples=0"]) == 0
     scores = [m["eval/score"] for m in read_metrics(grpo) if "eval/score" in m]
     assert len(scores) == 3 and scores[-1] > scores[0] + 0.1, scores
+
+
+def test_dpo_on_your_model_is_evaluated_by_a_judge(reward_folders, sft_pairs, toy_dir, tmp_path, capsys):
+    """train_dpo.py --eval_prompts with --reward_ckpt (a downloaded reward model of another
+    tokenizer): eval/score and eval/win_rate against the SFT model beside eval/kl, 0.5 and 0 at step 0;
+    the judge flags without --eval_prompts are one line before anything is written."""
+    import train_dpo
+    from conftest import read_metrics
+    _, pairs = sft_pairs
+    out = tmp_path / "dpo"
+    args = [f"--sft_ckpt={sft_pairs[0]}", f"--train_file={pairs}/pairs_train.jsonl", f"--val_file={pairs}/pairs_val.jsonl",
+            f"--out_dir={out}", f"--reward_ckpt={reward_folders['qwen3'][0]}", "--gold_eval=false", "--max_iters=2",
+            "--eval_interval=2", "--batch_size=8", "--device=cpu", "--print_samples=0"]
+    assert train_dpo.main(args) == 2
+    assert "judge the samples of --eval_prompts" in capsys.readouterr().err and not out.exists()
+    assert train_dpo.main(args + [f"--eval_prompts={toy_dir}/prompts_val.jsonl", "--eval_samples=8"]) == 0
+    start, end = read_metrics(out)[0], read_metrics(out)[-1]
+    assert start["eval/win_rate"] == 0.5 and start["eval/kl"] == pytest.approx(0, abs=1e-6)
+    assert {"eval/score", "eval/win_rate", "eval/kl"} <= set(end) and "eval/gold_reward" not in end

@@ -112,10 +112,11 @@ def test_ppo_prompts_longer_than_the_limit_keep_their_last_tokens(sft_pairs, toy
 
 
 def test_pairs_are_sampled_from_the_toy_model_only(tmp_path, capsys):
-    """sample.py --pairs labels toy prompts with the toy gold reward: never for a user's folder."""
+    """sample.py --pairs labels toy prompts with the toy gold reward, never a user's model's samples: those a judge labels."""
     import sample
     folder = tmp_path / "model"
     folder.mkdir()
     assert sample.main([f"--ckpt={folder}", "--pairs", f"--out_dir={tmp_path}/pairs", "--device=cpu"]) == 2
-    assert "--pairs labels samples of the toy prompts" in capsys.readouterr().err
+    assert "is not the toy task's model, whose gold reward labels toy samples; label yours with a judge" in (
+        capsys.readouterr().err)
     assert not (tmp_path / "pairs").exists()
