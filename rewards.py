@@ -1,5 +1,7 @@
 """
-Where a score comes from, for PPO, RLOO and GRPO: a reward model, and Python reward functions.
+Where a score comes from: a reward model, and Python reward functions, for PPO, RLOO and GRPO's
+training (Rewards), and as the judge of finished texts (TextJudge: a held-out evaluation's
+eval/score and win rate, sample.py's judged pairs).
 
 - A reward model that reads text as the policy does (the same tokenizer and chat template) scores
   the policy's token ids as they are.
