@@ -318,3 +318,33 @@ def test_dpo_on_your_model_is_evaluated_by_a_judge(reward_folders, sft_pairs, to
     start, end = read_metrics(out)[0], read_metrics(out)[-1]
     assert start["eval/win_rate"] == 0.5 and start["eval/kl"] == pytest.approx(0, abs=1e-6)
     assert {"eval/score", "eval/win_rate", "eval/kl"} <= set(end) and "eval/gold_reward" not in end
+
+
+def test_a_downloaded_reward_model_of_the_policys_tokenizer_reads_its_ids_and_becomes_the_critic(
+        reward_folders, tmp_path, capsys):
+    """A Qwen3 policy folder and a reward folder sharing its tokenizer: PPO scores the policy's ids
+    as they are (no handoff), the critic starts from the reward model, and LoRA (policy and critic
+    adapters) with bfloat16 frozen weights trains as it does on a reward model trained here."""
+    import train_ppo
+    from checkpoint import load_checkpoint
+    from test_hf import write_model
+    policy, reward = tmp_path / "policy", tmp_path / "rm"
+    write_model(str(policy), FAMILIES["qwen3"]())
+    shutil.copytree(reward_folders["qwen3"][0], reward)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(reward / name, policy / name)
+    for folder in (policy, reward):  # one pad id for both: the tokenizer's
+        config = json.load(open(folder / "config.json"))
+        json.dump({**config, "pad_token_id": 0}, open(folder / "config.json", "w"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in ["Hello world", "The capital"] * 8))
+    capsys.readouterr()
+    assert train_ppo.main([f"--sft_ckpt={policy}", f"--reward_ckpt={reward}", f"--prompts={prompts}",
+                           f"--out_dir={tmp_path}/ppo", "--lora_rank=2", "--frozen_dtype=bfloat16", "--dtype=bfloat16",
+                           "--batch_size=8", "--gen_chunk=4", "--max_iters=1", "--max_new_tokens=6", "--device=cpu",
+                           "--print_samples=0"]) == 0
+    assert "handed each completion as text" not in capsys.readouterr().out
+    critic = load_checkpoint(f"{tmp_path}/ppo/ckpt.pt")["critic"]
+    assert any("lora_B" in k for k in critic)
+    score = load_reward_folder(str(reward))[0].head.proj.weight  # the critic's head started as the score head
+    assert (critic["head.proj.weight"].float() - score).abs().max() < 0.01
