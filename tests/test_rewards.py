@@ -252,7 +252,6 @@ def test_sample_pairs_of_your_prompts_are_labelled_by_a_judge(reward_folders, sf
     model of another tokenizer. Every pair's chosen completion has the higher judged score, which
     is the judges' weighted sum of its text; the last 5% of the prompts give the held-out pairs."""
     import sample
-    from tokenizer import Tokenizer
     fns = write_functions(tmp_path / "fns.py")
     prompts = tmp_path / "prompts.jsonl"
     lines = open(f"{toy_dir}/prompts_val.jsonl").read().splitlines()[:20]
