@@ -18,6 +18,9 @@ another tokenizer is handed the text) and Python reward functions (--reward_fn),
 --reward_weights. The last 5% of the prompts give the held-out pairs.
 
     python sample.py --ckpt out/smol_sft --pairs --prompts my_prompts.jsonl --reward_ckpt Skywork-Reward-V2-Qwen3-0.6B
+
+With --best_of N, each of the --n samples of --prompt is the best of N by the same judges
+(best-of-N sampling, the baseline every RLHF method is measured against), printed with its score.
 """
 import itertools
 import json
@@ -51,6 +54,8 @@ class Config:
     as plain text; or a Jinja file"""
     n: int = 4
     """samples of --prompt"""
+    best_of: int = 1
+    """each sample of --prompt the best of this many, ranked by --reward_ckpt and --reward_fn"""
     pairs: bool = False
     """write preference pairs instead of printing samples: of the toy prompts, labelled by the gold reward, or of
     --prompts, labelled by --reward_ckpt and --reward_fn"""
@@ -169,8 +174,11 @@ def main(argv=None) -> int:
             raise DataError("give --prompt, or --pairs to write preference pairs")
         toy = is_toy_model(cfg.ckpt)  # the toy task's gold reward scores only the toy model's text
         judged = bool(cfg.reward_ckpt or cfg.reward_fn)
-        if judged and not (cfg.pairs and cfg.prompts):
-            raise DataError("--reward_ckpt and --reward_fn label --pairs of --prompts: give both")
+        if cfg.best_of < 1 or cfg.best_of > 1 and (cfg.pairs or not judged):
+            raise DataError(f"--best_of {cfg.best_of}: a number of samples of --prompt, 1 or more, ranked by "
+                            "--reward_ckpt or --reward_fn (not with --pairs)")
+        if judged and not (cfg.pairs and cfg.prompts or cfg.best_of > 1):
+            raise DataError("--reward_ckpt and --reward_fn label --pairs of --prompts, or rank --best_of: give them")
         if cfg.pairs and not (toy or judged):
             raise DataError(f"--pairs: {cfg.ckpt} is not the toy task's model, whose gold reward labels toy samples; "
                             "label yours with a judge: --prompts, and --reward_ckpt or --reward_fn")
@@ -178,15 +186,16 @@ def main(argv=None) -> int:
             make_out_dir(cfg.out_dir)
         model, tok = load_gpt(cfg.ckpt, dtype=None, lora_base=cfg.lora_base)
         conversations = False
-        if judged:  # your prompts, the last 5% held out, and the judge: every source reads the text
+        if judged:  # the judge: every source reads the text
+            judge = load_judge(cfg.reward_ckpt, cfg.reward_fn, cfg.reward_weights, tok, [], device,
+                               autocast(device, cfg.dtype), cfg.lora_base)
+        if judged and cfg.pairs:  # your prompts, the last 5% held out
             records = load_prompt_records(cfg.prompts)
             if len(records) < 2:
                 raise DataError(f"--prompts {cfg.prompts}: one prompt; --pairs holds out the last 5% (at least one)")
             held_out = max(1, len(records) // 20)
             train, val = records[:len(records) - held_out], records[len(records) - held_out:]
             conversations = any(isinstance(p, list) for p, _ in records)
-            judge = load_judge(cfg.reward_ckpt, cfg.reward_fn, cfg.reward_weights, tok, [], device,
-                               autocast(device, cfg.dtype), cfg.lora_base)
         tok = tok.with_chat_template(cfg.chat_template, chat_data=conversations)
         if cfg.pairs and not judged:
             train = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"))[:cfg.n_train_prompts]
@@ -194,8 +203,15 @@ def main(argv=None) -> int:
         model.to(device).eval()
         with autocast(device, cfg.dtype):
             if not cfg.pairs:
-                _, texts, _ = sample_completions(model, tok, [cfg.prompt] * cfg.n, cfg.max_new_tokens,
+                k = cfg.best_of
+                _, texts, _ = sample_completions(model, tok, [cfg.prompt] * cfg.n * k, cfg.max_new_tokens,
                                                  cfg.temperature, cfg.seed, cfg.top_k, cfg.top_p)
+                if k > 1:  # sample i is the judges' best of candidates i*k .. i*k + k - 1
+                    scores = judge([cfg.prompt] * len(texts), texts, [{}] * len(texts))
+                    best = [max(range(i * k, (i + 1) * k), key=scores.__getitem__) for i in range(cfg.n)]
+                    for i in best:
+                        print(f"[{cfg.prompt}] {texts[i]}   (best of {k}, score {scores[i]:.3f})")
+                    return 0
                 for t in texts:
                     print(f"[{cfg.prompt}] {t}"
                           + (f"   (gold reward {gold_reward(t, cfg.prompt):.2f})" if toy else ""))

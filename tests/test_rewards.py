@@ -347,3 +347,22 @@ def test_a_downloaded_reward_model_of_the_policys_tokenizer_reads_its_ids_and_be
     assert any("lora_B" in k for k in critic)
     score = load_reward_folder(str(reward))[0].head.proj.weight  # the critic's head started as the score head
     assert (critic["head.proj.weight"].float() - score).abs().max() < 0.01
+
+
+def test_best_of_n_keeps_the_judges_best_of_each_group(sft_pairs, tmp_path, capsys):
+    """sample.py --best_of 4 ranked by a length function: each printed sample is the longest of
+    its 4 candidates, the same candidates --best_of 1 draws with the seed (16 samples, in order)."""
+    import sample
+    fns = write_functions(tmp_path / "fns.py")
+    common = [f"--ckpt={sft_pairs[0]}", "--prompt=the plot", "--device=cpu", "--max_new_tokens=10"]
+    assert sample.main(common + ["--n=16"]) == 0
+    candidates = [line.split("] ", 1)[1].split("   (gold")[0] for line in capsys.readouterr().out.splitlines()]
+    assert sample.main(common + ["--n=4", "--best_of=4", f"--reward_fn={fns}:length"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4
+    for i, line in enumerate(lines):
+        text, score = line.split("] ", 1)[1].split("   (best of 4, score ")
+        group = candidates[4 * i:4 * i + 4]
+        assert text in group and len(text) == max(map(len, group)) and float(score.rstrip(")")) == len(text)
+    assert sample.main(common + ["--best_of=4"]) == 2
+    assert "--best_of 4: a number of samples of --prompt" in capsys.readouterr().err
