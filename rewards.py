@@ -58,6 +58,11 @@ class TextHandoff:
     def __init__(self, reward_tok, block_size: int):
         self.tok, self.block_size, self.cut = reward_tok, block_size, 0
 
+    @classmethod
+    def of(cls, reward_model, reward_tok) -> "TextHandoff":
+        """The handoff to a loaded reward model: its tokenizer with its own template, if it has one."""
+        return cls(reward_tok.with_chat_template("auto", chat_data=False), reward_model.config.block_size)
+
     def text(self, prompt, completion: str) -> str:
         if self.tok.chat_template:
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
@@ -85,6 +90,11 @@ class TextHandoff:
         return ids, mask
 
 
+def model_name(reward_ckpt: str) -> str:
+    """A reward model's name in logs: its folder's (a run folder's for its ckpt.pt)."""
+    return os.path.basename(reward_ckpt.removesuffix("/ckpt.pt").rstrip("/"))
+
+
 def load_judge(reward_ckpt: str, reward_fns, weights, tok, columns: list[dict], device, ctx,
                lora_base: str = "") -> "TextJudge":
     """The judge of held-out samples that --reward_ckpt, --reward_fn and --reward_weights name (a
@@ -94,10 +104,9 @@ def load_judge(reward_ckpt: str, reward_fns, weights, tok, columns: list[dict], 
     if reward_ckpt:
         reward_model, reward_tok = load_reward_model(reward_ckpt, lora_base)
         reward_model.to(device).eval().requires_grad_(False)
-        handoff = TextHandoff(reward_tok.with_chat_template("auto", chat_data=False), reward_model.config.block_size)
-    name = os.path.basename(reward_ckpt.removesuffix("/ckpt.pt").rstrip("/"))
+        handoff = TextHandoff.of(reward_model, reward_tok)
     functions = [load_reward_function(spec) for spec in reward_fns]
-    return Rewards(reward_model, handoff, functions, weights, columns, name).judge(tok, columns, ctx)
+    return Rewards(reward_model, handoff, functions, weights, None, model_name(reward_ckpt)).judge(tok, ctx, columns)
 
 
 class TextJudge:
@@ -106,7 +115,7 @@ class TextJudge:
     template or, where they are the policy's, the policy's (the text encoded again, which may split
     a token differently where the completion meets its prompt)."""
 
-    def __init__(self, rewards: "Rewards", tok, columns: list[dict], ctx):
+    def __init__(self, rewards: "Rewards", tok, ctx, columns: list[dict] | None):
         model = rewards.reward_model
         handoff = rewards.handoff or (TextHandoff(tok, model.config.block_size) if model is not None else None)
         self.rewards = Rewards(model, handoff, rewards.functions, rewards.weights, columns, rewards.names[0])
@@ -114,13 +123,10 @@ class TextJudge:
         self.ctx = ctx
 
     def __call__(self, prompts: list, texts: list[str], columns: list[dict] | None = None) -> list[float]:
-        """Scores of texts completing prompts, with the held-out prompts' columns or, given, these."""
-        rewards = self.rewards
-        if columns is not None:
-            rewards = Rewards(rewards.reward_model, rewards.handoff, rewards.functions, rewards.weights, columns,
-                              rewards.names[0])
+        """Scores of texts completing the held-out prompts, or other prompts with their `columns`."""
         unread = torch.zeros((len(texts), 1), dtype=torch.long, device=self.device)  # every source reads the text
-        return rewards.score(list(range(len(texts))), prompts, texts, unread, unread, self.ctx)[0].tolist()
+        scores, _ = self.rewards.score(list(range(len(texts))), prompts, texts, unread, unread, self.ctx, columns)
+        return scores.tolist()
 
 
 class Rewards:
@@ -138,10 +144,12 @@ class Rewards:
                             f"({', '.join(self.names)})")
         self.columns = columns
 
-    def score(self, indices: list[int], prompts: list, completions: list[str], input_ids, attention_mask, ctx):
+    def score(self, indices: list[int], prompts: list, completions: list[str], input_ids, attention_mask, ctx,
+              columns: list[dict] | None = None):
         """(B,) weighted scores of one batch of completions of the prompts at `indices`, and each
         source's (S, B) scores, NaN where a function gave None. input_ids and attention_mask are the
-        policy's rows, prompt and completion, which a reward model of the policy's tokenizer reads."""
+        policy's rows, prompt and completion, which a reward model of the policy's tokenizer reads.
+        `columns`, a dict a prompt, stand in for the prompts' own (self.columns at `indices`)."""
         device = input_ids.device
         parts = []
         if self.reward_model is not None:
@@ -151,19 +159,18 @@ class Rewards:
                 parts.append(self.reward_model(input_ids, attention_mask).float())
         conversational = any(isinstance(p, list) for p in prompts)
         given = [[{"role": "assistant", "content": c}] for c in completions] if conversational else completions
-        columns = {}
-        if self.columns is not None:
-            keys = dict.fromkeys(k for i in indices for k in self.columns[i])
-            columns = {k: [self.columns[i].get(k) for i in indices] for k in keys}
+        if columns is None:
+            columns = [self.columns[i] for i in indices] if self.columns is not None else [{}] * len(prompts)
+        keyword_lists = {k: [c.get(k) for c in columns] for k in dict.fromkeys(k for c in columns for k in c)}
         for name, fn in self.functions:
-            parts.append(self._call(name, fn, indices, prompts, given, columns, device))
+            parts.append(self._call(name, fn, indices, prompts, given, keyword_lists, device))
         per_source = torch.stack(parts)  # (S, B)
         weights = torch.tensor(self.weights, device=device)[:, None]
         return (per_source * weights).nansum(0), per_source
 
-    def judge(self, tok, columns: list[dict], ctx) -> "TextJudge":
-        """These sources as a judge of finished texts, for held-out prompts with `columns`."""
-        return TextJudge(self, tok, columns, ctx)
+    def judge(self, tok, ctx, columns: list[dict] | None = None) -> "TextJudge":
+        """These sources as a judge of finished texts, of held-out prompts with `columns`."""
+        return TextJudge(self, tok, ctx, columns)
 
     @staticmethod
     def _call(name, fn, indices, prompts, completions, columns, device) -> torch.Tensor:

@@ -21,7 +21,6 @@ The math of each step is ppo.py's; this file holds their order, the rollout and 
 """
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, 
                  loss_weights, masked_whiten, per_token_rewards, ppo_losses, response_labels, rollout,
                  sequence_ratio_losses, shaped_scores)
 from reward_model import RewardModel
-from rewards import Rewards, TextHandoff, load_reward_function, toy_gold_reward
+from rewards import Rewards, TextHandoff, load_reward_function, model_name, toy_gold_reward
 from toy import gold_reward
 from train_utils import (TrainConfig, add_sums, autocast, batch_means, check_lengths,
                          check_training_settings, check_weights, clip_grad_norm, frozen_dtype,
@@ -324,8 +323,7 @@ def frozen_models_and_critic(cfg: Config, policy, tok, dist: Dist):
     if cfg.reward == "model":
         reward_model, reward_tok = load_reward_model(cfg.reward_ckpt, cfg.lora_base)
         if not reads_as_policy(reward_tok, tok):
-            reader = reward_tok.with_chat_template("auto", chat_data=False)  # its own template, if it has one
-            handoff = TextHandoff(reader, reward_model.config.block_size)
+            handoff = TextHandoff.of(reward_model, reward_tok)
         reward_model = place_frozen(reward_model.to(frozen_dtype(cfg)), dist, cfg.dtype)
     if cfg.advantage != "gae":
         return reference, reward_model, handoff, None
@@ -346,8 +344,7 @@ def reward_sources(cfg: Config, reward_model, handoff, columns: list[dict]) -> R
     functions = [load_reward_function(spec) for spec in cfg.reward_fn]
     if cfg.reward == "gold":
         functions.insert(0, ("gold", toy_gold_reward))
-    path = cfg.reward_ckpt.removesuffix("/ckpt.pt").rstrip("/")
-    return Rewards(reward_model, handoff, functions, cfg.reward_weights, columns, os.path.basename(path))
+    return Rewards(reward_model, handoff, functions, cfg.reward_weights, columns, model_name(cfg.reward_ckpt))
 
 
 def evaluate(evaluator, policy, tok, eval_prompts: list, cfg: Config, dist: Dist, ctx):
@@ -384,12 +381,12 @@ def check_settings(cfg: Config, dist: Dist) -> None:
         raise DataError("--gen_chunk must be a multiple of --samples_per_prompt, which rloo and grpo need at 2 or more")
     if cfg.advantage == "grpo" and cfg.adaptive_kl:
         raise DataError("--adaptive_kl is for gae and rloo: GRPO weighs its KL term by a fixed kl_coef")
-    if cfg.advantage == "gae" and cfg.loss_average == "sequence":
-        raise DataError("--loss_average sequence is for rloo and grpo, where a response's tokens share one "
-                        "advantage; gae's advantages and value targets are per token")
     if cfg.ratio == "sequence" and (cfg.advantage != "rloo" or cfg.loss_average != "sequence"):
         raise DataError("--ratio sequence is RLOO's (--advantage rloo), averaged over responses (--loss_average "
                         "sequence)")
+    if cfg.advantage == "gae" and cfg.loss_average == "sequence":
+        raise DataError("--loss_average sequence is for rloo and grpo, where a response's tokens share one "
+                        "advantage; gae's advantages and value targets are per token")
     if cfg.reward == "functions" and not cfg.reward_fn:
         raise DataError("--reward functions: give the functions with --reward_fn FILE.py:NAME")
     if not all(map(math.isfinite, cfg.reward_weights)):
@@ -528,7 +525,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     evaluator = None
     if eval_prompts and (dist.master or dist.sharded):  # under FSDP every rank samples with rank 0
         # the toy gold reward, or the run's own reward sources judging the held-out samples' texts
-        judge = None if cfg.gold_eval else scorer.judge(tok, eval_columns, ctx)
+        judge = None if cfg.gold_eval else scorer.judge(tok, ctx, eval_columns)
         with ctx:
             evaluator = PolicyEvaluator(reference, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature,
                                         cfg.seed, judge=judge)
