@@ -101,3 +101,26 @@ def dpo_metric_sums(chosen_rewards, rejected_rewards, policy_chosen_logps, polic
         "logps/chosen": policy_chosen_logps.detach().sum(),
         "logps/rejected": policy_rejected_logps.detach().sum(),
     }
+
+
+def rollout_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, scores: torch.Tensor, k: int,
+                  n_prompt: int):
+    """Online DPO's pairs (Guo et al. 2024): of each prompt's k sampled responses, the best-scored
+    one chosen and the worst rejected, as the batch concatenated_forward reads.
+
+    input_ids, attention_mask (B k, P + R): rollout rows, a prompt's k responses consecutive, its
+    prompt left-padded to P = n_prompt columns; scores (B k,). Returns the
+    batch (chosen_/rejected_ input_ids, attention_mask and labels, (B, P + R) each, labels on the
+    response tokens alone) and weights (B,): 1, or 0 for a tie (every response of the prompt
+    scored alike), which carries no preference and is left out of the loss, as sample.py leaves
+    ties out of offline pairs."""
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    labels[:, :n_prompt] = IGNORE_INDEX  # the prompt is not trained on
+    grouped = scores.view(-1, k)  # (B, k)
+    base = torch.arange(0, len(scores), k, device=scores.device)
+    chosen, rejected = base + grouped.argmax(1), base + grouped.argmin(1)  # first of equals: a tie's weight is 0
+    batch = {}
+    for side, rows in (("chosen", chosen), ("rejected", rejected)):
+        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels)):
+            batch[f"{side}_{name}"] = t[rows]
+    return batch, (grouped.max(1).values > grouped.min(1).values).float()

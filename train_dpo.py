@@ -27,16 +27,15 @@ import torch
 
 from checkpoint import Run, fingerprint, is_toy_model, load_gpt
 from data import TOY_PROMPTS, PairsConfig, load_pairs, load_prompt_records, real_tokens, take
-from distributed import Dist, all_reduce_sum, place_frozen, seed_everything, wrap_model
+from distributed import Dist, all_reduce_sum, seed_everything, wrap_model
 from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums, response_lengths
 from evaluate import PolicyEvaluator
 from files import DataError, replace_atomically
-from lora import AdaptersOff
 from toy import gold_reward
 from rewards import load_judge
-from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, batch_means, check_batches,
+from train_utils import (TrainConfig, frozen_reference, add_sums, all_reduce_sums, autocast, batch_means, check_batches,
                          check_lengths, check_pair_settings, check_training_settings, check_weights,
-                         clip_grad_norm, default_max_length, frozen_dtype, global_batch, gradient_sync,
+                         clip_grad_norm, default_max_length, global_batch, gradient_sync,
                          lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable,
                          print_settled, progress_bar, require_inputs, run_script, set_lr,
                          settle_pair_defaults, shard_indices)
@@ -179,10 +178,7 @@ def reference_and_evaluator(cfg: Config, policy, train_data: dict, val_data: dic
     once (or read from the cache): {"train": (N, 2), "val": (M, 2)} chosen and rejected, else
     None; a separate reference then waits on the CPU. And the evaluator (None without held-out
     prompts), which samples the reference once: the toy gold reward's, or `judge`'s."""
-    if cfg.lora_rank:
-        reference = AdaptersOff(policy)
-    else:
-        reference = place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg), cfg.lora_base)[0], dist, cfg.dtype)
+    reference = frozen_reference(cfg, policy, dist)
     offload = cfg.precompute_ref and not cfg.lora_rank and not dist.sharded
     logps = None
     if cfg.precompute_ref:

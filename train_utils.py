@@ -26,12 +26,12 @@ from typing import Literal, Optional, Union, get_args, get_origin, get_type_hint
 
 import torch
 
-from checkpoint import (OVERWRITTEN, NonFiniteLoss, RunStopped, fingerprint, is_toy_model, model_file,
+from checkpoint import (OVERWRITTEN, NonFiniteLoss, RunStopped, fingerprint, is_toy_model, load_gpt, model_file,
                         non_finite_weights, number, release_run_folder)
 from data import TOY_PAIRS
-from distributed import Dist, all_reduce_sum, cleanup_distributed, is_dtensor, setup_distributed
+from distributed import Dist, all_reduce_sum, cleanup_distributed, is_dtensor, place_frozen, setup_distributed
 from files import DataError
-from lora import attach_lora
+from lora import AdaptersOff, attach_lora
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -448,6 +448,15 @@ def lora_targets(cfg: TrainConfig) -> list[str]:
 
 def frozen_dtype(cfg: TrainConfig) -> torch.dtype:
     return getattr(torch, cfg.frozen_dtype)
+
+
+def frozen_reference(cfg: TrainConfig, policy: GPT, dist: Dist):
+    """The frozen reference of DPO and RLHF, the SFT model the policy starts from: under LoRA the
+    policy with its adapters off (no second copy), else a frozen copy of cfg.sft_ckpt, placed
+    (under FSDP sharded)."""
+    if cfg.lora_rank:
+        return AdaptersOff(policy)
+    return place_frozen(load_gpt(cfg.sft_ckpt, frozen_dtype(cfg), cfg.lora_base)[0], dist, cfg.dtype)
 
 
 def lora_record(cfg: TrainConfig, base: str) -> dict:

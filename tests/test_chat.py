@@ -12,6 +12,7 @@ import pytest
 import transformers
 
 import chat
+import rollout
 from conftest import run_python
 from data import Example, Pair, encode_sft, load_preferences, load_sft, tokenize_pairs
 from files import DataError
@@ -537,7 +538,6 @@ def test_pairs_sft_conversations_and_ppo_prompts_cut_a_long_prompt_one_way(folde
     """One truncation rule: a multi-turn prompt loses its oldest turns, the system message kept,
     and the same prompt comes out the same as a DPO pair's, a conversational prompt-completion SFT
     record's (not refused) and a PPO prompt's."""
-    import train_ppo
     tok = ours(folders["chatml"], "chatml")
     prompt, reply = long_prompt(6), {"role": "assistant", "content": "Paris."}
     full = tok.encode_prompt(prompt)
@@ -545,7 +545,7 @@ def test_pairs_sft_conversations_and_ppo_prompts_cut_a_long_prompt_one_way(folde
     pair_ids, n_prompt, pair_cut = chat.encode_prompt_response(tok, prompt, reply["content"], 1000, limit)
     sft_ids, labelled, sft_cut = encode_sft(tok, Example("", "", "x:1", prompt + [reply],
                                                          prompt_turns=len(prompt)), 1000, limit)
-    (ppo_ids,) = train_ppo.encode_prompts(tok, [prompt], limit, verbose=False)
+    (ppo_ids,) = rollout.encode_prompts(tok, [prompt], limit, verbose=False)
     assert pair_cut == sft_cut == (limit < 500) and len(ppo_ids) <= limit and n_prompt <= limit
     assert ppo_ids == pair_ids[:n_prompt] == sft_ids[:n_prompt] and labelled.index(True) == n_prompt
     assert sft_ids[:len(pair_ids)] == pair_ids

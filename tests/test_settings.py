@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+import rollout
 import train_dpo
 import train_ppo
 import train_rm
@@ -34,7 +35,7 @@ BAD = {  # case -> (script, flags, what the one line says)
                                         "--max_new_tokens 200 leaves no room for a prompt"),
     "ppo batch larger than the prompts": ("ppo", ["--batch_size=512", "--gen_chunk=32", "--reward=gold",
                                                   "--prompts={toy_dir}/prompts_val.jsonl"],
-                                          "--batch_size 512 / --samples_per_prompt 1: more than the "
+                                          "--batch_size 512: 512 prompts a step, more than the "
                                           "256 prompts"),
 }
 
@@ -105,7 +106,7 @@ def test_ppo_prompts_longer_than_the_limit_keep_their_last_tokens(sft_pairs, toy
     from tokenizer import Tokenizer
     tok = Tokenizer.load(f"{toy_dir}/tokenizer.model")
     long = " ".join(["the movie was great ."] * 30)
-    ids = train_ppo.encode_prompts(tok, ["the plot", long], limit=20, verbose=False)
+    ids = rollout.encode_prompts(tok, ["the plot", long], limit=20, verbose=False)
     full = tok.encode_prompt(long)
     assert ids[0] == tok.encode_prompt("the plot")
     assert ids[1] == [tok.bos_id] + full[-19:] and len(ids[1]) == 20

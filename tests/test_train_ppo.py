@@ -19,6 +19,7 @@ from conftest import read_metrics, run_python, run_ranks
 from distributed import Dist
 from model import GPT, GPTConfig
 from rewards import Rewards, toy_gold_reward
+from rollout import collect_rollouts, reward_statistics
 
 GOLD = Rewards(functions=[("gold", toy_gold_reward)])  # the toy task's gold reward as the run's scorer
 
@@ -245,8 +246,8 @@ def test_a_prompts_responses_are_one_group_in_consecutive_rows(sft_pairs, toy_di
     policy, tok = load_gpt(sft_pairs[0])
     cfg = train_ppo.Config(reward="gold", batch_size=16, gen_chunk=8, samples_per_prompt=4)
     prompts = load_prompts(f"{toy_dir}/prompts_train.jsonl")
-    data, P = train_ppo.collect_rollouts(policy, GOLD, tok, prompts, [tok.encode_prompt(p) for p in prompts], 0, cfg,
-                                         Dist(False, 0, 0, 1, torch.device("cpu")), torch.autocast("cpu", enabled=False))
+    data, P = collect_rollouts(policy, GOLD, tok, prompts, [tok.encode_prompt(p) for p in prompts], 0, 16, cfg,
+                               Dist(False, 0, 0, 1, torch.device("cpu")), torch.autocast("cpu", enabled=False))
     prompts = data["input_ids"][:, :P].view(4, 4, P)  # 4 groups of 4 rows
     assert (prompts == prompts[:, :1]).all()  # the same prompt within a group
     assert len({tuple(g[0].tolist()) for g in prompts}) == 4  # a different one in each
@@ -278,9 +279,9 @@ def test_reward_statistics_are_the_mean_and_std_of_the_sft_samples_in_float64(sf
     prompts, dist, ctx = load_prompts(f"{toy_dir}/prompts_train.jsonl"), Dist(False, 0, 0, 1, torch.device("cpu")), \
         torch.autocast("cpu", enabled=False)
     prompt_ids = [tok.encode_prompt(p) for p in prompts]
-    raw = np.concatenate([train_ppo.collect_rollouts(policy.eval(), GOLD, tok, prompts, prompt_ids, step, cfg, dist,
-                                                     ctx)[0]["scores"].double().numpy() for step in range(3)])
-    mean, std = train_ppo.reward_statistics(policy, GOLD, tok, prompts, prompt_ids, cfg, dist, ctx)
+    raw = np.concatenate([collect_rollouts(policy.eval(), GOLD, tok, prompts, prompt_ids, step, 16, cfg, dist,
+                                           ctx)[0]["scores"].double().numpy() for step in range(3)])
+    mean, std = reward_statistics(policy, GOLD, tok, prompts, prompt_ids, 16, cfg, dist, ctx)
     assert len(raw) == 48 and mean == pytest.approx(raw.mean(), abs=1e-9) and std == pytest.approx(raw.std(), abs=1e-9)
 
 
