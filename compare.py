@@ -5,7 +5,9 @@ samples per training prompt labelled by the gold reward, then DPO over a sweep o
 model, then three RL estimators, PPO (with a critic), RLOO and GRPO (critic-free), each on the
 reward model (and with --gold_twins or --full on the gold reward itself too: -GT, the DPO
 paper's upper reference), and two cheap baselines, best-of-N from SFT ranked by the reward
-model and preferred-FT (SFT on the chosen responses). Every method is evaluated on the same
+model and preferred-FT (SFT on the chosen responses), and online DPO over the same betas: DPO on pairs
+the policy samples as it trains, labelled by the reward model (with the twins also by the gold
+reward), which asks whether RL's lead comes from RL or from on-policy sampling. Every method is evaluated on the same
 held-out prompts by evaluate.PolicyEvaluator along its run, so each run draws a path in the
 reward-KL plane; the methods are compared at matched KL (1, 2, 4, 8 nats, read off the paths)
 over training seeds, and against the ceiling: the optimal KL-regularised policy, estimated by
@@ -37,6 +39,7 @@ import torch
 
 import sample
 import train_dpo
+import train_online_dpo
 import train_ppo
 import train_rm
 import train_sft
@@ -97,6 +100,7 @@ def sweeps(cfg: Config) -> dict:
                     dpo=dict(max_iters=4, eval_interval=2, batch_size=4),
                     rm=dict(max_iters=4, eval_interval=4, batch_size=4),
                     rl=dict(max_iters=2, eval_interval=1, batch_size=32, gen_chunk=16, reward_norm_batches=1),
+                    online=dict(max_iters=2, eval_interval=1, batch_size=16, gen_chunk=16, reward_norm_batches=1),
                     pft=dict(max_iters=4, eval_interval=4, batch_size=1),
                     pairs=dict(n_train_prompts=64, n_val_prompts=32))
     return dict(
@@ -113,6 +117,7 @@ def sweeps(cfg: Config) -> dict:
         sft=dict(), rm=dict(), pairs=dict(n_val_prompts=64),
         dpo=dict(early_eval_interval=10, early_eval_until=150),
         rl=dict(max_iters=60, eval_interval=10, early_eval_interval=2, early_eval_until=30),
+        online=dict(eval_interval=10, early_eval_interval=2, early_eval_until=30),  # 60 steps of 32 prompts x 2
         pft=dict(max_iters=300, eval_interval=100, lr=1e-4, min_lr=1e-5, warmup_iters=30),
     )
 
@@ -152,6 +157,14 @@ def rl_runs(S: dict, gold_twins: bool) -> list[tuple[str, str, str, dict]]:
                              dict(advantage=advantage, reward=reward, adaptive_kl=True, kl_target=target,
                                   kl_coef=starting_kl_coef(target), kl_horizon=KL_HORIZON, **group)))
     return runs
+
+
+def online_runs(S: dict, gold_twins: bool) -> list[tuple[str, str, str, dict]]:
+    """(method, setting, run folder, train_online_dpo flags) of every online DPO run: at each of DPO's
+    betas, its pairs labelled by the reward model, and with gold_twins by the gold reward too (-GT)."""
+    return [(f"online DPO{suffix}", f"beta={beta}", f"online_dpo{suffix.lower().replace('-', '_')}_beta{beta}",
+             dict(reward=reward, beta=beta))
+            for reward, suffix in (("model", ""), ("gold", "-GT"))[:2 if gold_twins else 1] for beta in S["betas"]]
 
 
 def flags(**kwargs) -> list[str]:
@@ -198,10 +211,11 @@ def last_eval(out_dir: str) -> dict:
     return [r for r in rows if "eval/kl" in r][-1]
 
 
-def tokens(out_dir: str) -> int:
-    """Real tokens the run trained on (the last "tokens" it logged)."""
+def tokens(out_dir: str, key: str = "tokens") -> int:
+    """Real tokens the run trained on (the last "tokens" it logged), or with key="samples" the
+    responses it sampled."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [r["tokens"] for r in map(json.loads, f) if "tokens" in r][-1]
+        return [r[key] for r in map(json.loads, f) if key in r][-1]
 
 
 def path(out_dir: str) -> list[tuple[float, float]]:
@@ -249,6 +263,11 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     for method, setting, folder, kwargs in rl_runs(S, cfg.gold_twins):
         reward_ckpt = dict(reward_ckpt=rm_ckpt) if kwargs["reward"] == "model" else {}
         train(f"{method} {setting}", train_ppo.main, d(folder), **kwargs, **reward_ckpt, **rl_common)
+    # online DPO over beta, on the reward model (and the gold reward), sampling as much as an RL run
+    for method, setting, folder, kwargs in online_runs(S, cfg.gold_twins):
+        reward_ckpt = dict(reward_ckpt=rm_ckpt) if kwargs["reward"] == "model" else {}
+        train(f"{method} {setting}", train_online_dpo.main, d(folder), **kwargs, **reward_ckpt,
+              **{**rl_common, **S["online"]})
 
     # 4. preferred-FT: SFT continued on the chosen responses
     chosen_file = os.path.join(root, "chosen.jsonl")  # rewritten from the current pairs every time
@@ -271,21 +290,23 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
         ceiling = ceiling_rows(cfg, reference, tok, prompts, seed)
 
     n, wall = len(prompts), lambda name: study.times.get(d(name), 0.0)
-    rows = [row("SFT", "-", last_eval_of_sft(evaluator), wall("sft"), tokens(d("sft")), [], n)]
+    pair_samples = pairs_sampled(cfg, S)
+    rows = [row("SFT", "-", last_eval_of_sft(evaluator), wall("sft"), tokens(d("sft")), [], n, 0)]
     for beta in S["betas"]:
         name = f"dpo_beta{beta}"
         rows.append(row("DPO", f"beta={beta}", last_eval(d(name)), wall(name), tokens(d(name)),
-                        path(d(name)), n))
-    # wall time and tokens on the reward model include its training
-    for method, setting, folder, kwargs in rl_runs(S, cfg.gold_twins):
+                        path(d(name)), n, pair_samples))
+    # wall time, tokens and samples of a run on the reward model include its training and its pairs'
+    for method, setting, folder, kwargs in rl_runs(S, cfg.gold_twins) + online_runs(S, cfg.gold_twins):
         rm_cost = kwargs["reward"] == "model"
         rows.append(row(method, setting, last_eval(d(folder)), wall(folder) + rm_cost * wall("rm"),
-                        tokens(d(folder)) + rm_cost * tokens(d("rm")), path(d(folder)), n))
+                        tokens(d(folder)) + rm_cost * tokens(d("rm")), path(d(folder)), n,
+                        tokens(d(folder), "samples") + rm_cost * pair_samples))
     rows.append(row("preferred-FT", f"{S['pft']['max_iters']} steps", pft_metrics, wall("pft"),
-                    tokens(d("pft")), [], n))
+                    tokens(d("pft")), [], n, pair_samples))
     for N, gold, kl, win in bon:
         rows.append({"method": "best-of-N", "setting": f"N={N}", "gold_reward": gold, "ci95": None, "kl": kl,
-                     "win_rate": win, "wall_s": None, "tokens": None, "path": []})
+                     "win_rate": win, "wall_s": None, "tokens": None, "drawn": N * n, "path": []})
     rows += ceiling
     for r in rows:
         r["seed"] = seed
@@ -300,11 +321,20 @@ def last_eval_of_sft(evaluator: PolicyEvaluator) -> dict:
             "eval/kl": 0.0, "eval/win_rate": 0.5}
 
 
-def row(method, setting, m, wall, run_tokens, run_path, n_prompts) -> dict:
+def row(method, setting, m, wall, run_tokens, run_path, n_prompts, samples) -> dict:
     """A result row; ci95 is the normal 95% interval of the mean gold reward over the prompts."""
     return {"method": method, "setting": setting, "gold_reward": m["eval/gold_reward"],
             "ci95": 1.96 * m["eval/gold_reward_std"] / math.sqrt(n_prompts), "kl": m["eval/kl"],
-            "win_rate": m["eval/win_rate"], "wall_s": wall, "tokens": run_tokens, "path": run_path}
+            "win_rate": m["eval/win_rate"], "wall_s": wall, "tokens": run_tokens, "drawn": samples,
+            "path": run_path}
+
+
+def pairs_sampled(cfg: Config, S: dict) -> int:
+    """Responses sample.py draws for the study's pairs: k for each training and held-out prompt."""
+    counts = [len(load_prompts(os.path.join(cfg.data_dir, f"prompts_{split}.jsonl"))
+                  [:S["pairs"].get(f"n_{split}_prompts")])
+              for split in ("train", "val")]
+    return sample.Config().k * sum(counts)
 
 
 @torch.no_grad()
@@ -373,7 +403,7 @@ def ceiling_rows(cfg, reference, tok, prompts: list[str], seed: int) -> list[dic
             continue
         for beta, gold, kl, reached in ceiling_study(reference, tok, subset, samples, seed):
             rows.append({"method": method, "setting": f"beta={beta:g}", "gold_reward": gold, "ci95": None,
-                         "kl": kl, "win_rate": None, "wall_s": None, "tokens": None, "path": [],
+                         "kl": kl, "win_rate": None, "wall_s": None, "tokens": None, "drawn": None, "path": [],
                          "reached": reached, "prompts": len(subset), "samples": samples})
     return rows
 
@@ -494,7 +524,8 @@ def summarise(rows: list[dict]) -> list[dict]:
         spread = statistics.stdev(r["gold_reward"] for r in rs) if len(rs) > 1 else None
         out.append({"method": method, "setting": setting, "gold_reward": mean("gold_reward"),
                     "ci95": mean("ci95"), "seed_std": spread, "kl": mean("kl"), "win_rate": mean("win_rate"),
-                    "wall_s": mean("wall_s"), "tokens": mean("tokens"), "seeds": len(rs)})
+                    "wall_s": mean("wall_s"), "tokens": mean("tokens"), "drawn": mean("drawn"),
+                    "seeds": len(rs)})
     return out
 
 
@@ -504,7 +535,7 @@ def fmt(x, digits=3):
 
 def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: list[dict], seconds: float,
                   stage_seconds: float) -> None:
-    fields = ["method", "setting", "gold_reward", "ci95", "seed_std", "kl", "win_rate", "wall_s", "tokens",
+    fields = ["method", "setting", "gold_reward", "ci95", "seed_std", "kl", "win_rate", "wall_s", "tokens", "drawn",
               "seeds"]
     with open(os.path.join(cfg.out_dir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -544,16 +575,18 @@ def write_results(cfg: Config, summary: list[dict], matched: list[dict], rows: l
               f"equal numbers of samples of the reference and of its sentiment tilts of strengths "
               f"{', '.join(f'{b:g}' for b in CEILING_TILTS[1:])} (evaluate.SentimentTilt), weighted against "
               "their mixture. Tokens are the real tokens of the "
-              "training batches (DPO: chosen and rejected; RL: rollouts once per epoch); wall time and "
-              "tokens of a run on the reward model include the reward model's.", "",
+              "training batches (DPO: chosen and rejected; RL: rollouts once per epoch); samples are the "
+              "responses drawn for training (DPO and preferred-FT: the pairs'; RL and online DPO: rollouts, "
+              "the reward-normalising batches too; best-of-N: N a held-out prompt); wall time, tokens and "
+              "samples of a run on the reward model include the reward model's and its pairs'.", "",
               "| method | setting | gold reward | ci95 | seed std | KL | win rate vs SFT | wall s "
-              "| tokens trained on |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| tokens trained on | samples drawn |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         lines.append(f"| {r['method']} | {r['setting']} | {fmt(r['gold_reward'])} | {fmt(r['ci95'])} "
                      f"| {fmt(r['seed_std'])} "
                      f"| {fmt(r['kl'], 2)} | {fmt(r['win_rate'])} | {fmt(r['wall_s'], 0)} "
-                     f"| {fmt(r['tokens'], 0)} |")
+                     f"| {fmt(r['tokens'], 0)} | {fmt(r['drawn'], 0)} |")
     write_atomic(os.path.join(cfg.out_dir, "results.md"), "\n".join(lines) + "\n")
     write_atomic(os.path.join(cfg.out_dir, "results.json"), json.dumps(rows, indent=1))
     write_atomic(os.path.join(cfg.out_dir, "kl_matched.json"), json.dumps(matched, indent=1))

@@ -84,7 +84,8 @@ def curves(paths: list[str], keys: list[str], out: str, smooth: float = 0.0) -> 
 
 
 METHOD_STYLE = {"DPO": "tab:blue", "PPO": "tab:orange", "PPO-GT": "tab:green", "RLOO": "tab:red",
-                "RLOO-GT": "tab:pink", "GRPO": "tab:olive", "GRPO-GT": "tab:cyan",
+                "RLOO-GT": "tab:pink", "GRPO": "tab:olive", "GRPO-GT": "tab:cyan", "online DPO": "navy",
+                "online DPO-GT": "mediumpurple",
                 "preferred-FT": "tab:purple", "best-of-N": "tab:brown", "SFT": "black", "optimal": "gray",
                 "optimal (all prompts)": "silver"}
 
@@ -209,7 +210,8 @@ def study_figures(out_dir: str) -> None:
     panels = [("DPO", ("dpo",), ["loss", "rewards/accuracies"]),
               ("reward model", ("rm",), ["loss", "accuracy"]),
               ("PPO", ("ppo",), ["objective/scores", "objective/kl", "kl_coef"]),
-              ("RLOO and GRPO", ("rloo", "grpo"), ["objective/scores", "objective/kl", "kl_coef"])]
+              ("RLOO and GRPO", ("rloo", "grpo"), ["objective/scores", "objective/kl", "kl_coef"]),
+              ("online DPO", ("online_dpo",), ["loss", "objective/scores", "objective/kl"])]
     fig, axes = plt.subplots(len(panels), 3, figsize=(13, 3.2 * len(panels)), squeeze=False)
     for row_axes, (title, prefix, keys) in zip(axes, panels):  # one row per method
         series = [(name, rows) for name, rows in runs.items() if name.startswith(prefix)]

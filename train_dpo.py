@@ -33,9 +33,9 @@ from evaluate import PolicyEvaluator
 from files import DataError, replace_atomically
 from toy import gold_reward
 from rewards import load_judge
-from train_utils import (TrainConfig, frozen_reference, add_sums, all_reduce_sums, autocast, batch_means, check_batches,
+from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, batch_means, check_batches,
                          check_lengths, check_pair_settings, check_training_settings, check_weights,
-                         clip_grad_norm, default_max_length, global_batch, gradient_sync,
+                         clip_grad_norm, default_max_length, frozen_reference, global_batch, gradient_sync,
                          lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable,
                          print_settled, progress_bar, require_inputs, run_script, set_lr,
                          settle_pair_defaults, shard_indices)

@@ -35,10 +35,11 @@ from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, 
                  loss_weights, masked_whiten, per_token_rewards, ppo_losses, response_labels,
                  sequence_ratio_losses, shaped_scores)
 from reward_model import RewardModel
-from rollout import (RolloutConfig, check_rollout_settings, collect_rollouts, evaluate, load_reward, make_evaluator,
-                     read_prompts, reward_sources, reward_statistics, check_reward_norm, settle_rollout_defaults, source_metrics)
-from train_utils import (TrainConfig, frozen_reference, add_sums, autocast, batch_means, check_training_settings, check_weights,
-                         clip_grad_norm, gradient_sync, lora_record, make_optimizer, n_trainable,
+from rollout import (RolloutConfig, check_reward_norm, check_rollout_settings, collect_rollouts, evaluate, load_reward,
+                     make_evaluator, read_prompts, reward_sources, reward_statistics, settle_rollout_defaults,
+                     source_metrics)
+from train_utils import (TrainConfig, add_sums, autocast, batch_means, check_training_settings, check_weights,
+                         clip_grad_norm, frozen_reference, gradient_sync, lora_record, make_optimizer, n_trainable,
                          prepare_trainable, print_settled, progress_bar, require_inputs, run_script, set_lr)
 
 
@@ -392,7 +393,8 @@ def train(cfg: Config, dist: Dist) -> dict:
                        "policy/approxkl_avg": update["approxkl"], "policy/clipfrac_avg": update["clipfrac"],
                        "loss/policy_avg": update["policy_loss"], "val/ratio": update["ratio"], "kl_coef": kl_coef_used,
                        "grad_norm": update["grad_norm"], "learning_rate": lr, "tokens": tokens,
-                       "completions/mean_length": mean_length, "completions/ended_ratio": ended_ratio}
+                       "completions/mean_length": mean_length, "completions/ended_ratio": ended_ratio,
+                       "samples": (step + cfg.reward_norm * cfg.reward_norm_batches) * cfg.batch_size}
             if critic:
                 metrics.update({"loss/value_avg": update["value_loss"], "val/clipfrac_avg": update["vf_clipfrac"]})
             if cfg.advantage == "grpo":

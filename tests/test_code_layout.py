@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ["train_sft.py", "train_dpo.py", "train_rm.py", "train_ppo.py"]
+SCRIPTS = ["train_sft.py", "train_dpo.py", "train_rm.py", "train_ppo.py", "train_online_dpo.py"]
 
 
 def function(path: str, name: str) -> ast.FunctionDef:

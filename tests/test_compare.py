@@ -78,15 +78,22 @@ def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
     with open(os.path.join(out, "results.csv")) as f:
         rows = list(csv.DictReader(f))
     methods = {r["method"] for r in rows}
-    assert methods == {"SFT", "DPO", "PPO", "RLOO", "GRPO", "preferred-FT", "best-of-N", "optimal",
+    assert methods == {"SFT", "DPO", "PPO", "RLOO", "GRPO", "online DPO", "preferred-FT", "best-of-N", "optimal",
                        "optimal (all prompts)"}  # the gold-reward twins only with --gold_twins or --full
+    # samples drawn: sample.py's k=4 for each of 64 training and 32 held-out prompts; an online DPO and a PPO run
+    # sample 2 steps and a normalising batch of 32 responses, and count the reward model's pairs
+    drawn = {(r["method"], r["setting"]): float(r["drawn"]) for r in rows if r["drawn"] != ""}
+    assert drawn[("DPO", "beta=0.1")] == 4 * (64 + 32)
+    assert drawn[("online DPO", "beta=0.1")] == drawn[("PPO", "kl_target=2.0")] == 3 * 32 + 4 * (64 + 32)
     for r in rows:
         assert math.isfinite(float(r["gold_reward"])) and math.isfinite(float(r["kl"])), r
-    runs = ["sft", "dpo_beta0.1", "dpo_beta1.0", "rm", "ppo_kl2.0", "rloo_kl2.0", "grpo_c0.05", "pft"]
+    runs = ["sft", "dpo_beta0.1", "dpo_beta1.0", "rm", "ppo_kl2.0", "rloo_kl2.0", "grpo_c0.05", "online_dpo_beta0.1",
+            "online_dpo_beta1.0", "pft"]
     for run in runs:
         assert os.path.getsize(os.path.join(out, "seed0", run, "metrics.jsonl")) > 0, run
     with open(os.path.join(out, "results.json")) as f:
-        assert all(len(r["path"]) >= 2 for r in json.load(f) if r["method"] in ("DPO", "PPO", "RLOO", "GRPO"))
+        assert all(len(r["path"]) >= 2 for r in json.load(f) if r["method"] in ("DPO", "PPO", "RLOO", "GRPO",
+                                                                                "online DPO"))
     with open(os.path.join(out, "seed0", "grpo_c0.05", "config.json")) as f:
         assert json.load(f)["advantage"] == "grpo"
     capsys.readouterr()
@@ -130,13 +137,24 @@ def test_the_gold_reward_twins_train_each_rl_run_again_on_the_gold_reward():
         assert gt_setting == setting and gt_folder == folder.replace("_", "_gt_", 1)
 
 
+def test_online_dpo_runs_on_the_reward_model_at_dpos_betas_and_on_the_gold_reward_as_twins():
+    S = compare.sweeps(compare.Config(tiny=True))
+    alone, twins = compare.online_runs(S, gold_twins=False), compare.online_runs(S, gold_twins=True)
+    assert [(m, s, f) for m, s, f, _ in alone] == [("online DPO", "beta=0.1", "online_dpo_beta0.1"),
+                                                   ("online DPO", "beta=1.0", "online_dpo_beta1.0")]
+    assert [f for *_, f, _ in twins] == ["online_dpo_beta0.1", "online_dpo_beta1.0", "online_dpo_gt_beta0.1",
+                                        "online_dpo_gt_beta1.0"]
+    assert [k["reward"] for *_, k in twins] == ["model", "model", "gold", "gold"]
+
+
 def test_summary_averages_over_seeds_and_reports_their_spread():
     rows = [{"method": "DPO", "setting": "beta=0.1", "gold_reward": g, "ci95": 0.02, "kl": k, "win_rate": 0.9,
-             "wall_s": 10.0, "tokens": 100} for g, k in [(0.8, 5.0), (0.9, 7.0)]]
+             "wall_s": 10.0, "tokens": 100, "drawn": d} for g, k, d in [(0.8, 5.0, 10), (0.9, 7.0, 20)]]
     rows.append({"method": "best-of-N", "setting": "N=4", "gold_reward": 0.7, "ci95": None, "kl": 0.64,
-                 "win_rate": 0.8, "wall_s": None, "tokens": None})
+                 "win_rate": 0.8, "wall_s": None, "tokens": None, "drawn": 1024})
     dpo, bon = compare.summarise(rows)
     assert dpo["gold_reward"] == pytest.approx(0.85) and dpo["kl"] == pytest.approx(6.0) and dpo["seeds"] == 2
+    assert dpo["drawn"] == 15 and bon["drawn"] == 1024
     assert dpo["seed_std"] == pytest.approx(math.sqrt(0.005))  # sample standard deviation of 0.8 and 0.9
     assert bon["seed_std"] is None and bon["ci95"] is None and bon["seeds"] == 1
 

@@ -1,6 +1,6 @@
 """
 The golden pipeline: the whole method at a tiny size (toy data, SFT, DPO and the reward model on
-a stored pairs file, PPO, RLOO and GRPO), a minute or two on a CPU. tests/test_golden.py reruns
+a stored pairs file, PPO, RLOO, GRPO and online DPO), a minute or two on a CPU. tests/test_golden.py reruns
 it and compares every logged curve with tests/golden/curves.json; regenerate.py rewrites that
 file and says what moved.
 
@@ -14,6 +14,7 @@ import json
 import os
 
 import train_dpo
+import train_online_dpo
 import train_ppo
 import train_rm
 import train_sft
@@ -25,15 +26,16 @@ CURVES = os.path.join(GOLDEN_DIR, "curves.json")
 SAMPLED_EVAL = {"eval/gold_reward", "eval/gold_reward_std", "eval/eos_rate", "eval/well_formed", "eval/kl",
                 "eval/win_rate"}
 RL_STAGES = ["ppo", "rloo", "grpo"]
+SAMPLED_STAGES = [*RL_STAGES, "online_dpo"]  # every curve of theirs depends on sampled tokens
 FIXED_STAGES = ["sft", "dpo", "rm"]  # every fixed curve is one of theirs
-STAGES = [*FIXED_STAGES, *RL_STAGES]
+STAGES = [*FIXED_STAGES, *SAMPLED_STAGES]
 RL_FLAGS = {"ppo": [], "rloo": ["--advantage=rloo", "--samples_per_prompt=4"],
             "grpo": ["--advantage=grpo", "--samples_per_prompt=4"]}
 
 
 def kind(stage: str, key: str) -> str:
     """'sampled' for the curves that depend on sampled tokens, 'fixed' for the rest."""
-    return "sampled" if stage in RL_STAGES or key in SAMPLED_EVAL else "fixed"
+    return "sampled" if stage in SAMPLED_STAGES or key in SAMPLED_EVAL else "fixed"
 
 
 def read_curves(out_dir: str) -> dict[str, list[list[float]]]:
@@ -56,9 +58,9 @@ def run_sft(root: str) -> str:
     return os.path.join(root, "sft", "ckpt.pt")
 
 
-def run_rest(root: str, data: str, sft_ckpt: str, seed: int = 1337, stages=("dpo", "rm", *RL_STAGES)) -> None:
-    """DPO and the reward model on the stored pairs, then PPO, RLOO and GRPO against the gold reward
-    (the reward model's use is tested elsewhere; the gold reward keeps these runs independent of it)."""
+def run_rest(root: str, data: str, sft_ckpt: str, seed: int = 1337, stages=("dpo", "rm", *SAMPLED_STAGES)) -> None:
+    """DPO and the reward model on the stored pairs, then PPO, RLOO, GRPO and online DPO against the gold
+    reward (the reward model's use is tested elsewhere; the gold reward keeps these runs independent of it)."""
     common = [f"--seed={seed}", "--device=cpu", f"--sft_ckpt={sft_ckpt}"]
     evaluation = [f"--eval_prompts={data}/prompts_val.jsonl", "--eval_samples=32", "--print_samples=0"]
     pairs = [f"--train_file={PAIRS['train']}", f"--val_file={PAIRS['val']}", "--batch_size=16",
@@ -67,12 +69,14 @@ def run_rest(root: str, data: str, sft_ckpt: str, seed: int = 1337, stages=("dpo
         assert train_dpo.main([*common, *pairs, *evaluation, f"--out_dir={root}/dpo"]) == 0
     if "rm" in stages:
         assert train_rm.main([*common, *pairs, "--gold_eval=true", f"--out_dir={root}/rm"]) == 0
+    rl = [f"--prompts={data}/prompts_train.jsonl", "--gen_chunk=16", "--max_iters=6", "--eval_interval=3",
+          "--reward_norm_batches=1", "--reward=gold"]
+    if "online_dpo" in stages:
+        assert train_online_dpo.main([*common, *evaluation, *rl, f"--out_dir={root}/online_dpo", "--batch_size=16"]) == 0
     for stage in RL_STAGES:
         if stage in stages:
             assert train_ppo.main([*common, *evaluation, *RL_FLAGS[stage], f"--out_dir={root}/{stage}",
-                                   "--reward=gold", f"--prompts={data}/prompts_train.jsonl",
-                                   "--batch_size=32", "--gen_chunk=16", "--max_iters=6", "--eval_interval=3",
-                                   "--reward_norm_batches=1"]) == 0
+                                   *rl, "--batch_size=32"]) == 0
 
 
 def run(root: str) -> dict[str, dict[str, list[list[float]]]]:

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                 shutil.copy(os.path.join(root, "pairs", f"pairs_{split}.jsonl"), path)
         pipeline.run_rest(root, f"{root}/toy", sft_ckpt)
         curves = pipeline.read_stages(root)
-        varied = ["dpo", *pipeline.RL_STAGES]  # the stages with sampled curves (SFT's borrow DPO's tolerance)
+        varied = ["dpo", *pipeline.SAMPLED_STAGES]  # the stages with sampled curves (SFT's borrow DPO's tolerance)
         runs = [{stage: curves[stage] for stage in varied}]
         for s in range(1, EXTRA_SEEDS + 1):  # what a flipped sampled token can do: other seeds
             seed_root = os.path.join(root, f"seed{s}")
