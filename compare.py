@@ -17,7 +17,7 @@ this process.
     python compare.py                     # the reduced study, one seed (about 10 minutes on 2 CPU cores)
     python compare.py --full              # the full sweep with the gold-reward twins, 3 seeds
     python compare.py --seeds 3           # the reduced study with 3 training seeds
-    python compare.py --gold_twins --ceiling_samples 2048 --ceiling_check_samples 128
+    python compare.py --gold_twins --ceiling_samples 2048 --ceiling_check_samples 128 --bon_max 16
                                           # the reduced study with its settings before 2026-11-30
 
 Writes to out_dir: results.md, results.csv and results.json (a row per method, setting and
@@ -69,11 +69,11 @@ class Config:
     """the toy task's folder, written on first use"""
     eval_samples: int = 256
     """held-out prompts in every evaluation"""
-    bon_max: int = 16
-    """best-of-N is traced for N = 1, 2, 4, ... up to this"""
+    bon_max: int = 8
+    """best-of-N is traced for N = 1, 2, 4, ... up to this (its KL bound at 8 is 1.20, past the table's KL 1)"""
     ceiling_prompts: int = 64
     """held-out prompts used to estimate the optimal frontier (the first of the evaluation's)"""
-    ceiling_samples: int = 512
+    ceiling_samples: int = 384
     """samples per prompt for the optimal frontier, in equal numbers from the reference and each of its
     tilts"""
     ceiling_check_samples: int = 0
@@ -117,7 +117,8 @@ def sweeps(cfg: Config) -> dict:
         sft=dict(), rm=dict(), pairs=dict(n_val_prompts=64),
         dpo=dict(early_eval_interval=10, early_eval_until=150),
         rl=dict(max_iters=60, eval_interval=10, early_eval_interval=2, early_eval_until=30),
-        online=dict(eval_interval=10, early_eval_interval=2, early_eval_until=30),  # 60 steps of 32 prompts x 2
+        # 60 steps of 32 prompts x 2 responses, one generate call a step (the study runs in one process)
+        online=dict(eval_interval=10, early_eval_interval=3, early_eval_until=30, gen_chunk=64),
         pft=dict(max_iters=300, eval_interval=100, lr=1e-4, min_lr=1e-5, warmup_iters=30),
     )
 

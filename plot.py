@@ -85,7 +85,7 @@ def curves(paths: list[str], keys: list[str], out: str, smooth: float = 0.0) -> 
 
 METHOD_STYLE = {"DPO": "tab:blue", "PPO": "tab:orange", "PPO-GT": "tab:green", "RLOO": "tab:red",
                 "RLOO-GT": "tab:pink", "GRPO": "tab:olive", "GRPO-GT": "tab:cyan", "online DPO": "navy",
-                "online DPO-GT": "mediumpurple",
+                "online DPO-GT": "teal",
                 "preferred-FT": "tab:purple", "best-of-N": "tab:brown", "SFT": "black", "optimal": "gray",
                 "optimal (all prompts)": "silver"}
 

@@ -5,6 +5,8 @@ raises the gold reward, and bad settings are refused before anything is written.
 
     python -m pytest -q tests/test_train_online_dpo.py
 """
+import math
+
 import pytest
 import torch
 
@@ -156,7 +158,8 @@ def test_two_processes_equal_one(sft_pairs, toy_dir, tmp_path):
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
     rows = read_metrics(one)
-    assert any(0 < r.get("pairs/ties", 0) for r in rows)  # the normalisation over kept pairs is exercised
+    assert rows[1]["pairs/ties"] > 0  # ties are left out: the first step's loss, the policy still the
+    assert rows[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # reference, is ln 2 over the pairs kept
     for x, y in zip(rows, read_metrics(two), strict=True):
         assert x.keys() == y.keys()
         for k in x:
