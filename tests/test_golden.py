@@ -25,7 +25,7 @@ def test_every_logged_curve_matches_the_golden_run(tmp_path):
 def test_golden_file_covers_every_stage_and_both_kinds_of_curve():
     with open(pipeline.CURVES) as f:
         golden = json.load(f)
-    assert set(golden) == {"sft", "dpo", "rm", "ppo", "rloo", "grpo"}
+    assert set(golden) == {"sft", "dpo", "rm", "ppo", "rloo", "grpo", "online_dpo"}
     assert golden["dpo"]["loss"]["kind"] == "fixed" and golden["dpo"]["eval/gold_reward"]["kind"] == "sampled"
     sampled = [c["tolerance"] for keys in golden.values() for c in keys.values() if c["kind"] == "sampled"]
     assert all(t is not None and t >= 0 for t in sampled)
