@@ -126,7 +126,8 @@ def sample_window(policy, scorer, tok, prompts, prompt_ids, start: int, cfg: Con
 
 
 def snapshot(policy) -> dict[str, torch.Tensor]:
-    """A copy of the policy's trainable weights (on the CPU trainable_state's tensors are the live ones)."""
+    """A copy of the policy's trainable weights, for the checkpoint (on the CPU trainable_state's
+    tensors are the live ones; under FSDP rank 0 alone gets them, as it alone writes)."""
     return {k: v.clone() for k, v in trainable_state(policy).items()}
 
 
@@ -189,13 +190,14 @@ def train(cfg: Config, dist: Dist) -> dict:
     record = {"reward_norm": list(reward_norm), "toy_task": toy, **lora_record(cfg, cfg.sft_ckpt)}
 
     # a run resumed between two samplings samples the rest of its window as the uninterrupted run did: with
-    # the weights of the window's first step, which its checkpoint keeps
+    # the weights of the window's first step, which its checkpoint keeps; then the checkpoint's own weights
+    # come back (on every rank: under FSDP only rank 0 holds a gathered state)
     window, window_weights = {}, None
     if run.resumed and start % cfg.refresh_every and start < cfg.max_iters:
-        window_weights, now = run.resumed["window_weights"], snapshot(policy)
+        window_weights = run.resumed["window_weights"]
         load_trainable(policy, window_weights, run.ckpt_path)
         window = sample_window(policy, scorer, tok, prompts, prompt_ids, start, cfg, dist, ctx, reward_norm)
-        load_trainable(policy, now, run.ckpt_path)
+        load_trainable(policy, run.resumed["model"], run.ckpt_path)
 
     def extras():
         """What a checkpoint holds besides the policy; mid-window, the window's sampling weights."""

@@ -29,6 +29,21 @@ BY_LENGTH = "def by_length(prompts, completions, **columns):\n    " \
             "return [len(c) + 1e-3 * i for i, c in enumerate(completions)]\n"
 
 
+# train_online_dpo.py's main, interrupted as Ctrl-C would be when it labels its second step's pairs
+STOP_AT_STEP_2 = """
+import sys
+import train_online_dpo
+label, calls = train_online_dpo.rollout_pairs, []
+def stop(*args):
+    calls.append(1)
+    if len(calls) == 2:
+        raise KeyboardInterrupt
+    return label(*args)
+train_online_dpo.rollout_pairs = stop
+sys.exit(train_online_dpo.main(sys.argv[1:]))
+"""
+
+
 def online_args(sft_pairs, toy_dir, out_dir, **overrides):
     args = dict(sft_ckpt=sft_pairs[0], prompts=f"{toy_dir}/prompts_train.jsonl", out_dir=out_dir, device="cpu",
                 reward="gold", batch_size=8, gen_chunk=8, max_iters=3, eval_interval=100, gold_eval=False,
@@ -90,6 +105,32 @@ def test_online_loss_is_dpos_loss_on_the_same_pairs_chosen_by_the_higher_score(s
     assert loss.item() != pytest.approx(len(kept) * 0.6931, rel=1e-3)  # not the policy == reference case
 
 
+def test_the_first_steps_gradient_is_the_mean_loss_over_the_pairs_with_a_preference(sft_pairs, toy_dir, tmp_path):
+    """Step 1's logged gradient norm is that of DPO's loss averaged over the pairs that are not
+    ties, recomputed here from the same samples (the run's seeds) on a fresh copy of the SFT model;
+    averaged over every pair, ties included, it would be smaller by their share."""
+    out = str(tmp_path / "run")
+    assert train_online_dpo.main(online_args(sft_pairs, toy_dir, out, batch_size=16, max_iters=1)) == 0
+    rows = read_metrics(out)
+    policy, tok = load_gpt(sft_pairs[0])
+    reference = load_gpt(sft_pairs[0])[0].eval()
+    policy.eval()
+    from data import load_prompts
+    from ppo import shaped_scores
+    prompts = load_prompts(f"{toy_dir}/prompts_train.jsonl")
+    cfg = train_online_dpo.Config(batch_size=16, gen_chunk=8)
+    data, P = collect_rollouts(policy, Rewards(functions=[("gold", toy_gold_reward)]), tok, prompts,
+                               [tok.encode_prompt(p) for p in prompts], 0, 32, cfg, CPU, NO_AUTOCAST)
+    scores = shaped_scores(data["scores"], data["ended"], rows[0]["reward_norm/mean"], rows[0]["reward_norm/std"], 1.0)
+    pairs, weights = rollout_pairs(data["input_ids"], data["attention_mask"], scores, 2, P)
+    assert 0 < weights.sum() < len(weights)
+    loss_sum, _, _ = train_online_dpo.online_dpo_loss(policy, reference, pairs, weights, cfg)
+    (loss_sum / weights.sum()).backward()
+    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in policy.parameters() if p.grad is not None)).item()
+    assert rows[1]["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    assert rows[1]["pairs/ties"] == pytest.approx(1 - weights.sum().item() / len(weights))
+
+
 def test_refresh_every_the_run_length_is_offline_dpo_on_pairs_sampled_once(sft_pairs, toy_dir, tmp_path, monkeypatch):
     """With --refresh_every = --max_iters every pair is sampled by the SFT model before the first
     step: train_dpo.py on those pairs (rebuilt in its layout, ordered so that its data order
@@ -146,13 +187,20 @@ def test_refresh_every_the_run_length_is_offline_dpo_on_pairs_sampled_once(sft_p
         torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-5, msg=name)
 
 
-def test_two_processes_equal_one(sft_pairs, toy_dir, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one(parallel, sft_pairs, toy_dir, tmp_path):
     """Semi-online (a window of 2 steps, then one of 1) on the gold reward, with ties: 2 processes,
-    each sampling its chunk, log the same metrics and end at the same weights as 1."""
+    each sampling its chunk, log the same metrics and end at the same weights as 1; under FSDP
+    too, stopped at step 1, between two samplings, and resumed."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    extra = dict(refresh_every=2, batch_size=16, eval_interval=3)
+    extra = dict(refresh_every=2, batch_size=16, eval_interval=3, early_eval_interval=1, early_eval_until=2)
     assert train_online_dpo.main(online_args(sft_pairs, toy_dir, one, **extra)) == 0
-    r = run_ranks(2, "train_online_dpo.py", *online_args(sft_pairs, toy_dir, two, **extra))
+    args = online_args(sft_pairs, toy_dir, two, parallel=parallel, **extra)
+    if parallel == "fsdp":  # Ctrl-C on both ranks at step 2's labelling, after step 1's checkpoint, then resumed
+        r = run_ranks(2, "-c", STOP_AT_STEP_2, *args)
+        assert r.returncode == 130 and load_checkpoint(f"{two}/ckpt.pt")["step"] == 1, r.stderr
+        args.append("--resume")
+    r = run_ranks(2, "train_online_dpo.py", *args)
     assert r.returncode == 0, r.stderr
     a, b = load_checkpoint(f"{one}/ckpt.pt"), load_checkpoint(f"{two}/ckpt.pt")
     for name, tensor in a["model"].items():
