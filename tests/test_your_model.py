@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+import train_online_dpo
 import train_sft
 from checkpoint import load_gpt
 from conftest import read_metrics, run_python
@@ -132,3 +133,10 @@ def test_sft_dpo_rm_and_ppo_on_your_model_stop_at_its_end_of_turn_token(user, tm
     policy, tok = load_gpt(f"{out}/ppo/ckpt.pt")
     ids, _, ended = sample_completions(policy.eval(), tok, prompts, max_new_tokens=16, seed=1)
     assert any(ended) and all(row[-1] == end_of_turn for row, e in zip(ids, ended) if e)
+    # online DPO, one process, on the same conversational prompts and reward model
+    assert train_online_dpo.main([f"--sft_ckpt={sft}", f"--reward_ckpt={out}/rm/ckpt.pt",
+                                  f"--prompts={user}/prompts.jsonl", "--batch_size=4", "--gen_chunk=4",
+                                  "--max_iters=2", "--eval_interval=2", "--max_new_tokens=16", "--device=cpu",
+                                  f"--out_dir={out}/online_dpo", "--print_samples=0"]) == 0
+    last = read_metrics(f"{out}/online_dpo")[-1]
+    assert last["completions/ended_ratio"] >= 0.5 and last["step"] == 2 and "eval/gold_reward" not in last
