@@ -159,8 +159,8 @@ def train(cfg: Config, dist: Dist) -> dict:
     prompts, columns, prompt_ids, eval_prompts, eval_columns, tok = read_prompts(
         cfg, policy.config.block_size, tok, dist, cfg.batch_size)
 
-    # the frozen models: the reference (SFT) and the reward model; the policy as raw_model, the module the
-    # optimizer steps, and model, it wrapped for DDP/FSDP
+    # the frozen models: the reference (SFT) and the reward model; the policy, the module the optimizer
+    # steps, and model, it wrapped for DDP/FSDP
     prepare_trainable(policy, cfg)
     reference = frozen_reference(cfg, policy, dist)
     reward_model, handoff = load_reward(cfg, tok, dist)
