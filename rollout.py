@@ -249,6 +249,16 @@ def reward_sources(cfg, reward_model, handoff, columns: list[dict]) -> Rewards:
     return Rewards(reward_model, handoff, functions, cfg.reward_weights, columns, model_name(cfg.reward_ckpt))
 
 
+def reward_metrics(cfg, scorer: Rewards, per_source: torch.Tensor, handoff, dist: Dist) -> dict:
+    """What a step logs of its reward sources: with --reward_fn each source's raw scores (TRL's
+    rewards/NAME/mean and /std), and where the reward model reads text, how many it has cut to its
+    context so far."""
+    metrics = source_metrics(scorer.names, per_source, dist) if cfg.reward_fn else {}
+    if handoff:
+        metrics["reward_model/texts_cut"] = handoff.cut
+    return metrics
+
+
 def source_metrics(names: list[str], per_source: torch.Tensor, dist: Dist) -> dict:
     """rewards/NAME/mean and rewards/NAME/std of each source's scores (S, B) over every rank's
     responses, a NaN (a function's None) left out."""

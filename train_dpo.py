@@ -31,8 +31,8 @@ from distributed import Dist, all_reduce_sum, seed_everything, wrap_model
 from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums, response_lengths
 from evaluate import PolicyEvaluator
 from files import DataError, replace_atomically
-from toy import gold_reward
 from rewards import load_judge
+from toy import gold_reward
 from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, batch_means, check_batches,
                          check_lengths, check_pair_settings, check_training_settings, check_weights,
                          clip_grad_norm, default_max_length, frozen_reference, global_batch, gradient_sync,

@@ -39,8 +39,8 @@ from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums, res
 from files import DataError
 from ppo import shaped_scores
 from rollout import (RolloutConfig, check_reward_norm, check_rollout_settings, collect_rollouts, evaluate,
-                     load_reward, make_evaluator, read_prompts, reward_sources, reward_statistics,
-                     settle_rollout_defaults, source_metrics)
+                     load_reward, make_evaluator, read_prompts, reward_metrics, reward_sources, reward_statistics,
+                     settle_rollout_defaults)
 from train_utils import (TrainConfig, add_sums, autocast, batch_means, check_training_settings, check_weights,
                          clip_grad_norm, frozen_reference, gradient_sync, lora_record, make_optimizer, n_trainable,
                          prepare_trainable, print_settled, progress_bar, run_script, set_lr)
@@ -125,6 +125,19 @@ def sample_window(policy, scorer, tok, prompts, prompt_ids, start: int, cfg: Con
     return window
 
 
+def resumed_window_weights(run: Run, cfg: Config) -> dict:
+    """The weights that sampled the window a checkpoint was written in; one line where it has none:
+    written at another --refresh_every, or damaged."""
+    weights, was = run.resumed.get("window_weights"), run.resumed["config"].get("refresh_every")
+    if not isinstance(weights, dict):
+        if was != cfg.refresh_every:
+            raise DataError(f"--refresh_every {cfg.refresh_every}: the run in {run.dir} stopped at step "
+                            f"{run.resumed['step']} sampling every {was} step(s); resume it with --refresh_every {was}")
+        raise DataError(f"{run.ckpt_path}: 'window_weights' is missing, which a run stopped between two samplings "
+                        "keeps; the checkpoint is damaged")
+    return weights
+
+
 def snapshot(policy) -> dict[str, torch.Tensor]:
     """A copy of the policy's trainable weights, for the checkpoint (on the CPU trainable_state's
     tensors are the live ones; under FSDP rank 0 alone gets them, as it alone writes)."""
@@ -169,15 +182,21 @@ def train(cfg: Config, dist: Dist) -> dict:
     model = wrap_model(policy, dist, cfg.dtype, cfg.compile)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
     tokens = samples = 0  # real tokens of the pairs trained on; responses sampled (the normalising ones too)
-    if run.resumed:
-        check_reward_norm(run.resumed, run.ckpt_path)
-        tokens, samples = run.resumed["tokens"], run.resumed["samples"]
-    start = run.start(policy, optimizer)
     ctx = autocast(dist.device, cfg.dtype)
     n_responses = cfg.batch_size * cfg.samples_per_prompt
-    if run.resumed:
-        reward_norm = run.resumed["reward_norm"]
-    else:
+    window, window_weights = {}, None  # the sampled steps not yet trained on, and the weights that sampled them
+    if run.resumed:  # online DPO's own records, checked (and the window sampled) before run.start touches the folder
+        check_reward_norm(run.resumed, run.ckpt_path)
+        tokens, samples, reward_norm = run.resumed["tokens"], run.resumed["samples"], run.resumed["reward_norm"]
+        if run.resumed["step"] % cfg.refresh_every and run.resumed["step"] < cfg.max_iters:
+            # stopped between two samplings: the rest of the window is sampled as the uninterrupted run sampled
+            # it, by the weights of its first step, which the checkpoint keeps (run.start then loads its own)
+            window_weights = resumed_window_weights(run, cfg)
+            load_trainable(policy, window_weights, run.ckpt_path)
+            window = sample_window(policy, scorer, tok, prompts, prompt_ids, run.resumed["step"], cfg, dist, ctx,
+                                   reward_norm)
+    start = run.start(policy, optimizer)
+    if not run.resumed:
         reward_norm = reward_statistics(policy, scorer, tok, prompts, prompt_ids, n_responses, cfg, dist, ctx)
         samples += cfg.reward_norm_batches * n_responses if cfg.reward_norm else 0
     evaluator = make_evaluator(cfg, reference, scorer, tok, eval_prompts, eval_columns, dist, ctx)
@@ -188,16 +207,6 @@ def train(cfg: Config, dist: Dist) -> dict:
               f"{' + '.join(f'{w:g} x {n}' for w, n in zip(scorer.weights, scorer.names))}, "
               f"{dist.world_size} process(es) on {dist.device}")
     record = {"reward_norm": list(reward_norm), "toy_task": toy, **lora_record(cfg, cfg.sft_ckpt)}
-
-    # a run resumed between two samplings samples the rest of its window as the uninterrupted run did: with
-    # the weights of the window's first step, which its checkpoint keeps; then the checkpoint's own weights
-    # come back (on every rank: under FSDP only rank 0 holds a gathered state)
-    window, window_weights = {}, None
-    if run.resumed and start % cfg.refresh_every and start < cfg.max_iters:
-        window_weights = run.resumed["window_weights"]
-        load_trainable(policy, window_weights, run.ckpt_path)
-        window = sample_window(policy, scorer, tok, prompts, prompt_ids, start, cfg, dist, ctx, reward_norm)
-        load_trainable(policy, run.resumed["model"], run.ckpt_path)
 
     def extras():
         """What a checkpoint holds besides the policy; mid-window, the window's sampling weights."""
@@ -272,10 +281,7 @@ def train(cfg: Config, dist: Dist) -> dict:
                        "pairs/ties": 1 - n_kept / n_pairs, "completions/mean_length": totals[1] / n,
                        "completions/ended_ratio": totals[2] / n, "beta": cfg.beta, "learning_rate": lr,
                        "tokens": tokens, "samples": samples}
-            if cfg.reward_fn:  # each source's raw scores, None left out (TRL's names)
-                metrics.update(source_metrics(scorer.names, data["per_source"], dist))
-            if handoff:
-                metrics["reward_model/texts_cut"] = handoff.cut
+            metrics.update(reward_metrics(cfg, scorer, data["per_source"], handoff, dist))
         if run.evaluates(step):
             eval_metrics, shown = evaluate(evaluator, policy, tok, eval_prompts or prompts, cfg, dist, ctx)
             metrics.update(eval_metrics)

@@ -36,8 +36,8 @@ from ppo import (AdaptiveKLController, FixedKLController, PolicyAndCritic, gae, 
                  sequence_ratio_losses, shaped_scores)
 from reward_model import RewardModel
 from rollout import (RolloutConfig, check_reward_norm, check_rollout_settings, collect_rollouts, evaluate, load_reward,
-                     make_evaluator, read_prompts, reward_sources, reward_statistics, settle_rollout_defaults,
-                     source_metrics)
+                     make_evaluator, read_prompts, reward_metrics, reward_sources, reward_statistics,
+                     settle_rollout_defaults)
 from train_utils import (TrainConfig, add_sums, autocast, batch_means, check_training_settings, check_weights,
                          clip_grad_norm, frozen_reference, gradient_sync, lora_record, make_optimizer, n_trainable,
                          prepare_trainable, print_settled, progress_bar, require_inputs, run_script, set_lr)
@@ -399,10 +399,7 @@ def train(cfg: Config, dist: Dist) -> dict:
                 metrics.update({"loss/value_avg": update["value_loss"], "val/clipfrac_avg": update["vf_clipfrac"]})
             if cfg.advantage == "grpo":
                 metrics["loss/kl_avg"] = update["kl_loss"]
-            if cfg.reward_fn:  # each source's raw scores, None left out (TRL's names)
-                metrics.update(source_metrics(scorer.names, per_source, dist))
-            if handoff:
-                metrics["reward_model/texts_cut"] = handoff.cut
+            metrics.update(reward_metrics(cfg, scorer, per_source, handoff, dist))
         # 7. evaluate and checkpoint every eval_interval iterations (early_eval_interval before
         # early_eval_until) and at the end; one metrics.jsonl row an iteration
         if run.evaluates(step):

@@ -225,6 +225,7 @@ def test_two_processes_score_with_a_downloaded_reward_model_and_a_reward_functio
     assert [k for k in a if k.startswith("rewards/")] == [
         f"rewards/{n}/{s}" for n in (os.path.basename(reward_folders["qwen3"][0]), "length") for s in ("mean", "std")]
     assert a["rewards/length/mean"] > 0
+    assert a["reward_model/texts_cut"] == 0  # logged where the reward model reads text; 8 tokens fit
 
 
 def test_the_held_out_evaluation_is_judged_by_the_runs_own_reward_sources(sft_pairs, toy_dir, tmp_path):

@@ -6,6 +6,7 @@ raises the gold reward, and bad settings are refused before anything is written.
     python -m pytest -q tests/test_train_online_dpo.py
 """
 import math
+import os
 
 import pytest
 import torch
@@ -238,6 +239,33 @@ def test_a_run_resumed_between_two_samplings_equals_the_uninterrupted_one(sft_pa
         assert torch.equal(b["model"][name], tensor), name
 
 
+@pytest.mark.parametrize("case", ["refresh_every changed", "window_weights missing", "reward_norm damaged"])
+def test_a_resume_that_cannot_sample_its_window_as_before_is_one_line_and_changes_nothing(case, sft_pairs, toy_dir,
+                                                                                          tmp_path, capsys):
+    """A checkpoint written at a window's end, resumed at another --refresh_every that puts it
+    inside one, has no weights to sample the rest with; a damaged one lacks them or its reward
+    normalisation. Each is one line naming the flag or field, status 2, the folder as it was."""
+    out = str(tmp_path / "run")
+    extra = dict(max_iters=2, eval_interval=2)
+    assert train_online_dpo.main(online_args(sft_pairs, toy_dir, out, **extra)) == 0  # --refresh_every 1
+    path = os.path.join(out, "ckpt.pt")
+    flags = dict(extra, max_iters=4, resume=True, refresh_every=3)
+    if case != "refresh_every changed":
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["config"]["refresh_every"] = 3  # as if written inside a window of 3
+        if case == "reward_norm damaged":
+            ckpt["reward_norm"] = [0.5, 0.0]
+        torch.save(ckpt, path)
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    capsys.readouterr()
+    assert train_online_dpo.main(online_args(sft_pairs, toy_dir, out, **flags)) == 2
+    err = capsys.readouterr().err
+    expected = {"refresh_every changed": "--refresh_every 3: the run in", "window_weights missing":
+                "'window_weights' is missing", "reward_norm damaged": "'reward_norm' is not a mean"}[case]
+    assert expected in err and err.count("\n") == 1, err
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
+
+
 @pytest.mark.slow
 def test_short_online_dpo_run_raises_the_gold_reward(sft_pairs, toy_dir, tmp_path):
     """20 steps of 32 prompts on the gold reward: the mean gold reward of samples for 128 held-out
@@ -257,6 +285,7 @@ def test_short_online_dpo_run_raises_the_gold_reward(sft_pairs, toy_dir, tmp_pat
     (["--batch_size=10"], "--batch_size x --samples_per_prompt must be a multiple of --gen_chunk"),
     (["--beta=0"], "--beta 0.0: must be a finite number above 0"),
     (["--reward=functions"], "--reward functions: give the functions"),
+    (["--reward_norm_batches=0"], "--reward_norm_batches must be at least 1"),
 ])
 def test_bad_settings_are_one_line_before_anything_is_written(flags, message, sft_pairs, toy_dir, tmp_path):
     out = tmp_path / "out"
