@@ -5,16 +5,16 @@ samples per training prompt labelled by the gold reward, then DPO over a sweep o
 model, then three RL estimators, PPO (with a critic), RLOO and GRPO (critic-free), each on the
 reward model (and with --gold_twins or --full on the gold reward itself too: -GT, the DPO
 paper's upper reference), and two cheap baselines, best-of-N from SFT ranked by the reward
-model and preferred-FT (SFT on the chosen responses), and online DPO over the same betas: DPO on pairs
-the policy samples as it trains, labelled by the reward model (with the twins also by the gold
-reward), which asks whether RL's lead comes from RL or from on-policy sampling. Every method is evaluated on the same
-held-out prompts by evaluate.PolicyEvaluator along its run, so each run draws a path in the
-reward-KL plane; the methods are compared at matched KL (1, 2, 4, 8 nats, read off the paths)
-over training seeds, and against the ceiling: the optimal KL-regularised policy, estimated by
-importance weights. It holds no training math: each stage is a train_X.py script's main, run in
-this process.
+model and preferred-FT (SFT on the chosen responses), and online DPO over the same betas: DPO
+on pairs the policy samples as it trains, labelled by the reward model (with the twins also by
+the gold reward), which asks whether RL's lead comes from RL or from on-policy sampling. Every
+method is evaluated on the same held-out prompts by evaluate.PolicyEvaluator along its run, so
+each run draws a path in the reward-KL plane; the methods are compared at matched KL (1, 2, 4,
+8 nats, read off the paths) over training seeds, and against the ceiling: the optimal
+KL-regularised policy, estimated by importance weights. It holds no training math: each stage
+is a train_X.py script's main, run in this process.
 
-    python compare.py                     # the reduced study, one seed (about 10 minutes on 2 CPU cores)
+    python compare.py                     # the reduced study, one seed (10-11 minutes on 2 CPU cores)
     python compare.py --full              # the full sweep with the gold-reward twins, 3 seeds
     python compare.py --seeds 3           # the reduced study with 3 training seeds
     python compare.py --gold_twins --ceiling_samples 2048 --ceiling_check_samples 128 --bon_max 16
@@ -212,9 +212,9 @@ def last_eval(out_dir: str) -> dict:
     return [r for r in rows if "eval/kl" in r][-1]
 
 
-def tokens(out_dir: str, key: str = "tokens") -> int:
-    """Real tokens the run trained on (the last "tokens" it logged), or with key="samples" the
-    responses it sampled."""
+def last_logged(out_dir: str, key: str) -> int:
+    """The last value of a running count a run logged: "tokens", the real tokens it trained on, or
+    "samples", the responses it sampled."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [r[key] for r in map(json.loads, f) if key in r][-1]
 
@@ -292,19 +292,19 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
 
     n, wall = len(prompts), lambda name: study.times.get(d(name), 0.0)
     pair_samples = pairs_sampled(cfg, S)
-    rows = [row("SFT", "-", last_eval_of_sft(evaluator), wall("sft"), tokens(d("sft")), [], n, 0)]
+    rows = [row("SFT", "-", last_eval_of_sft(evaluator), wall("sft"), last_logged(d("sft"), "tokens"), [], n, 0)]
     for beta in S["betas"]:
         name = f"dpo_beta{beta}"
-        rows.append(row("DPO", f"beta={beta}", last_eval(d(name)), wall(name), tokens(d(name)),
+        rows.append(row("DPO", f"beta={beta}", last_eval(d(name)), wall(name), last_logged(d(name), "tokens"),
                         path(d(name)), n, pair_samples))
     # wall time, tokens and samples of a run on the reward model include its training and its pairs'
     for method, setting, folder, kwargs in rl_runs(S, cfg.gold_twins) + online_runs(S, cfg.gold_twins):
         rm_cost = kwargs["reward"] == "model"
-        rows.append(row(method, setting, last_eval(d(folder)), wall(folder) + rm_cost * wall("rm"),
-                        tokens(d(folder)) + rm_cost * tokens(d("rm")), path(d(folder)), n,
-                        tokens(d(folder), "samples") + rm_cost * pair_samples))
+        run_tokens = last_logged(d(folder), "tokens") + rm_cost * last_logged(d("rm"), "tokens")
+        rows.append(row(method, setting, last_eval(d(folder)), wall(folder) + rm_cost * wall("rm"), run_tokens,
+                        path(d(folder)), n, last_logged(d(folder), "samples") + rm_cost * pair_samples))
     rows.append(row("preferred-FT", f"{S['pft']['max_iters']} steps", pft_metrics, wall("pft"),
-                    tokens(d("pft")), [], n, pair_samples))
+                    last_logged(d("pft"), "tokens"), [], n, pair_samples))
     for N, gold, kl, win in bon:
         rows.append({"method": "best-of-N", "setting": f"N={N}", "gold_reward": gold, "ci95": None, "kl": kl,
                      "win_rate": win, "wall_s": None, "tokens": None, "drawn": N * n, "path": []})
