@@ -30,6 +30,7 @@ from lora import attach_lora, merge_lora
 from model import GPT, GPTConfig
 from reward_model import RewardModel, backbone_state
 from tokenizer import Tokenizer
+from trackers import Tracker, open_tracker
 
 try:
     import fcntl
@@ -568,7 +569,8 @@ def release_run_folder(path: str) -> None:
 
 
 class Run:
-    """An output directory: config.json, metrics.jsonl and ckpt.pt. Only rank 0 writes.
+    """An output directory: config.json, metrics.jsonl and ckpt.pt, and --report_to's tracker
+    (trackers.py), which gets every metrics.jsonl row. Only rank 0 writes.
 
     A new run refuses a directory that already holds a checkpoint unless --overwrite is given, so
     a finished run is never clobbered by accident; --resume continues it instead: weights,
@@ -584,6 +586,7 @@ class Run:
         self.ckpt_path = os.path.join(self.dir, "ckpt.pt")
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         self.replacing = None  # the token of the run set aside by --overwrite, until the first checkpoint
+        self.tracker = Tracker()  # --report_to's, opened by start
         lock_run_folder(self.dir, dist)
         if dist.master:
             if restore_overwritten(self.dir):
@@ -629,6 +632,7 @@ class Run:
                 write_atomic(os.path.join(self.dir, "config.json"),
                              json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
                 write_atomic(self.metrics_path, "")
+            self._open_tracker(0)
             return 0
         ckpt = self.resumed  # kept: a script may restore more from it (PPO's critic)
         load_trainable(model, ckpt["model"], self.ckpt_path)
@@ -650,7 +654,16 @@ class Run:
         if self.dist.master:  # drop metrics logged after the checkpoint (a crash between saves)
             write_atomic(self.metrics_path, "".join(self.metric_lines))
             print(f"resuming {self.dir} from step {step}")
+        self._open_tracker(step)
         return step
+
+    def _open_tracker(self, step: int) -> None:
+        """--report_to's tracker, on rank 0, under the id the run's checkpoints keep (a resumed run
+        continues its tracker run)."""
+        self.tracker_id = (self.resumed or {}).get("tracker_id") or uuid.uuid4().hex[:8]
+        if self.dist.master:
+            self.tracker = open_tracker(getattr(self.cfg, "report_to", "none"), self.dir,
+                                        dataclasses.asdict(self.cfg), step, self.tracker_id)
 
     def _set_aside(self) -> None:
         """Move the old run's config.json and metrics.jsonl into .overwritten, with a token that
@@ -672,6 +685,7 @@ class Run:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
             except OSError as e:  # a full disk: a resume keeps the lines before a half-written one
                 raise RunStopped(f"step {step}: writing {self.metrics_path} failed ({e.strerror or e})") from None
+            self.tracker.log(step, metrics)
 
     def print(self, step: int, metrics: dict, samples: list[str] = ()) -> None:
         """An evaluation's metrics and a few samples on the console, above the progress bar."""
@@ -680,6 +694,8 @@ class Run:
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {number(v)}" for k, v in metrics.items()))
             for line in samples:
                 tqdm.write(f"  {line}")
+            if samples:
+                self.tracker.samples(step, list(samples))
 
     def save(self, step: int, model: GPT, optimizer, tokenizer: Tokenizer, extra: dict | None = None,
              optimized: torch.nn.Module | None = None) -> None:
@@ -699,6 +715,7 @@ class Run:
             "model": model_state, "model_config": dataclasses.asdict(model.config),
             "optimizer": optim_state, "step": step, "rng": rng,
             "config": dataclasses.asdict(self.cfg), "script": _script_name(self.cfg), "tokenizer": tokenizer.state(),
+            "tracker_id": self.tracker_id,
             **(extra or {}),
         })
         if self.dist.ddp:  # every rank stops when rank 0 could not write

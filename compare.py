@@ -48,8 +48,9 @@ from checkpoint import load_gpt, load_reward_model
 from data import collate, load_preferences, load_prompts
 from distributed import pick_device
 from evaluate import PolicyEvaluator, sample_completions
-from files import write_atomic
+from files import DataError, write_atomic
 from toy import gold_reward, prepare_toy_data
+from trackers import TRACKERS, check_tracker
 from train_utils import autocast, parse_config
 
 
@@ -87,6 +88,9 @@ class Config:
     """auto: cuda, then mps, then cpu"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """bfloat16 runs under autocast"""
+    report_to: Literal[TRACKERS] = "none"
+    """every training stage also logs to this experiment tracker, one tracker run a stage (tensorboard:
+    `tensorboard --logdir OUT_DIR` shows them all); a finished stage is reused whatever this is"""
 
 
 def sweeps(cfg: Config) -> dict:
@@ -178,10 +182,11 @@ class Study:
         self.times_path = os.path.join(cfg.out_dir, "stage_times.json")
         self.times = json.load(open(self.times_path)) if os.path.exists(self.times_path) else {}
 
-    def stage(self, name: str, out_dir: str, args: list[str], run) -> None:
+    def stage(self, name: str, out_dir: str, args: list[str], run, trains: bool = True) -> None:
         """Run a stage unless out_dir holds its finished output for the same arguments; an
         unfinished training run with the same arguments is resumed, anything else redone.
-        run(args) does the work; the stage's wall time is kept for the results table."""
+        run(args) does the work (a training stage's also gets --report_to, which changes no
+        result); the stage's wall time is kept for the results table."""
         marker, ckpt = os.path.join(out_dir, "done.json"), os.path.join(out_dir, "ckpt.pt")
         previous = json.load(open(marker)) if os.path.exists(marker) else None
         if previous == args:
@@ -197,8 +202,9 @@ class Study:
         print(f"[{time.time() - self.t0:6.0f}s] {name}: {'resuming' if resume else 'running'} -> {out_dir}",
               flush=True)
         t = time.time()
-        if run(args + (["--resume"] if resume
-                       else ["--overwrite"] if os.path.exists(ckpt) else [])) not in (0, None):
+        tracking = [f"--report_to={self.cfg.report_to}"] if trains else []
+        if run(args + tracking + (["--resume"] if resume
+                                  else ["--overwrite"] if os.path.exists(ckpt) else [])) not in (0, None):
             raise SystemExit(f"error: stage {name} failed")
         self.times[out_dir] = (self.times.get(out_dir, 0.0) if resume else 0.0) + time.time() - t
         write_atomic(self.times_path, json.dumps(self.times, indent=1))
@@ -249,7 +255,7 @@ def run_seed(cfg: Config, study: Study, seed: int, prompts: list[str], device) -
     # 1. SFT, and preference pairs from it (K=4 per prompt, labelled by the gold reward)
     sft_ckpt = sft_stage(cfg, study, seed)
     study.stage("pairs", pairs, flags(ckpt=sft_ckpt, pairs=True, data_dir=cfg.data_dir, out_dir=pairs,
-                                      device=cfg.device, seed=seed, **S["pairs"]), sample.main)
+                                      device=cfg.device, seed=seed, **S["pairs"]), sample.main, trains=False)
     pair_files = dict(sft_ckpt=sft_ckpt, train_file=f"{pairs}/pairs_train.jsonl",
                       val_file=f"{pairs}/pairs_val.jsonl")
 
@@ -615,6 +621,11 @@ def main(argv=None) -> int:
         print(f"error: --ceiling_samples (and --ceiling_check_samples unless 0) must be at least "
               f"{len(CEILING_TILTS)}, one sample from the reference and from each of its tilts",
               file=sys.stderr)
+        return 2
+    try:
+        check_tracker(cfg.report_to)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     os.makedirs(cfg.out_dir, exist_ok=True)
     device = pick_device(cfg.device)

@@ -33,6 +33,7 @@ from distributed import Dist, all_reduce_sum, cleanup_distributed, is_dtensor, p
 from files import DataError
 from lora import AdaptersOff, attach_lora
 from model import GPT
+from trackers import TRACKERS, check_tracker, close_trackers
 
 # -----------------------------------------------------------------------------
 # Config: a dataclass whose fields carry a docstring each (the line below the field, as in
@@ -171,6 +172,10 @@ class TrainConfig:
     chat_template: str = "auto"
     """auto: the model's own template, or Zephyr's for conversation data when it has none; zephyr; none; or a
     Jinja file"""
+    # tracking
+    report_to: Literal[TRACKERS] = "none"
+    """also send metrics.jsonl's rows, the settings and printed samples to this experiment tracker (an
+    optional package: pip install tensorboard, trackio or wandb); see trackers.py"""
 
 
 # -----------------------------------------------------------------------------
@@ -281,6 +286,7 @@ def check_training_settings(cfg: TrainConfig) -> None:
             raise DataError(f"--{flag} {getattr(cfg, flag)}: {why}")
     if cfg.frozen_dtype == "bfloat16" and cfg.dtype != "bfloat16":
         raise DataError("--frozen_dtype bfloat16 needs --dtype bfloat16 (autocast mixes the two)")
+    check_tracker(cfg.report_to)
 
 
 def check_batches(n: int, what: str, cfg: TrainConfig, dist: Dist) -> None:
@@ -554,6 +560,7 @@ def run_script(config_cls, train, argv, description: str) -> int:
     finally:
         for s in handlers:  # nor a signal that comes as the run ends
             signal.signal(getattr(signal, s), signal.SIG_IGN)
+        close_trackers()
         release_run_folder(cfg.out_dir)
         cleanup_distributed(dist, finished=metrics is not None)
         for s, handler in handlers.items():

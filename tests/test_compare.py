@@ -1,5 +1,5 @@
 """The study: its ceiling at a huge beta is the reference, plot.py without matplotlib, a tiny
-end-to-end compare.py run with every output, and its tables (seed averages, KL-matched gold
+end-to-end compare.py run with every output (and every stage's TensorBoard events), and its tables (seed averages, KL-matched gold
 reward, wins per seed). The frontier, the tilts and best-of-N themselves: tests/test_ceiling.py.
 
     python -m pytest -q tests/test_compare.py
@@ -15,7 +15,9 @@ import torch
 
 import compare
 import plot
+from conftest import read_metrics
 from evaluate import sample_completions
+from test_trackers import assert_same_rows, events, scalars_by_step
 from tokenizer import Tokenizer
 
 
@@ -71,7 +73,7 @@ def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
     out = str(tmp_path / "study")
     args = ["--tiny", f"--out_dir={out}", f"--data_dir={toy_dir}", "--device=cpu", "--eval_samples=32",
             "--bon_max=4", "--ceiling_prompts=8", "--ceiling_samples=32", "--ceiling_check_samples=18"]
-    assert compare.main(args) == 0
+    assert compare.main(args + ["--report_to=tensorboard"]) == 0
     for name in ["results.md", "results.csv", "results.json", "kl_matched.json", "frontier.png",
                  "kl_traces.png", "curves.png"]:
         assert os.path.getsize(os.path.join(out, name)) > 0, name
@@ -91,13 +93,15 @@ def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
             "online_dpo_beta1.0", "pft"]
     for run in runs:
         assert os.path.getsize(os.path.join(out, "seed0", run, "metrics.jsonl")) > 0, run
+        assert_same_rows(scalars_by_step(events(os.path.join(out, "seed0", run))),
+                         read_metrics(os.path.join(out, "seed0", run)))
     with open(os.path.join(out, "results.json")) as f:
         assert all(len(r["path"]) >= 2 for r in json.load(f) if r["method"] in ("DPO", "PPO", "RLOO", "GRPO",
                                                                                 "online DPO"))
     with open(os.path.join(out, "seed0", "grpo_c0.05", "config.json")) as f:
         assert json.load(f)["advantage"] == "grpo"
     capsys.readouterr()
-    assert compare.main(args) == 0  # a second run reuses every finished stage
+    assert compare.main(args) == 0  # a second run reuses every finished stage, whatever --report_to
     log = capsys.readouterr().out
     assert log.count("reused") == len(runs) + 1  # + the pairs
     assert "running" not in log
