@@ -1,13 +1,15 @@
 """
-Data: JSONL readers that validate every record (SFT examples, preference pairs and prompts, in
-the formats TRL and the Hugging Face hub use), tokenisation with labels, and collation into
-padded tensors. The tokenizer is in tokenizer.py, the toy task in toy.py.
+Data: readers of JSONL and parquet that validate every record (SFT examples, preference pairs and
+prompts, in the formats TRL and the Hugging Face hub use), tokenisation with labels, and collation
+into padded tensors. The tokenizer is in tokenizer.py, the toy task in toy.py.
 
-    python data.py --check FILE --kind preference   # validate a JSONL file, report the first bad record
+    python data.py --check FILE --kind preference   # validate a file, report the first bad record
 """
 import argparse
+import glob
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -22,12 +24,14 @@ from tokenizer import Tokenizer
 
 
 # -----------------------------------------------------------------------------
-# The longest JSONL line read: 4 MiB is about a million tokens, past every small model's context, while
-# tokenizing a 100 MB line took minutes and 17 GB with a Hugging Face tokenizer.
+# The longest record read (a JSONL line, or a parquet row as JSON): 4 MiB is about a million tokens, past
+# every small model's context, while tokenizing a 100 MB line took minutes and 17 GB with a Hugging Face
+# tokenizer.
 MAX_RECORD_BYTES = 4 << 20
 
-# JSONL readers. Every record is checked; a bad one raises DataError naming file, line and field,
-# or, with skip_bad=True, is dropped and counted.
+# Readers of JSONL and parquet. Every record is checked; a bad one raises DataError naming file, line
+# (a parquet file's "row N", counted from 1 in that file) and field, or, with skip_bad=True, is dropped
+# and counted.
 
 
 @dataclass
@@ -35,7 +39,7 @@ class Example:
     """A prompt and its completion, a plain text (loss on all of it), or a conversation."""
     prompt: str
     completion: str
-    where: str  # "file:line", for error messages
+    where: str  # "file:line" (a parquet file's "file:row N"), for error messages
     messages: Optional[list[dict]] = None  # a conversation: loss on every assistant turn
     # a conversation's leading messages that carry no loss (a prompt-completion record's prompt)
     prompt_turns: int = 0
@@ -53,6 +57,56 @@ class Pair:
     prompt_messages: Optional[list[dict]] = None
 
 
+def read_records(path: str):
+    """Yield (where, record) for every record of `path`, which may be a JSONL file (read_jsonl), a
+    parquet file (read_table), a folder of one split's parquet files (Hub shards such as
+    train-00000-of-00002.parquet, read in name order, which the zero-padded numbers make shard
+    order), a quoted glob pattern such as "data/train-*.parquet" (the datasets library's
+    data_files), its files in name order, or a folder that datasets' save_to_disk wrote."""
+    if os.path.isfile(os.path.join(path, "state.json")):
+        yield from read_saved_dataset(path)
+        return
+    if os.path.isdir(path):
+        files = parquet_split(path)
+    elif not os.path.exists(path) and any(c in path for c in "*?["):  # a pattern, not a name
+        files = sorted(glob.glob(path))
+        if not files:
+            raise DataError(f"{path}: no file matches this pattern")
+    else:
+        files = [path]
+    for file in files:
+        if file.endswith(".parquet"):
+            yield from read_table(file, "parquet", parquet_batches)
+        else:
+            yield from read_jsonl(file)
+
+
+# a Hub shard: NAME-00000-of-00002.parquet, or with a content hash after it, as older datasets wrote
+# (UltraChat-200k's train_sft-00000-of-00003-a3ecf92756993583.parquet)
+HUB_SHARD = re.compile(r"(.+)-\d+-of-\d+(-[0-9a-f]+)?\.parquet")
+
+
+def parquet_split(folder: str) -> list[str]:
+    """A folder's parquet files, in name order, refused with one line when they are several splits
+    (the Hub's train-*.parquet and test-*.parquet side by side): training on both would be silent."""
+    files = sorted(name for name in os.listdir(folder) if name.endswith(".parquet"))
+    if not files:
+        raise DataError(f"{folder}: no .parquet files in this folder (a Hub dataset keeps them in its data/ "
+                        "folder), nor a datasets save_to_disk state.json")
+    # each split's glob: NAME-*.parquet for a Hub shard, else the file itself
+    splits = sorted({f"{shard[1]}-*.parquet" if (shard := HUB_SHARD.fullmatch(name)) else name
+                     for name in files})
+    if len(splits) > 1:
+        raise DataError(f"{folder}: parquet files of {len(splits)} splits; name one with a quoted pattern: "
+                        + " or ".join(f'"{os.path.join(folder, split)}"' for split in splits))
+    return [os.path.join(folder, name) for name in files]
+
+
+def too_long(where: str) -> DataError:
+    return DataError(f"{where}: a record of more than {MAX_RECORD_BYTES} bytes (data.MAX_RECORD_BYTES), "
+                     "far longer than any model's context")
+
+
 def read_jsonl(path: str):
     """Yield (where, record) for each non-blank line of a JSONL file. A line that is not UTF-8
     or not a JSON object yields a DataError in place of the record, so a caller may skip it and
@@ -66,9 +120,7 @@ def read_jsonl(path: str):
             if len(raw) > MAX_RECORD_BYTES:
                 while raw and not raw.endswith(b"\n"):
                     raw = f.readline(1 << 20)
-                yield where, DataError(f"{where}: a record of more than {MAX_RECORD_BYTES} bytes "
-                                       "(data.MAX_RECORD_BYTES), "
-                                       "far longer than any model's context")
+                yield where, too_long(where)
                 continue
             try:
                 line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
@@ -86,6 +138,73 @@ def read_jsonl(path: str):
             if not isinstance(record, dict):
                 record = DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
+
+
+# Parquet and Arrow: pyarrow is imported only for them, so a JSONL user never needs it.
+ROWS_PER_BATCH = 256  # rows read and made Python dicts at a time, rather than a whole file at once
+
+
+def import_pyarrow(path: str):
+    try:
+        import pyarrow
+        import pyarrow.ipc
+        import pyarrow.parquet
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    return pyarrow
+
+
+def parquet_batches(pa, path: str):
+    with pa.parquet.ParquetFile(path) as f:
+        yield from f.iter_batches(batch_size=ROWS_PER_BATCH)
+
+
+def arrow_stream_batches(pa, path: str):
+    with pa.OSFile(path) as f, pa.ipc.open_stream(f) as reader:
+        yield from reader
+
+
+def read_saved_dataset(folder: str):
+    """Yield (where, record) for each row of a folder that datasets' save_to_disk wrote: its
+    state.json names the Arrow files (IPC stream format) in order. The names are untrusted: one
+    that is not a file in the folder itself is refused, so nothing outside it is read."""
+    state = os.path.join(folder, "state.json")
+    try:
+        with open(state, "rb") as f:
+            names = [entry["filename"] for entry in json.load(f)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{state}: not a datasets state.json with '_data_files' ({e!r})") from None
+    for name in names:
+        file = os.path.join(folder, str(name))
+        if os.path.dirname(os.path.realpath(file)) != os.path.realpath(folder):
+            raise DataError(f"{state}: data file {name!r} is not in the folder")
+        yield from read_table(file, "Arrow stream", arrow_stream_batches)
+
+
+def read_table(path: str, kind: str, batches):
+    """Yield ("FILE:row N", record) for each row of a table file (N counted from 1 in that file),
+    from `batches(pyarrow, path)`, an iterator of its record batches. A row is the dict pyarrow's
+    to_pylist makes (a list<struct> column becomes a list of dicts, as JSON reads it); a null
+    column is a missing field, as the datasets library writes a JSON record without that key.
+    A row longer than MAX_RECORD_BYTES as a JSON line yields a DataError in place of the record, as
+    read_jsonl's long line does; a file pyarrow cannot read raises one."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    pa = import_pyarrow(path)
+    rows = 0
+    try:
+        for batch in batches(pa, path):
+            for row in batch.to_pylist():
+                rows += 1
+                where = f"{path}:row {rows}"
+                # bytes and timestamps, which JSON never has, are measured as text
+                if len(json.dumps(row, ensure_ascii=False, default=str).encode()) > MAX_RECORD_BYTES:
+                    yield where, too_long(where)
+                else:
+                    yield where, {k: v for k, v in row.items() if v is not None}
+    except (pa.ArrowException, OSError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path}: not a {kind} file, or a damaged one (pyarrow: {reason})") from None
 
 
 def _text_field(record: dict, field: str, where: str) -> str:
@@ -286,7 +405,7 @@ PREFERENCE_FORMATS = ["auto", "plain", "hh", "implicit", "ultrafeedback", "share
 
 def _load(path: str, kind: str, fmt: str, skip_bad: bool, parse) -> list:
     records, skipped, first_error = [], 0, None
-    for where, record in read_jsonl(path):
+    for where, record in read_records(path):
         try:
             if isinstance(record, DataError):
                 raise record
@@ -498,8 +617,8 @@ def hold_out(records: list, path: str, verbose: bool) -> tuple[list, list]:
 class PairsConfig:
     """The preference-data settings of train_dpo.py and train_rm.py."""
     train_file: str = ""
-    """preference pairs (plain, HH-RLHF, TRL implicit-prompt, UltraFeedback-binarized or ShareGPT JSONL);
-    empty: the toy task's out/pairs/pairs_train.jsonl (not with a Hugging Face model)"""
+    """preference pairs (plain, HH-RLHF, TRL implicit-prompt, UltraFeedback-binarized or ShareGPT), JSONL or
+    parquet; empty: the toy task's out/pairs/pairs_train.jsonl (not with a Hugging Face model)"""
     val_file: str = ""
     """held-out preference pairs; empty: out/pairs/pairs_val.jsonl on the toy task, else the last 5% of
     --train_file"""
@@ -541,7 +660,8 @@ def load_pairs(cfg: PairsConfig, tok: Tokenizer, chat_template: str, verbose: bo
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", metavar="FILE", required=True, help="the JSONL file to validate")
+    parser.add_argument("--check", metavar="FILE", required=True,
+                        help="the file to validate: JSONL, parquet, a folder of parquet shards or a quoted glob")
     parser.add_argument("--kind", choices=["sft", "preference", "prompts"], default="sft",
                         help="what the file holds")
     parser.add_argument("--format", default="auto", choices=sorted(set(SFT_FORMATS + PREFERENCE_FORMATS)),
