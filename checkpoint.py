@@ -25,7 +25,8 @@ import torch.distributed as torch_dist
 
 from distributed import Dist, all_reduce_sum, barrier, is_dtensor, is_sharded
 from files import DataError, make_out_dir, replace_atomically, write_atomic
-from hf import check_config, is_reward_folder, load_folder, load_reward_folder
+from hf import (check_config, is_adapter_folder, is_reward_folder, load_adapter_folder, load_folder,
+                load_reward_folder)
 from lora import attach_lora, merge_lora
 from model import GPT, GPTConfig
 from reward_model import RewardModel, backbone_state
@@ -113,15 +114,18 @@ def is_toy_model(path: str) -> bool:
 
 
 def load_gpt(path: str, dtype: torch.dtype | None = torch.float32,
-             lora_base: str = "") -> tuple[GPT, Tokenizer]:
-    """The model and its tokenizer, from a ckpt.pt of any stage (or its run folder) or a Hugging
-    Face model folder. Weights come in float32 by default, the master weights training needs
-    (autocast does the bfloat16 compute); dtype=None keeps the stored one. A LoRA run's checkpoint
-    holds adapters only: they are put on its base model and merged; the base is the one it
-    records, or `lora_base` where that base has moved."""
+             lora_base: str = "", merge: bool = True) -> tuple[GPT, Tokenizer]:
+    """The model and its tokenizer, from a ckpt.pt of any stage (or its run folder), a Hugging
+    Face model folder or a PEFT adapter folder. Weights come in float32 by default, the master
+    weights training needs (autocast does the bfloat16 compute); dtype=None keeps the stored one.
+    A LoRA run's checkpoint holds adapters only: they are put on its base model and merged
+    (merge=False leaves them on, for export.py --adapter); the base is the one it records, or
+    `lora_base` where that base has moved. An adapter folder is its base, `lora_base` or the
+    folder its adapter_config.json names, with the adapter merged."""
     path = model_file(path)
     if os.path.isdir(path):
-        model, tok = load_folder(path, dtype)
+        model, tok = (load_adapter_folder(path, dtype, lora_base) if is_adapter_folder(path)
+                      else load_folder(path, dtype))
         check_finite(model, path)
         return model, tok
     ckpt = load_checkpoint(path)
@@ -130,7 +134,8 @@ def load_gpt(path: str, dtype: torch.dtype | None = torch.float32,
     if "lora" in ckpt:
         model = _attach_recorded(_lora_base(path, ckpt, lora_base), ckpt)
         load_trainable(model, ckpt["model"], path)
-        merge_lora(model)
+        if merge:
+            merge_lora(model)
     else:
         model = _checkpointed(GPT, path, _model_config(path, ckpt), ckpt["model"])
     check_finite(model, path)

@@ -10,6 +10,10 @@ one `c_fc`, and GPT-2's Conv1D weights (stored input-major) are transposed.
 
 Every model config read from a file is checked here, a checkpoint's model_config too
 (check_config): model.py's GPTConfig trusts the code that builds it.
+
+LoRA adapters go out and come in as PEFT's adapter folders (adapter_config.json and
+adapter_model.safetensors, what PeftModel.from_pretrained reads onto its base model): an adapter
+folder loads as its base with the adapter merged.
 """
 import dataclasses
 import json
@@ -21,6 +25,7 @@ from collections.abc import Mapping
 import torch
 
 from files import DataError, write_atomic
+from lora import LoRALinear, attach_lora, family_targets, merge_lora
 from model import GPT, GPTConfig
 from reward_model import RewardModel
 from tokenizer import Tokenizer
@@ -460,15 +465,16 @@ def _ignored(name: str, model_type: str, c: GPTConfig, reward: bool = False) -> 
 
 
 class _SafetensorsFiles:
-    """The tensors of a folder's model.safetensors or model.safetensors.index.json shards, opened
-    lazily so a tensor is read from disk only when it is used."""
+    """The tensors of a folder's model.safetensors or model.safetensors.index.json shards (or
+    another `weights` name's: adapter_model), opened lazily so a tensor is read from disk only when
+    it is used."""
 
-    def __init__(self, folder: str, model_type: str):
+    def __init__(self, folder: str, model_type: str, weights: str = "model"):
         from safetensors import safe_open
-        index_path = os.path.join(folder, "model.safetensors.index.json")
+        index_path = os.path.join(folder, f"{weights}.safetensors.index.json")
         # transformers' choice: model.safetensors where there is one, the sharded index otherwise
-        if os.path.isfile(os.path.join(folder, "model.safetensors")):
-            files = ["model.safetensors"]
+        if os.path.isfile(os.path.join(folder, f"{weights}.safetensors")):
+            files = [f"{weights}.safetensors"]
         elif os.path.isfile(index_path):
             weight_map = _read_json(index_path).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
@@ -476,7 +482,7 @@ class _SafetensorsFiles:
                                 "shard files")
             files = sorted(set(weight_map.values()))
         else:
-            raise DataError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+            raise DataError(f"{folder}: no {weights}.safetensors or {weights}.safetensors.index.json "
                             "(.bin and .pth weights are not read: they can run code when loaded)")
         self.handles, self.where = {}, {}
         for file in files:
@@ -748,7 +754,6 @@ def save_folder(model: GPT | RewardModel, tok: Tokenizer, out_dir: str) -> list[
     score has not, left out: it shifts every score alike). Biases the model does not have (the toy
     GPT written as gpt2) are written as zeros, which computes the same function. Returns the files
     of an earlier model it removed from out_dir (_stale_files); other files are left alone."""
-    from safetensors.torch import save_file
     c, reward = model.config, isinstance(model, RewardModel)
     dtype = next(model.parameters()).dtype
     hf_config = config_to_hf(c, dtype, tok)
@@ -774,13 +779,8 @@ def save_folder(model: GPT | RewardModel, tok: Tokenizer, out_dir: str) -> list[
     os.makedirs(out_dir, exist_ok=True)
     tok_files = tokenizer_files(tok)
     # before writing: an old index may name them
-    stale = _stale_files(out_dir, {"model.safetensors", *tok_files})
-    tmp = os.path.join(out_dir, f"model.safetensors.tmp{os.getpid()}")
-    save_file({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-    umask = os.umask(0)  # reading the umask means setting it
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600 (its own temporary file); open() gives this
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+    stale = _stale_files(out_dir, {"model.safetensors", "config.json", "generation_config.json", *tok_files})
+    _write_safetensors(tensors, os.path.join(out_dir, "model.safetensors"))
     for file in stale:  # after model.safetensors is in place, which every loader reads before an index
         os.remove(os.path.join(out_dir, file))
     write_atomic(os.path.join(out_dir, "config.json"), json.dumps(hf_config, indent=2) + "\n")
@@ -792,11 +792,23 @@ def save_folder(model: GPT | RewardModel, tok: Tokenizer, out_dir: str) -> list[
     return stale
 
 
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Save `tensors` as `path` through a temporary file, with the mode a user's new file gets."""
+    from safetensors.torch import save_file
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    umask = os.umask(0)  # reading the umask means setting it
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600 (its own temporary file); open() gives this
+    os.replace(tmp, path)
+
+
 def _stale_files(folder: str, keep: set[str]) -> list[str]:
     """The files of an earlier model in `folder` that a loader would read in place of or beside
     the `keep` files written now: a sharded index (first, so that no index outlives its shards),
     the shards it names inside the folder, transformers' shard files (model-*.safetensors), and the
-    tokenizer files not in `keep`."""
+    model's, adapter's and tokenizer's files not in `keep` (a full model over an adapter folder,
+    which transformers would read as that adapter, or the reverse)."""
     index, shards = os.path.join(folder, "model.safetensors.index.json"), []
     if os.path.isfile(index):
         try:
@@ -805,8 +817,9 @@ def _stale_files(folder: str, keep: set[str]) -> list[str]:
         except Exception:  # an unreadable index goes all the same; its shards are found by name below
             pass
     shards += sorted(f for f in os.listdir(folder) if f.startswith("model-") and f.endswith(".safetensors"))
-    files = ["model.safetensors.index.json", *(f for f in shards if f.endswith(".safetensors")),
-             "tokenizer.json", "tokenizer.model", "chat_template.jinja"]
+    files = ["model.safetensors.index.json", *(f for f in shards if f.endswith(".safetensors")), "model.safetensors",
+             "config.json", "generation_config.json", "adapter_model.safetensors", "adapter_config.json",
+             "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"]
     return list(dict.fromkeys(f for f in files if f not in keep and os.path.isfile(os.path.join(folder, f))
                               and _inside(os.path.join(folder, f), folder)))
 
@@ -823,3 +836,168 @@ def tensor_rows(c: GPTConfig, hf_name: str) -> int:
 def _zero_bias_size(model: GPT, name: str) -> int:
     module = model.get_submodule(name.removesuffix(".bias"))
     return module.weight.shape[0]
+
+
+# -----------------------------------------------------------------------------
+# LoRA adapters as PEFT folders
+
+# PEFT's key of an adapter matrix: the base model's module under PeftModelForCausalLM's prefix
+PEFT_KEY = "base_model.model.{module}.lora_{matrix}.weight"
+# adapter_config.json's fields that leave the adapted model plain LoRA's W + (lora_alpha / r) B A:
+# PEFT's bookkeeping, how the adapter was initialised before training, its training dropout, and
+# settings of features that are off. Every other field must be off (null, false, empty): each turns
+# on something this loader does not compute (use_dora, use_rslora, rank_pattern, modules_to_save, ...)
+_ADAPTER_INERT = {"base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+                  "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "lora_dropout",
+                  "megatron_core", "qalora_group_size", "ensure_weight_tying"}
+
+
+def is_adapter_folder(path: str) -> bool:
+    """Whether `path` is a PEFT adapter folder: an adapter_config.json and no config.json."""
+    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter_config.json"))
+            and not os.path.isfile(os.path.join(path, "config.json")))
+
+
+def peft_targets(model: GPT) -> tuple[str, ...]:
+    """The module names a PEFT adapter of `model` targets: its family's projections, under the
+    names its Hugging Face folders give them. A ValueError for a model of no Llama-like family
+    (GPT-2 fuses q, k and v in one Conv1D, c_attn: LoRA here adapts parts of it)."""
+    if model.config.family not in FAMILIES:
+        raise ValueError(f"PEFT adapters are read and written for the Llama-like families ({', '.join(FAMILIES)}), "
+                         f"and this model is {model.config.family or 'none of them'}")
+    return family_targets(model)
+
+
+def peft_modules(model: GPT) -> list[tuple[str, LoRALinear, int, int, int]]:
+    """Where each LoRA adapter of `model` lies in PEFT's layout, as (the Hugging Face module's
+    name, its LoRALinear, the adapter's slice, rows lo:hi of that slice's B). An adapter on one
+    Hugging Face projection is that module's; one over several whole projections (qkv_proj on
+    Llama's separate q_proj, k_proj and v_proj) is theirs, its A shared and its B split by rows,
+    the same function. A ValueError where an adapter covers part of a projection (q_proj on Phi-3's
+    fused qkv_proj): PEFT adapts a module whole, with one A and one B."""
+    peft_targets(model)  # refuses a family whose projections PEFT names otherwise
+    c, found = model.config, []
+    for ours, names, how in weight_table(c, c.family):
+        lora = model.get_submodule(ours.rsplit(".", 1)[0])
+        if not (ours.endswith(".weight") and isinstance(lora, LoRALinear)):
+            continue
+        rows = [tensor_rows(c, n) for n in names] if how == "cat" else [lora.out_features]
+        for k, (start, end) in enumerate(lora.slices):
+            for name, a, n in zip(names, [sum(rows[:i]) for i in range(len(rows))], rows):
+                if start <= a and a + n <= end:
+                    found.append((name.removesuffix(".weight"), lora, k, a - start, a + n - start))
+                elif a < end and start < a + n:
+                    raise ValueError(f"an adapter covers part of {name.removesuffix('.weight')}, and PEFT adapts "
+                                     "a module whole, with one A and one B: Phi-3's fused qkv_proj and gate_up_proj "
+                                     "take --lora_targets qkv_proj and gate_up_proj, not their parts")
+    return found
+
+
+def save_adapter(model: GPT, tok: Tokenizer, out_dir: str, base: str, lora: dict,
+                 dtype: torch.dtype) -> list[str]:
+    """Write the LoRA adapters on `model` as a PEFT adapter folder for the Hugging Face folder
+    `base`: adapter_config.json and adapter_model.safetensors (which
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir) reads), and
+    the run's tokenizer files, since its chat template may be one the base does not have. `lora`
+    is the checkpoint's record (rank, alpha, dropout). A ValueError where PEFT cannot express
+    the adapters (peft_modules); returns the files of an earlier model removed from out_dir."""
+    tensors = {}
+    for module, layer, k, lo, hi in peft_modules(model):  # copies: safetensors writes no shared tensors
+        tensors[PEFT_KEY.format(module=module, matrix="A")] = layer.lora_A[k].detach().to(dtype, copy=True)
+        tensors[PEFT_KEY.format(module=module, matrix="B")] = layer.lora_B[k][lo:hi].detach().to(dtype, copy=True)
+    targets = sorted({key.split(".")[-3] for key in tensors})
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base, revision=None,
+                  inference_mode=True, r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                  target_modules=targets, bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False,
+                  modules_to_save=None, init_lora_weights=True, layers_to_transform=None, layers_pattern=None,
+                  rank_pattern={}, alpha_pattern={})
+    os.makedirs(out_dir, exist_ok=True)
+    tok_files = tokenizer_files(tok)
+    stale = _stale_files(out_dir, {"adapter_model.safetensors", "adapter_config.json", *tok_files})
+    _write_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+    for file in stale:
+        os.remove(os.path.join(out_dir, file))
+    write_atomic(os.path.join(out_dir, "adapter_config.json"), json.dumps(config, indent=2) + "\n")
+    for file, content in tok_files.items():
+        write_atomic(os.path.join(out_dir, file), content)
+    return stale
+
+
+def _check_adapter_config(adapter: dict, where: str) -> None:
+    """What of adapter_config.json can be checked without the base: a plain LoRA adapter of a
+    causal language model, its rank, alpha and targets of the right types (against the base:
+    load_adapter_folder)."""
+    def refuse(name, what):
+        raise DataError(f"{where}: field {name!r}: {_brief(adapter.get(name))} {what}")
+
+    if adapter.get("peft_type") != "LORA":
+        refuse("peft_type", "is not LORA (only LoRA adapters are read)")
+    if adapter.get("task_type") not in ("CAUSAL_LM", None):
+        refuse("task_type", "is not CAUSAL_LM (a language model's adapter)")
+    if adapter.get("bias", "none") != "none":
+        refuse("bias", "is not none (trained biases are not read)")
+    if not (is_int(adapter.get("r")) and adapter["r"] >= 1):
+        refuse("r", "is not a positive integer")
+    if not (is_real(adapter.get("lora_alpha")) and math.isfinite(adapter["lora_alpha"])):
+        refuse("lora_alpha", "is not a finite number")
+    targets = adapter.get("target_modules")
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        refuse("target_modules", "is not a list of module names (a regular expression is not read)")
+    checked = _ADAPTER_INERT | {"peft_type", "task_type", "bias", "r", "lora_alpha", "target_modules"}
+    for name, value in adapter.items():
+        off = value is None or value is False or isinstance(value, (str, list, dict)) and not value
+        if name not in checked and not off:
+            refuse(name, "is not supported (a plain LoRA adapter is read: W + lora_alpha / r * B A on each target)")
+
+
+def load_adapter_folder(folder: str, dtype: torch.dtype | None, lora_base: str = "") -> tuple[GPT, Tokenizer]:
+    """A PEFT LoRA adapter folder as the model it makes: its base, `lora_base` or else the local
+    folder its base_model_name_or_path names, with the adapter merged, and the adapter folder's
+    tokenizer where it has one (export.py --adapter writes the run's), else the base's. The folder
+    is untrusted: adapter_config.json is checked field by field, and every tensor's name, shape
+    and dtype against the base from the file's header, before any adapter weight is read."""
+    config_path = os.path.join(folder, "adapter_config.json")
+    adapter = _read_json(config_path)
+    _check_adapter_config(adapter, config_path)
+    base = lora_base or adapter.get("base_model_name_or_path")
+    if not (isinstance(base, str) and os.path.isfile(os.path.join(base, "config.json"))):
+        raise DataError(f"{folder}: an adapter of the base model {_brief(base)}, which is not a Hugging Face model "
+                        "folder here (nothing is downloaded): give the base folder with --lora_base")
+    model, tok = load_folder(base, dtype)
+    r, targets = adapter["r"], adapter["target_modules"]
+    try:
+        known = peft_targets(model)
+    except ValueError as e:
+        raise DataError(f"{folder}: {e}") from None
+    if not set(targets) <= set(known):
+        raise DataError(f"{config_path}: field 'target_modules': {_brief(targets)} are not all projections of a "
+                        f"{model.config.family} model ({', '.join(known)})")
+    if r > model.config.n_embd:  # a rank past every projection's smaller side adds nothing; it bounds memory
+        raise DataError(f"{config_path}: field 'r': {r} is more than the base's hidden size ({model.config.n_embd})")
+    modules = peft_modules(attach_lora(model, r, adapter["lora_alpha"], targets))  # one slice per target
+    files = _SafetensorsFiles(folder, model.config.family, "adapter_model")
+    expected = {}
+    for module, layer, k, lo, hi in modules:
+        expected[PEFT_KEY.format(module=module, matrix="A")] = [r, layer.in_features]
+        expected[PEFT_KEY.format(module=module, matrix="B")] = [hi - lo, r]
+    unexpected = sorted(files.where.keys() - expected.keys())
+    if unexpected:
+        raise DataError(f"{folder}: tensor {unexpected[0]} is not an adapter of target_modules on this base")
+    for name, shape in expected.items():
+        if name not in files.where:
+            raise DataError(f"{folder}: no tensor {name} in adapter_model.safetensors")
+        stored, stored_dtype = files.header(name)
+        if stored != shape or stored_dtype not in ("F16", "BF16", "F32", "F64"):
+            raise DataError(f"{folder}: tensor {name} has shape {stored} and dtype {stored_dtype}, the base and "
+                            f"adapter_config.json imply {shape} and a floating-point type")
+    with torch.no_grad():
+        for module, layer, k, lo, hi in modules:
+            layer.lora_A[k].copy_(files.get(PEFT_KEY.format(module=module, matrix="A")))
+            layer.lora_B[k][lo:hi] = files.get(PEFT_KEY.format(module=module, matrix="B"))
+    merge_lora(model)
+    if any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        tok = load_tokenizer(folder, _read_json(os.path.join(base, "config.json")))
+        if tok.vocab_size > model.config.vocab_size:
+            raise DataError(f"{folder}: the tokenizer has {tok.vocab_size} tokens, more than the base's "
+                            f"{model.config.vocab_size} embeddings")
+    return model, tok
