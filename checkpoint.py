@@ -234,10 +234,12 @@ def fingerprint(path: str) -> str:
     while the files are what the run and every later load read alike. Streamed (a 1B model's
     2.5 GB take seconds, and loading reads them anyway) and remembered while no file is replaced
     or written to (same inode, size, mtime and ctime), so each checkpoint of a run does not read a
-    large base again."""
+    large base again. A run folder means its ckpt.pt, as everywhere a model is read (model_file)."""
+    path = model_file(path)
     if os.path.isdir(path):
-        files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f == "config.json"
-                 or f.startswith("model") and f.endswith((".safetensors", ".safetensors.index.json"))]
+        files = [os.path.join(path, f) for f in sorted(os.listdir(path))  # a model's, or a PEFT adapter's
+                 if f in ("config.json", "adapter_config.json") or f.startswith(("model", "adapter_model"))
+                 and f.endswith((".safetensors", ".safetensors.index.json"))]
     else:
         files = [path]
     stats = [os.stat(f) for f in files]
@@ -442,9 +444,7 @@ def check_resumable(ckpt: dict, path: str, cfg, counts: tuple[str, ...] = ()) ->
     step = ckpt.get("step")
     if type(step) is not int or step < 0:
         damaged("step", f"is {step!r}, not a step number")
-    if step > cfg.max_iters:
-        raise DataError(f"--max_iters {cfg.max_iters}: the run in {os.path.dirname(path) or '.'} is at step {step} "
-                        f"already; give --max_iters {step} or more to continue it")
+    check_steps_left(step, path, cfg)
     for key in counts:
         if type(ckpt.get(key)) is not int or ckpt[key] < 0:
             damaged(key, "is not a count")
@@ -465,6 +465,14 @@ def check_resumable(ckpt: dict, path: str, cfg, counts: tuple[str, ...] = ()) ->
         cuda = state.get("cuda")
         if cuda is not None and not (torch.is_tensor(cuda) and cuda.dtype == torch.uint8):
             damaged("rng", "holds a CUDA state that is not a generator's")
+
+
+def check_steps_left(step: int, path: str, cfg) -> None:
+    """A resumed run at `step` ends at or after it; --max_iters not yet settled (it comes from --epochs
+    once the data is read) is checked again by Run.start."""
+    if cfg.max_iters is not None and step > cfg.max_iters:
+        raise DataError(f"--max_iters {cfg.max_iters}: the run in {os.path.dirname(path) or '.'} is at step {step} "
+                        f"already; give --max_iters {step} or more to continue it")
 
 
 # The run folder's two guards: out_dir/.lock, held by the one process that writes the folder, and
@@ -640,6 +648,7 @@ class Run:
             self._open_tracker(0)
             return 0
         ckpt = self.resumed  # kept: a script may restore more from it (PPO's critic)
+        check_steps_left(ckpt["step"], self.ckpt_path, self.cfg)
         load_trainable(model, ckpt["model"], self.ckpt_path)
         if ckpt["optimizer"] is not None:
             load_optimizer_state(optimized or model, optimizer, ckpt["optimizer"], self.ckpt_path)
@@ -652,13 +661,11 @@ class Run:
         elif self.dist.master:
             print("warning: world size changed since the checkpoint; RNG streams restart", file=sys.stderr)
         step = ckpt["step"]
-        changed = {k: (v, getattr(self.cfg, k)) for k, v in ckpt["config"].items()
-                   if k not in ("resume", "overwrite") and getattr(self.cfg, k, v) != v}
-        if changed and self.dist.master:
-            print(f"warning: resuming with changed settings (was, now): {changed}", file=sys.stderr)
         if self.dist.master:  # drop metrics logged after the checkpoint (a crash between saves)
             write_atomic(self.metrics_path, "".join(self.metric_lines))
-            print(f"resuming {self.dir} from step {step}")
+            overridden = getattr(self.cfg, "overridden", [])  # train_utils.settings_of_resumed_run
+            print(f"resuming {self.dir} from step {step}" + (f" with {', '.join(overridden)}; its other settings "
+                                                             "as they were" if overridden else ""))
         self._open_tracker(step)
         return step
 

@@ -38,7 +38,13 @@ from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, batch
                          clip_grad_norm, default_max_length, frozen_reference, global_batch, gradient_sync,
                          lora_record, make_optimizer, micro_batches, n_trainable, prepare_trainable,
                          print_settled, progress_bar, require_inputs, run_script, set_lr,
-                         settle_pair_defaults, shard_indices)
+                         settle_pair_defaults, settle_schedule, settle_steps, shard_indices)
+
+
+# The schedule a run settles where its flags are not given (train_utils.settle_schedule, printed): the
+# toy task's, tuned on it, and the learning rate for your own model (the fields' help says which).
+TOY_SCHEDULE = dict(max_iters=300, lr=1e-4, warmup_iters=30)
+OWN_MODEL_LR = 1e-6
 
 
 @dataclass
@@ -81,14 +87,11 @@ class Config(PairsConfig, TrainConfig):
     # optimisation defaults for the toy task's pairs
     batch_size: int = 64
     """pairs per optimizer step, over all processes and micro-batches"""
-    max_iters: int = 300
-    """optimizer steps (about two passes over the toy task's 9.5k training pairs)"""
-    lr: float = 1e-4
-    """peak learning rate"""
-    min_lr: float = 1e-5
-    """learning rate at the end of the cosine decay"""
-    warmup_iters: int = 30
-    """steps of linear warmup"""
+    max_iters: Optional[int] = None
+    """optimizer steps; none: 300 on the toy task (about two passes over its 9.5k training pairs), else --epochs 1"""
+    lr: Optional[float] = None
+    """peak learning rate; none: 1e-4 on the toy task, 1e-6 on your own model (TRL's DPO default; Zephyr used
+    5e-7)"""
     weight_decay: float = 0.0
     """AdamW weight decay, matrices only"""
     eval_interval: int = 50
@@ -223,6 +226,7 @@ def settle_defaults(cfg: Config, dist: Dist) -> None:
     and its gold evaluation is on for it (--max_length follows once the model's context is known)."""
     before = dataclasses.asdict(cfg)
     settle_pair_defaults(cfg, dist)
+    settle_schedule(cfg, is_toy_model(cfg.sft_ckpt), TOY_SCHEDULE, OWN_MODEL_LR)
     if cfg.gold_eval:
         cfg.eval_prompts = cfg.eval_prompts or TOY_PROMPTS[1]
     print_settled(before, cfg, dist)
@@ -240,6 +244,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     check_lengths(raw_model.config.block_size, ("--max_length", cfg.max_length))
     train_data, _, val_data, tok = load_pairs(cfg, tok, cfg.chat_template, dist.master)
     check_batches(len(train_data["chosen_input_ids"]), "training pairs", cfg, dist)
+    settle_steps(cfg, len(train_data["chosen_input_ids"]), dist)
     judged = bool(cfg.reward_ckpt or cfg.reward_fn)
     records = load_prompt_records(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval or judged else []
     prompts = [p for p, _ in records]

@@ -29,7 +29,7 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -43,7 +43,14 @@ from rollout import (RolloutConfig, check_reward_norm, check_rollout_settings, c
                      settle_rollout_defaults)
 from train_utils import (TrainConfig, add_sums, autocast, batch_means, check_training_settings, check_weights,
                          clip_grad_norm, frozen_reference, gradient_sync, lora_record, make_optimizer, n_trainable,
-                         prepare_trainable, print_settled, progress_bar, run_script, set_lr)
+                         prepare_trainable, print_settled, progress_bar, run_script, set_lr, settle_schedule,
+                         settle_steps)
+
+
+# The schedule a run settles where its flags are not given (train_utils.settle_schedule, printed): the
+# toy task's, tuned on it, and the learning rate for your own model (the fields' help says which).
+TOY_SCHEDULE = dict(max_iters=60, lr=5e-4, warmup_iters=5)
+OWN_MODEL_LR = 5e-7
 
 
 @dataclass
@@ -65,15 +72,12 @@ class Config(RolloutConfig, TrainConfig):
     # optimisation defaults for the toy task
     batch_size: int = 32
     """prompts (so pairs) per optimizer step, over all processes; samples_per_prompt responses each"""
-    max_iters: int = 60
-    """optimizer steps (as many responses as PPO's 60 iterations of 64)"""
-    lr: float = 5e-4
-    """peak learning rate (one step a batch, where PPO takes 8: at DPO's 1e-4 the toy policy moves to KL 0.7 in
-    100 steps)"""
-    min_lr: float = 5e-5
-    """learning rate at the end of the cosine decay"""
-    warmup_iters: int = 5
-    """steps of linear warmup"""
+    max_iters: Optional[int] = None
+    """optimizer steps; none: 60 on the toy task (as many responses as PPO's 60 iterations of 64), else --epochs 1
+    (each training prompt once)"""
+    lr: Optional[float] = None
+    """peak learning rate; none: 5e-4 on the toy task (one step a batch, where PPO takes 8: at DPO's 1e-4 the toy
+    policy moves to KL 0.7 in 100 steps), 5e-7 on your own model (TRL's online DPO default)"""
     weight_decay: float = 0.0
     """AdamW weight decay, matrices only"""
     log_interval: int = 1
@@ -106,6 +110,7 @@ def settle_defaults(cfg: Config, dist: Dist) -> None:
     its gold evaluation is on for it."""
     before = dataclasses.asdict(cfg)
     settle_rollout_defaults(cfg, dist)
+    settle_schedule(cfg, is_toy_model(cfg.sft_ckpt), TOY_SCHEDULE, OWN_MODEL_LR)
     print_settled(before, cfg, dist)
 
 
@@ -171,6 +176,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     toy = is_toy_model(cfg.sft_ckpt)  # what the model is, recorded in its checkpoint
     prompts, columns, prompt_ids, eval_prompts, eval_columns, tok = read_prompts(
         cfg, policy.config.block_size, tok, dist, cfg.batch_size)
+    settle_steps(cfg, len(prompts), dist)
 
     # the frozen models: the reference (SFT) and the reward model; the policy, the module the optimizer
     # steps, and model, it wrapped for DDP/FSDP

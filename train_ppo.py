@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -40,12 +40,19 @@ from rollout import (RolloutConfig, check_reward_norm, check_rollout_settings, c
                      settle_rollout_defaults)
 from train_utils import (TrainConfig, add_sums, autocast, batch_means, check_training_settings, check_weights,
                          clip_grad_norm, frozen_reference, gradient_sync, lora_record, make_optimizer, n_trainable,
-                         prepare_trainable, print_settled, progress_bar, require_inputs, run_script, set_lr)
+                         prepare_trainable, print_settled, progress_bar, require_inputs, run_script, set_lr,
+                         settle_schedule, settle_steps)
 
 
 # The seed of a minibatch order: seed + MINIBATCH_STRIDE * iteration + epoch, a prime, so that no two
 # epochs of a run (or of runs a seed apart) share one. A rollout chunk's seed is rollout.py's.
 MINIBATCH_STRIDE = 7919
+
+
+# The schedule a run settles where its flags are not given (train_utils.settle_schedule, printed): the
+# toy task's, tuned on it, and the learning rate for your own model (the fields' help says which).
+TOY_SCHEDULE = dict(max_iters=100, lr=1e-4, warmup_iters=5)
+OWN_MODEL_LR = 1e-6
 
 
 @dataclass
@@ -104,14 +111,12 @@ class Config(RolloutConfig, TrainConfig):
     batch_size: int = 64
     """responses per PPO iteration (rollout batch: batch_size / samples_per_prompt prompts), over all
     processes"""
-    max_iters: int = 100
-    """PPO iterations"""
-    lr: float = 1e-4
-    """peak learning rate of policy and critic"""
-    min_lr: float = 1e-5
-    """learning rate at the end of the cosine decay"""
-    warmup_iters: int = 5
-    """iterations of linear warmup"""
+    max_iters: Optional[int] = None
+    """PPO iterations; none: 100 on the toy task, else --epochs 1 (each training prompt sampled
+    samples_per_prompt times)"""
+    lr: Optional[float] = None
+    """peak learning rate of policy and critic; none: 1e-4 on the toy task, 1e-6 on your own model (TRL's GRPO
+    and RLOO default)"""
     weight_decay: float = 0.0
     """AdamW weight decay, matrices only"""
     log_interval: int = 1
@@ -250,6 +255,7 @@ def settle_defaults(cfg: Config, dist: Dist) -> None:
     known, in read_prompts)."""
     before = dataclasses.asdict(cfg)
     settle_rollout_defaults(cfg, dist)
+    settle_schedule(cfg, is_toy_model(cfg.sft_ckpt), TOY_SCHEDULE, OWN_MODEL_LR)
     if cfg.ratio == "sequence":  # a response is one action: its loss is averaged over responses
         cfg.loss_average = "sequence"
     print_settled(before, cfg, dist)
@@ -274,6 +280,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     toy = is_toy_model(cfg.sft_ckpt)  # what the model is, recorded in its checkpoint
     prompts, columns, prompt_ids, eval_prompts, eval_columns, tok = read_prompts(
         cfg, policy.config.block_size, tok, dist, cfg.batch_size // cfg.samples_per_prompt)
+    settle_steps(cfg, len(prompts) * cfg.samples_per_prompt, dist)  # an epoch: every prompt's responses once
 
     # the frozen models: reference (SFT) and reward model; the trained ones: policy and critic (gae), as
     # raw_model, the module the optimizer steps, and model, it wrapped for DDP/FSDP

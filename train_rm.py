@@ -28,7 +28,14 @@ from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, batch
                          check_lengths, check_pair_settings, check_training_settings, check_weights,
                          clip_grad_norm, default_max_length, global_batch, gradient_sync, lora_record,
                          make_optimizer, micro_batches, n_trainable, prepare_trainable, print_settled,
-                         progress_bar, run_script, set_lr, settle_pair_defaults, shard_indices)
+                         progress_bar, run_script, set_lr, settle_pair_defaults, settle_schedule, settle_steps,
+                         shard_indices)
+
+
+# The schedule a run settles where its flags are not given (train_utils.settle_schedule, printed): the
+# toy task's, tuned on it, and the learning rate for your own model (the fields' help says which).
+TOY_SCHEDULE = dict(max_iters=300, lr=3e-4, warmup_iters=30)
+OWN_MODEL_LR = 1e-5
 
 
 @dataclass
@@ -49,14 +56,11 @@ class Config(PairsConfig, TrainConfig):
     # optimisation defaults for the toy task's pairs
     batch_size: int = 64
     """pairs per optimizer step, over all processes and micro-batches"""
-    max_iters: int = 300
-    """optimizer steps (about two passes over the toy task's 9.5k training pairs)"""
-    lr: float = 3e-4
-    """peak learning rate"""
-    min_lr: float = 3e-5
-    """learning rate at the end of the cosine decay"""
-    warmup_iters: int = 30
-    """steps of linear warmup"""
+    max_iters: Optional[int] = None
+    """optimizer steps; none: 300 on the toy task (about two passes over its 9.5k training pairs), else --epochs 1"""
+    lr: Optional[float] = None
+    """peak learning rate; none: 3e-4 on the toy task, 1e-5 on your own model (the low end of the 1e-5 to 1e-4
+    reward models are trained at: a full fine-tune of every weight)"""
     weight_decay: float = 0.0
     """AdamW weight decay, matrices only"""
     eval_interval: int = 50
@@ -116,6 +120,7 @@ def settle_defaults(cfg: Config, dist: Dist) -> None:
     evaluation is on for it (--max_length follows once the model's context is known)."""
     before = dataclasses.asdict(cfg)
     settle_pair_defaults(cfg, dist)
+    settle_schedule(cfg, is_toy_model(cfg.sft_ckpt), TOY_SCHEDULE, OWN_MODEL_LR)
     print_settled(before, cfg, dist)
 
 
@@ -131,6 +136,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     check_lengths(sft.config.block_size, ("--max_length", cfg.max_length))
     train_data, val_pairs, val_data, tok = load_pairs(cfg, tok, cfg.chat_template, dist.master)
     check_batches(len(train_data["chosen_input_ids"]), "training pairs", cfg, dist)
+    settle_steps(cfg, len(train_data["chosen_input_ids"]), dist)
     if cfg.gold_eval:
         val_data["gold_order"] = gold_order(val_pairs)
 

@@ -10,6 +10,7 @@ shared pieces from train_utils.py.
     python train_sft.py --init_from SmolLM2-135M --train_file ultrachat.jsonl --lora_rank 16 --grad_checkpoint
     python train_sft.py --train_file my.jsonl --preset small --device cuda --dtype bfloat16
 """
+import dataclasses
 import os
 import statistics
 import sys
@@ -29,8 +30,14 @@ from toy import ToyConfig, gold_reward, prepare_toy_data
 from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, batch_means, check_batches,
                          check_lengths, check_training_settings, check_weights, clip_grad_norm,
                          default_max_length, global_batch, gradient_sync, lora_record, make_optimizer,
-                         micro_batches, n_trainable, prepare_trainable, progress_bar, require_inputs,
-                         run_script, set_lr, shard_indices)
+                         micro_batches, n_trainable, prepare_trainable, print_settled, progress_bar,
+                         require_inputs, run_script, set_lr, settle_schedule, settle_steps, shard_indices)
+
+
+# The schedule a run settles where its flags are not given (train_utils.settle_schedule, printed): the
+# toy task's, tuned on it, and the learning rate for your own model (the fields' help says which).
+TOY_SCHEDULE = dict(max_iters=1000, lr=2e-3, warmup_iters=50)
+OWN_MODEL_LR = 2e-5
 
 
 @dataclass
@@ -72,6 +79,10 @@ class Config(TrainConfig):
     tokenizer too)"""
     dropout: float = 0.0
     """dropout probability"""
+    # optimisation
+    lr: Optional[float] = None
+    """peak learning rate; none: 2e-3 on the toy task (and any fresh model), 2e-5 on your own model --init_from
+    (TRL's SFT default, and Zephyr's)"""
     # evaluation
     eval_samples: int = 128
     """held-out prompts sampled at each evaluation (toy task: gold reward, well-formedness; yours: stop rate,
@@ -185,11 +196,20 @@ def check_settings(cfg: Config, dist: Dist) -> None:
     require_inputs(cfg, "init_from", "train_file", "val_file", "tokenizer")
 
 
+def settle_defaults(cfg: Config, dist: Dist) -> None:
+    """The settings not given, settled before anything is read, and printed: the optimisation of a
+    fresh toy model, or of a model --init_from starts from (the toy task's or your own)."""
+    before = dataclasses.asdict(cfg)
+    settle_schedule(cfg, not cfg.init_from or is_toy_model(cfg.init_from), TOY_SCHEDULE, OWN_MODEL_LR)
+    print_settled(before, cfg, dist)
+
+
 def train(cfg: Config, dist: Dist) -> dict:
     # 1. settings and data (validated before anything is written), model, optimizer, run folder
     check_settings(cfg, dist)
     seed_everything(cfg.seed, dist)
     run = Run(cfg, dist, counts=("tokens",))
+    settle_defaults(cfg, dist)  # once the folder is known to be writable: it reads --init_from's record
     raw_model, tok = load_gpt(cfg.init_from, lora_base=cfg.lora_base) if cfg.init_from else (None, None)
     block_size = raw_model.config.block_size if raw_model else PRESETS[cfg.preset]["block_size"]
     default_max_length(cfg, block_size, toy=not cfg.train_file)
@@ -198,6 +218,7 @@ def train(cfg: Config, dist: Dist) -> dict:
         tok = Tokenizer.from_state(run.resumed["tokenizer"], run.ckpt_path)
     train_data, val_data, prompts, tok = load_data(cfg, dist, tok)
     check_batches(len(train_data["input_ids"]), "training sequences", cfg, dist)
+    settle_steps(cfg, len(train_data["input_ids"]), dist)
     longest_prompt = max((len(tok.encode_prompt(p)) for p in prompts), default=0)
     check_lengths(block_size, ("the longest held-out prompt", longest_prompt), ("--max_new_tokens", cfg.max_new_tokens))
     if raw_model is None:

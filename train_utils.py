@@ -12,9 +12,12 @@ import argparse
 import ast
 import dataclasses
 import errno
+import glob
 import inspect
+import json
 import math
 import os
+import shlex
 import signal
 import sys
 import textwrap
@@ -91,8 +94,71 @@ def parse_config(cls, argv=None, description: str | None = None):
             convert = kwargs["type"]
             kwargs["type"] = lambda text, convert=convert: None if text.lower() == "none" else convert(text)
         parser.add_argument(f"--{f.name}", **kwargs)
-    values = vars(parser.parse_args(argv))
-    return cls(**{k: tuple(v or ()) if k in repeated else v for k, v in values.items()})
+    # flags not on the command line keep NOT_GIVEN (argparse sets a default only where the namespace has
+    # none), so that --resume can take those from the run's own settings (settings_of_resumed_run)
+    given = argparse.Namespace(**{f.name: None if f.name in repeated else NOT_GIVEN for f in dataclasses.fields(cls)})
+    values = vars(parser.parse_args(argv, namespace=given))
+    cfg = cls(**{f.name: tuple(values[f.name] or ()) if f.name in repeated
+                 else f.default if values[f.name] is NOT_GIVEN else values[f.name] for f in dataclasses.fields(cls)})
+    cfg.flags_given = {k for k, v in values.items() if v is not NOT_GIVEN and v is not None or k in repeated and v}
+    return cfg
+
+
+NOT_GIVEN = object()
+
+
+def _holds(value, hint) -> bool:
+    """Whether a JSON value is one a field of type `hint` takes (a run's config.json, read back)."""
+    if get_origin(hint) is Union:
+        return any(_holds(value, h) for h in get_args(hint))
+    if get_origin(hint) is Literal:
+        return value in get_args(hint)
+    if get_origin(hint) is tuple:
+        return isinstance(value, list) and all(_holds(v, get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return type(value) in (int, float)
+    return type(value) is hint
+
+
+# what a run's checkpoint holds the weights of: a resumed run cannot take other values
+RUN_DEFINING = ("init_from", "sft_ckpt", "preset", "lora_rank", "lora_targets")
+
+
+def settings_of_resumed_run(cfg) -> None:
+    """--resume: every setting not given on the command line is the run's own, from out_dir/config.json,
+    so `--out_dir X --resume` alone continues it. One given that differs from the run's overrides it,
+    said in one line, except those that make the checkpoint another model's (RUN_DEFINING), refused.
+    A damaged config.json is one line."""
+    path = os.path.join(cfg.out_dir, "config.json")
+    if not (cfg.resume and os.path.isfile(path)):
+        return  # no run there: Run says so
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.loads(f.read(1 << 20))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        saved = None
+    hints = get_type_hints(type(cfg))
+    if isinstance(saved, dict) and set(saved) - set(hints):
+        return  # another script's run: its checkpoint says whose (checkpoint.check_resumable)
+    if not isinstance(saved, dict) or any(not _holds(v, hints[k]) for k, v in saved.items()):
+        raise DataError(f"{path}: not a run's settings as this project writes them (damaged?); fix it, or resume "
+                        "with every flag given")
+    given = getattr(cfg, "flags_given", set(hints))  # a config built in code: every value is given
+    changed = []
+    for name, was in saved.items():
+        was = tuple(was) if isinstance(was, list) else was
+        if name in ("resume", "overwrite", "out_dir"):
+            continue
+        if name not in given:
+            setattr(cfg, name, was)
+        elif getattr(cfg, name) != was:
+            if name in RUN_DEFINING:
+                raise DataError(f"--{name} {getattr(cfg, name)}: the run in {cfg.out_dir} was started with --{name} "
+                                f"{was}, which its checkpoint holds the weights of (leave the flag out to resume it)")
+            changed.append(f"--{name} {getattr(cfg, name)} (was {was})")
+    cfg.overridden = changed  # said by Run.start, once the run resumes
 
 
 @dataclass
@@ -109,14 +175,18 @@ class TrainConfig:
     """sequences (or pairs) per optimizer step, over all processes and micro-batches"""
     grad_accum: int = 1
     """micro-batches per optimizer step on each process"""
-    max_iters: int = 1000
-    """optimizer steps"""
-    lr: float = 2e-3
-    """peak learning rate"""
-    min_lr: float = 2e-4
-    """learning rate at the end of the cosine decay"""
-    warmup_iters: int = 50
-    """steps of linear warmup"""
+    max_iters: Optional[int] = None
+    """optimizer steps; none: the script's default on the toy task, or --epochs 1 on your own model"""
+    epochs: Optional[float] = None
+    """passes over the training data (prompts, for PPO and online DPO), instead of --max_iters"""
+    lr: Optional[float] = None
+    """peak learning rate; none: the script's default for the toy task, or for your own model (printed)"""
+    min_lr: Optional[float] = None
+    """learning rate at the end of the cosine decay; none: lr / 10"""
+    warmup_iters: Optional[int] = None
+    """steps of linear warmup; none: the script's default on the toy task, else --warmup_ratio of the run"""
+    warmup_ratio: Optional[float] = None
+    """warmup as a fraction of the run's steps, instead of --warmup_iters; none: 0.1 on your own model"""
     lr_decay_iters: Optional[int] = None
     """step where the cosine decay ends; none: max_iters"""
     weight_decay: float = 0.1
@@ -262,14 +332,17 @@ def shard_indices(n: int, dist: Dist, batch_size: int) -> list[torch.Tensor]:
 def check_training_settings(cfg: TrainConfig) -> None:
     """The settings every training script shares, each refused with one line naming its flag,
     before anything is read or written (a DataError: exit status 2)."""
-    finite = math.isfinite
+    finite, unset = math.isfinite, lambda value: value is None
     rules = [
         ("batch_size", cfg.batch_size >= 1, "must be at least 1"),
         ("grad_accum", cfg.grad_accum >= 1, "must be at least 1"),
-        ("max_iters", cfg.max_iters >= 0, "must be 0 or more"),
-        ("lr", finite(cfg.lr) and cfg.lr > 0, "must be a finite number above 0"),
-        ("min_lr", finite(cfg.min_lr) and 0 <= cfg.min_lr <= cfg.lr, "must be a finite number from 0 to --lr"),
-        ("warmup_iters", cfg.warmup_iters >= 0, "must be 0 or more"),
+        ("max_iters", unset(cfg.max_iters) or cfg.max_iters >= 0, "must be 0 or more"),
+        ("epochs", unset(cfg.epochs) or (finite(cfg.epochs) and cfg.epochs > 0), "must be a finite number above 0"),
+        ("lr", unset(cfg.lr) or (finite(cfg.lr) and cfg.lr > 0), "must be a finite number above 0"),
+        ("min_lr", unset(cfg.min_lr) or (finite(cfg.min_lr) and 0 <= cfg.min_lr <= (cfg.lr or math.inf)),
+         "must be a finite number from 0 to --lr"),
+        ("warmup_iters", unset(cfg.warmup_iters) or cfg.warmup_iters >= 0, "must be 0 or more"),
+        ("warmup_ratio", unset(cfg.warmup_ratio) or 0 <= cfg.warmup_ratio < 1, "must be in [0, 1)"),
         ("lr_decay_iters", cfg.lr_decay_iters is None or cfg.lr_decay_iters >= 1, "must be at least 1"),
         ("weight_decay", finite(cfg.weight_decay) and cfg.weight_decay >= 0, "must be a finite number, 0 or more"),
         ("beta1", 0 <= cfg.beta1 < 1, "must be in [0, 1)"),
@@ -284,6 +357,9 @@ def check_training_settings(cfg: TrainConfig) -> None:
     for flag, ok, why in rules:
         if not ok:
             raise DataError(f"--{flag} {getattr(cfg, flag)}: {why}")
+    for a, b in (("max_iters", "epochs"), ("warmup_iters", "warmup_ratio")):
+        if getattr(cfg, a) is not None and getattr(cfg, b) is not None:
+            raise DataError(f"--{a} and --{b} say the same thing two ways: give one")
     if cfg.frozen_dtype == "bfloat16" and cfg.dtype != "bfloat16":
         raise DataError("--frozen_dtype bfloat16 needs --dtype bfloat16 (autocast mixes the two)")
     check_tracker(cfg.report_to)
@@ -313,7 +389,7 @@ def require_inputs(cfg, *flags: str) -> None:
     """Each named flag's file or folder exists; if not, one line naming the flag."""
     for flag in flags:
         path = getattr(cfg, flag)
-        if path and not os.path.exists(path):
+        if path and not os.path.exists(path) and not glob.glob(path):  # a quoted pattern: Hub shards
             raise DataError(f"--{flag} {path}: no such file or folder")
 
 
@@ -335,6 +411,42 @@ def check_pair_settings(cfg) -> None:
     for flag in ("max_length", "max_prompt_length"):
         if getattr(cfg, flag) is not None and getattr(cfg, flag) < 2:
             raise DataError(f"--{flag} {getattr(cfg, flag)}: must be at least 2")
+
+
+def settle_schedule(cfg: TrainConfig, toy: bool, toy_defaults: dict, own_lr: float) -> None:
+    """The optimisation settings not given, before anything is read: on the toy task the script's
+    own (`toy_defaults`: max_iters, lr, warmup_iters, tuned on it); on your own model `own_lr` (the
+    papers' and TRL's for the method), one epoch and a warmup of a tenth of the run, as TRL's
+    trainers and the Zephyr recipe run. min_lr is lr / 10 on both. Steps that depend on the data's
+    size are settled by settle_steps once it is read."""
+    if cfg.lr is None:
+        cfg.lr = toy_defaults["lr"] if toy else own_lr
+    if cfg.min_lr is None:
+        cfg.min_lr = cfg.lr / 10
+    if cfg.max_iters is None and cfg.epochs is None:
+        if toy:
+            cfg.max_iters = toy_defaults["max_iters"]
+        else:
+            cfg.epochs = 1.0
+    if cfg.warmup_iters is None and cfg.warmup_ratio is None:
+        if toy:
+            cfg.warmup_iters = toy_defaults["warmup_iters"]
+        else:
+            cfg.warmup_ratio = 0.1
+    if 0 < cfg.lr < cfg.min_lr:  # a bad --lr itself is the settings check's to name
+        raise DataError(f"--min_lr {cfg.min_lr}: above this run's learning rate, {cfg.lr} (give --lr too)")
+
+
+def settle_steps(cfg: TrainConfig, n: int, dist: Dist) -> None:
+    """--epochs as steps, once the data is read: n is an epoch in the units of --batch_size (examples,
+    pairs, prompts or responses), and an epoch's remainder is dropped (global_batch); then warmup
+    from --warmup_ratio. Printed, with the data's size."""
+    before = dataclasses.asdict(cfg)
+    if cfg.max_iters is None:
+        cfg.max_iters = max(1, int(cfg.epochs * n) // cfg.batch_size)
+    if cfg.warmup_iters is None:
+        cfg.warmup_iters = math.ceil(cfg.warmup_ratio * cfg.max_iters)
+    print_settled(before, cfg, dist)
 
 
 def print_settled(before: dict, cfg, dist: Dist) -> None:
@@ -497,7 +609,7 @@ def _raise_terminated(signum, frame):
 STOP_SIGNALS = [s for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s)]  # Windows has no SIGHUP
 
 
-def stopped(cfg, script: str, argv: list[str], dist: Dist, what: str, resumable: bool = True) -> str:
+def stopped(cfg, script: str, dist: Dist, what: str, resumable: bool = True) -> str:
     """What a run that stops before its end says (`what`: interrupted, stopped by SIGTERM, or a
     RunStopped error): where its last checkpoint is and, when `resumable`, the command that
     continues it (checkpoints are written at evaluations; the steps since the last are redone)."""
@@ -510,16 +622,9 @@ def stopped(cfg, script: str, argv: list[str], dist: Dist, what: str, resumable:
     if not resumable:
         return f"{what}; stopped, the last good checkpoint is {path} (step {step})"
     launch = [f"torchrun --nproc_per_node {dist.world_size}" if dist.ddp else "python", os.path.basename(script)]
-    flags, skip = [], False
-    for a in argv:  # the same flags without --resume or --overwrite (and a value given after either)
-        if skip and not a.startswith("--"):
-            skip = False
-            continue
-        skip = a in ("--resume", "--overwrite")
-        if not skip and a.split("=")[0] not in ("--resume", "--overwrite"):
-            flags.append(a)
+    # a resumed run takes its settings from its config.json (settings_of_resumed_run)
     return (f"{what}: the last checkpoint is {path} (step {step}); continue with:\n"
-            f"  {' '.join(launch + flags + ['--resume'])}")
+            f"  {' '.join(launch + ['--out_dir', shlex.quote(cfg.out_dir), '--resume'])}")
 
 
 def run_script(config_cls, train, argv, description: str) -> int:
@@ -536,26 +641,27 @@ def run_script(config_cls, train, argv, description: str) -> int:
     dist = setup_distributed(cfg.device, cfg.parallel)
     metrics, status = None, 0
     try:
+        settings_of_resumed_run(cfg)
         metrics = train(cfg, dist)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         status = 2
     except (RunStopped, FloatingPointError) as e:  # the latter: a diverged model's sampling
         if dist.master:  # on a line of its own below the progress bar
-            print(f"\nerror: {stopped(cfg, script, argv, dist, str(e), resumable=False)}", file=sys.stderr)
+            print(f"\nerror: {stopped(cfg, script, dist, str(e), resumable=False)}", file=sys.stderr)
         status = 1
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
         if dist.master:  # a full disk wherever a write failed: the writes are atomic, the last checkpoint stands
-            print(f"\nerror: {stopped(cfg, script, argv, dist, f'writing {e.filename} failed ({e.strerror})', False)}",
+            print(f"\nerror: {stopped(cfg, script, dist, f'writing {e.filename} failed ({e.strerror})', False)}",
                   file=sys.stderr)
         status = 1
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
         if dist.master:
             what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-            print(f"\n{stopped(cfg, script, argv, dist, what)}", file=sys.stderr)
+            print(f"\n{stopped(cfg, script, dist, what)}", file=sys.stderr)
         status = 128 + signum  # the shell's status for a process a signal ended
     finally:
         for s in handlers:  # nor a signal that comes as the run ends
