@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         else:
             model, tok = load_gpt(cfg.ckpt, dtype=getattr(torch, cfg.dtype), lora_base=cfg.lora_base)
     except DataError as e:
-        if created and not os.listdir(cfg.out_dir):  # bad input leaves nothing behind
+        if created and os.path.isdir(cfg.out_dir) and not os.listdir(cfg.out_dir):  # bad input leaves nothing
             os.rmdir(cfg.out_dir)
         print(f"error: {e}", file=sys.stderr)
         return 2
