@@ -211,7 +211,7 @@ def test_a_save_to_disk_folder_reads_its_arrow_files_and_nothing_outside_it(tmp_
 
 def test_training_scripts_run_on_parquet_and_a_bad_row_stops_them_before_anything_is_written(toy_dir, tmp_path):
     """train_sft.py on a prompt-completion parquet file, then train_dpo.py from its checkpoint on an
-    UltraFeedback parquet file, as a user types them."""
+    UltraFeedback parquet shard named by a glob, as a user types them."""
     rows = [{"prompt": f"the movie {i}", "completion": "was great ." if i % 2 else "was dull ."} for i in range(40)]
     args = ["--device=cpu", "--batch_size=8", "--max_iters=2", "--eval_interval=2", "--print_samples=0",
             "--max_length=48"]
@@ -222,9 +222,10 @@ def test_training_scripts_run_on_parquet_and_a_bad_row_stops_them_before_anythin
     assert f"the last 2 of the 40 records of {sft} are held out" in r.stdout
     prefs = write_parquet(tmp_path / "train_prefs-00000-of-00001.parquet", ultrafeedback_rows(40))
     dpo = ["train_dpo.py", f"--sft_ckpt={tmp_path / 'sft' / 'ckpt.pt'}", "--gold_eval=false", *args]
-    r = run_python(*dpo, f"--train_file={prefs}", f"--out_dir={tmp_path / 'dpo'}")
+    shards = f"{tmp_path}/train_prefs-*.parquet"  # a quoted glob, as the Hub's split is named
+    r = run_python(*dpo, f"--train_file={shards}", f"--out_dir={tmp_path / 'dpo'}")
     assert r.returncode == 0, r.stderr
-    assert f"the last 2 of the 40 records of {prefs} are held out" in r.stdout
+    assert f"the last 2 of the 40 records of {shards} are held out" in r.stdout
     assert os.path.isfile(tmp_path / "dpo" / "ckpt.pt")
 
     rows[2]["completion"] = "   "
