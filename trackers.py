@@ -30,8 +30,8 @@ _opened: list = []  # this process's open trackers, closed by close_trackers as 
 def check_tracker(report_to: str) -> None:
     """The tracker named is installed: checked with the settings, before anything is written."""
     if report_to != "none" and importlib.util.find_spec(report_to) is None:
-        raise DataError(f"--report_to {report_to}: the {report_to} package is not installed "
-                        f"(pip install {PACKAGE[report_to]}); metrics.jsonl is written without it")
+        raise DataError(f"--report_to {report_to}: the {report_to} package is not installed: pip install "
+                        f"{PACKAGE[report_to]}, or leave the flag out (metrics.jsonl is written either way)")
 
 
 def _scalars(metrics: dict) -> dict:
