@@ -452,7 +452,8 @@ def settle_steps(cfg: TrainConfig, n: int, dist: Dist) -> None:
 def print_settled(before: dict, cfg, dist: Dist) -> None:
     """The settings a script's settle_defaults chose, against `before` (dataclasses.asdict of the
     config as given), on one line: what the run uses without having been told."""
-    chosen = [f"--{k} {v}" for k, v in dataclasses.asdict(cfg).items() if v != before[k]]
+    chosen = [f"--{k} {v:.6g}" if type(v) is float else f"--{k} {v}"
+              for k, v in dataclasses.asdict(cfg).items() if v != before[k]]
     if chosen and dist.master:
         print(f"settled: {', '.join(chosen)}")
 
