@@ -158,6 +158,13 @@ def settings_of_resumed_run(cfg) -> None:
                 raise DataError(f"--{name} {getattr(cfg, name)}: the run in {cfg.out_dir} was started with --{name} "
                                 f"{was}, which its checkpoint holds the weights of (leave the flag out to resume it)")
             changed.append(f"--{name} {getattr(cfg, name)} (was {was})")
+    for steps, fraction in (("max_iters", "epochs"), ("warmup_iters", "warmup_ratio")):
+        # the run settled the steps from the fraction, and config.json holds both: a fraction given now is
+        # settled again; else the run's steps stand (both given is the settings check's to refuse)
+        if fraction in given and steps not in given:
+            setattr(cfg, steps, None)
+        elif fraction not in given and getattr(cfg, steps) is not None:
+            setattr(cfg, fraction, None)
     cfg.overridden = changed  # said by Run.start, once the run resumes
 
 

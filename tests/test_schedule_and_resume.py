@@ -83,6 +83,11 @@ def test_your_model_trains_one_epoch_at_trls_learning_rate_warmed_up_over_a_tent
     lrs = [row["learning_rate"] for row in read_metrics(out) if "learning_rate" in row]
     cosine = [2e-6 + 0.5 * (1 + math.cos(math.pi * (s - 1) / 6)) * (2e-5 - 2e-6) for s in range(1, 7)]
     assert lrs == pytest.approx([2e-5] + cosine, rel=1e-9)
+    # its config.json holds the settled steps beside --epochs: the folder alone resumes it, and --epochs 2
+    # given then is settled again, to 14 steps
+    assert train_sft.main([f"--out_dir={out}", "--resume"]) == 0
+    assert train_sft.main([f"--out_dir={out}", "--resume", "--epochs=2"]) == 0
+    assert [row["step"] for row in read_metrics(out)][-1] == 14
 
 
 def interrupted_after(step: int, monkeypatch):
