@@ -9,6 +9,7 @@ import os
 import re
 
 import pytest
+import torch
 
 import checkpoint
 import train_dpo
@@ -48,7 +49,10 @@ def test_the_toy_model_keeps_its_schedule_and_your_model_gets_trls_with_one_epoc
     settle_steps(own, 1000, CPU)  # 1000 pairs at 64 a step: 15 whole steps; a tenth of them warms up
     assert (own.max_iters, own.warmup_iters) == (15, 2)
     assert "--max_iters 15, --warmup_iters 2" in capsys.readouterr().out
-    half = parse_config(train_dpo.Config, ["--epochs=2.5", "--warmup_ratio=0.25", "--batch_size=64", "--lr=1e-3"])
+    toy_ckpt = tmp_path / "toy.pt"  # what is_toy_model reads of a stage's checkpoint: its record, not the path
+    torch.save({"toy_task": True, "model": {}, "tokenizer": {}, "model_config": {"vocab_size": 1}}, toy_ckpt)
+    half = parse_config(train_dpo.Config, [f"--sft_ckpt={toy_ckpt}", "--epochs=2.5", "--warmup_ratio=0.25",
+                                           "--batch_size=64", "--lr=1e-3"])
     train_dpo.settle_defaults(half, CPU)
     settle_steps(half, 1000, CPU)  # the toy model: given values win; 2500 // 64 = 39 steps
     assert (half.lr, half.max_iters, half.warmup_iters) == (1e-3, 39, 10)
