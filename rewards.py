@@ -18,6 +18,7 @@ nansum leaves it. The toy task's gold reward is one such function (toy_gold_rewa
 import importlib.util
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -95,9 +96,27 @@ def model_name(reward_ckpt: str) -> str:
     return os.path.basename(reward_ckpt.removesuffix("/ckpt.pt").rstrip("/"))
 
 
+@dataclass
+class JudgeConfig:
+    """The judge of a run's held-out samples, apart from whatever the run trains on (compare.py's
+    --judge); train_dpo.py's, train_ppo.py's and train_online_dpo.py's configs take it."""
+    judge_ckpt: str = ""
+    """judge of the samples of --eval_prompts: a reward model (train_rm.py's, or a downloaded sequence
+    classifier, handed each completion as text); logs eval/score and eval/win_rate against the SFT model beside
+    eval/kl. PPO and online DPO without a judge are judged by their own reward sources"""
+    judge_fn: tuple[str, ...] = ()
+    """a judging reward function, FILE.py:NAME with TRL's signature; the flag once for each"""
+    judge_weights: tuple[float, ...] = ()
+    """the judges' weights, --judge_ckpt's first; empty: 1 each"""
+
+
+def has_judge(cfg) -> bool:
+    return bool(cfg.judge_ckpt or cfg.judge_fn)
+
+
 def load_judge(reward_ckpt: str, reward_fns, weights, tok, columns: list[dict], device, ctx,
                lora_base: str = "") -> "TextJudge":
-    """The judge of held-out samples that --reward_ckpt, --reward_fn and --reward_weights name (a
+    """The judge of held-out samples that --judge_ckpt, --judge_fn and --judge_weights name (a
     reward model, frozen on `device`, and functions), for the policy's tokenizer `tok`."""
     from checkpoint import load_reward_model  # checkpoint.py imports the model stack; the functions need none of it
     reward_model = handoff = None

@@ -24,7 +24,8 @@ from distributed import Dist, all_reduce_sum, place_frozen
 from evaluate import PolicyEvaluator, sample_completions
 from files import DataError
 from ppo import rollout
-from rewards import Rewards, TextHandoff, load_reward_function, model_name, toy_gold_reward
+from rewards import (JudgeConfig, Rewards, TextHandoff, has_judge, load_judge, load_reward_function, model_name,
+                     toy_gold_reward)
 from toy import gold_reward
 from train_utils import check_lengths, frozen_dtype, global_batch, require_inputs, resolve_gold_eval, toy_default
 
@@ -34,7 +35,7 @@ SEED_STRIDE, ITERATION_STRIDE = 1_000_003, 1009
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(JudgeConfig):
     """The settings of sampling and scoring responses; train_ppo.py's and train_online_dpo.py's
     configs take them."""
     reward: Literal["model", "gold", "functions"] = "model"
@@ -92,7 +93,7 @@ def settle_rollout_defaults(cfg, dist: Dist) -> None:
     cfg.prompts = toy_default(cfg.prompts, TOY_PROMPTS[0], "prompts", cfg.sft_ckpt, toy)
     if cfg.reward == "model":
         cfg.reward_ckpt = toy_default(cfg.reward_ckpt, "out/rm/ckpt.pt", "reward_ckpt", cfg.sft_ckpt, toy)
-    resolve_gold_eval(cfg, toy and (not user_prompts or bool(cfg.eval_prompts)), dist)
+    resolve_gold_eval(cfg, toy and (not user_prompts or bool(cfg.eval_prompts)) and not has_judge(cfg), dist)
     if cfg.gold_eval:
         cfg.eval_prompts = cfg.eval_prompts or TOY_PROMPTS[1]
 
@@ -105,6 +106,10 @@ def check_rollout_settings(cfg) -> None:
         raise DataError("--reward functions: give the functions with --reward_fn FILE.py:NAME")
     if not all(map(math.isfinite, cfg.reward_weights)):
         raise DataError(f"--reward_weights {' '.join(map(str, cfg.reward_weights))}: not finite numbers")
+    if has_judge(cfg) and (cfg.gold_eval or not cfg.eval_prompts):
+        raise DataError("--judge_ckpt and --judge_fn judge the samples of --eval_prompts, in place of --gold_eval: "
+                        "give --eval_prompts (and not --gold_eval)")
+    require_inputs(cfg, "judge_ckpt")
     if cfg.max_new_tokens < 1 or (cfg.reward_norm and cfg.reward_norm_batches < 1):
         raise DataError("--max_new_tokens and (with --reward_norm) --reward_norm_batches must be at least 1")
 
@@ -277,11 +282,16 @@ def source_metrics(names: list[str], per_source: torch.Tensor, dist: Dist) -> di
 def make_evaluator(cfg, reference, scorer: Rewards, tok, eval_prompts: list, eval_columns: list[dict], dist: Dist,
                    ctx):
     """The held-out evaluation (None without held-out prompts, and off rank 0 but under FSDP, where
-    every rank samples with rank 0): the toy gold reward, or the run's own reward sources judging
-    the held-out samples' texts. It samples the reference once, here."""
+    every rank samples with rank 0): the toy gold reward, the judge of --judge_ckpt and --judge_fn,
+    or the run's own reward sources judging the held-out samples' texts. It samples the reference
+    once, here."""
     if not eval_prompts or not (dist.master or dist.sharded):
         return None
-    judge = None if cfg.gold_eval else scorer.judge(tok, ctx, eval_columns)
+    if has_judge(cfg):
+        judge = load_judge(cfg.judge_ckpt, cfg.judge_fn, cfg.judge_weights, tok, eval_columns, dist.device, ctx,
+                           cfg.lora_base)
+    else:
+        judge = None if cfg.gold_eval else scorer.judge(tok, ctx, eval_columns)
     with ctx:
         return PolicyEvaluator(reference, tok, eval_prompts, cfg.max_new_tokens, cfg.eval_temperature, cfg.seed,
                                judge=judge)

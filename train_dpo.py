@@ -31,7 +31,7 @@ from distributed import Dist, all_reduce_sum, seed_everything, wrap_model
 from dpo import LOSS_TYPES, concatenated_forward, dpo_loss, dpo_metric_sums, response_lengths
 from evaluate import PolicyEvaluator
 from files import DataError, replace_atomically
-from rewards import load_judge
+from rewards import JudgeConfig, has_judge, load_judge
 from toy import gold_reward
 from train_utils import (TrainConfig, add_sums, all_reduce_sums, autocast, batch_means, check_batches,
                          check_lengths, check_pair_settings, check_training_settings, check_weights,
@@ -48,7 +48,7 @@ OWN_MODEL_LR = 1e-6
 
 
 @dataclass
-class Config(PairsConfig, TrainConfig):
+class Config(JudgeConfig, PairsConfig, TrainConfig):
     out_dir: str = "out/dpo"
     """folder for config.json, metrics.jsonl, ckpt.pt (and reference_logps.pt)"""
     sft_ckpt: str = "out/sft/ckpt.pt"
@@ -70,14 +70,7 @@ class Config(PairsConfig, TrainConfig):
     """sample held-out toy prompts at each evaluation: gold reward, KL to the reference, win rate; none: on
     for the toy model on the toy pairs (or with --eval_prompts), off for your model or data"""
     eval_prompts: str = ""
-    """held-out prompts for --gold_eval or the judges below; empty: data/toy/prompts_val.jsonl (toy model only)"""
-    reward_ckpt: str = ""
-    """judge of your model's samples of --eval_prompts: a reward model (train_rm.py's, or downloaded); logs
-    eval/score and eval/win_rate against the SFT model beside eval/kl"""
-    reward_fn: tuple[str, ...] = ()
-    """a judging reward function, FILE.py:NAME with TRL's signature; the flag once for each"""
-    reward_weights: tuple[float, ...] = ()
-    """the judges' weights, the reward model's first; empty: 1 each"""
+    """held-out prompts for --gold_eval or --judge_ckpt / --judge_fn; empty: data/toy/prompts_val.jsonl (toy model only)"""
     eval_samples: int = 256
     """held-out prompts sampled at each evaluation"""
     max_new_tokens: int = 40
@@ -211,13 +204,13 @@ def check_settings(cfg: Config, dist: Dist) -> None:
     for flag in ("max_new_tokens", "eval_samples"):
         if getattr(cfg, flag) < (1 if flag == "max_new_tokens" else 0):
             raise DataError(f"--{flag} {getattr(cfg, flag)}: out of range")
-    judged = bool(cfg.reward_ckpt or cfg.reward_fn)
+    judged = has_judge(cfg)
     if judged and (cfg.gold_eval or not cfg.eval_prompts):
-        raise DataError("--reward_ckpt and --reward_fn judge the samples of --eval_prompts, in place of --gold_eval: "
+        raise DataError("--judge_ckpt and --judge_fn judge the samples of --eval_prompts, in place of --gold_eval: "
                         "give --eval_prompts (and not --gold_eval)")
     if (cfg.gold_eval or judged) and cfg.temperature <= 0:
         raise DataError("--temperature must be above 0: the evaluation's KL is that of the sampled distributions")
-    require_inputs(cfg, "eval_prompts")
+    require_inputs(cfg, "eval_prompts", "judge_ckpt")
 
 
 def settle_defaults(cfg: Config, dist: Dist) -> None:
@@ -245,7 +238,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     train_data, _, val_data, tok = load_pairs(cfg, tok, cfg.chat_template, dist.master)
     check_batches(len(train_data["chosen_input_ids"]), "training pairs", cfg, dist)
     settle_steps(cfg, len(train_data["chosen_input_ids"]), dist)
-    judged = bool(cfg.reward_ckpt or cfg.reward_fn)
+    judged = has_judge(cfg)
     records = load_prompt_records(cfg.eval_prompts)[:cfg.eval_samples] if cfg.gold_eval or judged else []
     prompts = [p for p, _ in records]
     longest_prompt = max((len(tok.encode_prompt(p)) for p in prompts), default=0)
@@ -257,7 +250,7 @@ def train(cfg: Config, dist: Dist) -> dict:
     # its log-probs of every pair computed once if asked
     model = wrap_model(prepare_trainable(raw_model, cfg), dist, cfg.dtype, cfg.compile)
     ctx = autocast(dist.device, cfg.dtype)
-    judge = (load_judge(cfg.reward_ckpt, cfg.reward_fn, cfg.reward_weights, tok, [c for _, c in records], dist.device,
+    judge = (load_judge(cfg.judge_ckpt, cfg.judge_fn, cfg.judge_weights, tok, [c for _, c in records], dist.device,
                         ctx, cfg.lora_base) if judged else None)  # None: the toy gold reward judges
     reference, precomputed, evaluator = reference_and_evaluator(cfg, raw_model, train_data, val_data, prompts, tok,
                                                                 dist, ctx, judge)

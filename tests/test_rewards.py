@@ -302,7 +302,7 @@ def test_grpo_on_the_verifiable_example_raises_held_out_exact_match(tmp_path):
 
 
 def test_dpo_on_your_model_is_evaluated_by_a_judge(reward_folders, sft_pairs, toy_dir, tmp_path, capsys):
-    """train_dpo.py --eval_prompts with --reward_ckpt (a downloaded reward model of another
+    """train_dpo.py --eval_prompts with --judge_ckpt (a downloaded reward model of another
     tokenizer): eval/score and eval/win_rate against the SFT model beside eval/kl, 0.5 and 0 at step 0;
     the judge flags without --eval_prompts are one line before anything is written."""
     import train_dpo
@@ -310,7 +310,7 @@ def test_dpo_on_your_model_is_evaluated_by_a_judge(reward_folders, sft_pairs, to
     _, pairs = sft_pairs
     out = tmp_path / "dpo"
     args = [f"--sft_ckpt={sft_pairs[0]}", f"--train_file={pairs}/pairs_train.jsonl", f"--val_file={pairs}/pairs_val.jsonl",
-            f"--out_dir={out}", f"--reward_ckpt={reward_folders['qwen3'][0]}", "--gold_eval=false", "--max_iters=2",
+            f"--out_dir={out}", f"--judge_ckpt={reward_folders['qwen3'][0]}", "--max_iters=2",
             "--eval_interval=2", "--batch_size=8", "--device=cpu", "--print_samples=0"]
     assert train_dpo.main(args) == 2
     assert "judge the samples of --eval_prompts" in capsys.readouterr().err and not out.exists()
@@ -367,3 +367,28 @@ def test_best_of_n_keeps_the_judges_best_of_each_group(sft_pairs, tmp_path, caps
         assert text in group and len(text) == max(map(len, group)) and float(score.rstrip(")")) == len(text)
     assert sample.main(common + ["--best_of=4"]) == 2
     assert "--best_of 4: a number of samples of --prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["train_ppo", "train_online_dpo"])
+def test_a_judge_scores_the_held_out_samples_and_never_the_training(script, sft_pairs, toy_dir, tmp_path):
+    """PPO and online DPO trained on the gold reward, once judged by it (the gold evaluation) and
+    once by --judge_fn, its negation: the judge's eval/score is minus the gold reward at every
+    evaluation, and the runs are the same (KL alike), so the judge never reaches the training."""
+    import importlib
+    from conftest import read_metrics
+    from test_train_ppo import ppo_args
+    main = importlib.import_module(script).main
+    judge = tmp_path / "judge.py"
+    judge.write_text("from toy import gold_reward\n\n\ndef negated(prompts, completions, **columns):\n"
+                     "    return [-gold_reward(c, p) for c, p in zip(completions, prompts)]\n")
+    extra = dict(reward="gold", eval_interval=1, eval_samples=16)
+    if script == "train_online_dpo":
+        extra["batch_size"] = 16
+    assert main(ppo_args(sft_pairs, toy_dir, tmp_path / "gold", **extra, gold_eval=True)) == 0
+    assert main(ppo_args(sft_pairs, toy_dir, tmp_path / "judged", **extra, judge_fn=f"{judge}:negated")) == 0
+    gold, judged = ([m for m in read_metrics(tmp_path / name) if "eval/kl" in m] for name in ("gold", "judged"))
+    assert len(gold) == len(judged) == 3
+    for g, j in zip(gold, judged):
+        assert j["eval/score"] == pytest.approx(-g["eval/gold_reward"], abs=1e-6)  # the judge sums in float32
+        assert j["eval/kl"] == pytest.approx(g["eval/kl"], abs=1e-5)
+        assert j["eval/win_rate"] == pytest.approx(1 - g["eval/win_rate"], abs=1e-9)  # a tie is half either way
