@@ -25,7 +25,7 @@ import torch.distributed as torch_dist
 
 from distributed import Dist, all_reduce_sum, barrier, is_dtensor, is_sharded
 from files import DataError, make_out_dir, replace_atomically, write_atomic
-from hf import (check_config, is_adapter_folder, is_reward_folder, load_adapter_folder, load_folder,
+from hf import (check_config, is_adapter_folder, is_toy_folder, is_reward_folder, load_adapter_folder, load_folder,
                 load_reward_folder)
 from lora import attach_lora, merge_lora
 from model import GPT, GPTConfig
@@ -100,11 +100,12 @@ def check_finite(model: torch.nn.Module, path: str) -> None:
 def is_toy_model(path: str) -> bool:
     """Whether the model at `path` is the toy task's, by what it is, never by the path's shape:
     every stage's checkpoint records it (`toy_task`, passed down from the model the run started
-    from), and a Hugging Face folder never is. A checkpoint written before that record is the toy
-    model when its tokenizer is one this project trained (a Hugging Face folder's never is)."""
+    from), as export.py records it in a Hugging Face folder's config.json; a downloaded folder never
+    is. A checkpoint written before that record is the toy model when its tokenizer is one this
+    project trained."""
     path = model_file(path)
     if os.path.isdir(path):
-        return False
+        return is_toy_folder(path)
     ckpt = load_checkpoint(path, mmap=True)
     if "toy_task" in ckpt:
         return bool(ckpt["toy_task"])

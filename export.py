@@ -37,7 +37,8 @@ from typing import Literal
 
 import torch
 
-from checkpoint import fingerprint, is_reward_checkpoint, load_checkpoint, load_gpt, load_reward_model, model_file
+from checkpoint import (fingerprint, is_reward_checkpoint, is_toy_model, load_checkpoint, load_gpt, load_reward_model,
+                        model_file)
 from files import DataError, make_out_dir
 from hf import peft_modules, save_adapter, save_folder
 from model import GPT
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     if cfg.adapter:
         removed = save_adapter(model, tok, cfg.out_dir, base, lora, getattr(torch, cfg.dtype))
     else:
-        removed = save_folder(model, tok, cfg.out_dir)
+        removed = save_folder(model, tok, cfg.out_dir, toy_task=is_toy_model(cfg.ckpt))
     if removed:
         print(f"removed the earlier model's {', '.join(removed)} from {cfg.out_dir}")
     if cfg.adapter:

@@ -747,16 +747,23 @@ def tokenizer_files(tok: Tokenizer) -> dict[str, bytes | str]:
 # Export
 
 
-def save_folder(model: GPT | RewardModel, tok: Tokenizer, out_dir: str) -> list[str]:
+def is_toy_folder(folder: str) -> bool:
+    """Whether a Hugging Face folder is the toy task's model as export.py wrote it: its config.json
+    records it (toy_task: true), as a stage's checkpoint does. A downloaded folder never is."""
+    return _read_json(os.path.join(folder, "config.json"), required=False).get("toy_task") is True
+
+
+def save_folder(model: GPT | RewardModel, tok: Tokenizer, out_dir: str, toy_task: bool = False) -> list[str]:
     """Write `model` and `tok` as a Hugging Face folder: config.json, model.safetensors, the
     tokenizer files and, for a language model, generation_config.json; a RewardModel as the
     family's XForSequenceClassification with one label (its head's bias, which transformers'
     score has not, left out: it shifts every score alike). Biases the model does not have (the toy
     GPT written as gpt2) are written as zeros, which computes the same function. Returns the files
-    of an earlier model it removed from out_dir (_stale_files); other files are left alone."""
+    of an earlier model it removed from out_dir (_stale_files); other files are left alone.
+    toy_task records that the model is the toy task's (is_toy_folder)."""
     c, reward = model.config, isinstance(model, RewardModel)
     dtype = next(model.parameters()).dtype
-    hf_config = config_to_hf(c, dtype, tok)
+    hf_config = config_to_hf(c, dtype, tok) | ({"toy_task": True} if toy_task else {})
     model_type = hf_config["model_type"]
     if reward:  # transformers' sequence classifier reads one score at the last token that is not pad
         name = hf_config["architectures"][0].replace("LMHeadModel", "ForCausalLM")

@@ -316,6 +316,10 @@ def test_toy_checkpoint_exports_to_transformers_with_the_same_logits(toy_dir, tm
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids), exported(input_ids=ids).logits, atol=1e-4, rtol=0)
     assert transformers.AutoTokenizer.from_pretrained(hf_dir)(text).input_ids == tok.encode_prompt(text)
+    from checkpoint import is_toy_model
+    assert is_toy_model(hf_dir)  # the folder records what the model is, so every script takes it as the toy model
+    _edit_config(hf_dir, toy_task=None)
+    assert not is_toy_model(hf_dir)  # without the record (any downloaded folder) it is not
     r = run_python("export.py", f"--ckpt={sft_dir}/ckpt.pt", f"--out_dir={hf_dir}")
     assert r.returncode == 2 and "--overwrite" in r.stderr  # an existing export is not replaced by accident
 
