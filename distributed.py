@@ -59,14 +59,16 @@ def setup_distributed(device_name: str, parallel: str = "ddp") -> Dist:
 
 
 def cleanup_distributed(dist: Dist, finished: bool) -> None:
-    """Tear the process group down. A finished run first frees what still holds the group (a
-    DDP wrapper left in a reference cycle would otherwise be destroyed during interpreter
-    shutdown, with gloo's threads still running) and waits for every rank, so no rank closes
-    its connections while another is still writing."""
+    """Tear the process group down. Every run first frees what still holds the group (a DDP or
+    FSDP wrapper left in a reference cycle would otherwise be destroyed during interpreter
+    shutdown, with gloo's threads still running: "terminate called without an active exception",
+    status -6, seen on a run stopped by Ctrl-C); a finished one then waits for every rank, so no
+    rank closes its connections while another is still writing (a stopped rank cannot know the
+    others stopped too)."""
     if not dist.ddp:
         return
+    gc.collect()
     if finished:
-        gc.collect()
         torch_dist.barrier()
     torch_dist.destroy_process_group()
 

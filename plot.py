@@ -91,7 +91,7 @@ METHOD_STYLE = {"DPO": "tab:blue", "PPO": "tab:orange", "PPO-GT": "tab:green", "
 
 
 def frontier(results_json: str, out: str) -> None:
-    """Left: gold reward against KL(pi || pi_ref), every run's path along training, the final
+    """Left: gold reward (or the judge's score) against KL(pi || pi_ref), every run's path along training, the final
     points, best-of-N, and the optimal frontier, hollow where beyond its estimator's reach (seed
     0's runs when there are several seeds). Right: each method at matched KL (kl_matched.json
     beside results.json), the mean over seeds with its 95% interval."""
@@ -102,6 +102,8 @@ def frontier(results_json: str, out: str) -> None:
         rows = [r for r in json.load(f) if r["seed"] == 0]
     with open(os.path.join(os.path.dirname(results_json), "kl_matched.json")) as f:
         matched = json.load(f)
+    study = os.path.join(os.path.dirname(results_json), "study.json")  # what scored the study: the gold reward or a judge
+    score = json.load(open(study))["score"] if os.path.exists(study) else "gold reward"
     fig, (ax, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     optimal = sorted((r["kl"], r["gold_reward"], r["reached"]) for r in rows if r["method"] == "optimal")
     if optimal:
@@ -129,7 +131,7 @@ def frontier(results_json: str, out: str) -> None:
     # a run far past the compared KLs (GRPO at a small weight) leaves the frame
     ax.set_xlim(-0.3, min(ax.get_xlim()[1], 16))
     ax.set_xlabel("KL(pi || pi_SFT), nats per completion")
-    ax.set_ylabel("mean gold reward (held-out prompts)")
+    ax.set_ylabel(f"mean {score} (held-out prompts)")
     ax.set_title("Paths along training and final points (seed 0; labels: beta, KL target or weight)",
                  fontsize=10)
     ax.legend(fontsize=7, loc="lower right", ncol=2)

@@ -31,22 +31,22 @@ def toy_gold_reward(prompts, completions, **columns) -> list[float]:
     return [gold_reward(c, p) for c, p in zip(completions, prompts)]
 
 
-def load_reward_function(spec: str):
-    """The function NAME of the Python file FILE, from "FILE.py:NAME" (--reward_fn)."""
+def load_reward_function(spec: str, flag: str = "--reward_fn"):
+    """The function NAME of the Python file FILE, from "FILE.py:NAME" (given as `flag`)."""
     path, _, name = spec.rpartition(":")
     if not (path.endswith(".py") and name.isidentifier()):
-        raise DataError(f"--reward_fn {spec}: not FILE.py:NAME")
+        raise DataError(f"{flag} {spec}: not FILE.py:NAME")
     if not os.path.isfile(path):
-        raise DataError(f"--reward_fn {spec}: no such file {path}")
+        raise DataError(f"{flag} {spec}: no such file {path}")
     module_spec = importlib.util.spec_from_file_location(f"reward_fn_{name}", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:  # the user's file: whatever it raises on import is its failure
-        raise DataError(f"--reward_fn {spec}: importing {path} failed: {type(e).__name__}: {e}") from None
+        raise DataError(f"{flag} {spec}: importing {path} failed: {type(e).__name__}: {e}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise DataError(f"--reward_fn {spec}: {path} defines no function {name}")
+        raise DataError(f"{flag} {spec}: {path} defines no function {name}")
     return name, fn
 
 
@@ -115,16 +115,17 @@ def has_judge(cfg) -> bool:
 
 
 def load_judge(reward_ckpt: str, reward_fns, weights, tok, columns: list[dict], device, ctx,
-               lora_base: str = "") -> "TextJudge":
+               lora_base: str = "", flag: str = "--judge_fn") -> "TextJudge":
     """The judge of held-out samples that --judge_ckpt, --judge_fn and --judge_weights name (a
-    reward model, frozen on `device`, and functions), for the policy's tokenizer `tok`."""
+    reward model, frozen on `device`, and functions, given as `flag`), for the policy's tokenizer
+    `tok`."""
     from checkpoint import load_reward_model  # checkpoint.py imports the model stack; the functions need none of it
     reward_model = handoff = None
     if reward_ckpt:
         reward_model, reward_tok = load_reward_model(reward_ckpt, lora_base)
         reward_model.to(device).eval().requires_grad_(False)
         handoff = TextHandoff.of(reward_model, reward_tok)
-    functions = [load_reward_function(spec) for spec in reward_fns]
+    functions = [load_reward_function(spec, flag) for spec in reward_fns]
     return Rewards(reward_model, handoff, functions, weights, None, model_name(reward_ckpt)).judge(tok, ctx, columns)
 
 

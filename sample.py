@@ -62,6 +62,9 @@ class Config:
     prompts: str = ""
     """your prompts JSONL for --pairs, one {"prompt"} a line (other fields go to reward functions); the last 5%
     give the held-out pairs"""
+    val_prompts: str = ""
+    """held-out prompts for the held-out pairs of --prompts, which then are all training prompts; empty: the last
+    5% of --prompts"""
     reward_ckpt: str = ""
     """the judge of --prompts' samples: a reward model (train_rm.py's, or a downloaded sequence classifier)"""
     reward_fn: tuple[str, ...] = ()
@@ -177,6 +180,9 @@ def main(argv=None) -> int:
         if cfg.best_of < 1 or cfg.best_of > 1 and (cfg.pairs or not judged):
             raise DataError(f"--best_of {cfg.best_of}: a number of samples of --prompt, 1 or more, ranked by "
                             "--reward_ckpt or --reward_fn (not with --pairs)")
+        if cfg.val_prompts and not (judged and cfg.pairs and cfg.prompts):
+            raise DataError("--val_prompts holds out prompts of --pairs of --prompts, labelled by --reward_ckpt or "
+                            "--reward_fn: give them")
         if judged and not (cfg.pairs and cfg.prompts or cfg.best_of > 1):
             raise DataError("--reward_ckpt and --reward_fn label --pairs of --prompts, or rank --best_of: give them")
         if cfg.pairs and not (toy or judged):
@@ -188,14 +194,18 @@ def main(argv=None) -> int:
         conversations = False
         if judged:  # the judge: every source reads the text
             judge = load_judge(cfg.reward_ckpt, cfg.reward_fn, cfg.reward_weights, tok, [], device,
-                               autocast(device, cfg.dtype), cfg.lora_base)
-        if judged and cfg.pairs:  # your prompts, the last 5% held out
+                               autocast(device, cfg.dtype), cfg.lora_base, flag="--reward_fn")
+        if judged and cfg.pairs:  # your prompts, the last 5% held out unless --val_prompts
             records = load_prompt_records(cfg.prompts)
-            if len(records) < 2:
+            if cfg.val_prompts:
+                train, val = records, load_prompt_records(cfg.val_prompts)
+            elif len(records) < 2:
                 raise DataError(f"--prompts {cfg.prompts}: one prompt; --pairs holds out the last 5% (at least one)")
-            held_out = max(1, len(records) // 20)
-            train, val = records[:len(records) - held_out], records[len(records) - held_out:]
-            conversations = any(isinstance(p, list) for p, _ in records)
+            else:
+                held_out = max(1, len(records) // 20)
+                train, val = records[:len(records) - held_out], records[len(records) - held_out:]
+            train, val = train[:cfg.n_train_prompts], val[:cfg.n_val_prompts]
+            conversations = any(isinstance(p, list) for p, _ in train + val)
         tok = tok.with_chat_template(cfg.chat_template, chat_data=conversations)
         if cfg.pairs and not judged:
             train = load_prompts(os.path.join(cfg.data_dir, "prompts_train.jsonl"))[:cfg.n_train_prompts]

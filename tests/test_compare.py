@@ -71,7 +71,7 @@ def test_plot_curves_names_a_key_missing_from_a_file_and_draws_the_others(capsys
 @pytest.mark.slow
 def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
     out = str(tmp_path / "study")
-    args = ["--tiny", f"--out_dir={out}", f"--data_dir={toy_dir}", "--device=cpu", "--eval_samples=32",
+    args = ["--budget=tiny", f"--out_dir={out}", f"--data_dir={toy_dir}", "--device=cpu", "--eval_samples=32",
             "--bon_max=4", "--ceiling_prompts=8", "--ceiling_samples=32", "--ceiling_check_samples=18"]
     assert compare.main(args + ["--report_to=tensorboard"]) == 0
     for name in ["results.md", "results.csv", "results.json", "kl_matched.json", "frontier.png",
@@ -81,7 +81,7 @@ def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
         rows = list(csv.DictReader(f))
     methods = {r["method"] for r in rows}
     assert methods == {"SFT", "DPO", "PPO", "RLOO", "GRPO", "online DPO", "preferred-FT", "best-of-N", "optimal",
-                       "optimal (all prompts)"}  # the gold-reward twins only with --gold_twins or --full
+                       "optimal (all prompts)"}  # the gold-reward twins only with --gold_twins or --budget full
     # samples drawn: sample.py's k=4 for each of 64 training and 32 held-out prompts; an online DPO and a PPO run
     # sample 2 steps and a normalising batch of 32 responses, and count the reward model's pairs
     drawn = {(r["method"], r["setting"]): float(r["drawn"]) for r in rows if r["drawn"] != ""}

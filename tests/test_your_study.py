@@ -1,0 +1,158 @@
+"""The study on your model (compare.py --model): a tiny random Qwen3-style folder with a ChatML
+template, UltraFeedback pairs and a random reward-model folder of another tokenizer as the judge
+run every stage at --budget tiny, and every method's row and the table come out; an interrupted
+study reruns only its unfinished stage; bad settings are one line before anything is written;
+and the toy study run through --model on its own exported SFT model, with the gold reward as
+labeller and judge, gives the toy study's numbers.
+
+    python -m pytest -q tests/test_your_study.py
+"""
+import csv
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+import compare
+import export
+import sample
+from test_rewards import write_reward_folder
+from test_your_model import question, write_jsonl, write_user_files
+
+pytestmark = pytest.mark.slow
+METHODS = {"SFT", "DPO", "PPO", "RLOO", "GRPO", "online DPO", "best-of-N"}
+RUNS = ["dpo_beta0.1", "dpo_beta1.0", "rm", "ppo_kl2.0", "rloo_kl2.0", "grpo_c0.05", "online_dpo_beta0.1",
+        "online_dpo_beta1.0"]
+
+
+@pytest.fixture(scope="module")
+def study_files(tmp_path_factory):
+    """Your files: a Qwen3-style model folder (its tokenizer and ChatML template from
+    test_your_model's), pairs.jsonl (64 UltraFeedback pairs), prompts.jsonl (40 questions) and a
+    Qwen3 reward-model folder with a tokenizer of its own, the judge."""
+    root = tmp_path_factory.mktemp("your_study")
+    write_user_files(root)
+    folder = root / "model"
+    eos = json.load(open(folder / "config.json"))["eos_token_id"]
+    config = transformers.Qwen3Config(vocab_size=json.load(open(folder / "config.json"))["vocab_size"], hidden_size=64,
+                                      intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                                      tie_word_embeddings=True, eos_token_id=eos, bos_token_id=eos)
+    torch.manual_seed(0)
+    for name in os.listdir(folder):  # the Qwen2 weights give way to Qwen3's; the tokenizer stays
+        if name.startswith(("model", "config", "generation")):
+            os.remove(folder / name)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
+    write_jsonl(root / "prompts.jsonl", [{"prompt": question(i)} for i in range(300, 340)])
+    write_reward_folder(str(root / "judge"), "qwen3")
+    return root
+
+
+def your_args(root, out, *extra):
+    return [f"--model={root}/model", f"--prompts={root}/prompts.jsonl", f"--pairs={root}/pairs.jsonl",
+            f"--judge={root}/judge", "--budget=tiny", f"--out_dir={out}", "--device=cpu", "--eval_samples=8",
+            "--max_new_tokens=8", "--bon_max=4", *extra]
+
+
+def test_the_study_on_your_model_gives_every_row_and_reruns_only_the_unfinished_stage(study_files, tmp_path,
+                                                                                     capsys, monkeypatch):
+    out = tmp_path / "study"
+    assert compare.main(your_args(study_files, out)) == 0
+    log = capsys.readouterr().out
+    assert "(8/8)" in log and "min left" in log  # 2 DPO, the reward model, 3 RL and 2 online DPO runs; no SFT, no pairs
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["method"] for r in rows} == METHODS
+    assert len([r for r in rows if r["method"] == "best-of-N"]) == 3  # N = 1, 2, 4
+    for r in rows:  # a score and a KL for every method; SFT's is the reference: KL 0, win rate 0.5
+        assert float(r["gold_reward"]) == float(r["gold_reward"]) and float(r["kl"]) >= -1e-6, r
+    sft = next(r for r in rows if r["method"] == "SFT")
+    assert float(sft["kl"]) == 0 and float(sft["win_rate"]) == 0.5
+    # the judge scored every run's evaluations, in the same held-out prompts: each starts at SFT's score
+    for run in RUNS[:1] + RUNS[3:]:
+        first = next(json.loads(line) for line in open(out / "seed0" / run / "metrics.jsonl")
+                     if "eval/score" in line)
+        assert first["eval/score"] == pytest.approx(float(sft["gold_reward"]), abs=1e-5), run
+        assert first["eval/win_rate"] == 0.5 and "eval/gold_reward" not in first
+    with open(out / "seed0" / "ppo_kl2.0" / "config.json") as f:
+        config = json.load(f)
+    assert config["judge_ckpt"] == f"{study_files}/judge" and config["reward_ckpt"].endswith("rm/ckpt.pt")
+    results = (out / "results.md").read_text()
+    assert "Judge score (judge) at matched KL" in results and "| DPO |" in results
+    assert json.load(open(out / "study.json"))["score"] == "judge score (judge)"
+    held_out = [json.loads(line)["prompt"] for line in open(out / "data" / "prompts_eval.jsonl")]
+    assert held_out == [question(i) for i in range(332, 340)]  # the last --eval_samples of --prompts
+    assert len(open(out / "data" / "pairs_val.jsonl").readlines()) == 3  # the last 5% of 64 pairs
+
+    # interrupted in the middle of online DPO beta=1.0 (its Ctrl-C is the script's; the study says how to go on)
+    import train_online_dpo
+    real = train_online_dpo.main
+    os.remove(out / "seed0" / "online_dpo_beta1.0" / "done.json")
+    monkeypatch.setattr(train_online_dpo, "main", lambda args: 130)
+    assert compare.main(your_args(study_files, out)) == 130
+    captured = capsys.readouterr()
+    assert "python compare.py --model=" in captured.err and "interrupted" in captured.err
+    monkeypatch.setattr(train_online_dpo, "main", real)
+    assert compare.main(your_args(study_files, out)) == 0
+    log = capsys.readouterr().out
+    assert log.count("reused") == 7 and log.count("online DPO beta=1.0: resuming") == 1  # only that stage, from its checkpoint
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--judge="], "give the judge"),
+    (["--pairs=", "--labeller="], "give --pairs FILE, or a labeller"),
+    (["--prompts=missing.jsonl"], "--prompts missing.jsonl: no such file or folder"),
+    (["--eval_samples=39"], "1 of them for training"),
+    (["--max_new_tokens=250"], "--max_new_tokens"),
+    (["--labeller_fn=rewards.py:toy_gold_reward"], "with --pairs there are none to label"),
+    (["--gold_twins"], "--gold_twins: the -GT twins"),
+    (["--judge_fn=nowhere.py:f"], "--judge_fn nowhere.py:f"),
+])
+def test_a_bad_setting_of_your_study_is_one_line_and_writes_nothing(study_files, tmp_path, capsys, change, message):
+    out = tmp_path / "study"
+    args = your_args(study_files, out)
+    for flag in change:  # a later --flag=value replaces the earlier one
+        args = [a for a in args if not a.startswith(flag.split("=")[0] + "=")] + ([flag] if not flag.endswith("=")
+                                                                                   else [])
+    assert compare.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_the_judge_as_labeller_is_said_in_one_line(study_files, tmp_path, capsys, monkeypatch):
+    """A labeller that is the judge: one warning line, then the study goes on (stopped here at its
+    first stage)."""
+    args = [a for a in your_args(study_files, tmp_path / "study") if not a.startswith("--pairs=")]
+    monkeypatch.setattr(sample, "main", lambda args: 130)
+    assert compare.main(args + [f"--labeller={study_files}/judge"]) == 130
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "the judge is also the labeller" in warnings[0]
+
+
+def test_the_toy_study_through_your_models_path_gives_the_toy_studys_numbers(toy_dir, tmp_path):
+    """One code path: the toy study at --budget tiny, then compare.py --model on its SFT model
+    exported as a Hugging Face folder, with the toy prompts and the gold reward as labeller and
+    judge (a reward function). Every method trains on the same pairs with the same settings and
+    is scored by the same numbers, so every row the two share agrees."""
+    toy, yours = tmp_path / "toy", tmp_path / "yours"
+    common = ["--budget=tiny", "--device=cpu", "--eval_samples=32", "--bon_max=4"]
+    assert compare.main([*common, f"--out_dir={toy}", f"--data_dir={toy_dir}", "--ceiling_prompts=4",
+                         "--ceiling_samples=9"]) == 0
+    assert export.main([f"--ckpt={toy}/seed0/sft/ckpt.pt", f"--out_dir={tmp_path}/sft_hf"]) == 0
+    gold = "rewards.py:toy_gold_reward"
+    assert compare.main([*common, f"--out_dir={yours}", f"--model={tmp_path}/sft_hf",
+                         f"--prompts={toy_dir}/prompts_train.jsonl", f"--eval_prompts={toy_dir}/prompts_val.jsonl",
+                         f"--labeller_fn={gold}", f"--judge_fn={gold}"]) == 0
+    with open(toy / "results.json") as f, open(yours / "results.json") as g:
+        toy_rows, your_rows = ({(r["method"], r["setting"]): r for r in json.load(h)} for h in (f, g))
+    shared = set(toy_rows) & set(your_rows)
+    assert {m for m, _ in shared} == METHODS and len(shared) == len(your_rows)
+    for name in sorted(shared):  # the judge's scores are the gold reward summed in float32
+        a, b = toy_rows[name], your_rows[name]
+        assert b["gold_reward"] == pytest.approx(a["gold_reward"], abs=1e-6), name
+        assert (b["kl"], b["win_rate"]) == (a["kl"], a["win_rate"]), name
+        assert [x for p in b["path"] for x in p] == pytest.approx([x for p in a["path"] for x in p], abs=1e-6), name
+    assert len({r["gold_reward"] for r in your_rows.values()}) > 5  # the methods did move apart
