@@ -36,6 +36,7 @@ resumes where it stopped: Ctrl-C prints the command that goes on.
 """
 import contextlib
 import csv
+import datetime
 import glob
 import json
 import math
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as torch_dist
 
 import sample
 import train_dpo
@@ -58,7 +60,7 @@ import train_sft
 from ceiling import SentimentTilt, best_of_n, completion_logprobs, mixture_log_ratio, optimal_frontier
 from checkpoint import is_toy_model, load_gpt, load_reward_model
 from data import collate, load_preferences, load_prompt_records, load_sft, read_records
-from distributed import pick_device
+from distributed import Dist, cleanup_distributed, setup_distributed
 from evaluate import PolicyEvaluator, sample_completions
 from files import DataError, write_atomic
 from toy import gold_reward, prepare_toy_data
@@ -163,12 +165,12 @@ def sweeps(cfg: Config, toy: bool) -> dict:
             betas=[0.01, 0.05, 0.1, 0.5] if full else [0.05, 0.5],
             kl_targets={"model": [1.0, 2.0, 4.0, 8.0] if full else [2.0, 8.0]},
             grpo_coefs={"model": [0.01, 0.04, 0.1] if full else [0.04]},
-            sft={} if full else dict(max_iters=200),  # full: one epoch
-            dpo=dict(batch_size=64, eval_interval=50) if full else dict(max_iters=200, batch_size=32, eval_interval=20),
-            rm=dict(batch_size=64) if full else dict(max_iters=200, batch_size=32),
-            rl=dict(max_iters=300 if full else 100, eval_interval=10, early_eval_interval=2, early_eval_until=30),
-            online=dict(max_iters=300 if full else 100, eval_interval=10, early_eval_interval=3, early_eval_until=30),
-            pairs=dict(n_train_prompts=None if full else 2000, n_val_prompts=128 if full else 64))
+            sft={} if full else dict(max_iters=100),  # full: one epoch
+            dpo=dict(batch_size=64, eval_interval=50) if full else dict(max_iters=100, batch_size=32, eval_interval=10),
+            rm=dict(batch_size=64) if full else dict(max_iters=100, batch_size=32),
+            rl=dict(max_iters=300 if full else 60, eval_interval=10, early_eval_interval=2, early_eval_until=30),
+            online=dict(max_iters=300 if full else 60, eval_interval=10, early_eval_interval=3, early_eval_until=30),
+            pairs=dict(n_train_prompts=None if full else 1000, n_val_prompts=128 if full else 64))
     return dict(
         betas=[0.05, 0.1, 1.0, 5.0] if full else [0.05, 1.0],
         kl_targets={"model": [1.0, 2.0, 4.0, 8.0], "gold": [1.0, 2.0, 4.0, 8.0]} if full
@@ -270,14 +272,19 @@ STOPPED = (128 + 1, 128 + 2, 128 + 15)
 
 
 class Study:
-    def __init__(self, cfg: Config, total: int, argv: list[str]):
-        self.cfg, self.t0, self.total, self.argv = cfg, time.time(), total, argv
+    """The stages of a study, run or reused in order. Under torchrun every process runs this, each
+    training stage on every rank (they share the study's process group), and the rest on rank 0,
+    which alone writes the study's files."""
+
+    def __init__(self, cfg: Config, total: int, dist: Dist):
+        self.cfg, self.t0, self.total, self.dist = cfg, time.time(), total, dist
         self.count, self.ran = 0, []  # stages met so far, and the wall time of each run in this process
         self.times_path = os.path.join(cfg.out_dir, "stage_times.json")
         self.times = json.load(open(self.times_path)) if os.path.exists(self.times_path) else {}
 
     def log(self, text: str) -> None:
-        print(f"[{time.time() - self.t0:6.0f}s] ({self.count}/{self.total}) {text}", flush=True)
+        if self.dist.master:
+            print(f"[{time.time() - self.t0:6.0f}s] ({self.count}/{self.total}) {text}", flush=True)
 
     def left(self) -> str:
         """An estimate of the stages still to run: their number times the mean of those run so far."""
@@ -299,23 +306,35 @@ class Study:
         config_path = os.path.join(out_dir, "stage_args.json")
         same = os.path.exists(config_path) and json.load(open(config_path)) == args
         resume = same and previous is None and os.path.exists(ckpt)
-        os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(marker):
-            os.remove(marker)
-        write_atomic(config_path, json.dumps(args))
+        overwrite = os.path.exists(ckpt)
+        sync(self.dist)  # every rank has read the folder before rank 0 writes to it
+        if self.dist.master:
+            os.makedirs(out_dir, exist_ok=True)
+            if os.path.exists(marker):
+                os.remove(marker)
+            write_atomic(config_path, json.dumps(args))
         self.log(f"{name}: {'resuming' if resume else 'running'} -> {out_dir}")
         t = time.time()
         tracking = [f"--report_to={self.cfg.report_to}"] if trains else []
-        status = run(args + tracking + (["--resume"] if resume else ["--overwrite"] if os.path.exists(ckpt) else []))
+        status = (run(args + tracking + (["--resume"] if resume else ["--overwrite"] if overwrite else [])) if trains
+                  or self.dist.master else 0)
         if status in STOPPED:  # Ctrl-C or a signal: the stage said where its checkpoint is; the study says how to go on
             raise KeyboardInterrupt
         if status not in (0, None):
             raise SystemExit(f"error: stage {name} failed")
+        sync(self.dist)  # the other ranks wait for rank 0's stage (the pairs)
         self.times[out_dir] = (self.times.get(out_dir, 0.0) if resume else 0.0) + time.time() - t
         self.ran.append(time.time() - t)
-        write_atomic(self.times_path, json.dumps(self.times, indent=1))
-        write_atomic(marker, json.dumps(args))
+        if self.dist.master:
+            write_atomic(self.times_path, json.dumps(self.times, indent=1))
+            write_atomic(marker, json.dumps(args))
         self.log(f"{name}: done in {time.time() - t:.0f}s{self.left()}")
+
+
+def sync(dist: Dist) -> None:
+    """Wait for every process of a study under torchrun."""
+    if dist.ddp:
+        torch_dist.barrier()
 
 
 def last_eval(out_dir: str) -> dict:
@@ -770,7 +789,7 @@ YOUR_MODEL_FLAGS = ("sft_file", "prompts", "eval_prompts", "pairs", "pairs_val",
 """the flags of a study on your model (--model); the toy task's study takes none of them"""
 
 
-def settle_inputs(cfg: Config) -> Inputs:
+def settle_inputs(cfg: Config, dist: Dist) -> Inputs:
     """Every setting of the study checked, before anything is written: the toy task's, or for your
     model its files (each read and validated), that the judge and the labeller load and score a
     text, and that the held-out prompts fit the model's context with the responses. One DataError
@@ -842,7 +861,7 @@ def settle_inputs(cfg: Config) -> Inputs:
                 raise DataError(f"--{who}: scored a reply {score}, not a finite number")
     same = ({os.path.realpath(cfg.judge)} - {os.path.realpath("")}) & {os.path.realpath(cfg.labeller)} or \
         set(cfg.judge_fn) & set(cfg.labeller_fn)
-    if same:
+    if same and dist.master:
         print(f"warning: the judge is also the labeller ({', '.join(sorted(same))}): the reward model learns the "
               "judge, and reward hacking it would not show")
     judge = {"judge_ckpt": cfg.judge or None, "judge_fn": cfg.judge_fn}
@@ -878,35 +897,52 @@ def stage_count(cfg: Config, inputs: Inputs) -> int:
     return per_seed * cfg.seeds
 
 
+STUDY_TIMEOUT = datetime.timedelta(hours=6)
+"""how long a rank waits for the others under torchrun: rank 0 samples the pairs alone (an hour
+at --budget full on a laptop GPU's estimates)"""
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(Config, argv, __doc__)
     cfg.seeds = cfg.seeds or (3 if cfg.budget == "full" and not cfg.model else 1)
     cfg.gold_twins |= cfg.budget == "full" and not cfg.model
+    dist = setup_distributed(cfg.device, timeout=STUDY_TIMEOUT)  # under torchrun, one process group for every stage
     try:
-        inputs = settle_inputs(cfg)
+        return study(cfg, dist, argv)
+    except KeyboardInterrupt:
+        if dist.master:
+            print(f"\ninterrupted: the finished stages are kept, and the one stopped goes on from its last checkpoint "
+                  f"with the same command: python compare.py {shlex.join(argv)}", file=sys.stderr)
+        return 130
+    finally:
+        cleanup_distributed(dist, finished=False)
+
+
+def study(cfg: Config, dist: Dist, argv: list[str]) -> int:
+    try:
+        inputs = settle_inputs(cfg, dist)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if dist.master:
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    device = pick_device(cfg.device)
-    if inputs.model:
-        split_inputs(cfg)
-    else:
-        prepare_toy_data(cfg.data_dir)
+    if dist.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if inputs.model:
+            split_inputs(cfg)
+        else:
+            prepare_toy_data(cfg.data_dir)
+    sync(dist)
     records = load_prompt_records(inputs.eval_prompts)[:cfg.eval_samples]
     prompts, columns = [p for p, _ in records], [c for _, c in records]
-    study = Study(cfg, cfg.seeds if cfg.ceiling_only else stage_count(cfg, inputs), argv)
-    try:
-        if cfg.ceiling_only:
-            return ceiling_only(cfg, inputs, study, prompts, device)
-        rows = []
-        for seed in range(cfg.seeds):
-            rows += run_seed(cfg, inputs, study, seed, prompts, columns, device)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the finished stages are kept, and the one stopped goes on from its last checkpoint "
-              f"with the same command: python compare.py {shlex.join(argv)}", file=sys.stderr)
-        return 130
+    study = Study(cfg, cfg.seeds if cfg.ceiling_only else stage_count(cfg, inputs), dist)
+    if cfg.ceiling_only:
+        return ceiling_only(cfg, inputs, study, prompts, dist.device)
+    rows = []
+    for seed in range(cfg.seeds):  # every rank evaluates as rank 0 does (the same numbers), so none waits on it
+        rows += run_seed(cfg, inputs, study, seed, prompts, columns, dist.device)
+    if not dist.master:
+        return 0
     write_results(cfg, inputs, summarise(rows), kl_matched(rows, cfg.seeds), rows, time.time() - study.t0,
                   sum(study.times.values()))  # stages reused from an earlier run count with the time they
                                               # took then

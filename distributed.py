@@ -3,6 +3,7 @@ Processes and devices: torchrun setup (DDP or FSDP2), the all-reduce helpers, pe
 and putting a model on its device: wrapped in DDP or sharded by FSDP2 to train, or placed
 frozen. It takes plain values, not a training config, and imports no algorithm module.
 """
+import datetime
 import gc
 import os
 import sys
@@ -25,6 +26,8 @@ class Dist:
     device: torch.device
     sharded: bool = False
     """--parallel fsdp under torchrun: every forward is collective, so every rank must run each one"""
+    owns_group: bool = True
+    """this run set the process group up (and tears it down); compare.py's stages share the study's"""
 
     @property
     def master(self) -> bool:
@@ -43,10 +46,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def setup_distributed(device_name: str, parallel: str = "ddp") -> Dist:
+def setup_distributed(device_name: str, parallel: str = "ddp", timeout: datetime.timedelta | None = None) -> Dist:
     """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process (and
     --parallel has nothing to do). gloo on CPU, nccl on CUDA; each process takes the GPU of its
-    local rank."""
+    local rank. A process group that exists already (compare.py's, around the stages it runs) is
+    used as it is: one torchrun launch cannot set a second one up after the first is torn down."""
     device = pick_device(device_name)
     if "RANK" not in os.environ:
         return Dist(False, 0, 0, 1, device)
@@ -54,8 +58,10 @@ def setup_distributed(device_name: str, parallel: str = "ddp") -> Dist:
     if device.type == "cuda":
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
-    torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(True, rank, local_rank, world_size, device, sharded=parallel == "fsdp")
+    owns = not torch_dist.is_initialized()
+    if owns:
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return Dist(True, rank, local_rank, world_size, device, sharded=parallel == "fsdp", owns_group=owns)
 
 
 def cleanup_distributed(dist: Dist, finished: bool) -> None:
@@ -70,7 +76,8 @@ def cleanup_distributed(dist: Dist, finished: bool) -> None:
     gc.collect()
     if finished:
         torch_dist.barrier()
-    torch_dist.destroy_process_group()
+    if dist.owns_group:
+        torch_dist.destroy_process_group()
 
 
 def is_dtensor(t) -> bool:

@@ -99,6 +99,18 @@ def sft_pairs(toy_dir, tmp_path_factory):
     return ckpt, pairs_dir
 
 
+@pytest.fixture(scope="session")
+def toy_study(toy_dir, tmp_path_factory):
+    """The toy study at --budget tiny, one seed, every stage's TensorBoard events written too.
+    Returns (its out_dir, its arguments without --report_to)."""
+    import compare
+    out = str(tmp_path_factory.mktemp("toy_study") / "study")
+    args = ["--budget=tiny", f"--out_dir={out}", f"--data_dir={toy_dir}", "--device=cpu", "--eval_samples=32",
+            "--bon_max=4", "--ceiling_prompts=8", "--ceiling_samples=32", "--ceiling_check_samples=18"]
+    assert compare.main(args + ["--report_to=tensorboard"]) == 0
+    return out, args
+
+
 @pytest.fixture(scope="module")
 def tok(toy_dir):
     """The toy task's tokenizer."""

@@ -69,11 +69,8 @@ def test_plot_curves_names_a_key_missing_from_a_file_and_draws_the_others(capsys
 
 
 @pytest.mark.slow
-def test_tiny_study_writes_every_output_and_resumes(toy_dir, tmp_path, capsys):
-    out = str(tmp_path / "study")
-    args = ["--budget=tiny", f"--out_dir={out}", f"--data_dir={toy_dir}", "--device=cpu", "--eval_samples=32",
-            "--bon_max=4", "--ceiling_prompts=8", "--ceiling_samples=32", "--ceiling_check_samples=18"]
-    assert compare.main(args + ["--report_to=tensorboard"]) == 0
+def test_tiny_study_writes_every_output_and_resumes(toy_study, capsys):
+    out, args = toy_study
     for name in ["results.md", "results.csv", "results.json", "kl_matched.json", "frontier.png",
                  "kl_traces.png", "curves.png"]:
         assert os.path.getsize(os.path.join(out, name)) > 0, name
@@ -132,7 +129,7 @@ def test_too_few_ceiling_samples_for_its_tilts_stop_before_anything_is_written(f
 
 
 def test_the_gold_reward_twins_train_each_rl_run_again_on_the_gold_reward():
-    S = compare.sweeps(compare.Config(tiny=True))
+    S = compare.sweeps(compare.Config(budget="tiny"), toy=True)
     alone, twins = compare.rl_runs(S, gold_twins=False), compare.rl_runs(S, gold_twins=True)
     assert [m for m, *_ in alone] == ["PPO", "RLOO", "GRPO"]
     assert [m for m, *_ in twins] == ["PPO", "PPO-GT", "RLOO", "RLOO-GT", "GRPO", "GRPO-GT"]
@@ -142,7 +139,7 @@ def test_the_gold_reward_twins_train_each_rl_run_again_on_the_gold_reward():
 
 
 def test_online_dpo_runs_on_the_reward_model_at_dpos_betas_and_on_the_gold_reward_as_twins():
-    S = compare.sweeps(compare.Config(tiny=True))
+    S = compare.sweeps(compare.Config(budget="tiny"), toy=True)
     alone, twins = compare.online_runs(S, gold_twins=False), compare.online_runs(S, gold_twins=True)
     assert [(m, s, f) for m, s, f, _ in alone] == [("online DPO", "beta=0.1", "online_dpo_beta0.1"),
                                                    ("online DPO", "beta=1.0", "online_dpo_beta1.0")]

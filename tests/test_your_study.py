@@ -18,6 +18,7 @@ import transformers
 import compare
 import export
 import sample
+from conftest import run_ranks
 from test_rewards import write_reward_folder
 from test_your_model import question, write_jsonl, write_user_files
 
@@ -29,10 +30,15 @@ RUNS = ["dpo_beta0.1", "dpo_beta1.0", "rm", "ppo_kl2.0", "rloo_kl2.0", "grpo_c0.
 
 @pytest.fixture(scope="module")
 def study_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("your_study")
+    write_study_files(root)
+    return root
+
+
+def write_study_files(root):
     """Your files: a Qwen3-style model folder (its tokenizer and ChatML template from
     test_your_model's), pairs.jsonl (64 UltraFeedback pairs), prompts.jsonl (40 questions) and a
     Qwen3 reward-model folder with a tokenizer of its own, the judge."""
-    root = tmp_path_factory.mktemp("your_study")
     write_user_files(root)
     folder = root / "model"
     eos = json.load(open(folder / "config.json"))["eos_token_id"]
@@ -47,7 +53,6 @@ def study_files(tmp_path_factory):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
     write_jsonl(root / "prompts.jsonl", [{"prompt": question(i)} for i in range(300, 340)])
     write_reward_folder(str(root / "judge"), "qwen3")
-    return root
 
 
 def your_args(root, out, *extra):
@@ -132,22 +137,32 @@ def test_the_judge_as_labeller_is_said_in_one_line(study_files, tmp_path, capsys
     assert len(warnings) == 1 and "the judge is also the labeller" in warnings[0]
 
 
-def test_the_toy_study_through_your_models_path_gives_the_toy_studys_numbers(toy_dir, tmp_path):
+def your_toy_study(toy_study, toy_dir, out) -> list[str]:
+    """compare.py --model's arguments on the toy study's SFT model exported as a Hugging Face
+    folder (beside out), with the toy prompts and the gold reward (a reward function) as labeller
+    and judge, and the toy study's sizes."""
+    study, args = toy_study
+    folder = f"{out}_sft_hf"
+    if not os.path.exists(folder):
+        assert export.main([f"--ckpt={study}/seed0/sft/ckpt.pt", f"--out_dir={folder}"]) == 0
+    gold = "rewards.py:toy_gold_reward"
+    sizes = [a for a in args if a.startswith(("--budget", "--eval_samples", "--bon_max", "--device"))]
+    return [*sizes, f"--out_dir={out}", f"--model={folder}", f"--prompts={toy_dir}/prompts_train.jsonl",
+            f"--eval_prompts={toy_dir}/prompts_val.jsonl", f"--labeller_fn={gold}", f"--judge_fn={gold}"]
+
+
+def rows_of(out) -> dict:
+    with open(os.path.join(out, "results.json")) as f:
+        return {(r["method"], r["setting"]): r for r in json.load(f)}
+
+
+def test_the_toy_study_through_your_models_path_gives_the_toy_studys_numbers(toy_study, toy_dir, tmp_path):
     """One code path: the toy study at --budget tiny, then compare.py --model on its SFT model
     exported as a Hugging Face folder, with the toy prompts and the gold reward as labeller and
     judge (a reward function). Every method trains on the same pairs with the same settings and
     is scored by the same numbers, so every row the two share agrees."""
-    toy, yours = tmp_path / "toy", tmp_path / "yours"
-    common = ["--budget=tiny", "--device=cpu", "--eval_samples=32", "--bon_max=4"]
-    assert compare.main([*common, f"--out_dir={toy}", f"--data_dir={toy_dir}", "--ceiling_prompts=4",
-                         "--ceiling_samples=9"]) == 0
-    assert export.main([f"--ckpt={toy}/seed0/sft/ckpt.pt", f"--out_dir={tmp_path}/sft_hf"]) == 0
-    gold = "rewards.py:toy_gold_reward"
-    assert compare.main([*common, f"--out_dir={yours}", f"--model={tmp_path}/sft_hf",
-                         f"--prompts={toy_dir}/prompts_train.jsonl", f"--eval_prompts={toy_dir}/prompts_val.jsonl",
-                         f"--labeller_fn={gold}", f"--judge_fn={gold}"]) == 0
-    with open(toy / "results.json") as f, open(yours / "results.json") as g:
-        toy_rows, your_rows = ({(r["method"], r["setting"]): r for r in json.load(h)} for h in (f, g))
+    assert compare.main(your_toy_study(toy_study, toy_dir, tmp_path / "yours")) == 0
+    toy_rows, your_rows = rows_of(toy_study[0]), rows_of(tmp_path / "yours")
     shared = set(toy_rows) & set(your_rows)
     assert {m for m, _ in shared} == METHODS and len(shared) == len(your_rows)
     for name in sorted(shared):  # the judge's scores are the gold reward summed in float32
@@ -156,3 +171,16 @@ def test_the_toy_study_through_your_models_path_gives_the_toy_studys_numbers(toy
         assert (b["kl"], b["win_rate"]) == (a["kl"], a["win_rate"]), name
         assert [x for p in b["path"] for x in p] == pytest.approx([x for p in a["path"] for x in p], abs=1e-6), name
     assert len({r["gold_reward"] for r in your_rows.values()}) > 5  # the methods did move apart
+
+
+def test_the_study_under_torchrun_gives_one_processs_numbers(toy_study, toy_dir, tmp_path):
+    """torchrun --nproc_per_node 2 compare.py --model: every training stage on both processes (one
+    process group for the study), the pairs and the study's files on rank 0; each method's
+    numbers are the one-process toy study's, to the rounding of summing over two processes."""
+    r = run_ranks(2, "compare.py", *your_toy_study(toy_study, toy_dir, tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("study done") == 1 and "2 process(es)" in r.stdout
+    toy_rows, two_rows = rows_of(toy_study[0]), rows_of(tmp_path / "two")
+    for name, b in two_rows.items():
+        a = toy_rows[name]
+        assert (b["gold_reward"], b["kl"]) == pytest.approx((a["gold_reward"], a["kl"]), abs=1e-4), name
