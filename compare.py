@@ -373,22 +373,21 @@ def sft_stage(cfg: Config, inputs: Inputs, study: Study, seed: int) -> str:
 
 
 def pairs_stage(cfg: Config, inputs: Inputs, study: Study, seed: int, sft_ckpt: str, S: dict) -> tuple[dict, int]:
-    """The preference pairs of DPO and the reward model, as train_dpo.py's flags, and the responses
+    """The SFT model and preference pairs of DPO and the reward model, as train_dpo.py's flags, and the responses
     sampled for them: the toy task's K=4 samples of each prompt labelled by the gold reward, yours
     labelled by --labeller, or your --pairs as they are."""
     if cfg.pairs:
-        return dict(train_file=inputs_file(cfg, "pairs_train"), val_file=inputs_file(cfg, "pairs_val")), 0
+        return dict(sft_ckpt=sft_ckpt, train_file=inputs_file(cfg, "pairs_train"),
+                    val_file=inputs_file(cfg, "pairs_val")), 0
     out_dir = os.path.join(cfg.out_dir, f"seed{seed}", "pairs")
-    common = dict(ckpt=sft_ckpt, pairs=True, out_dir=out_dir, device=cfg.device, seed=seed, **S["pairs"])
-    if inputs.model:
-        study.stage("pairs", out_dir, flags(**common, prompts=inputs.train_prompts, val_prompts=inputs.eval_prompts,
-                                            reward_ckpt=cfg.labeller or None, reward_fn=cfg.labeller_fn,
-                                            max_new_tokens=inputs.max_new_tokens), sample.main, trains=False)
-    else:
-        study.stage("pairs", out_dir, flags(**common, data_dir=cfg.data_dir), sample.main, trains=False)
+    source = (dict(prompts=inputs.train_prompts, val_prompts=inputs.eval_prompts, reward_ckpt=cfg.labeller or None,
+                   reward_fn=cfg.labeller_fn, max_new_tokens=inputs.max_new_tokens) if inputs.model
+              else dict(data_dir=cfg.data_dir))
+    study.stage("pairs", out_dir, flags(ckpt=sft_ckpt, pairs=True, **source, out_dir=out_dir, device=cfg.device,
+                                        seed=seed, **S["pairs"]), sample.main, trains=False)
     counts = [len(load_prompt_records(file)[:S["pairs"].get(f"n_{split}_prompts")])
               for file, split in ((inputs.train_prompts, "train"), (inputs.eval_prompts, "val"))]
-    return (dict(train_file=f"{out_dir}/pairs_train.jsonl", val_file=f"{out_dir}/pairs_val.jsonl"),
+    return (dict(sft_ckpt=sft_ckpt, train_file=f"{out_dir}/pairs_train.jsonl", val_file=f"{out_dir}/pairs_val.jsonl"),
             sample.Config().k * sum(counts))
 
 
@@ -415,7 +414,6 @@ def run_seed(cfg: Config, inputs: Inputs, study: Study, seed: int, prompts: list
     # 1. SFT, and preference pairs from it (K=4 per prompt, labelled by the gold reward or your labeller), or yours
     sft_ckpt = sft_stage(cfg, inputs, study, seed)
     pair_files, pair_samples = pairs_stage(cfg, inputs, study, seed, sft_ckpt, S)
-    pair_files["sft_ckpt"] = sft_ckpt
 
     # 2. DPO over beta
     for beta in S["betas"]:

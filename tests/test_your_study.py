@@ -63,10 +63,12 @@ def your_args(root, out, *extra):
 
 def test_the_study_on_your_model_gives_every_row_and_reruns_only_the_unfinished_stage(study_files, tmp_path,
                                                                                      capsys, monkeypatch):
+    """SFT on your conversations first, every stage training LoRA adapters of rank 2."""
     out = tmp_path / "study"
-    assert compare.main(your_args(study_files, out)) == 0
+    args = your_args(study_files, out, f"--sft_file={study_files}/sft.jsonl", "--lora_rank=2")
+    assert compare.main(args) == 0
     log = capsys.readouterr().out
-    assert "(8/8)" in log and "min left" in log  # 2 DPO, the reward model, 3 RL and 2 online DPO runs; no SFT, no pairs
+    assert "(9/9)" in log and "min left" in log  # SFT, 2 DPO, the reward model, 3 RL and 2 online DPO runs; no pairs
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["method"] for r in rows} == METHODS
@@ -74,7 +76,12 @@ def test_the_study_on_your_model_gives_every_row_and_reruns_only_the_unfinished_
     for r in rows:  # a score and a KL for every method; SFT's is the reference: KL 0, win rate 0.5
         assert float(r["gold_reward"]) == float(r["gold_reward"]) and float(r["kl"]) >= -1e-6, r
     sft = next(r for r in rows if r["method"] == "SFT")
-    assert float(sft["kl"]) == 0 and float(sft["win_rate"]) == 0.5
+    assert float(sft["kl"]) == 0 and float(sft["win_rate"]) == 0.5 and float(sft["tokens"]) > 0
+    for run in ["sft"] + RUNS:  # every stage trained adapters on the model it started from
+        with open(out / "seed0" / run / "config.json") as f:
+            assert json.load(f)["lora_rank"] == 2, run
+    with open(out / "seed0" / "dpo_beta0.1" / "config.json") as f:
+        assert json.load(f)["sft_ckpt"] == str(out / "seed0" / "sft" / "ckpt.pt")  # the SFT stage's model
     # the judge scored every run's evaluations, in the same held-out prompts: each starts at SFT's score
     for run in RUNS[:1] + RUNS[3:]:
         first = next(json.loads(line) for line in open(out / "seed0" / run / "metrics.jsonl")
@@ -96,13 +103,13 @@ def test_the_study_on_your_model_gives_every_row_and_reruns_only_the_unfinished_
     real = train_online_dpo.main
     os.remove(out / "seed0" / "online_dpo_beta1.0" / "done.json")
     monkeypatch.setattr(train_online_dpo, "main", lambda args: 130)
-    assert compare.main(your_args(study_files, out)) == 130
+    assert compare.main(args) == 130
     captured = capsys.readouterr()
     assert "python compare.py --model=" in captured.err and "interrupted" in captured.err
     monkeypatch.setattr(train_online_dpo, "main", real)
-    assert compare.main(your_args(study_files, out)) == 0
+    assert compare.main(args) == 0
     log = capsys.readouterr().out
-    assert log.count("reused") == 7 and log.count("online DPO beta=1.0: resuming") == 1  # only that stage, from its checkpoint
+    assert log.count("reused") == 8 and log.count("online DPO beta=1.0: resuming") == 1  # only that stage, from its checkpoint
 
 
 @pytest.mark.parametrize("change, message", [
