@@ -819,7 +819,8 @@ def settle_inputs(cfg: Config, dist: Dist) -> Inputs:
         raise DataError("--model: give the judge that scores every method, --judge FOLDER (a reward model) or "
                         "--judge_fn FILE.py:NAME")
     if not cfg.prompts:
-        raise DataError("--model: give --prompts, the prompts RL samples (and the held-out ones, unless --eval_prompts)")
+        raise DataError("--model: give --prompts, the prompts RL samples (and the held-out ones, unless "
+                        "--eval_prompts)")
     if cfg.pairs and (cfg.labeller or cfg.labeller_fn):
         raise DataError("--labeller and --labeller_fn label sampled pairs; with --pairs there are none to label")
     if not cfg.pairs and not (cfg.labeller or cfg.labeller_fn):
@@ -828,7 +829,8 @@ def settle_inputs(cfg: Config, dist: Dist) -> Inputs:
     if cfg.pairs_val and not cfg.pairs:
         raise DataError("--pairs_val holds out pairs of --pairs: give --pairs")
     records = load_prompt_records(cfg.prompts)
-    held_out = load_prompt_records(cfg.eval_prompts)[:cfg.eval_samples] if cfg.eval_prompts else records[-cfg.eval_samples:]
+    held_out = (load_prompt_records(cfg.eval_prompts)[:cfg.eval_samples] if cfg.eval_prompts
+                else records[-cfg.eval_samples:])
     train = records if cfg.eval_prompts else records[:-cfg.eval_samples]
     S = sweeps(cfg, toy)
     needed = max(S["rl"].get("batch_size", 64), S["online"].get("batch_size", 32))

@@ -102,7 +102,7 @@ def frontier(results_json: str, out: str) -> None:
         rows = [r for r in json.load(f) if r["seed"] == 0]
     with open(os.path.join(os.path.dirname(results_json), "kl_matched.json")) as f:
         matched = json.load(f)
-    study = os.path.join(os.path.dirname(results_json), "study.json")  # what scored the study: the gold reward or a judge
+    study = os.path.join(os.path.dirname(results_json), "study.json")  # what scored it: the gold reward or a judge
     score = json.load(open(study))["score"] if os.path.exists(study) else "gold reward"
     fig, (ax, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     optimal = sorted((r["kl"], r["gold_reward"], r["reached"]) for r in rows if r["method"] == "optimal")

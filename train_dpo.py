@@ -70,7 +70,8 @@ class Config(JudgeConfig, PairsConfig, TrainConfig):
     """sample held-out toy prompts at each evaluation: gold reward, KL to the reference, win rate; none: on
     for the toy model on the toy pairs (or with --eval_prompts), off for your model or data"""
     eval_prompts: str = ""
-    """held-out prompts for --gold_eval or --judge_ckpt / --judge_fn; empty: data/toy/prompts_val.jsonl (toy model only)"""
+    """held-out prompts for --gold_eval or --judge_ckpt / --judge_fn; empty: data/toy/prompts_val.jsonl (toy model
+    only)"""
     eval_samples: int = 256
     """held-out prompts sampled at each evaluation"""
     max_new_tokens: int = 40

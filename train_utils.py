@@ -409,7 +409,7 @@ def settle_pair_defaults(cfg, dist: Dist) -> None:
     cfg.train_file = toy_default(cfg.train_file, TOY_PAIRS[0], "train_file", cfg.sft_ckpt, toy)
     if not user_data and not cfg.val_file:
         cfg.val_file = TOY_PAIRS[1]
-    judged = bool(getattr(cfg, "judge_ckpt", "") or getattr(cfg, "judge_fn", ()))  # DPO's judge; a reward model has none
+    judged = bool(getattr(cfg, "judge_ckpt", "") or getattr(cfg, "judge_fn", ()))  # DPO's judge; an RM has none
     resolve_gold_eval(cfg, toy and (not user_data or bool(getattr(cfg, "eval_prompts", ""))) and not judged, dist)
 
 
