@@ -63,12 +63,33 @@ def your_args(root, out, *extra):
 
 def test_the_study_on_your_model_gives_every_row_and_reruns_only_the_unfinished_stage(study_files, tmp_path,
                                                                                      capsys, monkeypatch):
-    """SFT on your conversations first, every stage training LoRA adapters of rank 2."""
+    """SFT on your conversations first, every stage training LoRA adapters of rank 2. Ctrl-C in
+    the middle of the last stage (online DPO beta=1.0, at its second step, after its first
+    checkpoint) stops the study with the command that goes on; that command reuses the 8
+    finished stages and resumes the last from its checkpoint."""
+    import train_online_dpo
     out = tmp_path / "study"
     args = your_args(study_files, out, f"--sft_file={study_files}/sft.jsonl", "--lora_rank=2")
+    label, calls = train_online_dpo.rollout_pairs, []
+
+    def ctrl_c_at_the_fourth_step(*step):  # 2 steps of beta=0.1, then beta=1.0's first and second
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return label(*step)
+    monkeypatch.setattr(train_online_dpo, "rollout_pairs", ctrl_c_at_the_fourth_step)
+    assert compare.main(args) == 130
+    captured = capsys.readouterr()
+    assert "(9/9) online DPO beta=1.0: running" in captured.out and "done in" not in captured.out.split("(9/9)")[-1]
+    assert "(8/9) online DPO beta=0.1: done in" in captured.out and "min left" in captured.out
+    assert f"python compare.py {' '.join(args)}" in captured.err and "interrupted" in captured.err
+    monkeypatch.setattr(train_online_dpo, "rollout_pairs", label)
     assert compare.main(args) == 0
     log = capsys.readouterr().out
-    assert "(9/9)" in log and "min left" in log  # SFT, 2 DPO, the reward model, 3 RL and 2 online DPO runs; no pairs
+    assert log.count("reused") == 8 and log.count("(9/9) online DPO beta=1.0: resuming") == 1
+    steps = [json.loads(line)["step"] for line in open(out / "seed0" / "online_dpo_beta1.0" / "metrics.jsonl")]
+    assert steps == [0, 1, 2]  # steps 0 and 1 before Ctrl-C, step 2 after: none twice
+
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["method"] for r in rows} == METHODS
@@ -97,19 +118,6 @@ def test_the_study_on_your_model_gives_every_row_and_reruns_only_the_unfinished_
     held_out = [json.loads(line)["prompt"] for line in open(out / "data" / "prompts_eval.jsonl")]
     assert held_out == [question(i) for i in range(332, 340)]  # the last --eval_samples of --prompts
     assert len(open(out / "data" / "pairs_val.jsonl").readlines()) == 3  # the last 5% of 64 pairs
-
-    # interrupted in the middle of online DPO beta=1.0 (its Ctrl-C is the script's; the study says how to go on)
-    import train_online_dpo
-    real = train_online_dpo.main
-    os.remove(out / "seed0" / "online_dpo_beta1.0" / "done.json")
-    monkeypatch.setattr(train_online_dpo, "main", lambda args: 130)
-    assert compare.main(args) == 130
-    captured = capsys.readouterr()
-    assert "python compare.py --model=" in captured.err and "interrupted" in captured.err
-    monkeypatch.setattr(train_online_dpo, "main", real)
-    assert compare.main(args) == 0
-    log = capsys.readouterr().out
-    assert log.count("reused") == 8 and log.count("online DPO beta=1.0: resuming") == 1  # only that stage, from its checkpoint
 
 
 @pytest.mark.parametrize("change, message", [
