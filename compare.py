@@ -290,7 +290,8 @@ class Study:
         """An estimate of the stages still to run: their number times the mean of those run so far."""
         if not self.ran or self.count >= self.total:
             return ""
-        return f"; about {statistics.fmean(self.ran) * (self.total - self.count) / 60:.0f} min left"
+        seconds = statistics.fmean(self.ran) * (self.total - self.count)
+        return f"; about {seconds:.0f} s left" if seconds < 90 else f"; about {seconds / 60:.0f} min left"
 
     def stage(self, name: str, out_dir: str, args: list[str], run, trains: bool = True) -> None:
         """Run a stage unless out_dir holds its finished output for the same arguments; an

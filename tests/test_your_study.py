@@ -81,7 +81,7 @@ def test_the_study_on_your_model_gives_every_row_and_reruns_only_the_unfinished_
     assert compare.main(args) == 130
     captured = capsys.readouterr()
     assert "(9/9) online DPO beta=1.0: running" in captured.out and "done in" not in captured.out.split("(9/9)")[-1]
-    assert "(8/9) online DPO beta=0.1: done in" in captured.out and "min left" in captured.out
+    assert "(8/9) online DPO beta=0.1: done in" in captured.out and " s left" in captured.out
     assert f"python compare.py {' '.join(args)}" in captured.err and "interrupted" in captured.err
     monkeypatch.setattr(train_online_dpo, "rollout_pairs", label)
     assert compare.main(args) == 0
