@@ -160,6 +160,10 @@ def write_pairs(cfg: Config, model, tok, split: str, prompts: list, rng: random.
         records += new
         dropped = [d + c for d, c in zip(dropped, counts)]
     path = os.path.join(cfg.out_dir, f"pairs_{split}.jsonl")
+    if not records:  # no run could train or validate on it: said here, not by the run that reads it
+        raise DataError(f"{path}: no pairs from {len(prompts)} prompts x {cfg.k} completions ({dropped[0]} ties, "
+                        f"{dropped[1]} empty, {dropped[2]} cut at --max_new_tokens {cfg.max_new_tokens}, which a "
+                        "pair never holds)")
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
     agree = sum(r["chosen_score"] > r["rejected_score"] for r in records) / max(1, len(records))
     print(f"{path}: {len(records)} pairs from {len(prompts)} prompts x {cfg.k} completions, "

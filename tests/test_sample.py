@@ -85,3 +85,15 @@ def test_bradley_terry_labels_flip_at_the_model_rate():
                               [True, True], "all", "bradley_terry", 1.0, rng)
         chosen_better += r["chosen"] == "was great ."
     assert abs(chosen_better / n - 1 / (1 + math.exp(-2))) < 0.02  # 0.881; 3 standard errors is 0.015
+
+
+def test_a_split_without_a_single_pair_is_one_line_naming_why(sft_pairs, toy_dir, tmp_path, capsys):
+    """Every completion cut at --max_new_tokens 1 (one token never ends with eos after a real
+    token): no pair can be made, which is said by sample.py, status 2, rather than by the run
+    that would read an empty file."""
+    ckpt, _ = sft_pairs
+    assert sample.main([f"--ckpt={ckpt}", "--pairs", f"--data_dir={toy_dir}", f"--out_dir={tmp_path}/pairs",
+                        "--n_train_prompts=8", "--n_val_prompts=8", "--max_new_tokens=1", "--device=cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pairs_train.jsonl: no pairs from 8 prompts x 4 completions" in err[0], err
+    assert "cut at --max_new_tokens 1" in err[0] and not os.path.exists(f"{tmp_path}/pairs/pairs_train.jsonl")
