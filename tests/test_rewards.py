@@ -255,7 +255,7 @@ def test_sample_pairs_of_your_prompts_are_labelled_by_a_judge(reward_folders, sf
     import sample
     fns = write_functions(tmp_path / "fns.py")
     prompts = tmp_path / "prompts.jsonl"
-    lines = open(f"{toy_dir}/prompts_val.jsonl").read().splitlines()[:20]
+    lines = open(f"{toy_dir}/prompts_val.jsonl").read().splitlines()[:40]  # 2 held out, with a pair between them
     prompts.write_text("\n".join(lines) + "\n")
     out = tmp_path / "pairs"
     folder = reward_folders["qwen3"][0]
@@ -264,7 +264,7 @@ def test_sample_pairs_of_your_prompts_are_labelled_by_a_judge(reward_folders, sf
                         "--reward_weights=0.01", "--max_new_tokens=12", "--device=cpu"]) == 0
     train = [json.loads(line) for line in open(out / "pairs_train.jsonl")]
     val = [json.loads(line) for line in open(out / "pairs_val.jsonl")]
-    assert train and {r["prompt"] for r in val} <= {json.loads(line)["prompt"] for line in lines[19:]}
+    assert train and val and {r["prompt"] for r in val} <= {json.loads(line)["prompt"] for line in lines[38:]}
     model, reward_tok = load_reward_model(folder)
     for r in train[:3]:
         for side in ("chosen", "rejected"):
