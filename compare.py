@@ -37,7 +37,6 @@ resumes where it stopped: Ctrl-C prints the command that goes on.
 import contextlib
 import csv
 import datetime
-import glob
 import json
 import math
 import os
@@ -66,7 +65,7 @@ from files import DataError, write_atomic
 from toy import gold_reward, prepare_toy_data
 from rewards import load_judge, model_name
 from trackers import TRACKERS, check_tracker
-from train_utils import autocast, check_lengths, parse_config
+from train_utils import autocast, check_lengths, parse_config, require_inputs
 
 
 @dataclass
@@ -808,9 +807,7 @@ def settle_inputs(cfg: Config, dist: Dist) -> Inputs:
         return Inputs(toy=True, gold=True, model="", train_prompts=os.path.join(cfg.data_dir, "prompts_train.jsonl"),
                       eval_prompts=os.path.join(cfg.data_dir, "prompts_val.jsonl"), judge={}, score="gold reward",
                       max_new_tokens=None)
-    for flag in ("model", "sft_file", "prompts", "eval_prompts", "pairs", "pairs_val", "judge", "labeller"):
-        if getattr(cfg, flag) and not os.path.exists(getattr(cfg, flag)) and not glob.glob(getattr(cfg, flag)):
-            raise DataError(f"--{flag} {getattr(cfg, flag)}: no such file or folder")
+    require_inputs(cfg, "model", "sft_file", "prompts", "eval_prompts", "pairs", "pairs_val", "judge", "labeller")
     toy = is_toy_model(cfg.model)
     for flag, why in (("gold_twins", "train on the toy task's gold reward"), ("ceiling_only", "estimate the toy "
                       "task's ceiling")):
